@@ -1,0 +1,435 @@
+//! The stored data model: TASKS, WORKER_REGISTRY, ASSIGNMENTS and RESULTS.
+//!
+//! Field names are the seed schema's (`../shared/seed/cloudai-database-schema.md`) and are
+//! never renamed; everything a real scheduler needs beyond the seed is added beside them.
+//! Resource amounts are `f64` as in the seed, but always quantized to multiples of
+//! [`RESOURCE_QUANTUM`] so that a reserve followed by its release restores the exact value
+//! (sums of such values are exact in `f64`; sums of arbitrary decimals are not).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Smallest unit of every resource: 1/1024 of a core, GB or device.
+pub const RESOURCE_QUANTUM: f64 = 1.0 / 1024.0;
+
+/// Rounds a resource amount to the nearest multiple of [`RESOURCE_QUANTUM`].
+pub fn quantize(amount: f64) -> f64 {
+    (amount / RESOURCE_QUANTUM).round() * RESOURCE_QUANTUM
+}
+
+/// Now, truncated to milliseconds: the precision of a BSON date, so that every timestamp
+/// round-trips through both stores unchanged.
+pub fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(3)
+}
+
+/// Lifecycle of a task. Every transition is a conditional update on the current state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskStatus {
+    /// Submitted, awaiting admission.
+    Pending,
+    /// Admitted, awaiting placement.
+    Queued,
+    /// Assigned to a worker.
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl TaskStatus {
+    pub const ALL: [TaskStatus; 6] = [
+        TaskStatus::Pending,
+        TaskStatus::Queued,
+        TaskStatus::Running,
+        TaskStatus::Completed,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Pending => "pending",
+            TaskStatus::Queued => "queued",
+            TaskStatus::Running => "running",
+            TaskStatus::Completed => "completed",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// A terminal task never changes state again.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TaskStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown task status '{s}' (expected one of pending, queued, running, completed, failed, cancelled)"
+                )
+            })
+    }
+}
+
+/// A request or a capacity in the seed's units: cores, GB, GB, devices.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+pub struct Resources {
+    pub cpu: f64,
+    pub memory: f64,
+    pub storage: f64,
+    pub gpu: f64,
+}
+
+impl Resources {
+    pub fn new(cpu: f64, memory: f64, storage: f64, gpu: f64) -> Self {
+        Resources {
+            cpu,
+            memory,
+            storage,
+            gpu,
+        }
+    }
+
+    /// Every amount rounded to a multiple of [`RESOURCE_QUANTUM`].
+    pub fn quantized(self) -> Self {
+        Resources {
+            cpu: quantize(self.cpu),
+            memory: quantize(self.memory),
+            storage: quantize(self.storage),
+            gpu: quantize(self.gpu),
+        }
+    }
+
+    /// True when every amount of `self` is at least the matching amount of `other`.
+    pub fn covers(&self, other: &Resources) -> bool {
+        self.cpu >= other.cpu
+            && self.memory >= other.memory
+            && self.storage >= other.storage
+            && self.gpu >= other.gpu
+    }
+}
+
+/// A TASKS document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Task {
+    // --- seed fields ---
+    pub task_id: String,
+    pub user_id: String,
+    pub docker_image: String,
+    pub command: Option<String>,
+    pub req_cpu: f64,
+    pub req_memory: f64,
+    pub req_storage: f64,
+    pub req_gpu: f64,
+    pub status: TaskStatus,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    // --- additions ---
+    /// Higher runs first.
+    pub priority: i32,
+    pub labels: BTreeMap<String, String>,
+    pub env: BTreeMap<String, String>,
+    /// Wall-clock limit of one attempt, in seconds.
+    pub timeout_s: Option<u64>,
+    /// Execution is at-least-once: a task whose worker is lost is run again, up to this many
+    /// attempts in all. `1` means never re-run.
+    pub max_attempts: u32,
+    pub attempts: u32,
+    pub exit_code: Option<i64>,
+    /// Why the task failed (or was cancelled), for humans.
+    pub error: Option<String>,
+    /// Why the task is in its current state, e.g. why it is still pending or queued.
+    pub status_reason: Option<String>,
+    /// A running task whose cancellation was asked for; the worker stops it.
+    pub cancel_requested: bool,
+    /// Host replica that holds the placement claim on this task, and until when.
+    pub owner: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// The client's `Idempotency-Key`, when it gave one.
+    pub idempotency_key: Option<String>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Task {
+    pub fn request(&self) -> Resources {
+        Resources::new(self.req_cpu, self.req_memory, self.req_storage, self.req_gpu)
+    }
+}
+
+/// Usage a worker reports with its heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+pub struct WorkerUsage {
+    pub cpu_percent: f64,
+    pub memory_percent: f64,
+    pub running_tasks: u32,
+}
+
+/// A WORKER_REGISTRY document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Worker {
+    // --- seed fields ---
+    pub worker_id: String,
+    pub worker_ip: String,
+    pub total_cpu: f64,
+    pub total_memory: f64,
+    pub total_storage: f64,
+    pub total_gpu: f64,
+    pub allocated_cpu: f64,
+    pub allocated_memory: f64,
+    pub allocated_storage: f64,
+    pub allocated_gpu: f64,
+    pub available_cpu: f64,
+    pub available_memory: f64,
+    pub available_storage: f64,
+    pub available_gpu: f64,
+    pub is_active: bool,
+    /// Unix seconds.
+    pub last_heartbeat: i64,
+    pub registered_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    // --- additions ---
+    /// A draining worker keeps its running tasks but receives no new ones.
+    pub draining: bool,
+    pub labels: BTreeMap<String, String>,
+    pub usage: Option<WorkerUsage>,
+    /// SHA-256 (hex) of the worker's own API token. Never leaves the host.
+    #[serde(skip)]
+    pub token_sha256: String,
+}
+
+impl Worker {
+    /// A new, active worker with nothing allocated.
+    pub fn new(
+        worker_id: String,
+        worker_ip: String,
+        total: Resources,
+        labels: BTreeMap<String, String>,
+        token_sha256: String,
+    ) -> Self {
+        let now = now();
+        let total = total.quantized();
+        Worker {
+            worker_id,
+            worker_ip,
+            total_cpu: total.cpu,
+            total_memory: total.memory,
+            total_storage: total.storage,
+            total_gpu: total.gpu,
+            allocated_cpu: 0.0,
+            allocated_memory: 0.0,
+            allocated_storage: 0.0,
+            allocated_gpu: 0.0,
+            available_cpu: total.cpu,
+            available_memory: total.memory,
+            available_storage: total.storage,
+            available_gpu: total.gpu,
+            is_active: true,
+            last_heartbeat: now.timestamp(),
+            registered_at: now,
+            updated_at: now,
+            draining: false,
+            labels,
+            usage: None,
+            token_sha256,
+        }
+    }
+
+    pub fn total(&self) -> Resources {
+        Resources::new(
+            self.total_cpu,
+            self.total_memory,
+            self.total_storage,
+            self.total_gpu,
+        )
+    }
+
+    pub fn allocated(&self) -> Resources {
+        Resources::new(
+            self.allocated_cpu,
+            self.allocated_memory,
+            self.allocated_storage,
+            self.allocated_gpu,
+        )
+    }
+
+    pub fn available(&self) -> Resources {
+        Resources::new(
+            self.available_cpu,
+            self.available_memory,
+            self.available_storage,
+            self.available_gpu,
+        )
+    }
+
+    /// The accounting invariant, exact (no tolerance): for every resource
+    /// `0 <= allocated <= total` and `available == total - allocated`.
+    pub fn invariant_violations(&self) -> Vec<String> {
+        let (t, a, v) = (self.total(), self.allocated(), self.available());
+        let rows = [
+            ("cpu", t.cpu, a.cpu, v.cpu),
+            ("memory", t.memory, a.memory, v.memory),
+            ("storage", t.storage, a.storage, v.storage),
+            ("gpu", t.gpu, a.gpu, v.gpu),
+        ];
+        let mut out = Vec::new();
+        for (name, total, allocated, available) in rows {
+            if !(0.0..=total).contains(&allocated) {
+                out.push(format!(
+                    "{}: allocated_{name}={allocated} outside 0..={total}",
+                    self.worker_id
+                ));
+            }
+            if available != total - allocated {
+                out.push(format!(
+                    "{}: available_{name}={available} != total {total} - allocated {allocated}",
+                    self.worker_id
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// An ASSIGNMENTS document: one placement of a task on a worker, holding its reservation
+/// until released.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Assignment {
+    // --- seed fields ---
+    pub ass_id: String,
+    pub task_id: String,
+    pub worker_id: String,
+    pub assigned_at: DateTime<Utc>,
+    // --- additions ---
+    /// The amounts reserved on the worker, returned by the release.
+    pub req_cpu: f64,
+    pub req_memory: f64,
+    pub req_storage: f64,
+    pub req_gpu: f64,
+    /// Which attempt of the task this is (1-based).
+    pub attempt: u32,
+    /// Set exactly once, by the release that returned the reservation.
+    pub released: bool,
+    pub released_at: Option<DateTime<Utc>>,
+}
+
+impl Assignment {
+    pub fn request(&self) -> Resources {
+        Resources::new(self.req_cpu, self.req_memory, self.req_storage, self.req_gpu)
+    }
+}
+
+/// Outcome recorded in RESULTS.status (the seed's values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ResultStatus {
+    Success,
+    Failed,
+    Cancelled,
+}
+
+impl ResultStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResultStatus::Success => "success",
+            ResultStatus::Failed => "failed",
+            ResultStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl FromStr for ResultStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "success" => Ok(ResultStatus::Success),
+            "failed" => Ok(ResultStatus::Failed),
+            "cancelled" => Ok(ResultStatus::Cancelled),
+            other => Err(format!("unknown result status '{other}'")),
+        }
+    }
+}
+
+/// A RESULTS document: at most one per task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TaskResult {
+    // --- seed fields ---
+    pub task_id: String,
+    pub worker_id: String,
+    pub status: ResultStatus,
+    pub logs: String,
+    pub completed_at: DateTime<Utc>,
+    // --- additions ---
+    pub exit_code: Option<i64>,
+    pub error: Option<String>,
+    /// True when `logs` was cut to the configured bound.
+    pub logs_truncated: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantized_amounts_add_and_subtract_exactly() {
+        let a = quantize(0.1);
+        let b = quantize(0.2);
+        let total = quantize(7.3);
+        let allocated = a + b;
+        assert_eq!(allocated - b, a);
+        assert_eq!((total - allocated) + allocated, total);
+        // The unquantized decimals do not: this is why requests are quantized.
+        assert_ne!(0.1 + 0.2, 0.3);
+    }
+
+    #[test]
+    fn task_status_round_trips_through_its_name() {
+        for status in TaskStatus::ALL {
+            assert_eq!(status.as_str().parse::<TaskStatus>(), Ok(status));
+        }
+        assert!("done".parse::<TaskStatus>().is_err());
+    }
+
+    #[test]
+    fn invariant_reports_drift() {
+        let mut w = Worker::new(
+            "w".into(),
+            "127.0.0.1:1".into(),
+            Resources::new(4.0, 8.0, 10.0, 0.0),
+            BTreeMap::new(),
+            String::new(),
+        );
+        assert!(w.invariant_violations().is_empty());
+        w.allocated_cpu = 1.0;
+        assert_eq!(w.invariant_violations().len(), 1);
+        w.available_cpu = 3.0;
+        assert!(w.invariant_violations().is_empty());
+        w.allocated_cpu = 5.0;
+        w.available_cpu = -1.0;
+        assert_eq!(w.invariant_violations().len(), 1);
+    }
+}

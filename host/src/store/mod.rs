@@ -1,0 +1,227 @@
+//! Persistence: the [`Store`] trait every backend implements, and its errors.
+//!
+//! Two backends: [`sqlite::SqliteStore`] (embedded, the default) and [`mongo::MongoStore`]
+//! (MongoDB, for clusters). Both pass the same [`conformance`] suite.
+//!
+//! Every state change is a *conditional* single-record update: a task moves only from the
+//! state the caller expected, a reservation succeeds only if the worker still has room, a
+//! release happens once per assignment. Nothing relies on in-memory state, so several host
+//! replicas can share one store (optimistic concurrency).
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::model::{Assignment, Resources, Task, TaskResult, TaskStatus, Worker, WorkerUsage};
+
+pub mod conformance;
+pub mod mongo;
+pub mod sqlite;
+
+/// Store errors by meaning, not by backend.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{kind} '{id}' not found")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{kind} '{id}' already exists")]
+    AlreadyExists { kind: &'static str, id: String },
+    /// A conditional update did not apply: the record is not in the state the caller expected.
+    #[error("{kind} '{id}' is {actual}, expected {expected}")]
+    Conflict {
+        kind: &'static str,
+        id: String,
+        expected: String,
+        actual: String,
+    },
+    /// The same idempotency key was used before with a different request.
+    #[error("idempotency key '{key}' was already used for a different request (task {task_id})")]
+    IdempotencyMismatch { key: String, task_id: String },
+    #[error("store backend error while {context}: {source}")]
+    Backend {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl StoreError {
+    pub fn backend(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        StoreError::Backend {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The client's idempotency key for a submission, with a digest of the request it came with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    pub key: String,
+    /// SHA-256 (hex) of the canonical request body: a reused key with another body is refused.
+    pub request_sha256: String,
+}
+
+/// What [`Store::insert_task`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubmitOutcome {
+    /// The stored task: the new one, or the one first submitted with the same key.
+    pub task: Task,
+    /// False when an earlier submission with the same idempotency key was returned instead.
+    pub created: bool,
+}
+
+/// Position in the newest-first task listing: the last task of the previous page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskCursor {
+    pub created_at: DateTime<Utc>,
+    pub task_id: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TaskQuery {
+    pub status: Option<TaskStatus>,
+    pub user_id: Option<String>,
+    /// Page size; the backend returns at most this many (callers bound it).
+    pub limit: u32,
+    /// Start strictly after this position.
+    pub after: Option<TaskCursor>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskPage {
+    /// Newest first: by `created_at` descending, then `task_id` descending.
+    pub tasks: Vec<Task>,
+    /// Present when more tasks may follow.
+    pub next: Option<TaskCursor>,
+}
+
+/// Fields a transition sets besides `status` and `updated_at`. `None` leaves a field alone.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskUpdate {
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub exit_code: Option<i64>,
+    pub error: Option<String>,
+    /// `Some(None)` clears the reason.
+    pub status_reason: Option<Option<String>>,
+    /// Adds one to `attempts`.
+    pub increment_attempts: bool,
+    /// Clears `owner` and `lease_expires_at`.
+    pub clear_claim: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AssignmentFilter {
+    pub task_id: Option<String>,
+    pub worker_id: Option<String>,
+    /// Only assignments whose reservation has not been released.
+    pub active_only: bool,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Which backend this is, for logs and `/readyz`.
+    fn backend_name(&self) -> &'static str;
+
+    /// Cheap round trip to the backend.
+    async fn ping(&self) -> Result<()>;
+
+    // ----- tasks -----
+
+    /// Inserts a new task. With an idempotency key already used by the same user: returns the
+    /// first task (`created: false`) when the request digest matches, else
+    /// [`StoreError::IdempotencyMismatch`]. `AlreadyExists` when `task_id` is taken.
+    async fn insert_task(
+        &self,
+        task: &Task,
+        idempotency: Option<&IdempotencyKey>,
+    ) -> Result<SubmitOutcome>;
+
+    async fn get_task(&self, task_id: &str) -> Result<Task>;
+
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage>;
+
+    /// Moves a task to `to` only if its status is one of `from`, in one conditional update,
+    /// and applies `update`. `Conflict` (with the actual status) when it is not, `NotFound`
+    /// when there is no such task. Returns the task after the update.
+    async fn transition_task(
+        &self,
+        task_id: &str,
+        from: &[TaskStatus],
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<Task>;
+
+    /// Claims a `queued` task for placement by `owner` until `lease_until`: applies only when
+    /// the task is queued and unclaimed, claimed by the same owner, or its lease expired before
+    /// `now`. `Conflict` otherwise.
+    async fn claim_task(
+        &self,
+        task_id: &str,
+        owner: &str,
+        lease_until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Task>;
+
+    /// Marks a `running` task as asked to stop (`cancel_requested`). `Conflict` when the task
+    /// is not running.
+    async fn request_cancel(&self, task_id: &str) -> Result<Task>;
+
+    // ----- workers -----
+
+    /// `AlreadyExists` when the worker id is taken.
+    async fn insert_worker(&self, worker: &Worker) -> Result<()>;
+
+    async fn get_worker(&self, worker_id: &str) -> Result<Worker>;
+
+    /// All workers, by `worker_id`.
+    async fn list_workers(&self) -> Result<Vec<Worker>>;
+
+    /// Records a heartbeat: `last_heartbeat` (Unix seconds), `updated_at`, and the usage when
+    /// given. Does not re-activate an inactive worker: that is the reconciler's decision.
+    async fn heartbeat(
+        &self,
+        worker_id: &str,
+        at_unix: i64,
+        usage: Option<&WorkerUsage>,
+    ) -> Result<Worker>;
+
+    async fn set_draining(&self, worker_id: &str, draining: bool) -> Result<Worker>;
+
+    async fn set_worker_active(&self, worker_id: &str, active: bool) -> Result<Worker>;
+
+    /// Removes a worker. `Conflict` while it holds any active assignment.
+    async fn delete_worker(&self, worker_id: &str) -> Result<()>;
+
+    /// Reserves `request` on a worker in ONE conditional update: applies only if the worker is
+    /// active, not draining, and every `available_*` is at least the request; then moves
+    /// `allocated_*` up and `available_*` down together. `Ok(false)` when it did not apply
+    /// (someone else took the capacity: re-plan), `NotFound` when the worker does not exist.
+    async fn reserve(&self, worker_id: &str, request: &Resources) -> Result<bool>;
+
+    // ----- assignments -----
+
+    /// `AlreadyExists` when `ass_id` is taken.
+    async fn insert_assignment(&self, assignment: &Assignment) -> Result<()>;
+
+    async fn get_assignment(&self, ass_id: &str) -> Result<Assignment>;
+
+    /// Oldest first.
+    async fn list_assignments(&self, filter: &AssignmentFilter) -> Result<Vec<Assignment>>;
+
+    /// Returns an assignment's reservation to its worker, exactly once: the first call marks
+    /// the assignment released and gives the amounts back (`Ok(true)`); every later call does
+    /// nothing (`Ok(false)`). `NotFound` when there is no such assignment.
+    async fn release(&self, ass_id: &str) -> Result<bool>;
+
+    // ----- results -----
+
+    /// `AlreadyExists` when the task already has a result.
+    async fn insert_result(&self, result: &TaskResult) -> Result<()>;
+
+    async fn get_result(&self, task_id: &str) -> Result<TaskResult>;
+}
