@@ -130,6 +130,21 @@ fn too_large(limit: usize) -> ApiError {
 /// `unknown_field`; a wrong type, a missing field or an out-of-range number -> 422
 /// `invalid_field`, each naming the field's path.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // serde's derived structs also accept a JSON array of the field values in order; the API
+    // takes objects only, so that every field is named.
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|&b| b != b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+                Ok(_) => ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_field",
+                    "the body must be a JSON object",
+                ),
+                Err(e) => ApiError::bad_request("invalid_json", format!("invalid JSON: {e}")),
+            },
+        );
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value: T = match serde_path_to_error::deserialize(&mut de) {
         Ok(value) => value,
