@@ -1,6 +1,7 @@
 //! The `cloudai` command line: `serve` runs the host; the other commands are clients of its
 //! HTTP API (`--host`, `--token`, also read from `CLOUDAI_HOST` / `CLOUDAI_TOKEN`).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -284,10 +285,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
     let mut limits = Limits::default();
     for (flag, value, slot) in [
-        ("--max-cpu", args.max_cpu, &mut limits.max_cpu),
-        ("--max-memory", args.max_memory, &mut limits.max_memory),
-        ("--max-storage", args.max_storage, &mut limits.max_storage),
-        ("--max-gpu", args.max_gpu, &mut limits.max_gpu),
+        ("--max-cpu", args.max_cpu, &mut limits.max_task_cpu),
+        ("--max-memory", args.max_memory, &mut limits.max_task_memory),
+        ("--max-storage", args.max_storage, &mut limits.max_task_storage),
+        ("--max-gpu", args.max_gpu, &mut limits.max_task_gpu),
     ] {
         if let Some(value) = value {
             if !value.is_finite() || value <= 0.0 {
@@ -354,10 +355,10 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         body.insert("max_attempts".into(), json!(max_attempts));
     }
     if !args.env.is_empty() {
-        body.insert("env".into(), json!(args.env.into_iter().collect::<Map<_, _>>()));
+        body.insert("env".into(), json!(args.env.into_iter().collect::<BTreeMap<_, _>>()));
     }
     if !args.labels.is_empty() {
-        body.insert("labels".into(), json!(args.labels.into_iter().collect::<Map<_, _>>()));
+        body.insert("labels".into(), json!(args.labels.into_iter().collect::<BTreeMap<_, _>>()));
     }
     let headers: Vec<(&str, String)> = args
         .idempotency_key

@@ -29,7 +29,8 @@ pub enum StoreKind {
 pub struct TestHost {
     child: Child,
     pub url: String,
-    pub data_dir: TempDir,
+    /// Kept so that the directory lives as long as the host.
+    _data_dir: TempDir,
     pub admin_token: String,
     pub join_token: String,
     log: Arc<Mutex<String>>,
@@ -99,7 +100,7 @@ impl TestHost {
         Ok(TestHost {
             child,
             url: format!("http://{address}"),
-            data_dir,
+            _data_dir: data_dir,
             admin_token,
             join_token,
             log,

@@ -206,8 +206,8 @@ async fn tour(host: &TestHost) {
         ),
         (
             r#"{"docker_image": "busybox", "req_memory": 1e400}"#,
-            400,
-            "invalid_json",
+            422,
+            "invalid_field",
         ),
         (
             r#"{"docker_image": "Not An Image!"}"#,
