@@ -18,7 +18,11 @@ use crate::client::Client;
 use crate::serve::{self, ServeConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "cloudai", version, about = "CloudAI: a container task scheduler with WebAssembly policies")]
+#[command(
+    name = "cloudai",
+    version,
+    about = "CloudAI: a container task scheduler with WebAssembly policies"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -239,7 +243,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "token_sha256": auth::sha256_hex(&token),
             });
             println!("token: {token}");
-            println!("add this entry to the \"tokens\" list of your tokens file (only the hash is kept):");
+            println!(
+                "add this entry to the \"tokens\" list of your tokens file (only the hash is kept):"
+            );
             println!("{}", serde_json::to_string(&entry)?);
             Ok(())
         }
@@ -258,7 +264,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print_one(args.client.output, &task, |t| {
                 let status = str_field(t, "status");
                 if status == "running" {
-                    println!("{}: cancellation requested; its worker stops it", str_field(t, "task_id"));
+                    println!(
+                        "{}: cancellation requested; its worker stops it",
+                        str_field(t, "task_id")
+                    );
                 } else {
                     println!("{}: {status}", str_field(t, "task_id"));
                 }
@@ -266,7 +275,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Logs(args) => {
             let client = client(&args.client)?;
-            let logs = client.get(&format!("/v1/tasks/{}/logs", args.task_id)).await?;
+            let logs = client
+                .get(&format!("/v1/tasks/{}/logs", args.task_id))
+                .await?;
             print_one(args.client.output, &logs, |l| {
                 print!("{}", str_field(l, "logs"));
                 if l.get("truncated").and_then(Value::as_bool) == Some(true) {
@@ -287,7 +298,11 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
     for (flag, value, slot) in [
         ("--max-cpu", args.max_cpu, &mut limits.max_task_cpu),
         ("--max-memory", args.max_memory, &mut limits.max_task_memory),
-        ("--max-storage", args.max_storage, &mut limits.max_task_storage),
+        (
+            "--max-storage",
+            args.max_storage,
+            &mut limits.max_task_storage,
+        ),
         ("--max-gpu", args.max_gpu, &mut limits.max_task_gpu),
     ] {
         if let Some(value) = value {
@@ -322,7 +337,9 @@ fn default_data_dir() -> PathBuf {
 
 fn client(args: &ClientArgs) -> anyhow::Result<Client> {
     if args.token.is_none() {
-        bail!("no API token: pass --token or set CLOUDAI_TOKEN (an admin's is in the host's DATA_DIR/admin.token)");
+        bail!(
+            "no API token: pass --token or set CLOUDAI_TOKEN (an admin's is in the host's DATA_DIR/admin.token)"
+        );
     }
     Ok(Client::new(&args.host, args.token.clone())?)
 }
@@ -355,10 +372,16 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         body.insert("max_attempts".into(), json!(max_attempts));
     }
     if !args.env.is_empty() {
-        body.insert("env".into(), json!(args.env.into_iter().collect::<BTreeMap<_, _>>()));
+        body.insert(
+            "env".into(),
+            json!(args.env.into_iter().collect::<BTreeMap<_, _>>()),
+        );
     }
     if !args.labels.is_empty() {
-        body.insert("labels".into(), json!(args.labels.into_iter().collect::<BTreeMap<_, _>>()));
+        body.insert(
+            "labels".into(),
+            json!(args.labels.into_iter().collect::<BTreeMap<_, _>>()),
+        );
     }
     let headers: Vec<(&str, String)> = args
         .idempotency_key
@@ -368,7 +391,9 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         .post_with_headers("/v1/tasks", &Value::Object(body), &headers)
         .await
         .context("submitting the task")?;
-    print_one(args.client.output, &task, |t| println!("{}", str_field(t, "task_id")))
+    print_one(args.client.output, &task, |t| {
+        println!("{}", str_field(t, "task_id"))
+    })
 }
 
 async fn tasks(args: TasksArgs) -> anyhow::Result<()> {
@@ -388,8 +413,15 @@ async fn tasks(args: TasksArgs) -> anyhow::Result<()> {
     }
     let page = client.get_query("/v1/tasks", &query).await?;
     print_one(args.client.output, &page, |page| {
-        let mut table = new_table(&["TASK", "USER", "STATUS", "IMAGE", "CPU", "MEM GB", "GPU", "CREATED"]);
-        for task in page.get("tasks").and_then(Value::as_array).into_iter().flatten() {
+        let mut table = new_table(&[
+            "TASK", "USER", "STATUS", "IMAGE", "CPU", "MEM GB", "GPU", "CREATED",
+        ]);
+        for task in page
+            .get("tasks")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             table.add_row(vec![
                 str_field(task, "task_id"),
                 str_field(task, "user_id"),
@@ -434,9 +466,20 @@ fn print_task_detail(task: &Value) {
 
 fn print_workers(answer: &Value) {
     let mut table = new_table(&[
-        "WORKER", "ADDRESS", "STATE", "CPU alloc/total", "MEM GB alloc/total", "GPU alloc/total", "HEARTBEAT",
+        "WORKER",
+        "ADDRESS",
+        "STATE",
+        "CPU alloc/total",
+        "MEM GB alloc/total",
+        "GPU alloc/total",
+        "HEARTBEAT",
     ]);
-    for worker in answer.get("workers").and_then(Value::as_array).into_iter().flatten() {
+    for worker in answer
+        .get("workers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         let state = match (
             worker.get("is_active").and_then(Value::as_bool),
             worker.get("draining").and_then(Value::as_bool),
@@ -468,7 +511,9 @@ fn print_workers(answer: &Value) {
 
 fn new_table(header: &[&str]) -> Table {
     let mut table = Table::new();
-    table.load_preset(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    table
+        .load_preset(UTF8_BORDERS_ONLY)
+        .set_header(header.to_vec());
     table
 }
 
@@ -501,11 +546,26 @@ mod tests {
     #[test]
     fn submit_takes_the_command_after_double_dash() {
         let cli = Cli::try_parse_from([
-            "cloudai", "submit", "--token", "t", "--cpu", "0.5", "-e", "A=b=c", "busybox:1.36", "--", "sh", "-c",
+            "cloudai",
+            "submit",
+            "--token",
+            "t",
+            "--cpu",
+            "0.5",
+            "-e",
+            "A=b=c",
+            "busybox:1.36",
+            "--",
+            "sh",
+            "-c",
             "echo hi",
         ])
         .map_err(|e| e.to_string());
-        let Ok(Cli { command: Command::Submit(args), .. }) = cli else {
+        let Ok(Cli {
+            command: Command::Submit(args),
+            ..
+        }) = cli
+        else {
             panic!("unexpected parse: {cli:?}");
         };
         assert_eq!(args.image, "busybox:1.36");
@@ -518,7 +578,11 @@ mod tests {
     #[test]
     fn serve_rejects_non_positive_caps() {
         let cli = Cli::try_parse_from(["cloudai", "serve", "--max-cpu", "0"]);
-        let Ok(Cli { command: Command::Serve(args), .. }) = cli else {
+        let Ok(Cli {
+            command: Command::Serve(args),
+            ..
+        }) = cli
+        else {
             panic!("serve did not parse");
         };
         assert!(serve_config(args).is_err());

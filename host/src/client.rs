@@ -54,31 +54,44 @@ impl Client {
     }
 
     /// Sends a request and decodes a JSON answer, turning API errors into [`ClientError::Api`].
-    pub async fn send<T: DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T, ClientError> {
-        let response = builder.send().await.map_err(|source| ClientError::Unreachable {
-            host: self.base.clone(),
-            source,
-        })?;
+    pub async fn send<T: DeserializeOwned>(
+        &self,
+        builder: RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let response = builder
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                host: self.base.clone(),
+                source,
+            })?;
         let status = response.status();
-        let bytes = response.bytes().await.map_err(|source| ClientError::Unreachable {
-            host: self.base.clone(),
-            source,
-        })?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                host: self.base.clone(),
+                source,
+            })?;
         if !status.is_success() {
             return Err(api_error(status, &bytes));
         }
         let body: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
-        serde_json::from_slice(body).map_err(|e| {
-            ClientError::Protocol(format!("decoding the answer ({status}): {e}"))
-        })
+        serde_json::from_slice(body)
+            .map_err(|e| ClientError::Protocol(format!("decoding the answer ({status}): {e}")))
     }
 
     pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
         self.send(self.request(Method::GET, path)).await
     }
 
-    pub async fn get_query(&self, path: &str, query: &[(&str, String)]) -> Result<Value, ClientError> {
-        self.send(self.request(Method::GET, path).query(query)).await
+    pub async fn get_query(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<Value, ClientError> {
+        self.send(self.request(Method::GET, path).query(query))
+            .await
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {

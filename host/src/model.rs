@@ -176,7 +176,12 @@ pub struct Task {
 
 impl Task {
     pub fn request(&self) -> Resources {
-        Resources::new(self.req_cpu, self.req_memory, self.req_storage, self.req_gpu)
+        Resources::new(
+            self.req_cpu,
+            self.req_memory,
+            self.req_storage,
+            self.req_gpu,
+        )
     }
 }
 
@@ -338,7 +343,12 @@ pub struct Assignment {
 
 impl Assignment {
     pub fn request(&self) -> Resources {
-        Resources::new(self.req_cpu, self.req_memory, self.req_storage, self.req_gpu)
+        Resources::new(
+            self.req_cpu,
+            self.req_memory,
+            self.req_storage,
+            self.req_gpu,
+        )
     }
 }
 

@@ -104,7 +104,10 @@ fn read_or_create_secret(path: &Path, prefix: &str) -> anyhow::Result<String> {
     if let Ok(existing) = std::fs::read_to_string(path) {
         let existing = existing.trim().to_string();
         if existing.is_empty() {
-            bail!("{} is empty: delete it to have a new token generated", path.display());
+            bail!(
+                "{} is empty: delete it to have a new token generated",
+                path.display()
+            );
         }
         return Ok(existing);
     }
@@ -221,11 +224,17 @@ mod tests {
         assert!(admin.trim().len() >= 32 && join.trim().len() >= 32);
         assert_ne!(admin, join);
         build_authenticator(&config(dir.path())).unwrap();
-        assert_eq!(std::fs::read_to_string(dir.path().join("admin.token")).unwrap(), admin);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("admin.token")).unwrap(),
+            admin
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join("admin.token")).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join("admin.token"))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o077, 0, "admin token readable by others: {mode:o}");
         }
     }
@@ -245,7 +254,9 @@ mod tests {
     fn an_empty_token_file_is_an_error_not_an_empty_token() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("admin.token"), "\n").unwrap();
-        let error = build_authenticator(&config(dir.path())).err().expect("must fail");
+        let Err(error) = build_authenticator(&config(dir.path())) else {
+            panic!("an empty admin.token must be refused");
+        };
         assert!(format!("{error:#}").contains("empty"), "{error:#}");
     }
 }
