@@ -413,6 +413,10 @@ async fn tasks(args: TasksArgs) -> anyhow::Result<()> {
     }
     let page = client.get_query("/v1/tasks", &query).await?;
     print_one(args.client.output, &page, |page| {
+        if is_empty_list(page, "tasks") {
+            println!("no tasks");
+            return;
+        }
         let mut table = new_table(&[
             "TASK", "USER", "STATUS", "IMAGE", "CPU", "MEM GB", "GPU", "CREATED",
         ]);
@@ -465,6 +469,10 @@ fn print_task_detail(task: &Value) {
 }
 
 fn print_workers(answer: &Value) {
+    if is_empty_list(answer, "workers") {
+        println!("no workers registered (a worker joins with the host's join token)");
+        return;
+    }
     let mut table = new_table(&[
         "WORKER",
         "ADDRESS",
@@ -507,6 +515,13 @@ fn print_workers(answer: &Value) {
         ]);
     }
     println!("{table}");
+}
+
+fn is_empty_list(value: &Value, field: &str) -> bool {
+    value
+        .get(field)
+        .and_then(Value::as_array)
+        .is_none_or(Vec::is_empty)
 }
 
 fn new_table(header: &[&str]) -> Table {
