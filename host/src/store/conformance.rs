@@ -565,17 +565,18 @@ pub async fn list_tasks_filters_by_status_and_user(store: &dyn Store) {
     assert!(page.tasks.is_empty() && page.next.is_none());
 
     // Status filter alone (the store may hold other tests' tasks: only check what we know).
-    let page = store
-        .list_tasks(&TaskQuery {
+    let completed = all_pages(
+        store,
+        TaskQuery {
             status: Some(TaskStatus::Completed),
             user_id: None,
-            limit: 1000,
+            limit: 500,
             after: None,
-        })
-        .await
-        .unwrap();
-    assert!(page.tasks.iter().all(|t| t.status == TaskStatus::Completed));
-    assert!(page.tasks.iter().any(|t| t.user_id == alice));
+        },
+    )
+    .await;
+    assert!(completed.iter().all(|t| t.status == TaskStatus::Completed));
+    assert!(completed.iter().any(|t| t.user_id == alice));
 }
 
 pub async fn list_tasks_pages_visit_every_task_exactly_once(store: &dyn Store) {
@@ -1254,6 +1255,7 @@ pub async fn set_draining_and_set_worker_active(store: &dyn Store) {
     assert!(after.is_active);
     assert_eq!(after.total(), w.total());
     assert_eq!(after.available(), w.available());
+    assert_invariant(&after, "after flag changes");
 
     expect_not_found(
         store.set_draining(&unique_id("nope"), true).await,
@@ -1277,9 +1279,19 @@ pub async fn delete_worker_refused_while_an_assignment_is_active(store: &dyn Sto
         "delete_worker with an active assignment",
     );
     assert!(!actual.is_empty());
-    assert!(store.get_worker(&w.worker_id).await.is_ok(), "still there");
+    let held = store.get_worker(&w.worker_id).await.unwrap();
+    assert_eq!(
+        held.allocated(),
+        request,
+        "a refused delete changes nothing"
+    );
+    assert_invariant(&held, "after a refused delete");
 
     assert!(store.release(&a.ass_id).await.unwrap());
+    assert_invariant(
+        &store.get_worker(&w.worker_id).await.unwrap(),
+        "after release",
+    );
     store.delete_worker(&w.worker_id).await.unwrap();
     expect_not_found(store.get_worker(&w.worker_id).await, "deleted worker");
     expect_not_found(
@@ -1567,7 +1579,7 @@ pub async fn insert_and_get_results_one_per_task(store: &dyn Store) {
     let task_id = unique_id("task");
     let mut result = sample_result(&task_id, &unique_id("w"));
     result.status = ResultStatus::Failed;
-    result.logs = "line 1\nünïcödé \"quoted\"\n\0nul\n".to_string();
+    result.logs = "line 1\nünïcödé \"quoted\" 'single'\n\ttabbed\n".to_string();
     result.exit_code = Some(2);
     result.error = Some("exit status 2".to_string());
     result.logs_truncated = true;
