@@ -87,6 +87,13 @@ impl IntoTestStore for Box<dyn Store> {
     }
 }
 
+/// A store and the guard that must outlive it, e.g. `(MongoStore, DropDatabase)`.
+impl<S: Store, G: std::any::Any + Send + Sync> IntoTestStore for (S, G) {
+    fn into_test_store(self) -> Option<TestStore> {
+        Some(TestStore::new(self.0).with_guard(self.1))
+    }
+}
+
 impl<T: IntoTestStore> IntoTestStore for Option<T> {
     fn into_test_store(self) -> Option<TestStore> {
         self.and_then(IntoTestStore::into_test_store)
@@ -101,6 +108,8 @@ impl<T: IntoTestStore> IntoTestStore for Option<T> {
 /// - a [`TestStore`](crate::store::conformance::TestStore) (use
 ///   `TestStore::new(store).with_guard(temp_dir)` to keep files alive during the test),
 /// - an `Arc<dyn Store>` or a `Box<dyn Store>`,
+/// - a tuple `(store, guard)`: any concrete `Store` and a value kept alive until the test
+///   ends (dropped after the store),
 /// - an `Option` of any of these: `None` skips the test (prints a line to stderr), which is
 ///   how a backend without a configured server opts out locally.
 ///
@@ -1753,4 +1762,29 @@ pub async fn concurrent_claims_have_exactly_one_winner(store: Arc<dyn Store>) {
     );
     let stored = store.get_task(&task.task_id).await.unwrap();
     assert_eq!(stored.owner.as_deref(), Some(winners[0].as_str()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    #[tokio::test]
+    async fn into_test_store_accepts_every_documented_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || SqliteStore::open_in_dir(dir.path()).unwrap();
+        let shapes: Vec<Option<TestStore>> = vec![
+            TestStore::new(open()).into_test_store(),
+            (Arc::new(open()) as Arc<dyn Store>).into_test_store(),
+            (Box::new(open()) as Box<dyn Store>).into_test_store(),
+            (open(), "a guard").into_test_store(),
+            Some((open(), 7_u8)).into_test_store(),
+        ];
+        for shape in shapes {
+            let harness = shape.expect("a store was given");
+            harness.store().ping().await.unwrap();
+            harness.shared().ping().await.unwrap();
+        }
+        assert!(None::<TestStore>.into_test_store().is_none(), "None skips");
+    }
 }
