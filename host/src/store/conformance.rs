@@ -346,6 +346,34 @@ fn assert_invariant(worker: &Worker, when: &str) {
     );
 }
 
+/// DESIGN §4: a worker's `allocated_*` equals the sum of its active assignments' requests
+/// (exactly: quantized amounts add exactly in any order).
+async fn assert_allocated_matches_assignments(store: &dyn Store, worker_id: &str, when: &str) {
+    let worker = store.get_worker(worker_id).await.unwrap();
+    assert_invariant(&worker, when);
+    let active = store
+        .list_assignments(&AssignmentFilter {
+            worker_id: Some(worker_id.to_string()),
+            active_only: true,
+            ..AssignmentFilter::default()
+        })
+        .await
+        .unwrap();
+    let mut sum = Resources::default();
+    for a in &active {
+        sum.cpu += a.req_cpu;
+        sum.memory += a.req_memory;
+        sum.storage += a.req_storage;
+        sum.gpu += a.req_gpu;
+    }
+    assert_eq!(
+        worker.allocated(),
+        sum,
+        "allocated != sum of {} active assignment(s) {when}",
+        active.len()
+    );
+}
+
 async fn worker_with(store: &dyn Store, prefix: &str, total: Resources) -> Worker {
     let worker = sample_worker(&unique_id(prefix), total);
     store.insert_worker(&worker).await.unwrap();
@@ -1439,10 +1467,8 @@ pub async fn reserve_and_release_of_inexact_decimals_restore_exact_values(store:
             );
             store.insert_assignment(&a).await.unwrap();
             assignments.push(a);
-            assert_invariant(
-                &store.get_worker(&w.worker_id).await.unwrap(),
-                "after an inexact reserve",
-            );
+            assert_allocated_matches_assignments(store, &w.worker_id, "after an inexact reserve")
+                .await;
         }
     }
     // Release in another order than reserved.
@@ -1450,10 +1476,7 @@ pub async fn reserve_and_release_of_inexact_decimals_restore_exact_values(store:
     assignments.rotate_left(5);
     for a in &assignments {
         assert!(store.release(&a.ass_id).await.unwrap());
-        assert_invariant(
-            &store.get_worker(&w.worker_id).await.unwrap(),
-            "after an inexact release",
-        );
+        assert_allocated_matches_assignments(store, &w.worker_id, "after an inexact release").await;
     }
     let end = store.get_worker(&w.worker_id).await.unwrap();
     assert_eq!(
@@ -1656,6 +1679,7 @@ pub async fn concurrent_releases_each_apply_exactly_once(store: Arc<dyn Store>) 
         store.insert_assignment(&a).await.unwrap();
         ass_ids.push(a.ass_id);
     }
+    assert_allocated_matches_assignments(&*store, &w.worker_id, "before racing releases").await;
     let barrier = Arc::new(tokio::sync::Barrier::new(ass_ids.len() * 2));
     let handles: Vec<_> = ass_ids
         .iter()
@@ -1678,8 +1702,8 @@ pub async fn concurrent_releases_each_apply_exactly_once(store: Arc<dyn Store>) 
     for (ass_id, n) in &wins {
         assert_eq!(*n, 1, "assignment {ass_id} released {n} times");
     }
+    assert_allocated_matches_assignments(&*store, &w.worker_id, "after racing releases").await;
     let end = store.get_worker(&w.worker_id).await.unwrap();
-    assert_invariant(&end, "after racing releases");
     assert_eq!(end.allocated(), Resources::default());
     assert_eq!(end.available(), w.available());
 }
