@@ -1,1 +1,1814 @@
-//! TODO(helper)
+//! The store conformance suite: one set of behaviour tests that every [`Store`] backend
+//! must pass, run against SQLite and MongoDB alike through [`store_conformance_tests!`].
+//!
+//! Each test is a public async function named after the behaviour it checks. Most take
+//! `&dyn Store`; the concurrency tests take `Arc<dyn Store>` because they spawn tokio tasks
+//! that must own a handle to the store. Every test works on a fresh, empty store and does
+//! not depend on any other test; ids are unique per test (and listings are filtered by a
+//! per-test user), so the tests also pass when several share one database.
+//!
+//! The suite is compiled in normal builds (not `cfg(test)`) so that the integration-test
+//! crate and the benches can use it and its sample builders.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use super::{
+    AssignmentFilter, IdempotencyKey, Result, Store, StoreError, TaskCursor, TaskQuery, TaskUpdate,
+};
+use crate::model::{
+    Assignment, RESOURCE_QUANTUM, Resources, ResultStatus, Task, TaskResult, TaskStatus, Worker,
+    WorkerUsage, now, quantize,
+};
+
+// ------------------------------------------------------------------------------------------
+// Harness
+// ------------------------------------------------------------------------------------------
+
+/// A store under test, shared, plus whatever must stay alive while it is used (a `TempDir`,
+/// a server process guard, ...). The guard is dropped after the store.
+pub struct TestStore {
+    store: Arc<dyn Store>,
+    _guard: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl TestStore {
+    pub fn new(store: impl Store) -> Self {
+        TestStore::from_arc(Arc::new(store))
+    }
+
+    pub fn from_arc(store: Arc<dyn Store>) -> Self {
+        TestStore {
+            store,
+            _guard: None,
+        }
+    }
+
+    /// Keeps `guard` alive as long as this store (e.g. the `TempDir` holding its files).
+    pub fn with_guard(mut self, guard: impl std::any::Any + Send + Sync) -> Self {
+        self._guard = Some(Box::new(guard));
+        self
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
+    }
+
+    pub fn shared(&self) -> Arc<dyn Store> {
+        Arc::clone(&self.store)
+    }
+}
+
+/// What the `$make` future of [`store_conformance_tests!`] may yield. `None` skips the test
+/// (e.g. no MongoDB address configured).
+pub trait IntoTestStore {
+    fn into_test_store(self) -> Option<TestStore>;
+}
+
+impl IntoTestStore for TestStore {
+    fn into_test_store(self) -> Option<TestStore> {
+        Some(self)
+    }
+}
+
+impl IntoTestStore for Arc<dyn Store> {
+    fn into_test_store(self) -> Option<TestStore> {
+        Some(TestStore::from_arc(self))
+    }
+}
+
+impl IntoTestStore for Box<dyn Store> {
+    fn into_test_store(self) -> Option<TestStore> {
+        Some(TestStore::from_arc(Arc::from(self)))
+    }
+}
+
+/// A store and the guard that must outlive it, e.g. `(MongoStore, DropDatabase)`.
+impl<S: Store, G: std::any::Any + Send + Sync> IntoTestStore for (S, G) {
+    fn into_test_store(self) -> Option<TestStore> {
+        Some(TestStore::new(self.0).with_guard(self.1))
+    }
+}
+
+impl<T: IntoTestStore> IntoTestStore for Option<T> {
+    fn into_test_store(self) -> Option<TestStore> {
+        self.and_then(IntoTestStore::into_test_store)
+    }
+}
+
+/// Expands, inside the caller's test module, to one
+/// `#[tokio::test(flavor = "multi_thread", worker_threads = 4)]` per conformance test.
+///
+/// Contract: `$make` is an expression that evaluates to a *future*; it is evaluated afresh
+/// for every test and must yield a fresh, empty store as one of:
+/// - a [`TestStore`](crate::store::conformance::TestStore) (use
+///   `TestStore::new(store).with_guard(temp_dir)` to keep files alive during the test),
+/// - an `Arc<dyn Store>` or a `Box<dyn Store>`,
+/// - a tuple `(store, guard)`: any concrete `Store` and a value kept alive until the test
+///   ends (dropped after the store),
+/// - an `Option` of any of these: `None` skips the test (prints a line to stderr), which is
+///   how a backend without a configured server opts out locally.
+///
+/// The generated test functions are named like the suite's functions, so the calling module
+/// must not define or import items with those names. The caller needs `tokio` (with the
+/// `macros` and `rt-multi-thread` features) as a dependency.
+///
+/// ```ignore
+/// #[cfg(test)]
+/// mod tests {
+///     use crate::store::conformance::TestStore;
+///     crate::store_conformance_tests!(async {
+///         let dir = tempfile::tempdir().unwrap();
+///         let store = SqliteStore::open_in_dir(dir.path()).unwrap();
+///         TestStore::new(store).with_guard(dir)
+///     });
+/// }
+/// ```
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($make:expr) => {
+        $crate::store_conformance_tests!(@borrowed $make;
+            ping_answers,
+            insert_and_get_task_round_trips_every_field,
+            get_task_unknown_is_not_found,
+            insert_task_with_taken_id_is_already_exists,
+            list_tasks_is_newest_first_with_task_id_tie_break,
+            list_tasks_filters_by_status_and_user,
+            list_tasks_pages_visit_every_task_exactly_once,
+            list_tasks_pages_with_status_filter_visit_every_match_once,
+            idempotent_insert_with_same_digest_returns_first_task,
+            idempotent_insert_with_other_digest_is_mismatch,
+            idempotency_keys_are_independent_per_user,
+            idempotent_insert_with_taken_task_id_records_no_key,
+            task_lifecycle_pending_queued_running_completed,
+            task_lifecycle_running_to_failed,
+            pending_and_queued_tasks_can_be_cancelled,
+            transition_from_wrong_state_is_conflict_and_not_applied,
+            transition_unknown_task_is_not_found,
+            transition_applies_task_update_fields,
+            claim_task_follows_owner_and_lease_rules,
+            request_cancel_applies_only_to_running_tasks,
+            insert_get_list_workers,
+            heartbeat_records_time_and_usage_without_reactivating,
+            set_draining_and_set_worker_active,
+            delete_worker_refused_while_an_assignment_is_active,
+            reserve_moves_allocated_and_available_together,
+            reserve_refuses_when_any_resource_is_short,
+            reserve_refuses_inactive_and_draining_workers,
+            reserve_unknown_worker_is_not_found,
+            reserve_and_release_of_inexact_decimals_restore_exact_values,
+            release_applies_exactly_once,
+            insert_get_list_assignments,
+            insert_and_get_results_one_per_task,
+        );
+        $crate::store_conformance_tests!(@shared $make;
+            reserve_race_50_requests_for_room_for_7,
+            concurrent_releases_each_apply_exactly_once,
+            concurrent_transitions_have_exactly_one_winner,
+            concurrent_claims_have_exactly_one_winner,
+        );
+    };
+    (@borrowed $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let Some(harness) =
+                    $crate::store::conformance::IntoTestStore::into_test_store($make.await)
+                else {
+                    eprintln!("skipped {}: no store configured", stringify!($name));
+                    return;
+                };
+                $crate::store::conformance::$name(harness.store()).await;
+            }
+        )*
+    };
+    (@shared $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let Some(harness) =
+                    $crate::store::conformance::IntoTestStore::into_test_store($make.await)
+                else {
+                    eprintln!("skipped {}: no store configured", stringify!($name));
+                    return;
+                };
+                $crate::store::conformance::$name(harness.shared()).await;
+            }
+        )*
+    };
+}
+
+// ------------------------------------------------------------------------------------------
+// Sample data
+// ------------------------------------------------------------------------------------------
+
+/// A fresh id with `prefix`, unique across tests and runs.
+pub fn unique_id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A fixed instant plus `offset_ms`, for tests that need controlled timestamps.
+pub fn at_ms(offset_ms: i64) -> DateTime<Utc> {
+    // 2025-11-16T10:30:00Z, the seed's example date.
+    DateTime::from_timestamp_millis(1_763_289_000_000 + offset_ms).unwrap()
+}
+
+/// A pending task with every optional field empty.
+pub fn sample_task(task_id: &str, user_id: &str) -> Task {
+    let now = now();
+    Task {
+        task_id: task_id.to_string(),
+        user_id: user_id.to_string(),
+        docker_image: "docker.io/library/alpine:3.20".to_string(),
+        command: Some("echo hello world".to_string()),
+        req_cpu: 1.0,
+        req_memory: 2.0,
+        req_storage: 1.0,
+        req_gpu: 0.0,
+        status: TaskStatus::Pending,
+        created_at: now,
+        started_at: None,
+        completed_at: None,
+        priority: 0,
+        labels: BTreeMap::new(),
+        env: BTreeMap::new(),
+        timeout_s: None,
+        max_attempts: 1,
+        attempts: 0,
+        exit_code: None,
+        error: None,
+        status_reason: None,
+        cancel_requested: false,
+        owner: None,
+        lease_expires_at: None,
+        idempotency_key: None,
+        updated_at: now,
+    }
+}
+
+/// A task in `status`, created at `created_at`.
+pub fn sample_task_at(
+    task_id: &str,
+    user_id: &str,
+    status: TaskStatus,
+    created_at: DateTime<Utc>,
+) -> Task {
+    Task {
+        status,
+        created_at,
+        updated_at: created_at,
+        ..sample_task(task_id, user_id)
+    }
+}
+
+/// An active worker with `total` capacity and nothing allocated.
+pub fn sample_worker(worker_id: &str, total: Resources) -> Worker {
+    Worker::new(
+        worker_id.to_string(),
+        "127.0.0.1:50052".to_string(),
+        total,
+        BTreeMap::from([("zone".to_string(), "local".to_string())]),
+        "0".repeat(64),
+    )
+}
+
+/// An unreleased assignment holding `request`.
+pub fn sample_assignment(
+    ass_id: &str,
+    task_id: &str,
+    worker_id: &str,
+    request: Resources,
+) -> Assignment {
+    Assignment {
+        ass_id: ass_id.to_string(),
+        task_id: task_id.to_string(),
+        worker_id: worker_id.to_string(),
+        assigned_at: now(),
+        req_cpu: request.cpu,
+        req_memory: request.memory,
+        req_storage: request.storage,
+        req_gpu: request.gpu,
+        attempt: 1,
+        released: false,
+        released_at: None,
+    }
+}
+
+/// A successful result.
+pub fn sample_result(task_id: &str, worker_id: &str) -> TaskResult {
+    TaskResult {
+        task_id: task_id.to_string(),
+        worker_id: worker_id.to_string(),
+        status: ResultStatus::Success,
+        logs: "Hello World\nTask completed successfully\n".to_string(),
+        completed_at: now(),
+        exit_code: Some(0),
+        error: None,
+        logs_truncated: false,
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Assertion helpers
+// ------------------------------------------------------------------------------------------
+
+fn expect_not_found<T: Debug>(result: Result<T>, what: &str) {
+    match result {
+        Err(StoreError::NotFound { .. }) => {}
+        other => panic!("{what}: expected NotFound, got {other:?}"),
+    }
+}
+
+fn expect_already_exists<T: Debug>(result: Result<T>, what: &str) {
+    match result {
+        Err(StoreError::AlreadyExists { .. }) => {}
+        other => panic!("{what}: expected AlreadyExists, got {other:?}"),
+    }
+}
+
+/// Returns the `actual` of a Conflict.
+fn expect_conflict<T: Debug>(result: Result<T>, what: &str) -> String {
+    match result {
+        Err(StoreError::Conflict { actual, .. }) => actual,
+        other => panic!("{what}: expected Conflict, got {other:?}"),
+    }
+}
+
+fn assert_invariant(worker: &Worker, when: &str) {
+    let violations = worker.invariant_violations();
+    assert!(
+        violations.is_empty(),
+        "accounting invariant broken {when}: {violations:?}"
+    );
+}
+
+/// DESIGN §4: a worker's `allocated_*` equals the sum of its active assignments' requests
+/// (exactly: quantized amounts add exactly in any order).
+async fn assert_allocated_matches_assignments(store: &dyn Store, worker_id: &str, when: &str) {
+    let worker = store.get_worker(worker_id).await.unwrap();
+    assert_invariant(&worker, when);
+    let active = store
+        .list_assignments(&AssignmentFilter {
+            worker_id: Some(worker_id.to_string()),
+            active_only: true,
+            ..AssignmentFilter::default()
+        })
+        .await
+        .unwrap();
+    let mut sum = Resources::default();
+    for a in &active {
+        sum.cpu += a.req_cpu;
+        sum.memory += a.req_memory;
+        sum.storage += a.req_storage;
+        sum.gpu += a.req_gpu;
+    }
+    assert_eq!(
+        worker.allocated(),
+        sum,
+        "allocated != sum of {} active assignment(s) {when}",
+        active.len()
+    );
+}
+
+async fn worker_with(store: &dyn Store, prefix: &str, total: Resources) -> Worker {
+    let worker = sample_worker(&unique_id(prefix), total);
+    store.insert_worker(&worker).await.unwrap();
+    worker
+}
+
+async fn insert(store: &dyn Store, task: &Task) -> Task {
+    let outcome = store.insert_task(task, None).await.unwrap();
+    assert!(outcome.created, "a new task must be reported as created");
+    outcome.task
+}
+
+fn query(user_id: &str, status: Option<TaskStatus>, limit: u32) -> TaskQuery {
+    TaskQuery {
+        status,
+        user_id: Some(user_id.to_string()),
+        limit,
+        after: None,
+    }
+}
+
+fn ids(tasks: &[Task]) -> Vec<String> {
+    tasks.iter().map(|t| t.task_id.clone()).collect()
+}
+
+/// Follows `next` cursors from `query` to the end; checks every page's size.
+async fn all_pages(store: &dyn Store, mut query: TaskQuery) -> Vec<Task> {
+    let mut out = Vec::new();
+    for _ in 0..1000 {
+        let page = store.list_tasks(&query).await.unwrap();
+        assert!(
+            page.tasks.len() <= query.limit as usize,
+            "a page holds at most `limit` tasks: got {} for limit {}",
+            page.tasks.len(),
+            query.limit
+        );
+        out.extend(page.tasks);
+        match page.next {
+            Some(cursor) => query.after = Some(cursor),
+            None => return out,
+        }
+    }
+    panic!("pagination did not terminate after 1000 pages");
+}
+
+/// Newest first: created_at desc, then task_id desc.
+fn newest_first(tasks: &[Task]) -> Vec<String> {
+    let mut sorted: Vec<&Task> = tasks.iter().collect();
+    sorted.sort_by(|a, b| {
+        b.created_at
+            .cmp(&a.created_at)
+            .then_with(|| b.task_id.cmp(&a.task_id))
+    });
+    sorted.iter().map(|t| t.task_id.clone()).collect()
+}
+
+// ------------------------------------------------------------------------------------------
+// Tasks
+// ------------------------------------------------------------------------------------------
+
+pub async fn ping_answers(store: &dyn Store) {
+    store.ping().await.unwrap();
+    assert!(!store.backend_name().is_empty());
+}
+
+pub async fn insert_and_get_task_round_trips_every_field(store: &dyn Store) {
+    let mut task = sample_task(&unique_id("task"), &unique_id("user"));
+    task.command = None;
+    task.req_cpu = quantize(0.1);
+    task.req_memory = 1.5;
+    task.req_storage = 10.0;
+    task.req_gpu = 1.0;
+    task.status = TaskStatus::Running;
+    task.created_at = at_ms(123);
+    task.started_at = Some(at_ms(5_456));
+    task.completed_at = Some(at_ms(9_999));
+    task.priority = -7;
+    task.labels = BTreeMap::from([
+        ("team".to_string(), "ml".to_string()),
+        ("quote".to_string(), "a \"b\" 'c' ü".to_string()),
+    ]);
+    task.env = BTreeMap::from([("PATH".to_string(), "/usr/bin:/bin".to_string())]);
+    task.timeout_s = Some(3_600);
+    task.max_attempts = 3;
+    task.attempts = 2;
+    task.exit_code = Some(-9);
+    task.error = Some("killed".to_string());
+    task.status_reason = Some("because".to_string());
+    task.cancel_requested = true;
+    task.owner = Some("host-a".to_string());
+    task.lease_expires_at = Some(at_ms(60_000));
+    task.idempotency_key = Some("key-1".to_string());
+    task.updated_at = at_ms(10_001);
+
+    let outcome = store.insert_task(&task, None).await.unwrap();
+    assert!(outcome.created);
+    assert_eq!(outcome.task, task, "insert_task returns the stored task");
+    assert_eq!(store.get_task(&task.task_id).await.unwrap(), task);
+
+    // And the minimal shape: every option empty.
+    let plain = sample_task(&unique_id("task"), &task.user_id);
+    insert(store, &plain).await;
+    assert_eq!(store.get_task(&plain.task_id).await.unwrap(), plain);
+}
+
+pub async fn get_task_unknown_is_not_found(store: &dyn Store) {
+    expect_not_found(store.get_task(&unique_id("nope")).await, "get_task unknown");
+}
+
+pub async fn insert_task_with_taken_id_is_already_exists(store: &dyn Store) {
+    let user = unique_id("user");
+    let task = sample_task(&unique_id("task"), &user);
+    insert(store, &task).await;
+    let mut other = sample_task(&task.task_id, &unique_id("user"));
+    other.docker_image = "other:latest".to_string();
+    expect_already_exists(
+        store.insert_task(&other, None).await,
+        "insert_task with a taken task_id",
+    );
+    assert_eq!(
+        store.get_task(&task.task_id).await.unwrap(),
+        task,
+        "the first task is unchanged"
+    );
+}
+
+pub async fn list_tasks_is_newest_first_with_task_id_tie_break(store: &dyn Store) {
+    let user = unique_id("user");
+    let base = unique_id("task");
+    // Inserted out of order; two pairs share created_at.
+    let tasks = vec![
+        sample_task_at(
+            &format!("{base}-b"),
+            &user,
+            TaskStatus::Pending,
+            at_ms(2_000),
+        ),
+        sample_task_at(
+            &format!("{base}-a"),
+            &user,
+            TaskStatus::Queued,
+            at_ms(3_000),
+        ),
+        sample_task_at(
+            &format!("{base}-c"),
+            &user,
+            TaskStatus::Running,
+            at_ms(1_000),
+        ),
+        sample_task_at(
+            &format!("{base}-d"),
+            &user,
+            TaskStatus::Pending,
+            at_ms(3_000),
+        ),
+        sample_task_at(
+            &format!("{base}-e"),
+            &user,
+            TaskStatus::Failed,
+            at_ms(1_000),
+        ),
+    ];
+    for task in &tasks {
+        insert(store, task).await;
+    }
+    let page = store.list_tasks(&query(&user, None, 100)).await.unwrap();
+    assert_eq!(
+        ids(&page.tasks),
+        vec![
+            format!("{base}-d"),
+            format!("{base}-a"),
+            format!("{base}-b"),
+            format!("{base}-e"),
+            format!("{base}-c"),
+        ],
+        "newest first, then task_id descending"
+    );
+    assert_eq!(page.tasks[0], tasks[3], "listed tasks are complete");
+    assert!(page.next.is_none(), "a short page has no next cursor");
+}
+
+pub async fn list_tasks_filters_by_status_and_user(store: &dyn Store) {
+    let alice = unique_id("alice");
+    let bob = unique_id("bob");
+    let mut expected_alice_queued = Vec::new();
+    for (i, status) in [
+        TaskStatus::Pending,
+        TaskStatus::Queued,
+        TaskStatus::Running,
+        TaskStatus::Queued,
+        TaskStatus::Completed,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let task = sample_task_at(&unique_id("task"), &alice, status, at_ms(i as i64));
+        insert(store, &task).await;
+        if status == TaskStatus::Queued {
+            expected_alice_queued.push(task);
+        }
+    }
+    let bob_queued = sample_task_at(&unique_id("task"), &bob, TaskStatus::Queued, at_ms(10));
+    insert(store, &bob_queued).await;
+
+    let page = store
+        .list_tasks(&query(&alice, Some(TaskStatus::Queued), 100))
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&page.tasks),
+        newest_first(&expected_alice_queued),
+        "status and user filters combine"
+    );
+
+    let page = store.list_tasks(&query(&alice, None, 100)).await.unwrap();
+    assert_eq!(page.tasks.len(), 5);
+    assert!(page.tasks.iter().all(|t| t.user_id == alice));
+
+    let page = store.list_tasks(&query(&bob, None, 100)).await.unwrap();
+    assert_eq!(ids(&page.tasks), vec![bob_queued.task_id.clone()]);
+
+    let page = store
+        .list_tasks(&query(&bob, Some(TaskStatus::Running), 100))
+        .await
+        .unwrap();
+    assert!(page.tasks.is_empty() && page.next.is_none());
+
+    // Status filter alone (the store may hold other tests' tasks: only check what we know).
+    let completed = all_pages(
+        store,
+        TaskQuery {
+            status: Some(TaskStatus::Completed),
+            user_id: None,
+            limit: 500,
+            after: None,
+        },
+    )
+    .await;
+    assert!(completed.iter().all(|t| t.status == TaskStatus::Completed));
+    assert!(completed.iter().any(|t| t.user_id == alice));
+}
+
+pub async fn list_tasks_pages_visit_every_task_exactly_once(store: &dyn Store) {
+    let user = unique_id("user");
+    let mut tasks = Vec::new();
+    // 13 tasks in 4 groups of identical created_at, ids not in created order.
+    for i in 0..13_i64 {
+        let created = at_ms((i % 4) * 1_000);
+        let id = format!("task-{:02}-{}", (i * 7) % 13, unique_id("p"));
+        tasks.push(sample_task_at(&id, &user, TaskStatus::Pending, created));
+    }
+    for task in &tasks {
+        insert(store, task).await;
+    }
+    let expected = newest_first(&tasks);
+    for limit in [1, 3, 4, 13, 50] {
+        let seen = all_pages(store, query(&user, None, limit)).await;
+        assert_eq!(
+            ids(&seen),
+            expected,
+            "pages of {limit} visit every task exactly once, newest first"
+        );
+    }
+
+    // A cursor can also be built by hand from any listed task.
+    let cursor_task = tasks.iter().find(|t| t.task_id == expected[5]).unwrap();
+    let mut q = query(&user, None, 100);
+    q.after = Some(TaskCursor {
+        created_at: cursor_task.created_at,
+        task_id: cursor_task.task_id.clone(),
+    });
+    let rest = store.list_tasks(&q).await.unwrap();
+    assert_eq!(ids(&rest.tasks), expected[6..].to_vec());
+}
+
+pub async fn list_tasks_pages_with_status_filter_visit_every_match_once(store: &dyn Store) {
+    let user = unique_id("user");
+    let mut queued = Vec::new();
+    for i in 0..12_i64 {
+        let status = if i % 3 == 0 {
+            TaskStatus::Running
+        } else {
+            TaskStatus::Queued
+        };
+        let task = sample_task_at(&unique_id("task"), &user, status, at_ms((i % 2) * 500));
+        insert(store, &task).await;
+        if status == TaskStatus::Queued {
+            queued.push(task);
+        }
+    }
+    let seen = all_pages(store, query(&user, Some(TaskStatus::Queued), 3)).await;
+    assert_eq!(ids(&seen), newest_first(&queued));
+}
+
+fn key(key: &str, digest: &str) -> IdempotencyKey {
+    IdempotencyKey {
+        key: key.to_string(),
+        request_sha256: digest.to_string(),
+    }
+}
+
+pub async fn idempotent_insert_with_same_digest_returns_first_task(store: &dyn Store) {
+    let user = unique_id("user");
+    let k = key(&unique_id("key"), &"a".repeat(64));
+    let mut first = sample_task(&unique_id("task"), &user);
+    first.idempotency_key = Some(k.key.clone());
+    let outcome = store.insert_task(&first, Some(&k)).await.unwrap();
+    assert!(outcome.created);
+    assert_eq!(outcome.task, first);
+
+    let mut retry = sample_task(&unique_id("task"), &user);
+    retry.idempotency_key = Some(k.key.clone());
+    let outcome = store.insert_task(&retry, Some(&k)).await.unwrap();
+    assert!(!outcome.created, "a retry is not a new task");
+    assert_eq!(outcome.task, first, "a retry returns the first task");
+    expect_not_found(
+        store.get_task(&retry.task_id).await,
+        "the retry's task must not be stored",
+    );
+    let page = store.list_tasks(&query(&user, None, 100)).await.unwrap();
+    assert_eq!(ids(&page.tasks), vec![first.task_id.clone()]);
+}
+
+pub async fn idempotent_insert_with_other_digest_is_mismatch(store: &dyn Store) {
+    let user = unique_id("user");
+    let k = key(&unique_id("key"), &"a".repeat(64));
+    let first = sample_task(&unique_id("task"), &user);
+    store.insert_task(&first, Some(&k)).await.unwrap();
+
+    let other = sample_task(&unique_id("task"), &user);
+    match store
+        .insert_task(&other, Some(&key(&k.key, &"b".repeat(64))))
+        .await
+    {
+        Err(StoreError::IdempotencyMismatch { key, task_id }) => {
+            assert_eq!(key, k.key);
+            assert_eq!(task_id, first.task_id, "the mismatch names the first task");
+        }
+        other => panic!("expected IdempotencyMismatch, got {other:?}"),
+    }
+    expect_not_found(store.get_task(&other.task_id).await, "mismatched task");
+    assert_eq!(store.get_task(&first.task_id).await.unwrap(), first);
+}
+
+pub async fn idempotency_keys_are_independent_per_user(store: &dyn Store) {
+    let k = key(&unique_id("key"), &"a".repeat(64));
+    let alice = sample_task(&unique_id("task"), &unique_id("alice"));
+    let bob = sample_task(&unique_id("task"), &unique_id("bob"));
+    assert!(store.insert_task(&alice, Some(&k)).await.unwrap().created);
+    let outcome = store.insert_task(&bob, Some(&k)).await.unwrap();
+    assert!(
+        outcome.created,
+        "another user's identical key is independent"
+    );
+    assert_eq!(outcome.task, bob);
+    // Even with another digest.
+    let carol = sample_task(&unique_id("task"), &unique_id("carol"));
+    assert!(
+        store
+            .insert_task(&carol, Some(&key(&k.key, &"c".repeat(64))))
+            .await
+            .unwrap()
+            .created
+    );
+}
+
+pub async fn idempotent_insert_with_taken_task_id_records_no_key(store: &dyn Store) {
+    let user = unique_id("user");
+    let existing = sample_task(&unique_id("task"), &user);
+    insert(store, &existing).await;
+    let k = key(&unique_id("key"), &"a".repeat(64));
+    let clash = sample_task(&existing.task_id, &user);
+    expect_already_exists(
+        store.insert_task(&clash, Some(&k)).await,
+        "idempotent insert with a taken task_id",
+    );
+    // The failed insert must not have recorded the key.
+    let fresh = sample_task(&unique_id("task"), &user);
+    let outcome = store.insert_task(&fresh, Some(&k)).await.unwrap();
+    assert!(
+        outcome.created,
+        "the key was not consumed by the failed insert"
+    );
+    assert_eq!(outcome.task, fresh);
+}
+
+async fn step(store: &dyn Store, task_id: &str, from: TaskStatus, to: TaskStatus) -> Task {
+    let task = store
+        .transition_task(task_id, &[from], to, &TaskUpdate::default())
+        .await
+        .unwrap_or_else(|e| panic!("{from} -> {to} must apply: {e}"));
+    assert_eq!(task.status, to);
+    assert_eq!(store.get_task(task_id).await.unwrap().status, to);
+    task
+}
+
+pub async fn task_lifecycle_pending_queued_running_completed(store: &dyn Store) {
+    let task = sample_task_at(
+        &unique_id("task"),
+        &unique_id("user"),
+        TaskStatus::Pending,
+        at_ms(0),
+    );
+    insert(store, &task).await;
+    step(
+        store,
+        &task.task_id,
+        TaskStatus::Pending,
+        TaskStatus::Queued,
+    )
+    .await;
+    step(
+        store,
+        &task.task_id,
+        TaskStatus::Queued,
+        TaskStatus::Running,
+    )
+    .await;
+    let done = step(
+        store,
+        &task.task_id,
+        TaskStatus::Running,
+        TaskStatus::Completed,
+    )
+    .await;
+    assert!(
+        done.updated_at > task.updated_at,
+        "transitions set updated_at"
+    );
+    assert_eq!(done.created_at, task.created_at);
+    assert_eq!(done.docker_image, task.docker_image);
+}
+
+pub async fn task_lifecycle_running_to_failed(store: &dyn Store) {
+    let task = sample_task(&unique_id("task"), &unique_id("user"));
+    insert(store, &task).await;
+    step(
+        store,
+        &task.task_id,
+        TaskStatus::Pending,
+        TaskStatus::Queued,
+    )
+    .await;
+    step(
+        store,
+        &task.task_id,
+        TaskStatus::Queued,
+        TaskStatus::Running,
+    )
+    .await;
+    step(
+        store,
+        &task.task_id,
+        TaskStatus::Running,
+        TaskStatus::Failed,
+    )
+    .await;
+}
+
+pub async fn pending_and_queued_tasks_can_be_cancelled(store: &dyn Store) {
+    let user = unique_id("user");
+    let pending = sample_task(&unique_id("task"), &user);
+    insert(store, &pending).await;
+    step(
+        store,
+        &pending.task_id,
+        TaskStatus::Pending,
+        TaskStatus::Cancelled,
+    )
+    .await;
+
+    let queued = sample_task(&unique_id("task"), &user);
+    insert(store, &queued).await;
+    step(
+        store,
+        &queued.task_id,
+        TaskStatus::Pending,
+        TaskStatus::Queued,
+    )
+    .await;
+    // Several allowed sources in one conditional update.
+    let task = store
+        .transition_task(
+            &queued.task_id,
+            &[TaskStatus::Pending, TaskStatus::Queued],
+            TaskStatus::Cancelled,
+            &TaskUpdate::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(task.status, TaskStatus::Cancelled);
+}
+
+pub async fn transition_from_wrong_state_is_conflict_and_not_applied(store: &dyn Store) {
+    let user = unique_id("user");
+    let update = TaskUpdate {
+        started_at: Some(at_ms(1)),
+        completed_at: Some(at_ms(2)),
+        exit_code: Some(3),
+        error: Some("must not be applied".to_string()),
+        status_reason: Some(Some("must not be applied".to_string())),
+        increment_attempts: true,
+        clear_claim: true,
+    };
+
+    let task = sample_task(&unique_id("task"), &user);
+    insert(store, &task).await;
+    // pending -> running skips queued: refused.
+    let actual = expect_conflict(
+        store
+            .transition_task(
+                &task.task_id,
+                &[TaskStatus::Queued],
+                TaskStatus::Running,
+                &update,
+            )
+            .await,
+        "queued -> running on a pending task",
+    );
+    assert_eq!(actual, "pending", "Conflict carries the actual status");
+    assert_eq!(
+        store.get_task(&task.task_id).await.unwrap(),
+        task,
+        "a refused transition changes nothing"
+    );
+
+    // A terminal task never moves again.
+    let done = sample_task_at(&unique_id("task"), &user, TaskStatus::Completed, at_ms(0));
+    insert(store, &done).await;
+    for (from, to) in [
+        (vec![TaskStatus::Running], TaskStatus::Failed),
+        (
+            vec![TaskStatus::Pending, TaskStatus::Queued],
+            TaskStatus::Cancelled,
+        ),
+        (vec![TaskStatus::Queued], TaskStatus::Queued),
+    ] {
+        let actual = expect_conflict(
+            store
+                .transition_task(&done.task_id, &from, to, &update)
+                .await,
+            "transition of a completed task",
+        );
+        assert_eq!(actual, "completed");
+        assert_eq!(store.get_task(&done.task_id).await.unwrap(), done);
+    }
+
+    // Running cannot be cancelled by the pending/queued path.
+    let running = sample_task_at(&unique_id("task"), &user, TaskStatus::Running, at_ms(0));
+    insert(store, &running).await;
+    let actual = expect_conflict(
+        store
+            .transition_task(
+                &running.task_id,
+                &[TaskStatus::Pending, TaskStatus::Queued],
+                TaskStatus::Cancelled,
+                &update,
+            )
+            .await,
+        "cancel of a running task via pending/queued",
+    );
+    assert_eq!(actual, "running");
+    assert_eq!(store.get_task(&running.task_id).await.unwrap(), running);
+
+    // The same transition twice: the second one is refused.
+    step(
+        store,
+        &task.task_id,
+        TaskStatus::Pending,
+        TaskStatus::Queued,
+    )
+    .await;
+    let actual = expect_conflict(
+        store
+            .transition_task(
+                &task.task_id,
+                &[TaskStatus::Pending],
+                TaskStatus::Queued,
+                &TaskUpdate::default(),
+            )
+            .await,
+        "second pending -> queued",
+    );
+    assert_eq!(actual, "queued");
+}
+
+pub async fn transition_unknown_task_is_not_found(store: &dyn Store) {
+    expect_not_found(
+        store
+            .transition_task(
+                &unique_id("nope"),
+                &[TaskStatus::Pending],
+                TaskStatus::Queued,
+                &TaskUpdate::default(),
+            )
+            .await,
+        "transition of an unknown task",
+    );
+}
+
+pub async fn transition_applies_task_update_fields(store: &dyn Store) {
+    let task = sample_task(&unique_id("task"), &unique_id("user"));
+    insert(store, &task).await;
+    let id = task.task_id.as_str();
+
+    let t = store
+        .transition_task(
+            id,
+            &[TaskStatus::Pending],
+            TaskStatus::Queued,
+            &TaskUpdate {
+                status_reason: Some(Some("waiting for capacity".to_string())),
+                ..TaskUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(t.status_reason.as_deref(), Some("waiting for capacity"));
+
+    store
+        .claim_task(id, "host-a", at_ms(60_000), at_ms(0))
+        .await
+        .unwrap();
+    let t = store
+        .transition_task(
+            id,
+            &[TaskStatus::Queued],
+            TaskStatus::Running,
+            &TaskUpdate {
+                started_at: Some(at_ms(1_000)),
+                increment_attempts: true,
+                clear_claim: true,
+                ..TaskUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(t.started_at, Some(at_ms(1_000)));
+    assert_eq!(t.attempts, task.attempts + 1, "increment_attempts adds one");
+    assert_eq!(t.owner, None, "clear_claim clears the owner");
+    assert_eq!(t.lease_expires_at, None, "clear_claim clears the lease");
+    assert_eq!(
+        t.status_reason.as_deref(),
+        Some("waiting for capacity"),
+        "None leaves status_reason alone"
+    );
+    assert_eq!(t.completed_at, None);
+    assert_eq!(t.exit_code, None);
+    assert_eq!(t.error, None);
+
+    let t = store
+        .transition_task(
+            id,
+            &[TaskStatus::Running],
+            TaskStatus::Failed,
+            &TaskUpdate {
+                completed_at: Some(at_ms(2_000)),
+                exit_code: Some(137),
+                error: Some("out of memory".to_string()),
+                status_reason: Some(None),
+                ..TaskUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(t.completed_at, Some(at_ms(2_000)));
+    assert_eq!(t.exit_code, Some(137));
+    assert_eq!(t.error.as_deref(), Some("out of memory"));
+    assert_eq!(t.status_reason, None, "Some(None) clears status_reason");
+    assert_eq!(
+        t.started_at,
+        Some(at_ms(1_000)),
+        "None leaves started_at alone"
+    );
+    assert_eq!(
+        t.attempts,
+        task.attempts + 1,
+        "attempts only move when asked"
+    );
+    assert_eq!(
+        store.get_task(id).await.unwrap(),
+        t,
+        "the returned task is stored"
+    );
+}
+
+pub async fn claim_task_follows_owner_and_lease_rules(store: &dyn Store) {
+    let user = unique_id("user");
+    let task = sample_task_at(&unique_id("task"), &user, TaskStatus::Queued, at_ms(0));
+    insert(store, &task).await;
+    let id = task.task_id.as_str();
+
+    // Unclaimed: ok.
+    let t = store
+        .claim_task(id, "host-a", at_ms(30_000), at_ms(0))
+        .await
+        .unwrap();
+    assert_eq!(t.owner.as_deref(), Some("host-a"));
+    assert_eq!(t.lease_expires_at, Some(at_ms(30_000)));
+    assert_eq!(
+        t.status,
+        TaskStatus::Queued,
+        "a claim does not change the status"
+    );
+
+    // Same owner: renews.
+    let t = store
+        .claim_task(id, "host-a", at_ms(40_000), at_ms(10_000))
+        .await
+        .unwrap();
+    assert_eq!(t.lease_expires_at, Some(at_ms(40_000)));
+
+    // Another owner while the lease is valid: refused, nothing changes.
+    let before = store.get_task(id).await.unwrap();
+    expect_conflict(
+        store
+            .claim_task(id, "host-b", at_ms(90_000), at_ms(39_999))
+            .await,
+        "claim by another owner during a valid lease",
+    );
+    assert_eq!(store.get_task(id).await.unwrap(), before);
+
+    // After expiry: taken over.
+    let t = store
+        .claim_task(id, "host-b", at_ms(90_000), at_ms(40_001))
+        .await
+        .unwrap();
+    assert_eq!(t.owner.as_deref(), Some("host-b"));
+    assert_eq!(t.lease_expires_at, Some(at_ms(90_000)));
+
+    // Cleared claim: anyone may claim.
+    store
+        .transition_task(
+            id,
+            &[TaskStatus::Queued],
+            TaskStatus::Queued,
+            &TaskUpdate {
+                clear_claim: true,
+                ..TaskUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    let t = store
+        .claim_task(id, "host-c", at_ms(95_000), at_ms(50_000))
+        .await
+        .unwrap();
+    assert_eq!(t.owner.as_deref(), Some("host-c"));
+
+    // Not queued: refused with the actual status.
+    for status in [
+        TaskStatus::Pending,
+        TaskStatus::Running,
+        TaskStatus::Completed,
+    ] {
+        let other = sample_task_at(&unique_id("task"), &user, status, at_ms(0));
+        insert(store, &other).await;
+        let actual = expect_conflict(
+            store
+                .claim_task(&other.task_id, "host-a", at_ms(30_000), at_ms(0))
+                .await,
+            "claim of a task that is not queued",
+        );
+        assert_eq!(actual, status.as_str());
+        assert_eq!(store.get_task(&other.task_id).await.unwrap(), other);
+    }
+
+    expect_not_found(
+        store
+            .claim_task(&unique_id("nope"), "host-a", at_ms(30_000), at_ms(0))
+            .await,
+        "claim of an unknown task",
+    );
+}
+
+pub async fn request_cancel_applies_only_to_running_tasks(store: &dyn Store) {
+    let user = unique_id("user");
+    for status in [
+        TaskStatus::Pending,
+        TaskStatus::Queued,
+        TaskStatus::Completed,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+    ] {
+        let task = sample_task_at(&unique_id("task"), &user, status, at_ms(0));
+        insert(store, &task).await;
+        let actual = expect_conflict(
+            store.request_cancel(&task.task_id).await,
+            "request_cancel of a task that is not running",
+        );
+        assert_eq!(actual, status.as_str());
+        assert_eq!(store.get_task(&task.task_id).await.unwrap(), task);
+    }
+
+    let running = sample_task_at(&unique_id("task"), &user, TaskStatus::Running, at_ms(0));
+    insert(store, &running).await;
+    let t = store.request_cancel(&running.task_id).await.unwrap();
+    assert!(t.cancel_requested);
+    assert_eq!(
+        t.status,
+        TaskStatus::Running,
+        "the worker stops it, not the store"
+    );
+    assert!(
+        store
+            .get_task(&running.task_id)
+            .await
+            .unwrap()
+            .cancel_requested
+    );
+    // Asking twice is harmless.
+    assert!(
+        store
+            .request_cancel(&running.task_id)
+            .await
+            .unwrap()
+            .cancel_requested
+    );
+
+    expect_not_found(
+        store.request_cancel(&unique_id("nope")).await,
+        "request_cancel of an unknown task",
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// Workers and reservations
+// ------------------------------------------------------------------------------------------
+
+pub async fn insert_get_list_workers(store: &dyn Store) {
+    let prefix = unique_id("w");
+    let mut b = sample_worker(
+        &format!("{prefix}-b"),
+        Resources::new(8.0, 16.0, 100.0, 2.0),
+    );
+    b.usage = Some(WorkerUsage {
+        cpu_percent: 12.5,
+        memory_percent: 40.25,
+        running_tasks: 3,
+    });
+    b.draining = true;
+    b.last_heartbeat = 1_731_753_000;
+    b.registered_at = at_ms(1);
+    b.updated_at = at_ms(2);
+    b.token_sha256 = "f".repeat(64);
+    let a = sample_worker(&format!("{prefix}-a"), Resources::new(1.0, 2.0, 3.0, 0.0));
+    store.insert_worker(&b).await.unwrap();
+    store.insert_worker(&a).await.unwrap();
+
+    assert_eq!(store.get_worker(&b.worker_id).await.unwrap(), b);
+    assert_eq!(store.get_worker(&a.worker_id).await.unwrap(), a);
+
+    let listed: Vec<Worker> = store
+        .list_workers()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|w| w.worker_id.starts_with(&prefix))
+        .collect();
+    assert_eq!(listed, vec![a.clone(), b.clone()], "listed by worker_id");
+
+    expect_already_exists(store.insert_worker(&a).await, "insert_worker twice");
+    expect_not_found(
+        store.get_worker(&unique_id("nope")).await,
+        "get_worker unknown",
+    );
+}
+
+pub async fn heartbeat_records_time_and_usage_without_reactivating(store: &dyn Store) {
+    let w = worker_with(store, "w", Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    store.set_worker_active(&w.worker_id, false).await.unwrap();
+    let usage = WorkerUsage {
+        cpu_percent: 55.5,
+        memory_percent: 10.0,
+        running_tasks: 2,
+    };
+    let before = now();
+    let hb = store
+        .heartbeat(&w.worker_id, 1_800_000_000, Some(&usage))
+        .await
+        .unwrap();
+    assert_eq!(hb.last_heartbeat, 1_800_000_000);
+    assert_eq!(hb.usage, Some(usage));
+    assert!(hb.updated_at >= before, "heartbeat sets updated_at");
+    assert!(!hb.is_active, "a heartbeat does not re-activate a worker");
+    assert_eq!(store.get_worker(&w.worker_id).await.unwrap(), hb);
+
+    // Without usage: the last reported usage stays.
+    let hb = store
+        .heartbeat(&w.worker_id, 1_800_000_010, None)
+        .await
+        .unwrap();
+    assert_eq!(hb.last_heartbeat, 1_800_000_010);
+    assert_eq!(hb.usage, Some(usage));
+    assert_eq!(hb.allocated(), w.allocated());
+    assert_invariant(&hb, "after heartbeats");
+
+    expect_not_found(
+        store.heartbeat(&unique_id("nope"), 1, None).await,
+        "heartbeat of an unknown worker",
+    );
+}
+
+pub async fn set_draining_and_set_worker_active(store: &dyn Store) {
+    let w = worker_with(store, "w", Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    let id = w.worker_id.as_str();
+    assert!(store.set_draining(id, true).await.unwrap().draining);
+    assert!(store.get_worker(id).await.unwrap().draining);
+    assert!(!store.set_draining(id, false).await.unwrap().draining);
+    assert!(!store.get_worker(id).await.unwrap().draining);
+
+    assert!(!store.set_worker_active(id, false).await.unwrap().is_active);
+    assert!(!store.get_worker(id).await.unwrap().is_active);
+    assert!(store.set_worker_active(id, true).await.unwrap().is_active);
+    let after = store.get_worker(id).await.unwrap();
+    assert!(after.is_active);
+    assert_eq!(after.total(), w.total());
+    assert_eq!(after.available(), w.available());
+    assert_invariant(&after, "after flag changes");
+
+    expect_not_found(
+        store.set_draining(&unique_id("nope"), true).await,
+        "set_draining",
+    );
+    expect_not_found(
+        store.set_worker_active(&unique_id("nope"), true).await,
+        "set_worker_active",
+    );
+}
+
+pub async fn delete_worker_refused_while_an_assignment_is_active(store: &dyn Store) {
+    let w = worker_with(store, "w", Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    let request = Resources::new(1.0, 2.0, 1.0, 0.0);
+    assert!(store.reserve(&w.worker_id, &request).await.unwrap());
+    let a = sample_assignment(&unique_id("ass"), &unique_id("task"), &w.worker_id, request);
+    store.insert_assignment(&a).await.unwrap();
+
+    let actual = expect_conflict(
+        store.delete_worker(&w.worker_id).await,
+        "delete_worker with an active assignment",
+    );
+    assert!(!actual.is_empty());
+    let held = store.get_worker(&w.worker_id).await.unwrap();
+    assert_eq!(
+        held.allocated(),
+        request,
+        "a refused delete changes nothing"
+    );
+    assert_invariant(&held, "after a refused delete");
+
+    assert!(store.release(&a.ass_id).await.unwrap());
+    assert_invariant(
+        &store.get_worker(&w.worker_id).await.unwrap(),
+        "after release",
+    );
+    store.delete_worker(&w.worker_id).await.unwrap();
+    expect_not_found(store.get_worker(&w.worker_id).await, "deleted worker");
+    expect_not_found(
+        store.delete_worker(&w.worker_id).await,
+        "delete_worker twice",
+    );
+    // The released assignment is history and stays.
+    assert!(store.get_assignment(&a.ass_id).await.unwrap().released);
+}
+
+pub async fn reserve_moves_allocated_and_available_together(store: &dyn Store) {
+    let w = worker_with(store, "w", Resources::new(8.0, 16.0, 100.0, 2.0)).await;
+    let request = Resources::new(2.0, 4.0, 10.0, 1.0);
+    assert!(store.reserve(&w.worker_id, &request).await.unwrap());
+    let after = store.get_worker(&w.worker_id).await.unwrap();
+    assert_eq!(after.allocated(), request);
+    assert_eq!(after.available(), Resources::new(6.0, 12.0, 90.0, 1.0));
+    assert_eq!(after.total(), w.total());
+    assert_invariant(&after, "after one reserve");
+
+    assert!(store.reserve(&w.worker_id, &request).await.unwrap());
+    let after = store.get_worker(&w.worker_id).await.unwrap();
+    assert_eq!(after.allocated(), Resources::new(4.0, 8.0, 20.0, 2.0));
+    assert_eq!(after.available(), Resources::new(4.0, 8.0, 80.0, 0.0));
+    assert_invariant(&after, "after two reserves");
+
+    // Exactly what is left fits (>=, not >); then nothing more does.
+    let rest = Resources::new(4.0, 8.0, 80.0, 0.0);
+    assert!(store.reserve(&w.worker_id, &rest).await.unwrap());
+    let full = store.get_worker(&w.worker_id).await.unwrap();
+    assert_eq!(full.available(), Resources::default());
+    assert_eq!(full.allocated(), full.total());
+    assert_invariant(&full, "when full");
+    let tiny = Resources::new(RESOURCE_QUANTUM, 0.0, 0.0, 0.0);
+    assert!(!store.reserve(&w.worker_id, &tiny).await.unwrap());
+    assert_eq!(store.get_worker(&w.worker_id).await.unwrap(), full);
+}
+
+pub async fn reserve_refuses_when_any_resource_is_short(store: &dyn Store) {
+    let total = Resources::new(4.0, 8.0, 20.0, 1.0);
+    let over = |which: usize| {
+        let mut r = total;
+        match which {
+            0 => r.cpu += RESOURCE_QUANTUM,
+            1 => r.memory += RESOURCE_QUANTUM,
+            2 => r.storage += RESOURCE_QUANTUM,
+            _ => r.gpu += RESOURCE_QUANTUM,
+        }
+        r
+    };
+    for (which, name) in ["cpu", "memory", "storage", "gpu"].into_iter().enumerate() {
+        let w = worker_with(store, name, total).await;
+        assert!(
+            !store.reserve(&w.worker_id, &over(which)).await.unwrap(),
+            "reserve must refuse when only {name} is short"
+        );
+        let after = store.get_worker(&w.worker_id).await.unwrap();
+        assert_eq!(after, w, "a refused reserve ({name} short) changes nothing");
+        // Everything else was fine: the exact total fits.
+        assert!(store.reserve(&w.worker_id, &total).await.unwrap());
+        let after = store.get_worker(&w.worker_id).await.unwrap();
+        assert_eq!(after.allocated(), total);
+        assert_invariant(&after, "after reserving the whole worker");
+    }
+
+    // The common case: a GPU request on a worker without GPUs.
+    let cpu_only = worker_with(store, "cpu-only", Resources::new(64.0, 256.0, 1000.0, 0.0)).await;
+    assert!(
+        !store
+            .reserve(&cpu_only.worker_id, &Resources::new(1.0, 1.0, 1.0, 1.0))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.get_worker(&cpu_only.worker_id).await.unwrap(),
+        cpu_only
+    );
+}
+
+pub async fn reserve_refuses_inactive_and_draining_workers(store: &dyn Store) {
+    let request = Resources::new(1.0, 1.0, 1.0, 0.0);
+    let w = worker_with(store, "w", Resources::new(4.0, 8.0, 20.0, 0.0)).await;
+    let id = w.worker_id.as_str();
+
+    let inactive = store.set_worker_active(id, false).await.unwrap();
+    assert!(
+        !store.reserve(id, &request).await.unwrap(),
+        "inactive worker"
+    );
+    assert_eq!(store.get_worker(id).await.unwrap(), inactive);
+    store.set_worker_active(id, true).await.unwrap();
+
+    let draining = store.set_draining(id, true).await.unwrap();
+    assert!(
+        !store.reserve(id, &request).await.unwrap(),
+        "draining worker"
+    );
+    assert_eq!(store.get_worker(id).await.unwrap(), draining);
+    store.set_draining(id, false).await.unwrap();
+
+    assert!(store.reserve(id, &request).await.unwrap(), "active again");
+    let after = store.get_worker(id).await.unwrap();
+    assert_eq!(after.allocated(), request);
+    assert_invariant(&after, "after reserve");
+}
+
+pub async fn reserve_unknown_worker_is_not_found(store: &dyn Store) {
+    expect_not_found(
+        store
+            .reserve(&unique_id("nope"), &Resources::new(1.0, 1.0, 1.0, 0.0))
+            .await,
+        "reserve on an unknown worker",
+    );
+}
+
+pub async fn reserve_and_release_of_inexact_decimals_restore_exact_values(store: &dyn Store) {
+    let w = worker_with(store, "w", Resources::new(7.3, 15.7, 33.3, 3.0)).await;
+    let start = store.get_worker(&w.worker_id).await.unwrap();
+    let requests = [
+        Resources::new(0.1, 0.2, 0.3, 0.1).quantized(),
+        Resources::new(0.2, 0.7, 1.1, 0.0).quantized(),
+        Resources::new(0.3, 0.1, 0.01, 0.3).quantized(),
+    ];
+    let mut assignments = Vec::new();
+    for round in 0..4 {
+        for (i, request) in requests.iter().enumerate() {
+            assert!(
+                store.reserve(&w.worker_id, request).await.unwrap(),
+                "reserve {round}/{i} fits"
+            );
+            let a = sample_assignment(
+                &unique_id("ass"),
+                &unique_id("task"),
+                &w.worker_id,
+                *request,
+            );
+            store.insert_assignment(&a).await.unwrap();
+            assignments.push(a);
+            assert_allocated_matches_assignments(store, &w.worker_id, "after an inexact reserve")
+                .await;
+        }
+    }
+    // Release in another order than reserved.
+    assignments.reverse();
+    assignments.rotate_left(5);
+    for a in &assignments {
+        assert!(store.release(&a.ass_id).await.unwrap());
+        assert_allocated_matches_assignments(store, &w.worker_id, "after an inexact release").await;
+    }
+    let end = store.get_worker(&w.worker_id).await.unwrap();
+    assert_eq!(
+        end.allocated(),
+        Resources::default(),
+        "exactly zero allocated"
+    );
+    assert_eq!(
+        end.available(),
+        start.available(),
+        "exactly the start values"
+    );
+    assert_eq!(end.total(), start.total());
+}
+
+pub async fn release_applies_exactly_once(store: &dyn Store) {
+    let w = worker_with(store, "w", Resources::new(4.0, 8.0, 20.0, 1.0)).await;
+    let request = Resources::new(1.5, 2.0, 3.0, 1.0);
+    assert!(store.reserve(&w.worker_id, &request).await.unwrap());
+    let a = sample_assignment(&unique_id("ass"), &unique_id("task"), &w.worker_id, request);
+    store.insert_assignment(&a).await.unwrap();
+
+    assert!(
+        store.release(&a.ass_id).await.unwrap(),
+        "first release applies"
+    );
+    let after = store.get_worker(&w.worker_id).await.unwrap();
+    assert_eq!(after.allocated(), Resources::default());
+    assert_eq!(after.available(), w.available());
+    assert_invariant(&after, "after release");
+    let released = store.get_assignment(&a.ass_id).await.unwrap();
+    assert!(released.released);
+    assert!(released.released_at.is_some());
+
+    assert!(
+        !store.release(&a.ass_id).await.unwrap(),
+        "second release does nothing"
+    );
+    assert_eq!(
+        store.get_worker(&w.worker_id).await.unwrap(),
+        after,
+        "the second release leaves the worker unchanged"
+    );
+    assert_eq!(store.get_assignment(&a.ass_id).await.unwrap(), released);
+
+    expect_not_found(store.release(&unique_id("nope")).await, "release unknown");
+}
+
+// ------------------------------------------------------------------------------------------
+// Assignments and results
+// ------------------------------------------------------------------------------------------
+
+pub async fn insert_get_list_assignments(store: &dyn Store) {
+    // Workers that are not registered: listing and release must not depend on them.
+    let (t1, t2) = (unique_id("task"), unique_id("task"));
+    let (w1, w2) = (unique_id("w"), unique_id("w"));
+    let r = Resources::new(0.5, 1.0, 2.0, 0.0);
+    let mut a1 = sample_assignment(&unique_id("ass"), &t1, &w1, r);
+    a1.assigned_at = at_ms(1_000);
+    let mut a2 = sample_assignment(&unique_id("ass"), &t1, &w2, r);
+    a2.assigned_at = at_ms(2_000);
+    a2.attempt = 2;
+    let mut a3 = sample_assignment(&unique_id("ass"), &t2, &w1, r);
+    a3.assigned_at = at_ms(3_000);
+    for a in [&a3, &a1, &a2] {
+        store.insert_assignment(a).await.unwrap();
+    }
+    assert_eq!(store.get_assignment(&a2.ass_id).await.unwrap(), a2);
+    expect_already_exists(
+        store.insert_assignment(&a1).await,
+        "insert_assignment twice",
+    );
+    expect_not_found(
+        store.get_assignment(&unique_id("nope")).await,
+        "get_assignment",
+    );
+
+    let list = |task_id: Option<&str>, worker_id: Option<&str>, active_only: bool| {
+        let filter = AssignmentFilter {
+            task_id: task_id.map(str::to_string),
+            worker_id: worker_id.map(str::to_string),
+            active_only,
+        };
+        async move {
+            store
+                .list_assignments(&filter)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|a| a.ass_id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        list(Some(&t1), None, false).await,
+        vec![a1.ass_id.clone(), a2.ass_id.clone()]
+    );
+    assert_eq!(
+        list(None, Some(&w1), false).await,
+        vec![a1.ass_id.clone(), a3.ass_id.clone()]
+    );
+    assert_eq!(
+        list(Some(&t1), Some(&w1), false).await,
+        vec![a1.ass_id.clone()]
+    );
+    assert!(list(Some(&t2), Some(&w2), false).await.is_empty());
+
+    assert!(
+        store.release(&a1.ass_id).await.unwrap(),
+        "release without a worker"
+    );
+    assert_eq!(list(None, Some(&w1), true).await, vec![a3.ass_id.clone()]);
+    assert_eq!(list(Some(&t1), None, true).await, vec![a2.ass_id.clone()]);
+    assert_eq!(
+        list(None, Some(&w1), false).await,
+        vec![a1.ass_id.clone(), a3.ass_id.clone()],
+        "released assignments are still listed without active_only"
+    );
+    let all_active = store
+        .list_assignments(&AssignmentFilter {
+            active_only: true,
+            ..AssignmentFilter::default()
+        })
+        .await
+        .unwrap();
+    assert!(all_active.iter().all(|a| !a.released));
+    assert!(all_active.iter().any(|a| a.ass_id == a2.ass_id));
+    assert!(!all_active.iter().any(|a| a.ass_id == a1.ass_id));
+}
+
+pub async fn insert_and_get_results_one_per_task(store: &dyn Store) {
+    let task_id = unique_id("task");
+    let mut result = sample_result(&task_id, &unique_id("w"));
+    result.status = ResultStatus::Failed;
+    result.logs = "line 1\nünïcödé \"quoted\" 'single'\n\ttabbed\n".to_string();
+    result.exit_code = Some(2);
+    result.error = Some("exit status 2".to_string());
+    result.logs_truncated = true;
+    store.insert_result(&result).await.unwrap();
+    assert_eq!(store.get_result(&task_id).await.unwrap(), result);
+
+    let second = sample_result(&task_id, &unique_id("w"));
+    expect_already_exists(store.insert_result(&second).await, "a second result");
+    assert_eq!(
+        store.get_result(&task_id).await.unwrap(),
+        result,
+        "first kept"
+    );
+
+    let plain = sample_result(&unique_id("task"), &unique_id("w"));
+    store.insert_result(&plain).await.unwrap();
+    assert_eq!(store.get_result(&plain.task_id).await.unwrap(), plain);
+
+    expect_not_found(store.get_result(&unique_id("nope")).await, "get_result");
+}
+
+// ------------------------------------------------------------------------------------------
+// Concurrency
+// ------------------------------------------------------------------------------------------
+
+/// 50 concurrent reserves, each its own tokio task, on a worker with room for exactly 7:
+/// exactly 7 succeed and the accounting is exact afterwards.
+pub async fn reserve_race_50_requests_for_room_for_7(store: Arc<dyn Store>) {
+    let w = worker_with(&*store, "race", Resources::new(7.0, 14.0, 7.0, 0.0)).await;
+    let request = Resources::new(1.0, 2.0, 1.0, 0.0);
+    let barrier = Arc::new(tokio::sync::Barrier::new(50));
+    let handles: Vec<_> = (0..50)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            let worker_id = w.worker_id.clone();
+            let barrier = Arc::clone(&barrier);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.reserve(&worker_id, &request).await
+            })
+        })
+        .collect();
+    let mut granted = 0;
+    for handle in handles {
+        if handle.await.unwrap().unwrap() {
+            granted += 1;
+        }
+    }
+    let after = store.get_worker(&w.worker_id).await.unwrap();
+    assert_eq!(granted, 7, "exactly 7 of 50 racing reserves may succeed");
+    assert_invariant(&after, "after the reserve race");
+    assert_eq!(after.allocated(), Resources::new(7.0, 14.0, 7.0, 0.0));
+    assert_eq!(after.available(), Resources::default());
+}
+
+/// Every assignment released by two racing callers: each released exactly once, and the
+/// worker is back exactly at its start values.
+pub async fn concurrent_releases_each_apply_exactly_once(store: Arc<dyn Store>) {
+    let w = worker_with(&*store, "rel", Resources::new(16.0, 32.0, 64.0, 4.0)).await;
+    let request = Resources::new(0.1, 0.3, 1.7, 0.2).quantized();
+    let mut ass_ids = Vec::new();
+    for _ in 0..12 {
+        assert!(store.reserve(&w.worker_id, &request).await.unwrap());
+        let a = sample_assignment(&unique_id("ass"), &unique_id("task"), &w.worker_id, request);
+        store.insert_assignment(&a).await.unwrap();
+        ass_ids.push(a.ass_id);
+    }
+    assert_allocated_matches_assignments(&*store, &w.worker_id, "before racing releases").await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(ass_ids.len() * 2));
+    let handles: Vec<_> = ass_ids
+        .iter()
+        .flat_map(|id| [id.clone(), id.clone()])
+        .map(|ass_id| {
+            let store = Arc::clone(&store);
+            let barrier = Arc::clone(&barrier);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let released = store.release(&ass_id).await.unwrap();
+                (ass_id, released)
+            })
+        })
+        .collect();
+    let mut wins: BTreeMap<String, u32> = BTreeMap::new();
+    for handle in handles {
+        let (ass_id, released) = handle.await.unwrap();
+        *wins.entry(ass_id).or_default() += u32::from(released);
+    }
+    for (ass_id, n) in &wins {
+        assert_eq!(*n, 1, "assignment {ass_id} released {n} times");
+    }
+    assert_allocated_matches_assignments(&*store, &w.worker_id, "after racing releases").await;
+    let end = store.get_worker(&w.worker_id).await.unwrap();
+    assert_eq!(end.allocated(), Resources::default());
+    assert_eq!(end.available(), w.available());
+}
+
+/// Ten racing `queued -> running` transitions of one task: exactly one applies, the others
+/// get a Conflict naming `running`.
+pub async fn concurrent_transitions_have_exactly_one_winner(store: Arc<dyn Store>) {
+    let task = sample_task_at(
+        &unique_id("task"),
+        &unique_id("user"),
+        TaskStatus::Queued,
+        at_ms(0),
+    );
+    insert(&*store, &task).await;
+    let handles: Vec<_> = (0..10)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            let task_id = task.task_id.clone();
+            tokio::spawn(async move {
+                store
+                    .transition_task(
+                        &task_id,
+                        &[TaskStatus::Queued],
+                        TaskStatus::Running,
+                        &TaskUpdate {
+                            increment_attempts: true,
+                            ..TaskUpdate::default()
+                        },
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let mut winners = 0;
+    for handle in handles {
+        match handle.await.unwrap() {
+            Ok(_) => winners += 1,
+            Err(StoreError::Conflict { actual, .. }) => assert_eq!(actual, "running"),
+            Err(other) => panic!("unexpected error in a racing transition: {other}"),
+        }
+    }
+    assert_eq!(winners, 1, "exactly one racing transition applies");
+    assert_eq!(store.get_task(&task.task_id).await.unwrap().attempts, 1);
+}
+
+/// Ten hosts racing to claim one queued task: exactly one owns it.
+pub async fn concurrent_claims_have_exactly_one_winner(store: Arc<dyn Store>) {
+    let task = sample_task_at(
+        &unique_id("task"),
+        &unique_id("user"),
+        TaskStatus::Queued,
+        at_ms(0),
+    );
+    insert(&*store, &task).await;
+    let handles: Vec<_> = (0..10)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            let task_id = task.task_id.clone();
+            tokio::spawn(async move {
+                let owner = format!("host-{i}");
+                let result = store
+                    .claim_task(&task_id, &owner, at_ms(30_000), at_ms(0))
+                    .await;
+                (owner, result)
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for handle in handles {
+        match handle.await.unwrap() {
+            (owner, Ok(_)) => winners.push(owner),
+            (_, Err(StoreError::Conflict { .. })) => {}
+            (_, Err(other)) => panic!("unexpected error in a racing claim: {other}"),
+        }
+    }
+    assert_eq!(
+        winners.len(),
+        1,
+        "exactly one host wins the claim: {winners:?}"
+    );
+    let stored = store.get_task(&task.task_id).await.unwrap();
+    assert_eq!(stored.owner.as_deref(), Some(winners[0].as_str()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    #[tokio::test]
+    async fn into_test_store_accepts_every_documented_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || SqliteStore::open_in_dir(dir.path()).unwrap();
+        let shapes: Vec<Option<TestStore>> = vec![
+            TestStore::new(open()).into_test_store(),
+            (Arc::new(open()) as Arc<dyn Store>).into_test_store(),
+            (Box::new(open()) as Box<dyn Store>).into_test_store(),
+            (open(), "a guard").into_test_store(),
+            Some((open(), 7_u8)).into_test_store(),
+        ];
+        for shape in shapes {
+            let harness = shape.expect("a store was given");
+            harness.store().ping().await.unwrap();
+            harness.shared().ping().await.unwrap();
+        }
+        assert!(None::<TestStore>.into_test_store().is_none(), "None skips");
+    }
+}

@@ -1,1 +1,1425 @@
-//! TODO(helper)
+//! The embedded store: [`SqliteStore`], SQLite in the data directory, the default backend.
+//!
+//! Tables are named like the seed's collections and columns like the model's fields. Dates
+//! are ISO-8601 UTC text with milliseconds (which sorts chronologically), maps and usage are
+//! JSON text, booleans 0/1.
+//!
+//! rusqlite is blocking, so every operation runs on `spawn_blocking` against one connection
+//! behind a `std::sync::Mutex` (never held across an await). Every state change is one
+//! conditional statement (or one `IMMEDIATE` transaction), so the guarantees also hold when
+//! several processes open the same file.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::types::Value;
+use rusqlite::{
+    Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior, params, params_from_iter,
+};
+
+use super::{
+    AssignmentFilter, IdempotencyKey, Result, Store, StoreError, SubmitOutcome, TaskCursor,
+    TaskPage, TaskQuery, TaskUpdate,
+};
+use crate::model::{Assignment, Resources, Task, TaskResult, TaskStatus, Worker, WorkerUsage, now};
+
+/// File name of the database inside the data directory.
+pub const DB_FILE_NAME: &str = "cloudai.db";
+
+/// How long a statement waits for another process's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Recorded in `PRAGMA user_version`, so that a later release can migrate and an older one
+/// refuses a database it does not understand.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS TASKS (
+    task_id          TEXT NOT NULL,
+    user_id          TEXT NOT NULL,
+    docker_image     TEXT NOT NULL,
+    command          TEXT,
+    req_cpu          REAL NOT NULL,
+    req_memory       REAL NOT NULL,
+    req_storage      REAL NOT NULL,
+    req_gpu          REAL NOT NULL,
+    status           TEXT NOT NULL,
+    created_at       TEXT NOT NULL,
+    started_at       TEXT,
+    completed_at     TEXT,
+    priority         INTEGER NOT NULL,
+    labels           TEXT NOT NULL,
+    env              TEXT NOT NULL,
+    timeout_s        INTEGER,
+    max_attempts     INTEGER NOT NULL,
+    attempts         INTEGER NOT NULL,
+    exit_code        INTEGER,
+    error            TEXT,
+    status_reason    TEXT,
+    cancel_requested INTEGER NOT NULL,
+    owner            TEXT,
+    lease_expires_at TEXT,
+    idempotency_key  TEXT,
+    updated_at       TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS TASKS_task_id ON TASKS (task_id);
+CREATE INDEX IF NOT EXISTS TASKS_status ON TASKS (status);
+-- The seed's created_at index, with task_id so that the newest-first listing and its
+-- cursor are served by the index alone.
+CREATE INDEX IF NOT EXISTS TASKS_created_at ON TASKS (created_at DESC, task_id DESC);
+CREATE INDEX IF NOT EXISTS TASKS_user_id ON TASKS (user_id, created_at DESC, task_id DESC);
+
+CREATE TABLE IF NOT EXISTS WORKER_REGISTRY (
+    worker_id         TEXT NOT NULL,
+    worker_ip         TEXT NOT NULL,
+    total_cpu         REAL NOT NULL,
+    total_memory      REAL NOT NULL,
+    total_storage     REAL NOT NULL,
+    total_gpu         REAL NOT NULL,
+    allocated_cpu     REAL NOT NULL,
+    allocated_memory  REAL NOT NULL,
+    allocated_storage REAL NOT NULL,
+    allocated_gpu     REAL NOT NULL,
+    available_cpu     REAL NOT NULL,
+    available_memory  REAL NOT NULL,
+    available_storage REAL NOT NULL,
+    available_gpu     REAL NOT NULL,
+    is_active         INTEGER NOT NULL,
+    last_heartbeat    INTEGER NOT NULL,
+    registered_at     TEXT NOT NULL,
+    updated_at        TEXT NOT NULL,
+    draining          INTEGER NOT NULL,
+    labels            TEXT NOT NULL,
+    usage             TEXT,
+    token_sha256      TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS WORKER_REGISTRY_worker_id ON WORKER_REGISTRY (worker_id);
+CREATE INDEX IF NOT EXISTS WORKER_REGISTRY_is_active ON WORKER_REGISTRY (is_active);
+CREATE INDEX IF NOT EXISTS WORKER_REGISTRY_last_heartbeat ON WORKER_REGISTRY (last_heartbeat DESC);
+
+CREATE TABLE IF NOT EXISTS ASSIGNMENTS (
+    ass_id      TEXT NOT NULL,
+    task_id     TEXT NOT NULL,
+    worker_id   TEXT NOT NULL,
+    assigned_at TEXT NOT NULL,
+    req_cpu     REAL NOT NULL,
+    req_memory  REAL NOT NULL,
+    req_storage REAL NOT NULL,
+    req_gpu     REAL NOT NULL,
+    attempt     INTEGER NOT NULL,
+    released    INTEGER NOT NULL,
+    released_at TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS ASSIGNMENTS_ass_id ON ASSIGNMENTS (ass_id);
+CREATE INDEX IF NOT EXISTS ASSIGNMENTS_task_id ON ASSIGNMENTS (task_id);
+CREATE INDEX IF NOT EXISTS ASSIGNMENTS_worker_id ON ASSIGNMENTS (worker_id);
+
+CREATE TABLE IF NOT EXISTS RESULTS (
+    task_id        TEXT NOT NULL,
+    worker_id      TEXT NOT NULL,
+    status         TEXT NOT NULL,
+    logs           TEXT NOT NULL,
+    completed_at   TEXT NOT NULL,
+    exit_code      INTEGER,
+    error          TEXT,
+    logs_truncated INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS RESULTS_task_id ON RESULTS (task_id);
+CREATE INDEX IF NOT EXISTS RESULTS_worker_id ON RESULTS (worker_id);
+
+CREATE TABLE IF NOT EXISTS IDEMPOTENCY_KEYS (
+    user_id         TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    request_sha256  TEXT NOT NULL,
+    task_id         TEXT NOT NULL,
+    created_at      TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS IDEMPOTENCY_KEYS_user_key
+    ON IDEMPOTENCY_KEYS (user_id, idempotency_key);
+"#;
+
+const TASK_COLUMNS: &str = "task_id, user_id, docker_image, command, req_cpu, req_memory, \
+    req_storage, req_gpu, status, created_at, started_at, completed_at, priority, labels, env, \
+    timeout_s, max_attempts, attempts, exit_code, error, status_reason, cancel_requested, owner, \
+    lease_expires_at, idempotency_key, updated_at";
+
+const WORKER_COLUMNS: &str = "worker_id, worker_ip, total_cpu, total_memory, total_storage, \
+    total_gpu, allocated_cpu, allocated_memory, allocated_storage, allocated_gpu, available_cpu, \
+    available_memory, available_storage, available_gpu, is_active, last_heartbeat, \
+    registered_at, updated_at, draining, labels, usage, token_sha256";
+
+const ASSIGNMENT_COLUMNS: &str = "ass_id, task_id, worker_id, assigned_at, req_cpu, req_memory, \
+    req_storage, req_gpu, attempt, released, released_at";
+
+const RESULT_COLUMNS: &str =
+    "task_id, worker_id, status, logs, completed_at, exit_code, error, logs_truncated";
+
+/// The embedded SQLite store. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating when absent) the database at `path`, with its parent directory and
+    /// schema. Idempotent: opening an existing database keeps its data.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::backend(
+                    format!("creating the data directory {}", parent.display()),
+                    e,
+                )
+            })?;
+        }
+        let what = |step: &str| format!("{step} of the SQLite database {}", path.display());
+        let conn = Connection::open(path).map_err(|e| StoreError::backend(what("opening"), e))?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| StoreError::backend(what("setting the busy timeout"), e))?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+            .map_err(|e| StoreError::backend(what("enabling WAL"), e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::backend(
+                what("enabling WAL"),
+                format!("journal_mode is '{mode}', not 'wal'"),
+            ));
+        }
+        // NORMAL in WAL mode: a power loss may lose the last commits but never corrupts.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| StoreError::backend(what("setting synchronous"), e))?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(|e| StoreError::backend(what("reading the schema version"), e))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::backend(
+                what("checking the schema version"),
+                format!(
+                    "schema version {version} was written by a newer cloudai (this one knows {SCHEMA_VERSION})"
+                ),
+            ));
+        }
+        conn.execute_batch(SCHEMA)
+            .map_err(|e| StoreError::backend(what("creating the schema"), e))?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(|e| StoreError::backend(what("recording the schema version"), e))?;
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                conn: Mutex::new(conn),
+                path: path.to_path_buf(),
+            }),
+        })
+    }
+
+    /// Opens `data_dir/cloudai.db`.
+    pub fn open_in_dir(data_dir: &Path) -> Result<Self> {
+        SqliteStore::open(&data_dir.join(DB_FILE_NAME))
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn call<T, F>(&self, what: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner.conn.lock().map_err(|_| {
+                StoreError::backend(what, "the SQLite connection mutex is poisoned")
+            })?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| StoreError::backend(what, e))?
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Conversions
+// ------------------------------------------------------------------------------------------
+
+fn sql_err(what: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |e| StoreError::backend(what, e)
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.code == ErrorCode::ConstraintViolation
+            && (f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY))
+}
+
+/// Maps a unique-index violation to `AlreadyExists`, anything else to `Backend`.
+fn insert_err(
+    kind: &'static str,
+    id: &str,
+    what: &'static str,
+) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    let id = id.to_string();
+    move |e| {
+        if is_unique_violation(&e) {
+            StoreError::AlreadyExists { kind, id }
+        } else {
+            StoreError::backend(what, e)
+        }
+    }
+}
+
+fn date_text(at: &DateTime<Utc>) -> String {
+    at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+fn opt_date_text(at: &Option<DateTime<Utc>>) -> Option<String> {
+    at.as_ref().map(date_text)
+}
+
+/// A decoding failure inside a row mapper.
+fn conversion(
+    idx: usize,
+    e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, e.into())
+}
+
+fn get_date(row: &Row<'_>, idx: usize) -> rusqlite::Result<DateTime<Utc>> {
+    let text: String = row.get(idx)?;
+    DateTime::parse_from_rfc3339(&text)
+        .map(|d| d.with_timezone(&Utc))
+        .map_err(|e| conversion(idx, e))
+}
+
+fn get_opt_date(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<DateTime<Utc>>> {
+    let text: Option<String> = row.get(idx)?;
+    text.map(|t| {
+        DateTime::parse_from_rfc3339(&t)
+            .map(|d| d.with_timezone(&Utc))
+            .map_err(|e| conversion(idx, e))
+    })
+    .transpose()
+}
+
+fn get_json<T: serde::de::DeserializeOwned>(row: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
+    let text: String = row.get(idx)?;
+    serde_json::from_str(&text).map_err(|e| conversion(idx, e))
+}
+
+fn get_opt_json<T: serde::de::DeserializeOwned>(
+    row: &Row<'_>,
+    idx: usize,
+) -> rusqlite::Result<Option<T>> {
+    let text: Option<String> = row.get(idx)?;
+    text.map(|t| serde_json::from_str(&t).map_err(|e| conversion(idx, e)))
+        .transpose()
+}
+
+fn get_parsed<T: std::str::FromStr<Err = String>>(
+    row: &Row<'_>,
+    idx: usize,
+) -> rusqlite::Result<T> {
+    let text: String = row.get(idx)?;
+    text.parse().map_err(|e: String| conversion(idx, e))
+}
+
+fn get_u32(row: &Row<'_>, idx: usize) -> rusqlite::Result<u32> {
+    let n: i64 = row.get(idx)?;
+    u32::try_from(n).map_err(|e| conversion(idx, e))
+}
+
+fn to_json<T: serde::Serialize>(value: &T, what: &'static str) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| StoreError::backend(what, e))
+}
+
+fn task_from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
+    let timeout_s: Option<i64> = row.get(15)?;
+    Ok(Task {
+        task_id: row.get(0)?,
+        user_id: row.get(1)?,
+        docker_image: row.get(2)?,
+        command: row.get(3)?,
+        req_cpu: row.get(4)?,
+        req_memory: row.get(5)?,
+        req_storage: row.get(6)?,
+        req_gpu: row.get(7)?,
+        status: get_parsed(row, 8)?,
+        created_at: get_date(row, 9)?,
+        started_at: get_opt_date(row, 10)?,
+        completed_at: get_opt_date(row, 11)?,
+        priority: row.get(12)?,
+        labels: get_json(row, 13)?,
+        env: get_json(row, 14)?,
+        timeout_s: timeout_s
+            .map(|t| u64::try_from(t).map_err(|e| conversion(15, e)))
+            .transpose()?,
+        max_attempts: get_u32(row, 16)?,
+        attempts: get_u32(row, 17)?,
+        exit_code: row.get(18)?,
+        error: row.get(19)?,
+        status_reason: row.get(20)?,
+        cancel_requested: row.get(21)?,
+        owner: row.get(22)?,
+        lease_expires_at: get_opt_date(row, 23)?,
+        idempotency_key: row.get(24)?,
+        updated_at: get_date(row, 25)?,
+    })
+}
+
+fn worker_from_row(row: &Row<'_>) -> rusqlite::Result<Worker> {
+    Ok(Worker {
+        worker_id: row.get(0)?,
+        worker_ip: row.get(1)?,
+        total_cpu: row.get(2)?,
+        total_memory: row.get(3)?,
+        total_storage: row.get(4)?,
+        total_gpu: row.get(5)?,
+        allocated_cpu: row.get(6)?,
+        allocated_memory: row.get(7)?,
+        allocated_storage: row.get(8)?,
+        allocated_gpu: row.get(9)?,
+        available_cpu: row.get(10)?,
+        available_memory: row.get(11)?,
+        available_storage: row.get(12)?,
+        available_gpu: row.get(13)?,
+        is_active: row.get(14)?,
+        last_heartbeat: row.get(15)?,
+        registered_at: get_date(row, 16)?,
+        updated_at: get_date(row, 17)?,
+        draining: row.get(18)?,
+        labels: get_json(row, 19)?,
+        usage: get_opt_json(row, 20)?,
+        token_sha256: row.get(21)?,
+    })
+}
+
+fn assignment_from_row(row: &Row<'_>) -> rusqlite::Result<Assignment> {
+    Ok(Assignment {
+        ass_id: row.get(0)?,
+        task_id: row.get(1)?,
+        worker_id: row.get(2)?,
+        assigned_at: get_date(row, 3)?,
+        req_cpu: row.get(4)?,
+        req_memory: row.get(5)?,
+        req_storage: row.get(6)?,
+        req_gpu: row.get(7)?,
+        attempt: get_u32(row, 8)?,
+        released: row.get(9)?,
+        released_at: get_opt_date(row, 10)?,
+    })
+}
+
+fn result_from_row(row: &Row<'_>) -> rusqlite::Result<TaskResult> {
+    Ok(TaskResult {
+        task_id: row.get(0)?,
+        worker_id: row.get(1)?,
+        status: get_parsed(row, 2)?,
+        logs: row.get(3)?,
+        completed_at: get_date(row, 4)?,
+        exit_code: row.get(5)?,
+        error: row.get(6)?,
+        logs_truncated: row.get(7)?,
+    })
+}
+
+// ------------------------------------------------------------------------------------------
+// Synchronous operations on a connection (run on the blocking pool)
+// ------------------------------------------------------------------------------------------
+
+fn select_task(conn: &Connection, task_id: &str) -> Result<Option<Task>> {
+    conn.prepare_cached(&format!(
+        "SELECT {TASK_COLUMNS} FROM TASKS WHERE task_id = ?1"
+    ))
+    .and_then(|mut stmt| stmt.query_row([task_id], task_from_row).optional())
+    .map_err(sql_err("reading a task"))
+}
+
+fn require_task(conn: &Connection, task_id: &str) -> Result<Task> {
+    select_task(conn, task_id)?.ok_or_else(|| StoreError::NotFound {
+        kind: "task",
+        id: task_id.to_string(),
+    })
+}
+
+fn task_status(conn: &Connection, task_id: &str) -> Result<Option<String>> {
+    conn.prepare_cached("SELECT status FROM TASKS WHERE task_id = ?1")
+        .and_then(|mut stmt| stmt.query_row([task_id], |row| row.get(0)).optional())
+        .map_err(sql_err("reading a task's status"))
+}
+
+/// After a conditional task update that applied to no row: `NotFound` or `Conflict`.
+fn task_not_applied(conn: &Connection, task_id: &str, expected: String) -> StoreError {
+    match task_status(conn, task_id) {
+        Ok(None) => StoreError::NotFound {
+            kind: "task",
+            id: task_id.to_string(),
+        },
+        Ok(Some(actual)) => StoreError::Conflict {
+            kind: "task",
+            id: task_id.to_string(),
+            expected,
+            actual,
+        },
+        Err(e) => e,
+    }
+}
+
+fn select_worker(conn: &Connection, worker_id: &str) -> Result<Worker> {
+    conn.prepare_cached(&format!(
+        "SELECT {WORKER_COLUMNS} FROM WORKER_REGISTRY WHERE worker_id = ?1"
+    ))
+    .and_then(|mut stmt| stmt.query_row([worker_id], worker_from_row).optional())
+    .map_err(sql_err("reading a worker"))?
+    .ok_or_else(|| StoreError::NotFound {
+        kind: "worker",
+        id: worker_id.to_string(),
+    })
+}
+
+fn worker_exists(conn: &Connection, worker_id: &str) -> Result<bool> {
+    conn.prepare_cached("SELECT 1 FROM WORKER_REGISTRY WHERE worker_id = ?1")
+        .and_then(|mut stmt| stmt.exists([worker_id]))
+        .map_err(sql_err("checking that a worker exists"))
+}
+
+fn insert_task_row(conn: &Connection, task: &Task) -> Result<()> {
+    let labels = to_json(&task.labels, "encoding task labels")?;
+    let env = to_json(&task.env, "encoding task env")?;
+    let timeout_s = task
+        .timeout_s
+        .map(i64::try_from)
+        .transpose()
+        .map_err(|e| StoreError::backend("encoding timeout_s", e))?;
+    conn.prepare_cached(&format!(
+        "INSERT INTO TASKS ({TASK_COLUMNS}) VALUES \
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
+          ?20, ?21, ?22, ?23, ?24, ?25, ?26)"
+    ))
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            task.task_id,
+            task.user_id,
+            task.docker_image,
+            task.command,
+            task.req_cpu,
+            task.req_memory,
+            task.req_storage,
+            task.req_gpu,
+            task.status.as_str(),
+            date_text(&task.created_at),
+            opt_date_text(&task.started_at),
+            opt_date_text(&task.completed_at),
+            task.priority,
+            labels,
+            env,
+            timeout_s,
+            task.max_attempts,
+            task.attempts,
+            task.exit_code,
+            task.error,
+            task.status_reason,
+            task.cancel_requested,
+            task.owner,
+            opt_date_text(&task.lease_expires_at),
+            task.idempotency_key,
+            date_text(&task.updated_at),
+        ])
+    })
+    .map(drop)
+    .map_err(insert_err("task", &task.task_id, "inserting a task"))
+}
+
+fn insert_task_sync(
+    conn: &mut Connection,
+    task: &Task,
+    idempotency: Option<&IdempotencyKey>,
+) -> Result<SubmitOutcome> {
+    let Some(key) = idempotency else {
+        insert_task_row(conn, task)?;
+        return Ok(SubmitOutcome {
+            task: require_task(conn, &task.task_id)?,
+            created: true,
+        });
+    };
+    // IMMEDIATE: take the write lock before the lookup, so that no other process can record
+    // the same key between our lookup and our insert.
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql_err("starting an idempotent insert"))?;
+    let previous: Option<(String, String)> = tx
+        .prepare_cached(
+            "SELECT request_sha256, task_id FROM IDEMPOTENCY_KEYS \
+             WHERE user_id = ?1 AND idempotency_key = ?2",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_row([&task.user_id, &key.key], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .optional()
+        })
+        .map_err(sql_err("looking up an idempotency key"))?;
+    if let Some((digest, task_id)) = previous {
+        if digest != key.request_sha256 {
+            return Err(StoreError::IdempotencyMismatch {
+                key: key.key.clone(),
+                task_id,
+            });
+        }
+        return Ok(SubmitOutcome {
+            task: require_task(&tx, &task_id)?,
+            created: false,
+        });
+    }
+    insert_task_row(&tx, task)?;
+    tx.prepare_cached(
+        "INSERT INTO IDEMPOTENCY_KEYS (user_id, idempotency_key, request_sha256, task_id, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            task.user_id,
+            key.key,
+            key.request_sha256,
+            task.task_id,
+            date_text(&now()),
+        ])
+    })
+    .map_err(sql_err("recording an idempotency key"))?;
+    let stored = require_task(&tx, &task.task_id)?;
+    tx.commit()
+        .map_err(sql_err("committing an idempotent insert"))?;
+    Ok(SubmitOutcome {
+        task: stored,
+        created: true,
+    })
+}
+
+fn list_tasks_sync(conn: &Connection, query: &TaskQuery) -> Result<TaskPage> {
+    let mut sql = format!("SELECT {TASK_COLUMNS} FROM TASKS WHERE 1 = 1");
+    let mut args: Vec<Value> = Vec::new();
+    if let Some(status) = query.status {
+        args.push(Value::Text(status.as_str().to_string()));
+        sql.push_str(&format!(" AND status = ?{}", args.len()));
+    }
+    if let Some(user_id) = &query.user_id {
+        args.push(Value::Text(user_id.clone()));
+        sql.push_str(&format!(" AND user_id = ?{}", args.len()));
+    }
+    if let Some(after) = &query.after {
+        args.push(Value::Text(date_text(&after.created_at)));
+        let c = args.len();
+        args.push(Value::Text(after.task_id.clone()));
+        let t = args.len();
+        sql.push_str(&format!(
+            " AND (created_at < ?{c} OR (created_at = ?{c} AND task_id < ?{t}))"
+        ));
+    }
+    // One extra row tells whether another page follows.
+    args.push(Value::Integer(i64::from(query.limit) + 1));
+    sql.push_str(&format!(
+        " ORDER BY created_at DESC, task_id DESC LIMIT ?{}",
+        args.len()
+    ));
+    let mut tasks = conn
+        .prepare_cached(&sql)
+        .and_then(|mut stmt| {
+            stmt.query_map(params_from_iter(args), task_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(sql_err("listing tasks"))?;
+    let next = if tasks.len() > query.limit as usize {
+        tasks.truncate(query.limit as usize);
+        tasks.last().map(|t| TaskCursor {
+            created_at: t.created_at,
+            task_id: t.task_id.clone(),
+        })
+    } else {
+        None
+    };
+    Ok(TaskPage { tasks, next })
+}
+
+fn transition_task_sync(
+    conn: &Connection,
+    task_id: &str,
+    from: &[TaskStatus],
+    to: TaskStatus,
+    update: &TaskUpdate,
+) -> Result<Task> {
+    let expected = from
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(" or ");
+    if from.is_empty() {
+        return Err(task_not_applied(conn, task_id, "(no state)".to_string()));
+    }
+    let placeholders = (0..from.len())
+        .map(|i| format!("?{}", 11 + i))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // `None` leaves a column alone: COALESCE keeps the stored value.
+    let sql = format!(
+        "UPDATE TASKS SET status = ?1, updated_at = ?2, \
+             started_at = COALESCE(?3, started_at), \
+             completed_at = COALESCE(?4, completed_at), \
+             exit_code = COALESCE(?5, exit_code), \
+             error = COALESCE(?6, error), \
+             status_reason = CASE WHEN ?7 THEN ?8 ELSE status_reason END, \
+             attempts = attempts + ?9, \
+             owner = CASE WHEN ?10 THEN NULL ELSE owner END, \
+             lease_expires_at = CASE WHEN ?10 THEN NULL ELSE lease_expires_at END \
+         WHERE task_id = ?{} AND status IN ({placeholders})",
+        11 + from.len()
+    );
+    let mut args: Vec<Value> = vec![
+        Value::Text(to.as_str().to_string()),
+        Value::Text(date_text(&now())),
+        opt_date_text(&update.started_at).map_or(Value::Null, Value::Text),
+        opt_date_text(&update.completed_at).map_or(Value::Null, Value::Text),
+        update.exit_code.map_or(Value::Null, Value::Integer),
+        update.error.clone().map_or(Value::Null, Value::Text),
+        Value::Integer(i64::from(update.status_reason.is_some())),
+        update
+            .status_reason
+            .clone()
+            .flatten()
+            .map_or(Value::Null, Value::Text),
+        Value::Integer(i64::from(update.increment_attempts)),
+        Value::Integer(i64::from(update.clear_claim)),
+    ];
+    args.extend(from.iter().map(|s| Value::Text(s.as_str().to_string())));
+    args.push(Value::Text(task_id.to_string()));
+    let changed = conn
+        .prepare_cached(&sql)
+        .and_then(|mut stmt| stmt.execute(params_from_iter(args)))
+        .map_err(sql_err("transitioning a task"))?;
+    if changed == 0 {
+        return Err(task_not_applied(conn, task_id, expected));
+    }
+    require_task(conn, task_id)
+}
+
+fn claim_task_sync(
+    conn: &Connection,
+    task_id: &str,
+    owner: &str,
+    lease_until: &DateTime<Utc>,
+    at: &DateTime<Utc>,
+) -> Result<Task> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE TASKS SET owner = ?1, lease_expires_at = ?2, updated_at = ?3 \
+             WHERE task_id = ?4 AND status = 'queued' \
+               AND (owner IS NULL OR owner = ?1 OR lease_expires_at IS NULL \
+                    OR lease_expires_at < ?5)",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                owner,
+                date_text(lease_until),
+                date_text(&now()),
+                task_id,
+                date_text(at),
+            ])
+        })
+        .map_err(sql_err("claiming a task"))?;
+    if changed == 1 {
+        return require_task(conn, task_id);
+    }
+    let task = require_task(conn, task_id)?;
+    let actual = if task.status == TaskStatus::Queued {
+        format!(
+            "claimed by {} until {}",
+            task.owner.as_deref().unwrap_or("nobody"),
+            opt_date_text(&task.lease_expires_at).unwrap_or_default()
+        )
+    } else {
+        task.status.as_str().to_string()
+    };
+    Err(StoreError::Conflict {
+        kind: "task",
+        id: task_id.to_string(),
+        expected: "queued and unclaimed, claimed by the same owner, or with an expired lease"
+            .to_string(),
+        actual,
+    })
+}
+
+fn request_cancel_sync(conn: &Connection, task_id: &str) -> Result<Task> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE TASKS SET cancel_requested = 1, updated_at = ?1 \
+             WHERE task_id = ?2 AND status = 'running'",
+        )
+        .and_then(|mut stmt| stmt.execute(params![date_text(&now()), task_id]))
+        .map_err(sql_err("requesting a task's cancellation"))?;
+    if changed == 0 {
+        return Err(task_not_applied(conn, task_id, "running".to_string()));
+    }
+    require_task(conn, task_id)
+}
+
+fn insert_worker_sync(conn: &Connection, w: &Worker) -> Result<()> {
+    let labels = to_json(&w.labels, "encoding worker labels")?;
+    let usage = w
+        .usage
+        .as_ref()
+        .map(|u| to_json(u, "encoding worker usage"))
+        .transpose()?;
+    conn.prepare_cached(&format!(
+        "INSERT INTO WORKER_REGISTRY ({WORKER_COLUMNS}) VALUES \
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
+          ?20, ?21, ?22)"
+    ))
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            w.worker_id,
+            w.worker_ip,
+            w.total_cpu,
+            w.total_memory,
+            w.total_storage,
+            w.total_gpu,
+            w.allocated_cpu,
+            w.allocated_memory,
+            w.allocated_storage,
+            w.allocated_gpu,
+            w.available_cpu,
+            w.available_memory,
+            w.available_storage,
+            w.available_gpu,
+            w.is_active,
+            w.last_heartbeat,
+            date_text(&w.registered_at),
+            date_text(&w.updated_at),
+            w.draining,
+            labels,
+            usage,
+            w.token_sha256,
+        ])
+    })
+    .map(drop)
+    .map_err(insert_err("worker", &w.worker_id, "inserting a worker"))
+}
+
+/// Runs a one-row worker update (`?1` is the worker id), then reads the worker back.
+fn update_worker(
+    conn: &Connection,
+    worker_id: &str,
+    sql: &str,
+    extra: &[&dyn rusqlite::ToSql],
+    what: &'static str,
+) -> Result<Worker> {
+    let mut args: Vec<&dyn rusqlite::ToSql> = vec![&worker_id];
+    args.extend_from_slice(extra);
+    let changed = conn
+        .prepare_cached(sql)
+        .and_then(|mut stmt| stmt.execute(args.as_slice()))
+        .map_err(sql_err(what))?;
+    if changed == 0 {
+        return Err(StoreError::NotFound {
+            kind: "worker",
+            id: worker_id.to_string(),
+        });
+    }
+    select_worker(conn, worker_id)
+}
+
+fn reserve_sync(conn: &Connection, worker_id: &str, r: &Resources) -> Result<bool> {
+    // ONE conditional update: the check and the move cannot be separated by another writer.
+    let changed = conn
+        .prepare_cached(
+            "UPDATE WORKER_REGISTRY SET \
+                 allocated_cpu = allocated_cpu + ?2, available_cpu = available_cpu - ?2, \
+                 allocated_memory = allocated_memory + ?3, available_memory = available_memory - ?3, \
+                 allocated_storage = allocated_storage + ?4, available_storage = available_storage - ?4, \
+                 allocated_gpu = allocated_gpu + ?5, available_gpu = available_gpu - ?5, \
+                 updated_at = ?6 \
+             WHERE worker_id = ?1 AND is_active = 1 AND draining = 0 \
+               AND available_cpu >= ?2 AND available_memory >= ?3 \
+               AND available_storage >= ?4 AND available_gpu >= ?5",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                worker_id,
+                r.cpu,
+                r.memory,
+                r.storage,
+                r.gpu,
+                date_text(&now()),
+            ])
+        })
+        .map_err(sql_err("reserving resources on a worker"))?;
+    if changed == 1 {
+        return Ok(true);
+    }
+    if worker_exists(conn, worker_id)? {
+        Ok(false)
+    } else {
+        Err(StoreError::NotFound {
+            kind: "worker",
+            id: worker_id.to_string(),
+        })
+    }
+}
+
+fn delete_worker_sync(conn: &Connection, worker_id: &str) -> Result<()> {
+    // One statement: no assignment can slip in between the check and the delete.
+    let changed = conn
+        .prepare_cached(
+            "DELETE FROM WORKER_REGISTRY WHERE worker_id = ?1 AND NOT EXISTS \
+             (SELECT 1 FROM ASSIGNMENTS WHERE worker_id = ?1 AND released = 0)",
+        )
+        .and_then(|mut stmt| stmt.execute([worker_id]))
+        .map_err(sql_err("deleting a worker"))?;
+    if changed == 1 {
+        return Ok(());
+    }
+    if !worker_exists(conn, worker_id)? {
+        return Err(StoreError::NotFound {
+            kind: "worker",
+            id: worker_id.to_string(),
+        });
+    }
+    let active: i64 = conn
+        .prepare_cached("SELECT COUNT(*) FROM ASSIGNMENTS WHERE worker_id = ?1 AND released = 0")
+        .and_then(|mut stmt| stmt.query_row([worker_id], |row| row.get(0)))
+        .map_err(sql_err("counting a worker's active assignments"))?;
+    Err(StoreError::Conflict {
+        kind: "worker",
+        id: worker_id.to_string(),
+        expected: "without active assignments".to_string(),
+        actual: format!("holding {active} active assignment(s)"),
+    })
+}
+
+fn insert_assignment_sync(conn: &Connection, a: &Assignment) -> Result<()> {
+    conn.prepare_cached(&format!(
+        "INSERT INTO ASSIGNMENTS ({ASSIGNMENT_COLUMNS}) VALUES \
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+    ))
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            a.ass_id,
+            a.task_id,
+            a.worker_id,
+            date_text(&a.assigned_at),
+            a.req_cpu,
+            a.req_memory,
+            a.req_storage,
+            a.req_gpu,
+            a.attempt,
+            a.released,
+            opt_date_text(&a.released_at),
+        ])
+    })
+    .map(drop)
+    .map_err(insert_err(
+        "assignment",
+        &a.ass_id,
+        "inserting an assignment",
+    ))
+}
+
+fn list_assignments_sync(conn: &Connection, filter: &AssignmentFilter) -> Result<Vec<Assignment>> {
+    let mut sql = format!("SELECT {ASSIGNMENT_COLUMNS} FROM ASSIGNMENTS WHERE 1 = 1");
+    let mut args: Vec<Value> = Vec::new();
+    if let Some(task_id) = &filter.task_id {
+        args.push(Value::Text(task_id.clone()));
+        sql.push_str(&format!(" AND task_id = ?{}", args.len()));
+    }
+    if let Some(worker_id) = &filter.worker_id {
+        args.push(Value::Text(worker_id.clone()));
+        sql.push_str(&format!(" AND worker_id = ?{}", args.len()));
+    }
+    if filter.active_only {
+        sql.push_str(" AND released = 0");
+    }
+    sql.push_str(" ORDER BY assigned_at, ass_id");
+    conn.prepare_cached(&sql)
+        .and_then(|mut stmt| {
+            stmt.query_map(params_from_iter(args), assignment_from_row)?
+                .collect()
+        })
+        .map_err(sql_err("listing assignments"))
+}
+
+fn release_sync(conn: &mut Connection, ass_id: &str) -> Result<bool> {
+    // One IMMEDIATE transaction: marking the assignment released and returning its amounts
+    // happen together or not at all.
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql_err("starting a release"))?;
+    let released: Option<(String, f64, f64, f64, f64)> = tx
+        .prepare_cached(
+            "UPDATE ASSIGNMENTS SET released = 1, released_at = ?2 \
+             WHERE ass_id = ?1 AND released = 0 \
+             RETURNING worker_id, req_cpu, req_memory, req_storage, req_gpu",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_row(params![ass_id, date_text(&now())], |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
+            })
+            .optional()
+        })
+        .map_err(sql_err("marking an assignment released"))?;
+    let Some((worker_id, cpu, memory, storage, gpu)) = released else {
+        let exists = tx
+            .prepare_cached("SELECT 1 FROM ASSIGNMENTS WHERE ass_id = ?1")
+            .and_then(|mut stmt| stmt.exists([ass_id]))
+            .map_err(sql_err("checking that an assignment exists"))?;
+        return if exists {
+            Ok(false)
+        } else {
+            Err(StoreError::NotFound {
+                kind: "assignment",
+                id: ass_id.to_string(),
+            })
+        };
+    };
+    // A worker that is gone has nothing to give back to: updating no row is fine.
+    tx.prepare_cached(
+        "UPDATE WORKER_REGISTRY SET \
+             allocated_cpu = allocated_cpu - ?2, available_cpu = available_cpu + ?2, \
+             allocated_memory = allocated_memory - ?3, available_memory = available_memory + ?3, \
+             allocated_storage = allocated_storage - ?4, available_storage = available_storage + ?4, \
+             allocated_gpu = allocated_gpu - ?5, available_gpu = available_gpu + ?5, \
+             updated_at = ?6 \
+         WHERE worker_id = ?1",
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            worker_id,
+            cpu,
+            memory,
+            storage,
+            gpu,
+            date_text(&now())
+        ])
+    })
+    .map_err(sql_err("returning a reservation to its worker"))?;
+    tx.commit().map_err(sql_err("committing a release"))?;
+    Ok(true)
+}
+
+fn insert_result_sync(conn: &Connection, r: &TaskResult) -> Result<()> {
+    conn.prepare_cached(&format!(
+        "INSERT INTO RESULTS ({RESULT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+    ))
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            r.task_id,
+            r.worker_id,
+            r.status.as_str(),
+            r.logs,
+            date_text(&r.completed_at),
+            r.exit_code,
+            r.error,
+            r.logs_truncated,
+        ])
+    })
+    .map(drop)
+    .map_err(insert_err("result", &r.task_id, "inserting a result"))
+}
+
+// ------------------------------------------------------------------------------------------
+// The Store implementation: each method moves its arguments onto the blocking pool.
+// ------------------------------------------------------------------------------------------
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend_name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.call("pinging SQLite", |conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))
+                .map_err(sql_err("pinging SQLite"))
+        })
+        .await
+    }
+
+    async fn insert_task(
+        &self,
+        task: &Task,
+        idempotency: Option<&IdempotencyKey>,
+    ) -> Result<SubmitOutcome> {
+        let task = task.clone();
+        let idempotency = idempotency.cloned();
+        self.call("inserting a task", move |conn| {
+            insert_task_sync(conn, &task, idempotency.as_ref())
+        })
+        .await
+    }
+
+    async fn get_task(&self, task_id: &str) -> Result<Task> {
+        let task_id = task_id.to_string();
+        self.call("reading a task", move |conn| require_task(conn, &task_id))
+            .await
+    }
+
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage> {
+        let query = query.clone();
+        self.call("listing tasks", move |conn| list_tasks_sync(conn, &query))
+            .await
+    }
+
+    async fn transition_task(
+        &self,
+        task_id: &str,
+        from: &[TaskStatus],
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<Task> {
+        let (task_id, from, update) = (task_id.to_string(), from.to_vec(), update.clone());
+        self.call("transitioning a task", move |conn| {
+            transition_task_sync(conn, &task_id, &from, to, &update)
+        })
+        .await
+    }
+
+    async fn claim_task(
+        &self,
+        task_id: &str,
+        owner: &str,
+        lease_until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Task> {
+        let (task_id, owner) = (task_id.to_string(), owner.to_string());
+        self.call("claiming a task", move |conn| {
+            claim_task_sync(conn, &task_id, &owner, &lease_until, &now)
+        })
+        .await
+    }
+
+    async fn request_cancel(&self, task_id: &str) -> Result<Task> {
+        let task_id = task_id.to_string();
+        self.call("requesting a task's cancellation", move |conn| {
+            request_cancel_sync(conn, &task_id)
+        })
+        .await
+    }
+
+    async fn insert_worker(&self, worker: &Worker) -> Result<()> {
+        let worker = worker.clone();
+        self.call("inserting a worker", move |conn| {
+            insert_worker_sync(conn, &worker)
+        })
+        .await
+    }
+
+    async fn get_worker(&self, worker_id: &str) -> Result<Worker> {
+        let worker_id = worker_id.to_string();
+        self.call("reading a worker", move |conn| {
+            select_worker(conn, &worker_id)
+        })
+        .await
+    }
+
+    async fn list_workers(&self) -> Result<Vec<Worker>> {
+        self.call("listing workers", |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {WORKER_COLUMNS} FROM WORKER_REGISTRY ORDER BY worker_id"
+            ))
+            .and_then(|mut stmt| stmt.query_map([], worker_from_row)?.collect())
+            .map_err(sql_err("listing workers"))
+        })
+        .await
+    }
+
+    async fn heartbeat(
+        &self,
+        worker_id: &str,
+        at_unix: i64,
+        usage: Option<&WorkerUsage>,
+    ) -> Result<Worker> {
+        let worker_id = worker_id.to_string();
+        let usage = usage
+            .map(|u| to_json(u, "encoding worker usage"))
+            .transpose()?;
+        self.call("recording a heartbeat", move |conn| {
+            update_worker(
+                conn,
+                &worker_id,
+                "UPDATE WORKER_REGISTRY SET last_heartbeat = ?2, updated_at = ?3, \
+                 usage = COALESCE(?4, usage) WHERE worker_id = ?1",
+                &[&at_unix, &date_text(&now()), &usage],
+                "recording a heartbeat",
+            )
+        })
+        .await
+    }
+
+    async fn set_draining(&self, worker_id: &str, draining: bool) -> Result<Worker> {
+        let worker_id = worker_id.to_string();
+        self.call("setting a worker's draining flag", move |conn| {
+            update_worker(
+                conn,
+                &worker_id,
+                "UPDATE WORKER_REGISTRY SET draining = ?2, updated_at = ?3 WHERE worker_id = ?1",
+                &[&draining, &date_text(&now())],
+                "setting a worker's draining flag",
+            )
+        })
+        .await
+    }
+
+    async fn set_worker_active(&self, worker_id: &str, active: bool) -> Result<Worker> {
+        let worker_id = worker_id.to_string();
+        self.call("setting a worker's active flag", move |conn| {
+            update_worker(
+                conn,
+                &worker_id,
+                "UPDATE WORKER_REGISTRY SET is_active = ?2, updated_at = ?3 WHERE worker_id = ?1",
+                &[&active, &date_text(&now())],
+                "setting a worker's active flag",
+            )
+        })
+        .await
+    }
+
+    async fn delete_worker(&self, worker_id: &str) -> Result<()> {
+        let worker_id = worker_id.to_string();
+        self.call("deleting a worker", move |conn| {
+            delete_worker_sync(conn, &worker_id)
+        })
+        .await
+    }
+
+    async fn reserve(&self, worker_id: &str, request: &Resources) -> Result<bool> {
+        let (worker_id, request) = (worker_id.to_string(), *request);
+        self.call("reserving resources on a worker", move |conn| {
+            reserve_sync(conn, &worker_id, &request)
+        })
+        .await
+    }
+
+    async fn insert_assignment(&self, assignment: &Assignment) -> Result<()> {
+        let assignment = assignment.clone();
+        self.call("inserting an assignment", move |conn| {
+            insert_assignment_sync(conn, &assignment)
+        })
+        .await
+    }
+
+    async fn get_assignment(&self, ass_id: &str) -> Result<Assignment> {
+        let ass_id = ass_id.to_string();
+        self.call("reading an assignment", move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {ASSIGNMENT_COLUMNS} FROM ASSIGNMENTS WHERE ass_id = ?1"
+            ))
+            .and_then(|mut stmt| stmt.query_row([&ass_id], assignment_from_row).optional())
+            .map_err(sql_err("reading an assignment"))?
+            .ok_or(StoreError::NotFound {
+                kind: "assignment",
+                id: ass_id,
+            })
+        })
+        .await
+    }
+
+    async fn list_assignments(&self, filter: &AssignmentFilter) -> Result<Vec<Assignment>> {
+        let filter = filter.clone();
+        self.call("listing assignments", move |conn| {
+            list_assignments_sync(conn, &filter)
+        })
+        .await
+    }
+
+    async fn release(&self, ass_id: &str) -> Result<bool> {
+        let ass_id = ass_id.to_string();
+        self.call("releasing an assignment", move |conn| {
+            release_sync(conn, &ass_id)
+        })
+        .await
+    }
+
+    async fn insert_result(&self, result: &TaskResult) -> Result<()> {
+        let result = result.clone();
+        self.call("inserting a result", move |conn| {
+            insert_result_sync(conn, &result)
+        })
+        .await
+    }
+
+    async fn get_result(&self, task_id: &str) -> Result<TaskResult> {
+        let task_id = task_id.to_string();
+        self.call("reading a result", move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {RESULT_COLUMNS} FROM RESULTS WHERE task_id = ?1"
+            ))
+            .and_then(|mut stmt| stmt.query_row([&task_id], result_from_row).optional())
+            .map_err(sql_err("reading a result"))?
+            .ok_or(StoreError::NotFound {
+                kind: "result",
+                id: task_id,
+            })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::store::conformance::{TestStore, sample_worker, unique_id};
+
+    async fn fresh() -> TestStore {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in_dir(dir.path()).unwrap();
+        TestStore::new(store).with_guard(dir)
+    }
+
+    crate::store_conformance_tests!(fresh());
+
+    #[tokio::test]
+    async fn reopening_keeps_the_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested").join("deeper").join("cloudai.db");
+        let worker = sample_worker(&unique_id("w"), Resources::new(4.0, 8.0, 10.0, 0.0));
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store.insert_worker(&worker).await.unwrap();
+            assert!(
+                store
+                    .reserve(&worker.worker_id, &Resources::new(1.0, 1.0, 1.0, 0.0))
+                    .await
+                    .unwrap()
+            );
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let again = store.get_worker(&worker.worker_id).await.unwrap();
+        assert_eq!(again.allocated(), Resources::new(1.0, 1.0, 1.0, 0.0));
+        assert!(again.invariant_violations().is_empty());
+    }
+
+    #[tokio::test]
+    async fn two_stores_on_one_file_see_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = SqliteStore::open_in_dir(dir.path()).unwrap();
+        let b = SqliteStore::open_in_dir(dir.path()).unwrap();
+        assert_eq!(a.path(), b.path());
+        let worker = sample_worker(&unique_id("w"), Resources::new(2.0, 2.0, 2.0, 0.0));
+        a.insert_worker(&worker).await.unwrap();
+        let request = Resources::new(1.0, 1.0, 1.0, 0.0);
+        assert!(b.reserve(&worker.worker_id, &request).await.unwrap());
+        assert!(a.reserve(&worker.worker_id, &request).await.unwrap());
+        assert!(
+            !b.reserve(&worker.worker_id, &request).await.unwrap(),
+            "full"
+        );
+        let seen = a.get_worker(&worker.worker_id).await.unwrap();
+        assert_eq!(seen.allocated(), Resources::new(2.0, 2.0, 2.0, 0.0));
+        assert!(seen.invariant_violations().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_newer_schema_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE_NAME);
+        drop(SqliteStore::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        match SqliteStore::open(&path) {
+            Err(StoreError::Backend { .. }) => {}
+            other => panic!("expected a Backend error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_while_holding_the_connection_becomes_backend_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in_dir(dir.path()).unwrap();
+        let panicked: Result<()> = store
+            .call("panicking on purpose", |_conn| panic!("boom"))
+            .await;
+        assert!(matches!(panicked, Err(StoreError::Backend { .. })));
+        // The mutex is now poisoned: every later call is an error, not a panic.
+        assert!(matches!(
+            store.ping().await,
+            Err(StoreError::Backend { .. })
+        ));
+        assert!(matches!(
+            store.get_task("any").await,
+            Err(StoreError::Backend { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_row_is_a_backend_error_with_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in_dir(dir.path()).unwrap();
+        let task = crate::store::conformance::sample_task("task-corrupt", "user");
+        store.insert_task(&task, None).await.unwrap();
+        Connection::open(store.path())
+            .unwrap()
+            .execute(
+                "UPDATE TASKS SET status = 'done' WHERE task_id = 'task-corrupt'",
+                [],
+            )
+            .unwrap();
+        match store.get_task("task-corrupt").await {
+            Err(e @ StoreError::Backend { .. }) => {
+                let text = format!("{e} / {:?}", e);
+                assert!(text.contains("reading a task"), "{text}");
+            }
+            other => panic!("expected a Backend error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn dates_are_stored_as_sortable_millisecond_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in_dir(dir.path()).unwrap();
+        let task = crate::store::conformance::sample_task_at(
+            "task-dates",
+            "user",
+            TaskStatus::Pending,
+            crate::store::conformance::at_ms(7),
+        );
+        store.insert_task(&task, None).await.unwrap();
+        let conn = Connection::open(store.path()).unwrap();
+        let text: String = conn
+            .query_row(
+                "SELECT created_at FROM TASKS WHERE task_id = 'task-dates'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(text, "2025-11-16T10:30:00.007Z");
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+}
