@@ -152,7 +152,9 @@ impl MongoStore {
         self.ferretdb_version.is_some()
     }
 
-    /// FerretDB's version, from the `ferretdbVersion` field its `buildInfo` adds.
+    /// The version of FerretDB 1.x (or older), from the `ferretdbVersion` field its `buildInfo`
+    /// adds; `None` for MongoDB and for FerretDB 2, which runs on PostgreSQL with DocumentDB
+    /// and whose updates are atomic.
     async fn detect_ferretdb(&self) -> Result<Option<String>> {
         let info = self
             .db
@@ -160,9 +162,13 @@ impl MongoStore {
             .await
             .map_err(|e| StoreError::backend("reading the server's buildInfo", e))?;
         Ok(match info.get("ferretdbVersion") {
-            Some(Bson::String(version)) => Some(version.clone()),
-            Some(other) => Some(other.to_string()),
-            None => None,
+            Some(Bson::String(version))
+                if version.trim_start_matches('v').starts_with("1.")
+                    || version.trim_start_matches('v').starts_with("0.") =>
+            {
+                Some(version.clone())
+            }
+            _ => None,
         })
     }
 
@@ -1811,6 +1817,19 @@ mod tests {
             .unwrap_err();
         assert!(is_duplicate_key(&dup), "{dup:?}");
         drop(db);
+    }
+
+    #[tokio::test]
+    async fn ferretdb_1_is_detected_and_its_writes_serialized() {
+        let Some((store, _db)) = connect_test_store().await else {
+            return;
+        };
+        let info = store.db.run_command(doc! { "buildInfo": 1 }).await.unwrap();
+        let is_ferretdb_1 = matches!(
+            info.get("ferretdbVersion"),
+            Some(Bson::String(v)) if v.trim_start_matches('v').starts_with("1.")
+        );
+        assert_eq!(store.serializes_writes(), is_ferretdb_1, "{info:?}");
     }
 
     #[tokio::test]
