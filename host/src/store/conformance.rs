@@ -87,6 +87,13 @@ impl IntoTestStore for Box<dyn Store> {
     }
 }
 
+/// A store and the guard that must outlive it, e.g. `(MongoStore, DropDatabase)`.
+impl<S: Store, G: std::any::Any + Send + Sync> IntoTestStore for (S, G) {
+    fn into_test_store(self) -> Option<TestStore> {
+        Some(TestStore::new(self.0).with_guard(self.1))
+    }
+}
+
 impl<T: IntoTestStore> IntoTestStore for Option<T> {
     fn into_test_store(self) -> Option<TestStore> {
         self.and_then(IntoTestStore::into_test_store)
@@ -101,6 +108,8 @@ impl<T: IntoTestStore> IntoTestStore for Option<T> {
 /// - a [`TestStore`](crate::store::conformance::TestStore) (use
 ///   `TestStore::new(store).with_guard(temp_dir)` to keep files alive during the test),
 /// - an `Arc<dyn Store>` or a `Box<dyn Store>`,
+/// - a tuple `(store, guard)`: any concrete `Store` and a value kept alive until the test
+///   ends (dropped after the store),
 /// - an `Option` of any of these: `None` skips the test (prints a line to stderr), which is
 ///   how a backend without a configured server opts out locally.
 ///
@@ -337,6 +346,34 @@ fn assert_invariant(worker: &Worker, when: &str) {
     );
 }
 
+/// DESIGN §4: a worker's `allocated_*` equals the sum of its active assignments' requests
+/// (exactly: quantized amounts add exactly in any order).
+async fn assert_allocated_matches_assignments(store: &dyn Store, worker_id: &str, when: &str) {
+    let worker = store.get_worker(worker_id).await.unwrap();
+    assert_invariant(&worker, when);
+    let active = store
+        .list_assignments(&AssignmentFilter {
+            worker_id: Some(worker_id.to_string()),
+            active_only: true,
+            ..AssignmentFilter::default()
+        })
+        .await
+        .unwrap();
+    let mut sum = Resources::default();
+    for a in &active {
+        sum.cpu += a.req_cpu;
+        sum.memory += a.req_memory;
+        sum.storage += a.req_storage;
+        sum.gpu += a.req_gpu;
+    }
+    assert_eq!(
+        worker.allocated(),
+        sum,
+        "allocated != sum of {} active assignment(s) {when}",
+        active.len()
+    );
+}
+
 async fn worker_with(store: &dyn Store, prefix: &str, total: Resources) -> Worker {
     let worker = sample_worker(&unique_id(prefix), total);
     store.insert_worker(&worker).await.unwrap();
@@ -565,17 +602,18 @@ pub async fn list_tasks_filters_by_status_and_user(store: &dyn Store) {
     assert!(page.tasks.is_empty() && page.next.is_none());
 
     // Status filter alone (the store may hold other tests' tasks: only check what we know).
-    let page = store
-        .list_tasks(&TaskQuery {
+    let completed = all_pages(
+        store,
+        TaskQuery {
             status: Some(TaskStatus::Completed),
             user_id: None,
-            limit: 1000,
+            limit: 500,
             after: None,
-        })
-        .await
-        .unwrap();
-    assert!(page.tasks.iter().all(|t| t.status == TaskStatus::Completed));
-    assert!(page.tasks.iter().any(|t| t.user_id == alice));
+        },
+    )
+    .await;
+    assert!(completed.iter().all(|t| t.status == TaskStatus::Completed));
+    assert!(completed.iter().any(|t| t.user_id == alice));
 }
 
 pub async fn list_tasks_pages_visit_every_task_exactly_once(store: &dyn Store) {
@@ -1254,6 +1292,7 @@ pub async fn set_draining_and_set_worker_active(store: &dyn Store) {
     assert!(after.is_active);
     assert_eq!(after.total(), w.total());
     assert_eq!(after.available(), w.available());
+    assert_invariant(&after, "after flag changes");
 
     expect_not_found(
         store.set_draining(&unique_id("nope"), true).await,
@@ -1277,9 +1316,19 @@ pub async fn delete_worker_refused_while_an_assignment_is_active(store: &dyn Sto
         "delete_worker with an active assignment",
     );
     assert!(!actual.is_empty());
-    assert!(store.get_worker(&w.worker_id).await.is_ok(), "still there");
+    let held = store.get_worker(&w.worker_id).await.unwrap();
+    assert_eq!(
+        held.allocated(),
+        request,
+        "a refused delete changes nothing"
+    );
+    assert_invariant(&held, "after a refused delete");
 
     assert!(store.release(&a.ass_id).await.unwrap());
+    assert_invariant(
+        &store.get_worker(&w.worker_id).await.unwrap(),
+        "after release",
+    );
     store.delete_worker(&w.worker_id).await.unwrap();
     expect_not_found(store.get_worker(&w.worker_id).await, "deleted worker");
     expect_not_found(
@@ -1418,10 +1467,8 @@ pub async fn reserve_and_release_of_inexact_decimals_restore_exact_values(store:
             );
             store.insert_assignment(&a).await.unwrap();
             assignments.push(a);
-            assert_invariant(
-                &store.get_worker(&w.worker_id).await.unwrap(),
-                "after an inexact reserve",
-            );
+            assert_allocated_matches_assignments(store, &w.worker_id, "after an inexact reserve")
+                .await;
         }
     }
     // Release in another order than reserved.
@@ -1429,10 +1476,7 @@ pub async fn reserve_and_release_of_inexact_decimals_restore_exact_values(store:
     assignments.rotate_left(5);
     for a in &assignments {
         assert!(store.release(&a.ass_id).await.unwrap());
-        assert_invariant(
-            &store.get_worker(&w.worker_id).await.unwrap(),
-            "after an inexact release",
-        );
+        assert_allocated_matches_assignments(store, &w.worker_id, "after an inexact release").await;
     }
     let end = store.get_worker(&w.worker_id).await.unwrap();
     assert_eq!(
@@ -1567,7 +1611,7 @@ pub async fn insert_and_get_results_one_per_task(store: &dyn Store) {
     let task_id = unique_id("task");
     let mut result = sample_result(&task_id, &unique_id("w"));
     result.status = ResultStatus::Failed;
-    result.logs = "line 1\nünïcödé \"quoted\"\n\0nul\n".to_string();
+    result.logs = "line 1\nünïcödé \"quoted\" 'single'\n\ttabbed\n".to_string();
     result.exit_code = Some(2);
     result.error = Some("exit status 2".to_string());
     result.logs_truncated = true;
@@ -1635,6 +1679,7 @@ pub async fn concurrent_releases_each_apply_exactly_once(store: Arc<dyn Store>) 
         store.insert_assignment(&a).await.unwrap();
         ass_ids.push(a.ass_id);
     }
+    assert_allocated_matches_assignments(&*store, &w.worker_id, "before racing releases").await;
     let barrier = Arc::new(tokio::sync::Barrier::new(ass_ids.len() * 2));
     let handles: Vec<_> = ass_ids
         .iter()
@@ -1657,8 +1702,8 @@ pub async fn concurrent_releases_each_apply_exactly_once(store: Arc<dyn Store>) 
     for (ass_id, n) in &wins {
         assert_eq!(*n, 1, "assignment {ass_id} released {n} times");
     }
+    assert_allocated_matches_assignments(&*store, &w.worker_id, "after racing releases").await;
     let end = store.get_worker(&w.worker_id).await.unwrap();
-    assert_invariant(&end, "after racing releases");
     assert_eq!(end.allocated(), Resources::default());
     assert_eq!(end.available(), w.available());
 }
@@ -1741,4 +1786,29 @@ pub async fn concurrent_claims_have_exactly_one_winner(store: Arc<dyn Store>) {
     );
     let stored = store.get_task(&task.task_id).await.unwrap();
     assert_eq!(stored.owner.as_deref(), Some(winners[0].as_str()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    #[tokio::test]
+    async fn into_test_store_accepts_every_documented_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || SqliteStore::open_in_dir(dir.path()).unwrap();
+        let shapes: Vec<Option<TestStore>> = vec![
+            TestStore::new(open()).into_test_store(),
+            (Arc::new(open()) as Arc<dyn Store>).into_test_store(),
+            (Box::new(open()) as Box<dyn Store>).into_test_store(),
+            (open(), "a guard").into_test_store(),
+            Some((open(), 7_u8)).into_test_store(),
+        ];
+        for shape in shapes {
+            let harness = shape.expect("a store was given");
+            harness.store().ping().await.unwrap();
+            harness.shared().ping().await.unwrap();
+        }
+        assert!(None::<TestStore>.into_test_store().is_none(), "None skips");
+    }
 }

@@ -9,6 +9,7 @@
 //! reported with the field that is wrong.
 
 use std::collections::BTreeMap;
+use std::future::IntoFuture;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -48,12 +49,19 @@ const DUPLICATE_KEY: i32 = 11000;
 /// `NamespaceExists`: a collection created concurrently by another replica.
 const NAMESPACE_EXISTS: i32 = 48;
 
+/// Serializes this process's single-document writes when the server is FerretDB 1.x; see
+/// [`MongoStore::serializes_writes`]. One lock for the whole process, so that several stores
+/// in one process (tests running several host replicas) are covered too.
+static FERRETDB_WRITES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// [`Store`] on MongoDB 7.0+ (tested against FerretDB, which speaks the same protocol).
 ///
 /// Cheap to clone: the driver's [`Client`] is one shared connection pool.
 #[derive(Clone, Debug)]
 pub struct MongoStore {
     db: Database,
+    /// The server is FerretDB 1.x: see [`MongoStore::serializes_writes`].
+    ferretdb_version: Option<String>,
     tasks: Collection<Document>,
     workers: Collection<Document>,
     assignments: Collection<Document>,
@@ -95,7 +103,8 @@ impl MongoStore {
         let client = Client::with_options(options)
             .map_err(|e| StoreError::backend("creating the MongoDB client", e))?;
         let db = client.database(database);
-        let store = MongoStore {
+        let mut store = MongoStore {
+            ferretdb_version: None,
             tasks: db.collection(TASKS),
             workers: db.collection(WORKER_REGISTRY),
             assignments: db.collection(ASSIGNMENTS),
@@ -115,7 +124,62 @@ impl MongoStore {
                 },
                 other => other,
             })?;
+        store.ferretdb_version = store.detect_ferretdb().await?;
+        if let Some(version) = &store.ferretdb_version {
+            tracing::warn!(
+                ferretdb_version = %version,
+                "the MongoDB server is FerretDB, whose updates are not atomic: this process \
+                 serializes its own writes, which is safe for ONE host replica only; use \
+                 MongoDB for several replicas"
+            );
+        }
         Ok(store)
+    }
+
+    /// True when the server is FerretDB 1.x, whose `update` and `findAndModify` are not atomic:
+    /// they read the matching document, apply the change in FerretDB's own process, and write
+    /// the whole document back by `_id` without re-checking the filter (FerretDB issue #3040,
+    /// "SQLite handler also does not handle update in a transaction"). Two concurrent
+    /// conditional updates can then both apply and an `$inc` can be lost: 50 concurrent
+    /// reservations for room for 7 had 29 to 49 winners in our measurements.
+    ///
+    /// Against FerretDB this store therefore runs each single-document write under one
+    /// process-wide lock: exactly the guarantee MongoDB gives every single-document write (no
+    /// more: a sequence of writes is never made atomic this way), but only among the writers of
+    /// this process. It is safe with one host replica on FerretDB, not with several. Inserts
+    /// are atomic on FerretDB (unique indexes are enforced by its backend) and are not locked.
+    pub fn serializes_writes(&self) -> bool {
+        self.ferretdb_version.is_some()
+    }
+
+    /// The version of FerretDB 1.x (or older), from the `ferretdbVersion` field its `buildInfo`
+    /// adds; `None` for MongoDB and for FerretDB 2, which runs on PostgreSQL with DocumentDB
+    /// and whose updates are atomic.
+    async fn detect_ferretdb(&self) -> Result<Option<String>> {
+        let info = self
+            .db
+            .run_command(doc! { "buildInfo": 1 })
+            .await
+            .map_err(|e| StoreError::backend("reading the server's buildInfo", e))?;
+        Ok(match info.get("ferretdbVersion") {
+            Some(Bson::String(version))
+                if version.trim_start_matches('v').starts_with("1.")
+                    || version.trim_start_matches('v').starts_with("0.") =>
+            {
+                Some(version.clone())
+            }
+            _ => None,
+        })
+    }
+
+    /// Runs one single-document write; under [`FERRETDB_WRITES`] when the server is FerretDB.
+    async fn atomic<F: IntoFuture>(&self, write: F) -> F::Output {
+        if self.ferretdb_version.is_some() {
+            let _serial = FERRETDB_WRITES.lock().await;
+            write.await
+        } else {
+            write.await
+        }
     }
 
     /// The database this store uses.
@@ -235,9 +299,11 @@ impl MongoStore {
     /// Applies `update` to the worker and returns it after; `NotFound` when there is none.
     async fn update_worker(&self, worker_id: &str, update: Document, what: &str) -> Result<Worker> {
         let after = self
-            .workers
-            .find_one_and_update(doc! { "worker_id": worker_id }, update)
-            .return_document(ReturnDocument::After)
+            .atomic(
+                self.workers
+                    .find_one_and_update(doc! { "worker_id": worker_id }, update)
+                    .return_document(ReturnDocument::After),
+            )
             .await
             .map_err(|e| StoreError::backend(format!("{what} of worker '{worker_id}'"), e))?;
         match after {
@@ -297,12 +363,14 @@ impl MongoStore {
                             created: false,
                         });
                     }
-                    self.idempotency
-                        .delete_one(doc! { "_id": &key_id, "task_id": &task.task_id })
-                        .await
-                        .map_err(|e| {
-                            StoreError::backend(format!("removing idempotency key '{key_id}'"), e)
-                        })?;
+                    self.atomic(
+                        self.idempotency
+                            .delete_one(doc! { "_id": &key_id, "task_id": &task.task_id }),
+                    )
+                    .await
+                    .map_err(|e| {
+                        StoreError::backend(format!("removing idempotency key '{key_id}'"), e)
+                    })?;
                     Err(StoreError::AlreadyExists { kind, id })
                 }
                 Err(other) => Err(other),
@@ -531,24 +599,38 @@ impl Store for MongoStore {
             changes.insert("$inc", doc! { "attempts": 1_i64 });
         }
 
-        let after = self
-            .tasks
-            .find_one_and_update(filter, changes)
-            .return_document(ReturnDocument::After)
-            .await
-            .map_err(|e| StoreError::backend(format!("moving task '{task_id}' to {to}"), e))?;
-        match after {
-            Some(d) => task_from_document(&d),
-            None => {
-                let actual = self.get_task(task_id).await?;
-                Err(StoreError::Conflict {
-                    kind: "task",
-                    id: task_id.to_owned(),
-                    expected: from_names.join(" or "),
-                    actual: actual.status.as_str().to_owned(),
-                })
+        let expected = if from.is_empty() {
+            "(no state)".to_owned()
+        } else {
+            from_names.join(" or ")
+        };
+        let mut actual = String::new();
+        // The re-read after a miss can find the task back in an expected state (it moved away
+        // and back in between): then the update is simply tried again.
+        for _ in 0..3 {
+            let after = self
+                .atomic(
+                    self.tasks
+                        .find_one_and_update(filter.clone(), changes.clone())
+                        .return_document(ReturnDocument::After),
+                )
+                .await
+                .map_err(|e| StoreError::backend(format!("moving task '{task_id}' to {to}"), e))?;
+            if let Some(d) = after {
+                return task_from_document(&d);
+            }
+            let status = self.get_task(task_id).await?.status;
+            actual = status.as_str().to_owned();
+            if !from.contains(&status) {
+                break;
             }
         }
+        Err(StoreError::Conflict {
+            kind: "task",
+            id: task_id.to_owned(),
+            expected,
+            actual,
+        })
     }
 
     async fn claim_task(
@@ -574,31 +656,35 @@ impl Store for MongoStore {
             "updated_at": to_bson_date(model::now()),
         } };
         let after = self
-            .tasks
-            .find_one_and_update(filter, changes)
-            .return_document(ReturnDocument::After)
+            .atomic(
+                self.tasks
+                    .find_one_and_update(filter, changes)
+                    .return_document(ReturnDocument::After),
+            )
             .await
             .map_err(|e| StoreError::backend(format!("claiming task '{task_id}'"), e))?;
         match after {
             Some(d) => task_from_document(&d),
             None => {
                 let actual = self.get_task(task_id).await?;
-                let actual = match (&actual.owner, actual.status) {
-                    (Some(holder), TaskStatus::Queued) => format!(
-                        "queued, claimed by '{holder}' until {}",
+                let actual = if actual.status == TaskStatus::Queued {
+                    format!(
+                        "claimed by {} until {}",
+                        actual.owner.as_deref().unwrap_or("nobody"),
                         actual
                             .lease_expires_at
-                            .map(|t| t.to_rfc3339())
-                            .unwrap_or_else(|| "(no expiry)".to_owned())
-                    ),
-                    (_, status) => status.as_str().to_owned(),
+                            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                            .unwrap_or_default()
+                    )
+                } else {
+                    actual.status.as_str().to_owned()
                 };
                 Err(StoreError::Conflict {
                     kind: "task",
                     id: task_id.to_owned(),
-                    expected:
-                        "queued and unclaimed (or claimed by the same owner, or lease expired)"
-                            .to_owned(),
+                    expected: "queued and unclaimed, claimed by the same owner, or with an \
+                               expired lease"
+                        .to_owned(),
                     actual,
                 })
             }
@@ -607,15 +693,17 @@ impl Store for MongoStore {
 
     async fn request_cancel(&self, task_id: &str) -> Result<Task> {
         let after = self
-            .tasks
-            .find_one_and_update(
-                doc! { "task_id": task_id, "status": TaskStatus::Running.as_str() },
-                doc! { "$set": {
-                    "cancel_requested": true,
-                    "updated_at": to_bson_date(model::now()),
-                } },
+            .atomic(
+                self.tasks
+                    .find_one_and_update(
+                        doc! { "task_id": task_id, "status": TaskStatus::Running.as_str() },
+                        doc! { "$set": {
+                            "cancel_requested": true,
+                            "updated_at": to_bson_date(model::now()),
+                        } },
+                    )
+                    .return_document(ReturnDocument::After),
             )
-            .return_document(ReturnDocument::After)
             .await
             .map_err(|e| {
                 StoreError::backend(format!("requesting cancellation of task '{task_id}'"), e)
@@ -710,21 +798,20 @@ impl Store for MongoStore {
     async fn delete_worker(&self, worker_id: &str) -> Result<()> {
         let active = self
             .assignments
-            .find_one(doc! { "worker_id": worker_id, "released": { "$ne": true } })
+            .count_documents(doc! { "worker_id": worker_id, "released": { "$ne": true } })
             .await
             .map_err(|e| {
                 StoreError::backend(
-                    format!("looking for active assignments of worker '{worker_id}'"),
+                    format!("counting the active assignments of worker '{worker_id}'"),
                     e,
                 )
             })?;
-        if let Some(assignment) = active {
-            let ass_id = Reader::new(&assignment, ASSIGNMENTS).string("ass_id")?;
+        if active > 0 {
             return Err(StoreError::Conflict {
                 kind: "worker",
                 id: worker_id.to_owned(),
                 expected: "without active assignments".to_owned(),
-                actual: format!("holding active assignment '{ass_id}'"),
+                actual: format!("holding {active} active assignment(s)"),
             });
         }
         // Without transactions the check above and the delete are two operations: a
@@ -732,14 +819,13 @@ impl Store for MongoStore {
         // the worker. So the delete itself also requires that nothing is allocated; a reserve
         // that comes after the delete finds no worker.
         let deleted = self
-            .workers
-            .delete_one(doc! {
+            .atomic(self.workers.delete_one(doc! {
                 "worker_id": worker_id,
                 "allocated_cpu": { "$lte": 0.0 },
                 "allocated_memory": { "$lte": 0.0 },
                 "allocated_storage": { "$lte": 0.0 },
                 "allocated_gpu": { "$lte": 0.0 },
-            })
+            }))
             .await
             .map_err(|e| StoreError::backend(format!("deleting worker '{worker_id}'"), e))?;
         if deleted.deleted_count == 1 {
@@ -786,10 +872,10 @@ impl Store for MongoStore {
             },
             "$set": { "updated_at": to_bson_date(model::now()) },
         };
-        let outcome =
-            self.workers.update_one(filter, update).await.map_err(|e| {
-                StoreError::backend(format!("reserving on worker '{worker_id}'"), e)
-            })?;
+        let outcome = self
+            .atomic(self.workers.update_one(filter, update))
+            .await
+            .map_err(|e| StoreError::backend(format!("reserving on worker '{worker_id}'"), e))?;
         if outcome.matched_count == 1 {
             return Ok(true);
         }
@@ -859,14 +945,12 @@ impl Store for MongoStore {
 
     async fn release(&self, ass_id: &str) -> Result<bool> {
         // Step 1, the once-only guard: exactly one caller flips `released`.
-        let before = self
-            .assignments
-            .find_one_and_update(
+        let before = self.atomic(self.assignments.find_one_and_update(
                 doc! { "ass_id": ass_id, "released": { "$ne": true } },
                 doc! { "$set": { "released": true, "released_at": to_bson_date(model::now()) } },
             )
-            .return_document(ReturnDocument::Before)
-            .await
+            .return_document(ReturnDocument::Before))
+.await
             .map_err(|e| StoreError::backend(format!("releasing assignment '{ass_id}'"), e))?;
         let Some(before) = before else {
             // Already released, or no such assignment.
@@ -879,8 +963,7 @@ impl Store for MongoStore {
         // held (under-used, never overcommitted); the reconciler recomputes `allocated_*` from
         // the active assignments and repairs that drift.
         let outcome = self
-            .workers
-            .update_one(
+            .atomic(self.workers.update_one(
                 doc! { "worker_id": &assignment.worker_id },
                 doc! {
                     "$inc": {
@@ -895,7 +978,7 @@ impl Store for MongoStore {
                     },
                     "$set": { "updated_at": to_bson_date(model::now()) },
                 },
-            )
+            ))
             .await
             .map_err(|e| {
                 StoreError::backend(
@@ -1424,10 +1507,17 @@ pub mod testing {
         let database = format!("cloudai_test_{}", uuid::Uuid::now_v7().simple());
         let store = match MongoStore::connect(&uri, &database).await {
             Ok(store) => store,
-            Err(e) => panic!("{URI_VAR}={uri} is set but the store cannot connect: {e}"),
+            // The URI is not printed: it may carry credentials.
+            Err(e) => panic!("{URI_VAR} is set but the store cannot connect: {e}"),
         };
         Some((store, DropDatabase { uri, database }))
     }
+}
+
+/// The shared store conformance suite, on a fresh database per test.
+#[cfg(test)]
+mod conformance {
+    crate::store_conformance_tests!(super::testing::connect_test_store());
 }
 
 #[cfg(test)]
@@ -1567,10 +1657,13 @@ mod tests {
             .insert_worker(&worker("w-race", Resources::new(7.5, 64.0, 64.0, 0.0)))
             .await
             .unwrap();
-        let attempts = (0..50).map(|_| {
-            let store = Arc::clone(&store);
-            tokio::spawn(async move { store.reserve("w-race", &request).await })
-        });
+        // Spawn all before awaiting any (a lazy iterator would run them one after another).
+        let attempts: Vec<_> = (0..50)
+            .map(|_| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move { store.reserve("w-race", &request).await })
+            })
+            .collect();
         let mut wins = 0;
         for attempt in attempts {
             if attempt.await.unwrap().unwrap() {
@@ -1599,10 +1692,12 @@ mod tests {
             .insert_assignment(&assignment("a-rel", "w-rel", request))
             .await
             .unwrap();
-        let releases = (0..10).map(|_| {
-            let store = Arc::clone(&store);
-            tokio::spawn(async move { store.release("a-rel").await })
-        });
+        let releases: Vec<_> = (0..10)
+            .map(|_| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move { store.release("a-rel").await })
+            })
+            .collect();
         let mut applied = 0;
         for release in releases {
             if release.await.unwrap().unwrap() {
@@ -1722,6 +1817,19 @@ mod tests {
             .unwrap_err();
         assert!(is_duplicate_key(&dup), "{dup:?}");
         drop(db);
+    }
+
+    #[tokio::test]
+    async fn ferretdb_1_is_detected_and_its_writes_serialized() {
+        let Some((store, _db)) = connect_test_store().await else {
+            return;
+        };
+        let info = store.db.run_command(doc! { "buildInfo": 1 }).await.unwrap();
+        let is_ferretdb_1 = matches!(
+            info.get("ferretdbVersion"),
+            Some(Bson::String(v)) if v.trim_start_matches('v').starts_with("1.")
+        );
+        assert_eq!(store.serializes_writes(), is_ferretdb_1, "{info:?}");
     }
 
     #[tokio::test]

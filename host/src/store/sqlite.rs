@@ -32,6 +32,10 @@ pub const DB_FILE_NAME: &str = "cloudai.db";
 /// How long a statement waits for another process's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Recorded in `PRAGMA user_version`, so that a later release can migrate and an older one
+/// refuses a database it does not understand.
+const SCHEMA_VERSION: i64 = 1;
+
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS TASKS (
     task_id          TEXT NOT NULL,
@@ -200,8 +204,21 @@ impl SqliteStore {
         // NORMAL in WAL mode: a power loss may lose the last commits but never corrupts.
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| StoreError::backend(what("setting synchronous"), e))?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(|e| StoreError::backend(what("reading the schema version"), e))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::backend(
+                what("checking the schema version"),
+                format!(
+                    "schema version {version} was written by a newer cloudai (this one knows {SCHEMA_VERSION})"
+                ),
+            ));
+        }
         conn.execute_batch(SCHEMA)
             .map_err(|e| StoreError::backend(what("creating the schema"), e))?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(|e| StoreError::backend(what("recording the schema version"), e))?;
         conn.set_prepared_statement_cache_capacity(64);
         Ok(SqliteStore {
             inner: Arc::new(Inner {
@@ -248,7 +265,10 @@ fn sql_err(what: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
 }
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
-    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::ConstraintViolation)
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.code == ErrorCode::ConstraintViolation
+            && (f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY))
 }
 
 /// Maps a unique-index violation to `AlreadyExists`, anything else to `Backend`.
@@ -1319,6 +1339,62 @@ mod tests {
         let seen = a.get_worker(&worker.worker_id).await.unwrap();
         assert_eq!(seen.allocated(), Resources::new(2.0, 2.0, 2.0, 0.0));
         assert!(seen.invariant_violations().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_newer_schema_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE_NAME);
+        drop(SqliteStore::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        match SqliteStore::open(&path) {
+            Err(StoreError::Backend { .. }) => {}
+            other => panic!("expected a Backend error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_while_holding_the_connection_becomes_backend_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in_dir(dir.path()).unwrap();
+        let panicked: Result<()> = store
+            .call("panicking on purpose", |_conn| panic!("boom"))
+            .await;
+        assert!(matches!(panicked, Err(StoreError::Backend { .. })));
+        // The mutex is now poisoned: every later call is an error, not a panic.
+        assert!(matches!(
+            store.ping().await,
+            Err(StoreError::Backend { .. })
+        ));
+        assert!(matches!(
+            store.get_task("any").await,
+            Err(StoreError::Backend { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_row_is_a_backend_error_with_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in_dir(dir.path()).unwrap();
+        let task = crate::store::conformance::sample_task("task-corrupt", "user");
+        store.insert_task(&task, None).await.unwrap();
+        Connection::open(store.path())
+            .unwrap()
+            .execute(
+                "UPDATE TASKS SET status = 'done' WHERE task_id = 'task-corrupt'",
+                [],
+            )
+            .unwrap();
+        match store.get_task("task-corrupt").await {
+            Err(e @ StoreError::Backend { .. }) => {
+                let text = format!("{e} / {:?}", e);
+                assert!(text.contains("reading a task"), "{text}");
+            }
+            other => panic!("expected a Backend error, got {other:?}"),
+        }
     }
 
     #[tokio::test]
