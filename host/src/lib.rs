@@ -1,5 +1,13 @@
 //! CloudAI host library: the data model, the stores, the HTTP API and the CLI behind the
-//! `cloudai` binary. Start with [`model`] (what is stored) and [`store`] (how).
+//! `cloudai` binary.
+//!
+//! Where to start: [`model`] (what is stored, in the seed schema's names), [`store`] (the
+//! `Store` trait and its SQLite and MongoDB backends), [`api`] (the `/v1` HTTP API),
+//! [`serve`] (the host process) and [`cli`] (the command line).
 
+pub mod api;
+pub mod cli;
+pub mod client;
 pub mod model;
+pub mod serve;
 pub mod store;

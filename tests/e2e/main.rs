@@ -1,1 +1,7 @@
+//! End-to-end tests: a real `cloudai serve` process, driven over real HTTP and through the CLI,
+//! on the embedded store and on a MongoDB-protocol server.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+mod tour;

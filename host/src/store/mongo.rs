@@ -1,1 +1,1773 @@
-//! TODO(helper)
+//! The MongoDB store: the seed's collections and indexes, written only through single-document
+//! atomic operations (no multi-document transactions, no change streams), so that several
+//! host replicas can share one replica set.
+//!
+//! Every stored document is built and read by the explicit `*_to_document` / `*_from_document`
+//! functions below rather than by serde, so the stored shape is exactly the seed's (field names,
+//! BSON types: dates as BSON dates, `last_heartbeat` as Int64 Unix seconds, resources as
+//! doubles) with this project's additions beside it, and a malformed stored document is
+//! reported with the field that is wrong.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use mongodb::bson::{self, Bson, Document, doc};
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::{
+    Acknowledgment, ClientOptions, IndexOptions, ReadConcern, ReadPreference, ReturnDocument,
+    SelectionCriteria,
+};
+use mongodb::{Client, Collection, Database, IndexModel};
+
+use super::{
+    AssignmentFilter, IdempotencyKey, Result, Store, StoreError, SubmitOutcome, TaskCursor,
+    TaskPage, TaskQuery, TaskUpdate,
+};
+use crate::model::{
+    self, Assignment, Resources, ResultStatus, Task, TaskResult, TaskStatus, Worker, WorkerUsage,
+};
+
+/// The seed's collection names (a contract: never renamed).
+pub const TASKS: &str = "TASKS";
+pub const WORKER_REGISTRY: &str = "WORKER_REGISTRY";
+pub const ASSIGNMENTS: &str = "ASSIGNMENTS";
+pub const RESULTS: &str = "RESULTS";
+/// Our addition: one document per (user, idempotency key), `_id` = `"<user_id>/<key>"`.
+pub const IDEMPOTENCY_KEYS: &str = "IDEMPOTENCY_KEYS";
+
+/// How long the driver looks for a usable server before an operation fails, unless the URI
+/// sets `serverSelectionTimeoutMS`: short, so that a dead or unreachable server is reported
+/// clearly at start-up instead of after the driver's 30 s default.
+pub const DEFAULT_SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// MongoDB's duplicate-key error code.
+const DUPLICATE_KEY: i32 = 11000;
+/// `NamespaceExists`: a collection created concurrently by another replica.
+const NAMESPACE_EXISTS: i32 = 48;
+
+/// [`Store`] on MongoDB 7.0+ (tested against FerretDB, which speaks the same protocol).
+///
+/// Cheap to clone: the driver's [`Client`] is one shared connection pool.
+#[derive(Clone, Debug)]
+pub struct MongoStore {
+    db: Database,
+    tasks: Collection<Document>,
+    workers: Collection<Document>,
+    assignments: Collection<Document>,
+    results: Collection<Document>,
+    idempotency: Collection<Document>,
+}
+
+impl MongoStore {
+    /// Connects to `uri`, uses `database`, and creates the collections and indexes that are
+    /// missing (idempotent: safe to run on every start-up, by several replicas at once).
+    ///
+    /// Production defaults, each applied **only when the URI does not set it**:
+    /// - write concern `majority` with journaling (`w=majority&journal=true`) and retryable
+    ///   writes on;
+    /// - read concern `majority`, reads from the primary (`readPreference=primary`).
+    ///
+    /// Why: a reservation is a conditional `$inc` on a worker document. With `w:1` the primary
+    /// acknowledges it before any secondary has it; if that primary then fails over, the new
+    /// primary never saw the write and it is rolled back, yet the host that got the
+    /// acknowledgement has already started the task. Another host then reserves the same
+    /// capacity and the worker is overcommitted. Majority-acknowledged writes survive a
+    /// failover, and majority reads from the primary never plan on data that can still be
+    /// rolled back. Retryable writes make a write interrupted by a failover apply once.
+    ///
+    /// The server-selection timeout defaults to [`DEFAULT_SERVER_SELECTION_TIMEOUT`]
+    /// (`serverSelectionTimeoutMS` in the URI overrides it), so an unreachable server fails
+    /// here with a clear error.
+    pub async fn connect(uri: &str, database: &str) -> Result<Self, StoreError> {
+        let mut options = ClientOptions::parse(uri)
+            .await
+            .map_err(|e| StoreError::backend("parsing the MongoDB URI", e))?;
+        apply_production_defaults(&mut options);
+        let hosts = options
+            .hosts
+            .iter()
+            .map(|h| h.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let client = Client::with_options(options)
+            .map_err(|e| StoreError::backend("creating the MongoDB client", e))?;
+        let db = client.database(database);
+        let store = MongoStore {
+            tasks: db.collection(TASKS),
+            workers: db.collection(WORKER_REGISTRY),
+            assignments: db.collection(ASSIGNMENTS),
+            results: db.collection(RESULTS),
+            idempotency: db.collection(IDEMPOTENCY_KEYS),
+            db,
+        };
+        store
+            .ensure_schema()
+            .await
+            .map_err(|e| match e {
+                StoreError::Backend { context, source } => StoreError::Backend {
+                    context: format!(
+                        "{context} (MongoDB at {hosts}, database '{database}': is the server running and reachable?)"
+                    ),
+                    source,
+                },
+                other => other,
+            })?;
+        Ok(store)
+    }
+
+    /// The database this store uses.
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// Creates the seed's collections and every index it lists, plus ours. Creating an index
+    /// whose specification already exists is a no-op on the server, so this is idempotent.
+    async fn ensure_schema(&self) -> Result<()> {
+        let existing = self
+            .db
+            .list_collection_names()
+            .await
+            .map_err(|e| StoreError::backend("listing collections", e))?;
+        for name in [
+            TASKS,
+            WORKER_REGISTRY,
+            ASSIGNMENTS,
+            RESULTS,
+            IDEMPOTENCY_KEYS,
+        ] {
+            if existing.iter().any(|n| n == name) {
+                continue;
+            }
+            if let Err(e) = self.db.create_collection(name).await
+                && error_code(&e) != Some(NAMESPACE_EXISTS)
+            {
+                return Err(StoreError::backend(
+                    format!("creating collection {name}"),
+                    e,
+                ));
+            }
+        }
+
+        let unique = |keys: Document| {
+            IndexModel::builder()
+                .keys(keys)
+                .options(IndexOptions::builder().unique(true).build())
+                .build()
+        };
+        let plain = |keys: Document| IndexModel::builder().keys(keys).build();
+        let indexes: [(&Collection<Document>, &str, Vec<IndexModel>); 4] = [
+            (
+                &self.tasks,
+                TASKS,
+                vec![
+                    // The seed's.
+                    unique(doc! { "task_id": 1 }),
+                    plain(doc! { "status": 1 }),
+                    plain(doc! { "created_at": -1 }),
+                    // Ours: the newest-first listings, per user and per status.
+                    plain(doc! { "user_id": 1, "created_at": -1, "task_id": -1 }),
+                    plain(doc! { "status": 1, "created_at": -1, "task_id": -1 }),
+                ],
+            ),
+            (
+                &self.workers,
+                WORKER_REGISTRY,
+                vec![
+                    unique(doc! { "worker_id": 1 }),
+                    plain(doc! { "is_active": 1 }),
+                    plain(doc! { "last_heartbeat": -1 }),
+                ],
+            ),
+            (
+                &self.assignments,
+                ASSIGNMENTS,
+                vec![
+                    unique(doc! { "ass_id": 1 }),
+                    plain(doc! { "task_id": 1 }),
+                    plain(doc! { "worker_id": 1 }),
+                ],
+            ),
+            (
+                &self.results,
+                RESULTS,
+                vec![
+                    unique(doc! { "task_id": 1 }),
+                    plain(doc! { "worker_id": 1 }),
+                ],
+            ),
+        ];
+        for (collection, name, models) in indexes {
+            // One index per command: FerretDB 1.24 panics (and drops the connection) when one
+            // `createIndexes` names two or more indexes that already exist (its
+            // `validateIndexesForCreation` deletes from a shrinking slice by the original
+            // position). One at a time is equally idempotent on MongoDB, and runs only at
+            // start-up.
+            for model in models {
+                collection.create_index(model).await.map_err(|e| {
+                    StoreError::backend(format!("creating the indexes of {name}"), e)
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn find_task(&self, task_id: &str) -> Result<Option<Task>> {
+        self.tasks
+            .find_one(doc! { "task_id": task_id })
+            .await
+            .map_err(|e| StoreError::backend(format!("reading task '{task_id}'"), e))?
+            .map(|d| task_from_document(&d))
+            .transpose()
+    }
+
+    async fn find_worker(&self, worker_id: &str) -> Result<Option<Worker>> {
+        self.workers
+            .find_one(doc! { "worker_id": worker_id })
+            .await
+            .map_err(|e| StoreError::backend(format!("reading worker '{worker_id}'"), e))?
+            .map(|d| worker_from_document(&d))
+            .transpose()
+    }
+
+    /// Applies `update` to the worker and returns it after; `NotFound` when there is none.
+    async fn update_worker(&self, worker_id: &str, update: Document, what: &str) -> Result<Worker> {
+        let after = self
+            .workers
+            .find_one_and_update(doc! { "worker_id": worker_id }, update)
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(|e| StoreError::backend(format!("{what} of worker '{worker_id}'"), e))?;
+        match after {
+            Some(d) => worker_from_document(&d),
+            None => Err(not_found("worker", worker_id)),
+        }
+    }
+
+    /// Inserts `task`; `AlreadyExists` on a duplicate `task_id`.
+    async fn insert_task_document(&self, task: &Task) -> Result<()> {
+        let document = task_to_document(task)?;
+        self.tasks.insert_one(document).await.map_err(|e| {
+            if is_duplicate_key(&e) {
+                StoreError::AlreadyExists {
+                    kind: "task",
+                    id: task.task_id.clone(),
+                }
+            } else {
+                StoreError::backend(format!("inserting task '{}'", task.task_id), e)
+            }
+        })?;
+        Ok(())
+    }
+
+    /// The idempotent submission: the key document is inserted first and is the once-only
+    /// guard; the task follows. See [`Store::insert_task`].
+    async fn insert_task_idempotent(
+        &self,
+        task: &Task,
+        idem: &IdempotencyKey,
+    ) -> Result<SubmitOutcome> {
+        let key_id = format!("{}/{}", task.user_id, idem.key);
+        let key_doc = doc! {
+            "_id": &key_id,
+            "user_id": &task.user_id,
+            "key": &idem.key,
+            "task_id": &task.task_id,
+            "request_sha256": &idem.request_sha256,
+            "created_at": to_bson_date(task.created_at),
+        };
+        match self.idempotency.insert_one(key_doc).await {
+            Ok(_) => match self.insert_task_document(task).await {
+                Ok(()) => Ok(SubmitOutcome {
+                    task: task.clone(),
+                    created: true,
+                }),
+                Err(StoreError::AlreadyExists { kind, id }) => {
+                    // Either a concurrent retry with the same key recovered this task first
+                    // (see below), or the task id belongs to another task: then the key must
+                    // not keep pointing at it.
+                    if let Some(existing) = self.find_task(&task.task_id).await?
+                        && existing.user_id == task.user_id
+                        && existing.idempotency_key.as_deref() == Some(idem.key.as_str())
+                    {
+                        return Ok(SubmitOutcome {
+                            task: existing,
+                            created: false,
+                        });
+                    }
+                    self.idempotency
+                        .delete_one(doc! { "_id": &key_id, "task_id": &task.task_id })
+                        .await
+                        .map_err(|e| {
+                            StoreError::backend(format!("removing idempotency key '{key_id}'"), e)
+                        })?;
+                    Err(StoreError::AlreadyExists { kind, id })
+                }
+                Err(other) => Err(other),
+            },
+            Err(e) if is_duplicate_key(&e) => {
+                let stored = self
+                    .idempotency
+                    .find_one(doc! { "_id": &key_id })
+                    .await
+                    .map_err(|e| {
+                        StoreError::backend(format!("reading idempotency key '{key_id}'"), e)
+                    })?
+                    .ok_or_else(|| {
+                        StoreError::backend(
+                            format!("reading idempotency key '{key_id}'"),
+                            "the key was reported as a duplicate but cannot be found",
+                        )
+                    })?;
+                let r = Reader::new(&stored, IDEMPOTENCY_KEYS);
+                let first_task_id = r.string("task_id")?;
+                if r.string("request_sha256")? != idem.request_sha256 {
+                    return Err(StoreError::IdempotencyMismatch {
+                        key: idem.key.clone(),
+                        task_id: first_task_id,
+                    });
+                }
+                if let Some(existing) = self.find_task(&first_task_id).await? {
+                    return Ok(SubmitOutcome {
+                        task: existing,
+                        created: false,
+                    });
+                }
+                // The first submission crashed between inserting the key and the task: finish
+                // it now, under the id the key promised.
+                let mut recovered = task.clone();
+                recovered.task_id = first_task_id.clone();
+                match self.insert_task_document(&recovered).await {
+                    Ok(()) => Ok(SubmitOutcome {
+                        task: recovered,
+                        created: true,
+                    }),
+                    // Another retry recovered it at the same moment.
+                    Err(StoreError::AlreadyExists { .. }) => Ok(SubmitOutcome {
+                        task: self
+                            .find_task(&first_task_id)
+                            .await?
+                            .ok_or_else(|| not_found("task", &first_task_id))?,
+                        created: false,
+                    }),
+                    Err(other) => Err(other),
+                }
+            }
+            Err(e) => Err(StoreError::backend(
+                format!("inserting idempotency key '{key_id}'"),
+                e,
+            )),
+        }
+    }
+}
+
+/// Fills in the production defaults the URI left unset (see [`MongoStore::connect`]).
+fn apply_production_defaults(options: &mut ClientOptions) {
+    let mut write_concern = options.write_concern.take().unwrap_or_default();
+    if write_concern.w.is_none() {
+        write_concern.w = Some(Acknowledgment::Majority);
+    }
+    // `j: true` is invalid with an unacknowledged `w: 0`, which only an explicit URI can ask for.
+    if write_concern.journal.is_none() && write_concern.w != Some(Acknowledgment::Nodes(0)) {
+        write_concern.journal = Some(true);
+    }
+    options.write_concern = Some(write_concern);
+    if options.retry_writes.is_none() {
+        options.retry_writes = Some(true);
+    }
+    if options.read_concern.is_none() {
+        options.read_concern = Some(ReadConcern::majority());
+    }
+    if options.selection_criteria.is_none() {
+        options.selection_criteria =
+            Some(SelectionCriteria::ReadPreference(ReadPreference::Primary));
+    }
+    if options.server_selection_timeout.is_none() {
+        options.server_selection_timeout = Some(DEFAULT_SERVER_SELECTION_TIMEOUT);
+    }
+    if options.app_name.is_none() {
+        options.app_name = Some("cloudai".to_owned());
+    }
+}
+
+#[async_trait]
+impl Store for MongoStore {
+    fn backend_name(&self) -> &'static str {
+        "mongodb"
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.db
+            .run_command(doc! { "ping": 1 })
+            .await
+            .map_err(|e| StoreError::backend("pinging MongoDB", e))?;
+        Ok(())
+    }
+
+    // ----- tasks -----
+
+    async fn insert_task(
+        &self,
+        task: &Task,
+        idempotency: Option<&IdempotencyKey>,
+    ) -> Result<SubmitOutcome> {
+        match idempotency {
+            Some(idem) => self.insert_task_idempotent(task, idem).await,
+            None => {
+                self.insert_task_document(task).await?;
+                Ok(SubmitOutcome {
+                    task: task.clone(),
+                    created: true,
+                })
+            }
+        }
+    }
+
+    async fn get_task(&self, task_id: &str) -> Result<Task> {
+        self.find_task(task_id)
+            .await?
+            .ok_or_else(|| not_found("task", task_id))
+    }
+
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage> {
+        if query.limit == 0 {
+            return Ok(TaskPage {
+                tasks: Vec::new(),
+                next: None,
+            });
+        }
+        let mut filter = Document::new();
+        if let Some(status) = query.status {
+            filter.insert("status", status.as_str());
+        }
+        if let Some(user_id) = &query.user_id {
+            filter.insert("user_id", user_id.as_str());
+        }
+        if let Some(after) = &query.after {
+            let at = to_bson_date(after.created_at);
+            filter.insert(
+                "$or",
+                vec![
+                    Bson::Document(doc! { "created_at": { "$lt": at } }),
+                    Bson::Document(
+                        doc! { "created_at": at, "task_id": { "$lt": after.task_id.as_str() } },
+                    ),
+                ],
+            );
+        }
+        let limit = i64::from(query.limit);
+        let documents: Vec<Document> = self
+            .tasks
+            .find(filter)
+            .sort(doc! { "created_at": -1, "task_id": -1 })
+            // One more than asked, to know whether a next page exists.
+            .limit(limit + 1)
+            .await
+            .map_err(|e| StoreError::backend("listing tasks", e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend("reading the task listing", e))?;
+        let more = documents.len() > query.limit as usize;
+        let tasks = documents
+            .iter()
+            .take(query.limit as usize)
+            .map(task_from_document)
+            .collect::<Result<Vec<_>>>()?;
+        let next = if more {
+            tasks.last().map(|t| TaskCursor {
+                created_at: t.created_at,
+                task_id: t.task_id.clone(),
+            })
+        } else {
+            None
+        };
+        Ok(TaskPage { tasks, next })
+    }
+
+    async fn transition_task(
+        &self,
+        task_id: &str,
+        from: &[TaskStatus],
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<Task> {
+        let from_names: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+        let filter = doc! { "task_id": task_id, "status": { "$in": from_names.clone() } };
+
+        let mut set = doc! { "status": to.as_str(), "updated_at": to_bson_date(model::now()) };
+        let mut unset = Document::new();
+        if let Some(at) = update.started_at {
+            set.insert("started_at", to_bson_date(at));
+        }
+        if let Some(at) = update.completed_at {
+            set.insert("completed_at", to_bson_date(at));
+        }
+        if let Some(code) = update.exit_code {
+            set.insert("exit_code", code);
+        }
+        if let Some(error) = &update.error {
+            set.insert("error", error.as_str());
+        }
+        match &update.status_reason {
+            Some(Some(reason)) => {
+                set.insert("status_reason", reason.as_str());
+            }
+            Some(None) => {
+                unset.insert("status_reason", "");
+            }
+            None => {}
+        }
+        if update.clear_claim {
+            unset.insert("owner", "");
+            unset.insert("lease_expires_at", "");
+        }
+        let mut changes = doc! { "$set": set };
+        if !unset.is_empty() {
+            changes.insert("$unset", unset);
+        }
+        if update.increment_attempts {
+            changes.insert("$inc", doc! { "attempts": 1_i64 });
+        }
+
+        let after = self
+            .tasks
+            .find_one_and_update(filter, changes)
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(|e| StoreError::backend(format!("moving task '{task_id}' to {to}"), e))?;
+        match after {
+            Some(d) => task_from_document(&d),
+            None => {
+                let actual = self.get_task(task_id).await?;
+                Err(StoreError::Conflict {
+                    kind: "task",
+                    id: task_id.to_owned(),
+                    expected: from_names.join(" or "),
+                    actual: actual.status.as_str().to_owned(),
+                })
+            }
+        }
+    }
+
+    async fn claim_task(
+        &self,
+        task_id: &str,
+        owner: &str,
+        lease_until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Task> {
+        let filter = doc! {
+            "task_id": task_id,
+            "status": TaskStatus::Queued.as_str(),
+            "$or": [
+                // `null` matches a missing field as well as an explicit null.
+                { "owner": Bson::Null },
+                { "owner": owner },
+                { "lease_expires_at": { "$lt": to_bson_date(now) } },
+            ],
+        };
+        let changes = doc! { "$set": {
+            "owner": owner,
+            "lease_expires_at": to_bson_date(lease_until),
+            "updated_at": to_bson_date(model::now()),
+        } };
+        let after = self
+            .tasks
+            .find_one_and_update(filter, changes)
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(|e| StoreError::backend(format!("claiming task '{task_id}'"), e))?;
+        match after {
+            Some(d) => task_from_document(&d),
+            None => {
+                let actual = self.get_task(task_id).await?;
+                let actual = match (&actual.owner, actual.status) {
+                    (Some(holder), TaskStatus::Queued) => format!(
+                        "queued, claimed by '{holder}' until {}",
+                        actual
+                            .lease_expires_at
+                            .map(|t| t.to_rfc3339())
+                            .unwrap_or_else(|| "(no expiry)".to_owned())
+                    ),
+                    (_, status) => status.as_str().to_owned(),
+                };
+                Err(StoreError::Conflict {
+                    kind: "task",
+                    id: task_id.to_owned(),
+                    expected:
+                        "queued and unclaimed (or claimed by the same owner, or lease expired)"
+                            .to_owned(),
+                    actual,
+                })
+            }
+        }
+    }
+
+    async fn request_cancel(&self, task_id: &str) -> Result<Task> {
+        let after = self
+            .tasks
+            .find_one_and_update(
+                doc! { "task_id": task_id, "status": TaskStatus::Running.as_str() },
+                doc! { "$set": {
+                    "cancel_requested": true,
+                    "updated_at": to_bson_date(model::now()),
+                } },
+            )
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(|e| {
+                StoreError::backend(format!("requesting cancellation of task '{task_id}'"), e)
+            })?;
+        match after {
+            Some(d) => task_from_document(&d),
+            None => {
+                let actual = self.get_task(task_id).await?;
+                Err(StoreError::Conflict {
+                    kind: "task",
+                    id: task_id.to_owned(),
+                    expected: TaskStatus::Running.as_str().to_owned(),
+                    actual: actual.status.as_str().to_owned(),
+                })
+            }
+        }
+    }
+
+    // ----- workers -----
+
+    async fn insert_worker(&self, worker: &Worker) -> Result<()> {
+        self.workers
+            .insert_one(worker_to_document(worker))
+            .await
+            .map_err(|e| {
+                if is_duplicate_key(&e) {
+                    StoreError::AlreadyExists {
+                        kind: "worker",
+                        id: worker.worker_id.clone(),
+                    }
+                } else {
+                    StoreError::backend(format!("inserting worker '{}'", worker.worker_id), e)
+                }
+            })?;
+        Ok(())
+    }
+
+    async fn get_worker(&self, worker_id: &str) -> Result<Worker> {
+        self.find_worker(worker_id)
+            .await?
+            .ok_or_else(|| not_found("worker", worker_id))
+    }
+
+    async fn list_workers(&self) -> Result<Vec<Worker>> {
+        let documents: Vec<Document> = self
+            .workers
+            .find(doc! {})
+            .sort(doc! { "worker_id": 1 })
+            .await
+            .map_err(|e| StoreError::backend("listing workers", e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend("reading the worker listing", e))?;
+        documents.iter().map(worker_from_document).collect()
+    }
+
+    async fn heartbeat(
+        &self,
+        worker_id: &str,
+        at_unix: i64,
+        usage: Option<&WorkerUsage>,
+    ) -> Result<Worker> {
+        let mut set = doc! {
+            "last_heartbeat": at_unix,
+            "updated_at": to_bson_date(model::now()),
+        };
+        if let Some(usage) = usage {
+            set.insert("usage", usage_to_document(usage));
+        }
+        self.update_worker(worker_id, doc! { "$set": set }, "recording the heartbeat")
+            .await
+    }
+
+    async fn set_draining(&self, worker_id: &str, draining: bool) -> Result<Worker> {
+        let update = doc! { "$set": {
+            "draining": draining,
+            "updated_at": to_bson_date(model::now()),
+        } };
+        self.update_worker(worker_id, update, "setting draining")
+            .await
+    }
+
+    async fn set_worker_active(&self, worker_id: &str, active: bool) -> Result<Worker> {
+        let update = doc! { "$set": {
+            "is_active": active,
+            "updated_at": to_bson_date(model::now()),
+        } };
+        self.update_worker(worker_id, update, "setting is_active")
+            .await
+    }
+
+    async fn delete_worker(&self, worker_id: &str) -> Result<()> {
+        let active = self
+            .assignments
+            .find_one(doc! { "worker_id": worker_id, "released": { "$ne": true } })
+            .await
+            .map_err(|e| {
+                StoreError::backend(
+                    format!("looking for active assignments of worker '{worker_id}'"),
+                    e,
+                )
+            })?;
+        if let Some(assignment) = active {
+            let ass_id = Reader::new(&assignment, ASSIGNMENTS).string("ass_id")?;
+            return Err(StoreError::Conflict {
+                kind: "worker",
+                id: worker_id.to_owned(),
+                expected: "without active assignments".to_owned(),
+                actual: format!("holding active assignment '{ass_id}'"),
+            });
+        }
+        // Without transactions the check above and the delete are two operations: a
+        // reservation made in between (reserve precedes insert_assignment) would be lost with
+        // the worker. So the delete itself also requires that nothing is allocated; a reserve
+        // that comes after the delete finds no worker.
+        let deleted = self
+            .workers
+            .delete_one(doc! {
+                "worker_id": worker_id,
+                "allocated_cpu": { "$lte": 0.0 },
+                "allocated_memory": { "$lte": 0.0 },
+                "allocated_storage": { "$lte": 0.0 },
+                "allocated_gpu": { "$lte": 0.0 },
+            })
+            .await
+            .map_err(|e| StoreError::backend(format!("deleting worker '{worker_id}'"), e))?;
+        if deleted.deleted_count == 1 {
+            return Ok(());
+        }
+        let worker = self.get_worker(worker_id).await?;
+        Err(StoreError::Conflict {
+            kind: "worker",
+            id: worker_id.to_owned(),
+            expected: "nothing allocated".to_owned(),
+            actual: format!(
+                "allocated cpu={} memory={} storage={} gpu={}",
+                worker.allocated_cpu,
+                worker.allocated_memory,
+                worker.allocated_storage,
+                worker.allocated_gpu
+            ),
+        })
+    }
+
+    async fn reserve(&self, worker_id: &str, request: &Resources) -> Result<bool> {
+        // The whole check-and-take is this one conditional update: the server evaluates the
+        // filter and applies the `$inc` atomically on the one document, so concurrent
+        // reservations (from any number of host replicas) can never overcommit.
+        let filter = doc! {
+            "worker_id": worker_id,
+            "is_active": true,
+            "draining": { "$ne": true },
+            "available_cpu": { "$gte": request.cpu },
+            "available_memory": { "$gte": request.memory },
+            "available_storage": { "$gte": request.storage },
+            "available_gpu": { "$gte": request.gpu },
+        };
+        let update = doc! {
+            "$inc": {
+                "allocated_cpu": request.cpu,
+                "allocated_memory": request.memory,
+                "allocated_storage": request.storage,
+                "allocated_gpu": request.gpu,
+                "available_cpu": -request.cpu,
+                "available_memory": -request.memory,
+                "available_storage": -request.storage,
+                "available_gpu": -request.gpu,
+            },
+            "$set": { "updated_at": to_bson_date(model::now()) },
+        };
+        let outcome =
+            self.workers.update_one(filter, update).await.map_err(|e| {
+                StoreError::backend(format!("reserving on worker '{worker_id}'"), e)
+            })?;
+        if outcome.matched_count == 1 {
+            return Ok(true);
+        }
+        let exists = self
+            .workers
+            .find_one(doc! { "worker_id": worker_id })
+            .projection(doc! { "_id": 1 })
+            .await
+            .map_err(|e| StoreError::backend(format!("reading worker '{worker_id}'"), e))?;
+        match exists {
+            Some(_) => Ok(false),
+            None => Err(not_found("worker", worker_id)),
+        }
+    }
+
+    // ----- assignments -----
+
+    async fn insert_assignment(&self, assignment: &Assignment) -> Result<()> {
+        self.assignments
+            .insert_one(assignment_to_document(assignment))
+            .await
+            .map_err(|e| {
+                if is_duplicate_key(&e) {
+                    StoreError::AlreadyExists {
+                        kind: "assignment",
+                        id: assignment.ass_id.clone(),
+                    }
+                } else {
+                    StoreError::backend(format!("inserting assignment '{}'", assignment.ass_id), e)
+                }
+            })?;
+        Ok(())
+    }
+
+    async fn get_assignment(&self, ass_id: &str) -> Result<Assignment> {
+        self.assignments
+            .find_one(doc! { "ass_id": ass_id })
+            .await
+            .map_err(|e| StoreError::backend(format!("reading assignment '{ass_id}'"), e))?
+            .map(|d| assignment_from_document(&d))
+            .transpose()?
+            .ok_or_else(|| not_found("assignment", ass_id))
+    }
+
+    async fn list_assignments(&self, filter: &AssignmentFilter) -> Result<Vec<Assignment>> {
+        let mut query = Document::new();
+        if let Some(task_id) = &filter.task_id {
+            query.insert("task_id", task_id.as_str());
+        }
+        if let Some(worker_id) = &filter.worker_id {
+            query.insert("worker_id", worker_id.as_str());
+        }
+        if filter.active_only {
+            query.insert("released", doc! { "$ne": true });
+        }
+        let documents: Vec<Document> = self
+            .assignments
+            .find(query)
+            .sort(doc! { "assigned_at": 1, "ass_id": 1 })
+            .await
+            .map_err(|e| StoreError::backend("listing assignments", e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend("reading the assignment listing", e))?;
+        documents.iter().map(assignment_from_document).collect()
+    }
+
+    async fn release(&self, ass_id: &str) -> Result<bool> {
+        // Step 1, the once-only guard: exactly one caller flips `released`.
+        let before = self
+            .assignments
+            .find_one_and_update(
+                doc! { "ass_id": ass_id, "released": { "$ne": true } },
+                doc! { "$set": { "released": true, "released_at": to_bson_date(model::now()) } },
+            )
+            .return_document(ReturnDocument::Before)
+            .await
+            .map_err(|e| StoreError::backend(format!("releasing assignment '{ass_id}'"), e))?;
+        let Some(before) = before else {
+            // Already released, or no such assignment.
+            self.get_assignment(ass_id).await?;
+            return Ok(false);
+        };
+        let assignment = assignment_from_document(&before)?;
+        let amount = assignment.request();
+        // Step 2: give the amounts back. A crash between the two steps leaves the capacity
+        // held (under-used, never overcommitted); the reconciler recomputes `allocated_*` from
+        // the active assignments and repairs that drift.
+        let outcome = self
+            .workers
+            .update_one(
+                doc! { "worker_id": &assignment.worker_id },
+                doc! {
+                    "$inc": {
+                        "allocated_cpu": -amount.cpu,
+                        "allocated_memory": -amount.memory,
+                        "allocated_storage": -amount.storage,
+                        "allocated_gpu": -amount.gpu,
+                        "available_cpu": amount.cpu,
+                        "available_memory": amount.memory,
+                        "available_storage": amount.storage,
+                        "available_gpu": amount.gpu,
+                    },
+                    "$set": { "updated_at": to_bson_date(model::now()) },
+                },
+            )
+            .await
+            .map_err(|e| {
+                StoreError::backend(
+                    format!(
+                        "returning the reservation of assignment '{ass_id}' to worker '{}'",
+                        assignment.worker_id
+                    ),
+                    e,
+                )
+            })?;
+        if outcome.matched_count == 0 {
+            tracing::warn!(
+                ass_id,
+                worker_id = %assignment.worker_id,
+                "released an assignment whose worker no longer exists"
+            );
+        }
+        Ok(true)
+    }
+
+    // ----- results -----
+
+    async fn insert_result(&self, result: &TaskResult) -> Result<()> {
+        self.results
+            .insert_one(result_to_document(result))
+            .await
+            .map_err(|e| {
+                if is_duplicate_key(&e) {
+                    StoreError::AlreadyExists {
+                        kind: "result",
+                        id: result.task_id.clone(),
+                    }
+                } else {
+                    StoreError::backend(format!("inserting the result of '{}'", result.task_id), e)
+                }
+            })?;
+        Ok(())
+    }
+
+    async fn get_result(&self, task_id: &str) -> Result<TaskResult> {
+        self.results
+            .find_one(doc! { "task_id": task_id })
+            .await
+            .map_err(|e| StoreError::backend(format!("reading the result of '{task_id}'"), e))?
+            .map(|d| result_from_document(&d))
+            .transpose()?
+            .ok_or_else(|| not_found("result", task_id))
+    }
+}
+
+// ----- errors -----
+
+fn not_found(kind: &'static str, id: &str) -> StoreError {
+    StoreError::NotFound {
+        kind,
+        id: id.to_owned(),
+    }
+}
+
+/// The server's error code, wherever the driver put it.
+fn error_code(e: &mongodb::error::Error) -> Option<i32> {
+    match e.kind.as_ref() {
+        ErrorKind::Command(c) => Some(c.code),
+        ErrorKind::Write(WriteFailure::WriteError(w)) => Some(w.code),
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => Some(w.code),
+        _ => None,
+    }
+}
+
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    error_code(e) == Some(DUPLICATE_KEY)
+}
+
+// ----- documents -----
+
+fn to_bson_date(at: DateTime<Utc>) -> bson::DateTime {
+    bson::DateTime::from_millis(at.timestamp_millis())
+}
+
+fn map_to_document(map: &BTreeMap<String, String>) -> Document {
+    map.iter()
+        .map(|(k, v)| (k.clone(), Bson::String(v.clone())))
+        .collect()
+}
+
+/// Stored as Int64: every u32 and every realistic u64 fits, and it reads back unchanged.
+fn u64_to_bson(value: u64, field: &str) -> Result<Bson> {
+    i64::try_from(value).map(Bson::Int64).map_err(|e| {
+        StoreError::backend(format!("storing '{field}' = {value} (above i64::MAX)"), e)
+    })
+}
+
+fn insert_opt<T: Into<Bson>>(document: &mut Document, key: &str, value: Option<T>) {
+    if let Some(value) = value {
+        document.insert(key, value);
+    }
+}
+
+fn task_to_document(t: &Task) -> Result<Document> {
+    let mut d = doc! {
+        "task_id": &t.task_id,
+        "user_id": &t.user_id,
+        "docker_image": &t.docker_image,
+    };
+    insert_opt(&mut d, "command", t.command.as_deref());
+    d.insert("req_cpu", t.req_cpu);
+    d.insert("req_memory", t.req_memory);
+    d.insert("req_storage", t.req_storage);
+    d.insert("req_gpu", t.req_gpu);
+    d.insert("status", t.status.as_str());
+    d.insert("created_at", to_bson_date(t.created_at));
+    insert_opt(&mut d, "started_at", t.started_at.map(to_bson_date));
+    insert_opt(&mut d, "completed_at", t.completed_at.map(to_bson_date));
+    d.insert("priority", t.priority);
+    d.insert("labels", map_to_document(&t.labels));
+    d.insert("env", map_to_document(&t.env));
+    if let Some(timeout) = t.timeout_s {
+        d.insert("timeout_s", u64_to_bson(timeout, "timeout_s")?);
+    }
+    d.insert("max_attempts", i64::from(t.max_attempts));
+    d.insert("attempts", i64::from(t.attempts));
+    insert_opt(&mut d, "exit_code", t.exit_code);
+    insert_opt(&mut d, "error", t.error.as_deref());
+    insert_opt(&mut d, "status_reason", t.status_reason.as_deref());
+    d.insert("cancel_requested", t.cancel_requested);
+    insert_opt(&mut d, "owner", t.owner.as_deref());
+    insert_opt(
+        &mut d,
+        "lease_expires_at",
+        t.lease_expires_at.map(to_bson_date),
+    );
+    insert_opt(&mut d, "idempotency_key", t.idempotency_key.as_deref());
+    d.insert("updated_at", to_bson_date(t.updated_at));
+    Ok(d)
+}
+
+fn task_from_document(d: &Document) -> Result<Task> {
+    let r = Reader::new(d, TASKS);
+    let status = r.string("status")?;
+    Ok(Task {
+        task_id: r.string("task_id")?,
+        user_id: r.string("user_id")?,
+        docker_image: r.string("docker_image")?,
+        command: r.opt_string("command")?,
+        req_cpu: r.f64("req_cpu")?,
+        req_memory: r.f64("req_memory")?,
+        req_storage: r.f64("req_storage")?,
+        req_gpu: r.f64("req_gpu")?,
+        status: status.parse().map_err(|e: String| r.invalid("status", e))?,
+        created_at: r.date("created_at")?,
+        started_at: r.opt_date("started_at")?,
+        completed_at: r.opt_date("completed_at")?,
+        priority: r.opt_int::<i32>("priority")?.unwrap_or(0),
+        labels: r.map("labels")?,
+        env: r.map("env")?,
+        timeout_s: r.opt_int("timeout_s")?,
+        max_attempts: r.opt_int("max_attempts")?.unwrap_or(1),
+        attempts: r.opt_int("attempts")?.unwrap_or(0),
+        exit_code: r.opt_int("exit_code")?,
+        error: r.opt_string("error")?,
+        status_reason: r.opt_string("status_reason")?,
+        cancel_requested: r.opt_bool("cancel_requested")?.unwrap_or(false),
+        owner: r.opt_string("owner")?,
+        lease_expires_at: r.opt_date("lease_expires_at")?,
+        idempotency_key: r.opt_string("idempotency_key")?,
+        // Documents written by other tools may lack our addition: fall back to creation.
+        updated_at: match r.opt_date("updated_at")? {
+            Some(at) => at,
+            None => r.date("created_at")?,
+        },
+    })
+}
+
+fn usage_to_document(u: &WorkerUsage) -> Document {
+    doc! {
+        "cpu_percent": u.cpu_percent,
+        "memory_percent": u.memory_percent,
+        "running_tasks": i64::from(u.running_tasks),
+    }
+}
+
+fn worker_to_document(w: &Worker) -> Document {
+    let mut d = doc! {
+        "worker_id": &w.worker_id,
+        "worker_ip": &w.worker_ip,
+        "total_cpu": w.total_cpu,
+        "total_memory": w.total_memory,
+        "total_storage": w.total_storage,
+        "total_gpu": w.total_gpu,
+        "allocated_cpu": w.allocated_cpu,
+        "allocated_memory": w.allocated_memory,
+        "allocated_storage": w.allocated_storage,
+        "allocated_gpu": w.allocated_gpu,
+        "available_cpu": w.available_cpu,
+        "available_memory": w.available_memory,
+        "available_storage": w.available_storage,
+        "available_gpu": w.available_gpu,
+        "is_active": w.is_active,
+        "last_heartbeat": w.last_heartbeat,
+        "registered_at": to_bson_date(w.registered_at),
+        "updated_at": to_bson_date(w.updated_at),
+        "draining": w.draining,
+        "labels": map_to_document(&w.labels),
+        "token_sha256": &w.token_sha256,
+    };
+    insert_opt(&mut d, "usage", w.usage.as_ref().map(usage_to_document));
+    d
+}
+
+fn worker_from_document(d: &Document) -> Result<Worker> {
+    let r = Reader::new(d, WORKER_REGISTRY);
+    let usage = match r.opt_document("usage")? {
+        Some(u) => {
+            let u = Reader::new(u, "WORKER_REGISTRY.usage");
+            Some(WorkerUsage {
+                cpu_percent: u.f64("cpu_percent")?,
+                memory_percent: u.f64("memory_percent")?,
+                running_tasks: u.opt_int("running_tasks")?.unwrap_or(0),
+            })
+        }
+        None => None,
+    };
+    Ok(Worker {
+        worker_id: r.string("worker_id")?,
+        worker_ip: r.string("worker_ip")?,
+        total_cpu: r.f64("total_cpu")?,
+        total_memory: r.f64("total_memory")?,
+        total_storage: r.f64("total_storage")?,
+        total_gpu: r.f64("total_gpu")?,
+        allocated_cpu: r.f64("allocated_cpu")?,
+        allocated_memory: r.f64("allocated_memory")?,
+        allocated_storage: r.f64("allocated_storage")?,
+        allocated_gpu: r.f64("allocated_gpu")?,
+        available_cpu: r.f64("available_cpu")?,
+        available_memory: r.f64("available_memory")?,
+        available_storage: r.f64("available_storage")?,
+        available_gpu: r.f64("available_gpu")?,
+        is_active: r.bool("is_active")?,
+        last_heartbeat: r.int("last_heartbeat")?,
+        registered_at: r.date("registered_at")?,
+        updated_at: r.date("updated_at")?,
+        draining: r.opt_bool("draining")?.unwrap_or(false),
+        labels: r.map("labels")?,
+        usage,
+        token_sha256: r.opt_string("token_sha256")?.unwrap_or_default(),
+    })
+}
+
+fn assignment_to_document(a: &Assignment) -> Document {
+    let mut d = doc! {
+        "ass_id": &a.ass_id,
+        "task_id": &a.task_id,
+        "worker_id": &a.worker_id,
+        "assigned_at": to_bson_date(a.assigned_at),
+        "req_cpu": a.req_cpu,
+        "req_memory": a.req_memory,
+        "req_storage": a.req_storage,
+        "req_gpu": a.req_gpu,
+        "attempt": i64::from(a.attempt),
+        "released": a.released,
+    };
+    insert_opt(&mut d, "released_at", a.released_at.map(to_bson_date));
+    d
+}
+
+fn assignment_from_document(d: &Document) -> Result<Assignment> {
+    let r = Reader::new(d, ASSIGNMENTS);
+    Ok(Assignment {
+        ass_id: r.string("ass_id")?,
+        task_id: r.string("task_id")?,
+        worker_id: r.string("worker_id")?,
+        assigned_at: r.date("assigned_at")?,
+        req_cpu: r.opt_f64("req_cpu")?.unwrap_or(0.0),
+        req_memory: r.opt_f64("req_memory")?.unwrap_or(0.0),
+        req_storage: r.opt_f64("req_storage")?.unwrap_or(0.0),
+        req_gpu: r.opt_f64("req_gpu")?.unwrap_or(0.0),
+        attempt: r.opt_int("attempt")?.unwrap_or(1),
+        released: r.opt_bool("released")?.unwrap_or(false),
+        released_at: r.opt_date("released_at")?,
+    })
+}
+
+fn result_to_document(t: &TaskResult) -> Document {
+    let mut d = doc! {
+        "task_id": &t.task_id,
+        "worker_id": &t.worker_id,
+        "status": t.status.as_str(),
+        "logs": &t.logs,
+        "completed_at": to_bson_date(t.completed_at),
+    };
+    insert_opt(&mut d, "exit_code", t.exit_code);
+    insert_opt(&mut d, "error", t.error.as_deref());
+    d.insert("logs_truncated", t.logs_truncated);
+    d
+}
+
+fn result_from_document(d: &Document) -> Result<TaskResult> {
+    let r = Reader::new(d, RESULTS);
+    let status: ResultStatus = r
+        .string("status")?
+        .parse()
+        .map_err(|e: String| r.invalid("status", e))?;
+    Ok(TaskResult {
+        task_id: r.string("task_id")?,
+        worker_id: r.string("worker_id")?,
+        status,
+        logs: r.opt_string("logs")?.unwrap_or_default(),
+        completed_at: r.date("completed_at")?,
+        exit_code: r.opt_int("exit_code")?,
+        error: r.opt_string("error")?,
+        logs_truncated: r.opt_bool("logs_truncated")?.unwrap_or(false),
+    })
+}
+
+/// Reads typed fields from a stored document; every error names the collection and field.
+/// An absent field and an explicit `null` both read as `None` for optional fields.
+struct Reader<'a> {
+    doc: &'a Document,
+    collection: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn new(doc: &'a Document, collection: &'static str) -> Self {
+        Reader { doc, collection }
+    }
+
+    fn invalid(&self, key: &str, problem: impl Into<String>) -> StoreError {
+        let id = self
+            .doc
+            .get("_id")
+            .map(|id| id.to_string())
+            .unwrap_or_else(|| "?".to_owned());
+        StoreError::backend(
+            format!(
+                "reading field '{key}' of a {} document (_id {id})",
+                self.collection
+            ),
+            problem.into(),
+        )
+    }
+
+    fn present(&self, key: &str) -> Option<&'a Bson> {
+        match self.doc.get(key) {
+            None | Some(Bson::Null) => None,
+            Some(value) => Some(value),
+        }
+    }
+
+    fn wrong_type(&self, key: &str, expected: &str, got: &Bson) -> StoreError {
+        self.invalid(
+            key,
+            format!("expected {expected}, found {:?}", got.element_type()),
+        )
+    }
+
+    fn opt_string(&self, key: &str) -> Result<Option<String>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(Bson::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(self.wrong_type(key, "a string", other)),
+        }
+    }
+
+    fn string(&self, key: &str) -> Result<String> {
+        self.opt_string(key)?
+            .ok_or_else(|| self.invalid(key, "missing (required)"))
+    }
+
+    /// Doubles, and integers written by other tools (e.g. the mongo shell's `8` is a double,
+    /// but a driver may write an Int32).
+    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(Bson::Double(v)) => Ok(Some(*v)),
+            Some(Bson::Int32(v)) => Ok(Some(f64::from(*v))),
+            // Only small integers are meaningful here; the cast is exact for them.
+            Some(Bson::Int64(v)) => Ok(Some(*v as f64)),
+            Some(other) => Err(self.wrong_type(key, "a number", other)),
+        }
+    }
+
+    fn f64(&self, key: &str) -> Result<f64> {
+        self.opt_f64(key)?
+            .ok_or_else(|| self.invalid(key, "missing (required)"))
+    }
+
+    /// Int32, Int64, or an integral double, converted to `T` without loss.
+    fn opt_int<T: TryFrom<i64>>(&self, key: &str) -> Result<Option<T>> {
+        let wide = match self.present(key) {
+            None => return Ok(None),
+            Some(Bson::Int32(v)) => i64::from(*v),
+            Some(Bson::Int64(v)) => *v,
+            Some(Bson::Double(v)) if v.fract() == 0.0 && v.abs() < 9.0e15 => *v as i64,
+            Some(other) => return Err(self.wrong_type(key, "an integer", other)),
+        };
+        T::try_from(wide).map(Some).map_err(|_| {
+            self.invalid(
+                key,
+                format!("{wide} is out of range for {}", std::any::type_name::<T>()),
+            )
+        })
+    }
+
+    fn int<T: TryFrom<i64>>(&self, key: &str) -> Result<T> {
+        self.opt_int(key)?
+            .ok_or_else(|| self.invalid(key, "missing (required)"))
+    }
+
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(Bson::Boolean(b)) => Ok(Some(*b)),
+            Some(other) => Err(self.wrong_type(key, "a boolean", other)),
+        }
+    }
+
+    fn bool(&self, key: &str) -> Result<bool> {
+        self.opt_bool(key)?
+            .ok_or_else(|| self.invalid(key, "missing (required)"))
+    }
+
+    fn opt_date(&self, key: &str) -> Result<Option<DateTime<Utc>>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(Bson::DateTime(at)) => DateTime::from_timestamp_millis(at.timestamp_millis())
+                .map(Some)
+                .ok_or_else(|| self.invalid(key, "date out of range")),
+            Some(other) => Err(self.wrong_type(key, "a date", other)),
+        }
+    }
+
+    fn date(&self, key: &str) -> Result<DateTime<Utc>> {
+        self.opt_date(key)?
+            .ok_or_else(|| self.invalid(key, "missing (required)"))
+    }
+
+    fn opt_document(&self, key: &str) -> Result<Option<&'a Document>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(Bson::Document(d)) => Ok(Some(d)),
+            Some(other) => Err(self.wrong_type(key, "a document", other)),
+        }
+    }
+
+    /// A string-to-string map; absent reads as empty.
+    fn map(&self, key: &str) -> Result<BTreeMap<String, String>> {
+        let Some(d) = self.opt_document(key)? else {
+            return Ok(BTreeMap::new());
+        };
+        d.iter()
+            .map(|(k, v)| match v {
+                Bson::String(s) => Ok((k.clone(), s.clone())),
+                other => Err(self.invalid(
+                    key,
+                    format!(
+                        "entry '{k}': expected a string, found {:?}",
+                        other.element_type()
+                    ),
+                )),
+            })
+            .collect()
+    }
+}
+
+/// Test support: a [`MongoStore`] on a fresh database of the server named by
+/// `CLOUDAI_TEST_MONGODB_URI`, and a guard that drops that database.
+#[cfg(test)]
+pub mod testing {
+    use super::MongoStore;
+
+    /// The environment variable naming the test server.
+    pub const URI_VAR: &str = "CLOUDAI_TEST_MONGODB_URI";
+
+    /// The configured test server, or `None` (skip) when none is configured locally.
+    /// Panics under CI (env `CI` set) when none is configured: CI must run these tests.
+    pub fn test_uri() -> Option<String> {
+        match std::env::var(URI_VAR) {
+            Ok(uri) if !uri.is_empty() => Some(uri),
+            _ if std::env::var_os("CI").is_some() => {
+                panic!("CI must set {URI_VAR} (e.g. mongodb://127.0.0.1:27017/)")
+            }
+            _ => {
+                eprintln!("skipping MongoDB test: {URI_VAR} is not set");
+                None
+            }
+        }
+    }
+
+    /// Drops its database when dropped. The drop runs on a client and runtime of its own, in
+    /// a thread: the test's runtime may be blocked in this very drop.
+    pub struct DropDatabase {
+        uri: String,
+        database: String,
+    }
+
+    impl Drop for DropDatabase {
+        fn drop(&mut self) {
+            let (uri, database) = (self.uri.clone(), self.database.clone());
+            let dropped = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                runtime.block_on(async {
+                    let client = mongodb::Client::with_uri_str(&uri)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    client
+                        .database(&database)
+                        .drop()
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .join();
+            if let Ok(Err(e)) = dropped {
+                eprintln!("could not drop test database {}: {e}", self.database);
+            }
+        }
+    }
+
+    /// A store on a fresh database `cloudai_test_<uuid>`; `None` when no server is configured.
+    /// Panics (the test fails) when a server is configured but cannot be reached.
+    pub async fn connect_test_store() -> Option<(MongoStore, DropDatabase)> {
+        let uri = test_uri()?;
+        let database = format!("cloudai_test_{}", uuid::Uuid::now_v7().simple());
+        let store = match MongoStore::connect(&uri, &database).await {
+            Ok(store) => store,
+            Err(e) => panic!("{URI_VAR}={uri} is set but the store cannot connect: {e}"),
+        };
+        Some((store, DropDatabase { uri, database }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Arc;
+
+    use super::testing::connect_test_store;
+    use super::*;
+
+    fn worker(worker_id: &str, total: Resources) -> Worker {
+        Worker::new(
+            worker_id.to_owned(),
+            "127.0.0.1:50052".to_owned(),
+            total,
+            BTreeMap::from([("zone".to_owned(), "local".to_owned())]),
+            "ab".repeat(32),
+        )
+    }
+
+    fn task(task_id: &str, user_id: &str) -> Task {
+        let now = model::now();
+        Task {
+            task_id: task_id.to_owned(),
+            user_id: user_id.to_owned(),
+            docker_image: "docker.io/library/alpine:3.20".to_owned(),
+            command: Some("echo hello".to_owned()),
+            req_cpu: 1.0,
+            req_memory: 2.0,
+            req_storage: 1.0,
+            req_gpu: 0.0,
+            status: TaskStatus::Pending,
+            created_at: now,
+            started_at: None,
+            completed_at: None,
+            priority: 3,
+            labels: BTreeMap::from([("team".to_owned(), "ml".to_owned())]),
+            env: BTreeMap::new(),
+            timeout_s: Some(60),
+            max_attempts: 2,
+            attempts: 0,
+            exit_code: None,
+            error: None,
+            status_reason: None,
+            cancel_requested: false,
+            owner: None,
+            lease_expires_at: None,
+            idempotency_key: None,
+            updated_at: now,
+        }
+    }
+
+    fn assignment(ass_id: &str, worker_id: &str, request: Resources) -> Assignment {
+        Assignment {
+            ass_id: ass_id.to_owned(),
+            task_id: format!("task-of-{ass_id}"),
+            worker_id: worker_id.to_owned(),
+            assigned_at: model::now(),
+            req_cpu: request.cpu,
+            req_memory: request.memory,
+            req_storage: request.storage,
+            req_gpu: request.gpu,
+            attempt: 1,
+            released: false,
+            released_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn production_defaults_fill_only_what_the_uri_left_unset() {
+        let mut bare = ClientOptions::parse("mongodb://127.0.0.1:27017/")
+            .await
+            .unwrap();
+        apply_production_defaults(&mut bare);
+        let wc = bare.write_concern.unwrap();
+        assert_eq!(wc.w, Some(Acknowledgment::Majority));
+        assert_eq!(wc.journal, Some(true));
+        assert_eq!(bare.retry_writes, Some(true));
+        assert_eq!(bare.read_concern, Some(ReadConcern::majority()));
+        assert!(matches!(
+            bare.selection_criteria,
+            Some(SelectionCriteria::ReadPreference(ReadPreference::Primary))
+        ));
+        assert_eq!(
+            bare.server_selection_timeout,
+            Some(DEFAULT_SERVER_SELECTION_TIMEOUT)
+        );
+
+        let mut explicit = ClientOptions::parse(
+            "mongodb://127.0.0.1:27017/?w=1&journal=false&retryWrites=false\
+             &readConcernLevel=local&readPreference=secondaryPreferred\
+             &serverSelectionTimeoutMS=1500",
+        )
+        .await
+        .unwrap();
+        apply_production_defaults(&mut explicit);
+        let wc = explicit.write_concern.unwrap();
+        assert_eq!(wc.w, Some(Acknowledgment::Nodes(1)));
+        assert_eq!(wc.journal, Some(false));
+        assert_eq!(explicit.retry_writes, Some(false));
+        assert_eq!(explicit.read_concern, Some(ReadConcern::local()));
+        assert!(!matches!(
+            explicit.selection_criteria,
+            Some(SelectionCriteria::ReadPreference(ReadPreference::Primary))
+        ));
+        assert_eq!(
+            explicit.server_selection_timeout,
+            Some(Duration::from_millis(1500))
+        );
+    }
+
+    #[tokio::test]
+    async fn unreachable_server_fails_with_a_clear_error() {
+        // Port 1 on loopback: nothing listens there.
+        let started = std::time::Instant::now();
+        let err = MongoStore::connect(
+            "mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=300",
+            "cloudai_unreachable",
+        )
+        .await
+        .unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("127.0.0.1:1"), "{message}");
+        assert!(message.contains("reachable"), "{message}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn reserve_race_50_for_room_for_7_has_exactly_7_winners() {
+        let Some((store, _db)) = connect_test_store().await else {
+            return;
+        };
+        let store = Arc::new(store);
+        let request = Resources::new(1.0, 2.0, 1.0, 0.0);
+        store
+            .insert_worker(&worker("w-race", Resources::new(7.5, 64.0, 64.0, 0.0)))
+            .await
+            .unwrap();
+        let attempts = (0..50).map(|_| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.reserve("w-race", &request).await })
+        });
+        let mut wins = 0;
+        for attempt in attempts {
+            if attempt.await.unwrap().unwrap() {
+                wins += 1;
+            }
+        }
+        assert_eq!(wins, 7, "exactly 7 reservations fit");
+        let after = store.get_worker("w-race").await.unwrap();
+        assert_eq!(after.allocated_cpu, 7.0);
+        assert_eq!(after.available_cpu, 0.5);
+        assert_eq!(after.allocated_memory, 14.0);
+        assert!(after.invariant_violations().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn release_returns_the_reservation_exactly_once() {
+        let Some((store, _db)) = connect_test_store().await else {
+            return;
+        };
+        let store = Arc::new(store);
+        let request = Resources::new(1.5, 2.0, 0.25, 1.0);
+        let total = Resources::new(4.0, 8.0, 10.0, 1.0);
+        store.insert_worker(&worker("w-rel", total)).await.unwrap();
+        assert!(store.reserve("w-rel", &request).await.unwrap());
+        store
+            .insert_assignment(&assignment("a-rel", "w-rel", request))
+            .await
+            .unwrap();
+        let releases = (0..10).map(|_| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.release("a-rel").await })
+        });
+        let mut applied = 0;
+        for release in releases {
+            if release.await.unwrap().unwrap() {
+                applied += 1;
+            }
+        }
+        assert_eq!(applied, 1);
+        let after = store.get_worker("w-rel").await.unwrap();
+        assert_eq!(after.available(), total);
+        assert_eq!(after.allocated(), Resources::default());
+        let released = store.get_assignment("a-rel").await.unwrap();
+        assert!(released.released && released.released_at.is_some());
+        assert!(matches!(
+            store.release("missing").await,
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn documents_have_the_seed_field_types() {
+        let Some((store, _db)) = connect_test_store().await else {
+            return;
+        };
+        store
+            .insert_task(&task("t-shape", "u1"), None)
+            .await
+            .unwrap();
+        store
+            .insert_worker(&worker("w-shape", Resources::new(8.0, 16.0, 100.0, 2.0)))
+            .await
+            .unwrap();
+        store
+            .insert_assignment(&assignment(
+                "a-shape",
+                "w-shape",
+                Resources::new(1.0, 1.0, 1.0, 0.0),
+            ))
+            .await
+            .unwrap();
+
+        let t = store
+            .tasks
+            .find_one(doc! { "task_id": "t-shape" })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(t.get("_id"), Some(Bson::ObjectId(_))));
+        assert!(matches!(t.get("created_at"), Some(Bson::DateTime(_))));
+        assert!(matches!(t.get("req_cpu"), Some(Bson::Double(_))));
+        assert_eq!(t.get_str("status").unwrap(), "pending");
+        assert!(
+            t.get("started_at").is_none(),
+            "absent optional fields are not stored"
+        );
+
+        let w = store
+            .workers
+            .find_one(doc! { "worker_id": "w-shape" })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(w.get("last_heartbeat"), Some(Bson::Int64(_))));
+        assert!(matches!(w.get("registered_at"), Some(Bson::DateTime(_))));
+        assert!(matches!(w.get("total_cpu"), Some(Bson::Double(_))));
+        assert!(matches!(w.get("is_active"), Some(Bson::Boolean(true))));
+
+        let a = store
+            .assignments
+            .find_one(doc! { "ass_id": "a-shape" })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(a.get("assigned_at"), Some(Bson::DateTime(_))));
+        assert!(matches!(a.get("released"), Some(Bson::Boolean(false))));
+    }
+
+    #[tokio::test]
+    async fn connect_is_idempotent_and_creates_the_seed_indexes() {
+        let Some((store, db)) = connect_test_store().await else {
+            return;
+        };
+        let uri = super::testing::test_uri().unwrap();
+        let again = MongoStore::connect(&uri, store.database().name())
+            .await
+            .unwrap();
+        again.ping().await.unwrap();
+        for (collection, expected) in [
+            (
+                &store.tasks,
+                &["task_id_1", "status_1", "created_at_-1"][..],
+            ),
+            (
+                &store.workers,
+                &["worker_id_1", "is_active_1", "last_heartbeat_-1"][..],
+            ),
+            (
+                &store.assignments,
+                &["ass_id_1", "task_id_1", "worker_id_1"][..],
+            ),
+            (&store.results, &["task_id_1", "worker_id_1"][..]),
+        ] {
+            let names = collection.list_index_names().await.unwrap();
+            for name in expected {
+                assert!(names.iter().any(|n| n == name), "{name} missing: {names:?}");
+            }
+        }
+        // The uniqueness is enforced by the index, not only by our code path.
+        store
+            .tasks
+            .insert_one(doc! { "task_id": "dup" })
+            .await
+            .unwrap();
+        let dup = store
+            .tasks
+            .insert_one(doc! { "task_id": "dup" })
+            .await
+            .unwrap_err();
+        assert!(is_duplicate_key(&dup), "{dup:?}");
+        drop(db);
+    }
+
+    #[tokio::test]
+    async fn malformed_documents_are_reported_with_their_field() {
+        let Some((store, _db)) = connect_test_store().await else {
+            return;
+        };
+        let mut d = task_to_document(&task("t-bad", "u1")).unwrap();
+        d.insert("req_cpu", "two");
+        store.tasks.insert_one(d).await.unwrap();
+        let message = store.get_task("t-bad").await.unwrap_err().to_string();
+        assert!(
+            message.contains("'req_cpu'") && message.contains("TASKS"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn idempotent_submit_finishes_a_submission_that_crashed_after_its_key() {
+        let Some((store, _db)) = connect_test_store().await else {
+            return;
+        };
+        // The state a crash between the two inserts leaves: a key, no task.
+        store
+            .idempotency
+            .insert_one(doc! {
+                "_id": "u1/k1", "user_id": "u1", "key": "k1",
+                "task_id": "t-promised", "request_sha256": "abc",
+            })
+            .await
+            .unwrap();
+        let idem = IdempotencyKey {
+            key: "k1".to_owned(),
+            request_sha256: "abc".to_owned(),
+        };
+        let mut retry = task("t-retry", "u1");
+        retry.idempotency_key = Some("k1".to_owned());
+        let outcome = store.insert_task(&retry, Some(&idem)).await.unwrap();
+        assert_eq!(outcome.task.task_id, "t-promised");
+        assert!(store.get_task("t-promised").await.is_ok());
+        assert!(matches!(
+            store.get_task("t-retry").await,
+            Err(StoreError::NotFound { .. })
+        ));
+        let again = store.insert_task(&retry, Some(&idem)).await.unwrap();
+        assert!(!again.created);
+        assert_eq!(again.task.task_id, "t-promised");
+    }
+}

@@ -1,0 +1,91 @@
+//! The OpenAPI 3 document, generated from the handlers' `#[utoipa::path]` annotations and
+//! the body types' `ToSchema`, and served without auth at `/v1/openapi.json`.
+
+use axum::routing::get;
+use axum::{Json, Router};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::AppState;
+use super::{health, tasks, workers};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "CloudAI",
+        description = "Task scheduler API. Errors are `{\"error\":{\"code\",\"message\"}}`. \
+            Execution is at-least-once: a task whose worker is lost is run again elsewhere, up \
+            to `max_attempts`, and the lost worker's copy may have run too; `max_attempts: 1` \
+            never re-runs."
+    ),
+    paths(
+        health::healthz,
+        health::readyz,
+        openapi_json,
+        tasks::submit_task,
+        tasks::list_tasks,
+        tasks::get_task,
+        tasks::cancel_task,
+        tasks::get_result,
+        tasks::get_logs,
+        workers::register_worker,
+        workers::list_workers,
+        workers::get_worker,
+        workers::heartbeat,
+        workers::drain_worker,
+        workers::undrain_worker,
+        workers::delete_worker,
+    ),
+    components(schemas(
+        super::error::ErrorBody,
+        super::error::ErrorDetail,
+        crate::model::Task,
+        crate::model::TaskStatus,
+        crate::model::TaskResult,
+        crate::model::ResultStatus,
+        crate::model::Worker,
+        crate::model::WorkerUsage,
+        tasks::TaskSpec,
+        tasks::TaskList,
+        tasks::TaskLogs,
+        workers::RegisterWorker,
+        workers::Heartbeat,
+        workers::HeartbeatUsage,
+        workers::Registered,
+        workers::HeartbeatAck,
+        workers::WorkerList,
+        health::Health,
+        health::Ready,
+    )),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "tasks", description = "Submit, read, list and cancel tasks"),
+        (name = "workers", description = "Worker registration, heartbeats and administration"),
+        (name = "health", description = "Probes"),
+    )
+)]
+pub struct ApiDoc;
+
+/// Declares the `bearer` scheme the paths refer to.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/openapi.json", get(openapi_json))
+}
+
+/// This document.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "health",
+    responses((status = 200, description = "The OpenAPI 3 document", content_type = "application/json")))]
+pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}

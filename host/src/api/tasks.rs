@@ -1,0 +1,760 @@
+//! `/v1/tasks`: submit (idempotent with `Idempotency-Key`), read, list (newest first, cursor
+//! pagination), cancel, and read a task's result and logs. Users see only their own tasks;
+//! admins see all.
+
+use std::collections::BTreeMap;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::DateTime;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::Limits;
+use super::auth::Principal;
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::extract::{IdPath, ValidJson, Validate, truncate_for_message, validate_id};
+use super::image_ref;
+use crate::model::{self, RESOURCE_QUANTUM, Task, TaskResult, TaskStatus};
+use crate::store::{IdempotencyKey, StoreError, TaskCursor, TaskQuery, TaskUpdate};
+
+/// Header naming a submission's idempotency key.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// Header set to `true` on a response that returns an earlier submission.
+pub const IDEMPOTENCY_REPLAYED: HeaderName = HeaderName::from_static("idempotency-replayed");
+
+const MAX_COMMAND_BYTES: usize = 16 * 1024;
+const MAX_ENV_ENTRIES: usize = 256;
+const MAX_ENV_KEY_LEN: usize = 256;
+const MAX_ENV_TOTAL_BYTES: usize = 64 * 1024;
+const MAX_LABELS: usize = 64;
+const MAX_LABEL_KEY_LEN: usize = 128;
+const MAX_LABEL_VALUE_LEN: usize = 256;
+const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -1000..=1000;
+const TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 1..=604_800;
+const MAX_ATTEMPTS_RANGE: std::ops::RangeInclusive<u32> = 1..=20;
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// What a client submits. The submitting user comes from the token, never from the body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// Docker reference: `[registry[:port]/]name[:tag][@sha256:<64 hex>]`.
+    #[schema(example = "busybox:1.36")]
+    pub docker_image: String,
+    /// Shell command run in the container (`sh -c`); the image's default when absent.
+    #[serde(default)]
+    pub command: Option<String>,
+    /// Cores (default 1), > 0.
+    #[serde(default = "one")]
+    #[schema(default = 1.0)]
+    pub req_cpu: f64,
+    /// GB (default 1), > 0.
+    #[serde(default = "one")]
+    #[schema(default = 1.0)]
+    pub req_memory: f64,
+    /// GB (default 0), >= 0.
+    #[serde(default)]
+    pub req_storage: f64,
+    /// Whole devices (default 0).
+    #[serde(default)]
+    pub req_gpu: f64,
+    /// -1000..=1000, higher runs first (default 0).
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Wall-clock limit of one attempt, 1..=604800 seconds.
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    /// 1..=20 (default 3). Execution is at-least-once: a task whose worker is lost is run
+    /// again, up to this many attempts; `1` never re-runs.
+    #[serde(default = "three")]
+    #[schema(default = 3)]
+    pub max_attempts: u32,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn three() -> u32 {
+    3
+}
+
+impl Validate for TaskSpec {
+    fn validate(&self, limits: &Limits) -> Result<(), ApiError> {
+        image_ref::parse(&self.docker_image).map_err(|why| {
+            ApiError::validation(format!(
+                "docker_image '{}' {why}",
+                truncate_for_message(&self.docker_image)
+            ))
+        })?;
+        if let Some(command) = &self.command {
+            if command.len() > MAX_COMMAND_BYTES {
+                return Err(ApiError::validation(format!(
+                    "command must be at most {MAX_COMMAND_BYTES} bytes"
+                )));
+            }
+            if command.contains('\0') {
+                return Err(ApiError::validation("command must not contain NUL"));
+            }
+        }
+        check_amount("req_cpu", self.req_cpu, true, limits.max_task_cpu)?;
+        check_amount("req_memory", self.req_memory, true, limits.max_task_memory)?;
+        check_amount(
+            "req_storage",
+            self.req_storage,
+            false,
+            limits.max_task_storage,
+        )?;
+        check_amount("req_gpu", self.req_gpu, false, limits.max_task_gpu)?;
+        if self.req_gpu.fract() != 0.0 {
+            return Err(ApiError::validation(format!(
+                "req_gpu must be a whole number of devices, got {}",
+                self.req_gpu
+            )));
+        }
+        check_env(&self.env)?;
+        check_labels(&self.labels)?;
+        if !PRIORITY_RANGE.contains(&self.priority) {
+            return Err(ApiError::validation(format!(
+                "priority must be in -1000..=1000, got {}",
+                self.priority
+            )));
+        }
+        if let Some(timeout) = self.timeout_s
+            && !TIMEOUT_RANGE.contains(&timeout)
+        {
+            return Err(ApiError::validation(format!(
+                "timeout_s must be in 1..=604800 (7 days), got {timeout}"
+            )));
+        }
+        if !MAX_ATTEMPTS_RANGE.contains(&self.max_attempts) {
+            return Err(ApiError::validation(format!(
+                "max_attempts must be in 1..=20, got {}",
+                self.max_attempts
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A resource amount: finite, `> 0` when `positive` (else `>= 0`), at most `cap`, and (when
+/// positive) still at least one quantum after quantization.
+pub(crate) fn check_amount(
+    field: &str,
+    value: f64,
+    positive: bool,
+    cap: f64,
+) -> Result<(), ApiError> {
+    if !value.is_finite() {
+        return Err(ApiError::validation(format!("{field} must be finite")));
+    }
+    if positive && value <= 0.0 {
+        return Err(ApiError::validation(format!(
+            "{field} must be greater than 0, got {value}"
+        )));
+    }
+    if value < 0.0 {
+        return Err(ApiError::validation(format!(
+            "{field} must be at least 0, got {value}"
+        )));
+    }
+    if value > cap {
+        return Err(ApiError::validation(format!(
+            "{field} must be at most {cap}, got {value}"
+        )));
+    }
+    if positive && model::quantize(value) < RESOURCE_QUANTUM {
+        return Err(ApiError::validation(format!(
+            "{field} must be at least 1/1024 (0.0009765625), got {value}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if env.len() > MAX_ENV_ENTRIES {
+        return Err(ApiError::validation(format!(
+            "env must have at most {MAX_ENV_ENTRIES} entries, got {}",
+            env.len()
+        )));
+    }
+    let mut total = 0usize;
+    for (key, value) in env {
+        let mut chars = key.chars();
+        let key_ok = key.len() <= MAX_ENV_KEY_LEN
+            && chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !key_ok {
+            return Err(ApiError::validation(format!(
+                "env key '{}' must match [A-Za-z_][A-Za-z0-9_]* and be at most {MAX_ENV_KEY_LEN} characters",
+                truncate_for_message(key)
+            )));
+        }
+        if value.contains('\0') {
+            return Err(ApiError::validation(format!(
+                "env value of '{key}' must not contain NUL"
+            )));
+        }
+        total += key.len() + value.len();
+    }
+    if total > MAX_ENV_TOTAL_BYTES {
+        return Err(ApiError::validation(format!(
+            "env must total at most {MAX_ENV_TOTAL_BYTES} bytes of keys and values, got {total}"
+        )));
+    }
+    Ok(())
+}
+
+/// Labels: at most 64; keys 1..=128 of `[A-Za-z0-9._/-]`; values at most 256 characters
+/// without control characters.
+pub(crate) fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if labels.len() > MAX_LABELS {
+        return Err(ApiError::validation(format!(
+            "labels must have at most {MAX_LABELS} entries, got {}",
+            labels.len()
+        )));
+    }
+    for (key, value) in labels {
+        let key_ok = !key.is_empty()
+            && key.len() <= MAX_LABEL_KEY_LEN
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'));
+        if !key_ok {
+            return Err(ApiError::validation(format!(
+                "label key '{}' must be 1..={MAX_LABEL_KEY_LEN} characters of A-Z a-z 0-9 . _ / -",
+                truncate_for_message(key)
+            )));
+        }
+        if value.chars().count() > MAX_LABEL_VALUE_LEN || value.chars().any(char::is_control) {
+            return Err(ApiError::validation(format!(
+                "label '{key}' value must be at most {MAX_LABEL_VALUE_LEN} characters without control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// One page of tasks, newest first.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TaskList {
+    pub tasks: Vec<Task>,
+    /// Pass as `cursor` to get the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// A task's captured output.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TaskLogs {
+    pub task_id: String,
+    /// stdout and stderr, bounded by the worker.
+    pub logs: String,
+    /// True when the logs were cut to the bound.
+    pub truncated: bool,
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/tasks", post(submit_task).get(list_tasks))
+        .route("/v1/tasks/{task_id}", get(get_task))
+        .route("/v1/tasks/{task_id}/cancel", post(cancel_task))
+        .route("/v1/tasks/{task_id}/result", get(get_result))
+        .route("/v1/tasks/{task_id}/logs", get(get_logs))
+}
+
+/// Submits a task.
+///
+/// With an `Idempotency-Key` header, a retry with the same key and the same spec returns the
+/// first task (200, `Idempotency-Replayed: true`); the same key with another spec is refused
+/// (409 `idempotency_key_reused`). Keys are per user.
+#[utoipa::path(post, path = "/v1/tasks", tag = "tasks",
+    security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "1..=255 printable ASCII characters; makes the submission idempotent")),
+    request_body = TaskSpec,
+    responses(
+        (status = 201, description = "Created (pending)", body = Task,
+            headers(("Location" = String, description = "/v1/tasks/{task_id}"))),
+        (status = 200, description = "Replay of an earlier submission with the same key", body = Task,
+            headers(("Idempotency-Replayed" = String, description = "true"))),
+        (status = 400, description = "Malformed JSON or idempotency key", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not a user token", body = ErrorBody),
+        (status = 409, description = "Idempotency key reused with another spec", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "Invalid spec", body = ErrorBody),
+    ))]
+pub async fn submit_task(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    ValidJson(spec): ValidJson<TaskSpec>,
+) -> ApiResult<Response> {
+    let (user_id, _) = principal.require_user()?;
+    let key = idempotency_key(&headers)?;
+    let idempotency = match &key {
+        Some(key) => {
+            // The digest is of the parsed spec (defaults filled, fields in declaration order,
+            // maps sorted), so whitespace and field order in the body do not matter.
+            let canonical = serde_json::to_vec(&spec).map_err(|e| {
+                tracing::error!(error = %e, "serializing a task spec");
+                ApiError::internal()
+            })?;
+            Some(IdempotencyKey {
+                key: key.clone(),
+                request_sha256: hex::encode(Sha256::digest(&canonical)),
+            })
+        }
+        None => None,
+    };
+    let now = model::now();
+    let task = Task {
+        task_id: format!("task-{}", uuid::Uuid::now_v7().simple()),
+        user_id: user_id.to_string(),
+        docker_image: spec.docker_image,
+        command: spec.command,
+        req_cpu: model::quantize(spec.req_cpu),
+        req_memory: model::quantize(spec.req_memory),
+        req_storage: model::quantize(spec.req_storage),
+        req_gpu: model::quantize(spec.req_gpu),
+        status: TaskStatus::Pending,
+        created_at: now,
+        started_at: None,
+        completed_at: None,
+        priority: spec.priority,
+        labels: spec.labels,
+        env: spec.env,
+        timeout_s: spec.timeout_s,
+        max_attempts: spec.max_attempts,
+        attempts: 0,
+        exit_code: None,
+        error: None,
+        status_reason: None,
+        cancel_requested: false,
+        owner: None,
+        lease_expires_at: None,
+        idempotency_key: key,
+        updated_at: now,
+    };
+    let outcome = state.store.insert_task(&task, idempotency.as_ref()).await?;
+    let location = HeaderValue::from_str(&format!("/v1/tasks/{}", outcome.task.task_id))
+        .map_err(|_| ApiError::internal())?;
+    let mut response = if outcome.created {
+        tracing::info!(task_id = %outcome.task.task_id, user_id, "task submitted");
+        (StatusCode::CREATED, Json(outcome.task)).into_response()
+    } else {
+        let mut response = (StatusCode::OK, Json(outcome.task)).into_response();
+        response
+            .headers_mut()
+            .insert(IDEMPOTENCY_REPLAYED, HeaderValue::from_static("true"));
+        response
+    };
+    response.headers_mut().insert(header::LOCATION, location);
+    Ok(response)
+}
+
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(value) = headers.get(&IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::bad_request(
+            "invalid_idempotency_key",
+            format!(
+                "Idempotency-Key must be 1..={MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters"
+            ),
+        )
+    };
+    let bytes = value.as_bytes();
+    if bytes.is_empty()
+        || bytes.len() > MAX_IDEMPOTENCY_KEY_LEN
+        || !bytes.iter().all(|b| (0x20..=0x7e).contains(b))
+    {
+        return Err(bad());
+    }
+    let key = value.to_str().map_err(|_| bad())?;
+    Ok(Some(key.to_string()))
+}
+
+/// Reads a task the caller may see: 404 when absent, 403 when another user's.
+async fn visible_task(state: &AppState, principal: &Principal, task_id: &str) -> ApiResult<Task> {
+    let (user_id, is_admin) = principal.require_user()?;
+    let task = state.store.get_task(task_id).await?;
+    if !is_admin && task.user_id != user_id {
+        return Err(ApiError::forbidden(format!(
+            "task {task_id} belongs to another user"
+        )));
+    }
+    Ok(task)
+}
+
+/// Reads one task.
+#[utoipa::path(get, path = "/v1/tasks/{task_id}", tag = "tasks",
+    security(("bearer" = [])),
+    params(("task_id" = String, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "The task", body = Task),
+        (status = 400, description = "Malformed id (`invalid_id`)", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Another user's task", body = ErrorBody),
+        (status = 404, description = "No such task (`task_not_found`)", body = ErrorBody),
+    ))]
+pub async fn get_task(
+    State(state): State<AppState>,
+    principal: Principal,
+    IdPath(task_id): IdPath,
+) -> ApiResult<Json<Task>> {
+    Ok(Json(visible_task(&state, &principal, &task_id).await?))
+}
+
+/// Lists tasks, newest first. Users see their own; admins all, or one user's with `user_id`.
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks",
+    security(("bearer" = [])),
+    params(
+        ("status" = Option<TaskStatus>, Query, description = "Only tasks in this state"),
+        ("user_id" = Option<String>, Query, description = "Only this user's tasks (users may only name themselves)"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1..=max (default 50)"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "One page", body = TaskList),
+        (status = 400, description = "Bad status, limit or cursor", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Another user's listing", body = ErrorBody),
+    ))]
+pub async fn list_tasks(
+    State(state): State<AppState>,
+    principal: Principal,
+    query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+) -> ApiResult<Json<TaskList>> {
+    let (caller, is_admin) = principal.require_user()?;
+    let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    if let Some(unknown) = params
+        .keys()
+        .find(|k| !matches!(k.as_str(), "status" | "user_id" | "limit" | "cursor"))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!(
+                "unknown query parameter '{}' (expected status, user_id, limit, cursor)",
+                truncate_for_message(unknown)
+            ),
+        ));
+    }
+    let status = params
+        .get("status")
+        .map(|s| s.parse::<TaskStatus>())
+        .transpose()
+        .map_err(|why| ApiError::bad_request("invalid_status", why))?;
+    let user_id = match params.get("user_id") {
+        Some(user) => {
+            validate_id(user)
+                .map_err(|why| ApiError::bad_request("invalid_id", format!("user_id {why}")))?;
+            if !is_admin && user != caller {
+                return Err(ApiError::forbidden("users may list only their own tasks"));
+            }
+            Some(user.clone())
+        }
+        None if is_admin => None,
+        None => Some(caller.to_string()),
+    };
+    let max = state.limits.max_page_size;
+    let limit = match params.get("limit") {
+        Some(raw) => raw
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_limit",
+                    format!("limit must be a whole number in 1..={max}"),
+                )
+            })?,
+        None => state.limits.default_page_size.clamp(1, max.max(1)),
+    };
+    let after = params.get("cursor").map(|c| decode_cursor(c)).transpose()?;
+    let page = state
+        .store
+        .list_tasks(&TaskQuery {
+            status,
+            user_id,
+            limit,
+            after,
+        })
+        .await?;
+    Ok(Json(TaskList {
+        tasks: page.tasks,
+        next_cursor: page.next.as_ref().map(encode_cursor),
+    }))
+}
+
+/// The opaque cursor: base64url of `<created_at ms>:<task_id>`.
+pub fn encode_cursor(cursor: &TaskCursor) -> String {
+    URL_SAFE_NO_PAD.encode(format!(
+        "{}:{}",
+        cursor.created_at.timestamp_millis(),
+        cursor.task_id
+    ))
+}
+
+pub fn decode_cursor(raw: &str) -> ApiResult<TaskCursor> {
+    let bad = || ApiError::bad_request("invalid_cursor", "cursor is not one this API returned");
+    let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let (millis, task_id) = text.split_once(':').ok_or_else(bad)?;
+    let millis: i64 = millis.parse().map_err(|_| bad())?;
+    let created_at = DateTime::from_timestamp_millis(millis).ok_or_else(bad)?;
+    validate_id(task_id).map_err(|_| bad())?;
+    Ok(TaskCursor {
+        created_at,
+        task_id: task_id.to_string(),
+    })
+}
+
+/// Cancels a task. A pending or queued task is cancelled at once (200); a running one is
+/// asked to stop (202, `cancel_requested`) and its worker stops it; a finished one answers
+/// 409 `task_finished`.
+#[utoipa::path(post, path = "/v1/tasks/{task_id}/cancel", tag = "tasks",
+    security(("bearer" = [])),
+    params(("task_id" = String, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "Cancelled", body = Task),
+        (status = 202, description = "Running: the worker was asked to stop it", body = Task),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Another user's task", body = ErrorBody),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 409, description = "Already finished (`task_finished`)", body = ErrorBody),
+    ))]
+pub async fn cancel_task(
+    State(state): State<AppState>,
+    principal: Principal,
+    IdPath(task_id): IdPath,
+) -> ApiResult<Response> {
+    let task = visible_task(&state, &principal, &task_id).await?;
+    let (caller, _) = principal.require_user()?;
+    let mut status = task.status;
+    // At most two rounds: a lost race (pending/queued -> running) falls back to asking the
+    // worker to stop the task.
+    for _ in 0..2 {
+        match status {
+            TaskStatus::Pending | TaskStatus::Queued => {
+                let update = TaskUpdate {
+                    completed_at: Some(model::now()),
+                    status_reason: Some(Some(format!("cancelled by {caller}"))),
+                    clear_claim: true,
+                    ..TaskUpdate::default()
+                };
+                match state
+                    .store
+                    .transition_task(
+                        &task_id,
+                        &[TaskStatus::Pending, TaskStatus::Queued],
+                        TaskStatus::Cancelled,
+                        &update,
+                    )
+                    .await
+                {
+                    Ok(task) => {
+                        tracing::info!(task_id, by = caller, "task cancelled");
+                        return Ok((StatusCode::OK, Json(task)).into_response());
+                    }
+                    Err(StoreError::Conflict { .. }) => {
+                        status = state.store.get_task(&task_id).await?.status;
+                    }
+                    Err(other) => return Err(other.into()),
+                }
+            }
+            TaskStatus::Running => match state.store.request_cancel(&task_id).await {
+                Ok(task) => {
+                    tracing::info!(
+                        task_id,
+                        by = caller,
+                        "cancellation of a running task requested"
+                    );
+                    return Ok((StatusCode::ACCEPTED, Json(task)).into_response());
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    status = state.store.get_task(&task_id).await?.status;
+                }
+                Err(other) => return Err(other.into()),
+            },
+            finished => return Err(task_finished(&task_id, finished)),
+        }
+    }
+    if status.is_terminal() {
+        return Err(task_finished(&task_id, status));
+    }
+    Err(ApiError::conflict(
+        "conflict",
+        format!("task {task_id} changed state while being cancelled; try again"),
+    ))
+}
+
+fn task_finished(task_id: &str, status: TaskStatus) -> ApiError {
+    ApiError::conflict(
+        "task_finished",
+        format!("task {task_id} already finished: it is {status}"),
+    )
+}
+
+async fn result_of(
+    state: &AppState,
+    principal: &Principal,
+    task_id: &str,
+) -> ApiResult<TaskResult> {
+    let task = visible_task(state, principal, task_id).await?;
+    match state.store.get_result(task_id).await {
+        Ok(result) => Ok(result),
+        Err(StoreError::NotFound { .. }) => Err(ApiError::not_found(
+            "result_not_found",
+            format!("task {task_id} has no result yet: it is {}", task.status),
+        )),
+        Err(other) => Err(other.into()),
+    }
+}
+
+/// Reads a task's result.
+#[utoipa::path(get, path = "/v1/tasks/{task_id}/result", tag = "tasks",
+    security(("bearer" = [])),
+    params(("task_id" = String, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "The result", body = TaskResult),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Another user's task", body = ErrorBody),
+        (status = 404, description = "No such task, or no result yet (`result_not_found`)", body = ErrorBody),
+    ))]
+pub async fn get_result(
+    State(state): State<AppState>,
+    principal: Principal,
+    IdPath(task_id): IdPath,
+) -> ApiResult<Json<TaskResult>> {
+    Ok(Json(result_of(&state, &principal, &task_id).await?))
+}
+
+/// Reads a task's logs.
+#[utoipa::path(get, path = "/v1/tasks/{task_id}/logs", tag = "tasks",
+    security(("bearer" = [])),
+    params(("task_id" = String, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "The logs", body = TaskLogs),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Another user's task", body = ErrorBody),
+        (status = 404, description = "No such task, or no result yet (`result_not_found`)", body = ErrorBody),
+    ))]
+pub async fn get_logs(
+    State(state): State<AppState>,
+    principal: Principal,
+    IdPath(task_id): IdPath,
+) -> ApiResult<Json<TaskLogs>> {
+    let result = result_of(&state, &principal, &task_id).await?;
+    Ok(Json(TaskLogs {
+        task_id: result.task_id,
+        logs: result.logs,
+        truncated: result.logs_truncated,
+    }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn spec() -> TaskSpec {
+        serde_json::from_str(r#"{"docker_image":"busybox"}"#).unwrap()
+    }
+
+    #[test]
+    fn spec_defaults_are_the_seeds() {
+        let s = spec();
+        assert_eq!(
+            (s.req_cpu, s.req_memory, s.req_storage, s.req_gpu),
+            (1.0, 1.0, 0.0, 0.0)
+        );
+        assert_eq!((s.priority, s.max_attempts, s.timeout_s), (0, 3, None));
+        assert!(s.validate(&Limits::default()).is_ok());
+    }
+
+    #[test]
+    fn spec_rules_name_the_field() {
+        let limits = Limits::default();
+        type Mutation = Box<dyn Fn(&mut TaskSpec)>;
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("req_cpu", Box::new(|s| s.req_cpu = f64::NAN)),
+            ("req_cpu", Box::new(|s| s.req_cpu = 0.0)),
+            ("req_cpu", Box::new(|s| s.req_cpu = 0.0001)),
+            ("req_memory", Box::new(|s| s.req_memory = f64::INFINITY)),
+            ("req_storage", Box::new(|s| s.req_storage = -1.0)),
+            ("req_gpu", Box::new(|s| s.req_gpu = 0.5)),
+            ("req_gpu", Box::new(|s| s.req_gpu = 65.0)),
+            ("req_cpu", Box::new(|s| s.req_cpu = 257.0)),
+            (
+                "docker_image",
+                Box::new(|s| s.docker_image = "Bad Image".into()),
+            ),
+            ("command", Box::new(|s| s.command = Some("a\0b".into()))),
+            (
+                "command",
+                Box::new(|s| s.command = Some("x".repeat(16 * 1024 + 1))),
+            ),
+            (
+                "env key",
+                Box::new(|s| {
+                    s.env.insert("1BAD".into(), "v".into());
+                }),
+            ),
+            (
+                "label key",
+                Box::new(|s| {
+                    s.labels.insert("bad key".into(), "v".into());
+                }),
+            ),
+            ("priority", Box::new(|s| s.priority = 1001)),
+            ("timeout_s", Box::new(|s| s.timeout_s = Some(0))),
+            ("max_attempts", Box::new(|s| s.max_attempts = 21)),
+        ];
+        for (field, mutate) in cases {
+            let mut s = spec();
+            mutate(&mut s);
+            let err = s.validate(&limits).unwrap_err();
+            assert_eq!(err.code, "validation_failed");
+            assert!(err.message.contains(field), "{field}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn cursor_round_trips_and_refuses_garbage() {
+        let cursor = TaskCursor {
+            created_at: DateTime::from_timestamp_millis(1_700_000_000_123).unwrap(),
+            task_id: "task-abc".into(),
+        };
+        assert_eq!(decode_cursor(&encode_cursor(&cursor)).unwrap(), cursor);
+        for bad in [
+            "",
+            "!!!",
+            "bm90LWEtY3Vyc29y",
+            &URL_SAFE_NO_PAD.encode("12:bad id"),
+        ] {
+            assert_eq!(
+                decode_cursor(bad).unwrap_err().code,
+                "invalid_cursor",
+                "{bad}"
+            );
+        }
+    }
+}

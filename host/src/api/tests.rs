@@ -1,0 +1,1183 @@
+//! Handler tests: the real router over a real SQLite store in a tempdir, driven with
+//! `tower::ServiceExt::oneshot`. Every refused request is also checked to have changed nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode, header};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use super::auth::{Authenticator, Role, TokenEntry, sha256_hex};
+use super::{AppState, Limits, router};
+use crate::model::{self, Assignment, ResultStatus, TaskResult, TaskStatus};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, TaskUpdate};
+
+const ALICE: &str = "cai_u_alice_0123456789abcdef";
+const BOB: &str = "cai_u_bob_0123456789abcdef";
+const ADMIN: &str = "cai_u_ops_0123456789abcdef";
+const JOIN: &str = "cai_j_join_0123456789abcdef";
+
+struct TestApi {
+    _dir: tempfile::TempDir,
+    app: Router,
+    store: Arc<SqliteStore>,
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Value,
+}
+
+impl Reply {
+    fn code(&self) -> &str {
+        self.body["error"]["code"]
+            .as_str()
+            .unwrap_or("<no error code>")
+    }
+
+    fn message(&self) -> &str {
+        self.body["error"]["message"].as_str().unwrap_or_default()
+    }
+}
+
+impl TestApi {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open_in_dir(dir.path()).unwrap());
+        let tokens = vec![
+            entry("alice", Role::User, ALICE),
+            entry("bob", Role::User, BOB),
+            entry("ops", Role::Admin, ADMIN),
+        ];
+        let state = AppState {
+            store: store.clone(),
+            auth: Arc::new(Authenticator::new(tokens, Some(sha256_hex(JOIN)))),
+            limits: Arc::new(Limits::default()),
+        };
+        TestApi {
+            _dir: dir,
+            app: router(state),
+            store,
+        }
+    }
+
+    async fn send(&self, request: Request<Body>) -> Reply {
+        let response = self.app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|e| panic!("non-JSON body ({e}): {bytes:?}"))
+        };
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Reply {
+        let mut builder = Request::builder().method(method).uri(uri);
+        if let Some(token) = token {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let body = match body {
+            Some(value) => {
+                builder = builder.header(header::CONTENT_TYPE, "application/json");
+                Body::from(serde_json::to_vec(&value).unwrap())
+            }
+            None => Body::empty(),
+        };
+        self.send(builder.body(body).unwrap()).await
+    }
+
+    async fn raw_post(
+        &self,
+        uri: &str,
+        token: &str,
+        content_type: Option<&str>,
+        body: impl Into<Body>,
+    ) -> Reply {
+        let mut builder = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"));
+        if let Some(ct) = content_type {
+            builder = builder.header(header::CONTENT_TYPE, ct);
+        }
+        self.send(builder.body(body.into()).unwrap()).await
+    }
+
+    async fn submit(&self, token: &str, spec: Value) -> Reply {
+        self.call(Method::POST, "/v1/tasks", Some(token), Some(spec))
+            .await
+    }
+
+    async fn submit_ok(&self, token: &str, spec: Value) -> String {
+        let reply = self.submit(token, spec).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+        reply.body["task_id"].as_str().unwrap().to_string()
+    }
+
+    /// Every task in the store, seen by the admin.
+    async fn all_task_ids(&self) -> Vec<String> {
+        let reply = self
+            .call(Method::GET, "/v1/tasks?limit=500", Some(ADMIN), None)
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        ids(&reply.body["tasks"])
+    }
+
+    async fn register(&self, token: &str, body: Value) -> Reply {
+        self.call(Method::POST, "/v1/workers", Some(token), Some(body))
+            .await
+    }
+}
+
+fn entry(user_id: &str, role: Role, token: &str) -> TokenEntry {
+    TokenEntry {
+        user_id: user_id.into(),
+        role,
+        token_sha256: sha256_hex(token),
+    }
+}
+
+fn ids(tasks: &Value) -> Vec<String> {
+    tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["task_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn worker_body(id: &str) -> Value {
+    json!({"worker_id": id, "worker_ip": "127.0.0.1:7070", "total_cpu": 8, "total_memory": 16,
+           "total_storage": 100, "total_gpu": 1, "labels": {"zone": "a"}})
+}
+
+#[tokio::test]
+async fn submit_get_list_and_cancel_a_task() {
+    let api = TestApi::new();
+    let reply = api
+        .submit(
+            ALICE,
+            json!({"docker_image": "busybox:1.36", "command": "echo hi", "req_cpu": 0.1,
+                   "labels": {"team": "ml"}, "env": {"FOO": "bar"}, "timeout_s": 60}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    let task = &reply.body;
+    let task_id = task["task_id"].as_str().unwrap();
+    assert!(task_id.starts_with("task-"), "{task_id}");
+    assert_eq!(
+        reply.headers[header::LOCATION].to_str().unwrap(),
+        format!("/v1/tasks/{task_id}")
+    );
+    assert_eq!(task["user_id"], "alice");
+    assert_eq!(task["status"], "pending");
+    assert_eq!(task["req_cpu"], model::quantize(0.1));
+    assert_eq!(
+        (task["req_memory"].as_f64(), task["max_attempts"].as_u64()),
+        (Some(1.0), Some(3))
+    );
+    assert!(reply.headers.contains_key("x-request-id"));
+
+    let got = api
+        .call(
+            Method::GET,
+            &format!("/v1/tasks/{task_id}"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(&got.body, task);
+
+    let listed = api.call(Method::GET, "/v1/tasks", Some(ALICE), None).await;
+    assert_eq!(ids(&listed.body["tasks"]), vec![task_id.to_string()]);
+    assert_eq!(listed.body["next_cursor"], Value::Null);
+
+    let cancelled = api
+        .call(
+            Method::POST,
+            &format!("/v1/tasks/{task_id}/cancel"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(cancelled.status, StatusCode::OK, "{}", cancelled.body);
+    assert_eq!(cancelled.body["status"], "cancelled");
+    assert_eq!(cancelled.body["status_reason"], "cancelled by alice");
+    assert!(cancelled.body["completed_at"].is_string());
+
+    let again = api
+        .call(
+            Method::POST,
+            &format!("/v1/tasks/{task_id}/cancel"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (again.status, again.code()),
+        (StatusCode::CONFLICT, "task_finished")
+    );
+}
+
+#[tokio::test]
+async fn the_body_never_says_who_the_user_is() {
+    let api = TestApi::new();
+    let reply = api
+        .submit(ALICE, json!({"docker_image": "busybox", "user_id": "bob"}))
+        .await;
+    assert_eq!(
+        (reply.status, reply.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "unknown_field")
+    );
+    assert!(reply.message().contains("user_id"), "{}", reply.message());
+    assert!(api.all_task_ids().await.is_empty());
+}
+
+#[tokio::test]
+async fn cancelling_a_running_task_asks_the_worker_and_a_finished_one_is_refused() {
+    let api = TestApi::new();
+    let task_id = api
+        .submit_ok(ALICE, json!({"docker_image": "busybox"}))
+        .await;
+    api.store
+        .transition_task(
+            &task_id,
+            &[TaskStatus::Pending],
+            TaskStatus::Running,
+            &TaskUpdate::default(),
+        )
+        .await
+        .unwrap();
+    let reply = api
+        .call(
+            Method::POST,
+            &format!("/v1/tasks/{task_id}/cancel"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    assert_eq!(reply.body["status"], "running");
+    assert_eq!(reply.body["cancel_requested"], true);
+
+    api.store
+        .transition_task(
+            &task_id,
+            &[TaskStatus::Running],
+            TaskStatus::Failed,
+            &TaskUpdate::default(),
+        )
+        .await
+        .unwrap();
+    let reply = api
+        .call(
+            Method::POST,
+            &format!("/v1/tasks/{task_id}/cancel"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (reply.status, reply.code()),
+        (StatusCode::CONFLICT, "task_finished")
+    );
+    assert!(reply.message().contains("failed"), "{}", reply.message());
+}
+
+#[tokio::test]
+async fn listing_filters_and_pages_newest_first() {
+    let api = TestApi::new();
+    let mut alice = Vec::new();
+    for _ in 0..5 {
+        alice.push(
+            api.submit_ok(ALICE, json!({"docker_image": "busybox"}))
+                .await,
+        );
+        // Distinct created_at (ms) so that newest-first is observable, not only tie-broken.
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    }
+    let bob = api.submit_ok(BOB, json!({"docker_image": "busybox"})).await;
+
+    // Alice pages through her own tasks, two at a time.
+    let mut seen = Vec::new();
+    let mut uri = "/v1/tasks?limit=2".to_string();
+    let mut pages = 0;
+    loop {
+        let page = api.call(Method::GET, &uri, Some(ALICE), None).await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+        seen.extend(ids(&page.body["tasks"]));
+        pages += 1;
+        match page.body["next_cursor"].as_str() {
+            Some(cursor) => uri = format!("/v1/tasks?limit=2&cursor={cursor}"),
+            None => break,
+        }
+        assert!(pages < 10, "pagination does not end");
+    }
+    let newest_first: Vec<String> = alice.iter().rev().cloned().collect();
+    assert_eq!(seen, newest_first);
+    assert!(pages >= 3);
+
+    // The admin sees everyone, or one user.
+    assert_eq!(api.all_task_ids().await.len(), 6);
+    let only_bob = api
+        .call(Method::GET, "/v1/tasks?user_id=bob", Some(ADMIN), None)
+        .await;
+    assert_eq!(ids(&only_bob.body["tasks"]), vec![bob.clone()]);
+
+    // Status filter.
+    api.call(
+        Method::POST,
+        &format!("/v1/tasks/{}/cancel", alice[1]),
+        Some(ALICE),
+        None,
+    )
+    .await;
+    let cancelled = api
+        .call(Method::GET, "/v1/tasks?status=cancelled", Some(ALICE), None)
+        .await;
+    assert_eq!(ids(&cancelled.body["tasks"]), vec![alice[1].clone()]);
+    let pending = api
+        .call(Method::GET, "/v1/tasks?status=pending", Some(ALICE), None)
+        .await;
+    assert_eq!(ids(&pending.body["tasks"]).len(), 4);
+
+    // Refusals.
+    let other = api
+        .call(Method::GET, "/v1/tasks?user_id=bob", Some(ALICE), None)
+        .await;
+    assert_eq!(
+        (other.status, other.code()),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    let status = api
+        .call(Method::GET, "/v1/tasks?status=done", Some(ALICE), None)
+        .await;
+    assert_eq!(status.status, StatusCode::BAD_REQUEST);
+    assert!(
+        status.message().contains("pending, queued, running"),
+        "{}",
+        status.message()
+    );
+    let cursor = api
+        .call(
+            Method::GET,
+            "/v1/tasks?cursor=not-a-cursor",
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (cursor.status, cursor.code()),
+        (StatusCode::BAD_REQUEST, "invalid_cursor")
+    );
+    for limit in ["0", "501", "-1", "x"] {
+        let reply = api
+            .call(
+                Method::GET,
+                &format!("/v1/tasks?limit={limit}"),
+                Some(ALICE),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (StatusCode::BAD_REQUEST, "invalid_limit"),
+            "{limit}"
+        );
+    }
+    let unknown = api
+        .call(Method::GET, "/v1/tasks?owner=bob", Some(ALICE), None)
+        .await;
+    assert_eq!(
+        (unknown.status, unknown.code()),
+        (StatusCode::BAD_REQUEST, "invalid_query")
+    );
+}
+
+#[tokio::test]
+async fn idempotent_submission_replays_and_refuses_a_changed_body() {
+    let api = TestApi::new();
+    let post = |token: &'static str, key: &'static str, body: &'static str| {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri("/v1/tasks")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("Idempotency-Key", key)
+            .body(Body::from(body))
+            .unwrap();
+        api.send(request)
+    };
+    let first = post(ALICE, "key-1", r#"{"docker_image":"busybox","req_cpu":2}"#).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+    assert!(!first.headers.contains_key("idempotency-replayed"));
+    assert_eq!(first.body["idempotency_key"], "key-1");
+
+    // Same spec, other whitespace, field order and number spelling: a replay.
+    let replay = post(
+        ALICE,
+        "key-1",
+        "{ \"req_cpu\" : 2.0,\n \"docker_image\": \"busybox\" }",
+    )
+    .await;
+    assert_eq!(replay.status, StatusCode::OK, "{}", replay.body);
+    assert_eq!(replay.headers["idempotency-replayed"], "true");
+    assert_eq!(replay.body["task_id"], first.body["task_id"]);
+
+    let changed = post(ALICE, "key-1", r#"{"docker_image":"busybox","req_cpu":3}"#).await;
+    assert_eq!(
+        (changed.status, changed.code()),
+        (StatusCode::CONFLICT, "idempotency_key_reused")
+    );
+
+    // Keys are per user.
+    let bobs = post(BOB, "key-1", r#"{"docker_image":"busybox","req_cpu":3}"#).await;
+    assert_eq!(bobs.status, StatusCode::CREATED, "{}", bobs.body);
+
+    let long_key: &'static str = Box::leak("k".repeat(256).into_boxed_str());
+    for bad in ["", long_key] {
+        let reply = post(ALICE, bad, r#"{"docker_image":"busybox"}"#).await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (StatusCode::BAD_REQUEST, "invalid_idempotency_key")
+        );
+    }
+    assert_eq!(api.all_task_ids().await.len(), 2);
+}
+
+#[tokio::test]
+async fn invalid_submissions_are_refused_and_change_nothing() {
+    let api = TestApi::new();
+    let json_cases: Vec<(&str, StatusCode, &str, &str)> = vec![
+        (
+            r#"{"docker_image":"busybox","req_cpu":1e400}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            "req_cpu",
+        ),
+        (
+            r#"{"docker_image":"busybox","req_cpu":-1}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "req_cpu",
+        ),
+        (
+            r#"{"docker_image":"busybox","req_cpu":0}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "req_cpu",
+        ),
+        (
+            r#"{"docker_image":"busybox","req_memory":0.0001}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "req_memory",
+        ),
+        (
+            r#"{"docker_image":"busybox","req_storage":-0.5}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "req_storage",
+        ),
+        (
+            r#"{"docker_image":"busybox","req_gpu":0.5}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "req_gpu",
+        ),
+        (
+            r#"{"docker_image":"busybox","req_cpu":100000}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "req_cpu",
+        ),
+        (
+            r#"{"docker_image":"busybox","req_cpu":"1"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            "req_cpu",
+        ),
+        (
+            r#"{"docker_image":"busybox","cpu":1}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_field",
+            "cpu",
+        ),
+        (
+            r#"{"command":"true"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            "docker_image",
+        ),
+        (
+            r#"{"docker_image":"BusyBox"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "docker_image",
+        ),
+        (
+            r#"{"docker_image":"busybox:"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "docker_image",
+        ),
+        (
+            r#"{"docker_image":"busybox@sha256:1234"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "docker_image",
+        ),
+        (
+            r#"{"docker_image":"a b"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "docker_image",
+        ),
+        (
+            r#"{"docker_image":"busybox","command":"a\u0000b"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "command",
+        ),
+        (
+            r#"{"docker_image":"busybox","env":{"1X":"y"}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "env",
+        ),
+        (
+            r#"{"docker_image":"busybox","labels":{"":"y"}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "label",
+        ),
+        (
+            r#"{"docker_image":"busybox","priority":5000}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "priority",
+        ),
+        (
+            r#"{"docker_image":"busybox","timeout_s":0}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "timeout_s",
+        ),
+        (
+            r#"{"docker_image":"busybox","timeout_s":-5}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            "timeout_s",
+        ),
+        (
+            r#"{"docker_image":"busybox","max_attempts":0}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "max_attempts",
+        ),
+        (
+            r#"{"docker_image":"busybox""#,
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "",
+        ),
+        (
+            r#"["busybox"]"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            "",
+        ),
+        ("", StatusCode::BAD_REQUEST, "invalid_json", ""),
+    ];
+    for (body, status, code, names) in json_cases {
+        let reply = api
+            .raw_post("/v1/tasks", ALICE, Some("application/json"), body)
+            .await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (status, code),
+            "{body}: {}",
+            reply.body
+        );
+        assert!(
+            reply.message().contains(names),
+            "{body}: {}",
+            reply.message()
+        );
+    }
+
+    let many_labels: serde_json::Map<String, Value> =
+        (0..65).map(|i| (format!("k{i}"), json!("v"))).collect();
+    let reply = api
+        .submit(
+            ALICE,
+            json!({"docker_image": "busybox", "labels": many_labels}),
+        )
+        .await;
+    assert_eq!(reply.code(), "validation_failed");
+
+    let big_env: serde_json::Map<String, Value> = (0..5)
+        .map(|i| (format!("K{i}"), json!("x".repeat(20_000))))
+        .collect();
+    let reply = api
+        .submit(ALICE, json!({"docker_image": "busybox", "env": big_env}))
+        .await;
+    assert_eq!(reply.code(), "validation_failed");
+    assert!(reply.message().contains("env"), "{}", reply.message());
+
+    let body = r#"{"docker_image":"busybox"}"#;
+    let reply = api
+        .raw_post("/v1/tasks", ALICE, Some("text/plain"), body)
+        .await;
+    assert_eq!(
+        (reply.status, reply.code()),
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+    );
+    let reply = api.raw_post("/v1/tasks", ALICE, None, body).await;
+    assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    let huge = format!(
+        r#"{{"docker_image":"busybox","command":"{}"}}"#,
+        "x".repeat(300 * 1024)
+    );
+    let reply = api
+        .raw_post("/v1/tasks", ALICE, Some("application/json"), huge.clone())
+        .await;
+    assert_eq!(
+        (reply.status, reply.code()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
+    // Also without a declared length (streamed body): the body limit still applies.
+    let stream = futures::stream::iter(vec![Ok::<_, std::io::Error>(huge.into_bytes())]);
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/tasks")
+        .header(header::AUTHORIZATION, format!("Bearer {ALICE}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(stream))
+        .unwrap();
+    let reply = api.send(request).await;
+    assert_eq!(
+        (reply.status, reply.code()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
+
+    assert!(
+        api.all_task_ids().await.is_empty(),
+        "a refused submission was stored"
+    );
+}
+
+#[tokio::test]
+async fn tokens_are_required_and_roles_enforced() {
+    let api = TestApi::new();
+    let task_id = api
+        .submit_ok(ALICE, json!({"docker_image": "busybox"}))
+        .await;
+
+    let none = api.call(Method::GET, "/v1/tasks", None, None).await;
+    assert_eq!(
+        (none.status, none.code()),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
+    assert!(
+        none.headers[header::WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer")
+    );
+    let wrong = api
+        .call(Method::GET, "/v1/tasks", Some("cai_u_nope"), None)
+        .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    let basic = api
+        .send(
+            Request::builder()
+                .uri("/v1/tasks")
+                .header(header::AUTHORIZATION, format!("Basic {ALICE}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(basic.status, StatusCode::UNAUTHORIZED);
+    // Unauthenticated submissions are refused before the body is looked at.
+    let anon = api
+        .raw_post(
+            "/v1/tasks",
+            "",
+            Some("application/json"),
+            r#"{"docker_image":"busybox"}"#,
+        )
+        .await;
+    assert_eq!(anon.status, StatusCode::UNAUTHORIZED);
+
+    // Another user's task.
+    for (method, suffix) in [
+        (Method::GET, ""),
+        (Method::POST, "/cancel"),
+        (Method::GET, "/result"),
+        (Method::GET, "/logs"),
+    ] {
+        let reply = api
+            .call(
+                method,
+                &format!("/v1/tasks/{task_id}{suffix}"),
+                Some(BOB),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (StatusCode::FORBIDDEN, "forbidden"),
+            "{suffix}"
+        );
+        assert!(
+            reply.message().contains("another user"),
+            "{}",
+            reply.message()
+        );
+    }
+    let still = api.store.get_task(&task_id).await.unwrap();
+    assert_eq!(
+        still.status,
+        TaskStatus::Pending,
+        "bob's refused cancel changed alice's task"
+    );
+    let bobs = api.call(Method::GET, "/v1/tasks", Some(BOB), None).await;
+    assert!(ids(&bobs.body["tasks"]).is_empty());
+    // The admin sees it.
+    let admin = api
+        .call(
+            Method::GET,
+            &format!("/v1/tasks/{task_id}"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(admin.status, StatusCode::OK);
+
+    // Users cannot call admin routes; the join token cannot submit.
+    for (method, uri) in [
+        (Method::GET, "/v1/workers"),
+        (Method::GET, "/v1/workers/w1"),
+        (Method::POST, "/v1/workers/w1/drain"),
+        (Method::POST, "/v1/workers/w1/undrain"),
+        (Method::DELETE, "/v1/workers/w1"),
+    ] {
+        let reply = api.call(method, uri, Some(ALICE), None).await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (StatusCode::FORBIDDEN, "forbidden"),
+            "{uri}"
+        );
+    }
+    let join = api.submit(JOIN, json!({"docker_image": "busybox"})).await;
+    assert_eq!(join.status, StatusCode::FORBIDDEN);
+    let user_registers = api.register(ALICE, worker_body("w1")).await;
+    assert_eq!(user_registers.status, StatusCode::FORBIDDEN);
+    assert_eq!(api.all_task_ids().await.len(), 1);
+}
+
+#[tokio::test]
+async fn worker_lifecycle_with_its_own_token() {
+    let api = TestApi::new();
+    let reply = api.register(JOIN, worker_body("w1")).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    let token = reply.body["token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("cai_w_w1."), "{token}");
+    let worker = &reply.body["worker"];
+    assert_eq!(
+        (worker["worker_id"].as_str(), worker["total_cpu"].as_f64()),
+        (Some("w1"), Some(8.0))
+    );
+    assert_eq!(worker["available_gpu"], 1.0);
+    assert!(
+        worker.get("token_sha256").is_none(),
+        "the token hash leaked"
+    );
+    assert_eq!(
+        api.store.get_worker("w1").await.unwrap().token_sha256,
+        sha256_hex(&token)
+    );
+
+    let taken = api.register(ADMIN, worker_body("w1")).await;
+    assert_eq!(
+        (taken.status, taken.code()),
+        (StatusCode::CONFLICT, "worker_exists")
+    );
+    let generated = api
+        .register(
+            ADMIN,
+            json!({"worker_ip": "node-2.local:7070", "total_cpu": 2, "total_memory": 4,
+                   "total_storage": 0, "total_gpu": 0}),
+        )
+        .await;
+    assert_eq!(generated.status, StatusCode::CREATED, "{}", generated.body);
+    let w2 = generated.body["worker"]["worker_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(w2.starts_with("worker-"), "{w2}");
+    let w2_token = generated.body["token"].as_str().unwrap().to_string();
+
+    // Heartbeats: its own token, with or without usage.
+    let beat = api
+        .call(
+            Method::POST,
+            "/v1/workers/w1/heartbeat",
+            Some(&token),
+            Some(json!({"usage": {"cpu_percent": 250.0, "memory_percent": 40.0, "running_tasks": 2}})),
+        )
+        .await;
+    assert_eq!(beat.status, StatusCode::OK, "{}", beat.body);
+    assert_eq!(beat.body["worker"]["usage"]["running_tasks"], 2);
+    let server_time = beat.body["server_time"].as_i64().unwrap();
+    assert!((server_time - chrono::Utc::now().timestamp()).abs() <= 5);
+    let empty = api
+        .call(Method::POST, "/v1/workers/w1/heartbeat", Some(&token), None)
+        .await;
+    assert_eq!(empty.status, StatusCode::OK, "{}", empty.body);
+    let bad_usage = api
+        .call(
+            Method::POST,
+            "/v1/workers/w1/heartbeat",
+            Some(&token),
+            Some(
+                json!({"usage": {"cpu_percent": 1.0, "memory_percent": 150.0, "running_tasks": 0}}),
+            ),
+        )
+        .await;
+    assert_eq!(bad_usage.code(), "validation_failed");
+    let foreign = api
+        .call(
+            Method::POST,
+            "/v1/workers/w1/heartbeat",
+            Some(&w2_token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (foreign.status, foreign.code()),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    let by_admin = api
+        .call(Method::POST, "/v1/workers/w1/heartbeat", Some(ADMIN), None)
+        .await;
+    assert_eq!(by_admin.status, StatusCode::FORBIDDEN);
+    // A forged secret for a real worker id is unknown.
+    let forged = api
+        .call(
+            Method::POST,
+            "/v1/workers/w1/heartbeat",
+            Some("cai_w_w1.00ff"),
+            None,
+        )
+        .await;
+    assert_eq!(forged.status, StatusCode::UNAUTHORIZED);
+    // A worker token is not a user token.
+    let as_user = api.call(Method::GET, "/v1/tasks", Some(&token), None).await;
+    assert_eq!(as_user.status, StatusCode::FORBIDDEN);
+    let worker_lists = api
+        .call(Method::GET, "/v1/workers", Some(&token), None)
+        .await;
+    assert_eq!(worker_lists.status, StatusCode::FORBIDDEN);
+
+    // Drain and undrain.
+    let drained = api
+        .call(Method::POST, "/v1/workers/w1/drain", Some(ADMIN), None)
+        .await;
+    assert_eq!(
+        (drained.status, &drained.body["draining"]),
+        (StatusCode::OK, &json!(true))
+    );
+    assert!(api.store.get_worker("w1").await.unwrap().draining);
+    let undrained = api
+        .call(Method::POST, "/v1/workers/w1/undrain", Some(ADMIN), None)
+        .await;
+    assert_eq!(undrained.body["draining"], false);
+
+    let listed = api
+        .call(Method::GET, "/v1/workers", Some(ADMIN), None)
+        .await;
+    assert_eq!(listed.body["workers"].as_array().unwrap().len(), 2);
+    let one = api
+        .call(Method::GET, "/v1/workers/w1", Some(ADMIN), None)
+        .await;
+    assert_eq!(one.body["worker_ip"], "127.0.0.1:7070");
+
+    // A worker holding an active assignment cannot leave.
+    let task_id = api
+        .submit_ok(ALICE, json!({"docker_image": "busybox"}))
+        .await;
+    api.store
+        .insert_assignment(&Assignment {
+            ass_id: "ass-1".into(),
+            task_id,
+            worker_id: "w1".into(),
+            assigned_at: model::now(),
+            req_cpu: 1.0,
+            req_memory: 1.0,
+            req_storage: 0.0,
+            req_gpu: 0.0,
+            attempt: 1,
+            released: false,
+            released_at: None,
+        })
+        .await
+        .unwrap();
+    let busy = api
+        .call(Method::DELETE, "/v1/workers/w1", Some(&token), None)
+        .await;
+    assert_eq!(
+        (busy.status, busy.code()),
+        (StatusCode::CONFLICT, "worker_busy")
+    );
+    api.store.release("ass-1").await.unwrap();
+
+    // Deregistration: not by another worker; by itself; then its token is dead.
+    let other = api
+        .call(Method::DELETE, "/v1/workers/w1", Some(&w2_token), None)
+        .await;
+    assert_eq!(other.status, StatusCode::FORBIDDEN);
+    let gone = api
+        .call(Method::DELETE, "/v1/workers/w1", Some(&token), None)
+        .await;
+    assert_eq!(gone.status, StatusCode::NO_CONTENT);
+    let dead = api
+        .call(Method::POST, "/v1/workers/w1/heartbeat", Some(&token), None)
+        .await;
+    assert_eq!(dead.status, StatusCode::UNAUTHORIZED);
+    let by_admin = api
+        .call(
+            Method::DELETE,
+            &format!("/v1/workers/{w2}"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(by_admin.status, StatusCode::NO_CONTENT);
+    let missing = api
+        .call(Method::GET, "/v1/workers/w1", Some(ADMIN), None)
+        .await;
+    assert_eq!(
+        (missing.status, missing.code()),
+        (StatusCode::NOT_FOUND, "worker_not_found")
+    );
+}
+
+#[tokio::test]
+async fn invalid_registrations_change_nothing() {
+    let api = TestApi::new();
+    let mut cases = Vec::new();
+    for (field, value) in [
+        ("total_cpu", json!(0)),
+        ("total_memory", json!(-1)),
+        ("total_gpu", json!(1.5)),
+        ("total_cpu", json!(1e9)),
+        ("worker_ip", json!("not-an-address")),
+        ("worker_ip", json!("x".repeat(300) + ":1")),
+        ("worker_id", json!("bad id")),
+    ] {
+        let mut body = worker_body("w1");
+        body[field] = value;
+        cases.push((field, body, "validation_failed"));
+    }
+    let mut unknown = worker_body("w1");
+    unknown["token_sha256"] = json!("00");
+    cases.push(("token_sha256", unknown, "unknown_field"));
+    let mut missing = worker_body("w1");
+    missing.as_object_mut().unwrap().remove("worker_ip");
+    cases.push(("worker_ip", missing, "invalid_field"));
+    for (field, body, code) in cases {
+        let reply = api.register(JOIN, body).await;
+        assert_eq!(reply.code(), code, "{field}: {}", reply.body);
+        assert!(
+            reply.message().contains(field),
+            "{field}: {}",
+            reply.message()
+        );
+    }
+    let listed = api
+        .call(Method::GET, "/v1/workers", Some(ADMIN), None)
+        .await;
+    assert_eq!(listed.body["workers"], json!([]));
+}
+
+#[tokio::test]
+async fn result_and_logs_answer_404_until_there_is_a_result() {
+    let api = TestApi::new();
+    let task_id = api
+        .submit_ok(ALICE, json!({"docker_image": "busybox"}))
+        .await;
+    for suffix in ["result", "logs"] {
+        let reply = api
+            .call(
+                Method::GET,
+                &format!("/v1/tasks/{task_id}/{suffix}"),
+                Some(ALICE),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (StatusCode::NOT_FOUND, "result_not_found")
+        );
+        assert_eq!(
+            reply.message(),
+            format!("task {task_id} has no result yet: it is pending")
+        );
+    }
+    api.store
+        .insert_result(&TaskResult {
+            task_id: task_id.clone(),
+            worker_id: "w1".into(),
+            status: ResultStatus::Success,
+            logs: "hello\n".into(),
+            completed_at: model::now(),
+            exit_code: Some(0),
+            error: None,
+            logs_truncated: true,
+        })
+        .await
+        .unwrap();
+    let result = api
+        .call(
+            Method::GET,
+            &format!("/v1/tasks/{task_id}/result"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(result.status, StatusCode::OK);
+    assert_eq!(
+        (&result.body["status"], &result.body["exit_code"]),
+        (&json!("success"), &json!(0))
+    );
+    let logs = api
+        .call(
+            Method::GET,
+            &format!("/v1/tasks/{task_id}/logs"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(
+        logs.body,
+        json!({"task_id": task_id, "logs": "hello\n", "truncated": true})
+    );
+
+    let missing = api
+        .call(Method::GET, "/v1/tasks/task-nope/result", Some(ALICE), None)
+        .await;
+    assert_eq!(
+        (missing.status, missing.code()),
+        (StatusCode::NOT_FOUND, "task_not_found")
+    );
+    let bad_id = api
+        .call(Method::GET, "/v1/tasks/bad%20id", Some(ALICE), None)
+        .await;
+    assert_eq!(
+        (bad_id.status, bad_id.code()),
+        (StatusCode::BAD_REQUEST, "invalid_id")
+    );
+}
+
+#[tokio::test]
+async fn probes_and_unknown_routes() {
+    let api = TestApi::new();
+    let health = api.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!(
+        (health.status, health.body.clone()),
+        (StatusCode::OK, json!({"status": "ok"}))
+    );
+    let ready = api.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(
+        (ready.status, ready.body.clone()),
+        (
+            StatusCode::OK,
+            json!({"status": "ready", "store": "sqlite"})
+        )
+    );
+    let nowhere = api
+        .call(Method::GET, "/v1/nowhere", Some(ALICE), None)
+        .await;
+    assert_eq!(
+        (nowhere.status, nowhere.code()),
+        (StatusCode::NOT_FOUND, "route_not_found")
+    );
+    let method = api.call(Method::PUT, "/v1/tasks", Some(ALICE), None).await;
+    assert_eq!(
+        (method.status, method.code()),
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+    );
+}
+
+#[tokio::test]
+async fn openapi_lists_every_route_and_the_bearer_scheme() {
+    let api = TestApi::new();
+    let doc = api.call(Method::GET, "/v1/openapi.json", None, None).await;
+    assert_eq!(doc.status, StatusCode::OK);
+    assert!(doc.body["openapi"].as_str().unwrap().starts_with("3."));
+    let routes = [
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/v1/openapi.json"),
+        ("post", "/v1/tasks"),
+        ("get", "/v1/tasks"),
+        ("get", "/v1/tasks/{task_id}"),
+        ("post", "/v1/tasks/{task_id}/cancel"),
+        ("get", "/v1/tasks/{task_id}/result"),
+        ("get", "/v1/tasks/{task_id}/logs"),
+        ("post", "/v1/workers"),
+        ("get", "/v1/workers"),
+        ("get", "/v1/workers/{worker_id}"),
+        ("delete", "/v1/workers/{worker_id}"),
+        ("post", "/v1/workers/{worker_id}/heartbeat"),
+        ("post", "/v1/workers/{worker_id}/drain"),
+        ("post", "/v1/workers/{worker_id}/undrain"),
+    ];
+    for (method, path) in routes {
+        assert!(
+            doc.body["paths"][path][method].is_object(),
+            "{method} {path} missing from the OpenAPI document"
+        );
+    }
+    let documented: usize = doc.body["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|item| item.as_object().unwrap().len())
+        .sum();
+    assert_eq!(
+        documented,
+        routes.len(),
+        "undocumented or unexpected operations"
+    );
+    assert_eq!(
+        doc.body["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    assert!(doc.body["components"]["schemas"]["TaskSpec"].is_object());
+}

@@ -1,0 +1,526 @@
+//! The `cloudai` command line: `serve` runs the host; the other commands are clients of its
+//! HTTP API (`--host`, `--token`, also read from `CLOUDAI_HOST` / `CLOUDAI_TOKEN`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use serde_json::{Map, Value, json};
+use tracing_subscriber::EnvFilter;
+
+use crate::api::Limits;
+use crate::api::auth;
+use crate::client::Client;
+use crate::serve::{self, ServeConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "cloudai", version, about = "CloudAI: a container task scheduler with WebAssembly policies")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log output format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CLOUDAI_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the host: HTTP API and store (embedded SQLite unless --mongodb-uri is given).
+    Serve(ServeArgs),
+    /// API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Submit a task: `cloudai submit IMAGE [-- COMMAND ARGS...]`.
+    Submit(SubmitArgs),
+    /// List tasks, newest first.
+    Tasks(TasksArgs),
+    /// Show one task.
+    Task(TaskIdArgs),
+    /// Cancel a task (at once when pending or queued; running tasks are stopped by their worker).
+    Cancel(TaskIdArgs),
+    /// Print a finished task's logs.
+    Logs(TaskIdArgs),
+    /// List workers (admin).
+    Workers(ClientArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "CLOUDAI_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Directory for the embedded store and generated tokens.
+    #[arg(long, env = "CLOUDAI_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// MongoDB connection string; the embedded store is used when absent. Defaults to
+    /// w:majority, retryable writes and readConcern majority unless the URI says otherwise.
+    #[arg(long, env = "CLOUDAI_MONGODB_URI")]
+    pub mongodb_uri: Option<String>,
+    /// MongoDB database name.
+    #[arg(long, env = "CLOUDAI_MONGODB_DATABASE", default_value = "cloudai")]
+    pub mongodb_database: String,
+    /// JSON file of user and admin tokens (see README, "Configuration").
+    #[arg(long, env = "CLOUDAI_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// An admin token (plain text); generated into DATA_DIR/admin.token when no admin is configured.
+    #[arg(long, env = "CLOUDAI_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// The token workers present to join; generated into DATA_DIR/join.token when absent.
+    #[arg(long, env = "CLOUDAI_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// Largest CPU request accepted, in cores.
+    #[arg(long, env = "CLOUDAI_MAX_CPU")]
+    pub max_cpu: Option<f64>,
+    /// Largest memory request accepted, in GB.
+    #[arg(long, env = "CLOUDAI_MAX_MEMORY")]
+    pub max_memory: Option<f64>,
+    /// Largest storage request accepted, in GB.
+    #[arg(long, env = "CLOUDAI_MAX_STORAGE")]
+    pub max_storage: Option<f64>,
+    /// Largest GPU request accepted, in devices.
+    #[arg(long, env = "CLOUDAI_MAX_GPU")]
+    pub max_gpu: Option<f64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print the tokens-file entry that grants it.
+    New(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The user the token authenticates.
+    #[arg(long)]
+    pub user: String,
+    /// Grant the admin role.
+    #[arg(long)]
+    pub admin: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// URL of the CloudAI host.
+    #[arg(long, env = "CLOUDAI_HOST", default_value = "http://127.0.0.1:8080")]
+    pub host: String,
+    /// API token.
+    #[arg(long, env = "CLOUDAI_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Docker image, e.g. `busybox:1.36` or `registry.example.com/team/app@sha256:...`.
+    pub image: String,
+    /// Command and arguments (after `--`); the image's entrypoint when absent.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+    /// CPU cores.
+    #[arg(long)]
+    pub cpu: Option<f64>,
+    /// Memory in GB.
+    #[arg(long)]
+    pub memory: Option<f64>,
+    /// Storage in GB.
+    #[arg(long)]
+    pub storage: Option<f64>,
+    /// GPU devices.
+    #[arg(long)]
+    pub gpu: Option<f64>,
+    /// Higher runs first (-1000..=1000).
+    #[arg(long, allow_negative_numbers = true)]
+    pub priority: Option<i32>,
+    /// Wall-clock limit in seconds.
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Attempts in all when a worker is lost (1 = never re-run).
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_key_value)]
+    pub env: Vec<(String, String)>,
+    /// Label KEY=VALUE (repeatable).
+    #[arg(long = "label", short = 'l', value_parser = parse_key_value)]
+    pub labels: Vec<(String, String)>,
+    /// Makes a retried submission return the first task instead of creating another.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TasksArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Only tasks in this state.
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Only this user's tasks (admin).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Page size.
+    #[arg(long)]
+    pub limit: Option<u32>,
+    /// Continue after this cursor (printed after a full page).
+    #[arg(long)]
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TaskIdArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub task_id: String,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got '{s}'"))
+}
+
+/// The whole `cloudai` program: parses the command line, sets up logging, runs the command on
+/// a Tokio runtime and turns an error into a message and a failing exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve::run(serve_config(args)?).await,
+        Command::Token(TokenCommand::New(args)) => {
+            let token = auth::generate_token(if args.admin { "cai_a_" } else { "cai_u_" });
+            let entry = json!({
+                "user_id": args.user,
+                "role": if args.admin { "admin" } else { "user" },
+                "token_sha256": auth::sha256_hex(&token),
+            });
+            println!("token: {token}");
+            println!("add this entry to the \"tokens\" list of your tokens file (only the hash is kept):");
+            println!("{}", serde_json::to_string(&entry)?);
+            Ok(())
+        }
+        Command::Submit(args) => submit(args).await,
+        Command::Tasks(args) => tasks(args).await,
+        Command::Task(args) => {
+            let client = client(&args.client)?;
+            let task = client.get(&format!("/v1/tasks/{}", args.task_id)).await?;
+            print_one(args.client.output, &task, print_task_detail)
+        }
+        Command::Cancel(args) => {
+            let client = client(&args.client)?;
+            let task = client
+                .post(&format!("/v1/tasks/{}/cancel", args.task_id), &json!({}))
+                .await?;
+            print_one(args.client.output, &task, |t| {
+                let status = str_field(t, "status");
+                if status == "running" {
+                    println!("{}: cancellation requested; its worker stops it", str_field(t, "task_id"));
+                } else {
+                    println!("{}: {status}", str_field(t, "task_id"));
+                }
+            })
+        }
+        Command::Logs(args) => {
+            let client = client(&args.client)?;
+            let logs = client.get(&format!("/v1/tasks/{}/logs", args.task_id)).await?;
+            print_one(args.client.output, &logs, |l| {
+                print!("{}", str_field(l, "logs"));
+                if l.get("truncated").and_then(Value::as_bool) == Some(true) {
+                    eprintln!("(logs were truncated to the host's limit)");
+                }
+            })
+        }
+        Command::Workers(args) => {
+            let client = client(&args)?;
+            let answer = client.get("/v1/workers").await?;
+            print_one(args.output, &answer, print_workers)
+        }
+    }
+}
+
+fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
+    let mut limits = Limits::default();
+    for (flag, value, slot) in [
+        ("--max-cpu", args.max_cpu, &mut limits.max_task_cpu),
+        ("--max-memory", args.max_memory, &mut limits.max_task_memory),
+        ("--max-storage", args.max_storage, &mut limits.max_task_storage),
+        ("--max-gpu", args.max_gpu, &mut limits.max_task_gpu),
+    ] {
+        if let Some(value) = value {
+            if !value.is_finite() || value <= 0.0 {
+                bail!("{flag} must be a positive number, got {value}");
+            }
+            *slot = value;
+        }
+    }
+    Ok(ServeConfig {
+        listen: args.listen,
+        data_dir: args.data_dir.unwrap_or_else(default_data_dir),
+        mongodb_uri: args.mongodb_uri,
+        mongodb_database: args.mongodb_database,
+        tokens_file: args.tokens_file,
+        admin_token: args.admin_token,
+        join_token: args.join_token,
+        limits,
+    })
+}
+
+/// `$XDG_DATA_HOME/cloudai`, else `~/.local/share/cloudai`, else `./cloudai-data`.
+fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("cloudai");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(home).join(".local/share/cloudai");
+    }
+    PathBuf::from("cloudai-data")
+}
+
+fn client(args: &ClientArgs) -> anyhow::Result<Client> {
+    if args.token.is_none() {
+        bail!("no API token: pass --token or set CLOUDAI_TOKEN (an admin's is in the host's DATA_DIR/admin.token)");
+    }
+    Ok(Client::new(&args.host, args.token.clone())?)
+}
+
+async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
+    let client = client(&args.client)?;
+    let mut body = Map::new();
+    body.insert("docker_image".into(), json!(args.image));
+    if !args.command.is_empty() {
+        body.insert("command".into(), json!(shell_words::join(&args.command)));
+    }
+    let numbers = [
+        ("req_cpu", args.cpu),
+        ("req_memory", args.memory),
+        ("req_storage", args.storage),
+        ("req_gpu", args.gpu),
+    ];
+    for (name, value) in numbers {
+        if let Some(value) = value {
+            body.insert(name.into(), json!(value));
+        }
+    }
+    if let Some(priority) = args.priority {
+        body.insert("priority".into(), json!(priority));
+    }
+    if let Some(timeout) = args.timeout {
+        body.insert("timeout_s".into(), json!(timeout));
+    }
+    if let Some(max_attempts) = args.max_attempts {
+        body.insert("max_attempts".into(), json!(max_attempts));
+    }
+    if !args.env.is_empty() {
+        body.insert("env".into(), json!(args.env.into_iter().collect::<BTreeMap<_, _>>()));
+    }
+    if !args.labels.is_empty() {
+        body.insert("labels".into(), json!(args.labels.into_iter().collect::<BTreeMap<_, _>>()));
+    }
+    let headers: Vec<(&str, String)> = args
+        .idempotency_key
+        .map(|key| vec![("Idempotency-Key", key)])
+        .unwrap_or_default();
+    let task = client
+        .post_with_headers("/v1/tasks", &Value::Object(body), &headers)
+        .await
+        .context("submitting the task")?;
+    print_one(args.client.output, &task, |t| println!("{}", str_field(t, "task_id")))
+}
+
+async fn tasks(args: TasksArgs) -> anyhow::Result<()> {
+    let client = client(&args.client)?;
+    let mut query = Vec::new();
+    if let Some(status) = args.status {
+        query.push(("status", status));
+    }
+    if let Some(user) = args.user {
+        query.push(("user_id", user));
+    }
+    if let Some(limit) = args.limit {
+        query.push(("limit", limit.to_string()));
+    }
+    if let Some(cursor) = args.cursor {
+        query.push(("cursor", cursor));
+    }
+    let page = client.get_query("/v1/tasks", &query).await?;
+    print_one(args.client.output, &page, |page| {
+        let mut table = new_table(&["TASK", "USER", "STATUS", "IMAGE", "CPU", "MEM GB", "GPU", "CREATED"]);
+        for task in page.get("tasks").and_then(Value::as_array).into_iter().flatten() {
+            table.add_row(vec![
+                str_field(task, "task_id"),
+                str_field(task, "user_id"),
+                str_field(task, "status"),
+                str_field(task, "docker_image"),
+                num_field(task, "req_cpu"),
+                num_field(task, "req_memory"),
+                num_field(task, "req_gpu"),
+                str_field(task, "created_at"),
+            ]);
+        }
+        println!("{table}");
+        if let Some(next) = page.get("next_cursor").and_then(Value::as_str) {
+            println!("more: cloudai tasks --cursor {next}");
+        }
+    })
+}
+
+fn print_one(output: Output, value: &Value, table: impl FnOnce(&Value)) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Table => table(value),
+    }
+    Ok(())
+}
+
+fn print_task_detail(task: &Value) {
+    let mut table = new_table(&["FIELD", "VALUE"]);
+    if let Some(fields) = task.as_object() {
+        for (name, value) in fields {
+            let shown = match value {
+                Value::Null => continue,
+                Value::String(s) => s.clone(),
+                Value::Object(map) if map.is_empty() => continue,
+                other => other.to_string(),
+            };
+            table.add_row(vec![name.clone(), shown]);
+        }
+    }
+    println!("{table}");
+}
+
+fn print_workers(answer: &Value) {
+    let mut table = new_table(&[
+        "WORKER", "ADDRESS", "STATE", "CPU alloc/total", "MEM GB alloc/total", "GPU alloc/total", "HEARTBEAT",
+    ]);
+    for worker in answer.get("workers").and_then(Value::as_array).into_iter().flatten() {
+        let state = match (
+            worker.get("is_active").and_then(Value::as_bool),
+            worker.get("draining").and_then(Value::as_bool),
+        ) {
+            (Some(true), Some(true)) => "draining",
+            (Some(true), _) => "active",
+            _ => "inactive",
+        };
+        let pair = |a: &str, t: &str| format!("{}/{}", num_field(worker, a), num_field(worker, t));
+        table.add_row(vec![
+            str_field(worker, "worker_id"),
+            str_field(worker, "worker_ip"),
+            state.to_string(),
+            pair("allocated_cpu", "total_cpu"),
+            pair("allocated_memory", "total_memory"),
+            pair("allocated_gpu", "total_gpu"),
+            worker
+                .get("last_heartbeat")
+                .and_then(Value::as_i64)
+                .map(|t| {
+                    let age = chrono::Utc::now().timestamp() - t;
+                    format!("{age}s ago")
+                })
+                .unwrap_or_default(),
+        ]);
+    }
+    println!("{table}");
+}
+
+fn new_table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    table
+}
+
+fn str_field(value: &Value, name: &str) -> String {
+    match value.get(name) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn num_field(value: &Value, name: &str) -> String {
+    value
+        .get(name)
+        .and_then(Value::as_f64)
+        .map(|n| format!("{n}"))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn submit_takes_the_command_after_double_dash() {
+        let cli = Cli::try_parse_from([
+            "cloudai", "submit", "--token", "t", "--cpu", "0.5", "-e", "A=b=c", "busybox:1.36", "--", "sh", "-c",
+            "echo hi",
+        ])
+        .map_err(|e| e.to_string());
+        let Ok(Cli { command: Command::Submit(args), .. }) = cli else {
+            panic!("unexpected parse: {cli:?}");
+        };
+        assert_eq!(args.image, "busybox:1.36");
+        assert_eq!(args.command, ["sh", "-c", "echo hi"]);
+        assert_eq!(args.cpu, Some(0.5));
+        assert_eq!(args.env, [("A".to_string(), "b=c".to_string())]);
+        assert_eq!(shell_words::join(&args.command), "sh -c 'echo hi'");
+    }
+
+    #[test]
+    fn serve_rejects_non_positive_caps() {
+        let cli = Cli::try_parse_from(["cloudai", "serve", "--max-cpu", "0"]);
+        let Ok(Cli { command: Command::Serve(args), .. }) = cli else {
+            panic!("serve did not parse");
+        };
+        assert!(serve_config(args).is_err());
+    }
+}

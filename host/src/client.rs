@@ -1,0 +1,127 @@
+//! HTTP client for the `/v1` API, used by the CLI's client commands.
+
+use std::time::Duration;
+
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// An error the API answered, or a failure to reach it.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{message} (HTTP {status}, code {code})")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("cannot reach the CloudAI host at {host}: {source}")]
+    Unreachable {
+        host: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("unexpected answer from the host: {0}")]
+    Protocol(String),
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    pub fn new(host: &str, token: Option<String>) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| ClientError::Protocol(format!("building the HTTP client: {e}")))?;
+        Ok(Client {
+            http,
+            base: host.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let builder = self.http.request(method, format!("{}{}", self.base, path));
+        match &self.token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        }
+    }
+
+    /// Sends a request and decodes a JSON answer, turning API errors into [`ClientError::Api`].
+    pub async fn send<T: DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T, ClientError> {
+        let response = builder.send().await.map_err(|source| ClientError::Unreachable {
+            host: self.base.clone(),
+            source,
+        })?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|source| ClientError::Unreachable {
+            host: self.base.clone(),
+            source,
+        })?;
+        if !status.is_success() {
+            return Err(api_error(status, &bytes));
+        }
+        let body: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+        serde_json::from_slice(body).map_err(|e| {
+            ClientError::Protocol(format!("decoding the answer ({status}): {e}"))
+        })
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
+        self.send(self.request(Method::GET, path)).await
+    }
+
+    pub async fn get_query(&self, path: &str, query: &[(&str, String)]) -> Result<Value, ClientError> {
+        self.send(self.request(Method::GET, path).query(query)).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        self.send(self.request(Method::POST, path).json(body)).await
+    }
+
+    pub async fn post_with_headers(
+        &self,
+        path: &str,
+        body: &Value,
+        headers: &[(&str, String)],
+    ) -> Result<Value, ClientError> {
+        let mut builder = self.request(Method::POST, path).json(body);
+        for (name, value) in headers {
+            builder = builder.header(*name, value);
+        }
+        self.send(builder).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {
+        self.send(self.request(Method::DELETE, path)).await
+    }
+}
+
+fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let error = parsed.as_ref().and_then(|v| v.get("error"));
+    let field = |name: &str| {
+        error
+            .and_then(|e| e.get(name))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    ClientError::Api {
+        status: status.as_u16(),
+        code: field("code").unwrap_or_else(|| "unknown".to_string()),
+        message: field("message").unwrap_or_else(|| {
+            let text = String::from_utf8_lossy(body);
+            if text.trim().is_empty() {
+                status.to_string()
+            } else {
+                text.chars().take(500).collect()
+            }
+        }),
+    }
+}

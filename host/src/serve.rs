@@ -1,0 +1,251 @@
+//! `cloudai serve`: opens the store, sets up authentication, and runs the HTTP API until a
+//! shutdown signal arrives.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+
+use crate::api::auth::{self, Authenticator, Role, TokenEntry};
+use crate::api::{AppState, Limits};
+use crate::store::Store;
+use crate::store::mongo::MongoStore;
+use crate::store::sqlite::SqliteStore;
+
+/// Everything `serve` needs, resolved from flags and environment by the CLI.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub mongodb_uri: Option<String>,
+    pub mongodb_database: String,
+    pub tokens_file: Option<PathBuf>,
+    pub admin_token: Option<String>,
+    pub join_token: Option<String>,
+    pub limits: Limits,
+}
+
+/// Opens the configured store: MongoDB when a URI is given, else the embedded SQLite file in
+/// the data directory.
+pub async fn open_store(config: &ServeConfig) -> anyhow::Result<Arc<dyn Store>> {
+    match &config.mongodb_uri {
+        Some(uri) => {
+            let store = MongoStore::connect(uri, &config.mongodb_database)
+                .await
+                .with_context(|| {
+                    format!(
+                        "connecting to MongoDB database '{}'",
+                        config.mongodb_database
+                    )
+                })?;
+            Ok(Arc::new(store))
+        }
+        None => {
+            let store = SqliteStore::open_in_dir(&config.data_dir).with_context(|| {
+                format!(
+                    "opening the embedded store in {}",
+                    config.data_dir.display()
+                )
+            })?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// Builds the authenticator from the tokens file and environment. When no admin token is
+/// configured at all, one is generated once and kept in `data_dir/admin.token` (mode 0600),
+/// so that a fresh `cloudai serve` is usable without any setup; likewise the worker join token.
+pub fn build_authenticator(config: &ServeConfig) -> anyhow::Result<Authenticator> {
+    let mut tokens = match &config.tokens_file {
+        Some(path) => auth::load_tokens_file(path)
+            .with_context(|| format!("loading tokens file {}", path.display()))?,
+        None => Vec::new(),
+    };
+    if let Some(token) = &config.admin_token {
+        tokens.push(TokenEntry {
+            user_id: "admin".to_string(),
+            role: Role::Admin,
+            token_sha256: auth::sha256_hex(token),
+        });
+    }
+    if !tokens.iter().any(|t| t.role == Role::Admin) {
+        let path = config.data_dir.join("admin.token");
+        let token = read_or_create_secret(&path, "cai_a_")?;
+        tracing::warn!(
+            path = %path.display(),
+            "no admin token configured: using the generated one; run `export CLOUDAI_TOKEN=$(cat {})` to use the CLI as admin",
+            path.display()
+        );
+        tokens.push(TokenEntry {
+            user_id: "admin".to_string(),
+            role: Role::Admin,
+            token_sha256: auth::sha256_hex(&token),
+        });
+    }
+    let join_token = match &config.join_token {
+        Some(token) => token.clone(),
+        None => {
+            let path = config.data_dir.join("join.token");
+            let token = read_or_create_secret(&path, "cai_j_")?;
+            tracing::info!(path = %path.display(), "worker join token kept in this file");
+            token
+        }
+    };
+    Ok(Authenticator::new(
+        tokens,
+        Some(auth::sha256_hex(&join_token)),
+    ))
+}
+
+/// Reads a secret kept in a file, creating it (readable by its owner only) when absent.
+fn read_or_create_secret(path: &Path, prefix: &str) -> anyhow::Result<String> {
+    if let Ok(existing) = std::fs::read_to_string(path) {
+        let existing = existing.trim().to_string();
+        if existing.is_empty() {
+            bail!("{} is empty: delete it to have a new token generated", path.display());
+        }
+        return Ok(existing);
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let token = auth::generate_token(prefix);
+    write_private(path, &token).with_context(|| format!("writing {}", path.display()))?;
+    Ok(token)
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents.as_bytes())?;
+    file.write_all(b"\n")
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    std::fs::write(path, format!("{contents}\n"))
+}
+
+/// Runs the host until Ctrl-C or SIGTERM.
+pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let store = open_store(&config).await?;
+    let auth = build_authenticator(&config)?;
+    let state = AppState {
+        store: store.clone(),
+        auth: Arc::new(auth),
+        limits: Arc::new(config.limits.clone()),
+    };
+    let app = crate::api::router(state);
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let local = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(
+        address = %local,
+        store = store.backend_name(),
+        "cloudai host listening on http://{local}"
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    tracing::info!("cloudai host stopped");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM: the one shutdown signal of the process.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutdown signal received");
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn config(dir: &Path) -> ServeConfig {
+        ServeConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.to_path_buf(),
+            mongodb_uri: None,
+            mongodb_database: "cloudai".into(),
+            tokens_file: None,
+            admin_token: None,
+            join_token: None,
+            limits: Limits::default(),
+        }
+    }
+
+    #[test]
+    fn generated_tokens_are_kept_across_restarts_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        build_authenticator(&config(dir.path())).unwrap();
+        let admin = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+        let join = std::fs::read_to_string(dir.path().join("join.token")).unwrap();
+        assert!(admin.trim().len() >= 32 && join.trim().len() >= 32);
+        assert_ne!(admin, join);
+        build_authenticator(&config(dir.path())).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.path().join("admin.token")).unwrap(), admin);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("admin.token")).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "admin token readable by others: {mode:o}");
+        }
+    }
+
+    #[test]
+    fn no_admin_token_is_generated_when_one_is_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path());
+        config.admin_token = Some("cai_a_configured".into());
+        config.join_token = Some("cai_j_configured".into());
+        build_authenticator(&config).unwrap();
+        assert!(!dir.path().join("admin.token").exists());
+        assert!(!dir.path().join("join.token").exists());
+    }
+
+    #[test]
+    fn an_empty_token_file_is_an_error_not_an_empty_token() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("admin.token"), "\n").unwrap();
+        let error = build_authenticator(&config(dir.path())).err().expect("must fail");
+        assert!(format!("{error:#}").contains("empty"), "{error:#}");
+    }
+}

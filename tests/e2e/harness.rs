@@ -1,0 +1,200 @@
+//! Starts a real `cloudai serve` process (the `cloudai-under-test` binary, which is the
+//! `cloudai` program) on a free loopback port, with its own data dir, and runs CLI commands.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use cloudai::api::auth::sha256_hex;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+pub const ALICE_TOKEN: &str = "cai_u_alice_e2e_token";
+pub const BOB_TOKEN: &str = "cai_u_bob_e2e_token";
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cloudai-under-test"))
+}
+
+/// Which store the host under test uses.
+pub enum StoreKind {
+    Embedded,
+    /// A fresh database on the MongoDB-protocol server at this URI.
+    Mongo(String),
+}
+
+pub struct TestHost {
+    child: Child,
+    pub url: String,
+    /// Kept so that the directory lives as long as the host.
+    _data_dir: TempDir,
+    pub admin_token: String,
+    pub join_token: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl TestHost {
+    /// Starts `cloudai serve` with users alice and bob in a tokens file, and no admin token
+    /// configured: the host generates one into its data dir, as on a fresh machine.
+    pub fn start(store: StoreKind) -> anyhow::Result<TestHost> {
+        let data_dir = tempfile::tempdir().context("creating the data dir")?;
+        let tokens_file = data_dir.path().join("tokens.json");
+        let tokens = json!({"tokens": [
+            {"user_id": "alice", "role": "user", "token_sha256": sha256_hex(ALICE_TOKEN)},
+            {"user_id": "bob", "role": "user", "token": BOB_TOKEN},
+        ]});
+        std::fs::write(&tokens_file, tokens.to_string())?;
+        let mut command = Command::new(binary());
+        command
+            .arg("serve")
+            .arg("--listen=127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .arg("--tokens-file")
+            .arg(&tokens_file)
+            .env_remove("CLOUDAI_ADMIN_TOKEN")
+            .env_remove("CLOUDAI_JOIN_TOKEN")
+            .env_remove("CLOUDAI_MONGODB_URI")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let StoreKind::Mongo(uri) = &store {
+            let database =
+                format!("cloudai_e2e_{}", std::process::id()) + &format!("_{}", rand_suffix());
+            command
+                .arg("--mongodb-uri")
+                .arg(uri)
+                .arg("--mongodb-database")
+                .arg(database);
+        }
+        let mut child = command.spawn().context("starting cloudai serve")?;
+        let stderr = child.stderr.take().context("no stderr pipe")?;
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let log_writer = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let address: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                    let _ = tx.send(address);
+                }
+                if let Ok(mut log) = log_writer.lock() {
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            }
+        });
+        let address = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(address) => address,
+            Err(_) => {
+                let _ = child.kill();
+                let log = log.lock().map(|l| l.clone()).unwrap_or_default();
+                bail!("cloudai serve did not start listening within 60 s; its log:\n{log}");
+            }
+        };
+        let admin_token = read_secret(data_dir.path().join("admin.token"))?;
+        let join_token = read_secret(data_dir.path().join("join.token"))?;
+        Ok(TestHost {
+            child,
+            url: format!("http://{address}"),
+            _data_dir: data_dir,
+            admin_token,
+            join_token,
+            log,
+        })
+    }
+
+    /// The host's log so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Runs `cloudai ARGS...` as a client of this host with the given token.
+    pub fn cli(&self, token: &str, args: &[&str]) -> Output {
+        Command::new(binary())
+            .args(args)
+            .env("CLOUDAI_HOST", &self.url)
+            .env("CLOUDAI_TOKEN", token)
+            .output()
+            .unwrap_or_else(|e| panic!("running cloudai {args:?}: {e}"))
+    }
+
+    /// A raw HTTP request like curl would send; returns the status and the decoded JSON body
+    /// (Null when empty).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let client = reqwest::Client::new();
+        let mut request = client.request(method, format!("{}{}", self.url, path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}\nhost log:\n{}", self.log()));
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{path}: answer is not JSON ({e}): {text}"))
+        };
+        (status, value)
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_secret(path: PathBuf) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .trim()
+        .to_string())
+}
+
+fn rand_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{nanos:x}")
+}
+
+/// The MongoDB-protocol server for tests, from `CLOUDAI_TEST_MONGODB_URI`. Unset: skipped
+/// locally, a failure under CI (CI must always run the MongoDB tests).
+pub fn mongo_uri() -> Option<String> {
+    match std::env::var("CLOUDAI_TEST_MONGODB_URI") {
+        Ok(uri) if !uri.is_empty() => Some(uri),
+        _ => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must set CLOUDAI_TEST_MONGODB_URI (scripts/test.sh does)"
+            );
+            eprintln!("CLOUDAI_TEST_MONGODB_URI is not set: skipping the MongoDB variant");
+            None
+        }
+    }
+}
