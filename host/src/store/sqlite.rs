@@ -270,32 +270,41 @@ fn writer_loop(conn: Connection, requests: mpsc::Receiver<Box<dyn Request>>) {
 fn run_batch(conn: &Connection, batch: &mut [Box<dyn Request>]) -> std::result::Result<(), String> {
     // IMMEDIATE: take the write lock up front, so that reads and the writes that depend on
     // them cannot be separated by another process.
-    conn.execute_batch("BEGIN IMMEDIATE")
-        .map_err(|e| format!("starting a transaction: {e}"))?;
-    for request in batch.iter_mut() {
-        let step = conn
-            .execute_batch("SAVEPOINT request")
-            .map_err(|e| format!("opening a request's savepoint: {e}"))
-            .and_then(|()| {
-                let undo = if request.run(conn) {
-                    "RELEASE request"
-                } else {
-                    "ROLLBACK TO request; RELEASE request"
-                };
-                conn.execute_batch(undo)
-                    .map_err(|e| format!("closing a request's savepoint: {e}"))
-            });
-        if let Err(e) = step {
-            // The transaction's state is unknown: give up the whole batch.
+    exec(conn, "BEGIN IMMEDIATE").map_err(|e| format!("starting a transaction: {e}"))?;
+    if let [only] = batch {
+        // Alone in its batch (the common case without concurrency), a request needs no
+        // savepoint: the transaction is its own.
+        if !only.run(conn) {
             rollback(conn);
-            return Err(e);
+            return Ok(());
+        }
+    } else {
+        for request in batch.iter_mut() {
+            let step = exec(conn, "SAVEPOINT request")
+                .and_then(|()| {
+                    if !request.run(conn) {
+                        exec(conn, "ROLLBACK TO request")?;
+                    }
+                    exec(conn, "RELEASE request")
+                })
+                .map_err(|e| format!("delimiting a request with a savepoint: {e}"));
+            if let Err(e) = step {
+                // The transaction's state is unknown: give up the whole batch.
+                rollback(conn);
+                return Err(e);
+            }
         }
     }
-    if let Err(e) = conn.execute_batch("COMMIT") {
+    if let Err(e) = exec(conn, "COMMIT") {
         rollback(conn);
         return Err(format!("committing a transaction: {e}"));
     }
     Ok(())
+}
+
+/// Runs one statement without arguments, prepared once per connection.
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
 }
 
 /// Leaves the connection outside any transaction, whatever state it is in.
