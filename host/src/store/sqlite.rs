@@ -4,21 +4,27 @@
 //! are ISO-8601 UTC text with milliseconds (which sorts chronologically), maps and usage are
 //! JSON text, booleans 0/1.
 //!
-//! rusqlite is blocking, so every operation runs on `spawn_blocking` against one connection
-//! behind a `std::sync::Mutex` (never held across an await). Every state change is one
-//! conditional statement (or one `IMMEDIATE` transaction), so the guarantees also hold when
+//! rusqlite is blocking, so one dedicated writer thread owns the connection and the async
+//! methods send it closures over a channel (group commit): the thread drains the queued
+//! requests (up to [`MAX_BATCH`]) and runs them inside ONE `BEGIN IMMEDIATE ... COMMIT`, each
+//! in its own `SAVEPOINT`, so that a failing (or panicking) request is rolled back alone while
+//! the others of its batch still commit. Replies are sent only after the commit succeeded; a
+//! failed commit fails every request of the batch. Every state change is one conditional
+//! statement (or several inside the request's savepoint, which makes them atomic), and the
+//! batch holds SQLite's write lock from its first statement, so the guarantees also hold when
 //! several processes open the same file.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::types::Value;
-use rusqlite::{
-    Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior, params, params_from_iter,
-};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, params, params_from_iter};
+use tokio::sync::oneshot;
 
 use super::{
     AssignmentFilter, IdempotencyKey, Result, Store, StoreError, SubmitOutcome, TaskCursor,
@@ -35,6 +41,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Recorded in `PRAGMA user_version`, so that a later release can migrate and an older one
 /// refuses a database it does not understand.
 const SCHEMA_VERSION: i64 = 1;
+
+/// The most requests one transaction commits together: bounds how long the write lock is held
+/// and how long the first request of a batch waits for the last one.
+const MAX_BATCH: usize = 256;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS TASKS (
@@ -157,15 +167,153 @@ const ASSIGNMENT_COLUMNS: &str = "ass_id, task_id, worker_id, assigned_at, req_c
 const RESULT_COLUMNS: &str =
     "task_id, worker_id, status, logs, completed_at, exit_code, error, logs_truncated";
 
-/// The embedded SQLite store. Cheap to clone; clones share the connection.
+/// The embedded SQLite store. Cheap to clone; clones share the writer thread and its
+/// connection, which close when the last clone is dropped.
 #[derive(Clone)]
 pub struct SqliteStore {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    conn: Mutex<Connection>,
+    /// `None` only while dropping: closing the channel is what ends the writer thread.
+    requests: Option<mpsc::Sender<Box<dyn Request>>>,
+    writer: Option<JoinHandle<()>>,
     path: PathBuf,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        drop(self.requests.take());
+        if let Some(writer) = self.writer.take() {
+            // Joining from the writer itself (a request that held the last handle) would
+            // deadlock; it ends on its own once it returns to the closed channel.
+            if writer.thread().id() != std::thread::current().id() && writer.join().is_err() {
+                tracing::error!(path = %self.path.display(), "the SQLite writer thread panicked");
+            }
+        }
+    }
+}
+
+/// One queued operation, type-erased so that requests of any result type share a batch.
+trait Request: Send {
+    /// Runs the operation; `true` when it succeeded (and its writes may be kept).
+    fn run(&mut self, conn: &Connection) -> bool;
+    /// Sends the outcome of `run`, or `failure` instead when the batch did not commit.
+    fn reply(self: Box<Self>, failure: Option<&str>);
+}
+
+struct Pending<T, F> {
+    what: &'static str,
+    op: Option<F>,
+    outcome: Option<Result<T>>,
+    reply: oneshot::Sender<Result<T>>,
+}
+
+impl<T, F> Request for Pending<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+{
+    fn run(&mut self, conn: &Connection) -> bool {
+        let outcome = match self.op.take() {
+            // A panic must neither kill the writer nor leave half a request behind: it
+            // becomes this request's error and its savepoint is rolled back.
+            Some(op) => catch_unwind(AssertUnwindSafe(|| op(conn))).unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|m| m.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".to_string());
+                Err(StoreError::backend(
+                    self.what,
+                    format!("the SQLite operation panicked: {message}"),
+                ))
+            }),
+            None => Err(StoreError::backend(self.what, "the request ran twice")),
+        };
+        let ok = outcome.is_ok();
+        self.outcome = Some(outcome);
+        ok
+    }
+
+    fn reply(self: Box<Self>, failure: Option<&str>) {
+        let outcome = match (failure, self.outcome) {
+            (Some(failure), _) => Err(StoreError::backend(self.what, failure.to_string())),
+            (None, Some(outcome)) => outcome,
+            (None, None) => Err(StoreError::backend(self.what, "the request did not run")),
+        };
+        // The caller may have gone away (its future was dropped): nobody to tell.
+        let _ = self.reply.send(outcome);
+    }
+}
+
+/// The writer thread: batches until every handle (and so the channel) is gone.
+fn writer_loop(conn: Connection, requests: mpsc::Receiver<Box<dyn Request>>) {
+    let mut batch: Vec<Box<dyn Request>> = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = requests.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match requests.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let failure = run_batch(&conn, &mut batch).err();
+        for request in batch.drain(..) {
+            request.reply(failure.as_deref());
+        }
+    }
+}
+
+/// Runs `batch` in one transaction, each request in its own savepoint. `Err` (a description)
+/// when the transaction did not commit: then nothing of the batch was kept.
+fn run_batch(conn: &Connection, batch: &mut [Box<dyn Request>]) -> std::result::Result<(), String> {
+    // IMMEDIATE: take the write lock up front, so that reads and the writes that depend on
+    // them cannot be separated by another process.
+    exec(conn, "BEGIN IMMEDIATE").map_err(|e| format!("starting a transaction: {e}"))?;
+    if let [only] = batch {
+        // Alone in its batch (the common case without concurrency), a request needs no
+        // savepoint: the transaction is its own.
+        if !only.run(conn) {
+            rollback(conn);
+            return Ok(());
+        }
+    } else {
+        for request in batch.iter_mut() {
+            let step = exec(conn, "SAVEPOINT request")
+                .and_then(|()| {
+                    if !request.run(conn) {
+                        exec(conn, "ROLLBACK TO request")?;
+                    }
+                    exec(conn, "RELEASE request")
+                })
+                .map_err(|e| format!("delimiting a request with a savepoint: {e}"));
+            if let Err(e) = step {
+                // The transaction's state is unknown: give up the whole batch.
+                rollback(conn);
+                return Err(e);
+            }
+        }
+    }
+    if let Err(e) = exec(conn, "COMMIT") {
+        rollback(conn);
+        return Err(format!("committing a transaction: {e}"));
+    }
+    Ok(())
+}
+
+/// Runs one statement without arguments, prepared once per connection.
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
+}
+
+/// Leaves the connection outside any transaction, whatever state it is in.
+fn rollback(conn: &Connection) {
+    if !conn.is_autocommit()
+        && let Err(e) = conn.execute_batch("ROLLBACK")
+    {
+        tracing::error!(error = %e, "rolling back a failed SQLite batch");
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -220,9 +368,15 @@ impl SqliteStore {
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(|e| StoreError::backend(what("recording the schema version"), e))?;
         conn.set_prepared_statement_cache_capacity(64);
+        let (requests, queue) = mpsc::channel();
+        let writer = std::thread::Builder::new()
+            .name("cloudai-sqlite".to_string())
+            .spawn(move || writer_loop(conn, queue))
+            .map_err(|e| StoreError::backend(what("starting the writer thread"), e))?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
-                conn: Mutex::new(conn),
+                requests: Some(requests),
+                writer: Some(writer),
                 path: path.to_path_buf(),
             }),
         })
@@ -238,21 +392,29 @@ impl SqliteStore {
         &self.inner.path
     }
 
-    /// Runs `f` with the connection on the blocking pool.
+    /// Runs `f` on the writer thread, inside its batch's transaction and its own savepoint:
+    /// when `f` fails (or panics) its writes are rolled back. Answers once the batch committed.
     async fn call<T, F>(&self, what: &'static str, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
-            let mut conn = inner.conn.lock().map_err(|_| {
-                StoreError::backend(what, "the SQLite connection mutex is poisoned")
-            })?;
-            f(&mut conn)
-        })
-        .await
-        .map_err(|e| StoreError::backend(what, e))?
+        let (reply, answer) = oneshot::channel();
+        let request = Box::new(Pending {
+            what,
+            op: Some(f),
+            outcome: None,
+            reply,
+        });
+        self.inner
+            .requests
+            .as_ref()
+            .ok_or_else(|| StoreError::backend(what, "the SQLite store is closing"))?
+            .send(request)
+            .map_err(|_| StoreError::backend(what, "the SQLite writer thread has stopped"))?;
+        answer.await.map_err(|_| {
+            StoreError::backend(what, "the SQLite writer thread dropped the request")
+        })?
     }
 }
 
@@ -442,7 +604,8 @@ fn result_from_row(row: &Row<'_>) -> rusqlite::Result<TaskResult> {
 }
 
 // ------------------------------------------------------------------------------------------
-// Synchronous operations on a connection (run on the blocking pool)
+// Synchronous operations on the writer thread's connection. Each runs inside its own
+// savepoint of an IMMEDIATE transaction (see `run_batch`): returning `Err` undoes its writes.
 // ------------------------------------------------------------------------------------------
 
 fn select_task(conn: &Connection, task_id: &str) -> Result<Option<Task>> {
@@ -549,7 +712,7 @@ fn insert_task_row(conn: &Connection, task: &Task) -> Result<()> {
 }
 
 fn insert_task_sync(
-    conn: &mut Connection,
+    conn: &Connection,
     task: &Task,
     idempotency: Option<&IdempotencyKey>,
 ) -> Result<SubmitOutcome> {
@@ -560,12 +723,10 @@ fn insert_task_sync(
             created: true,
         });
     };
-    // IMMEDIATE: take the write lock before the lookup, so that no other process can record
-    // the same key between our lookup and our insert.
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(sql_err("starting an idempotent insert"))?;
-    let previous: Option<(String, String)> = tx
+    // The batch's IMMEDIATE transaction holds the write lock since before the lookup, so no
+    // other process can record the same key between our lookup and our insert; our savepoint
+    // drops the task row again when recording the key fails.
+    let previous: Option<(String, String)> = conn
         .prepare_cached(
             "SELECT request_sha256, task_id FROM IDEMPOTENCY_KEYS \
              WHERE user_id = ?1 AND idempotency_key = ?2",
@@ -585,12 +746,12 @@ fn insert_task_sync(
             });
         }
         return Ok(SubmitOutcome {
-            task: require_task(&tx, &task_id)?,
+            task: require_task(conn, &task_id)?,
             created: false,
         });
     }
-    insert_task_row(&tx, task)?;
-    tx.prepare_cached(
+    insert_task_row(conn, task)?;
+    conn.prepare_cached(
         "INSERT INTO IDEMPOTENCY_KEYS (user_id, idempotency_key, request_sha256, task_id, created_at) \
          VALUES (?1, ?2, ?3, ?4, ?5)",
     )
@@ -604,9 +765,7 @@ fn insert_task_sync(
         ])
     })
     .map_err(sql_err("recording an idempotency key"))?;
-    let stored = require_task(&tx, &task.task_id)?;
-    tx.commit()
-        .map_err(sql_err("committing an idempotent insert"))?;
+    let stored = require_task(conn, &task.task_id)?;
     Ok(SubmitOutcome {
         task: stored,
         created: true,
@@ -963,13 +1122,10 @@ fn list_assignments_sync(conn: &Connection, filter: &AssignmentFilter) -> Result
         .map_err(sql_err("listing assignments"))
 }
 
-fn release_sync(conn: &mut Connection, ass_id: &str) -> Result<bool> {
-    // One IMMEDIATE transaction: marking the assignment released and returning its amounts
-    // happen together or not at all.
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(sql_err("starting a release"))?;
-    let released: Option<(String, f64, f64, f64, f64)> = tx
+fn release_sync(conn: &Connection, ass_id: &str) -> Result<bool> {
+    // Inside the request's savepoint: marking the assignment released and returning its
+    // amounts happen together or not at all.
+    let released: Option<(String, f64, f64, f64, f64)> = conn
         .prepare_cached(
             "UPDATE ASSIGNMENTS SET released = 1, released_at = ?2 \
              WHERE ass_id = ?1 AND released = 0 \
@@ -989,7 +1145,7 @@ fn release_sync(conn: &mut Connection, ass_id: &str) -> Result<bool> {
         })
         .map_err(sql_err("marking an assignment released"))?;
     let Some((worker_id, cpu, memory, storage, gpu)) = released else {
-        let exists = tx
+        let exists = conn
             .prepare_cached("SELECT 1 FROM ASSIGNMENTS WHERE ass_id = ?1")
             .and_then(|mut stmt| stmt.exists([ass_id]))
             .map_err(sql_err("checking that an assignment exists"))?;
@@ -1003,7 +1159,7 @@ fn release_sync(conn: &mut Connection, ass_id: &str) -> Result<bool> {
         };
     };
     // A worker that is gone has nothing to give back to: updating no row is fine.
-    tx.prepare_cached(
+    conn.prepare_cached(
         "UPDATE WORKER_REGISTRY SET \
              allocated_cpu = allocated_cpu - ?2, available_cpu = available_cpu + ?2, \
              allocated_memory = allocated_memory - ?3, available_memory = available_memory + ?3, \
@@ -1023,7 +1179,6 @@ fn release_sync(conn: &mut Connection, ass_id: &str) -> Result<bool> {
         ])
     })
     .map_err(sql_err("returning a reservation to its worker"))?;
-    tx.commit().map_err(sql_err("committing a release"))?;
     Ok(true)
 }
 
@@ -1048,7 +1203,7 @@ fn insert_result_sync(conn: &Connection, r: &TaskResult) -> Result<()> {
 }
 
 // ------------------------------------------------------------------------------------------
-// The Store implementation: each method moves its arguments onto the blocking pool.
+// The Store implementation: each method moves its arguments onto the writer thread.
 // ------------------------------------------------------------------------------------------
 
 #[async_trait]
@@ -1357,22 +1512,122 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_panic_while_holding_the_connection_becomes_backend_errors() {
+    async fn a_panicking_request_is_a_backend_error_and_rolled_back_alone() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open_in_dir(dir.path()).unwrap();
         let panicked: Result<()> = store
-            .call("panicking on purpose", |_conn| panic!("boom"))
+            .call("panicking on purpose", |conn| {
+                insert_task_row(
+                    conn,
+                    &crate::store::conformance::sample_task("t-panic", "u"),
+                )?;
+                panic!("boom")
+            })
             .await;
-        assert!(matches!(panicked, Err(StoreError::Backend { .. })));
-        // The mutex is now poisoned: every later call is an error, not a panic.
+        match panicked {
+            Err(e @ StoreError::Backend { .. }) => {
+                let text = format!("{e} / {e:?}");
+                assert!(text.contains("panicking on purpose"), "{text}");
+                assert!(text.contains("boom"), "{text}");
+            }
+            other => panic!("expected a Backend error, got {other:?}"),
+        }
+        // The writer survived, and the panicking request's insert was rolled back.
+        store.ping().await.unwrap();
         assert!(matches!(
-            store.ping().await,
-            Err(StoreError::Backend { .. })
+            store.get_task("t-panic").await,
+            Err(StoreError::NotFound { .. })
         ));
-        assert!(matches!(
-            store.get_task("any").await,
-            Err(StoreError::Backend { .. })
-        ));
+        let task = crate::store::conformance::sample_task("t-after", "u");
+        store.insert_task(&task, None).await.unwrap();
+        assert_eq!(store.get_task("t-after").await.unwrap(), task);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_request_does_not_affect_the_others_of_its_batch() {
+        use crate::store::conformance::sample_task;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in_dir(dir.path()).unwrap();
+        for i in (0..100).step_by(4) {
+            store
+                .insert_task(&sample_task(&format!("t-{i}"), "u"), None)
+                .await
+                .unwrap();
+        }
+        // Hold the writer until every request below is queued, so that they share a batch.
+        let (open_gate, gate) = std::sync::mpsc::channel::<()>();
+        let mut held = Box::pin(store.call("holding the writer", move |_conn| {
+            gate.recv()
+                .map_err(|e| StoreError::backend("waiting at the gate", e))
+        }));
+        assert!(futures::poll!(&mut held).is_pending());
+        let tasks: Vec<Task> = (0..100)
+            .map(|i| sample_task(&format!("t-{i}"), "u"))
+            .collect();
+        let mut inserts = Vec::new();
+        for task in &tasks {
+            let mut insert = Box::pin(store.insert_task(task, None));
+            assert!(futures::poll!(&mut insert).is_pending());
+            inserts.push(insert);
+        }
+        // A request that writes, then fails: its write must be undone, and only its own.
+        let mut half_done = Box::pin(store.call("failing after a write", |conn| {
+            insert_task_row(conn, &sample_task("t-half-done", "u"))?;
+            Err::<(), _>(StoreError::backend("failing on purpose", "after a write"))
+        }));
+        assert!(futures::poll!(&mut half_done).is_pending());
+        let (task, key) = (
+            sample_task("t-idempotent", "u"),
+            IdempotencyKey {
+                key: "k".into(),
+                request_sha256: "d".into(),
+            },
+        );
+        let mut idempotent = Box::pin(store.insert_task(&task, Some(&key)));
+        assert!(futures::poll!(&mut idempotent).is_pending());
+        open_gate.send(()).unwrap();
+        held.await.unwrap();
+        for (i, insert) in inserts.into_iter().enumerate() {
+            match insert.await {
+                Ok(outcome) if i % 4 != 0 => {
+                    assert!(outcome.created);
+                    assert_eq!(outcome.task.task_id, format!("t-{i}"));
+                }
+                Err(StoreError::AlreadyExists { kind: "task", id }) if i % 4 == 0 => {
+                    assert_eq!(id, format!("t-{i}"));
+                }
+                other => panic!("t-{i}: unexpected {other:?}"),
+            }
+        }
+        assert!(matches!(half_done.await, Err(StoreError::Backend { .. })));
+        assert!(idempotent.await.unwrap().created);
+        // What the batch committed is what a fresh connection sees.
+        let conn = Connection::open(store.path()).unwrap();
+        let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(
+            count("SELECT COUNT(*) FROM TASKS WHERE task_id LIKE 't-%'"),
+            101
+        );
+        assert_eq!(
+            count("SELECT COUNT(*) FROM TASKS WHERE task_id = 't-half-done'"),
+            0
+        );
+        assert_eq!(count("SELECT COUNT(*) FROM IDEMPOTENCY_KEYS"), 1);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_last_handle_stops_the_writer_and_closes_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in_dir(dir.path()).unwrap();
+        let clone = store.clone();
+        store.ping().await.unwrap();
+        drop(store);
+        clone.ping().await.unwrap();
+        let path = clone.path().to_path_buf();
+        drop(clone);
+        // The writer's connection is closed: the last close checkpoints and removes the WAL.
+        assert!(path.exists());
+        assert!(!path.with_extension("db-wal").exists());
     }
 
     #[tokio::test]
