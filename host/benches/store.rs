@@ -14,7 +14,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cloudai::model::{self, Assignment, Resources, Task, TaskStatus, Worker};
+use cloudai::model::{self, Assignment, Resources, Task, Worker};
 use cloudai::store::Store;
 use cloudai::store::mongo::MongoStore;
 use cloudai::store::sqlite::SqliteStore;
@@ -27,34 +27,14 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn task(task_id: String) -> Task {
-    let now = model::now();
     Task {
-        task_id,
-        user_id: "bench".into(),
-        docker_image: "busybox:1.36".into(),
         command: Some("true".into()),
-        req_cpu: 1.0,
-        req_memory: 1.0,
-        req_storage: 0.0,
-        req_gpu: 0.0,
-        status: TaskStatus::Pending,
-        created_at: now,
-        started_at: None,
-        completed_at: None,
-        priority: 0,
-        labels: BTreeMap::new(),
-        env: BTreeMap::new(),
-        timeout_s: None,
-        max_attempts: 3,
-        attempts: 0,
-        exit_code: None,
-        error: None,
-        status_reason: None,
-        cancel_requested: false,
-        owner: None,
-        lease_expires_at: None,
-        idempotency_key: None,
-        updated_at: now,
+        ..Task::new_pending(
+            task_id,
+            "bench".into(),
+            "busybox:1.36".into(),
+            Resources::new(1.0, 1.0, 0.0, 0.0),
+        )
     }
 }
 

@@ -175,6 +175,46 @@ pub struct Task {
 }
 
 impl Task {
+    /// A new `pending` task created now, with the request quantized and every optional field
+    /// empty (priority 0, 3 attempts at most).
+    pub fn new_pending(
+        task_id: String,
+        user_id: String,
+        docker_image: String,
+        request: Resources,
+    ) -> Self {
+        let now = now();
+        let request = request.quantized();
+        Task {
+            task_id,
+            user_id,
+            docker_image,
+            command: None,
+            req_cpu: request.cpu,
+            req_memory: request.memory,
+            req_storage: request.storage,
+            req_gpu: request.gpu,
+            status: TaskStatus::Pending,
+            created_at: now,
+            started_at: None,
+            completed_at: None,
+            priority: 0,
+            labels: BTreeMap::new(),
+            env: BTreeMap::new(),
+            timeout_s: None,
+            max_attempts: 3,
+            attempts: 0,
+            exit_code: None,
+            error: None,
+            status_reason: None,
+            cancel_requested: false,
+            owner: None,
+            lease_expires_at: None,
+            idempotency_key: None,
+            updated_at: now,
+        }
+    }
+
     pub fn request(&self) -> Resources {
         Resources::new(
             self.req_cpu,

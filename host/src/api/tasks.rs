@@ -23,7 +23,7 @@ use super::auth::Principal;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{IdPath, ValidJson, Validate, truncate_for_message, validate_id};
 use super::image_ref;
-use crate::model::{self, RESOURCE_QUANTUM, Task, TaskResult, TaskStatus};
+use crate::model::{self, RESOURCE_QUANTUM, Resources, Task, TaskResult, TaskStatus};
 use crate::store::{IdempotencyKey, StoreError, TaskCursor, TaskQuery, TaskUpdate};
 
 /// Header naming a submission's idempotency key.
@@ -323,34 +323,26 @@ pub async fn submit_task(
         }
         None => None,
     };
-    let now = model::now();
+    let request = Resources::new(
+        spec.req_cpu,
+        spec.req_memory,
+        spec.req_storage,
+        spec.req_gpu,
+    );
     let task = Task {
-        task_id: format!("task-{}", uuid::Uuid::now_v7().simple()),
-        user_id: user_id.to_string(),
-        docker_image: spec.docker_image,
         command: spec.command,
-        req_cpu: model::quantize(spec.req_cpu),
-        req_memory: model::quantize(spec.req_memory),
-        req_storage: model::quantize(spec.req_storage),
-        req_gpu: model::quantize(spec.req_gpu),
-        status: TaskStatus::Pending,
-        created_at: now,
-        started_at: None,
-        completed_at: None,
         priority: spec.priority,
         labels: spec.labels,
         env: spec.env,
         timeout_s: spec.timeout_s,
         max_attempts: spec.max_attempts,
-        attempts: 0,
-        exit_code: None,
-        error: None,
-        status_reason: None,
-        cancel_requested: false,
-        owner: None,
-        lease_expires_at: None,
         idempotency_key: key,
-        updated_at: now,
+        ..Task::new_pending(
+            format!("task-{}", uuid::Uuid::now_v7().simple()),
+            user_id.to_string(),
+            spec.docker_image,
+            request,
+        )
     };
     let outcome = state.store.insert_task(&task, idempotency.as_ref()).await?;
     let location = HeaderValue::from_str(&format!("/v1/tasks/{}", outcome.task.task_id))

@@ -219,34 +219,15 @@ pub fn at_ms(offset_ms: i64) -> DateTime<Utc> {
 
 /// A pending task with every optional field empty.
 pub fn sample_task(task_id: &str, user_id: &str) -> Task {
-    let now = now();
     Task {
-        task_id: task_id.to_string(),
-        user_id: user_id.to_string(),
-        docker_image: "docker.io/library/alpine:3.20".to_string(),
         command: Some("echo hello world".to_string()),
-        req_cpu: 1.0,
-        req_memory: 2.0,
-        req_storage: 1.0,
-        req_gpu: 0.0,
-        status: TaskStatus::Pending,
-        created_at: now,
-        started_at: None,
-        completed_at: None,
-        priority: 0,
-        labels: BTreeMap::new(),
-        env: BTreeMap::new(),
-        timeout_s: None,
         max_attempts: 1,
-        attempts: 0,
-        exit_code: None,
-        error: None,
-        status_reason: None,
-        cancel_requested: false,
-        owner: None,
-        lease_expires_at: None,
-        idempotency_key: None,
-        updated_at: now,
+        ..Task::new_pending(
+            task_id.to_string(),
+            user_id.to_string(),
+            "docker.io/library/alpine:3.20".to_string(),
+            Resources::new(1.0, 2.0, 1.0, 0.0),
+        )
     }
 }
 

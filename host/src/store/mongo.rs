@@ -1540,34 +1540,18 @@ mod tests {
     }
 
     fn task(task_id: &str, user_id: &str) -> Task {
-        let now = model::now();
         Task {
-            task_id: task_id.to_owned(),
-            user_id: user_id.to_owned(),
-            docker_image: "docker.io/library/alpine:3.20".to_owned(),
             command: Some("echo hello".to_owned()),
-            req_cpu: 1.0,
-            req_memory: 2.0,
-            req_storage: 1.0,
-            req_gpu: 0.0,
-            status: TaskStatus::Pending,
-            created_at: now,
-            started_at: None,
-            completed_at: None,
             priority: 3,
             labels: BTreeMap::from([("team".to_owned(), "ml".to_owned())]),
-            env: BTreeMap::new(),
             timeout_s: Some(60),
             max_attempts: 2,
-            attempts: 0,
-            exit_code: None,
-            error: None,
-            status_reason: None,
-            cancel_requested: false,
-            owner: None,
-            lease_expires_at: None,
-            idempotency_key: None,
-            updated_at: now,
+            ..Task::new_pending(
+                task_id.to_owned(),
+                user_id.to_owned(),
+                "docker.io/library/alpine:3.20".to_owned(),
+                Resources::new(1.0, 2.0, 1.0, 0.0),
+            )
         }
     }
 
