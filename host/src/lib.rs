@@ -3,11 +3,13 @@
 //!
 //! Where to start: [`model`] (what is stored, in the seed schema's names), [`store`] (the
 //! `Store` trait and its SQLite and MongoDB backends), [`api`] (the `/v1` HTTP API),
-//! [`serve`] (the host process) and [`cli`] (the command line).
+//! [`serve`] (the host process), [`cli`] (the command line) and [`policy`] (WebAssembly
+//! placement and admission policies).
 
 pub mod api;
 pub mod cli;
 pub mod client;
 pub mod model;
+pub mod policy;
 pub mod serve;
 pub mod store;

@@ -1,0 +1,479 @@
+//! The wasmtime side of the policy engine: one `Engine` (component model, pooling allocator,
+//! epoch interruption) with its epoch ticker, the in-memory cache of compiled components, the
+//! linker (the contract's `host` import plus an empty WASI), and one bounded evaluation: a
+//! fresh `Store` with a memory limit and an epoch deadline per call.
+//!
+//! Compiled components are cached in memory only, keyed by the sha256 of their bytes (the
+//! engine configuration is fixed per process, so it needs no place in the key). A disk cache
+//! of precompiled artifacts would need `Component::deserialize`, which is `unsafe`; the
+//! workspace forbids unsafe code, so that is left for later.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    Trap,
+};
+use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::admission::AdmissionPre;
+use super::bindings::placement::{Placement, PlacementPre};
+use super::bindings::{host, types};
+use super::error::{PolicyError, Result, describe};
+
+/// Settings of the engine, shared by every policy.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// How often the epoch advances: the resolution of every deadline. 1 ms keeps a 50 ms
+    /// deadline within 2% and costs one wake-up per millisecond on one thread (negligible
+    /// next to a scheduling round); a coarser tick would let a runaway guest overrun more.
+    pub epoch_tick: Duration,
+    /// Guest instances alive at once (the pooling allocator's slots); further evaluations
+    /// wait for a slot instead of failing.
+    pub max_concurrent_instances: u32,
+    /// The largest linear memory any policy may have; per-policy limits are capped to it.
+    pub max_memory_bytes: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            epoch_tick: Duration::from_millis(1),
+            max_concurrent_instances: 16,
+            max_memory_bytes: 512 << 20,
+        }
+    }
+}
+
+/// The bounds of one evaluation of one policy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PolicyLimits {
+    /// Wall-clock budget of one evaluation (instantiate, configure, decide).
+    pub deadline: Duration,
+    /// The most linear memory the guest may grow to, in bytes.
+    pub memory_bytes: usize,
+}
+
+impl Default for PolicyLimits {
+    fn default() -> Self {
+        PolicyLimits {
+            deadline: Duration::from_millis(50),
+            memory_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A policy version made ready to instantiate: the world it implements, pre-linked.
+#[derive(Clone)]
+pub(crate) enum Prepared {
+    Placement(PlacementPre<GuestState>),
+    Admission(AdmissionPre<GuestState>),
+}
+
+/// The wasmtime engine shared by every policy. Cheap to clone.
+#[derive(Clone)]
+pub struct PolicyEngine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Engine,
+    linker: Linker<GuestState>,
+    compiled: Mutex<HashMap<[u8; 32], Component>>,
+    slots: Slots,
+    settings: EngineSettings,
+    // Declared last: stopped when the engine goes away.
+    _ticker: EpochTicker,
+}
+
+impl PolicyEngine {
+    /// An engine with the given settings, its epoch ticker started.
+    pub fn new(settings: EngineSettings) -> Result<Self> {
+        let instances = settings.max_concurrent_instances.max(1);
+        let mut pool = PoolingAllocationConfig::new();
+        // A Rust wasip2 component holds a few core instances (the module and the shims that
+        // wit-component adds); larger guests (Python) hold more.
+        pool.total_component_instances(instances)
+            .max_core_instances_per_component(32)
+            .total_core_instances(instances * 32)
+            .max_memories_per_component(4)
+            .total_memories(instances * 2)
+            .max_tables_per_component(8)
+            .total_tables(instances * 8)
+            .total_stacks(instances)
+            .max_memory_size(settings.max_memory_bytes);
+
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(|e| {
+            PolicyError::Host(format!("creating the wasmtime engine: {}", describe(&e)))
+        })?;
+
+        let mut linker = Linker::<GuestState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| PolicyError::Host(format!("linking WASI: {}", describe(&e))))?;
+        // The `admission` bindings share these interfaces (see bindings.rs), so one
+        // registration serves both worlds.
+        Placement::add_to_linker::<GuestState, HasSelf<GuestState>>(&mut linker, |s| s).map_err(
+            |e| PolicyError::Host(format!("linking the host interface: {}", describe(&e))),
+        )?;
+
+        let ticker = EpochTicker::start(engine.clone(), settings.epoch_tick)?;
+        Ok(PolicyEngine {
+            inner: Arc::new(Inner {
+                engine,
+                linker,
+                compiled: Mutex::new(HashMap::new()),
+                slots: Slots::new(instances),
+                settings,
+                _ticker: ticker,
+            }),
+        })
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.inner.settings
+    }
+
+    /// Compiles a component, or returns the cached compilation of the same bytes.
+    pub fn compile(&self, bytes: &[u8]) -> Result<(Component, [u8; 32])> {
+        let sha: [u8; 32] = Sha256::digest(bytes).into();
+        if let Some(component) = lock(&self.inner.compiled).get(&sha) {
+            return Ok((component.clone(), sha));
+        }
+        // Compiled outside the lock: it takes tens of ms (seconds for large guests).
+        let component = Component::new(&self.inner.engine, bytes)
+            .map_err(|e| PolicyError::Compile(describe(&e)))?;
+        lock(&self.inner.compiled).insert(sha, component.clone());
+        Ok((component, sha))
+    }
+
+    /// Number of distinct components compiled so far.
+    pub fn cached_components(&self) -> usize {
+        lock(&self.inner.compiled).len()
+    }
+
+    /// Links a compiled component and checks which world it implements.
+    pub(crate) fn prepare(&self, component: &Component) -> Result<Prepared> {
+        let pre = self.inner.linker.instantiate_pre(component).map_err(|e| {
+            PolicyError::WrongWorld(format!(
+                "it imports something the host does not provide: {}",
+                describe(&e)
+            ))
+        })?;
+        let placement_err = match PlacementPre::new(pre.clone()) {
+            Ok(p) => return Ok(Prepared::Placement(p)),
+            Err(e) => e,
+        };
+        let admission_err = match AdmissionPre::new(pre) {
+            Ok(a) => return Ok(Prepared::Admission(a)),
+            Err(e) => e,
+        };
+        let exports: Vec<String> = component
+            .component_type()
+            .exports(&self.inner.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let has = |prefix: &str| exports.iter().any(|n| n.starts_with(prefix));
+        if has("place") {
+            Err(PolicyError::MissingExport(format!(
+                "as a placement policy: {}",
+                describe(&placement_err)
+            )))
+        } else if has("admit") {
+            Err(PolicyError::MissingExport(format!(
+                "as an admission policy: {}",
+                describe(&admission_err)
+            )))
+        } else if has("cloudai:policy/config") {
+            Err(PolicyError::MissingExport(
+                "it exports `config` but neither `place` nor `admit`".to_string(),
+            ))
+        } else {
+            Err(PolicyError::WrongWorld(format!(
+                "it exports neither `place` nor `admit` of cloudai:policy@0.1.0 (its exports: [{}])",
+                exports.join(", ")
+            )))
+        }
+    }
+
+    /// Runs `f` in a fresh store bounded by `limits`, on a pool slot, and classifies its
+    /// failure. The store (and the instance, possibly trapped) is dropped on return.
+    pub(crate) fn evaluate<R>(
+        &self,
+        policy: &PolicyLabel,
+        limits: PolicyLimits,
+        f: impl FnOnce(&mut Store<GuestState>) -> wasmtime::Result<R>,
+    ) -> Result<R> {
+        let memory_bytes = limits
+            .memory_bytes
+            .min(self.inner.settings.max_memory_bytes);
+        let _slot = self.inner.slots.acquire();
+        let state = GuestState::new(policy.clone(), memory_bytes);
+        let mut store = Store::new(&self.inner.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        let tick = self
+            .inner
+            .settings
+            .epoch_tick
+            .max(Duration::from_micros(100));
+        let ticks = (limits.deadline.as_nanos() / tick.as_nanos()).max(1);
+        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
+        store.epoch_deadline_trap();
+
+        let started = Instant::now();
+        match f(&mut store) {
+            Ok(r) => Ok(r),
+            Err(err) => {
+                let interrupted = err
+                    .downcast_ref::<Trap>()
+                    .is_some_and(|t| *t == Trap::Interrupt);
+                if interrupted || started.elapsed() >= limits.deadline && is_trap(&err) {
+                    Err(PolicyError::Timeout(limits.deadline))
+                } else if store.data().limiter.refused {
+                    Err(PolicyError::MemoryLimit(memory_bytes))
+                } else {
+                    Err(PolicyError::Trap(describe(&err)))
+                }
+            }
+        }
+    }
+}
+
+fn is_trap(err: &wasmtime::Error) -> bool {
+    err.downcast_ref::<Trap>().is_some()
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere cannot leave these maps half-updated: keep going.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Which policy a store runs, for logs.
+#[derive(Debug, Clone)]
+pub(crate) struct PolicyLabel {
+    pub name: Arc<str>,
+    pub version: Arc<str>,
+}
+
+/// Most log messages one evaluation may emit, and the longest one (bytes); the rest is cut.
+const MAX_LOGS_PER_CALL: u32 = 32;
+const MAX_LOG_BYTES: usize = 1024;
+
+/// The data of one store: the (empty) WASI context, the memory limiter, the policy's label.
+pub(crate) struct GuestState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+    policy: PolicyLabel,
+    logs_left: u32,
+}
+
+impl GuestState {
+    fn new(policy: PolicyLabel, memory_bytes: usize) -> Self {
+        // wasm32-wasip2's std imports some WASI interfaces, so they must be linked; the
+        // context grants nothing: no preopens, env, args or network, stdio discarded, and
+        // frozen clocks so that a decision cannot depend on the time of day.
+        let wasi = WasiCtx::builder()
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .wall_clock(FrozenClock)
+            .monotonic_clock(FrozenClock)
+            .build();
+        GuestState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter {
+                memory_bytes,
+                refused: false,
+            },
+            policy,
+            logs_left: MAX_LOGS_PER_CALL,
+        }
+    }
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for GuestState {}
+
+impl host::Host for GuestState {
+    fn log(&mut self, level: types::LogLevel, message: String) {
+        if self.logs_left == 0 {
+            return;
+        }
+        self.logs_left -= 1;
+        let message = truncate(&message, MAX_LOG_BYTES);
+        let (name, version) = (&*self.policy.name, &*self.policy.version);
+        match level {
+            types::LogLevel::Debug => {
+                tracing::debug!(target: "cloudai::policy::guest", policy_name = name, policy_version = version, "{message}")
+            }
+            types::LogLevel::Info => {
+                tracing::info!(target: "cloudai::policy::guest", policy_name = name, policy_version = version, "{message}")
+            }
+            types::LogLevel::Warn => {
+                tracing::warn!(target: "cloudai::policy::guest", policy_name = name, policy_version = version, "{message}")
+            }
+            types::LogLevel::Error => {
+                tracing::error!(target: "cloudai::policy::guest", policy_name = name, policy_version = version, "{message}")
+            }
+        }
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Caps linear memory growth and remembers a refusal, so that the trap which follows (a Rust
+/// guest aborts when its allocator fails) is reported as what it is.
+struct MemoryLimiter {
+    memory_bytes: usize,
+    refused: bool,
+}
+
+/// Table growth cap: a policy has no business with more function references than this.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let ok = desired <= self.memory_bytes && maximum.is_none_or(|m| desired <= m);
+        if !ok {
+            self.refused = true;
+        }
+        Ok(ok)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS && maximum.is_none_or(|m| desired <= m))
+    }
+}
+
+/// A clock that always reads zero.
+struct FrozenClock;
+
+impl HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
+/// Advances the engine's epoch every tick on its own thread, until dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine, tick: Duration) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let tick = tick.max(Duration::from_micros(100));
+        let thread = std::thread::Builder::new()
+            .name("cloudai-epoch".to_string())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    engine.increment_epoch();
+                }
+            })
+            .map_err(|e| PolicyError::Host(format!("starting the epoch ticker: {e}")))?;
+        Ok(EpochTicker {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A counting semaphore over the pool's instance slots.
+struct Slots {
+    free: Mutex<u32>,
+    freed: Condvar,
+}
+
+struct SlotGuard<'a>(&'a Slots);
+
+impl Slots {
+    fn new(n: u32) -> Self {
+        Slots {
+            free: Mutex::new(n),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn acquire(&self) -> SlotGuard<'_> {
+        let mut free = lock(&self.free);
+        while *free == 0 {
+            free = self
+                .freed
+                .wait(free)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        *free -= 1;
+        SlotGuard(self)
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.free) += 1;
+        self.0.freed.notify_one();
+    }
+}

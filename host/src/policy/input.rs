@@ -1,0 +1,380 @@
+//! One scheduling round as the policies see it: the contract's columns built from
+//! [`crate::model`] documents (strings interned, ids kept on the host side), and the decision
+//! the host takes back.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+
+use super::bindings::types::{
+    AttributeColumn, LabelIndex, PlacementInput as WitInput, TaskColumns, WorkerColumns,
+};
+use crate::model::{Task, Worker};
+
+/// A scheduling round: the batch of tasks (in queue order) and the candidate workers, in the
+/// contract's columnar shape, ready to hand to a guest without conversion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlacementInput {
+    pub(crate) wit: WitInput,
+}
+
+/// The decision for one task, checked by the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Run the task on the worker with this index ([`PlacementInput::worker_id`]).
+    Assign { worker: u32 },
+    /// Leave the task queued, with the reason shown to its user.
+    Wait { reason: String },
+    /// No worker could ever hold the task: it fails with this reason.
+    Unschedulable { reason: String },
+}
+
+/// Interns strings: each distinct string gets one index into `strings`.
+#[derive(Default)]
+struct Interner {
+    strings: Vec<String>,
+    index: HashMap<String, u32>,
+}
+
+impl Interner {
+    fn intern(&mut self, s: &str) -> u32 {
+        if let Some(&i) = self.index.get(s) {
+            return i;
+        }
+        // More than 4 billion distinct strings cannot fit in memory anyway.
+        let i = u32::try_from(self.strings.len()).unwrap_or(u32::MAX);
+        self.strings.push(s.to_string());
+        self.index.insert(s.to_string(), i);
+        i
+    }
+
+    fn labels<'a>(
+        &mut self,
+        out: &mut LabelIndex,
+        labels: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) {
+        for (k, v) in labels {
+            let pair = (self.intern(k), self.intern(v));
+            out.pairs.push(pair);
+        }
+        out.offsets.push(len_u32(out.pairs.len()));
+    }
+}
+
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn new_label_index(capacity: usize) -> LabelIndex {
+    let mut offsets = Vec::with_capacity(capacity + 1);
+    offsets.push(0);
+    LabelIndex {
+        offsets,
+        pairs: Vec::new(),
+    }
+}
+
+/// Seconds from `earlier` to `now`, never negative (clocks of replicas differ a little).
+fn seconds_since(now: DateTime<Utc>, earlier: DateTime<Utc>) -> f64 {
+    ((now - earlier).num_milliseconds().max(0)) as f64 / 1000.0
+}
+
+impl PlacementInput {
+    /// Builds a round from tasks (in queue order) and workers. Workers that are inactive or
+    /// draining are left out (the contract promises candidates only); heartbeat freshness is
+    /// the caller's filter. A worker's running-task count comes from its last reported usage
+    /// (0 when none): see [`Self::with_running_tasks`] to supply the store's count instead.
+    /// Attributes `cpu-utilisation` and `memory-utilisation` (0..1) are known for workers that
+    /// reported usage.
+    pub fn build(tasks: &[Task], workers: &[Worker], now: DateTime<Utc>) -> Self {
+        let workers: Vec<&Worker> = workers
+            .iter()
+            .filter(|w| w.is_active && !w.draining)
+            .collect();
+        let mut strings = Interner::default();
+        let n = workers.len();
+        let mut w = WorkerColumns {
+            total_cpu: Vec::with_capacity(n),
+            total_memory: Vec::with_capacity(n),
+            total_storage: Vec::with_capacity(n),
+            total_gpu: Vec::with_capacity(n),
+            allocated_cpu: Vec::with_capacity(n),
+            allocated_memory: Vec::with_capacity(n),
+            allocated_storage: Vec::with_capacity(n),
+            allocated_gpu: Vec::with_capacity(n),
+            available_cpu: Vec::with_capacity(n),
+            available_memory: Vec::with_capacity(n),
+            available_storage: Vec::with_capacity(n),
+            available_gpu: Vec::with_capacity(n),
+            heartbeat_age_s: Vec::with_capacity(n),
+            running_tasks: Vec::with_capacity(n),
+            id: Vec::with_capacity(n),
+            labels: new_label_index(n),
+            attributes: Vec::new(),
+        };
+        let mut cpu_util = AttributeColumn {
+            name: "cpu-utilisation".to_string(),
+            known: Vec::with_capacity(n),
+            values: Vec::with_capacity(n),
+        };
+        let mut mem_util = AttributeColumn {
+            name: "memory-utilisation".to_string(),
+            known: Vec::with_capacity(n),
+            values: Vec::with_capacity(n),
+        };
+        let now_ms = now.timestamp_millis();
+        for worker in &workers {
+            w.total_cpu.push(worker.total_cpu);
+            w.total_memory.push(worker.total_memory);
+            w.total_storage.push(worker.total_storage);
+            w.total_gpu.push(worker.total_gpu);
+            w.allocated_cpu.push(worker.allocated_cpu);
+            w.allocated_memory.push(worker.allocated_memory);
+            w.allocated_storage.push(worker.allocated_storage);
+            w.allocated_gpu.push(worker.allocated_gpu);
+            w.available_cpu.push(worker.available_cpu);
+            w.available_memory.push(worker.available_memory);
+            w.available_storage.push(worker.available_storage);
+            w.available_gpu.push(worker.available_gpu);
+            let age_ms = now_ms.saturating_sub(worker.last_heartbeat.saturating_mul(1000));
+            w.heartbeat_age_s.push(age_ms.max(0) as f64 / 1000.0);
+            w.running_tasks
+                .push(worker.usage.map_or(0, |u| u.running_tasks));
+            w.id.push(strings.intern(&worker.worker_id));
+            strings.labels(&mut w.labels, &worker.labels);
+            for (column, value) in [
+                (&mut cpu_util, worker.usage.map(|u| u.cpu_percent)),
+                (&mut mem_util, worker.usage.map(|u| u.memory_percent)),
+            ] {
+                let value = value.filter(|v| v.is_finite()).map(|v| v / 100.0);
+                column.known.push(value.is_some());
+                column.values.push(value.unwrap_or(0.0));
+            }
+        }
+        w.attributes = vec![cpu_util, mem_util];
+
+        let m = tasks.len();
+        let mut t = TaskColumns {
+            req_cpu: Vec::with_capacity(m),
+            req_memory: Vec::with_capacity(m),
+            req_storage: Vec::with_capacity(m),
+            req_gpu: Vec::with_capacity(m),
+            priority: Vec::with_capacity(m),
+            attempts: Vec::with_capacity(m),
+            age_s: Vec::with_capacity(m),
+            id: Vec::with_capacity(m),
+            user: Vec::with_capacity(m),
+            image: Vec::with_capacity(m),
+            labels: new_label_index(m),
+        };
+        for task in tasks {
+            t.req_cpu.push(task.req_cpu);
+            t.req_memory.push(task.req_memory);
+            t.req_storage.push(task.req_storage);
+            t.req_gpu.push(task.req_gpu);
+            t.priority.push(task.priority);
+            t.attempts.push(task.attempts);
+            t.age_s.push(seconds_since(now, task.created_at));
+            t.id.push(strings.intern(&task.task_id));
+            t.user.push(strings.intern(&task.user_id));
+            t.image.push(strings.intern(&task.docker_image));
+            strings.labels(&mut t.labels, &task.labels);
+        }
+        PlacementInput {
+            wit: WitInput {
+                strings: strings.strings,
+                workers: w,
+                tasks: t,
+            },
+        }
+    }
+
+    /// Replaces the running-task counts with the store's, by worker id (0 for a worker not in
+    /// the map).
+    pub fn with_running_tasks(mut self, counts: &BTreeMap<String, u32>) -> Self {
+        let ids = &self.wit.workers.id;
+        let strings = &self.wit.strings;
+        for (slot, &id) in self.wit.workers.running_tasks.iter_mut().zip(ids) {
+            *slot = strings
+                .get(id as usize)
+                .and_then(|s| counts.get(s))
+                .copied()
+                .unwrap_or(0);
+        }
+        self
+    }
+
+    /// A round given directly in the contract's shape (tests, snapshots, the smoke check).
+    pub fn from_columns(wit: WitInput) -> Self {
+        PlacementInput { wit }
+    }
+
+    /// The contract's columns.
+    pub fn columns(&self) -> &WitInput {
+        &self.wit
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.wit.workers.total_cpu.len()
+    }
+
+    pub fn task_count(&self) -> usize {
+        self.wit.tasks.req_cpu.len()
+    }
+
+    /// The id of the worker at `index`.
+    pub fn worker_id(&self, index: u32) -> Option<&str> {
+        let id = *self.wit.workers.id.get(index as usize)?;
+        self.wit.strings.get(id as usize).map(String::as_str)
+    }
+
+    /// The id of the task at `index`.
+    pub fn task_id(&self, index: usize) -> Option<&str> {
+        let id = *self.wit.tasks.id.get(index)?;
+        self.wit.strings.get(id as usize).map(String::as_str)
+    }
+
+    /// A small cluster for the smoke check at upload: four workers of different shapes (one
+    /// with a GPU, one busy) and three tasks, one of which fits nowhere.
+    pub(crate) fn synthetic() -> Self {
+        use crate::model::Resources;
+        let now = crate::model::now();
+        let mut workers: Vec<Worker> = [
+            ("smoke-w0", Resources::new(4.0, 16.0, 100.0, 0.0)),
+            ("smoke-w1", Resources::new(8.0, 32.0, 200.0, 1.0)),
+            ("smoke-w2", Resources::new(2.0, 4.0, 50.0, 0.0)),
+            ("smoke-w3", Resources::new(16.0, 64.0, 500.0, 0.0)),
+        ]
+        .into_iter()
+        .map(|(id, total)| {
+            Worker::new(
+                id.to_string(),
+                "127.0.0.1".to_string(),
+                total,
+                BTreeMap::from([("zone".to_string(), "a".to_string())]),
+                String::new(),
+            )
+        })
+        .collect();
+        if let Some(busy) = workers.get_mut(3) {
+            busy.allocated_cpu = 12.0;
+            busy.allocated_memory = 48.0;
+            busy.available_cpu = 4.0;
+            busy.available_memory = 16.0;
+        }
+        let tasks: Vec<Task> = [
+            ("smoke-t0", Resources::new(1.0, 2.0, 10.0, 0.0)),
+            ("smoke-t1", Resources::new(2.0, 8.0, 10.0, 1.0)),
+            ("smoke-t2", Resources::new(64.0, 1.0, 1.0, 0.0)),
+        ]
+        .into_iter()
+        .map(|(id, req)| {
+            Task::new_pending(
+                id.to_string(),
+                "smoke".to_string(),
+                "busybox".to_string(),
+                req,
+            )
+        })
+        .collect();
+        PlacementInput::build(&tasks, &workers, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Resources, WorkerUsage};
+
+    fn worker(id: &str, total: Resources) -> Worker {
+        Worker::new(
+            id.to_string(),
+            "127.0.0.1".to_string(),
+            total,
+            BTreeMap::new(),
+            String::new(),
+        )
+    }
+
+    #[test]
+    fn build_interns_strings_fills_columns_and_skips_non_candidates() {
+        let now = crate::model::now();
+        let mut w0 = worker("w0", Resources::new(4.0, 8.0, 10.0, 0.0));
+        w0.labels.insert("zone".into(), "a".into());
+        w0.last_heartbeat = now.timestamp() - 3;
+        w0.usage = Some(WorkerUsage {
+            cpu_percent: 50.0,
+            memory_percent: 25.0,
+            running_tasks: 2,
+        });
+        let mut draining = worker("w-draining", Resources::new(4.0, 8.0, 10.0, 0.0));
+        draining.draining = true;
+        let mut inactive = worker("w-inactive", Resources::new(4.0, 8.0, 10.0, 0.0));
+        inactive.is_active = false;
+        let mut w1 = worker("w1", Resources::new(2.0, 2.0, 2.0, 1.0));
+        w1.labels.insert("zone".into(), "b".into());
+
+        let mut t0 = Task::new_pending(
+            "t0".into(),
+            "alice".into(),
+            "img".into(),
+            Resources::new(1.0, 1.0, 1.0, 0.0),
+        );
+        t0.labels.insert("zone".into(), "a".into());
+        t0.created_at = now - chrono::Duration::seconds(10);
+        let t1 = Task::new_pending(
+            "t1".into(),
+            "alice".into(),
+            "img".into(),
+            Resources::new(0.5, 0.5, 0.5, 1.0),
+        );
+
+        let input = PlacementInput::build(&[t0, t1], &[w0, draining, inactive, w1], now);
+        let c = input.columns();
+        assert_eq!(input.worker_count(), 2);
+        assert_eq!(input.task_count(), 2);
+        assert_eq!(input.worker_id(0), Some("w0"));
+        assert_eq!(input.worker_id(1), Some("w1"));
+        assert_eq!(input.worker_id(2), None);
+        assert_eq!(input.task_id(1), Some("t1"));
+        // "zone", "a", "alice", "img" each appear once.
+        for s in ["zone", "a", "alice", "img"] {
+            assert_eq!(c.strings.iter().filter(|x| *x == s).count(), 1, "{s}");
+        }
+        assert_eq!(c.workers.labels.offsets, vec![0, 1, 2]);
+        assert_eq!(c.tasks.labels.offsets, vec![0, 1, 1]);
+        let (k, v) = c.workers.labels.pairs[1];
+        assert_eq!(
+            (
+                c.strings[k as usize].as_str(),
+                c.strings[v as usize].as_str()
+            ),
+            ("zone", "b")
+        );
+        assert_eq!(c.tasks.user[0], c.tasks.user[1]);
+        assert_eq!(c.workers.total_gpu, vec![0.0, 1.0]);
+        assert_eq!(c.workers.available_cpu, vec![4.0, 2.0]);
+        assert_eq!(c.workers.running_tasks, vec![2, 0]);
+        assert!(c.workers.heartbeat_age_s[0] >= 3.0 && c.workers.heartbeat_age_s[0] < 4.0);
+        assert_eq!(c.tasks.age_s[0], 10.0);
+        let cpu = &c.workers.attributes[0];
+        assert_eq!(cpu.name, "cpu-utilisation");
+        assert_eq!(cpu.known, vec![true, false]);
+        assert_eq!(cpu.values[0], 0.5);
+
+        let counts = BTreeMap::from([("w1".to_string(), 7)]);
+        let input = input.with_running_tasks(&counts);
+        assert_eq!(input.columns().workers.running_tasks, vec![0, 7]);
+    }
+
+    #[test]
+    fn synthetic_cluster_is_well_formed() {
+        let input = PlacementInput::synthetic();
+        assert_eq!(input.worker_count(), 4);
+        assert_eq!(input.task_count(), 3);
+        let w = &input.columns().workers;
+        for i in 0..4 {
+            assert_eq!(w.available_cpu[i], w.total_cpu[i] - w.allocated_cpu[i]);
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! The policy engine: placement and admission decisions made by WebAssembly components
+//! (the `cloudai:policy` WIT contract in `wit/`), sandboxed and bounded by wasmtime, with the
+//! built-in native best-fit as the fallback.
+//!
+//! Where to start: [`PolicyRuntime`] (load, activate, `place`, `admit`, automatic
+//! deactivation), [`PlacementInput`] (one scheduling round, columnar, built from
+//! [`crate::model`] documents), [`native`] (the native best-fit) and [`engine`] (the wasmtime
+//! engine: compilation cache, pooling allocator, epoch deadline, memory limit).
+//!
+//! Every call into a guest is blocking CPU work bounded by its deadline (tens of ms): async
+//! callers run it on `tokio::task::spawn_blocking`, never on a runtime worker thread (the WASI
+//! shims block on the current Tokio handle).
+
+pub mod bindings;
+pub mod engine;
+mod error;
+mod input;
+pub mod native;
+mod runtime;
+mod validate;
+
+pub use engine::{EngineSettings, PolicyEngine, PolicyLimits};
+pub use error::{PolicyError, Result};
+pub use input::{Decision, PlacementInput};
+pub use runtime::{
+    AdmissionFallback, AdmissionOutcome, PlacementOutcome, PolicyKind, PolicyRuntime, PolicySource,
+    PolicyVersionInfo, RuntimeSettings,
+};
+pub use validate::validate_placement;

@@ -1,0 +1,616 @@
+//! `PolicyRuntime`: the loaded policy versions, the active one per kind (swapped as a
+//! pointer), and the protected calls: a placement round or an admission check that falls back
+//! to the native policy when the guest fails, counts the failure and, after too many in a row,
+//! deactivates the version and restores the previous good one.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use super::bindings::types::{AdmissionDecision, AdmissionTask, Resources, UserUsage};
+use super::engine::{PolicyEngine, PolicyLabel, PolicyLimits, Prepared};
+use super::error::{PolicyError, Result};
+use super::input::{Decision, PlacementInput};
+use super::native;
+use super::validate::validate_placement;
+
+/// The world a policy implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PolicyKind {
+    Placement,
+    Admission,
+}
+
+impl PolicyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::Placement => "placement",
+            PolicyKind::Admission => "admission",
+        }
+    }
+
+    fn slot(self) -> usize {
+        match self {
+            PolicyKind::Placement => 0,
+            PolicyKind::Admission => 1,
+        }
+    }
+}
+
+/// What an admission check does when the active policy fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdmissionFallback {
+    /// Fail open: the task is accepted.
+    Accept,
+    /// Fail closed: the task stays pending and is checked again later.
+    Defer,
+}
+
+/// Settings of the runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeSettings {
+    /// Consecutive failed evaluations after which a version is deactivated.
+    pub failure_threshold: u32,
+    /// Limits of a policy loaded without its own.
+    pub default_limits: PolicyLimits,
+    pub admission_fallback: AdmissionFallback,
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        RuntimeSettings {
+            failure_threshold: 3,
+            default_limits: PolicyLimits::default(),
+            admission_fallback: AdmissionFallback::Accept,
+        }
+    }
+}
+
+/// Who decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicySource {
+    /// The active WebAssembly policy.
+    Wasm { name: String, version: String },
+    /// The native policy, because no policy of this kind is active.
+    Native,
+    /// The native policy (or the admission fallback), because the active policy failed.
+    Fallback {
+        name: String,
+        version: String,
+        reason: String,
+    },
+}
+
+/// The decisions of one placement round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlacementOutcome {
+    /// One per task, in the order of the input's tasks, checked.
+    pub decisions: Vec<Decision>,
+    pub source: PolicySource,
+    /// Wall-clock time of the round, fallback included.
+    pub elapsed: Duration,
+}
+
+/// The decision of one admission check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdmissionOutcome {
+    pub decision: AdmissionDecision,
+    pub source: PolicySource,
+    pub elapsed: Duration,
+}
+
+/// A loaded version, as listed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyVersionInfo {
+    pub name: String,
+    pub version: String,
+    pub kind: PolicyKind,
+    /// sha256 of the component's bytes, hex.
+    pub sha256: String,
+    pub limits: PolicyLimits,
+    pub active: bool,
+    /// Deactivated after repeated failures.
+    pub deactivated: bool,
+    pub consecutive_failures: u32,
+    pub total_failures: u64,
+}
+
+struct Loaded {
+    label: PolicyLabel,
+    kind: PolicyKind,
+    sha256: [u8; 32],
+    config: String,
+    limits: PolicyLimits,
+    prepared: Prepared,
+    consecutive_failures: AtomicU32,
+    total_failures: AtomicU64,
+    deactivated: AtomicBool,
+}
+
+type Key = (String, String);
+
+#[derive(Default)]
+struct Registry {
+    versions: BTreeMap<Key, Arc<Loaded>>,
+    /// Per kind, the versions that were active before the current one, most recent last.
+    history: [Vec<Arc<Loaded>>; 2],
+}
+
+/// The policy engine's front door. Share it as `Arc<PolicyRuntime>`; every method takes
+/// `&self`. `place` and `admit` block for up to the policy's deadline: call them from
+/// `spawn_blocking` in async code.
+pub struct PolicyRuntime {
+    engine: PolicyEngine,
+    settings: RuntimeSettings,
+    /// Written only with `registry` held, so that swaps and restores are consistent.
+    registry: Mutex<Registry>,
+    /// The active version per kind. Readers clone the `Arc` and drop the lock at once: a round
+    /// in flight keeps the version it started with whatever is activated meanwhile.
+    active: [RwLock<Option<Arc<Loaded>>>; 2],
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl PolicyRuntime {
+    pub fn new(engine: PolicyEngine, settings: RuntimeSettings) -> Self {
+        PolicyRuntime {
+            engine,
+            settings,
+            registry: Mutex::new(Registry::default()),
+            active: [RwLock::new(None), RwLock::new(None)],
+        }
+    }
+
+    pub fn engine(&self) -> &PolicyEngine {
+        &self.engine
+    }
+
+    /// Loads a version with the default limits; see [`Self::load_with_limits`].
+    pub fn load(
+        &self,
+        name: &str,
+        version: &str,
+        bytes: &[u8],
+        config: &str,
+    ) -> Result<PolicyKind> {
+        self.load_with_limits(name, version, bytes, config, None)
+    }
+
+    /// Compiles and checks a component before keeping it: it must compile, import nothing
+    /// but WASI and the contract's `host`, export the `placement` or `admission` world,
+    /// accept `config` (JSON, `{}` when empty), and decide a synthetic round within its
+    /// limits. Returns the world it implements. Nothing is kept when a check fails.
+    pub fn load_with_limits(
+        &self,
+        name: &str,
+        version: &str,
+        bytes: &[u8],
+        config: &str,
+        limits: Option<PolicyLimits>,
+    ) -> Result<PolicyKind> {
+        let key = (name.to_string(), version.to_string());
+        if lock(&self.registry).versions.contains_key(&key) {
+            return Err(PolicyError::AlreadyLoaded {
+                name: key.0,
+                version: key.1,
+            });
+        }
+        let config = if config.trim().is_empty() {
+            "{}"
+        } else {
+            config
+        };
+        serde_json::from_str::<serde_json::Value>(config)
+            .map_err(|e| PolicyError::ConfigRejected(format!("not JSON: {e}")))?;
+        let (component, sha256) = self.engine.compile(bytes)?;
+        let prepared = self.engine.prepare(&component)?;
+        let kind = match prepared {
+            Prepared::Placement(_) => PolicyKind::Placement,
+            Prepared::Admission(_) => PolicyKind::Admission,
+        };
+        let loaded = Arc::new(Loaded {
+            label: PolicyLabel {
+                name: name.into(),
+                version: version.into(),
+            },
+            kind,
+            sha256,
+            config: config.to_string(),
+            limits: limits.unwrap_or(self.settings.default_limits),
+            prepared,
+            consecutive_failures: AtomicU32::new(0),
+            total_failures: AtomicU64::new(0),
+            deactivated: AtomicBool::new(false),
+        });
+        self.smoke(&loaded).map_err(|e| match e {
+            PolicyError::ConfigRejected(_) => e,
+            other => PolicyError::SmokeFailed(Box::new(other)),
+        })?;
+        let mut registry = lock(&self.registry);
+        if registry.versions.contains_key(&key) {
+            return Err(PolicyError::AlreadyLoaded {
+                name: key.0,
+                version: key.1,
+            });
+        }
+        registry.versions.insert(key, loaded);
+        tracing::info!(
+            policy_name = name,
+            policy_version = version,
+            kind = kind.as_str(),
+            "policy loaded"
+        );
+        Ok(kind)
+    }
+
+    fn smoke(&self, policy: &Loaded) -> Result<()> {
+        match policy.kind {
+            PolicyKind::Placement => {
+                self.run_place(policy, &PlacementInput::synthetic())?;
+            }
+            PolicyKind::Admission => {
+                let task = AdmissionTask {
+                    id: "smoke-t0".into(),
+                    user: "smoke".into(),
+                    image: "busybox".into(),
+                    request: Resources {
+                        cpu: 1.0,
+                        memory: 1.0,
+                        storage: 1.0,
+                        gpu: 0.0,
+                    },
+                    priority: 0,
+                    labels: vec![("zone".into(), "a".into())],
+                    attempts: 0,
+                    age_s: 0.0,
+                };
+                let usage = UserUsage {
+                    running_tasks: 1,
+                    queued_tasks: 0,
+                    pending_tasks: 1,
+                    reserved: Resources {
+                        cpu: 1.0,
+                        memory: 1.0,
+                        storage: 1.0,
+                        gpu: 0.0,
+                    },
+                };
+                self.run_admit(policy, &task, &usage)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes a loaded version the active one of its kind. The version it replaces is
+    /// remembered as the one to restore if the new one keeps failing.
+    pub fn activate(&self, name: &str, version: &str) -> Result<()> {
+        let mut registry = lock(&self.registry);
+        let key = (name.to_string(), version.to_string());
+        let Some(policy) = registry.versions.get(&key).cloned() else {
+            return Err(PolicyError::NotFound {
+                name: key.0,
+                version: key.1,
+            });
+        };
+        if policy.deactivated.load(Ordering::SeqCst) {
+            return Err(PolicyError::Deactivated {
+                name: key.0,
+                version: key.1,
+            });
+        }
+        policy.consecutive_failures.store(0, Ordering::SeqCst);
+        let slot = policy.kind.slot();
+        let previous = self.swap_active(policy.kind, Some(policy.clone()));
+        if let Some(previous) = previous
+            && !Arc::ptr_eq(&previous, &policy)
+        {
+            registry.history[slot].push(previous);
+        }
+        tracing::info!(
+            policy_name = name,
+            policy_version = version,
+            kind = policy.kind.as_str(),
+            "policy activated"
+        );
+        Ok(())
+    }
+
+    /// Leaves `kind` to the native policy (placement) or the fallback (admission).
+    pub fn deactivate(&self, kind: PolicyKind) {
+        let mut registry = lock(&self.registry);
+        if let Some(previous) = self.swap_active(kind, None) {
+            registry.history[kind.slot()].push(previous);
+        }
+    }
+
+    /// Forgets an inactive version.
+    pub fn unload(&self, name: &str, version: &str) -> Result<()> {
+        let mut registry = lock(&self.registry);
+        let key = (name.to_string(), version.to_string());
+        let Some(policy) = registry.versions.get(&key).cloned() else {
+            return Err(PolicyError::NotFound {
+                name: key.0,
+                version: key.1,
+            });
+        };
+        if self
+            .current(policy.kind)
+            .is_some_and(|a| Arc::ptr_eq(&a, &policy))
+        {
+            return Err(PolicyError::Host(format!(
+                "policy {name} version {version} is active: activate another first"
+            )));
+        }
+        registry.versions.remove(&key);
+        for history in &mut registry.history {
+            history.retain(|p| !Arc::ptr_eq(p, &policy));
+        }
+        Ok(())
+    }
+
+    /// The active (name, version) of `kind`, if any.
+    pub fn active(&self, kind: PolicyKind) -> Option<(String, String)> {
+        self.current(kind)
+            .map(|p| (p.label.name.to_string(), p.label.version.to_string()))
+    }
+
+    /// Every loaded version, by name then version.
+    pub fn versions(&self) -> Vec<PolicyVersionInfo> {
+        let registry = lock(&self.registry);
+        registry
+            .versions
+            .values()
+            .map(|p| PolicyVersionInfo {
+                name: p.label.name.to_string(),
+                version: p.label.version.to_string(),
+                kind: p.kind,
+                sha256: hex::encode(p.sha256),
+                limits: p.limits,
+                active: self.current(p.kind).is_some_and(|a| Arc::ptr_eq(&a, p)),
+                deactivated: p.deactivated.load(Ordering::SeqCst),
+                consecutive_failures: p.consecutive_failures.load(Ordering::SeqCst),
+                total_failures: p.total_failures.load(Ordering::SeqCst),
+            })
+            .collect()
+    }
+
+    fn current(&self, kind: PolicyKind) -> Option<Arc<Loaded>> {
+        self.active[kind.slot()]
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn swap_active(&self, kind: PolicyKind, new: Option<Arc<Loaded>>) -> Option<Arc<Loaded>> {
+        let mut slot = self.active[kind.slot()]
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        std::mem::replace(&mut *slot, new)
+    }
+
+    /// Decides a placement round: with the active placement policy, its answer checked; with
+    /// the native best-fit when none is active or when it fails (the failure counted and
+    /// logged). Never fails, never panics.
+    pub fn place(&self, input: &PlacementInput) -> PlacementOutcome {
+        let started = Instant::now();
+        let Some(policy) = self.current(PolicyKind::Placement) else {
+            return PlacementOutcome {
+                decisions: native::best_fit(input),
+                source: PolicySource::Native,
+                elapsed: started.elapsed(),
+            };
+        };
+        match self.run_place(&policy, input) {
+            Ok(decisions) => {
+                policy.consecutive_failures.store(0, Ordering::SeqCst);
+                PlacementOutcome {
+                    decisions,
+                    source: wasm_source(&policy),
+                    elapsed: started.elapsed(),
+                }
+            }
+            Err(err) => {
+                self.record_failure(&policy, &err);
+                PlacementOutcome {
+                    decisions: native::best_fit(input),
+                    source: fallback_source(&policy, &err),
+                    elapsed: started.elapsed(),
+                }
+            }
+        }
+    }
+
+    /// Runs a loaded version (active or not) on a round without acting on it or counting its
+    /// failures: the dry run.
+    pub fn place_with(
+        &self,
+        name: &str,
+        version: &str,
+        input: &PlacementInput,
+    ) -> Result<Vec<Decision>> {
+        let policy = self.get(name, version)?;
+        self.run_place(&policy, input)
+    }
+
+    /// Decides an admission check with the active admission policy; accepts when none is
+    /// active; applies [`RuntimeSettings::admission_fallback`] when it fails.
+    pub fn admit(&self, task: &AdmissionTask, usage: &UserUsage) -> AdmissionOutcome {
+        let started = Instant::now();
+        let Some(policy) = self.current(PolicyKind::Admission) else {
+            return AdmissionOutcome {
+                decision: AdmissionDecision::Accept,
+                source: PolicySource::Native,
+                elapsed: started.elapsed(),
+            };
+        };
+        match self.run_admit(&policy, task, usage) {
+            Ok(decision) => {
+                policy.consecutive_failures.store(0, Ordering::SeqCst);
+                AdmissionOutcome {
+                    decision,
+                    source: wasm_source(&policy),
+                    elapsed: started.elapsed(),
+                }
+            }
+            Err(err) => {
+                self.record_failure(&policy, &err);
+                let decision = match self.settings.admission_fallback {
+                    AdmissionFallback::Accept => AdmissionDecision::Accept,
+                    AdmissionFallback::Defer => AdmissionDecision::Defer(format!(
+                        "admission policy {} {} failed; the task will be checked again",
+                        policy.label.name, policy.label.version
+                    )),
+                };
+                AdmissionOutcome {
+                    decision,
+                    source: fallback_source(&policy, &err),
+                    elapsed: started.elapsed(),
+                }
+            }
+        }
+    }
+
+    fn get(&self, name: &str, version: &str) -> Result<Arc<Loaded>> {
+        lock(&self.registry)
+            .versions
+            .get(&(name.to_string(), version.to_string()))
+            .cloned()
+            .ok_or_else(|| PolicyError::NotFound {
+                name: name.to_string(),
+                version: version.to_string(),
+            })
+    }
+
+    fn run_place(&self, policy: &Loaded, input: &PlacementInput) -> Result<Vec<Decision>> {
+        let Prepared::Placement(pre) = &policy.prepared else {
+            return Err(PolicyError::WrongWorld(format!(
+                "{} {} is an admission policy",
+                policy.label.name, policy.label.version
+            )));
+        };
+        let answer = self
+            .engine
+            .evaluate(&policy.label, policy.limits, |store| {
+                let instance = pre.instantiate(&mut *store)?;
+                if let Err(reason) = instance
+                    .cloudai_policy_config()
+                    .call_configure(&mut *store, &policy.config)?
+                {
+                    return Ok(Err(reason));
+                }
+                Ok(Ok(instance.call_place(&mut *store, input.columns())?))
+            })?;
+        let answer = answer.map_err(PolicyError::ConfigRejected)?;
+        validate_placement(input, answer)
+    }
+
+    fn run_admit(
+        &self,
+        policy: &Loaded,
+        task: &AdmissionTask,
+        usage: &UserUsage,
+    ) -> Result<AdmissionDecision> {
+        let Prepared::Admission(pre) = &policy.prepared else {
+            return Err(PolicyError::WrongWorld(format!(
+                "{} {} is a placement policy",
+                policy.label.name, policy.label.version
+            )));
+        };
+        let answer = self
+            .engine
+            .evaluate(&policy.label, policy.limits, |store| {
+                let instance = pre.instantiate(&mut *store)?;
+                if let Err(reason) = instance
+                    .cloudai_policy_config()
+                    .call_configure(&mut *store, &policy.config)?
+                {
+                    return Ok(Err(reason));
+                }
+                Ok(Ok(instance.call_admit(&mut *store, task, *usage)?))
+            })?;
+        let decision = answer.map_err(PolicyError::ConfigRejected)?;
+        Ok(match decision {
+            AdmissionDecision::Reject(r) => AdmissionDecision::Reject(cut(r)),
+            AdmissionDecision::Defer(r) => AdmissionDecision::Defer(cut(r)),
+            AdmissionDecision::Accept => AdmissionDecision::Accept,
+        })
+    }
+
+    /// Counts a failed evaluation and deactivates the version once it has failed
+    /// `failure_threshold` times in a row.
+    fn record_failure(&self, policy: &Arc<Loaded>, err: &PolicyError) {
+        let (name, version) = (&*policy.label.name, &*policy.label.version);
+        if !err.is_evaluation_failure() {
+            tracing::error!(policy_name = name, policy_version = version, error = %err, "policy could not be evaluated; fallback used");
+            return;
+        }
+        let failures = policy.consecutive_failures.fetch_add(1, Ordering::SeqCst) + 1;
+        policy.total_failures.fetch_add(1, Ordering::SeqCst);
+        tracing::warn!(
+            policy_name = name,
+            policy_version = version,
+            kind = policy.kind.as_str(),
+            consecutive_failures = failures,
+            error = %err,
+            "policy failed; fallback used for this decision"
+        );
+        if failures >= self.settings.failure_threshold.max(1) {
+            self.deactivate_failed(policy);
+        }
+    }
+
+    fn deactivate_failed(&self, policy: &Arc<Loaded>) {
+        let mut registry = lock(&self.registry);
+        policy.deactivated.store(true, Ordering::SeqCst);
+        let kind = policy.kind;
+        // Another round may have done this already, or the version may have been swapped out.
+        if !self.current(kind).is_some_and(|a| Arc::ptr_eq(&a, policy)) {
+            return;
+        }
+        let history = &mut registry.history[kind.slot()];
+        let mut restored = None;
+        while let Some(candidate) = history.pop() {
+            if !candidate.deactivated.load(Ordering::SeqCst) {
+                restored = Some(candidate);
+                break;
+            }
+        }
+        if let Some(r) = &restored {
+            r.consecutive_failures.store(0, Ordering::SeqCst);
+        }
+        let restored_label = restored
+            .as_ref()
+            .map(|r| format!("{} {}", r.label.name, r.label.version))
+            .unwrap_or_else(|| "the native policy".to_string());
+        self.swap_active(kind, restored);
+        tracing::error!(
+            policy_name = &*policy.label.name,
+            policy_version = &*policy.label.version,
+            kind = kind.as_str(),
+            restored = %restored_label,
+            "policy deactivated after repeated failures"
+        );
+    }
+}
+
+fn cut(reason: String) -> String {
+    super::engine::truncate(&reason, super::validate::MAX_REASON_BYTES).to_string()
+}
+
+fn wasm_source(policy: &Loaded) -> PolicySource {
+    PolicySource::Wasm {
+        name: policy.label.name.to_string(),
+        version: policy.label.version.to_string(),
+    }
+}
+
+fn fallback_source(policy: &Loaded, err: &PolicyError) -> PolicySource {
+    PolicySource::Fallback {
+        name: policy.label.name.to_string(),
+        version: policy.label.version.to_string(),
+        reason: err.to_string(),
+    }
+}
