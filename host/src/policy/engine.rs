@@ -157,7 +157,12 @@ impl PolicyEngine {
         Ok((component, sha))
     }
 
-    /// Number of distinct components compiled so far.
+    /// Drops a compiled component from the cache (a refused upload).
+    pub(crate) fn evict(&self, sha256: &[u8; 32]) {
+        lock(&self.inner.compiled).remove(sha256);
+    }
+
+    /// Number of distinct components held compiled.
     pub fn cached_components(&self) -> usize {
         lock(&self.inner.compiled).len()
     }

@@ -19,11 +19,14 @@ pub mod native;
 mod runtime;
 mod validate;
 
+#[cfg(test)]
+mod guest_tests;
+
 pub use engine::{EngineSettings, PolicyEngine, PolicyLimits};
 pub use error::{PolicyError, Result};
 pub use input::{Decision, PlacementInput};
 pub use runtime::{
-    AdmissionFallback, AdmissionOutcome, PlacementOutcome, PolicyKind, PolicyRuntime, PolicySource,
-    PolicyVersionInfo, RuntimeSettings,
+    AdmissionFallback, AdmissionOutcome, LoadOptions, PlacementOutcome, PolicyKind, PolicyRuntime,
+    PolicySource, PolicyVersionInfo, RuntimeSettings,
 };
 pub use validate::validate_placement;

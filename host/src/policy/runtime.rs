@@ -67,6 +67,25 @@ impl Default for RuntimeSettings {
     }
 }
 
+/// How [`PolicyRuntime::load_with`] loads a version.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadOptions {
+    /// The version's own limits; `None` for [`RuntimeSettings::default_limits`].
+    pub limits: Option<PolicyLimits>,
+    /// Run the smoke decision on a synthetic cluster (always, except to load the hostile
+    /// test fixtures, which fail it by design).
+    pub smoke_check: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            limits: None,
+            smoke_check: true,
+        }
+    }
+}
+
 /// Who decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicySource {
@@ -168,7 +187,7 @@ impl PolicyRuntime {
         &self.engine
     }
 
-    /// Loads a version with the default limits; see [`Self::load_with_limits`].
+    /// Loads a version with the default limits and every check; see [`Self::load_with`].
     pub fn load(
         &self,
         name: &str,
@@ -176,20 +195,20 @@ impl PolicyRuntime {
         bytes: &[u8],
         config: &str,
     ) -> Result<PolicyKind> {
-        self.load_with_limits(name, version, bytes, config, None)
+        self.load_with(name, version, bytes, config, LoadOptions::default())
     }
 
     /// Compiles and checks a component before keeping it: it must compile, import nothing
     /// but WASI and the contract's `host`, export the `placement` or `admission` world,
     /// accept `config` (JSON, `{}` when empty), and decide a synthetic round within its
     /// limits. Returns the world it implements. Nothing is kept when a check fails.
-    pub fn load_with_limits(
+    pub fn load_with(
         &self,
         name: &str,
         version: &str,
         bytes: &[u8],
         config: &str,
-        limits: Option<PolicyLimits>,
+        options: LoadOptions,
     ) -> Result<PolicyKind> {
         let key = (name.to_string(), version.to_string());
         if lock(&self.registry).versions.contains_key(&key) {
@@ -206,29 +225,18 @@ impl PolicyRuntime {
         serde_json::from_str::<serde_json::Value>(config)
             .map_err(|e| PolicyError::ConfigRejected(format!("not JSON: {e}")))?;
         let (component, sha256) = self.engine.compile(bytes)?;
-        let prepared = self.engine.prepare(&component)?;
-        let kind = match prepared {
-            Prepared::Placement(_) => PolicyKind::Placement,
-            Prepared::Admission(_) => PolicyKind::Admission,
+        let loaded = match self.check(name, version, &component, sha256, config, options) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                // Keep no compiled code for a refused upload, unless a loaded version shares it.
+                let registry = lock(&self.registry);
+                if !registry.versions.values().any(|v| v.sha256 == sha256) {
+                    self.engine.evict(&sha256);
+                }
+                return Err(e);
+            }
         };
-        let loaded = Arc::new(Loaded {
-            label: PolicyLabel {
-                name: name.into(),
-                version: version.into(),
-            },
-            kind,
-            sha256,
-            config: config.to_string(),
-            limits: limits.unwrap_or(self.settings.default_limits),
-            prepared,
-            consecutive_failures: AtomicU32::new(0),
-            total_failures: AtomicU64::new(0),
-            deactivated: AtomicBool::new(false),
-        });
-        self.smoke(&loaded).map_err(|e| match e {
-            PolicyError::ConfigRejected(_) => e,
-            other => PolicyError::SmokeFailed(Box::new(other)),
-        })?;
+        let kind = loaded.kind;
         let mut registry = lock(&self.registry);
         if registry.versions.contains_key(&key) {
             return Err(PolicyError::AlreadyLoaded {
@@ -244,6 +252,44 @@ impl PolicyRuntime {
             "policy loaded"
         );
         Ok(kind)
+    }
+
+    /// Links, configures and smoke-tests a compiled component.
+    fn check(
+        &self,
+        name: &str,
+        version: &str,
+        component: &wasmtime::component::Component,
+        sha256: [u8; 32],
+        config: &str,
+        options: LoadOptions,
+    ) -> Result<Arc<Loaded>> {
+        let prepared = self.engine.prepare(component)?;
+        let kind = match prepared {
+            Prepared::Placement(_) => PolicyKind::Placement,
+            Prepared::Admission(_) => PolicyKind::Admission,
+        };
+        let loaded = Arc::new(Loaded {
+            label: PolicyLabel {
+                name: name.into(),
+                version: version.into(),
+            },
+            kind,
+            sha256,
+            config: config.to_string(),
+            limits: options.limits.unwrap_or(self.settings.default_limits),
+            prepared,
+            consecutive_failures: AtomicU32::new(0),
+            total_failures: AtomicU64::new(0),
+            deactivated: AtomicBool::new(false),
+        });
+        if options.smoke_check {
+            self.smoke(&loaded).map_err(|e| match e {
+                PolicyError::ConfigRejected(_) => e,
+                other => PolicyError::SmokeFailed(Box::new(other)),
+            })?;
+        }
+        Ok(loaded)
     }
 
     fn smoke(&self, policy: &Loaded) -> Result<()> {
@@ -471,6 +517,20 @@ impl PolicyRuntime {
                 }
             }
         }
+    }
+
+    /// Time to instantiate a loaded version from its `InstancePre` into a fresh store, alone
+    /// (no `configure`, no decision): for benchmarks and diagnostics.
+    pub fn time_instantiate(&self, name: &str, version: &str) -> Result<Duration> {
+        let policy = self.get(name, version)?;
+        self.engine.evaluate(&policy.label, policy.limits, |store| {
+            let started = Instant::now();
+            match &policy.prepared {
+                Prepared::Placement(pre) => drop(pre.instantiate(&mut *store)?),
+                Prepared::Admission(pre) => drop(pre.instantiate(&mut *store)?),
+            }
+            Ok(started.elapsed())
+        })
     }
 
     fn get(&self, name: &str, version: &str) -> Result<Arc<Loaded>> {

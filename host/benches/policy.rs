@@ -1,0 +1,209 @@
+//! Policy engine cost: compile time, load time with the compiled component cached,
+//! instantiation time, and per-round latency of the Wasm best-fit against the native best-fit
+//! (same algorithm) for 1 and 100 tasks against 10, 100 and 1,000 workers. Prints medians.
+//!
+//! Run with: `scripts/build-policies.sh && cargo bench -p cloudai --bench policy`
+//! Options (env): CLOUDAI_POLICY_WASM_DIR (default `$CARGO_TARGET_DIR/policies`), BENCH_RUNS
+//! (runs of each measurement, default 7), BENCH_ROUNDS (rounds per run, default 200).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cloudai::model::{Resources, Task, Worker};
+use cloudai::policy::{
+    EngineSettings, PlacementInput, PolicyEngine, PolicyRuntime, PolicySource, RuntimeSettings,
+    native,
+};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(mut xs: Vec<Duration>) -> Duration {
+    xs.sort();
+    xs[xs.len() / 2]
+}
+
+fn fmt(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.1} µs")
+    }
+}
+
+/// A cluster with some load, and a batch of tasks most of which fit.
+fn cluster(seed: u64, workers: usize, tasks: usize) -> PlacementInput {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let now = cloudai::model::now();
+    let workers: Vec<Worker> = (0..workers)
+        .map(|i| {
+            let total = Resources::new(
+                f64::from(rng.random_range(4..=64)),
+                f64::from(rng.random_range(8..=256)),
+                f64::from(rng.random_range(100..=2000)),
+                if rng.random_bool(0.2) {
+                    f64::from(rng.random_range(1..=8))
+                } else {
+                    0.0
+                },
+            );
+            let mut w = Worker::new(
+                format!("worker-{i:04}"),
+                "127.0.0.1".into(),
+                total,
+                BTreeMap::from([("zone".into(), format!("z{}", i % 3))]),
+                String::new(),
+            );
+            let used = f64::from(rng.random_range(0..=3)) / 4.0;
+            w.allocated_cpu = (w.total_cpu * used).floor();
+            w.available_cpu = w.total_cpu - w.allocated_cpu;
+            w.allocated_memory = (w.total_memory * used).floor();
+            w.available_memory = w.total_memory - w.allocated_memory;
+            w
+        })
+        .collect();
+    let tasks: Vec<Task> = (0..tasks)
+        .map(|j| {
+            let req = Resources::new(
+                f64::from(rng.random_range(1..=8)) / 2.0,
+                f64::from(rng.random_range(1..=32)) / 2.0,
+                f64::from(rng.random_range(0..=50)),
+                if rng.random_bool(0.1) { 1.0 } else { 0.0 },
+            );
+            Task::new_pending(
+                format!("task-{j:04}"),
+                format!("user-{}", j % 7),
+                "busybox:1.36".into(),
+                req,
+            )
+        })
+        .collect();
+    PlacementInput::build(&tasks, &workers, now)
+}
+
+fn main() {
+    let runs = env_usize("BENCH_RUNS", 7).max(1);
+    let rounds = env_usize("BENCH_ROUNDS", 200).max(1);
+    let dir = std::env::var_os("CLOUDAI_POLICY_WASM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into());
+            PathBuf::from(target).join("policies")
+        });
+    let path = dir.join("best-fit.wasm");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "reading {}: {e} (build the guests with scripts/build-policies.sh, or set CLOUDAI_POLICY_WASM_DIR)",
+            path.display()
+        )
+    });
+    println!(
+        "policy bench: best-fit.wasm ({} bytes), median of {runs} runs",
+        bytes.len()
+    );
+
+    // Compile: a fresh engine each run, so nothing is cached.
+    let compile = median(
+        (0..runs)
+            .map(|_| {
+                let engine = PolicyEngine::new(EngineSettings::default()).unwrap();
+                let started = Instant::now();
+                engine.compile(&bytes).unwrap();
+                started.elapsed()
+            })
+            .collect(),
+    );
+
+    let rt = PolicyRuntime::new(
+        PolicyEngine::new(EngineSettings::default()).unwrap(),
+        RuntimeSettings::default(),
+    );
+    rt.load("best-fit", "0", &bytes, "{}").unwrap();
+    // Load of bytes already compiled: link, configure and smoke decision only.
+    let cached_load = median(
+        (1..=runs)
+            .map(|v| {
+                let started = Instant::now();
+                rt.load("best-fit", &v.to_string(), &bytes, "{}").unwrap();
+                started.elapsed()
+            })
+            .collect(),
+    );
+    let instantiate = median(
+        (0..runs * 20)
+            .map(|_| rt.time_instantiate("best-fit", "0").unwrap())
+            .collect(),
+    );
+    rt.activate("best-fit", "0").unwrap();
+    println!("  compile (Cranelift)              {:>10}", fmt(compile));
+    println!(
+        "  load, component already compiled {:>10}  (link + configure + smoke round)",
+        fmt(cached_load)
+    );
+    println!(
+        "  instantiate (InstancePre, pool)  {:>10}",
+        fmt(instantiate)
+    );
+    println!();
+    println!(
+        "  {:>5} x {:>5}  {:>10}  {:>10}  {:>7}  {:>16}",
+        "tasks", "workers", "wasm", "native", "ratio", "wasm, 0 tasks"
+    );
+    for tasks in [1usize, 100] {
+        for workers in [10usize, 100, 1000] {
+            let input = cluster((tasks * 7919 + workers) as u64, workers, tasks);
+            let empty = cluster((tasks * 7919 + workers) as u64, workers, 0);
+            // Same algorithm, same answers.
+            let outcome = rt.place(&input);
+            assert!(
+                matches!(outcome.source, PolicySource::Wasm { .. }),
+                "{:?}",
+                outcome.source
+            );
+            let native_decisions = native::best_fit(&input);
+            for (w, n) in outcome.decisions.iter().zip(&native_decisions) {
+                assert_eq!(std::mem::discriminant(w), std::mem::discriminant(n));
+            }
+            let mut wasm_runs = Vec::new();
+            let mut native_runs = Vec::new();
+            let mut empty_runs = Vec::new();
+            for _ in 0..runs {
+                let started = Instant::now();
+                for _ in 0..rounds {
+                    std::hint::black_box(rt.place(std::hint::black_box(&input)));
+                }
+                wasm_runs.push(started.elapsed() / rounds as u32);
+                let started = Instant::now();
+                for _ in 0..rounds {
+                    std::hint::black_box(native::best_fit(std::hint::black_box(&input)));
+                }
+                native_runs.push(started.elapsed() / rounds as u32);
+                let started = Instant::now();
+                for _ in 0..rounds {
+                    std::hint::black_box(rt.place(std::hint::black_box(&empty)));
+                }
+                empty_runs.push(started.elapsed() / rounds as u32);
+            }
+            let (wasm, native, empty) =
+                (median(wasm_runs), median(native_runs), median(empty_runs));
+            println!(
+                "  {:>5} x {:>5}  {:>10}  {:>10}  {:>6.1}x  {:>16}",
+                tasks,
+                workers,
+                fmt(wasm),
+                fmt(native),
+                wasm.as_secs_f64() / native.as_secs_f64().max(1e-12),
+                fmt(empty)
+            );
+        }
+    }
+}

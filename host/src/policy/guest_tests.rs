@@ -1,0 +1,457 @@
+//! Tests of the runtime against real guest components built by `scripts/build-policies.sh`
+//! into `$CLOUDAI_POLICY_WASM_DIR` (skipped, with a message, when it is unset; a failure when
+//! `CI` is set), plus the runtime's behaviour with no guest at all.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::native::tests::{random_round, round};
+use super::*;
+use crate::policy::bindings::types::{AdmissionDecision, AdmissionTask, Resources, UserUsage};
+
+fn wasm_dir() -> Option<PathBuf> {
+    match std::env::var_os("CLOUDAI_POLICY_WASM_DIR") {
+        Some(dir) => Some(PathBuf::from(dir)),
+        None if std::env::var_os("CI").is_some() => {
+            panic!(
+                "CI must set CLOUDAI_POLICY_WASM_DIR (build it with scripts/build-policies.sh DIR)"
+            )
+        }
+        None => {
+            eprintln!(
+                "skipping: CLOUDAI_POLICY_WASM_DIR is not set (build the guests with \
+                 scripts/build-policies.sh DIR and point it there)"
+            );
+            None
+        }
+    }
+}
+
+fn guest(dir: &std::path::Path, name: &str) -> Vec<u8> {
+    let path = dir.join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+fn runtime() -> PolicyRuntime {
+    PolicyRuntime::new(
+        PolicyEngine::new(EngineSettings::default()).unwrap(),
+        RuntimeSettings::default(),
+    )
+}
+
+/// Loads a hostile fixture: it fails the smoke check by design.
+fn load_fixture(rt: &PolicyRuntime, dir: &std::path::Path, fixture: &str, limits: PolicyLimits) {
+    rt.load_with(
+        fixture,
+        "1",
+        &guest(dir, fixture),
+        "{}",
+        LoadOptions {
+            limits: Some(limits),
+            smoke_check: false,
+        },
+    )
+    .unwrap();
+    rt.activate(fixture, "1").unwrap();
+}
+
+/// Same kind of decision and, for assignments, the same worker (reasons are worded freely).
+fn same_choice(a: &Decision, b: &Decision) -> bool {
+    match (a, b) {
+        (Decision::Assign { worker: x }, Decision::Assign { worker: y }) => x == y,
+        (Decision::Wait { .. }, Decision::Wait { .. }) => true,
+        (Decision::Unschedulable { .. }, Decision::Unschedulable { .. }) => true,
+        _ => false,
+    }
+}
+
+fn fallback_reason(outcome: &PlacementOutcome) -> &str {
+    match &outcome.source {
+        PolicySource::Fallback { reason, .. } => reason,
+        other => panic!("expected a fallback, got {other:?}"),
+    }
+}
+
+/// A big idle worker first, a small idle one second: first-fit takes the first, best-fit
+/// the second.
+fn first_fit_vs_best_fit() -> PlacementInput {
+    round(
+        &[
+            ([16.0, 64.0, 100.0, 0.0], [16.0, 64.0, 100.0, 0.0]),
+            ([2.0, 4.0, 100.0, 0.0], [2.0, 4.0, 100.0, 0.0]),
+        ],
+        &[[1.0, 1.0, 1.0, 0.0]],
+    )
+}
+
+#[test]
+fn with_no_policy_active_the_native_best_fit_decides_and_admission_accepts() {
+    let rt = runtime();
+    let input = random_round(3, 50, 20);
+    let outcome = rt.place(&input);
+    assert_eq!(outcome.source, PolicySource::Native);
+    assert_eq!(outcome.decisions, native::best_fit(&input));
+    let task = AdmissionTask {
+        id: "t".into(),
+        user: "u".into(),
+        image: "i".into(),
+        request: Resources {
+            cpu: 1.0,
+            memory: 1.0,
+            storage: 1.0,
+            gpu: 0.0,
+        },
+        priority: 0,
+        labels: vec![],
+        attempts: 0,
+        age_s: 0.0,
+    };
+    let usage = UserUsage {
+        running_tasks: 0,
+        queued_tasks: 0,
+        pending_tasks: 0,
+        reserved: task.request,
+    };
+    let admitted = rt.admit(&task, &usage);
+    assert_eq!(admitted.decision, AdmissionDecision::Accept);
+    assert_eq!(admitted.source, PolicySource::Native);
+    assert!(matches!(
+        rt.activate("nope", "1"),
+        Err(PolicyError::NotFound { .. })
+    ));
+}
+
+#[test]
+fn bad_uploads_are_refused_with_a_clear_reason_and_nothing_is_kept() {
+    let rt = runtime();
+    let err = rt.load("junk", "1", b"not wasm at all", "{}").unwrap_err();
+    assert!(matches!(err, PolicyError::Compile(_)), "{err}");
+    // A core module is not a component.
+    let err = rt.load("core", "1", b"\0asm\x01\0\0\0", "{}").unwrap_err();
+    assert!(matches!(err, PolicyError::Compile(_)), "{err}");
+    // An empty component implements no world.
+    let err = rt
+        .load("empty", "1", b"\0asm\x0d\0\x01\0", "{}")
+        .unwrap_err();
+    assert!(matches!(err, PolicyError::WrongWorld(_)), "{err}");
+    assert!(
+        err.to_string().contains("neither `place` nor `admit`"),
+        "{err}"
+    );
+    assert!(rt.versions().is_empty());
+
+    let Some(dir) = wasm_dir() else { return };
+    let best_fit = guest(&dir, "best-fit");
+    let err = rt
+        .load("best-fit", "1", &best_fit, "{not json")
+        .unwrap_err();
+    assert!(matches!(err, PolicyError::ConfigRejected(_)), "{err}");
+    // A guest that never answers fails its smoke decision at the deadline.
+    let err = rt
+        .load("loop", "1", &guest(&dir, "fixture-infinite-loop"), "{}")
+        .unwrap_err();
+    assert!(
+        matches!(&err, PolicyError::SmokeFailed(inner) if matches!(**inner, PolicyError::Timeout(_))),
+        "{err}"
+    );
+    let err = rt
+        .load("bad", "1", &guest(&dir, "fixture-bad-index"), "{}")
+        .unwrap_err();
+    assert!(
+        matches!(&err, PolicyError::SmokeFailed(inner) if matches!(**inner, PolicyError::InvalidAnswer(_))),
+        "{err}"
+    );
+    assert!(rt.versions().is_empty());
+
+    assert_eq!(
+        rt.load("best-fit", "1", &best_fit, "").unwrap(),
+        PolicyKind::Placement
+    );
+    let err = rt.load("best-fit", "1", &best_fit, "{}").unwrap_err();
+    assert!(matches!(err, PolicyError::AlreadyLoaded { .. }), "{err}");
+    // Refused components are not kept compiled; the same bytes under another version are
+    // compiled once.
+    assert_eq!(rt.engine().cached_components(), 1);
+    rt.load("best-fit", "2", &best_fit, "{}").unwrap();
+    assert_eq!(rt.engine().cached_components(), 1);
+    assert_eq!(rt.versions().len(), 2);
+}
+
+#[test]
+fn best_fit_guest_decides_placement_like_the_native_best_fit() {
+    let Some(dir) = wasm_dir() else { return };
+    let rt = runtime();
+    rt.load("best-fit", "1.0.0", &guest(&dir, "best-fit"), "{}")
+        .unwrap();
+    rt.activate("best-fit", "1.0.0").unwrap();
+    assert_eq!(
+        rt.active(PolicyKind::Placement),
+        Some(("best-fit".into(), "1.0.0".into()))
+    );
+    for seed in 0..30 {
+        let (workers, tasks) = [(1, 1), (10, 5), (100, 40), (300, 100)][seed as usize % 4];
+        let input = random_round(seed, workers, tasks);
+        let outcome = rt.place(&input);
+        assert_eq!(
+            outcome.source,
+            PolicySource::Wasm {
+                name: "best-fit".into(),
+                version: "1.0.0".into()
+            }
+        );
+        let native = native::best_fit(&input);
+        assert_eq!(outcome.decisions.len(), native.len());
+        for (j, (w, n)) in outcome.decisions.iter().zip(&native).enumerate() {
+            assert!(
+                same_choice(w, n),
+                "seed {seed}, task {j}: wasm {w:?}, native {n:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn swapping_the_active_policy_changes_decisions_with_no_restart() {
+    let Some(dir) = wasm_dir() else { return };
+    let rt = Arc::new(runtime());
+    rt.load("best-fit", "1", &guest(&dir, "best-fit"), "{}")
+        .unwrap();
+    rt.load("first-fit", "1", &guest(&dir, "first-fit"), "{}")
+        .unwrap();
+    let input = first_fit_vs_best_fit();
+    rt.activate("best-fit", "1").unwrap();
+    assert_eq!(
+        rt.place(&input).decisions,
+        vec![Decision::Assign { worker: 1 }]
+    );
+    rt.activate("first-fit", "1").unwrap();
+    assert_eq!(
+        rt.place(&input).decisions,
+        vec![Decision::Assign { worker: 0 }]
+    );
+
+    // Swap repeatedly while rounds run: every round is decided wholly by the version it
+    // started with, never by a mix, and never falls back.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (rt, stop) = (rt.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let name = if n % 2 == 0 { "best-fit" } else { "first-fit" };
+                rt.activate(name, "1").unwrap();
+                n += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            n
+        })
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        let outcome = rt.place(&input);
+        let PolicySource::Wasm { name, .. } = &outcome.source else {
+            panic!("unexpected source {:?}", outcome.source)
+        };
+        let expected = if name == "best-fit" { 1 } else { 0 };
+        assert_eq!(
+            outcome.decisions,
+            vec![Decision::Assign { worker: expected }],
+            "{name}"
+        );
+        seen.insert(name.clone());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    assert!(swaps > 1);
+    assert_eq!(seen.len(), 2, "both versions decided some rounds: {seen:?}");
+}
+
+#[test]
+fn an_infinite_loop_is_cut_off_at_the_deadline_and_the_native_best_fit_decides() {
+    let Some(dir) = wasm_dir() else { return };
+    let rt = runtime();
+    let deadline = Duration::from_millis(50);
+    load_fixture(
+        &rt,
+        &dir,
+        "fixture-infinite-loop",
+        PolicyLimits {
+            deadline,
+            memory_bytes: 64 << 20,
+        },
+    );
+    let input = random_round(11, 100, 10);
+    let outcome = rt.place(&input);
+    assert!(
+        fallback_reason(&outcome).contains("deadline"),
+        "{:?}",
+        outcome.source
+    );
+    assert_eq!(outcome.decisions, native::best_fit(&input));
+    // Generous margin: debug build, two busy cores; the point is "cut off", not "ran 10 s".
+    assert!(
+        outcome.elapsed < deadline + Duration::from_millis(150),
+        "took {:?}",
+        outcome.elapsed
+    );
+    assert!(
+        outcome.elapsed >= deadline - Duration::from_millis(5),
+        "took {:?}",
+        outcome.elapsed
+    );
+}
+
+#[test]
+fn unbounded_allocation_is_stopped_by_the_memory_limit_and_the_native_best_fit_decides() {
+    let Some(dir) = wasm_dir() else { return };
+    let rt = runtime();
+    load_fixture(
+        &rt,
+        &dir,
+        "fixture-unbounded-alloc",
+        PolicyLimits {
+            deadline: Duration::from_secs(5),
+            memory_bytes: 16 << 20,
+        },
+    );
+    let input = random_round(12, 20, 5);
+    let outcome = rt.place(&input);
+    assert!(
+        fallback_reason(&outcome).contains("memory limit of 16777216 bytes"),
+        "{:?}",
+        outcome.source
+    );
+    assert_eq!(outcome.decisions, native::best_fit(&input));
+    assert!(
+        outcome.elapsed < Duration::from_secs(2),
+        "took {:?}",
+        outcome.elapsed
+    );
+}
+
+#[test]
+fn an_out_of_range_worker_index_is_refused_and_the_native_best_fit_decides() {
+    let Some(dir) = wasm_dir() else { return };
+    let rt = runtime();
+    load_fixture(&rt, &dir, "fixture-bad-index", PolicyLimits::default());
+    let input = random_round(13, 10, 4);
+    let outcome = rt.place(&input);
+    let reason = fallback_reason(&outcome);
+    assert!(
+        reason.contains("invalid answer") && reason.contains("there are 10 workers"),
+        "{reason}"
+    );
+    assert_eq!(outcome.decisions, native::best_fit(&input));
+}
+
+#[test]
+fn a_trapping_policy_is_contained_and_the_native_best_fit_decides() {
+    let Some(dir) = wasm_dir() else { return };
+    let rt = runtime();
+    load_fixture(&rt, &dir, "fixture-trap", PolicyLimits::default());
+    let input = random_round(14, 10, 4);
+    let outcome = rt.place(&input);
+    assert!(
+        fallback_reason(&outcome).contains("trapped"),
+        "{:?}",
+        outcome.source
+    );
+    assert_eq!(outcome.decisions, native::best_fit(&input));
+    // The next round gets a fresh instance and the same treatment.
+    assert!(fallback_reason(&rt.place(&input)).contains("trapped"));
+}
+
+#[test]
+fn three_consecutive_failures_deactivate_the_version_and_restore_the_previous_good_one() {
+    let Some(dir) = wasm_dir() else { return };
+    let rt = runtime();
+    rt.load("packer", "1", &guest(&dir, "best-fit"), "{}")
+        .unwrap();
+    rt.activate("packer", "1").unwrap();
+    // Version 2 passes no smoke check: it traps on every round.
+    rt.load_with(
+        "packer",
+        "2",
+        &guest(&dir, "fixture-trap"),
+        "{}",
+        LoadOptions {
+            limits: None,
+            smoke_check: false,
+        },
+    )
+    .unwrap();
+    rt.activate("packer", "2").unwrap();
+    let input = random_round(15, 10, 4);
+    for round in 1..=2 {
+        let outcome = rt.place(&input);
+        assert!(
+            matches!(outcome.source, PolicySource::Fallback { .. }),
+            "round {round}"
+        );
+        assert_eq!(
+            rt.active(PolicyKind::Placement),
+            Some(("packer".into(), "2".into()))
+        );
+    }
+    let third = rt.place(&input);
+    assert!(matches!(third.source, PolicySource::Fallback { .. }));
+    assert_eq!(
+        rt.active(PolicyKind::Placement),
+        Some(("packer".into(), "1".into()))
+    );
+    let after = rt.place(&input);
+    assert_eq!(
+        after.source,
+        PolicySource::Wasm {
+            name: "packer".into(),
+            version: "1".into()
+        }
+    );
+    let v2 = rt
+        .versions()
+        .into_iter()
+        .find(|v| v.version == "2")
+        .unwrap();
+    assert!(v2.deactivated && !v2.active);
+    assert_eq!(v2.total_failures, 3);
+    assert!(matches!(
+        rt.activate("packer", "2"),
+        Err(PolicyError::Deactivated { .. })
+    ));
+
+    // With no earlier version to restore, the native best-fit takes over.
+    let rt = runtime();
+    load_fixture(&rt, &dir, "fixture-trap", PolicyLimits::default());
+    for _ in 0..3 {
+        rt.place(&input);
+    }
+    assert_eq!(rt.active(PolicyKind::Placement), None);
+    assert_eq!(rt.place(&input).source, PolicySource::Native);
+}
+
+#[test]
+fn a_success_resets_the_failure_count_and_a_dry_run_counts_nothing() {
+    let Some(dir) = wasm_dir() else { return };
+    let rt = runtime();
+    load_fixture(&rt, &dir, "fixture-bad-index", PolicyLimits::default());
+    // A round with no tasks is answered validly even by this fixture.
+    let empty = random_round(16, 10, 0);
+    let input = random_round(16, 10, 3);
+    for _ in 0..10 {
+        assert!(matches!(
+            rt.place(&input).source,
+            PolicySource::Fallback { .. }
+        ));
+        assert!(matches!(
+            rt.place(&input).source,
+            PolicySource::Fallback { .. }
+        ));
+        assert!(matches!(rt.place(&empty).source, PolicySource::Wasm { .. }));
+    }
+    assert!(rt.active(PolicyKind::Placement).is_some());
+    for _ in 0..5 {
+        assert!(rt.place_with("fixture-bad-index", "1", &input).is_err());
+    }
+    assert!(rt.active(PolicyKind::Placement).is_some());
+}
