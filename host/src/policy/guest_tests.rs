@@ -2,6 +2,8 @@
 //! into `$CLOUDAI_POLICY_WASM_DIR` (skipped, with a message, when it is unset; a failure when
 //! `CI` is set), plus the runtime's behaviour with no guest at all.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

@@ -282,6 +282,7 @@ impl PlacementInput {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::model::{Resources, WorkerUsage};

@@ -101,6 +101,7 @@ fn decide(w: &WorkerColumns, t: &TaskColumns, j: usize, remaining: &mut [[f64; 4
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 pub(crate) mod tests {
     use super::*;
     use crate::policy::bindings::types::{LabelIndex, PlacementInput as WitInput};
@@ -114,9 +115,11 @@ pub(crate) mod tests {
     }
 
     /// A round in the contract's shape from (total, available) per worker and requests.
-    pub(crate) fn round(workers: &[([f64; 4], [f64; 4])], tasks: &[[f64; 4]]) -> PlacementInput {
-        let col =
-            |f: &dyn Fn(&([f64; 4], [f64; 4])) -> f64| workers.iter().map(f).collect::<Vec<_>>();
+    /// A worker as (total, available).
+    pub(crate) type Row = ([f64; 4], [f64; 4]);
+
+    pub(crate) fn round(workers: &[Row], tasks: &[[f64; 4]]) -> PlacementInput {
+        let col = |f: &dyn Fn(&Row) -> f64| workers.iter().map(f).collect::<Vec<_>>();
         let tcol = |r: usize| tasks.iter().map(|t| t[r]).collect::<Vec<_>>();
         let n = workers.len();
         let m = tasks.len();

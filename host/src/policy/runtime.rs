@@ -526,8 +526,12 @@ impl PolicyRuntime {
         self.engine.evaluate(&policy.label, policy.limits, |store| {
             let started = Instant::now();
             match &policy.prepared {
-                Prepared::Placement(pre) => drop(pre.instantiate(&mut *store)?),
-                Prepared::Admission(pre) => drop(pre.instantiate(&mut *store)?),
+                Prepared::Placement(pre) => {
+                    pre.instantiate(&mut *store)?;
+                }
+                Prepared::Admission(pre) => {
+                    pre.instantiate(&mut *store)?;
+                }
             }
             Ok(started.elapsed())
         })

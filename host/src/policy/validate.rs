@@ -86,6 +86,7 @@ pub(crate) fn check_decisions(input: &PlacementInput, decisions: &[Decision]) ->
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::policy::native::tests::round;
