@@ -212,8 +212,29 @@ impl PolicyEngine {
     }
 
     /// Runs `f` in a fresh store bounded by `limits`, on a pool slot, and classifies its
-    /// failure. The store (and the instance, possibly trapped) is dropped on return.
-    pub(crate) fn evaluate<R>(
+    /// failure. The store (and the instance, possibly trapped) is dropped on return. Safe to
+    /// call from anywhere, even a Tokio worker thread (see [`off_async_context`]), and never
+    /// panics: a panic inside is reported as [`PolicyError::Host`].
+    pub(crate) fn evaluate<R: Send>(
+        &self,
+        policy: &PolicyLabel,
+        limits: PolicyLimits,
+        f: impl FnOnce(&mut Store<GuestState>) -> wasmtime::Result<R> + Send,
+    ) -> Result<R> {
+        off_async_context(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.evaluate_here(policy, limits, f)
+            }))
+            .unwrap_or_else(|_| {
+                Err(PolicyError::Host(format!(
+                    "evaluation of {} {} panicked",
+                    policy.name, policy.version
+                )))
+            })
+        })
+    }
+
+    fn evaluate_here<R>(
         &self,
         policy: &PolicyLabel,
         limits: PolicyLimits,
@@ -251,6 +272,24 @@ impl PolicyEngine {
                 }
             }
         }
+    }
+}
+
+/// Runs `f` where wasmtime-wasi's synchronous shims may block on Tokio. Those shims (stdio
+/// writes, e.g. a guest's panic message) call `Handle::block_on` on the current runtime,
+/// which panics on a runtime worker thread. Outside any runtime, or on a `spawn_blocking`
+/// thread of a multi-thread runtime, `f` just runs; on a multi-thread worker it runs in
+/// `block_in_place`; under a current-thread runtime (where `block_in_place` is refused) it
+/// runs on a short-lived thread of its own.
+fn off_async_context<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Err(_) => f(),
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        Ok(_) => std::thread::scope(|scope| match scope.spawn(f).join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }),
     }
 }
 

@@ -457,3 +457,29 @@ fn a_success_resets_the_failure_count_and_a_dry_run_counts_nothing() {
     }
     assert!(rt.active(PolicyKind::Placement).is_some());
 }
+
+/// A guest's panic message goes to WASI stderr, whose synchronous shim blocks on the current
+/// Tokio runtime: `place` must survive being called from async code of either runtime flavor.
+async fn trap_inside_a_runtime() {
+    let Some(dir) = wasm_dir() else { return };
+    let rt = runtime();
+    load_fixture(&rt, &dir, "fixture-trap", PolicyLimits::default());
+    let input = random_round(17, 10, 4);
+    let outcome = rt.place(&input);
+    assert!(
+        fallback_reason(&outcome).contains("trapped"),
+        "{:?}",
+        outcome.source
+    );
+    assert_eq!(outcome.decisions, native::best_fit(&input));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn place_is_safe_on_a_current_thread_runtime() {
+    trap_inside_a_runtime().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn place_is_safe_on_a_multi_thread_runtime_worker() {
+    trap_inside_a_runtime().await;
+}
