@@ -1,7 +1,7 @@
 //! First-fit: each task goes to the first worker, by index, with enough free capacity.
 //!
-//! The cheapest policy: every fitting worker ranks the same, so the kit's lowest-index tie-break
-//! decides.
+//! The cheapest policy: every fitting worker ranks the same, so the scan stops at the first one
+//! (the kit's lowest-index tie-break, without looking further).
 
 use cloudai_policy_kit::{Candidate, Decision, Rank, Ranking, Tasks, Workers};
 
@@ -9,6 +9,8 @@ use cloudai_policy_kit::{Candidate, Decision, Rank, Ranking, Tasks, Workers};
 pub struct FirstFit;
 
 impl Ranking for FirstFit {
+    const FIRST_MATCH: bool = true;
+
     fn rank(&self, _request: &[f64; 4], _candidate: &Candidate) -> Option<Rank> {
         Some(Rank::score(0.0))
     }

@@ -139,6 +139,9 @@ pub struct Candidate {
     pub index: usize,
     /// The worker's totals.
     pub total: [f64; 4],
+    /// `1 / total` per resource, `0` where the worker has none: scores multiply rather than
+    /// divide in the hot loop, and a resource the worker lacks drops out of them.
+    pub inv_total: [f64; 4],
     /// What would stay free on the worker after placing the task (never negative).
     pub remaining: [f64; 4],
 }
@@ -146,6 +149,10 @@ pub struct Candidate {
 /// A placement policy's preference among the workers that fit: the host-independent part of a
 /// policy. The kit picks the fitting worker with the lowest [`Rank`], lowest index on ties.
 pub trait Ranking {
+    /// True when every fitting worker ranks the same, so the first fitting one (lowest index)
+    /// wins and the scan can stop there.
+    const FIRST_MATCH: bool = false;
+
     /// Ranks placing a task requesting `request` on `candidate`; `None` excludes the worker.
     fn rank(&self, request: &[f64; 4], candidate: &Candidate) -> Option<Rank>;
 }
@@ -173,65 +180,85 @@ impl Rank {
 /// Sum over the resources the worker has (total > 0) of `remaining / total`: how much of the
 /// worker stays free after placement, in "worker fractions". Lower is a tighter fit.
 pub fn remaining_fraction_sum(c: &Candidate) -> f64 {
-    (0..4)
-        .filter(|&r| c.total[r] > 0.0)
-        .map(|r| c.remaining[r] / c.total[r])
-        .sum()
+    c.remaining[0] * c.inv_total[0]
+        + c.remaining[1] * c.inv_total[1]
+        + c.remaining[2] * c.inv_total[2]
+        + c.remaining[3] * c.inv_total[3]
 }
 
 /// Max over the resources the worker has (total > 0) of `allocated / total` after placement:
 /// the worker's load on its most loaded resource. Lower is less loaded.
 pub fn max_load_after(c: &Candidate) -> f64 {
-    (0..4)
-        .filter(|&r| c.total[r] > 0.0)
-        .map(|r| (c.total[r] - c.remaining[r]) / c.total[r])
-        .fold(0.0, f64::max)
+    let load = |r: usize| (c.total[r] - c.remaining[r]) * c.inv_total[r];
+    load(0).max(load(1)).max(load(2)).max(load(3))
 }
 
 /// Places every task in order: skips workers that can never hold it (then `unschedulable`),
 /// picks among the workers with enough free capacity by `ranking`, and subtracts each
 /// assignment from its local copy of the free capacity so that later tasks of the batch see it.
-pub fn place(workers: &Workers<'_>, tasks: &Tasks<'_>, ranking: &impl Ranking) -> Vec<Decision> {
-    let n = workers.len();
-    // Row-major copies: one cache line per worker in the hot loop rather than eight columns.
-    let total: Vec<[f64; 4]> = (0..n).map(|w| row(&workers.total, w)).collect();
-    let mut free: Vec<[f64; 4]> = (0..n).map(|w| row(&workers.available, w)).collect();
+pub fn place<R: Ranking>(workers: &Workers<'_>, tasks: &Tasks<'_>, ranking: &R) -> Vec<Decision> {
+    // Row-major copies: one worker's numbers side by side in the hot loop, not in 8 columns.
+    let mut rows: Vec<Row> = (0..workers.len())
+        .map(|w| {
+            let total = row(&workers.total, w);
+            Row {
+                total,
+                inv_total: total.map(|t| if t > 0.0 { 1.0 / t } else { 0.0 }),
+                free: row(&workers.available, w),
+            }
+        })
+        .collect();
 
     (0..tasks.len())
         .map(|t| {
             let request = row(&tasks.request, t);
             let mut best: Option<(Rank, usize)> = None;
-            for (w, (tot, avail)) in total.iter().zip(&free).enumerate() {
-                if !fits(&request, avail) {
+            for (w, r) in rows.iter().enumerate() {
+                if !fits(&request, &r.free) {
                     continue;
                 }
                 let candidate = Candidate {
                     index: w,
-                    total: *tot,
+                    total: r.total,
+                    inv_total: r.inv_total,
                     remaining: [
-                        avail[0] - request[0],
-                        avail[1] - request[1],
-                        avail[2] - request[2],
-                        avail[3] - request[3],
+                        r.free[0] - request[0],
+                        r.free[1] - request[1],
+                        r.free[2] - request[2],
+                        r.free[3] - request[3],
                     ],
                 };
                 if let Some(rank) = ranking.rank(&request, &candidate)
                     && best.as_ref().is_none_or(|(b, _)| rank.better_than(b))
                 {
                     best = Some((rank, w));
+                    if R::FIRST_MATCH {
+                        break;
+                    }
                 }
             }
             match best {
                 Some((_, w)) => {
-                    for (f, r) in free[w].iter_mut().zip(request) {
+                    for (f, r) in rows[w].free.iter_mut().zip(request) {
                         *f -= r;
                     }
                     Decision::Assign(w as u32)
                 }
-                None => no_fit(&request, &total, &free),
+                None => {
+                    let total: Vec<[f64; 4]> = rows.iter().map(|r| r.total).collect();
+                    let free: Vec<[f64; 4]> = rows.iter().map(|r| r.free).collect();
+                    no_fit(&request, &total, &free)
+                }
             }
         })
         .collect()
+}
+
+/// One worker in the hot loop.
+struct Row {
+    total: [f64; 4],
+    inv_total: [f64; 4],
+    free: [f64; 4],
 }
 
 fn row(columns: &[&[f64]; 4], i: usize) -> [f64; 4] {
@@ -503,6 +530,7 @@ mod tests {
         let c = Candidate {
             index: 0,
             total: [4.0, 8.0, 0.0, 0.0],
+            inv_total: [0.25, 0.125, 0.0, 0.0],
             remaining: [1.0, 6.0, 0.0, 0.0],
         };
         assert_eq!(remaining_fraction_sum(&c), 0.25 + 0.75);

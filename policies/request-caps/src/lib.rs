@@ -1,0 +1,5 @@
+//! The `request-caps` admission policy: [`logic`] parses the caps and decides, natively
+//! tested; the private `component` module is the thin WebAssembly glue around it.
+
+mod component;
+pub mod logic;
