@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: brings up the services the tests need (FerretDB, Docker) when
-# absent, then formatting, lints, and every test of the workspace against the real services.
+# absent, builds the policy components the policy tests load, then formatting, lints, and every
+# test of the workspace (host, end-to-end, and the policies' native unit tests) against the
+# real services.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/cloudai-target}"
 eval "$(scripts/services.sh)"
 export CLOUDAI_TEST_MONGODB_URI
+
+echo "== policy components (wasm32-wasip2)"
+export CLOUDAI_POLICY_WASM_DIR="$CARGO_TARGET_DIR/policies"
+scripts/build-policies.sh "$CLOUDAI_POLICY_WASM_DIR"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
