@@ -16,6 +16,9 @@ use crate::model::{Task, Worker};
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlacementInput {
     pub(crate) wit: WitInput,
+    /// Worker ids by index: kept on the host side, since a policy answers with indices and
+    /// passing one string per worker would dominate the cost of a call.
+    worker_ids: Vec<String>,
 }
 
 /// The decision for one task, checked by the host.
@@ -108,7 +111,6 @@ impl PlacementInput {
             available_gpu: Vec::with_capacity(n),
             heartbeat_age_s: Vec::with_capacity(n),
             running_tasks: Vec::with_capacity(n),
-            id: Vec::with_capacity(n),
             labels: new_label_index(n),
             attributes: Vec::new(),
         };
@@ -123,6 +125,7 @@ impl PlacementInput {
             values: Vec::with_capacity(n),
         };
         let now_ms = now.timestamp_millis();
+        let mut worker_ids = Vec::with_capacity(n);
         for worker in &workers {
             w.total_cpu.push(worker.total_cpu);
             w.total_memory.push(worker.total_memory);
@@ -140,7 +143,7 @@ impl PlacementInput {
             w.heartbeat_age_s.push(age_ms.max(0) as f64 / 1000.0);
             w.running_tasks
                 .push(worker.usage.map_or(0, |u| u.running_tasks));
-            w.id.push(strings.intern(&worker.worker_id));
+            worker_ids.push(worker.worker_id.clone());
             strings.labels(&mut w.labels, &worker.labels);
             for (column, value) in [
                 (&mut cpu_util, worker.usage.map(|u| u.cpu_percent)),
@@ -186,27 +189,32 @@ impl PlacementInput {
                 workers: w,
                 tasks: t,
             },
+            worker_ids,
         }
     }
 
     /// Replaces the running-task counts with the store's, by worker id (0 for a worker not in
     /// the map).
     pub fn with_running_tasks(mut self, counts: &BTreeMap<String, u32>) -> Self {
-        let ids = &self.wit.workers.id;
-        let strings = &self.wit.strings;
-        for (slot, &id) in self.wit.workers.running_tasks.iter_mut().zip(ids) {
-            *slot = strings
-                .get(id as usize)
-                .and_then(|s| counts.get(s))
-                .copied()
-                .unwrap_or(0);
+        for (slot, id) in self
+            .wit
+            .workers
+            .running_tasks
+            .iter_mut()
+            .zip(&self.worker_ids)
+        {
+            *slot = counts.get(id).copied().unwrap_or(0);
         }
         self
     }
 
     /// A round given directly in the contract's shape (tests, snapshots, the smoke check).
+    /// Workers are named `worker-<index>`.
     pub fn from_columns(wit: WitInput) -> Self {
-        PlacementInput { wit }
+        let worker_ids = (0..wit.workers.total_cpu.len())
+            .map(|i| format!("worker-{i}"))
+            .collect();
+        PlacementInput { wit, worker_ids }
     }
 
     /// The contract's columns.
@@ -224,8 +232,7 @@ impl PlacementInput {
 
     /// The id of the worker at `index`.
     pub fn worker_id(&self, index: u32) -> Option<&str> {
-        let id = *self.wit.workers.id.get(index as usize)?;
-        self.wit.strings.get(id as usize).map(String::as_str)
+        self.worker_ids.get(index as usize).map(String::as_str)
     }
 
     /// The id of the task at `index`.

@@ -144,7 +144,6 @@ pub(crate) mod tests {
                 available_gpu: col(&|w| w.1[3]),
                 heartbeat_age_s: vec![1.0; n],
                 running_tasks: vec![0; n],
-                id: (0..n as u32).collect(),
                 labels: labels(n),
                 attributes: vec![],
             },

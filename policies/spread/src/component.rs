@@ -104,7 +104,6 @@ mod tests {
                 available_gpu: col(free, 3),
                 heartbeat_age_s: vec![0.0; nw],
                 running_tasks: vec![0; nw],
-                id: vec![0; nw],
                 labels: labels(nw),
                 attributes: Vec::new(),
             },
