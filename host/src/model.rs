@@ -440,6 +440,72 @@ pub struct TaskResult {
     pub logs_truncated: bool,
 }
 
+/// Which decision a policy component makes (DESIGN §5): one active version per kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    /// Chooses a worker for each queued task.
+    Placement,
+    /// Accepts, rejects or defers each pending task.
+    Admission,
+}
+
+impl PolicyKind {
+    pub const ALL: [PolicyKind; 2] = [PolicyKind::Placement, PolicyKind::Admission];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::Placement => "placement",
+            PolicyKind::Admission => "admission",
+        }
+    }
+}
+
+impl fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for PolicyKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        PolicyKind::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == s)
+            .ok_or_else(|| format!("unknown policy kind '{s}' (expected placement or admission)"))
+    }
+}
+
+/// One uploaded version of a policy component: its metadata. The component's bytes are
+/// stored beside it (in chunks) and read with `Store::get_policy_bytes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PolicyVersion {
+    pub name: String,
+    pub version: String,
+    pub kind: PolicyKind,
+    /// SHA-256 (hex, lowercase) of the component's bytes.
+    pub sha256: String,
+    pub size_bytes: u64,
+    /// The policy's configuration, JSON text, passed to its `configure` at load time.
+    pub config: String,
+    pub uploaded_at: DateTime<Utc>,
+    pub uploaded_by: String,
+}
+
+/// The version of a kind's policy that the hosts run now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ActivePolicy {
+    pub kind: PolicyKind,
+    pub name: String,
+    pub version: String,
+    pub activated_at: DateTime<Utc>,
+    pub activated_by: String,
+    /// The (name, version) active before this one, for a rollback.
+    pub previous: Option<(String, String)>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -462,6 +528,18 @@ mod tests {
             assert_eq!(status.as_str().parse::<TaskStatus>(), Ok(status));
         }
         assert!("done".parse::<TaskStatus>().is_err());
+    }
+
+    #[test]
+    fn policy_kind_round_trips_through_its_name_and_serde() {
+        for kind in PolicyKind::ALL {
+            assert_eq!(kind.as_str().parse::<PolicyKind>(), Ok(kind));
+            assert_eq!(
+                serde_json::to_string(&kind).ok(),
+                Some(format!("\"{}\"", kind.as_str()))
+            );
+        }
+        assert!("Placement".parse::<PolicyKind>().is_err());
     }
 
     #[test]

@@ -18,11 +18,12 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use super::{
-    AssignmentFilter, IdempotencyKey, Result, Store, StoreError, TaskCursor, TaskQuery, TaskUpdate,
+    AssignmentFilter, IdempotencyKey, POLICY_CHUNK_BYTES, Result, Store, StoreError, TaskCursor,
+    TaskQuery, TaskUpdate, policy_sha256,
 };
 use crate::model::{
-    Assignment, RESOURCE_QUANTUM, Resources, ResultStatus, Task, TaskResult, TaskStatus, Worker,
-    WorkerUsage, now, quantize,
+    Assignment, PolicyKind, PolicyVersion, RESOURCE_QUANTUM, Resources, ResultStatus, Task,
+    TaskResult, TaskStatus, Worker, WorkerUsage, now, quantize,
 };
 
 // ------------------------------------------------------------------------------------------
@@ -164,12 +165,20 @@ macro_rules! store_conformance_tests {
             release_applies_exactly_once,
             insert_get_list_assignments,
             insert_and_get_results_one_per_task,
+            policy_bytes_round_trip_in_chunks_and_empty,
+            policy_bytes_with_wrong_sha256_are_refused,
+            insert_policy_version_with_taken_name_and_version_is_already_exists,
+            list_policy_versions_by_name_then_upload_time,
+            activate_policy_is_a_compare_and_swap,
+            activate_policy_refuses_a_version_of_another_kind_or_unknown,
+            delete_policy_version_refused_while_active,
         );
         $crate::store_conformance_tests!(@shared $make;
             reserve_race_50_requests_for_room_for_7,
             concurrent_releases_each_apply_exactly_once,
             concurrent_transitions_have_exactly_one_winner,
             concurrent_claims_have_exactly_one_winner,
+            concurrent_activations_have_exactly_one_winner,
         );
     };
     (@borrowed $make:expr; $($name:ident),* $(,)?) => {
@@ -291,6 +300,33 @@ pub fn sample_result(task_id: &str, worker_id: &str) -> TaskResult {
         error: None,
         logs_truncated: false,
     }
+}
+
+/// A policy version of `kind` for `bytes`, uploaded at `uploaded_at`, with its digest.
+pub fn sample_policy(
+    name: &str,
+    version: &str,
+    kind: PolicyKind,
+    bytes: &[u8],
+    uploaded_at: DateTime<Utc>,
+) -> PolicyVersion {
+    PolicyVersion {
+        name: name.to_string(),
+        version: version.to_string(),
+        kind,
+        sha256: policy_sha256(bytes),
+        size_bytes: bytes.len() as u64,
+        config: r#"{"threshold":0.8}"#.to_string(),
+        uploaded_at,
+        uploaded_by: "admin".to_string(),
+    }
+}
+
+/// `len` bytes that differ from chunk to chunk, so that a reordered or repeated chunk shows.
+pub fn sample_policy_bytes(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i % 251) as u8 ^ (i >> 20) as u8)
+        .collect()
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1615,6 +1651,282 @@ pub async fn insert_and_get_results_one_per_task(store: &dyn Store) {
 }
 
 // ------------------------------------------------------------------------------------------
+// Policies
+// ------------------------------------------------------------------------------------------
+
+/// Inserts a version of `kind` with `bytes`.
+async fn policy_with(
+    store: &dyn Store,
+    name: &str,
+    version: &str,
+    kind: PolicyKind,
+    bytes: &[u8],
+) -> PolicyVersion {
+    let v = sample_policy(name, version, kind, bytes, now());
+    store.insert_policy_version(&v, bytes).await.unwrap();
+    v
+}
+
+/// The active version of `kind`, as `activate_policy`'s `expected_current` takes it.
+async fn active_pair(store: &dyn Store, kind: PolicyKind) -> Option<(String, String)> {
+    store
+        .get_active_policy(kind)
+        .await
+        .unwrap()
+        .map(|a| (a.name, a.version))
+}
+
+/// 3.5 MiB spans several chunks and ends in a partial one; 0 bytes is no chunk at all.
+pub async fn policy_bytes_round_trip_in_chunks_and_empty(store: &dyn Store) {
+    let name = unique_id("pol");
+    let big = sample_policy_bytes(POLICY_CHUNK_BYTES * 7 / 2);
+    let v1 = policy_with(store, &name, "1.0.0", PolicyKind::Placement, &big).await;
+    assert_eq!(store.get_policy_version(&name, "1.0.0").await.unwrap(), v1);
+    let back = store.get_policy_bytes(&name, "1.0.0").await.unwrap();
+    assert_eq!(back.len(), big.len());
+    assert!(
+        back == big,
+        "the reassembled bytes differ from the uploaded ones"
+    );
+    assert_eq!(policy_sha256(&back), v1.sha256);
+
+    let empty = policy_with(store, &name, "2.0.0", PolicyKind::Placement, &[]).await;
+    assert_eq!(empty.size_bytes, 0);
+    assert!(
+        store
+            .get_policy_bytes(&name, "2.0.0")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    expect_not_found(
+        store.get_policy_version(&name, "9.9.9").await,
+        "unknown version",
+    );
+    expect_not_found(
+        store.get_policy_bytes(&name, "9.9.9").await,
+        "bytes of unknown version",
+    );
+}
+
+/// A version whose recorded digest does not match its bytes is stored as given, but reading
+/// its bytes is a Backend error naming the version.
+pub async fn policy_bytes_with_wrong_sha256_are_refused(store: &dyn Store) {
+    let name = unique_id("pol");
+    let bytes = sample_policy_bytes(1000);
+    let mut v = sample_policy(&name, "1", PolicyKind::Admission, &bytes, now());
+    v.sha256 = policy_sha256(b"something else");
+    store.insert_policy_version(&v, &bytes).await.unwrap();
+    match store.get_policy_bytes(&name, "1").await {
+        Err(e @ StoreError::Backend { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains(&format!("{name}@1")), "{text}");
+        }
+        other => panic!("expected a Backend error for a digest mismatch, got {other:?}"),
+    }
+}
+
+pub async fn insert_policy_version_with_taken_name_and_version_is_already_exists(
+    store: &dyn Store,
+) {
+    let name = unique_id("pol");
+    let first = policy_with(store, &name, "1", PolicyKind::Placement, b"first").await;
+    let again = sample_policy(&name, "1", PolicyKind::Admission, b"second", now());
+    expect_already_exists(
+        store.insert_policy_version(&again, b"second").await,
+        "same name and version",
+    );
+    assert_eq!(store.get_policy_version(&name, "1").await.unwrap(), first);
+    assert_eq!(store.get_policy_bytes(&name, "1").await.unwrap(), b"first");
+}
+
+pub async fn list_policy_versions_by_name_then_upload_time(store: &dyn Store) {
+    let (a, b) = (unique_id("pol-a"), unique_id("pol-b"));
+    // Inserted out of order; version strings that do not sort like their upload times.
+    for (name, version, at) in [(&b, "x", 5), (&a, "z", 10), (&a, "y", 20), (&b, "w", 1)] {
+        let v = sample_policy(name, version, PolicyKind::Placement, b"wasm", at_ms(at));
+        store.insert_policy_version(&v, b"wasm").await.unwrap();
+    }
+    let pairs = |list: Vec<PolicyVersion>| -> Vec<(String, String)> {
+        list.into_iter()
+            .filter(|v| v.name == a || v.name == b)
+            .map(|v| (v.name, v.version))
+            .collect()
+    };
+    let p = |n: &String, v: &str| (n.clone(), v.to_string());
+    assert_eq!(
+        pairs(store.list_policy_versions(None).await.unwrap()),
+        vec![p(&a, "z"), p(&a, "y"), p(&b, "w"), p(&b, "x")]
+    );
+    assert_eq!(
+        pairs(store.list_policy_versions(Some(&b)).await.unwrap()),
+        vec![p(&b, "w"), p(&b, "x")]
+    );
+    assert!(
+        store
+            .list_policy_versions(Some(&unique_id("none")))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// First activation, a swap with the right expected version, a refused swap with a stale one
+/// (nothing changes), and `previous` recorded along the way.
+pub async fn activate_policy_is_a_compare_and_swap(store: &dyn Store) {
+    let kind = PolicyKind::Placement;
+    let name = unique_id("pol");
+    for version in ["1", "2", "3"] {
+        policy_with(store, &name, version, kind, version.as_bytes()).await;
+    }
+    // A fresh store has nothing active; a shared one may: start from whatever is.
+    let start = active_pair(store, kind).await;
+    let pair = |v: &str| (name.clone(), v.to_string());
+
+    let first = store
+        .activate_policy(kind, &name, "1", "alice", start.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        (first.kind, first.name.as_str(), first.version.as_str()),
+        (kind, name.as_str(), "1")
+    );
+    assert_eq!(first.activated_by, "alice");
+    assert_eq!(first.previous, start);
+    assert_eq!(
+        store.get_active_policy(kind).await.unwrap(),
+        Some(first.clone())
+    );
+
+    let second = store
+        .activate_policy(kind, &name, "2", "bob", Some(pair("1")))
+        .await
+        .unwrap();
+    assert_eq!(second.previous, Some(pair("1")));
+    assert_eq!(
+        store.get_active_policy(kind).await.unwrap(),
+        Some(second.clone())
+    );
+
+    // Stale: "1" is no longer active.
+    let actual = expect_conflict(
+        store
+            .activate_policy(kind, &name, "3", "carol", Some(pair("1")))
+            .await,
+        "activation with a stale expected version",
+    );
+    assert!(
+        actual.contains(&format!("{name}@2")),
+        "actual names the active one: {actual}"
+    );
+    // "Nothing active" is stale too once something is.
+    expect_conflict(
+        store.activate_policy(kind, &name, "3", "carol", None).await,
+        "first activation when one is active",
+    );
+    assert_eq!(store.get_active_policy(kind).await.unwrap(), Some(second));
+
+    // The other kind is independent.
+    let other = active_pair(store, PolicyKind::Admission).await;
+    assert!(other.as_ref().is_none_or(|(n, _)| n != &name));
+}
+
+pub async fn activate_policy_refuses_a_version_of_another_kind_or_unknown(store: &dyn Store) {
+    let name = unique_id("pol");
+    policy_with(store, &name, "1", PolicyKind::Admission, b"admit").await;
+    let before = store
+        .get_active_policy(PolicyKind::Placement)
+        .await
+        .unwrap();
+    let expected = before.as_ref().map(|a| (a.name.clone(), a.version.clone()));
+    expect_conflict(
+        store
+            .activate_policy(PolicyKind::Placement, &name, "1", "alice", expected.clone())
+            .await,
+        "activating an admission policy as placement",
+    );
+    expect_not_found(
+        store
+            .activate_policy(PolicyKind::Placement, &name, "404", "alice", expected)
+            .await,
+        "activating an unknown version",
+    );
+    assert_eq!(
+        store
+            .get_active_policy(PolicyKind::Placement)
+            .await
+            .unwrap(),
+        before
+    );
+}
+
+pub async fn delete_policy_version_refused_while_active(store: &dyn Store) {
+    let kind = PolicyKind::Admission;
+    let name = unique_id("pol");
+    let bytes = sample_policy_bytes(POLICY_CHUNK_BYTES + 17);
+    policy_with(store, &name, "1", kind, &bytes).await;
+    policy_with(store, &name, "2", kind, &bytes).await;
+    let start = active_pair(store, kind).await;
+    store
+        .activate_policy(kind, &name, "1", "alice", start)
+        .await
+        .unwrap();
+
+    expect_conflict(
+        store.delete_policy_version(&name, "1").await,
+        "deleting the active version",
+    );
+    assert_eq!(store.get_policy_bytes(&name, "1").await.unwrap(), bytes);
+    // A refused deletion leaves the version activatable.
+    store
+        .activate_policy(
+            kind,
+            &name,
+            "2",
+            "alice",
+            Some((name.clone(), "1".to_string())),
+        )
+        .await
+        .unwrap();
+    store
+        .activate_policy(
+            kind,
+            &name,
+            "1",
+            "alice",
+            Some((name.clone(), "2".to_string())),
+        )
+        .await
+        .unwrap();
+
+    store.delete_policy_version(&name, "2").await.unwrap();
+    expect_not_found(
+        store.get_policy_version(&name, "2").await,
+        "deleted version",
+    );
+    expect_not_found(
+        store.get_policy_bytes(&name, "2").await,
+        "bytes of a deleted version",
+    );
+    expect_not_found(
+        store.delete_policy_version(&name, "2").await,
+        "deleting twice",
+    );
+    let left: Vec<String> = store
+        .list_policy_versions(Some(&name))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.version)
+        .collect();
+    assert_eq!(left, vec!["1".to_string()]);
+    // The name and version can be uploaded again, with other bytes.
+    policy_with(store, &name, "2", kind, b"new").await;
+    assert_eq!(store.get_policy_bytes(&name, "2").await.unwrap(), b"new");
+}
+
+// ------------------------------------------------------------------------------------------
 // Concurrency
 // ------------------------------------------------------------------------------------------
 
@@ -1767,6 +2079,50 @@ pub async fn concurrent_claims_have_exactly_one_winner(store: Arc<dyn Store>) {
     );
     let stored = store.get_task(&task.task_id).await.unwrap();
     assert_eq!(stored.owner.as_deref(), Some(winners[0].as_str()));
+}
+
+/// Ten admins racing to activate ten versions, all expecting the same current one: exactly
+/// one applies, the others get a Conflict, and the active version is the winner's.
+pub async fn concurrent_activations_have_exactly_one_winner(store: Arc<dyn Store>) {
+    let kind = PolicyKind::Placement;
+    let name = unique_id("pol");
+    for i in 0..10 {
+        policy_with(&*store, &name, &i.to_string(), kind, b"wasm").await;
+    }
+    let expected = active_pair(&*store, kind).await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(10));
+    let handles: Vec<_> = (0..10)
+        .map(|i| {
+            let (store, barrier) = (Arc::clone(&store), Arc::clone(&barrier));
+            let (name, expected) = (name.clone(), expected.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let result = store
+                    .activate_policy(kind, &name, &i.to_string(), "admin", expected)
+                    .await;
+                (i.to_string(), result)
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for handle in handles {
+        match handle.await.unwrap() {
+            (version, Ok(active)) => {
+                assert_eq!(active.version, version);
+                winners.push(version);
+            }
+            (_, Err(StoreError::Conflict { .. })) => {}
+            (_, Err(other)) => panic!("unexpected error in a racing activation: {other}"),
+        }
+    }
+    assert_eq!(
+        winners.len(),
+        1,
+        "exactly one activation applies: {winners:?}"
+    );
+    let active = store.get_active_policy(kind).await.unwrap().unwrap();
+    assert_eq!((active.name, active.version), (name, winners[0].clone()));
+    assert_eq!(active.previous, expected);
 }
 
 #[cfg(test)]

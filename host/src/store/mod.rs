@@ -11,11 +11,65 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::model::{Assignment, Resources, Task, TaskResult, TaskStatus, Worker, WorkerUsage};
+use crate::model::{
+    ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, Task, TaskResult, TaskStatus,
+    Worker, WorkerUsage,
+};
 
 pub mod conformance;
 pub mod mongo;
 pub mod sqlite;
+
+/// Size of one stored chunk of a policy component's bytes: far below MongoDB's 16 MiB
+/// document limit, so that a component of any size (a Python guest is ~20 MB) fits.
+pub const POLICY_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// SHA-256 (hex, lowercase) of `bytes`: the digest [`PolicyVersion::sha256`] records.
+pub fn policy_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// How a policy version is named in errors: `name@version`.
+pub(crate) fn policy_label(name: &str, version: &str) -> String {
+    format!("{name}@{version}")
+}
+
+/// How an active version (or none) is named in a `Conflict`.
+pub(crate) fn active_label(active: Option<&(String, String)>) -> String {
+    active.map_or_else(|| "none active".to_string(), |(n, v)| policy_label(n, v))
+}
+
+/// Checks reassembled component bytes against their version's recorded size and digest.
+pub(crate) fn verify_policy_bytes(version: &PolicyVersion, bytes: &[u8]) -> Result<()> {
+    let what = || {
+        format!(
+            "reading the bytes of policy {}",
+            policy_label(&version.name, &version.version)
+        )
+    };
+    if bytes.len() as u64 != version.size_bytes {
+        return Err(StoreError::backend(
+            what(),
+            format!(
+                "reassembled {} bytes, but {} were stored",
+                bytes.len(),
+                version.size_bytes
+            ),
+        ));
+    }
+    let actual = policy_sha256(bytes);
+    if actual != version.sha256 {
+        return Err(StoreError::backend(
+            what(),
+            format!(
+                "sha256 mismatch: the stored bytes hash to {actual}, the version records {}",
+                version.sha256
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// Store errors by meaning, not by backend.
 #[derive(Debug, thiserror::Error)]
@@ -224,4 +278,47 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_result(&self, result: &TaskResult) -> Result<()>;
 
     async fn get_result(&self, task_id: &str) -> Result<TaskResult>;
+
+    // ----- policies -----
+
+    /// Stores a new policy version and its component `bytes`, in chunks of
+    /// [`POLICY_CHUNK_BYTES`] (a 20 MB component fits every backend). `AlreadyExists` when
+    /// (name, version) is taken. The caller computes `version.sha256` (see [`policy_sha256`])
+    /// and `size_bytes`; the store records them as given. A version is never visible without
+    /// all of its bytes: an interrupted insert leaves at most unreferenced chunks behind.
+    async fn insert_policy_version(&self, version: &PolicyVersion, bytes: &[u8]) -> Result<()>;
+
+    /// `NotFound` when there is no such version.
+    async fn get_policy_version(&self, name: &str, version: &str) -> Result<PolicyVersion>;
+
+    /// The component's bytes, reassembled from their chunks. `NotFound` when there is no such
+    /// version; `Backend` (naming the version) when the bytes do not match the recorded
+    /// `sha256` or `size_bytes` (a chunk is missing or corrupted).
+    async fn get_policy_bytes(&self, name: &str, version: &str) -> Result<Vec<u8>>;
+
+    /// Every version, or those of `name`: by name, then `uploaded_at`, then version.
+    async fn list_policy_versions(&self, name: Option<&str>) -> Result<Vec<PolicyVersion>>;
+
+    /// Removes a version and its bytes. `Conflict` while it is the active version of its kind,
+    /// `NotFound` when there is no such version.
+    async fn delete_policy_version(&self, name: &str, version: &str) -> Result<()>;
+
+    /// The active version of `kind`; `None` before the first activation.
+    async fn get_active_policy(&self, kind: PolicyKind) -> Result<Option<ActivePolicy>>;
+
+    /// Makes (name, version) the active policy of `kind`, as a compare-and-swap: applies only
+    /// when the currently active (name, version) equals `expected_current` (`None`: nothing is
+    /// active yet), in one conditional write, and records the replaced one in `previous`.
+    /// `Conflict` (with the actual active version) when the active version is not the expected
+    /// one, and when the version's kind is not `kind`; `NotFound` when the version does not
+    /// exist. Of several concurrent activations with the same `expected_current`, exactly one
+    /// applies. Returns the new active record.
+    async fn activate_policy(
+        &self,
+        kind: PolicyKind,
+        name: &str,
+        version: &str,
+        activated_by: &str,
+        expected_current: Option<(String, String)>,
+    ) -> Result<ActivePolicy>;
 }

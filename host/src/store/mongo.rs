@@ -24,11 +24,12 @@ use mongodb::options::{
 use mongodb::{Client, Collection, Database, IndexModel};
 
 use super::{
-    AssignmentFilter, IdempotencyKey, Result, Store, StoreError, SubmitOutcome, TaskCursor,
-    TaskPage, TaskQuery, TaskUpdate,
+    AssignmentFilter, IdempotencyKey, POLICY_CHUNK_BYTES, Result, Store, StoreError, SubmitOutcome,
+    TaskCursor, TaskPage, TaskQuery, TaskUpdate, active_label, policy_label, verify_policy_bytes,
 };
 use crate::model::{
-    self, Assignment, Resources, ResultStatus, Task, TaskResult, TaskStatus, Worker, WorkerUsage,
+    self, ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, ResultStatus, Task,
+    TaskResult, TaskStatus, Worker, WorkerUsage,
 };
 
 /// The seed's collection names (a contract: never renamed).
@@ -38,6 +39,18 @@ pub const ASSIGNMENTS: &str = "ASSIGNMENTS";
 pub const RESULTS: &str = "RESULTS";
 /// Our addition: one document per (user, idempotency key), `_id` = `"<user_id>/<key>"`.
 pub const IDEMPOTENCY_KEYS: &str = "IDEMPOTENCY_KEYS";
+/// Our addition: one document per policy version (its metadata), unique on (name, version),
+/// naming the `upload_id` of its chunks.
+pub const POLICIES: &str = "POLICIES";
+/// Our addition: a policy component's bytes, one document per chunk of
+/// [`POLICY_CHUNK_BYTES`](super::POLICY_CHUNK_BYTES), unique on (upload_id, n). Chunks are
+/// written before the version's document and keyed by a fresh upload id, so an interrupted
+/// upload leaves only unreferenced chunks (never a version without bytes) and a retry of the
+/// same version never collides with them.
+pub const POLICY_CHUNKS: &str = "POLICY_CHUNKS";
+/// Our addition: one document per policy kind, `_id` = the kind: the active version. The
+/// unique `_id` makes the first activation of a kind race-safe.
+pub const ACTIVE_POLICIES: &str = "ACTIVE_POLICIES";
 
 /// How long the driver looks for a usable server before an operation fails, unless the URI
 /// sets `serverSelectionTimeoutMS`: short, so that a dead or unreachable server is reported
@@ -67,6 +80,9 @@ pub struct MongoStore {
     assignments: Collection<Document>,
     results: Collection<Document>,
     idempotency: Collection<Document>,
+    policies: Collection<Document>,
+    policy_chunks: Collection<Document>,
+    active_policies: Collection<Document>,
 }
 
 impl MongoStore {
@@ -110,6 +126,9 @@ impl MongoStore {
             assignments: db.collection(ASSIGNMENTS),
             results: db.collection(RESULTS),
             idempotency: db.collection(IDEMPOTENCY_KEYS),
+            policies: db.collection(POLICIES),
+            policy_chunks: db.collection(POLICY_CHUNKS),
+            active_policies: db.collection(ACTIVE_POLICIES),
             db,
         };
         store
@@ -201,6 +220,9 @@ impl MongoStore {
             ASSIGNMENTS,
             RESULTS,
             IDEMPOTENCY_KEYS,
+            POLICIES,
+            POLICY_CHUNKS,
+            ACTIVE_POLICIES,
         ] {
             if existing.iter().any(|n| n == name) {
                 continue;
@@ -222,7 +244,7 @@ impl MongoStore {
                 .build()
         };
         let plain = |keys: Document| IndexModel::builder().keys(keys).build();
-        let indexes: [(&Collection<Document>, &str, Vec<IndexModel>); 4] = [
+        let indexes: [(&Collection<Document>, &str, Vec<IndexModel>); 6] = [
             (
                 &self.tasks,
                 TASKS,
@@ -262,6 +284,19 @@ impl MongoStore {
                     plain(doc! { "worker_id": 1 }),
                 ],
             ),
+            (
+                &self.policies,
+                POLICIES,
+                vec![
+                    unique(doc! { "name": 1, "version": 1 }),
+                    plain(doc! { "name": 1, "uploaded_at": 1 }),
+                ],
+            ),
+            (
+                &self.policy_chunks,
+                POLICY_CHUNKS,
+                vec![unique(doc! { "upload_id": 1, "n": 1 })],
+            ),
         ];
         for (collection, name, models) in indexes {
             // One index per command: FerretDB 1.24 panics (and drops the connection) when one
@@ -276,6 +311,79 @@ impl MongoStore {
             }
         }
         Ok(())
+    }
+
+    async fn find_policy(&self, name: &str, version: &str) -> Result<Option<Document>> {
+        self.policies
+            .find_one(doc! { "name": name, "version": version })
+            .await
+            .map_err(|e| {
+                StoreError::backend(
+                    format!("reading policy version {}", policy_label(name, version)),
+                    e,
+                )
+            })
+    }
+
+    async fn require_policy(&self, name: &str, version: &str) -> Result<Document> {
+        self.find_policy(name, version)
+            .await?
+            .ok_or_else(|| not_found("policy version", &policy_label(name, version)))
+    }
+
+    async fn find_active_policy(&self, kind: PolicyKind) -> Result<Option<ActivePolicy>> {
+        self.active_policies
+            .find_one(doc! { "_id": kind.as_str() })
+            .await
+            .map_err(|e| StoreError::backend(format!("reading the active {kind} policy"), e))?
+            .map(|d| active_policy_from_document(&d))
+            .transpose()
+    }
+
+    /// Removes the chunks of one upload (after its version's document is gone, or when that
+    /// document was never written).
+    async fn delete_chunks(&self, upload_id: &str) -> Result<()> {
+        self.atomic(
+            self.policy_chunks
+                .delete_many(doc! { "upload_id": upload_id }),
+        )
+        .await
+        .map_err(|e| {
+            StoreError::backend(format!("deleting the chunks of upload {upload_id}"), e)
+        })?;
+        Ok(())
+    }
+
+    /// Undoes an activation that raced with the deletion of its version: puts back the
+    /// document it replaced (or removes it, for a first activation), only while it is still
+    /// exactly the one this activation wrote.
+    async fn revert_activation(&self, ours: &ActivePolicy, before: Option<Document>) -> Result<()> {
+        let filter = doc! {
+            "_id": ours.kind.as_str(),
+            "name": &ours.name,
+            "version": &ours.version,
+            "activated_at": to_bson_date(ours.activated_at),
+            "activated_by": &ours.activated_by,
+        };
+        let outcome = match before {
+            Some(before) => self
+                .atomic(self.active_policies.replace_one(filter, before))
+                .await
+                .map(drop),
+            None => self
+                .atomic(self.active_policies.delete_one(filter))
+                .await
+                .map(drop),
+        };
+        outcome.map_err(|e| {
+            StoreError::backend(
+                format!(
+                    "reverting the activation of {}",
+                    policy_label(&ours.name, &ours.version)
+                ),
+                e,
+            )
+        })
     }
 
     async fn find_task(&self, task_id: &str) -> Result<Option<Task>> {
@@ -1027,6 +1135,262 @@ impl Store for MongoStore {
             .transpose()?
             .ok_or_else(|| not_found("result", task_id))
     }
+    async fn insert_policy_version(&self, version: &PolicyVersion, bytes: &[u8]) -> Result<()> {
+        let label = policy_label(&version.name, &version.version);
+        // A cheap early answer for the common duplicate; the unique index decides races.
+        if self
+            .find_policy(&version.name, &version.version)
+            .await?
+            .is_some()
+        {
+            return Err(StoreError::AlreadyExists {
+                kind: "policy version",
+                id: label,
+            });
+        }
+        let upload_id = uuid::Uuid::now_v7().simple().to_string();
+        // Chunks first: until the version's document exists they are unreferenced, so a crash
+        // here leaves orphans, never a version without bytes.
+        let mut chunks = 0_i64;
+        for (n, chunk) in bytes.chunks(POLICY_CHUNK_BYTES).enumerate() {
+            let n = i64::try_from(n).map_err(|e| StoreError::backend("numbering a chunk", e))?;
+            let written = self
+                .policy_chunks
+                .insert_one(doc! {
+                    "upload_id": &upload_id,
+                    "n": n,
+                    "name": &version.name,
+                    "version": &version.version,
+                    "data": bson::Binary {
+                        subtype: bson::spec::BinarySubtype::Generic,
+                        bytes: chunk.to_vec(),
+                    },
+                })
+                .await;
+            if let Err(e) = written {
+                // Best effort: what was written is unreferenced either way.
+                let _ = self.delete_chunks(&upload_id).await;
+                return Err(StoreError::backend(
+                    format!("storing chunk {n} of policy {label}"),
+                    e,
+                ));
+            }
+            chunks = n + 1;
+        }
+        let mut document = policy_to_document(version)?;
+        document.insert("upload_id", &upload_id);
+        document.insert("chunks", chunks);
+        match self.policies.insert_one(document).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let _ = self.delete_chunks(&upload_id).await;
+                if is_duplicate_key(&e) {
+                    Err(StoreError::AlreadyExists {
+                        kind: "policy version",
+                        id: label,
+                    })
+                } else {
+                    Err(StoreError::backend(
+                        format!("inserting policy version {label}"),
+                        e,
+                    ))
+                }
+            }
+        }
+    }
+
+    async fn get_policy_version(&self, name: &str, version: &str) -> Result<PolicyVersion> {
+        policy_from_document(&self.require_policy(name, version).await?)
+    }
+
+    async fn get_policy_bytes(&self, name: &str, version: &str) -> Result<Vec<u8>> {
+        let document = self.require_policy(name, version).await?;
+        let meta = policy_from_document(&document)?;
+        let upload_id = Reader::new(&document, POLICIES).string("upload_id")?;
+        let label = policy_label(name, version);
+        let chunks: Vec<Document> = self
+            .policy_chunks
+            .find(doc! { "upload_id": &upload_id })
+            .sort(doc! { "n": 1 })
+            .await
+            .map_err(|e| StoreError::backend(format!("reading the chunks of policy {label}"), e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend(format!("reading the chunks of policy {label}"), e))?;
+        let mut bytes = Vec::with_capacity(usize::try_from(meta.size_bytes).unwrap_or(0));
+        for chunk in &chunks {
+            match chunk.get("data") {
+                Some(Bson::Binary(b)) => bytes.extend_from_slice(&b.bytes),
+                other => {
+                    return Err(StoreError::backend(
+                        format!("reading the chunks of policy {label}"),
+                        format!("a chunk's data is {other:?}, not binary"),
+                    ));
+                }
+            }
+        }
+        verify_policy_bytes(&meta, &bytes)?;
+        Ok(bytes)
+    }
+
+    async fn list_policy_versions(&self, name: Option<&str>) -> Result<Vec<PolicyVersion>> {
+        let filter = match name {
+            Some(name) => doc! { "name": name },
+            None => doc! {},
+        };
+        let documents: Vec<Document> = self
+            .policies
+            .find(filter)
+            .sort(doc! { "name": 1, "uploaded_at": 1, "version": 1 })
+            .await
+            .map_err(|e| StoreError::backend("listing policy versions", e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend("listing policy versions", e))?;
+        documents.iter().map(policy_from_document).collect()
+    }
+
+    async fn delete_policy_version(&self, name: &str, version: &str) -> Result<()> {
+        let label = policy_label(name, version);
+        // Mark first, then check the active version; `activate_policy` activates first, then
+        // re-checks the mark. Whichever order the two run in, one of them sees the other and
+        // backs off, so an active version is never deleted.
+        let marked = self
+            .atomic(
+                self.policies
+                    .find_one_and_update(
+                        doc! { "name": name, "version": version },
+                        doc! { "$set": { "deleting": true } },
+                    )
+                    .return_document(ReturnDocument::After),
+            )
+            .await
+            .map_err(|e| StoreError::backend(format!("marking policy {label} for deletion"), e))?
+            .ok_or_else(|| not_found("policy version", &label))?;
+        let meta = policy_from_document(&marked)?;
+        let upload_id = Reader::new(&marked, POLICIES).string("upload_id")?;
+        if let Some(active) = self.find_active_policy(meta.kind).await?
+            && active.name == name
+            && active.version == version
+        {
+            self.atomic(self.policies.update_one(
+                doc! { "name": name, "version": version },
+                doc! { "$unset": { "deleting": "" } },
+            ))
+            .await
+            .map_err(|e| StoreError::backend(format!("unmarking policy {label}"), e))?;
+            return Err(StoreError::Conflict {
+                kind: "policy version",
+                id: label,
+                expected: "inactive".to_owned(),
+                actual: format!("the active {} policy", meta.kind),
+            });
+        }
+        // The version's document first: a crash after it leaves orphan chunks only.
+        self.atomic(
+            self.policies
+                .delete_one(doc! { "name": name, "version": version, "upload_id": &upload_id }),
+        )
+        .await
+        .map_err(|e| StoreError::backend(format!("deleting policy version {label}"), e))?;
+        self.delete_chunks(&upload_id).await
+    }
+
+    async fn get_active_policy(&self, kind: PolicyKind) -> Result<Option<ActivePolicy>> {
+        self.find_active_policy(kind).await
+    }
+
+    async fn activate_policy(
+        &self,
+        kind: PolicyKind,
+        name: &str,
+        version: &str,
+        activated_by: &str,
+        expected_current: Option<(String, String)>,
+    ) -> Result<ActivePolicy> {
+        let label = policy_label(name, version);
+        let being_deleted = || StoreError::Conflict {
+            kind: "policy version",
+            id: label.clone(),
+            expected: "present".to_owned(),
+            actual: "being deleted".to_owned(),
+        };
+        let document = self.require_policy(name, version).await?;
+        let meta = policy_from_document(&document)?;
+        if meta.kind != kind {
+            return Err(StoreError::Conflict {
+                kind: "policy version",
+                id: label,
+                expected: format!("a {kind} policy"),
+                actual: format!("a {} policy", meta.kind),
+            });
+        }
+        if Reader::new(&document, POLICIES).opt_bool("deleting")? == Some(true) {
+            return Err(being_deleted());
+        }
+        let active = ActivePolicy {
+            kind,
+            name: name.to_owned(),
+            version: version.to_owned(),
+            activated_at: model::now(),
+            activated_by: activated_by.to_owned(),
+            previous: expected_current.clone(),
+        };
+        let new_document = active_policy_to_document(&active);
+        // The compare-and-swap, one single-document write: a first activation is an insert
+        // (the unique `_id` = kind refuses a second one), a swap an update matching only the
+        // expected version.
+        let (applied, before) = match &expected_current {
+            None => match self.active_policies.insert_one(new_document).await {
+                Ok(_) => (true, None),
+                Err(e) if is_duplicate_key(&e) => (false, None),
+                Err(e) => {
+                    return Err(StoreError::backend(format!("activating policy {label}"), e));
+                }
+            },
+            Some((expected_name, expected_version)) => {
+                let before = self
+                    .atomic(
+                        self.active_policies
+                            .find_one_and_replace(
+                                doc! {
+                                    "_id": kind.as_str(),
+                                    "name": expected_name,
+                                    "version": expected_version,
+                                },
+                                new_document,
+                            )
+                            .return_document(ReturnDocument::Before),
+                    )
+                    .await
+                    .map_err(|e| StoreError::backend(format!("activating policy {label}"), e))?;
+                (before.is_some(), before)
+            }
+        };
+        if !applied {
+            let actual = self
+                .find_active_policy(kind)
+                .await?
+                .map(|a| (a.name, a.version));
+            return Err(StoreError::Conflict {
+                kind: "active policy",
+                id: kind.to_string(),
+                expected: active_label(expected_current.as_ref()),
+                actual: active_label(actual.as_ref()),
+            });
+        }
+        // See `delete_policy_version`: a deletion that began meanwhile wins.
+        let still = self.find_policy(name, version).await?;
+        let deleting = match &still {
+            Some(d) => Reader::new(d, POLICIES).opt_bool("deleting")? == Some(true),
+            None => true,
+        };
+        if deleting {
+            self.revert_activation(&active, before).await?;
+            return Err(being_deleted());
+        }
+        Ok(active)
+    }
 }
 
 // ----- errors -----
@@ -1290,6 +1654,77 @@ fn result_from_document(d: &Document) -> Result<TaskResult> {
         exit_code: r.opt_int("exit_code")?,
         error: r.opt_string("error")?,
         logs_truncated: r.opt_bool("logs_truncated")?.unwrap_or(false),
+    })
+}
+
+fn policy_to_document(v: &PolicyVersion) -> Result<Document> {
+    Ok(doc! {
+        "name": &v.name,
+        "version": &v.version,
+        "kind": v.kind.as_str(),
+        "sha256": &v.sha256,
+        "size_bytes": u64_to_bson(v.size_bytes, "size_bytes")?,
+        "config": &v.config,
+        "uploaded_at": to_bson_date(v.uploaded_at),
+        "uploaded_by": &v.uploaded_by,
+    })
+}
+
+fn policy_from_document(d: &Document) -> Result<PolicyVersion> {
+    let r = Reader::new(d, POLICIES);
+    Ok(PolicyVersion {
+        name: r.string("name")?,
+        version: r.string("version")?,
+        kind: r
+            .string("kind")?
+            .parse()
+            .map_err(|e: String| r.invalid("kind", e))?,
+        sha256: r.string("sha256")?,
+        size_bytes: r.int("size_bytes")?,
+        config: r.opt_string("config")?.unwrap_or_default(),
+        uploaded_at: r.date("uploaded_at")?,
+        uploaded_by: r.opt_string("uploaded_by")?.unwrap_or_default(),
+    })
+}
+
+fn active_policy_to_document(a: &ActivePolicy) -> Document {
+    let mut d = doc! {
+        "_id": a.kind.as_str(),
+        "kind": a.kind.as_str(),
+        "name": &a.name,
+        "version": &a.version,
+        "activated_at": to_bson_date(a.activated_at),
+        "activated_by": &a.activated_by,
+    };
+    insert_opt(
+        &mut d,
+        "previous",
+        a.previous
+            .as_ref()
+            .map(|(name, version)| doc! { "name": name, "version": version }),
+    );
+    d
+}
+
+fn active_policy_from_document(d: &Document) -> Result<ActivePolicy> {
+    let r = Reader::new(d, ACTIVE_POLICIES);
+    let previous = match r.opt_document("previous")? {
+        Some(p) => {
+            let p = Reader::new(p, "ACTIVE_POLICIES.previous");
+            Some((p.string("name")?, p.string("version")?))
+        }
+        None => None,
+    };
+    Ok(ActivePolicy {
+        kind: r
+            .string("kind")?
+            .parse()
+            .map_err(|e: String| r.invalid("kind", e))?,
+        name: r.string("name")?,
+        version: r.string("version")?,
+        activated_at: r.date("activated_at")?,
+        activated_by: r.opt_string("activated_by")?.unwrap_or_default(),
+        previous,
     })
 }
 

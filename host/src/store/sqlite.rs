@@ -27,10 +27,13 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, params, params_fro
 use tokio::sync::oneshot;
 
 use super::{
-    AssignmentFilter, IdempotencyKey, Result, Store, StoreError, SubmitOutcome, TaskCursor,
-    TaskPage, TaskQuery, TaskUpdate,
+    AssignmentFilter, IdempotencyKey, POLICY_CHUNK_BYTES, Result, Store, StoreError, SubmitOutcome,
+    TaskCursor, TaskPage, TaskQuery, TaskUpdate, active_label, policy_label, verify_policy_bytes,
 };
-use crate::model::{Assignment, Resources, Task, TaskResult, TaskStatus, Worker, WorkerUsage, now};
+use crate::model::{
+    ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, Task, TaskResult, TaskStatus,
+    Worker, WorkerUsage, now,
+};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE_NAME: &str = "cloudai.db";
@@ -149,6 +152,40 @@ CREATE TABLE IF NOT EXISTS IDEMPOTENCY_KEYS (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS IDEMPOTENCY_KEYS_user_key
     ON IDEMPOTENCY_KEYS (user_id, idempotency_key);
+
+CREATE TABLE IF NOT EXISTS POLICIES (
+    name        TEXT NOT NULL,
+    version     TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    sha256      TEXT NOT NULL,
+    size_bytes  INTEGER NOT NULL,
+    config      TEXT NOT NULL,
+    uploaded_at TEXT NOT NULL,
+    uploaded_by TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS POLICIES_name_version ON POLICIES (name, version);
+
+-- A component's bytes in chunks of POLICY_CHUNK_BYTES, numbered from 0.
+CREATE TABLE IF NOT EXISTS POLICY_CHUNKS (
+    name    TEXT NOT NULL,
+    version TEXT NOT NULL,
+    n       INTEGER NOT NULL,
+    data    BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS POLICY_CHUNKS_name_version_n
+    ON POLICY_CHUNKS (name, version, n);
+
+-- One row per policy kind: the version the hosts run.
+CREATE TABLE IF NOT EXISTS ACTIVE_POLICIES (
+    kind             TEXT NOT NULL,
+    name             TEXT NOT NULL,
+    version          TEXT NOT NULL,
+    activated_at     TEXT NOT NULL,
+    activated_by     TEXT NOT NULL,
+    previous_name    TEXT,
+    previous_version TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS ACTIVE_POLICIES_kind ON ACTIVE_POLICIES (kind);
 "#;
 
 const TASK_COLUMNS: &str = "task_id, user_id, docker_image, command, req_cpu, req_memory, \
@@ -163,6 +200,12 @@ const WORKER_COLUMNS: &str = "worker_id, worker_ip, total_cpu, total_memory, tot
 
 const ASSIGNMENT_COLUMNS: &str = "ass_id, task_id, worker_id, assigned_at, req_cpu, req_memory, \
     req_storage, req_gpu, attempt, released, released_at";
+
+const POLICY_COLUMNS: &str =
+    "name, version, kind, sha256, size_bytes, config, uploaded_at, uploaded_by";
+
+const ACTIVE_POLICY_COLUMNS: &str =
+    "kind, name, version, activated_at, activated_by, previous_name, previous_version";
 
 const RESULT_COLUMNS: &str =
     "task_id, worker_id, status, logs, completed_at, exit_code, error, logs_truncated";
@@ -1206,6 +1249,220 @@ fn insert_result_sync(conn: &Connection, r: &TaskResult) -> Result<()> {
 // The Store implementation: each method moves its arguments onto the writer thread.
 // ------------------------------------------------------------------------------------------
 
+fn policy_from_row(row: &Row<'_>) -> rusqlite::Result<PolicyVersion> {
+    let size: i64 = row.get(4)?;
+    Ok(PolicyVersion {
+        name: row.get(0)?,
+        version: row.get(1)?,
+        kind: get_parsed(row, 2)?,
+        sha256: row.get(3)?,
+        size_bytes: u64::try_from(size).map_err(|e| conversion(4, e))?,
+        config: row.get(5)?,
+        uploaded_at: get_date(row, 6)?,
+        uploaded_by: row.get(7)?,
+    })
+}
+
+fn active_policy_from_row(row: &Row<'_>) -> rusqlite::Result<ActivePolicy> {
+    let previous_name: Option<String> = row.get(5)?;
+    let previous_version: Option<String> = row.get(6)?;
+    Ok(ActivePolicy {
+        kind: get_parsed(row, 0)?,
+        name: row.get(1)?,
+        version: row.get(2)?,
+        activated_at: get_date(row, 3)?,
+        activated_by: row.get(4)?,
+        previous: previous_name.zip(previous_version),
+    })
+}
+
+fn select_policy(conn: &Connection, name: &str, version: &str) -> Result<PolicyVersion> {
+    conn.prepare_cached(&format!(
+        "SELECT {POLICY_COLUMNS} FROM POLICIES WHERE name = ?1 AND version = ?2"
+    ))
+    .and_then(|mut stmt| stmt.query_row([name, version], policy_from_row).optional())
+    .map_err(sql_err("reading a policy version"))?
+    .ok_or_else(|| StoreError::NotFound {
+        kind: "policy version",
+        id: policy_label(name, version),
+    })
+}
+
+fn select_active_policy(conn: &Connection, kind: PolicyKind) -> Result<Option<ActivePolicy>> {
+    conn.prepare_cached(&format!(
+        "SELECT {ACTIVE_POLICY_COLUMNS} FROM ACTIVE_POLICIES WHERE kind = ?1"
+    ))
+    .and_then(|mut stmt| {
+        stmt.query_row([kind.as_str()], active_policy_from_row)
+            .optional()
+    })
+    .map_err(sql_err("reading the active policy"))
+}
+
+fn insert_policy_sync(conn: &Connection, v: &PolicyVersion, bytes: &[u8]) -> Result<()> {
+    let size = i64::try_from(v.size_bytes)
+        .map_err(|e| StoreError::backend("encoding a policy's size_bytes", e))?;
+    conn.prepare_cached(&format!(
+        "INSERT INTO POLICIES ({POLICY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+    ))
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            v.name,
+            v.version,
+            v.kind.as_str(),
+            v.sha256,
+            size,
+            v.config,
+            date_text(&v.uploaded_at),
+            v.uploaded_by,
+        ])
+    })
+    .map_err(insert_err(
+        "policy version",
+        &policy_label(&v.name, &v.version),
+        "inserting a policy version",
+    ))?;
+    // The row and its chunks are in this request's savepoint: they commit together or not at
+    // all. Stray chunks (written by hand, say) must not be mistaken for this version's.
+    conn.prepare_cached("DELETE FROM POLICY_CHUNKS WHERE name = ?1 AND version = ?2")
+        .and_then(|mut stmt| stmt.execute([&v.name, &v.version]))
+        .map_err(sql_err("clearing stray chunks of a policy version"))?;
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO POLICY_CHUNKS (name, version, n, data) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .map_err(sql_err("storing a policy's bytes"))?;
+    for (n, chunk) in bytes.chunks(POLICY_CHUNK_BYTES).enumerate() {
+        let n = i64::try_from(n).map_err(|e| StoreError::backend("numbering a chunk", e))?;
+        stmt.execute(params![v.name, v.version, n, chunk])
+            .map_err(sql_err("storing a policy's bytes"))?;
+    }
+    Ok(())
+}
+
+fn policy_bytes_sync(conn: &Connection, name: &str, version: &str) -> Result<Vec<u8>> {
+    let v = select_policy(conn, name, version)?;
+    let chunks: Vec<Vec<u8>> = conn
+        .prepare_cached(
+            "SELECT data FROM POLICY_CHUNKS WHERE name = ?1 AND version = ?2 ORDER BY n",
+        )
+        .and_then(|mut stmt| stmt.query_map([name, version], |row| row.get(0))?.collect())
+        .map_err(sql_err("reading a policy's bytes"))?;
+    let bytes = chunks.concat();
+    verify_policy_bytes(&v, &bytes)?;
+    Ok(bytes)
+}
+
+fn delete_policy_sync(conn: &Connection, name: &str, version: &str) -> Result<()> {
+    // One statement: the version cannot be activated between the check and the delete.
+    let changed = conn
+        .prepare_cached(
+            "DELETE FROM POLICIES WHERE name = ?1 AND version = ?2 AND NOT EXISTS \
+             (SELECT 1 FROM ACTIVE_POLICIES WHERE name = ?1 AND version = ?2)",
+        )
+        .and_then(|mut stmt| stmt.execute([name, version]))
+        .map_err(sql_err("deleting a policy version"))?;
+    if changed == 0 {
+        let v = select_policy(conn, name, version)?;
+        return Err(StoreError::Conflict {
+            kind: "policy version",
+            id: policy_label(name, version),
+            expected: "inactive".to_string(),
+            actual: format!("the active {} policy", v.kind),
+        });
+    }
+    conn.prepare_cached("DELETE FROM POLICY_CHUNKS WHERE name = ?1 AND version = ?2")
+        .and_then(|mut stmt| stmt.execute([name, version]))
+        .map_err(sql_err("deleting a policy's bytes"))?;
+    Ok(())
+}
+
+fn activate_policy_sync(
+    conn: &Connection,
+    kind: PolicyKind,
+    name: &str,
+    version: &str,
+    by: &str,
+    expected: Option<&(String, String)>,
+) -> Result<ActivePolicy> {
+    let v = select_policy(conn, name, version)?;
+    if v.kind != kind {
+        return Err(StoreError::Conflict {
+            kind: "policy version",
+            id: policy_label(name, version),
+            expected: format!("a {kind} policy"),
+            actual: format!("a {} policy", v.kind),
+        });
+    }
+    let active = ActivePolicy {
+        kind,
+        name: name.to_string(),
+        version: version.to_string(),
+        activated_at: now(),
+        activated_by: by.to_string(),
+        previous: expected.cloned(),
+    };
+    let (prev_name, prev_version) = (
+        expected.map(|(n, _)| n.as_str()),
+        expected.map(|(_, v)| v.as_str()),
+    );
+    // The compare-and-swap is one conditional statement: the INSERT fails on the unique kind
+    // when something is active already, the UPDATE matches only the expected version.
+    let applied = match expected {
+        None => conn
+            .prepare_cached(&format!(
+                "INSERT INTO ACTIVE_POLICIES ({ACTIVE_POLICY_COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, NULL, NULL)"
+            ))
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    kind.as_str(),
+                    name,
+                    version,
+                    date_text(&active.activated_at),
+                    by
+                ])
+            })
+            .map(|_| true)
+            .or_else(|e| {
+                if is_unique_violation(&e) {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }),
+        Some(_) => conn
+            .prepare_cached(
+                "UPDATE ACTIVE_POLICIES SET name = ?2, version = ?3, activated_at = ?4, \
+                 activated_by = ?5, previous_name = ?6, previous_version = ?7 \
+                 WHERE kind = ?1 AND name = ?6 AND version = ?7",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    kind.as_str(),
+                    name,
+                    version,
+                    date_text(&active.activated_at),
+                    by,
+                    prev_name,
+                    prev_version
+                ])
+            })
+            .map(|changed| changed == 1),
+    }
+    .map_err(sql_err("activating a policy"))?;
+    if applied {
+        return Ok(active);
+    }
+    let actual = select_active_policy(conn, kind)?.map(|a| (a.name, a.version));
+    Err(StoreError::Conflict {
+        kind: "active policy",
+        id: kind.to_string(),
+        expected: active_label(expected),
+        actual: active_label(actual.as_ref()),
+    })
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     fn backend_name(&self) -> &'static str {
@@ -1435,6 +1692,76 @@ impl Store for SqliteStore {
                 kind: "result",
                 id: task_id,
             })
+        })
+        .await
+    }
+    async fn insert_policy_version(&self, version: &PolicyVersion, bytes: &[u8]) -> Result<()> {
+        let (version, bytes) = (version.clone(), bytes.to_vec());
+        self.call("inserting a policy version", move |conn| {
+            insert_policy_sync(conn, &version, &bytes)
+        })
+        .await
+    }
+
+    async fn get_policy_version(&self, name: &str, version: &str) -> Result<PolicyVersion> {
+        let (name, version) = (name.to_string(), version.to_string());
+        self.call("reading a policy version", move |conn| {
+            select_policy(conn, &name, &version)
+        })
+        .await
+    }
+
+    async fn get_policy_bytes(&self, name: &str, version: &str) -> Result<Vec<u8>> {
+        let (name, version) = (name.to_string(), version.to_string());
+        self.call("reading a policy's bytes", move |conn| {
+            policy_bytes_sync(conn, &name, &version)
+        })
+        .await
+    }
+
+    async fn list_policy_versions(&self, name: Option<&str>) -> Result<Vec<PolicyVersion>> {
+        let name = name.map(str::to_string);
+        self.call("listing policy versions", move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {POLICY_COLUMNS} FROM POLICIES WHERE ?1 IS NULL OR name = ?1 \
+                 ORDER BY name, uploaded_at, version"
+            ))
+            .and_then(|mut stmt| stmt.query_map([&name], policy_from_row)?.collect())
+            .map_err(sql_err("listing policy versions"))
+        })
+        .await
+    }
+
+    async fn delete_policy_version(&self, name: &str, version: &str) -> Result<()> {
+        let (name, version) = (name.to_string(), version.to_string());
+        self.call("deleting a policy version", move |conn| {
+            delete_policy_sync(conn, &name, &version)
+        })
+        .await
+    }
+
+    async fn get_active_policy(&self, kind: PolicyKind) -> Result<Option<ActivePolicy>> {
+        self.call("reading the active policy", move |conn| {
+            select_active_policy(conn, kind)
+        })
+        .await
+    }
+
+    async fn activate_policy(
+        &self,
+        kind: PolicyKind,
+        name: &str,
+        version: &str,
+        activated_by: &str,
+        expected_current: Option<(String, String)>,
+    ) -> Result<ActivePolicy> {
+        let (name, version, by) = (
+            name.to_string(),
+            version.to_string(),
+            activated_by.to_string(),
+        );
+        self.call("activating a policy", move |conn| {
+            activate_policy_sync(conn, kind, &name, &version, &by, expected_current.as_ref())
         })
         .await
     }
