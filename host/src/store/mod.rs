@@ -153,6 +153,24 @@ pub struct TaskPage {
     pub next: Option<TaskCursor>,
 }
 
+impl TaskPage {
+    /// A page from a listing that fetched `limit + 1` tasks: the extra one only tells that a
+    /// next page exists, and the cursor points at the last task kept.
+    pub fn from_overfetched(mut tasks: Vec<Task>, limit: u32) -> TaskPage {
+        let limit = limit as usize;
+        let next = if tasks.len() > limit {
+            tasks.truncate(limit);
+            tasks.last().map(|t| TaskCursor {
+                created_at: t.created_at,
+                task_id: t.task_id.clone(),
+            })
+        } else {
+            None
+        };
+        TaskPage { tasks, next }
+    }
+}
+
 /// Fields a transition sets besides `status` and `updated_at`. `None` leaves a field alone.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TaskUpdate {

@@ -25,7 +25,7 @@ use mongodb::{Client, Collection, Database, IndexModel};
 
 use super::{
     AssignmentFilter, IdempotencyKey, POLICY_CHUNK_BYTES, Result, Store, StoreError, SubmitOutcome,
-    TaskCursor, TaskPage, TaskQuery, TaskUpdate, active_label, policy_label, verify_policy_bytes,
+    TaskPage, TaskQuery, TaskUpdate, active_label, policy_label, verify_policy_bytes,
 };
 use crate::model::{
     self, ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, ResultStatus, Task,
@@ -645,21 +645,11 @@ impl Store for MongoStore {
             .try_collect()
             .await
             .map_err(|e| StoreError::backend("reading the task listing", e))?;
-        let more = documents.len() > query.limit as usize;
         let tasks = documents
             .iter()
-            .take(query.limit as usize)
             .map(task_from_document)
             .collect::<Result<Vec<_>>>()?;
-        let next = if more {
-            tasks.last().map(|t| TaskCursor {
-                created_at: t.created_at,
-                task_id: t.task_id.clone(),
-            })
-        } else {
-            None
-        };
-        Ok(TaskPage { tasks, next })
+        Ok(TaskPage::from_overfetched(tasks, query.limit))
     }
 
     async fn transition_task(
@@ -1963,16 +1953,7 @@ mod tests {
 
     use super::testing::connect_test_store;
     use super::*;
-
-    fn worker(worker_id: &str, total: Resources) -> Worker {
-        Worker::new(
-            worker_id.to_owned(),
-            "127.0.0.1:50052".to_owned(),
-            total,
-            BTreeMap::from([("zone".to_owned(), "local".to_owned())]),
-            "ab".repeat(32),
-        )
-    }
+    use crate::store::conformance::{sample_assignment, sample_worker as worker};
 
     fn task(task_id: &str, user_id: &str) -> Task {
         Task {
@@ -1990,20 +1971,9 @@ mod tests {
         }
     }
 
+    /// An unreleased assignment of the task `task-of-<ass_id>`.
     fn assignment(ass_id: &str, worker_id: &str, request: Resources) -> Assignment {
-        Assignment {
-            ass_id: ass_id.to_owned(),
-            task_id: format!("task-of-{ass_id}"),
-            worker_id: worker_id.to_owned(),
-            assigned_at: model::now(),
-            req_cpu: request.cpu,
-            req_memory: request.memory,
-            req_storage: request.storage,
-            req_gpu: request.gpu,
-            attempt: 1,
-            released: false,
-            released_at: None,
-        }
+        sample_assignment(ass_id, &format!("task-of-{ass_id}"), worker_id, request)
     }
 
     #[tokio::test]

@@ -28,7 +28,7 @@ use tokio::sync::oneshot;
 
 use super::{
     AssignmentFilter, IdempotencyKey, POLICY_CHUNK_BYTES, Result, Store, StoreError, SubmitOutcome,
-    TaskCursor, TaskPage, TaskQuery, TaskUpdate, active_label, policy_label, verify_policy_bytes,
+    TaskPage, TaskQuery, TaskUpdate, active_label, policy_label, verify_policy_bytes,
 };
 use crate::model::{
     ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, Task, TaskResult, TaskStatus,
@@ -841,23 +841,14 @@ fn list_tasks_sync(conn: &Connection, query: &TaskQuery) -> Result<TaskPage> {
         " ORDER BY created_at DESC, task_id DESC LIMIT ?{}",
         args.len()
     ));
-    let mut tasks = conn
+    let tasks = conn
         .prepare_cached(&sql)
         .and_then(|mut stmt| {
             stmt.query_map(params_from_iter(args), task_from_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(sql_err("listing tasks"))?;
-    let next = if tasks.len() > query.limit as usize {
-        tasks.truncate(query.limit as usize);
-        tasks.last().map(|t| TaskCursor {
-            created_at: t.created_at,
-            task_id: t.task_id.clone(),
-        })
-    } else {
-        None
-    };
-    Ok(TaskPage { tasks, next })
+    Ok(TaskPage::from_overfetched(tasks, query.limit))
 }
 
 fn transition_task_sync(
