@@ -11,5 +11,6 @@ pub mod cli;
 pub mod client;
 pub mod model;
 pub mod policy;
+pub mod scheduler;
 pub mod serve;
 pub mod store;

@@ -10,6 +10,8 @@ use tokio::net::TcpListener;
 
 use crate::api::auth::{self, Authenticator, Role, TokenEntry};
 use crate::api::{AppState, Limits};
+use crate::policy::{EngineSettings, PolicyEngine, PolicyRuntime, RuntimeSettings};
+use crate::scheduler::Wakeup;
 use crate::store::Store;
 use crate::store::mongo::MongoStore;
 use crate::store::sqlite::SqliteStore;
@@ -52,6 +54,17 @@ pub async fn open_store(config: &ServeConfig) -> anyhow::Result<Arc<dyn Store>> 
             Ok(Arc::new(store))
         }
     }
+}
+
+/// The policy runtime, its compiled components kept in `data_dir/policy-cache` so that a
+/// restart does not compile them again.
+pub fn policy_runtime(config: &ServeConfig) -> anyhow::Result<PolicyRuntime> {
+    let engine = PolicyEngine::new(EngineSettings {
+        cache_dir: Some(config.data_dir.join("policy-cache")),
+        ..EngineSettings::default()
+    })
+    .context("starting the policy engine")?;
+    Ok(PolicyRuntime::new(engine, RuntimeSettings::default()))
 }
 
 /// Builds the authenticator from the tokens file and environment. When no admin token is
@@ -144,10 +157,13 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let store = open_store(&config).await?;
     let auth = build_authenticator(&config)?;
+    let policies = Arc::new(policy_runtime(&config)?);
     let state = AppState {
         store: store.clone(),
         auth: Arc::new(auth),
         limits: Arc::new(config.limits.clone()),
+        policies,
+        wakeup: Wakeup::new(),
     };
     let app = crate::api::router(state);
     let listener = TcpListener::bind(config.listen)

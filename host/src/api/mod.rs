@@ -20,6 +20,8 @@ use tower_http::request_id::{
 };
 use tower_http::trace::TraceLayer;
 
+use crate::policy::PolicyRuntime;
+use crate::scheduler::Wakeup;
 use crate::store::Store;
 
 pub mod auth;
@@ -42,6 +44,10 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub auth: Arc<auth::Authenticator>,
     pub limits: Arc<Limits>,
+    /// This replica's loaded policies (dry runs, uploads, activations).
+    pub policies: Arc<PolicyRuntime>,
+    /// Wakes this replica's scheduler after a change it acts on.
+    pub wakeup: Wakeup,
 }
 
 /// Caps on what a request may ask for. Everything over a cap is refused with 422

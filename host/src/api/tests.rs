@@ -60,6 +60,11 @@ impl TestApi {
             store: store.clone(),
             auth: Arc::new(Authenticator::new(tokens, Some(sha256_hex(JOIN)))),
             limits: Arc::new(Limits::default()),
+            policies: Arc::new(crate::policy::PolicyRuntime::new(
+                crate::policy::PolicyEngine::new(crate::policy::EngineSettings::default()).unwrap(),
+                crate::policy::RuntimeSettings::default(),
+            )),
+            wakeup: crate::scheduler::Wakeup::new(),
         };
         TestApi {
             _dir: dir,

@@ -3,12 +3,17 @@
 //! linker (the contract's `host` import plus an empty WASI), and one bounded evaluation: a
 //! fresh `Store` with a memory limit and an epoch deadline per call.
 //!
-//! Compiled components are cached in memory only, keyed by the sha256 of their bytes (the
-//! engine configuration is fixed per process, so it needs no place in the key). A disk cache
-//! of precompiled artifacts would need `Component::deserialize`, which is `unsafe`; the
-//! workspace forbids unsafe code, so that is left for later.
+//! Compiled components are cached twice: in memory, keyed by the sha256 of their bytes (the
+//! engine configuration is fixed per process, so it needs no place in the key), and, when
+//! [`EngineSettings::cache_dir`] is set, on disk through wasmtime's own compilation cache,
+//! keyed by a hash of the bytes, the engine configuration and the wasmtime version. The disk
+//! cache is what spares a restarted host (or a second replica on the same machine) the
+//! seconds a large Python or JavaScript guest takes to compile; it is wasmtime's, not ours,
+//! because loading a precompiled artifact is `unsafe` and wasmtime's cache does it behind a
+//! safe API with its own integrity checks.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -17,8 +22,8 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
-    Trap,
+    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
+    ResourceLimiter, Store, Trap,
 };
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
 
@@ -39,6 +44,9 @@ pub struct EngineSettings {
     pub max_concurrent_instances: u32,
     /// The largest linear memory any policy may have; per-policy limits are capped to it.
     pub max_memory_bytes: usize,
+    /// Where compiled components are kept across restarts (created when absent); `None`
+    /// keeps them in memory only.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for EngineSettings {
@@ -47,6 +55,7 @@ impl Default for EngineSettings {
             epoch_tick: Duration::from_millis(1),
             max_concurrent_instances: 16,
             max_memory_bytes: 512 << 20,
+            cache_dir: None,
         }
     }
 }
@@ -69,6 +78,21 @@ impl Default for PolicyLimits {
     }
 }
 
+/// wasmtime's compilation cache in `dir` (made absolute: wasmtime requires it).
+fn disk_cache(dir: &std::path::Path) -> Result<Cache> {
+    let host = |what: &str, e: &dyn std::fmt::Display| {
+        PolicyError::Host(format!(
+            "{what} the compiled-policy cache in {}: {e}",
+            dir.display()
+        ))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| host("creating", &e))?;
+    let dir = std::path::absolute(dir).map_err(|e| host("resolving", &e))?;
+    let mut config = CacheConfig::new();
+    config.with_directory(&dir);
+    Cache::new(config).map_err(|e| host("opening", &describe(&e)))
+}
+
 /// A policy version made ready to instantiate: the world it implements, pre-linked.
 #[derive(Clone)]
 pub(crate) enum Prepared {
@@ -86,6 +110,7 @@ struct Inner {
     engine: Engine,
     linker: Linker<GuestState>,
     compiled: Mutex<HashMap<[u8; 32], Component>>,
+    disk_cache: Option<Cache>,
     slots: Slots,
     settings: EngineSettings,
     // Declared last: stopped when the engine goes away.
@@ -114,6 +139,11 @@ impl PolicyEngine {
             .wasm_component_model(true)
             .epoch_interruption(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let disk_cache = match &settings.cache_dir {
+            Some(dir) => Some(disk_cache(dir)?),
+            None => None,
+        };
+        config.cache(disk_cache.clone());
         let engine = Engine::new(&config).map_err(|e| {
             PolicyError::Host(format!("creating the wasmtime engine: {}", describe(&e)))
         })?;
@@ -133,6 +163,7 @@ impl PolicyEngine {
                 engine,
                 linker,
                 compiled: Mutex::new(HashMap::new()),
+                disk_cache,
                 slots: Slots::new(instances),
                 settings,
                 _ticker: ticker,
@@ -160,6 +191,14 @@ impl PolicyEngine {
     /// Drops a compiled component from the cache (a refused upload).
     pub(crate) fn evict(&self, sha256: &[u8; 32]) {
         lock(&self.inner.compiled).remove(sha256);
+    }
+
+    /// Hits and misses of the disk cache since the engine started; `None` without one.
+    pub fn disk_cache_stats(&self) -> Option<(usize, usize)> {
+        self.inner
+            .disk_cache
+            .as_ref()
+            .map(|c| (c.cache_hits(), c.cache_misses()))
     }
 
     /// Number of distinct components held compiled.

@@ -483,3 +483,46 @@ async fn place_is_safe_on_a_current_thread_runtime() {
 async fn place_is_safe_on_a_multi_thread_runtime_worker() {
     trap_inside_a_runtime().await;
 }
+
+#[test]
+fn a_restarted_engine_loads_the_compiled_policy_from_the_disk_cache() {
+    let Some(dir) = wasm_dir() else { return };
+    let cache = tempfile::tempdir().unwrap();
+    let settings = EngineSettings {
+        cache_dir: Some(cache.path().join("compiled")),
+        ..EngineSettings::default()
+    };
+    let bytes = guest(&dir, "best-fit");
+    let input = first_fit_vs_best_fit();
+
+    let first = PolicyRuntime::new(
+        PolicyEngine::new(settings.clone()).unwrap(),
+        RuntimeSettings::default(),
+    );
+    first.load("best-fit", "1", &bytes, "{}").unwrap();
+    assert_eq!(first.engine().disk_cache_stats(), Some((0, 1)));
+    first.activate("best-fit", "1").unwrap();
+    let expected = first.place(&input);
+    drop(first);
+
+    // A new engine (a restarted host) with the same directory: no compilation.
+    let second = PolicyRuntime::new(
+        PolicyEngine::new(settings).unwrap(),
+        RuntimeSettings::default(),
+    );
+    second.load("best-fit", "1", &bytes, "{}").unwrap();
+    assert_eq!(second.engine().disk_cache_stats(), Some((1, 0)));
+    second.activate("best-fit", "1").unwrap();
+    let outcome = second.place(&input);
+    assert!(
+        matches!(outcome.source, PolicySource::Wasm { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(outcome.decisions, expected.decisions);
+
+    // A different component is a miss, not a wrong hit.
+    second
+        .load("first-fit", "1", &guest(&dir, "first-fit"), "{}")
+        .unwrap();
+    assert_eq!(second.engine().disk_cache_stats(), Some((1, 1)));
+}

@@ -17,6 +17,7 @@ mod error;
 mod input;
 pub mod native;
 mod runtime;
+pub mod snapshot;
 mod validate;
 
 #[cfg(test)]
@@ -29,4 +30,5 @@ pub use runtime::{
     AdmissionFallback, AdmissionOutcome, LoadOptions, PlacementOutcome, PolicyKind, PolicyRuntime,
     PolicySource, PolicyVersionInfo, RuntimeSettings,
 };
+pub use snapshot::ClusterSnapshot;
 pub use validate::validate_placement;

@@ -1,0 +1,275 @@
+//! A cluster snapshot: what a scheduling round sees (the candidate workers, the queue, the
+//! pending tasks and each user's usage), as one JSON document. `GET /v1/cluster/snapshot`
+//! exports it, `cloudai policy test --snapshot` replays a policy against it offline, and a
+//! dry run builds one from the store. The same document drives the policy conformance kit.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::bindings::types::{AdmissionTask, Resources as WitResources, UserUsage};
+use super::input::PlacementInput;
+use crate::model::{Resources, Task, TaskStatus, Worker};
+use crate::store::{AssignmentFilter, Store, TaskQuery};
+
+/// The version of the snapshot document's shape.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+/// Everything a placement round or an admission check reads, at one instant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSnapshot {
+    /// [`SNAPSHOT_FORMAT`]; a reader refuses a format it does not know.
+    pub format: u32,
+    /// When it was taken: task ages and heartbeat ages are computed from this instant.
+    pub taken_at: DateTime<Utc>,
+    /// Every registered worker, inactive and draining ones included (a round leaves them out).
+    pub workers: Vec<Worker>,
+    /// The `queued` tasks, in queue order: what a placement round takes as its batch.
+    #[serde(default)]
+    pub queued: Vec<Task>,
+    /// The `pending` tasks, oldest first: what admission checks.
+    #[serde(default)]
+    pub pending: Vec<Task>,
+    /// Tasks running on each worker, by worker id (absent: 0).
+    #[serde(default)]
+    pub running_tasks: BTreeMap<String, u32>,
+    /// Each user's current usage, by user id (absent: none).
+    #[serde(default)]
+    pub usage: BTreeMap<String, Usage>,
+}
+
+/// A user's usage, as admission sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Usage {
+    pub running_tasks: u32,
+    pub queued_tasks: u32,
+    pub pending_tasks: u32,
+    /// Resources reserved by the user's running tasks.
+    pub reserved: Resources,
+}
+
+impl ClusterSnapshot {
+    /// Parses a snapshot document, refusing unknown fields and unknown formats.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let snapshot: ClusterSnapshot = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        if snapshot.format != SNAPSHOT_FORMAT {
+            return Err(format!(
+                "snapshot format {} is not supported (this host reads format {SNAPSHOT_FORMAT})",
+                snapshot.format
+            ));
+        }
+        Ok(snapshot)
+    }
+
+    /// The placement round of this snapshot: its queue against its candidate workers.
+    pub fn placement_input(&self) -> PlacementInput {
+        self.placement_input_for(&self.queued)
+    }
+
+    /// A placement round of `tasks` against this snapshot's candidate workers.
+    pub fn placement_input_for(&self, tasks: &[Task]) -> PlacementInput {
+        PlacementInput::build(tasks, &self.workers, self.taken_at)
+            .with_running_tasks(&self.running_tasks)
+    }
+
+    /// The admission check of each pending task, with its user's usage.
+    pub fn admission_inputs(&self) -> Vec<(AdmissionTask, UserUsage)> {
+        self.pending
+            .iter()
+            .map(|task| {
+                let usage = self.usage.get(&task.user_id).copied().unwrap_or_default();
+                (admission_task(task, self.taken_at), usage.to_wit())
+            })
+            .collect()
+    }
+
+    /// Reads a snapshot from the store: every worker, up to `max_tasks` queued tasks in queue
+    /// order (priority first, then oldest), up to `max_tasks` pending tasks oldest first, the
+    /// running tasks per worker and each user's usage.
+    pub async fn capture(
+        store: &dyn Store,
+        now: DateTime<Utc>,
+        max_tasks: usize,
+    ) -> crate::store::Result<Self> {
+        let workers = store.list_workers().await?;
+        let mut queued = all_with_status(store, TaskStatus::Queued).await?;
+        queued.sort_by(queue_order);
+        let mut pending = all_with_status(store, TaskStatus::Pending).await?;
+        pending.sort_by(|a, b| (a.created_at, &a.task_id).cmp(&(b.created_at, &b.task_id)));
+        let running = all_with_status(store, TaskStatus::Running).await?;
+
+        let mut usage: BTreeMap<String, Usage> = BTreeMap::new();
+        for task in &queued {
+            usage.entry(task.user_id.clone()).or_default().queued_tasks += 1;
+        }
+        for task in &pending {
+            usage.entry(task.user_id.clone()).or_default().pending_tasks += 1;
+        }
+        for task in &running {
+            let entry = usage.entry(task.user_id.clone()).or_default();
+            entry.running_tasks += 1;
+            entry.reserved.cpu += task.req_cpu;
+            entry.reserved.memory += task.req_memory;
+            entry.reserved.storage += task.req_storage;
+            entry.reserved.gpu += task.req_gpu;
+        }
+        let assignments = store
+            .list_assignments(&AssignmentFilter {
+                active_only: true,
+                ..AssignmentFilter::default()
+            })
+            .await?;
+        let mut running_tasks: BTreeMap<String, u32> = BTreeMap::new();
+        for assignment in &assignments {
+            *running_tasks
+                .entry(assignment.worker_id.clone())
+                .or_default() += 1;
+        }
+        queued.truncate(max_tasks);
+        pending.truncate(max_tasks);
+        Ok(ClusterSnapshot {
+            format: SNAPSHOT_FORMAT,
+            taken_at: now,
+            workers,
+            queued,
+            pending,
+            running_tasks,
+            usage,
+        })
+    }
+}
+
+impl Usage {
+    pub fn to_wit(self) -> UserUsage {
+        UserUsage {
+            running_tasks: self.running_tasks,
+            queued_tasks: self.queued_tasks,
+            pending_tasks: self.pending_tasks,
+            reserved: WitResources {
+                cpu: self.reserved.cpu,
+                memory: self.reserved.memory,
+                storage: self.reserved.storage,
+                gpu: self.reserved.gpu,
+            },
+        }
+    }
+}
+
+/// Queue order: higher priority first, then older, then by id (a total order, so that every
+/// replica sees the same queue).
+pub fn queue_order(a: &Task, b: &Task) -> std::cmp::Ordering {
+    b.priority
+        .cmp(&a.priority)
+        .then(a.created_at.cmp(&b.created_at))
+        .then(a.task_id.cmp(&b.task_id))
+}
+
+/// A task as the admission world sees it.
+pub fn admission_task(task: &Task, now: DateTime<Utc>) -> AdmissionTask {
+    AdmissionTask {
+        id: task.task_id.clone(),
+        user: task.user_id.clone(),
+        image: task.docker_image.clone(),
+        request: WitResources {
+            cpu: task.req_cpu,
+            memory: task.req_memory,
+            storage: task.req_storage,
+            gpu: task.req_gpu,
+        },
+        priority: task.priority,
+        labels: task
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        attempts: task.attempts,
+        age_s: ((now - task.created_at).num_milliseconds().max(0)) as f64 / 1000.0,
+    }
+}
+
+/// Every task in `status`, following the listing's pages.
+async fn all_with_status(store: &dyn Store, status: TaskStatus) -> crate::store::Result<Vec<Task>> {
+    let mut tasks = Vec::new();
+    let mut query = TaskQuery {
+        status: Some(status),
+        limit: 500,
+        ..TaskQuery::default()
+    };
+    loop {
+        let page = store.list_tasks(&query).await?;
+        tasks.extend(page.tasks);
+        match page.next {
+            Some(next) => query.after = Some(next),
+            None => return Ok(tasks),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::model::Resources;
+
+    fn task(id: &str, priority: i32, age_s: i64) -> Task {
+        let mut t = Task::new_pending(
+            id.into(),
+            "alice".into(),
+            "busybox".into(),
+            Resources::new(1.0, 1.0, 1.0, 0.0),
+        );
+        t.priority = priority;
+        t.created_at -= chrono::Duration::seconds(age_s);
+        t
+    }
+
+    #[test]
+    fn queue_order_is_priority_then_age_then_id() {
+        let mut tasks = [
+            task("c", 0, 10),
+            task("a", 5, 1),
+            task("b", 0, 20),
+            task("d", 5, 3),
+        ];
+        tasks.sort_by(queue_order);
+        let ids: Vec<&str> = tasks.iter().map(|t| t.task_id.as_str()).collect();
+        assert_eq!(ids, ["d", "a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_snapshot_round_trips_and_unknown_fields_or_formats_are_refused() {
+        let snapshot = ClusterSnapshot {
+            format: SNAPSHOT_FORMAT,
+            taken_at: crate::model::now(),
+            workers: vec![Worker::new(
+                "w1".into(),
+                "127.0.0.1".into(),
+                Resources::new(4.0, 8.0, 100.0, 1.0),
+                BTreeMap::new(),
+                String::new(),
+            )],
+            queued: vec![task("t1", 0, 5)],
+            pending: vec![],
+            running_tasks: BTreeMap::new(),
+            usage: BTreeMap::new(),
+        };
+        let text = serde_json::to_string(&snapshot).unwrap();
+        assert_eq!(ClusterSnapshot::from_json(&text).unwrap(), snapshot);
+        let input = snapshot.placement_input();
+        assert_eq!((input.worker_count(), input.task_count()), (1, 1));
+
+        let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        value["format"] = 2.into();
+        let err = ClusterSnapshot::from_json(&value.to_string()).unwrap_err();
+        assert!(err.contains("format 2"), "{err}");
+        value["format"] = 1.into();
+        value["extra"] = true.into();
+        let err = ClusterSnapshot::from_json(&value.to_string()).unwrap_err();
+        assert!(err.contains("extra"), "{err}");
+    }
+}
