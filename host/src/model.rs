@@ -492,6 +492,12 @@ pub struct PolicyVersion {
     pub config: String,
     pub uploaded_at: DateTime<Utc>,
     pub uploaded_by: String,
+    /// The version's own memory limit, in bytes; the host's default when absent.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+    /// The version's own deadline per evaluation, in ms; the host's default when absent.
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
 }
 
 /// The version of a kind's policy that the hosts run now.

@@ -172,6 +172,8 @@ macro_rules! store_conformance_tests {
             activate_policy_is_a_compare_and_swap,
             activate_policy_refuses_a_version_of_another_kind_or_unknown,
             delete_policy_version_refused_while_active,
+            policy_version_limits_round_trip_and_default_to_none,
+            clear_active_policy_is_a_compare_and_swap,
         );
         $crate::store_conformance_tests!(@shared $make;
             reserve_race_50_requests_for_room_for_7,
@@ -319,6 +321,8 @@ pub fn sample_policy(
         config: r#"{"threshold":0.8}"#.to_string(),
         uploaded_at,
         uploaded_by: "admin".to_string(),
+        memory_bytes: None,
+        deadline_ms: None,
     }
 }
 
@@ -1924,6 +1928,65 @@ pub async fn delete_policy_version_refused_while_active(store: &dyn Store) {
     // The name and version can be uploaded again, with other bytes.
     policy_with(store, &name, "2", kind, b"new").await;
     assert_eq!(store.get_policy_bytes(&name, "2").await.unwrap(), b"new");
+}
+
+/// A version's own limits are stored and read back; a version without them reads `None`.
+pub async fn policy_version_limits_round_trip_and_default_to_none(store: &dyn Store) {
+    let name = unique_id("pol");
+    let mut limited = sample_policy(&name, "1", PolicyKind::Placement, b"wasm", now());
+    limited.memory_bytes = Some(256 << 20);
+    limited.deadline_ms = Some(250);
+    store.insert_policy_version(&limited, b"wasm").await.unwrap();
+    let plain = policy_with(store, &name, "2", PolicyKind::Placement, b"wasm").await;
+    assert_eq!(
+        store.get_policy_version(&name, "1").await.unwrap(),
+        limited
+    );
+    let listed = store.list_policy_versions(Some(&name)).await.unwrap();
+    assert_eq!(listed, vec![limited, plain.clone()]);
+    assert_eq!((plain.memory_bytes, plain.deadline_ms), (None, None));
+}
+
+/// Clearing applies only while the expected version is active; a stale expectation changes
+/// nothing and names the actual one; after a clear, a first activation (`None`) applies.
+pub async fn clear_active_policy_is_a_compare_and_swap(store: &dyn Store) {
+    let kind = PolicyKind::Admission;
+    let name = unique_id("pol");
+    for version in ["1", "2"] {
+        policy_with(store, &name, version, kind, version.as_bytes()).await;
+    }
+    let pair = |v: &str| (name.clone(), v.to_string());
+    let start = active_pair(store, kind).await;
+    store
+        .activate_policy(kind, &name, "1", "alice", start)
+        .await
+        .unwrap();
+    store
+        .activate_policy(kind, &name, "2", "alice", Some(pair("1")))
+        .await
+        .unwrap();
+
+    let actual = expect_conflict(
+        store.clear_active_policy(kind, pair("1")).await,
+        "clearing with a stale expected version",
+    );
+    assert!(actual.contains(&format!("{name}@2")), "{actual}");
+    assert_eq!(active_pair(store, kind).await, Some(pair("2")));
+
+    store.clear_active_policy(kind, pair("2")).await.unwrap();
+    assert_eq!(store.get_active_policy(kind).await.unwrap(), None);
+    let actual = expect_conflict(
+        store.clear_active_policy(kind, pair("2")).await,
+        "clearing twice",
+    );
+    assert!(actual.contains("none active"), "{actual}");
+    // A cleared kind is activated again as a first activation; its versions can be deleted.
+    store.delete_policy_version(&name, "2").await.unwrap();
+    let again = store
+        .activate_policy(kind, &name, "1", "alice", None)
+        .await
+        .unwrap();
+    assert_eq!(again.previous, None);
 }
 
 // ------------------------------------------------------------------------------------------

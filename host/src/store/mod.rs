@@ -339,4 +339,14 @@ pub trait Store: Send + Sync + 'static {
         activated_by: &str,
         expected_current: Option<(String, String)>,
     ) -> Result<ActivePolicy>;
+
+    /// Leaves `kind` with no active policy (the hosts fall back to the native one), as a
+    /// compare-and-swap: applies only while the active (name, version) is `expected_current`,
+    /// in one conditional write. `Conflict` (with the actual active version, or none) otherwise.
+    /// How a replica that deactivated a failing version with nothing to restore says so.
+    async fn clear_active_policy(
+        &self,
+        kind: PolicyKind,
+        expected_current: (String, String),
+    ) -> Result<()>;
 }

@@ -1381,6 +1381,43 @@ impl Store for MongoStore {
         }
         Ok(active)
     }
+
+    async fn clear_active_policy(
+        &self,
+        kind: PolicyKind,
+        expected_current: (String, String),
+    ) -> Result<()> {
+        let (name, version) = &expected_current;
+        let deleted = self
+            .atomic(self.active_policies.delete_one(doc! {
+                "_id": kind.as_str(),
+                "name": name,
+                "version": version,
+            }))
+            .await
+            .map_err(|e| {
+                StoreError::backend(
+                    format!(
+                        "clearing the active {kind} policy {}",
+                        policy_label(name, version)
+                    ),
+                    e,
+                )
+            })?;
+        if deleted.deleted_count == 1 {
+            return Ok(());
+        }
+        let actual = self
+            .find_active_policy(kind)
+            .await?
+            .map(|a| (a.name, a.version));
+        Err(StoreError::Conflict {
+            kind: "active policy",
+            id: kind.to_string(),
+            expected: active_label(Some(&expected_current)),
+            actual: active_label(actual.as_ref()),
+        })
+    }
 }
 
 // ----- errors -----
@@ -1657,6 +1694,8 @@ fn policy_to_document(v: &PolicyVersion) -> Result<Document> {
         "config": &v.config,
         "uploaded_at": to_bson_date(v.uploaded_at),
         "uploaded_by": &v.uploaded_by,
+        "memory_bytes": v.memory_bytes.map(|m| u64_to_bson(m, "memory_bytes")).transpose()?,
+        "deadline_ms": v.deadline_ms.map(|d| u64_to_bson(d, "deadline_ms")).transpose()?,
     })
 }
 
@@ -1674,6 +1713,8 @@ fn policy_from_document(d: &Document) -> Result<PolicyVersion> {
         config: r.opt_string("config")?.unwrap_or_default(),
         uploaded_at: r.date("uploaded_at")?,
         uploaded_by: r.opt_string("uploaded_by")?.unwrap_or_default(),
+        memory_bytes: r.opt_int("memory_bytes")?,
+        deadline_ms: r.opt_int("deadline_ms")?,
     })
 }
 

@@ -161,7 +161,9 @@ CREATE TABLE IF NOT EXISTS POLICIES (
     size_bytes  INTEGER NOT NULL,
     config      TEXT NOT NULL,
     uploaded_at TEXT NOT NULL,
-    uploaded_by TEXT NOT NULL
+    uploaded_by TEXT NOT NULL,
+    memory_bytes INTEGER,
+    deadline_ms  INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS POLICIES_name_version ON POLICIES (name, version);
 
@@ -201,8 +203,30 @@ const WORKER_COLUMNS: &str = "worker_id, worker_ip, total_cpu, total_memory, tot
 const ASSIGNMENT_COLUMNS: &str = "ass_id, task_id, worker_id, assigned_at, req_cpu, req_memory, \
     req_storage, req_gpu, attempt, released, released_at";
 
-const POLICY_COLUMNS: &str =
-    "name, version, kind, sha256, size_bytes, config, uploaded_at, uploaded_by";
+const POLICY_COLUMNS: &str = "name, version, kind, sha256, size_bytes, config, uploaded_at, \
+    uploaded_by, memory_bytes, deadline_ms";
+
+/// Columns added to existing tables after schema version 1 shipped, with their types: added
+/// at open when absent (a database written before they existed reads them as NULL).
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("POLICIES", "memory_bytes", "INTEGER"),
+    ("POLICIES", "deadline_ms", "INTEGER"),
+];
+
+/// Adds the [`ADDED_COLUMNS`] a database lacks.
+fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
+    for (table, column, sql_type) in ADDED_COLUMNS {
+        let present: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+            [table, column],
+            |row| row.get(0),
+        )?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))?;
+        }
+    }
+    Ok(())
+}
 
 const ACTIVE_POLICY_COLUMNS: &str =
     "kind, name, version, activated_at, activated_by, previous_name, previous_version";
@@ -408,6 +432,8 @@ impl SqliteStore {
         }
         conn.execute_batch(SCHEMA)
             .map_err(|e| StoreError::backend(what("creating the schema"), e))?;
+        add_missing_columns(&conn)
+            .map_err(|e| StoreError::backend(what("adding new columns to the schema"), e))?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(|e| StoreError::backend(what("recording the schema version"), e))?;
         conn.set_prepared_statement_cache_capacity(64);
@@ -1251,7 +1277,16 @@ fn policy_from_row(row: &Row<'_>) -> rusqlite::Result<PolicyVersion> {
         config: row.get(5)?,
         uploaded_at: get_date(row, 6)?,
         uploaded_by: row.get(7)?,
+        memory_bytes: get_opt_u64(row, 8)?,
+        deadline_ms: get_opt_u64(row, 9)?,
     })
+}
+
+fn get_opt_u64(row: &Row<'_>, index: usize) -> rusqlite::Result<Option<u64>> {
+    let value: Option<i64> = row.get(index)?;
+    value
+        .map(|v| u64::try_from(v).map_err(|e| conversion(index, e)))
+        .transpose()
 }
 
 fn active_policy_from_row(row: &Row<'_>) -> rusqlite::Result<ActivePolicy> {
@@ -1290,11 +1325,22 @@ fn select_active_policy(conn: &Connection, kind: PolicyKind) -> Result<Option<Ac
     .map_err(sql_err("reading the active policy"))
 }
 
+fn opt_i64(value: Option<u64>, field: &str) -> rusqlite::Result<Option<i64>> {
+    value
+        .map(|v| {
+            i64::try_from(v).map_err(|e| {
+                rusqlite::Error::ToSqlConversionFailure(format!("{field}: {e}").into())
+            })
+        })
+        .transpose()
+}
+
 fn insert_policy_sync(conn: &Connection, v: &PolicyVersion, bytes: &[u8]) -> Result<()> {
     let size = i64::try_from(v.size_bytes)
         .map_err(|e| StoreError::backend("encoding a policy's size_bytes", e))?;
     conn.prepare_cached(&format!(
-        "INSERT INTO POLICIES ({POLICY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+        "INSERT INTO POLICIES ({POLICY_COLUMNS}) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
     ))
     .and_then(|mut stmt| {
         stmt.execute(params![
@@ -1306,6 +1352,8 @@ fn insert_policy_sync(conn: &Connection, v: &PolicyVersion, bytes: &[u8]) -> Res
             v.config,
             date_text(&v.uploaded_at),
             v.uploaded_by,
+            opt_i64(v.memory_bytes, "memory_bytes")?,
+            opt_i64(v.deadline_ms, "deadline_ms")?,
         ])
     })
     .map_err(insert_err(
@@ -1450,6 +1498,29 @@ fn activate_policy_sync(
         kind: "active policy",
         id: kind.to_string(),
         expected: active_label(expected),
+        actual: active_label(actual.as_ref()),
+    })
+}
+
+fn clear_active_policy_sync(
+    conn: &Connection,
+    kind: PolicyKind,
+    expected: &(String, String),
+) -> Result<()> {
+    let changed = conn
+        .prepare_cached(
+            "DELETE FROM ACTIVE_POLICIES WHERE kind = ?1 AND name = ?2 AND version = ?3",
+        )
+        .and_then(|mut stmt| stmt.execute(params![kind.as_str(), expected.0, expected.1]))
+        .map_err(sql_err("clearing the active policy"))?;
+    if changed == 1 {
+        return Ok(());
+    }
+    let actual = select_active_policy(conn, kind)?.map(|a| (a.name, a.version));
+    Err(StoreError::Conflict {
+        kind: "active policy",
+        id: kind.to_string(),
+        expected: active_label(Some(expected)),
         actual: active_label(actual.as_ref()),
     })
 }
@@ -1756,6 +1827,17 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn clear_active_policy(
+        &self,
+        kind: PolicyKind,
+        expected_current: (String, String),
+    ) -> Result<()> {
+        self.call("clearing the active policy", move |conn| {
+            clear_active_policy_sync(conn, kind, &expected_current)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -1812,6 +1894,26 @@ mod tests {
         let seen = a.get_worker(&worker.worker_id).await.unwrap();
         assert_eq!(seen.allocated(), Resources::new(2.0, 2.0, 2.0, 0.0));
         assert!(seen.invariant_violations().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_the_policy_limit_columns_gains_them_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE_NAME);
+        drop(SqliteStore::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "ALTER TABLE POLICIES DROP COLUMN memory_bytes; \
+             ALTER TABLE POLICIES DROP COLUMN deadline_ms; \
+             INSERT INTO POLICIES (name, version, kind, sha256, size_bytes, config, \
+             uploaded_at, uploaded_by) VALUES ('old', '1', 'placement', 'x', 0, '{}', \
+             '2025-11-16T10:30:00.000Z', 'admin');",
+        )
+        .unwrap();
+        drop(conn);
+        let store = SqliteStore::open(&path).unwrap();
+        let old = store.get_policy_version("old", "1").await.unwrap();
+        assert_eq!((old.memory_bytes, old.deadline_ms), (None, None));
     }
 
     #[tokio::test]
