@@ -47,6 +47,8 @@ pub struct EngineSettings {
     /// Where compiled components are kept across restarts (created when absent); `None`
     /// keeps them in memory only.
     pub cache_dir: Option<PathBuf>,
+    /// The longest deadline any policy may ask for: a round waits for it at worst.
+    pub max_deadline: Duration,
 }
 
 impl Default for EngineSettings {
@@ -56,6 +58,7 @@ impl Default for EngineSettings {
             max_concurrent_instances: 16,
             max_memory_bytes: 512 << 20,
             cache_dir: None,
+            max_deadline: Duration::from_secs(1),
         }
     }
 }

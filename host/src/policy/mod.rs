@@ -18,6 +18,7 @@ mod input;
 pub mod native;
 mod runtime;
 pub mod snapshot;
+pub mod sync;
 mod validate;
 
 #[cfg(test)]
@@ -27,7 +28,7 @@ pub use engine::{EngineSettings, PolicyEngine, PolicyLimits};
 pub use error::{PolicyError, Result};
 pub use input::{Decision, PlacementInput};
 pub use runtime::{
-    AdmissionFallback, AdmissionOutcome, LoadOptions, PlacementOutcome, PolicyKind, PolicyRuntime,
+    AdmissionFallback, AdmissionOutcome, Deactivation, LoadOptions, PlacementOutcome, PolicyKind, PolicyRuntime,
     PolicySource, PolicyVersionInfo, RuntimeSettings,
 };
 pub use snapshot::ClusterSnapshot;

@@ -22,6 +22,24 @@ pub enum PolicyKind {
     Admission,
 }
 
+impl From<crate::model::PolicyKind> for PolicyKind {
+    fn from(kind: crate::model::PolicyKind) -> Self {
+        match kind {
+            crate::model::PolicyKind::Placement => PolicyKind::Placement,
+            crate::model::PolicyKind::Admission => PolicyKind::Admission,
+        }
+    }
+}
+
+impl From<PolicyKind> for crate::model::PolicyKind {
+    fn from(kind: PolicyKind) -> Self {
+        match kind {
+            PolicyKind::Placement => crate::model::PolicyKind::Placement,
+            PolicyKind::Admission => crate::model::PolicyKind::Admission,
+        }
+    }
+}
+
 impl PolicyKind {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -135,6 +153,17 @@ pub struct PolicyVersionInfo {
     pub total_failures: u64,
 }
 
+/// A version this runtime deactivated after repeated failures, and what it restored: what
+/// the policy sync writes to the store so that the other replicas follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deactivation {
+    pub kind: PolicyKind,
+    pub name: String,
+    pub version: String,
+    /// The (name, version) restored, or `None` when the native policy took over.
+    pub restored: Option<(String, String)>,
+}
+
 struct Loaded {
     label: PolicyLabel,
     kind: PolicyKind,
@@ -152,6 +181,10 @@ type Key = (String, String);
 #[derive(Default)]
 struct Registry {
     versions: BTreeMap<Key, Arc<Loaded>>,
+    /// Why a version stored elsewhere could not be loaded here (see [`PolicyRuntime::record_load_error`]).
+    load_errors: BTreeMap<Key, String>,
+    /// Deactivations not yet taken by [`PolicyRuntime::take_deactivations`].
+    deactivations: Vec<Deactivation>,
     /// Per kind, the versions that were active before the current one, most recent last.
     history: [Vec<Arc<Loaded>>; 2],
 }
@@ -167,6 +200,11 @@ pub struct PolicyRuntime {
     /// The active version per kind. Readers clone the `Arc` and drop the lock at once: a round
     /// in flight keeps the version it started with whatever is activated meanwhile.
     active: [RwLock<Option<Arc<Loaded>>>; 2],
+    /// Signalled when a version is deactivated after repeated failures.
+    deactivated: tokio::sync::Notify,
+    /// Held by whoever makes this replica follow (or change) the store's active versions, so
+    /// that an API activation and the policy sync never undo each other's local swap.
+    activation: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -180,11 +218,107 @@ impl PolicyRuntime {
             settings,
             registry: Mutex::new(Registry::default()),
             active: [RwLock::new(None), RwLock::new(None)],
+            deactivated: tokio::sync::Notify::new(),
+            activation: tokio::sync::Mutex::new(()),
         }
     }
 
     pub fn engine(&self) -> &PolicyEngine {
         &self.engine
+    }
+
+    pub fn settings(&self) -> &RuntimeSettings {
+        &self.settings
+    }
+
+    /// A version's own limits from its stored fields (`None`: the defaults), each unset one
+    /// taken from [`RuntimeSettings::default_limits`]; `Err` names a limit over the engine's
+    /// caps ([`EngineSettings::max_memory_bytes`](super::EngineSettings), `max_deadline`).
+    pub fn limits_for(
+        &self,
+        memory_bytes: Option<u64>,
+        deadline_ms: Option<u64>,
+    ) -> std::result::Result<Option<PolicyLimits>, String> {
+        if memory_bytes.is_none() && deadline_ms.is_none() {
+            return Ok(None);
+        }
+        let caps = self.engine.settings();
+        let mut limits = self.settings.default_limits;
+        if let Some(memory) = memory_bytes {
+            let max = caps.max_memory_bytes as u64;
+            if memory == 0 || memory > max {
+                return Err(format!(
+                    "the memory limit must be between 1 MiB and {} MiB, got {} bytes",
+                    max >> 20,
+                    memory
+                ));
+            }
+            limits.memory_bytes = usize::try_from(memory).unwrap_or(usize::MAX);
+        }
+        if let Some(deadline) = deadline_ms {
+            let max = caps.max_deadline.as_millis();
+            if deadline == 0 || u128::from(deadline) > max {
+                return Err(format!(
+                    "the deadline must be between 1 and {max} ms, got {deadline} ms"
+                ));
+            }
+            limits.deadline = Duration::from_millis(deadline);
+        }
+        Ok(Some(limits))
+    }
+
+    /// The lock that orders changes of the active versions between the API and the policy
+    /// sync (hold it across "read or write the store's active record, then swap locally").
+    pub fn activation_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.activation
+    }
+
+    /// Resolves when a version is deactivated after repeated failures (then call
+    /// [`Self::take_deactivations`]).
+    pub async fn deactivation_signalled(&self) {
+        self.deactivated.notified().await;
+    }
+
+    /// The deactivations since the last call, oldest first.
+    pub fn take_deactivations(&self) -> Vec<Deactivation> {
+        std::mem::take(&mut lock(&self.registry).deactivations)
+    }
+
+    /// Clears the deactivation mark of a loaded version and its failure count: an operator
+    /// activates it again knowingly.
+    pub fn clear_deactivation(&self, name: &str, version: &str) -> Result<()> {
+        let policy = self.get(name, version)?;
+        policy.deactivated.store(false, Ordering::SeqCst);
+        policy.consecutive_failures.store(0, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Remembers why a stored version could not be loaded here (shown by the API, and so that
+    /// the sync does not compile a broken version again every tick).
+    pub fn record_load_error(&self, name: &str, version: &str, error: String) {
+        lock(&self.registry)
+            .load_errors
+            .insert((name.to_string(), version.to_string()), error);
+    }
+
+    /// Forgets a recorded load error (the version was deleted, or loaded since).
+    pub fn clear_load_error(&self, name: &str, version: &str) {
+        lock(&self.registry)
+            .load_errors
+            .remove(&(name.to_string(), version.to_string()));
+    }
+
+    /// Why `name`/`version` could not be loaded here, if it could not.
+    pub fn load_error(&self, name: &str, version: &str) -> Option<String> {
+        lock(&self.registry)
+            .load_errors
+            .get(&(name.to_string(), version.to_string()))
+            .cloned()
+    }
+
+    /// Whether `name`/`version` is loaded here, and its kind.
+    pub fn loaded_kind(&self, name: &str, version: &str) -> Option<PolicyKind> {
+        self.get(name, version).ok().map(|p| p.kind)
     }
 
     /// Loads a version with the default limits and every check; see [`Self::load_with`].
@@ -244,6 +378,7 @@ impl PolicyRuntime {
                 version: key.1,
             });
         }
+        registry.load_errors.remove(&key);
         registry.versions.insert(key, loaded);
         tracing::info!(
             policy_name = name,
@@ -481,6 +616,19 @@ impl PolicyRuntime {
         self.run_place(&policy, input)
     }
 
+    /// Runs a loaded admission version (active or not) on one check without acting on it or
+    /// counting its failures: the dry run.
+    pub fn admit_with(
+        &self,
+        name: &str,
+        version: &str,
+        task: &AdmissionTask,
+        usage: &UserUsage,
+    ) -> Result<AdmissionDecision> {
+        let policy = self.get(name, version)?;
+        self.run_admit(&policy, task, usage)
+    }
+
     /// Decides an admission check with the active admission policy; accepts when none is
     /// active; applies [`RuntimeSettings::admission_fallback`] when it fails.
     pub fn admit(&self, task: &AdmissionTask, usage: &UserUsage) -> AdmissionOutcome {
@@ -649,7 +797,16 @@ impl PolicyRuntime {
             .as_ref()
             .map(|r| format!("{} {}", r.label.name, r.label.version))
             .unwrap_or_else(|| "the native policy".to_string());
+        registry.deactivations.push(Deactivation {
+            kind,
+            name: policy.label.name.to_string(),
+            version: policy.label.version.to_string(),
+            restored: restored
+                .as_ref()
+                .map(|r| (r.label.name.to_string(), r.label.version.to_string())),
+        });
         self.swap_active(kind, restored);
+        self.deactivated.notify_one();
         tracing::error!(
             policy_name = &*policy.label.name,
             policy_version = &*policy.label.version,

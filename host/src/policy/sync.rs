@@ -1,0 +1,423 @@
+//! `PolicySync`: keeps this replica's [`PolicyRuntime`] in step with the store, so that every
+//! host runs the version the store says is active within a second of a switch.
+//!
+//! Every tick (`--policy-sync-interval-ms`, 250 ms by default) it
+//! 1. writes to the store the rollbacks this replica's runtime made on its own (a version
+//!    deactivated after repeated failures), as a compare-and-swap from the failed version to
+//!    the restored one, or a clear when the native policy took over, so that the other
+//!    replicas follow and the API tells what really runs;
+//! 2. unloads the versions deleted from the store;
+//! 3. activates locally what the store says is active (nothing: the native policy), unless
+//!    this replica deactivated that version itself and no operator activated it since;
+//! 4. compiles and loads, in the background and one at a time, the stored versions it has not
+//!    loaded yet (the active one first), so that an activation is only a pointer swap. A
+//!    version that fails to load is remembered (with its digest) and not tried again.
+//!
+//! A round in flight keeps the version it started with: the runtime swaps an `Arc`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::task::JoinHandle;
+
+use super::error::PolicyError;
+use super::runtime::{Deactivation, LoadOptions, PolicyKind, PolicyRuntime};
+use crate::model::{self, PolicyVersion};
+use crate::store::{Store, StoreError};
+
+/// Who the store records as the author of an automatic rollback.
+pub const AUTO_ROLLBACK_BY: &str = "cloudai:auto-rollback";
+
+/// Default interval between two ticks.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Why a stored version could not be loaded here.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadFromStoreError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+/// Reads a stored version's bytes and loads it into `runtime` (compile, world, configure,
+/// smoke decision) on a blocking thread, with the version's own limits. Loaded already: `Ok`.
+/// A component whose world is not the stored kind is refused (and not kept).
+pub async fn load_from_store(
+    store: &dyn Store,
+    runtime: &Arc<PolicyRuntime>,
+    version: &PolicyVersion,
+) -> Result<PolicyKind, LoadFromStoreError> {
+    if let Some(kind) = runtime.loaded_kind(&version.name, &version.version) {
+        return Ok(kind);
+    }
+    let bytes = store
+        .get_policy_bytes(&version.name, &version.version)
+        .await?;
+    let limits = runtime
+        .limits_for(version.memory_bytes, version.deadline_ms)
+        .map_err(PolicyError::ConfigRejected)?;
+    let (rt, meta) = (runtime.clone(), version.clone());
+    let loaded = tokio::task::spawn_blocking(move || {
+        rt.load_with(
+            &meta.name,
+            &meta.version,
+            &bytes,
+            &meta.config,
+            LoadOptions {
+                limits,
+                smoke_check: true,
+            },
+        )
+    })
+    .await
+    .map_err(|e| PolicyError::Host(format!("the loading thread failed: {e}")))?;
+    let kind = match loaded {
+        Ok(kind) => kind,
+        Err(PolicyError::AlreadyLoaded { .. }) => runtime
+            .loaded_kind(&version.name, &version.version)
+            .ok_or_else(|| {
+                PolicyError::Host("the version was unloaded while it loaded".to_string())
+            })?,
+        Err(e) => return Err(e.into()),
+    };
+    let stored = PolicyKind::from(version.kind);
+    if kind != stored {
+        // Never kept under a kind the store does not say: activation goes by the store's.
+        let _ = runtime.unload(&version.name, &version.version);
+        return Err(PolicyError::WrongWorld(format!(
+            "it implements the {} world, but is stored as a {} policy",
+            kind.as_str(),
+            stored.as_str()
+        ))
+        .into());
+    }
+    Ok(kind)
+}
+
+type Key = (String, String);
+
+/// The result of one background load: the version, its digest, and why it failed (and
+/// whether for good: a store that cannot be read now is tried again).
+type LoadResult = (Key, String, Result<(), (String, bool)>);
+
+/// Stops the sync's task when dropped.
+pub struct PolicySyncHandle {
+    task: JoinHandle<()>,
+}
+
+impl Drop for PolicySyncHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The sync loop of one replica; see the module documentation.
+pub struct PolicySync {
+    store: Arc<dyn Store>,
+    runtime: Arc<PolicyRuntime>,
+    interval: Duration,
+    /// The versions listed by the store at the last tick (only these are unloaded when they
+    /// disappear, so that a version being uploaded through this replica is left alone).
+    seen: BTreeSet<Key>,
+    /// Versions that failed to load here, with the digest they had.
+    failed: BTreeMap<Key, String>,
+    /// Versions this replica deactivated after repeated failures, and when.
+    deactivated_at: BTreeMap<Key, DateTime<Utc>>,
+    /// Automatic rollbacks not yet written to the store.
+    pending: Vec<Deactivation>,
+    loading: Option<(Key, JoinHandle<LoadResult>)>,
+}
+
+impl PolicySync {
+    pub fn new(store: Arc<dyn Store>, runtime: Arc<PolicyRuntime>, interval: Duration) -> Self {
+        PolicySync {
+            store,
+            runtime,
+            interval: interval.max(Duration::from_millis(10)),
+            seen: BTreeSet::new(),
+            failed: BTreeMap::new(),
+            deactivated_at: BTreeMap::new(),
+            pending: Vec::new(),
+            loading: None,
+        }
+    }
+
+    /// Runs the loop on the current Tokio runtime until the handle is dropped.
+    pub fn spawn(mut self) -> PolicySyncHandle {
+        let task = tokio::spawn(async move {
+            loop {
+                self.tick().await;
+                let runtime = self.runtime.clone();
+                tokio::select! {
+                    () = tokio::time::sleep(self.interval) => {}
+                    // A deactivation reaches the store at once, not a tick later.
+                    () = runtime.deactivation_signalled() => {}
+                }
+            }
+        });
+        PolicySyncHandle { task }
+    }
+
+    /// One pass; never fails (errors are logged and retried at the next tick).
+    pub async fn tick(&mut self) {
+        self.collect_load().await;
+        self.write_rollbacks().await;
+        let versions = match self.store.list_policy_versions(None).await {
+            Ok(versions) => versions,
+            Err(error) => {
+                tracing::warn!(%error, "policy sync: cannot list the stored versions");
+                return;
+            }
+        };
+        self.forget_deleted(&versions);
+        let wanted = self.follow_active(&versions).await;
+        self.start_load(&versions, wanted);
+    }
+
+    /// Takes a finished background load's outcome.
+    async fn collect_load(&mut self) {
+        let finished = self
+            .loading
+            .as_ref()
+            .is_some_and(|(_, task)| task.is_finished());
+        if !finished {
+            return;
+        }
+        let Some((key, task)) = self.loading.take() else {
+            return;
+        };
+        match task.await {
+            Ok((_, _, Ok(()))) => {}
+            Ok((key, sha256, Err((error, permanent)))) => {
+                self.runtime.record_load_error(&key.0, &key.1, error);
+                if permanent {
+                    self.failed.insert(key, sha256);
+                }
+            }
+            Err(error) => {
+                tracing::error!(policy_name = %key.0, policy_version = %key.1, %error, "policy sync: the load task failed");
+            }
+        }
+    }
+
+    async fn write_rollbacks(&mut self) {
+        for deactivation in self.runtime.take_deactivations() {
+            self.deactivated_at.insert(
+                (deactivation.name.clone(), deactivation.version.clone()),
+                model::now(),
+            );
+            self.pending.push(deactivation);
+        }
+        let mut still = Vec::new();
+        for d in std::mem::take(&mut self.pending) {
+            let failed = (d.name.clone(), d.version.clone());
+            let kind = model::PolicyKind::from(d.kind);
+            let written = match &d.restored {
+                Some((name, version)) => self
+                    .store
+                    .activate_policy(kind, name, version, AUTO_ROLLBACK_BY, Some(failed))
+                    .await
+                    .map(drop),
+                None => self.store.clear_active_policy(kind, failed).await,
+            };
+            let restored = d
+                .restored
+                .as_ref()
+                .map_or_else(|| "the native policy".to_string(), |(n, v)| format!("{n} {v}"));
+            match written {
+                Ok(()) => tracing::warn!(
+                    policy_name = %d.name, policy_version = %d.version, kind = d.kind.as_str(),
+                    %restored, "policy sync: automatic rollback written to the store"
+                ),
+                Err(StoreError::Conflict { actual, .. }) => tracing::info!(
+                    policy_name = %d.name, policy_version = %d.version, kind = d.kind.as_str(),
+                    %actual, "policy sync: the store moved on already; automatic rollback not written"
+                ),
+                Err(StoreError::NotFound { .. }) => tracing::warn!(
+                    policy_name = %d.name, policy_version = %d.version, kind = d.kind.as_str(),
+                    %restored, "policy sync: the restored version is no longer stored; rollback not written"
+                ),
+                Err(error) => {
+                    tracing::warn!(
+                        policy_name = %d.name, policy_version = %d.version, %error,
+                        "policy sync: cannot write the automatic rollback; retrying"
+                    );
+                    still.push(d);
+                }
+            }
+        }
+        self.pending = still;
+    }
+
+    fn forget_deleted(&mut self, versions: &[PolicyVersion]) {
+        let current: BTreeSet<Key> = versions
+            .iter()
+            .map(|v| (v.name.clone(), v.version.clone()))
+            .collect();
+        let gone: Vec<Key> = self.seen.difference(&current).cloned().collect();
+        for key in &gone {
+            self.failed.remove(key);
+            self.deactivated_at.remove(key);
+            self.runtime.clear_load_error(&key.0, &key.1);
+            if self.runtime.loaded_kind(&key.0, &key.1).is_some() {
+                match self.runtime.unload(&key.0, &key.1) {
+                    Ok(()) => tracing::info!(
+                        policy_name = %key.0, policy_version = %key.1,
+                        "policy sync: deleted from the store; unloaded"
+                    ),
+                    // Active here still: the next tick follows the store's new active version
+                    // first. Keep it as seen so that it is unloaded then.
+                    Err(error) => tracing::debug!(%error, "policy sync: unload deferred"),
+                }
+            }
+        }
+        // A re-uploaded version (same name and version, other bytes) is tried again.
+        for v in versions {
+            let key = (v.name.clone(), v.version.clone());
+            if self.failed.get(&key).is_some_and(|sha| *sha != v.sha256) {
+                self.failed.remove(&key);
+                self.runtime.clear_load_error(&key.0, &key.1);
+            }
+        }
+        let still_loaded: BTreeSet<Key> = gone
+            .into_iter()
+            .filter(|k| self.runtime.loaded_kind(&k.0, &k.1).is_some())
+            .collect();
+        self.seen = current.union(&still_loaded).cloned().collect();
+    }
+
+    /// Makes the local active versions the store's. Returns a version the store says is
+    /// active that is not loaded here yet (to load first).
+    async fn follow_active(&mut self, versions: &[PolicyVersion]) -> Option<Key> {
+        let runtime = self.runtime.clone();
+        let _guard = runtime.activation_lock().lock().await;
+        let loaded: BTreeMap<Key, bool> = runtime
+            .versions()
+            .into_iter()
+            .map(|v| ((v.name, v.version), v.deactivated))
+            .collect();
+        let mut wanted = None;
+        for kind in model::PolicyKind::ALL {
+            let local = PolicyKind::from(kind);
+            let record = match self.store.get_active_policy(kind).await {
+                Ok(record) => record,
+                Err(error) => {
+                    tracing::warn!(%error, kind = kind.as_str(), "policy sync: cannot read the active policy");
+                    continue;
+                }
+            };
+            let Some(record) = record else {
+                if runtime.active(local).is_some() {
+                    runtime.deactivate(local);
+                    tracing::info!(
+                        kind = kind.as_str(),
+                        "policy sync: no version active in the store; the native policy decides"
+                    );
+                }
+                continue;
+            };
+            let key = (record.name.clone(), record.version.clone());
+            if runtime.active(local).as_ref() == Some(&key) {
+                continue;
+            }
+            if self.pending.iter().any(|d| d.name == key.0 && d.version == key.1) {
+                continue; // our rollback of it is being written
+            }
+            match loaded.get(&key) {
+                None => {
+                    if !self.failed.contains_key(&key)
+                        && versions.iter().any(|v| v.name == key.0 && v.version == key.1)
+                    {
+                        wanted = Some(key);
+                    }
+                    continue;
+                }
+                Some(true) => {
+                    // Deactivated here: only an operator's activation after that brings it back.
+                    let ours = self.deactivated_at.get(&key);
+                    let operator_since = record.activated_by != AUTO_ROLLBACK_BY
+                        && ours.is_some_and(|at| record.activated_at > *at);
+                    if !operator_since {
+                        continue;
+                    }
+                    let _ = runtime.clear_deactivation(&key.0, &key.1);
+                    self.deactivated_at.remove(&key);
+                }
+                Some(false) => {}
+            }
+            match runtime.activate(&key.0, &key.1) {
+                Ok(()) => tracing::info!(
+                    policy_name = %key.0, policy_version = %key.1, kind = kind.as_str(),
+                    "policy sync: now running the store's active version"
+                ),
+                Err(error) => tracing::warn!(
+                    policy_name = %key.0, policy_version = %key.1, %error,
+                    "policy sync: cannot activate the store's active version"
+                ),
+            }
+        }
+        wanted
+    }
+
+    /// Starts loading one version in the background, `first` when given, else any stored
+    /// version not loaded here and not known to fail.
+    fn start_load(&mut self, versions: &[PolicyVersion], first: Option<Key>) {
+        if self.loading.is_some() {
+            return;
+        }
+        let not_loaded = |v: &&PolicyVersion| {
+            let key = (v.name.clone(), v.version.clone());
+            !self.failed.contains_key(&key)
+                && self.runtime.loaded_kind(&v.name, &v.version).is_none()
+        };
+        let next = first
+            .and_then(|key| {
+                versions
+                    .iter()
+                    .find(|v| v.name == key.0 && v.version == key.1)
+            })
+            .filter(not_loaded)
+            .or_else(|| versions.iter().find(not_loaded));
+        let Some(version) = next.cloned() else {
+            return;
+        };
+        let key = (version.name.clone(), version.version.clone());
+        let (store, runtime) = (self.store.clone(), self.runtime.clone());
+        let task = tokio::spawn(async move {
+            let key = (version.name.clone(), version.version.clone());
+            let started = std::time::Instant::now();
+            let outcome = load_from_store(store.as_ref(), &runtime, &version).await;
+            let outcome = match outcome {
+                Ok(kind) => {
+                    tracing::info!(
+                        policy_name = %key.0, policy_version = %key.1, kind = kind.as_str(),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "policy sync: loaded a stored version"
+                    );
+                    Ok(())
+                }
+                Err(LoadFromStoreError::Store(error))
+                    if !matches!(error, StoreError::NotFound { .. }) =>
+                {
+                    tracing::warn!(
+                        policy_name = %key.0, policy_version = %key.1, %error,
+                        "policy sync: cannot read a stored version; retrying"
+                    );
+                    Err((error.to_string(), false))
+                }
+                Err(error) => {
+                    tracing::error!(
+                        policy_name = %key.0, policy_version = %key.1, %error,
+                        "policy sync: a stored version cannot be loaded here; not retried"
+                    );
+                    Err((error.to_string(), true))
+                }
+            };
+            (key, version.sha256, outcome)
+        });
+        self.loading = Some((key, task));
+    }
+}
