@@ -56,6 +56,9 @@ pub enum Command {
     Logs(TaskIdArgs),
     /// List workers (admin).
     Workers(ClientArgs),
+    /// Policy components: upload, list, activate, roll back, delete, dry-run (admin).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +97,11 @@ pub struct ServeArgs {
     /// Largest GPU request accepted, in devices.
     #[arg(long, env = "CLOUDAI_MAX_GPU")]
     pub max_gpu: Option<f64>,
+    /// How often this replica compares its policies with the store's, in ms: a newly
+    /// activated version runs here within this interval (plus a store round trip).
+    #[arg(long, env = "CLOUDAI_POLICY_SYNC_INTERVAL_MS", default_value_t = 250,
+        value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub policy_sync_interval_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -197,6 +205,97 @@ pub struct TaskIdArgs {
     pub task_id: String,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Upload a component; the host compiles and checks it before storing it.
+    Upload(PolicyUploadArgs),
+    /// List every stored version, what is active, and this host's view of each.
+    List(ClientArgs),
+    /// Activate a version (every host runs it within a second).
+    Activate(PolicyVersionArgs),
+    /// Activate again the version that was active before the current one of a kind.
+    Rollback(PolicyRollbackArgs),
+    /// Delete an inactive version.
+    Delete(PolicyVersionArgs),
+    /// Run a version against the current cluster beside the active policy, applying nothing.
+    DryRun(PolicyDryRunArgs),
+    /// Write the cluster snapshot (`GET /v1/cluster/snapshot`) for `cloudai policy test`.
+    Snapshot(PolicySnapshotArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyUploadArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The component (`.wasm`).
+    pub file: PathBuf,
+    /// Policy name, `[a-z0-9][a-z0-9._-]{0,62}`.
+    #[arg(long)]
+    pub name: String,
+    /// Version, `[A-Za-z0-9][A-Za-z0-9._+-]{0,63}` (immutable once uploaded).
+    #[arg(long)]
+    pub version: String,
+    /// `placement` or `admission`: refused unless it is the component's world.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Configuration, JSON text, passed to the policy's `configure`.
+    #[arg(long, conflicts_with = "config_file")]
+    pub config: Option<String>,
+    /// Configuration read from a file.
+    #[arg(long)]
+    pub config_file: Option<PathBuf>,
+    /// This version's memory limit, MiB (Python and JavaScript guests need more).
+    #[arg(long)]
+    pub memory_mb: Option<u64>,
+    /// This version's deadline per evaluation, ms.
+    #[arg(long)]
+    pub deadline_ms: Option<u64>,
+    /// Activate it once uploaded.
+    #[arg(long)]
+    pub activate: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyVersionArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub name: String,
+    pub version: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyRollbackArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// `placement` or `admission`.
+    pub kind: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyDryRunArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub name: String,
+    /// The version to try; the newest uploaded when absent.
+    #[arg(long)]
+    pub version: Option<String>,
+    /// Most tasks to decide (1..=1000).
+    #[arg(long)]
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct PolicySnapshotArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Write it here instead of standard output.
+    #[arg(long, short = 'f')]
+    pub file: Option<PathBuf>,
+    /// Most queued and most pending tasks.
+    #[arg(long)]
+    pub limit: Option<u32>,
+}
+
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -290,6 +389,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let answer = client.get("/v1/workers").await?;
             print_one(args.output, &answer, print_workers)
         }
+        Command::Policy(command) => policy(command).await,
     }
 }
 
@@ -321,6 +421,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         admin_token: args.admin_token,
         join_token: args.join_token,
         limits,
+        policy_sync_interval: std::time::Duration::from_millis(args.policy_sync_interval_ms),
     })
 }
 
@@ -442,6 +543,356 @@ async fn tasks(args: TasksArgs) -> anyhow::Result<()> {
             println!("more: cloudai tasks --cursor {next}");
         }
     })
+}
+
+async fn policy(command: PolicyCommand) -> anyhow::Result<()> {
+    match command {
+        PolicyCommand::Upload(args) => policy_upload(args).await,
+        PolicyCommand::List(args) => {
+            let answer = client(&args)?.get("/v1/policies").await?;
+            print_one(args.output, &answer, print_policies)
+        }
+        PolicyCommand::Activate(args) => {
+            let answer = client(&args.client)?
+                .post(
+                    &format!("/v1/policies/{}/activate", args.name),
+                    &json!({ "version": args.version }),
+                )
+                .await
+                .with_context(|| format!("activating {} {}", args.name, args.version))?;
+            print_one(args.client.output, &answer, print_activation)
+        }
+        PolicyCommand::Rollback(args) => {
+            let answer = client(&args.client)?
+                .post("/v1/policies/rollback", &json!({ "kind": args.kind }))
+                .await
+                .with_context(|| format!("rolling back the {} policy", args.kind))?;
+            print_one(args.client.output, &answer, print_activation)
+        }
+        PolicyCommand::Delete(args) => {
+            client(&args.client)?
+                .delete(&format!(
+                    "/v1/policies/{}/versions/{}",
+                    args.name, args.version
+                ))
+                .await
+                .with_context(|| format!("deleting {} {}", args.name, args.version))?;
+            let done = json!({ "deleted": { "name": args.name, "version": args.version } });
+            print_one(args.client.output, &done, |_| {
+                println!("deleted {} {}", args.name, args.version)
+            })
+        }
+        PolicyCommand::DryRun(args) => {
+            let mut body = Map::new();
+            if let Some(version) = &args.version {
+                body.insert("version".into(), json!(version));
+            }
+            if let Some(limit) = args.limit {
+                body.insert("limit".into(), json!(limit));
+            }
+            let answer = client(&args.client)?
+                .post(
+                    &format!("/v1/policies/{}/dry-run", args.name),
+                    &Value::Object(body),
+                )
+                .await
+                .with_context(|| format!("dry-running {}", args.name))?;
+            print_one(args.client.output, &answer, print_dry_run)
+        }
+        PolicyCommand::Snapshot(args) => {
+            let query: Vec<(&str, String)> = args
+                .limit
+                .map(|l| vec![("limit", l.to_string())])
+                .unwrap_or_default();
+            let snapshot = client(&args.client)?
+                .get_query("/v1/cluster/snapshot", &query)
+                .await?;
+            let text = serde_json::to_string_pretty(&snapshot)?;
+            match &args.file {
+                Some(path) => {
+                    std::fs::write(path, format!("{text}\n"))
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    let count = |f: &str| {
+                        snapshot
+                            .get(f)
+                            .and_then(Value::as_array)
+                            .map_or(0, Vec::len)
+                    };
+                    eprintln!(
+                        "wrote {}: {} workers, {} queued and {} pending tasks",
+                        path.display(),
+                        count("workers"),
+                        count("queued"),
+                        count("pending")
+                    );
+                }
+                None => println!("{text}"),
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn policy_upload(args: PolicyUploadArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let client = client(&args.client)?;
+    let bytes =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let config = match (&args.config, &args.config_file) {
+        (Some(text), _) => Some(text.clone()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        ),
+        (None, None) => None,
+    };
+    let mut query = vec![
+        ("name", args.name.clone()),
+        ("version", args.version.clone()),
+    ];
+    let optional = [
+        ("kind", args.kind.clone()),
+        ("config", config),
+        ("memory_mb", args.memory_mb.map(|m| m.to_string())),
+        ("deadline_ms", args.deadline_ms.map(|d| d.to_string())),
+    ];
+    query.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+    let size = bytes.len();
+    let what = format!(
+        "uploading {} ({}); the host compiles and checks it",
+        args.file.display(),
+        human_bytes(size as u64)
+    );
+    // A large guest (Python, JavaScript) takes seconds to compile: show that it is working.
+    let progress = if std::io::stderr().is_terminal() {
+        let what = what.clone();
+        Some(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let frames = ['|', '/', '-', '\\'];
+            for i in 0.. {
+                eprint!(
+                    "\r{} {what}... {:.1} s",
+                    frames[i % frames.len()],
+                    started.elapsed().as_secs_f64()
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }))
+    } else {
+        eprintln!("{what}...");
+        None
+    };
+    let answer = client
+        .post_bytes(
+            "/v1/policies",
+            &query,
+            "application/wasm",
+            bytes,
+            std::time::Duration::from_secs(600),
+        )
+        .await;
+    if let Some(progress) = progress {
+        progress.abort();
+        eprint!("\r\x1b[2K");
+    }
+    let uploaded = answer.with_context(|| {
+        format!(
+            "uploading {} as {} {}",
+            args.file.display(),
+            args.name,
+            args.version
+        )
+    })?;
+    let activated = if args.activate {
+        Some(
+            client
+                .post(
+                    &format!("/v1/policies/{}/activate", args.name),
+                    &json!({ "version": args.version }),
+                )
+                .await
+                .with_context(|| format!("activating {} {}", args.name, args.version))?,
+        )
+    } else {
+        None
+    };
+    let answer = json!({ "upload": uploaded, "activation": activated });
+    print_one(args.client.output, &answer, |a| {
+        let up = &a["upload"];
+        let policy = &up["policy"];
+        let mut table = new_table(&["FIELD", "VALUE"]);
+        table.add_row(vec![
+            "policy".to_string(),
+            format!(
+                "{} {}",
+                str_field(policy, "name"),
+                str_field(policy, "version")
+            ),
+        ]);
+        table.add_row(vec!["kind".to_string(), str_field(up, "kind")]);
+        table.add_row(vec![
+            "size".to_string(),
+            policy
+                .get("size_bytes")
+                .and_then(Value::as_u64)
+                .map(human_bytes)
+                .unwrap_or_default(),
+        ]);
+        table.add_row(vec!["sha256".to_string(), str_field(policy, "sha256")]);
+        let millis = |f: &str| {
+            up.get(f)
+                .and_then(Value::as_f64)
+                .map(|m| format!("{m:.1} ms"))
+                .unwrap_or_default()
+        };
+        table.add_row(vec!["compile".to_string(), millis("compile_ms")]);
+        table.add_row(vec!["validate".to_string(), millis("validate_ms")]);
+        println!("{table}");
+        if !a["activation"].is_null() {
+            print_activation(&a["activation"]);
+        }
+    })
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        0..1_000 => format!("{n} B"),
+        1_000..1_000_000 => format!("{:.1} KB", n as f64 / 1e3),
+        _ => format!("{:.1} MB", n as f64 / 1e6),
+    }
+}
+
+fn print_activation(active: &Value) {
+    let previous = match active.get("previous").and_then(Value::as_array) {
+        Some(p) if p.len() == 2 => format!(
+            " (was {} {})",
+            p[0].as_str().unwrap_or_default(),
+            p[1].as_str().unwrap_or_default()
+        ),
+        _ => String::new(),
+    };
+    println!(
+        "active {} policy: {} {}{previous}",
+        str_field(active, "kind"),
+        str_field(active, "name"),
+        str_field(active, "version")
+    );
+}
+
+fn print_policies(answer: &Value) {
+    if is_empty_list(answer, "versions") {
+        println!("no policies uploaded (cloudai policy upload FILE --name N --version V)");
+    } else {
+        let active_of = |kind: &str| {
+            let record = &answer["active"][kind];
+            (str_field(record, "name"), str_field(record, "version"))
+        };
+        let mut table = new_table(&[
+            "NAME", "VERSION", "KIND", "SIZE", "ACTIVE", "HERE", "FAILURES", "UPLOADED",
+        ]);
+        for v in answer
+            .get("versions")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let kind = str_field(v, "kind");
+            let active = active_of(&kind) == (str_field(v, "name"), str_field(v, "version"));
+            let here = if v["deactivated"] == true {
+                "deactivated".to_string()
+            } else if v["active"] == true {
+                "running".to_string()
+            } else if v["loaded"] == true {
+                "loaded".to_string()
+            } else if let Some(error) = v.get("load_error").and_then(Value::as_str) {
+                format!("load failed: {error}")
+            } else {
+                "not loaded".to_string()
+            };
+            table.add_row(vec![
+                str_field(v, "name"),
+                str_field(v, "version"),
+                kind,
+                v.get("size_bytes")
+                    .and_then(Value::as_u64)
+                    .map(human_bytes)
+                    .unwrap_or_default(),
+                if active { "yes" } else { "" }.to_string(),
+                here,
+                format!(
+                    "{} in a row, {} in all",
+                    num_field(v, "consecutive_failures"),
+                    num_field(v, "total_failures")
+                ),
+                str_field(v, "uploaded_at"),
+            ]);
+        }
+        println!("{table}");
+    }
+    for kind in ["placement", "admission"] {
+        let record = &answer["active"][kind];
+        if record.is_null() {
+            let fallback = if kind == "placement" {
+                "native best-fit"
+            } else {
+                "accept all"
+            };
+            println!("{kind}: none active ({fallback})");
+        }
+    }
+}
+
+fn print_dry_run(report: &Value) {
+    let shown = |d: &Value| {
+        let decision = str_field(d, "decision");
+        match (
+            d.get("worker_id").and_then(Value::as_str),
+            d.get("reason").and_then(Value::as_str),
+        ) {
+            (Some(worker), _) => format!("{decision} {worker}"),
+            (None, Some(reason)) => format!("{decision}: {reason}"),
+            (None, None) => decision,
+        }
+    };
+    let candidate = format!(
+        "{} {}",
+        str_field(report, "name"),
+        str_field(report, "version")
+    );
+    let active = str_field(report, "compared_with");
+    let tasks = report.get("tasks").and_then(Value::as_array);
+    if tasks.is_none_or(Vec::is_empty) {
+        println!(
+            "no tasks to decide (the {} queue is empty)",
+            str_field(report, "kind")
+        );
+    } else {
+        let mut table = new_table(&["TASK", &candidate, &active, "DIFFERS"]);
+        for t in tasks.into_iter().flatten() {
+            table.add_row(vec![
+                str_field(t, "task_id"),
+                shown(&t["candidate"]),
+                shown(&t["active"]),
+                if t["differs"] == true { "yes" } else { "" }.to_string(),
+            ]);
+        }
+        println!("{table}");
+    }
+    println!(
+        "{} of {} decisions differ; {candidate} took {:.2} ms, {active} {:.2} ms",
+        num_field(report, "differing"),
+        tasks.map_or(0, Vec::len),
+        report
+            .get("candidate_ms")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0),
+        report
+            .get("active_ms")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0),
+    );
+    if let Some(why) = report.get("active_failed").and_then(Value::as_str) {
+        println!("note: the active policy failed ({why}); its column shows the native fallback");
+    }
 }
 
 fn print_one(output: Output, value: &Value, table: impl FnOnce(&Value)) -> anyhow::Result<()> {

@@ -111,6 +111,25 @@ impl Client {
         self.send(builder).await
     }
 
+    /// Posts raw bytes (a policy component) with query parameters; waits up to `timeout`
+    /// (the host compiles the component before it answers).
+    pub async fn post_bytes(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        content_type: &str,
+        bytes: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Value, ClientError> {
+        let builder = self
+            .request(Method::POST, path)
+            .query(query)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .timeout(timeout)
+            .body(bytes);
+        self.send(builder).await
+    }
+
     pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {
         self.send(self.request(Method::DELETE, path)).await
     }

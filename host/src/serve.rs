@@ -27,6 +27,8 @@ pub struct ServeConfig {
     pub admin_token: Option<String>,
     pub join_token: Option<String>,
     pub limits: Limits,
+    /// How often the policy sync compares this replica's policies with the store's.
+    pub policy_sync_interval: std::time::Duration,
 }
 
 /// Opens the configured store: MongoDB when a URI is given, else the embedded SQLite file in
@@ -158,6 +160,13 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let store = open_store(&config).await?;
     let auth = build_authenticator(&config)?;
     let policies = Arc::new(policy_runtime(&config)?);
+    // Dropped (stopped) when `run` returns.
+    let _policy_sync = crate::policy::sync::PolicySync::new(
+        store.clone(),
+        policies.clone(),
+        config.policy_sync_interval,
+    )
+    .spawn();
     let state = AppState {
         store: store.clone(),
         auth: Arc::new(auth),
@@ -228,6 +237,7 @@ mod tests {
             admin_token: None,
             join_token: None,
             limits: Limits::default(),
+            policy_sync_interval: crate::policy::sync::DEFAULT_INTERVAL,
         }
     }
 

@@ -30,6 +30,7 @@ pub mod extract;
 pub mod health;
 pub mod image_ref;
 pub mod openapi;
+pub mod policies;
 pub mod tasks;
 pub mod workers;
 
@@ -76,6 +77,9 @@ pub struct Limits {
     pub default_page_size: u32,
     /// Largest `limit` of `GET /v1/tasks` (default 500).
     pub max_page_size: u32,
+    /// Largest policy component `POST /v1/policies` takes, in bytes (default 64 MiB); the
+    /// other routes keep `max_body_bytes`.
+    pub max_policy_bytes: usize,
 }
 
 impl Default for Limits {
@@ -92,6 +96,7 @@ impl Default for Limits {
             max_worker_gpu: 1024.0,
             default_page_size: 50,
             max_page_size: 500,
+            max_policy_bytes: 64 << 20,
         }
     }
 }
@@ -119,6 +124,7 @@ pub fn router(state: AppState) -> Router {
         .merge(openapi::router())
         .merge(tasks::router())
         .merge(workers::router())
+        .merge(policies::router(state.limits.max_policy_bytes))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -7,7 +7,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::AppState;
-use super::{health, tasks, workers};
+use super::{health, policies, tasks, workers};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -35,6 +35,14 @@ use super::{health, tasks, workers};
         workers::drain_worker,
         workers::undrain_worker,
         workers::delete_worker,
+        policies::upload_policy,
+        policies::list_policies,
+        policies::get_policy,
+        policies::activate_policy,
+        policies::rollback_policy,
+        policies::delete_policy_version,
+        policies::dry_run_policy,
+        policies::cluster_snapshot,
     ),
     components(schemas(
         super::error::ErrorBody,
@@ -56,12 +64,29 @@ use super::{health, tasks, workers};
         workers::WorkerList,
         health::Health,
         health::Ready,
+        crate::model::PolicyKind,
+        crate::model::PolicyVersion,
+        crate::model::ActivePolicy,
+        crate::policy::snapshot::ClusterSnapshot,
+        crate::policy::snapshot::Usage,
+        policies::UploadedPolicy,
+        policies::PolicyStatus,
+        policies::ActiveRecords,
+        policies::PolicyList,
+        policies::PolicyRef,
+        policies::ActivateRequest,
+        policies::RollbackRequest,
+        policies::DryRunRequest,
+        policies::DecisionView,
+        policies::DryRunTask,
+        policies::DryRunReport,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "tasks", description = "Submit, read, list and cancel tasks"),
         (name = "workers", description = "Worker registration, heartbeats and administration"),
         (name = "health", description = "Probes"),
+        (name = "policies", description = "Policy components: upload, activate, roll back, dry-run (admin)"),
     )
 )]
 pub struct ApiDoc;

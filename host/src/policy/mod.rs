@@ -28,8 +28,8 @@ pub use engine::{EngineSettings, PolicyEngine, PolicyLimits};
 pub use error::{PolicyError, Result};
 pub use input::{Decision, PlacementInput};
 pub use runtime::{
-    AdmissionFallback, AdmissionOutcome, Deactivation, LoadOptions, PlacementOutcome, PolicyKind, PolicyRuntime,
-    PolicySource, PolicyVersionInfo, RuntimeSettings,
+    AdmissionFallback, AdmissionOutcome, Deactivation, LoadOptions, PlacementOutcome, PolicyKind,
+    PolicyRuntime, PolicySource, PolicyVersionInfo, RuntimeSettings,
 };
 pub use snapshot::ClusterSnapshot;
 pub use validate::validate_placement;

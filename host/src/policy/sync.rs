@@ -223,10 +223,10 @@ impl PolicySync {
                     .map(drop),
                 None => self.store.clear_active_policy(kind, failed).await,
             };
-            let restored = d
-                .restored
-                .as_ref()
-                .map_or_else(|| "the native policy".to_string(), |(n, v)| format!("{n} {v}"));
+            let restored = d.restored.as_ref().map_or_else(
+                || "the native policy".to_string(),
+                |(n, v)| format!("{n} {v}"),
+            );
             match written {
                 Ok(()) => tracing::warn!(
                     policy_name = %d.name, policy_version = %d.version, kind = d.kind.as_str(),
@@ -323,13 +323,19 @@ impl PolicySync {
             if runtime.active(local).as_ref() == Some(&key) {
                 continue;
             }
-            if self.pending.iter().any(|d| d.name == key.0 && d.version == key.1) {
+            if self
+                .pending
+                .iter()
+                .any(|d| d.name == key.0 && d.version == key.1)
+            {
                 continue; // our rollback of it is being written
             }
             match loaded.get(&key) {
                 None => {
                     if !self.failed.contains_key(&key)
-                        && versions.iter().any(|v| v.name == key.0 && v.version == key.1)
+                        && versions
+                            .iter()
+                            .any(|v| v.name == key.0 && v.version == key.1)
                     {
                         wanted = Some(key);
                     }

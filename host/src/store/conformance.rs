@@ -1936,12 +1936,12 @@ pub async fn policy_version_limits_round_trip_and_default_to_none(store: &dyn St
     let mut limited = sample_policy(&name, "1", PolicyKind::Placement, b"wasm", now());
     limited.memory_bytes = Some(256 << 20);
     limited.deadline_ms = Some(250);
-    store.insert_policy_version(&limited, b"wasm").await.unwrap();
+    store
+        .insert_policy_version(&limited, b"wasm")
+        .await
+        .unwrap();
     let plain = policy_with(store, &name, "2", PolicyKind::Placement, b"wasm").await;
-    assert_eq!(
-        store.get_policy_version(&name, "1").await.unwrap(),
-        limited
-    );
+    assert_eq!(store.get_policy_version(&name, "1").await.unwrap(), limited);
     let listed = store.list_policy_versions(Some(&name)).await.unwrap();
     assert_eq!(listed, vec![limited, plain.clone()]);
     assert_eq!((plain.memory_bytes, plain.deadline_ms), (None, None));

@@ -222,7 +222,9 @@ fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
             |row| row.get(0),
         )?;
         if !present {
-            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))?;
+            conn.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {sql_type}"
+            ))?;
         }
     }
     Ok(())
