@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, Multipart, Path, Query, Request, State,
+};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -57,6 +59,22 @@ pub fn router(max_policy_bytes: usize) -> Router<AppState> {
             delete(delete_policy_version),
         )
         .route("/v1/cluster/snapshot", get(cluster_snapshot))
+}
+
+/// The calling admin's user id; 403 `forbidden` for anyone else, before the body is read
+/// (a user learns nothing about what a policy request would have done).
+pub struct Admin(pub String);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let principal = Principal::from_request_parts(parts, state).await?;
+        Ok(Admin(principal.require_admin()?.to_string()))
+    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -232,11 +250,10 @@ fn parse_number(field: &str, value: Option<&str>) -> ApiResult<Option<u64>> {
     ))]
 pub async fn upload_policy(
     State(state): State<AppState>,
-    principal: Principal,
+    Admin(admin): Admin,
     query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
     request: Request,
 ) -> ApiResult<Response> {
-    let admin = principal.require_admin()?.to_string();
     let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let mut fields = UploadFields::default();
     for (key, value) in params {
@@ -535,9 +552,8 @@ async fn policy_list(state: &AppState, name: Option<&str>) -> ApiResult<PolicyLi
     ))]
 pub async fn list_policies(
     State(state): State<AppState>,
-    principal: Principal,
+    Admin(_): Admin,
 ) -> ApiResult<Json<PolicyList>> {
-    principal.require_admin()?;
     Ok(Json(policy_list(&state, None).await?))
 }
 
@@ -553,10 +569,9 @@ pub async fn list_policies(
     ))]
 pub async fn get_policy(
     State(state): State<AppState>,
-    principal: Principal,
+    Admin(_): Admin,
     Path(name): Path<String>,
 ) -> ApiResult<Json<PolicyList>> {
-    principal.require_admin()?;
     name_in_path(&name)?;
     let list = policy_list(&state, Some(&name)).await?;
     if list.versions.is_empty() {
@@ -706,11 +721,10 @@ async fn activate_version(
     ))]
 pub async fn activate_policy(
     State(state): State<AppState>,
-    principal: Principal,
+    Admin(admin): Admin,
     Path(name): Path<String>,
     ValidJson(body): ValidJson<ActivateRequest>,
 ) -> ApiResult<Json<ActivePolicy>> {
-    let admin = principal.require_admin()?.to_string();
     name_in_path(&name)?;
     let target = match state.store.get_policy_version(&name, &body.version).await {
         Ok(v) => v,
@@ -738,10 +752,9 @@ pub async fn activate_policy(
     ))]
 pub async fn rollback_policy(
     State(state): State<AppState>,
-    principal: Principal,
+    Admin(admin): Admin,
     ValidJson(body): ValidJson<RollbackRequest>,
 ) -> ApiResult<Json<ActivePolicy>> {
-    let admin = principal.require_admin()?.to_string();
     let kind = body.kind;
     let no_previous = |why: String| ApiError::conflict("no_previous_version", why);
     let Some(current) = state.store.get_active_policy(kind).await? else {
@@ -785,10 +798,9 @@ pub async fn rollback_policy(
     ))]
 pub async fn delete_policy_version(
     State(state): State<AppState>,
-    principal: Principal,
+    Admin(admin): Admin,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    let admin = principal.require_admin()?;
     name_in_path(&name)?;
     check_version(&version).map_err(|why| ApiError::bad_request("invalid_id", why))?;
     match state.store.delete_policy_version(&name, &version).await {
@@ -936,11 +948,10 @@ pub struct DryRunReport {
     ))]
 pub async fn dry_run_policy(
     State(state): State<AppState>,
-    principal: Principal,
+    Admin(_): Admin,
     Path(name): Path<String>,
     ValidJson(body): ValidJson<DryRunRequest>,
 ) -> ApiResult<Json<DryRunReport>> {
-    principal.require_admin()?;
     name_in_path(&name)?;
     let versions = state.store.list_policy_versions(Some(&name)).await?;
     let target = match &body.version {
@@ -1110,10 +1121,9 @@ fn dry_run_admission(
     ))]
 pub async fn cluster_snapshot(
     State(state): State<AppState>,
-    principal: Principal,
+    Admin(_): Admin,
     query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
 ) -> ApiResult<Json<ClusterSnapshot>> {
-    principal.require_admin()?;
     let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let mut limit = SNAPSHOT_DEFAULT_LIMIT;
     for (key, value) in params {
@@ -1162,3 +1172,7 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "policies_tests.rs"]
+mod api_tests;

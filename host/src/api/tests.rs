@@ -1162,6 +1162,14 @@ async fn openapi_lists_every_route_and_the_bearer_scheme() {
         ("post", "/v1/workers/{worker_id}/heartbeat"),
         ("post", "/v1/workers/{worker_id}/drain"),
         ("post", "/v1/workers/{worker_id}/undrain"),
+        ("post", "/v1/policies"),
+        ("get", "/v1/policies"),
+        ("get", "/v1/policies/{name}"),
+        ("post", "/v1/policies/{name}/activate"),
+        ("post", "/v1/policies/rollback"),
+        ("delete", "/v1/policies/{name}/versions/{version}"),
+        ("post", "/v1/policies/{name}/dry-run"),
+        ("get", "/v1/cluster/snapshot"),
     ];
     for (method, path) in routes {
         assert!(

@@ -12,7 +12,7 @@ use super::native::tests::{random_round, round};
 use super::*;
 use crate::policy::bindings::types::{AdmissionDecision, AdmissionTask, Resources, UserUsage};
 
-fn wasm_dir() -> Option<PathBuf> {
+pub(crate) fn wasm_dir() -> Option<PathBuf> {
     match std::env::var_os("CLOUDAI_POLICY_WASM_DIR") {
         Some(dir) => Some(PathBuf::from(dir)),
         None if std::env::var_os("CI").is_some() => {
@@ -30,7 +30,7 @@ fn wasm_dir() -> Option<PathBuf> {
     }
 }
 
-fn guest(dir: &std::path::Path, name: &str) -> Vec<u8> {
+pub(crate) fn guest(dir: &std::path::Path, name: &str) -> Vec<u8> {
     let path = dir.join(format!("{name}.wasm"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }

@@ -22,7 +22,7 @@ pub mod sync;
 mod validate;
 
 #[cfg(test)]
-mod guest_tests;
+pub(crate) mod guest_tests;
 
 pub use engine::{EngineSettings, PolicyEngine, PolicyLimits};
 pub use error::{PolicyError, Result};
