@@ -427,3 +427,241 @@ impl PolicySync {
         self.loading = Some((key, task));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Instant;
+
+    use super::*;
+    use crate::policy::guest_tests::{guest, wasm_dir};
+    use crate::policy::{EngineSettings, PlacementInput, PolicyEngine, RuntimeSettings};
+    use crate::store::conformance::sample_policy;
+    use crate::store::mongo::testing::connect_test_store;
+    use crate::store::sqlite::SqliteStore;
+
+    const PLACEMENT: PolicyKind = PolicyKind::Placement;
+
+    fn runtime() -> Arc<PolicyRuntime> {
+        Arc::new(PolicyRuntime::new(
+            PolicyEngine::new(EngineSettings::default()).unwrap(),
+            RuntimeSettings::default(),
+        ))
+    }
+
+    fn pair(n: &str, v: &str) -> Option<(String, String)> {
+        Some((n.to_string(), v.to_string()))
+    }
+
+    /// Stores a version as the upload route would after loading it on replica `via`.
+    async fn upload(store: &dyn Store, via: &PolicyRuntime, name: &str, bytes: &[u8]) {
+        via.load(name, "1", bytes, "{}").unwrap();
+        store_only(store, name, bytes).await;
+    }
+
+    async fn store_only(store: &dyn Store, name: &str, bytes: &[u8]) {
+        let meta = PolicyVersion {
+            config: "{}".into(),
+            ..sample_policy(name, "1", model::PolicyKind::Placement, bytes, model::now())
+        };
+        store.insert_policy_version(&meta, bytes).await.unwrap();
+    }
+
+    /// Activates as the API does: the store's compare-and-swap, then at once on `via`.
+    async fn activate(store: &dyn Store, via: &PolicyRuntime, name: &str) {
+        let _guard = via.activation_lock().lock().await;
+        let current = store
+            .get_active_policy(model::PolicyKind::Placement)
+            .await
+            .unwrap()
+            .map(|a| (a.name, a.version));
+        store
+            .activate_policy(model::PolicyKind::Placement, name, "1", "ops", current)
+            .await
+            .unwrap();
+        via.clear_deactivation(name, "1").unwrap();
+        via.activate(name, "1").unwrap();
+    }
+
+    /// Polls `done` every 10 ms; fails unless it holds within `bound`. Returns the time taken.
+    async fn within(bound: Duration, what: &str, done: impl Fn() -> bool) -> Duration {
+        let started = Instant::now();
+        while !done() {
+            assert!(started.elapsed() <= bound, "{what}: not within {bound:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        started.elapsed()
+    }
+
+    async fn store_active(store: &dyn Store) -> Option<model::ActivePolicy> {
+        store
+            .get_active_policy(model::PolicyKind::Placement)
+            .await
+            .unwrap()
+    }
+
+    async fn two_replicas_follow_one_store(store: Arc<dyn Store>) {
+        let Some(dir) = wasm_dir() else { return };
+        let (a, b) = (runtime(), runtime());
+        let _sync_a = PolicySync::new(store.clone(), a.clone(), DEFAULT_INTERVAL).spawn();
+        let _sync_b = PolicySync::new(store.clone(), b.clone(), DEFAULT_INTERVAL).spawn();
+
+        // Uploaded through A: B compiles both before anything is activated.
+        upload(store.as_ref(), &a, "best-fit", &guest(&dir, "best-fit")).await;
+        upload(store.as_ref(), &a, "spread", &guest(&dir, "spread")).await;
+        within(Duration::from_secs(10), "B loads the uploads", || {
+            b.loaded_kind("best-fit", "1").is_some() && b.loaded_kind("spread", "1").is_some()
+        })
+        .await;
+        assert_eq!(b.active(PLACEMENT), None);
+
+        // Every switch made through A runs on B within a second.
+        for name in ["best-fit", "spread"] {
+            activate(store.as_ref(), &a, name).await;
+            let took = within(Duration::from_secs(1), "B follows an activation", || {
+                b.active(PLACEMENT) == pair(name, "1")
+            })
+            .await;
+            eprintln!("B ran {name} {took:?} after its activation through A");
+        }
+
+        // A deleted version is unloaded by both.
+        store.delete_policy_version("best-fit", "1").await.unwrap();
+        within(
+            Duration::from_secs(1),
+            "both unload a deleted version",
+            || a.loaded_kind("best-fit", "1").is_none() && b.loaded_kind("best-fit", "1").is_none(),
+        )
+        .await;
+
+        // The trap fixture fails the smoke check: loaded on both by hand before it is stored.
+        let trap = guest(&dir, "fixture-trap");
+        for replica in [&a, &b] {
+            replica
+                .load_with(
+                    "trap",
+                    "1",
+                    &trap,
+                    "{}",
+                    LoadOptions {
+                        limits: None,
+                        smoke_check: false,
+                    },
+                )
+                .unwrap();
+        }
+        store_only(store.as_ref(), "trap", &trap).await;
+        activate(store.as_ref(), &a, "trap").await;
+        within(Duration::from_secs(1), "B runs the trap", || {
+            b.active(PLACEMENT) == pair("trap", "1")
+        })
+        .await;
+
+        // It fails on A until A deactivates it: the rollback reaches the store and B.
+        let input = PlacementInput::synthetic();
+        for _ in 0..RuntimeSettings::default().failure_threshold {
+            a.place(&input);
+        }
+        assert_eq!(a.active(PLACEMENT), pair("spread", "1"), "restored on A");
+        let started = Instant::now();
+        loop {
+            let record = store_active(store.as_ref()).await.unwrap();
+            if record.name == "spread" {
+                assert_eq!(record.activated_by, AUTO_ROLLBACK_BY);
+                assert_eq!(record.previous, pair("trap", "1"));
+                break;
+            }
+            assert!(
+                started.elapsed() <= Duration::from_secs(1),
+                "rollback not written"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        within(Duration::from_secs(1), "B follows the rollback", || {
+            b.active(PLACEMENT) == pair("spread", "1")
+        })
+        .await;
+        // A does not take the failed version back on its own.
+        tokio::time::sleep(DEFAULT_INTERVAL * 3).await;
+        assert_eq!(a.active(PLACEMENT), pair("spread", "1"));
+
+        // An operator activating it again (through B) is obeyed by A too.
+        activate(store.as_ref(), &b, "trap").await;
+        within(
+            Duration::from_secs(1),
+            "A follows an operator's re-activation",
+            || a.active(PLACEMENT) == pair("trap", "1"),
+        )
+        .await;
+    }
+
+    /// With nothing to restore, the native policy takes over and the store's record is cleared.
+    async fn a_failing_first_version_is_cleared_from_the_store(store: Arc<dyn Store>) {
+        let Some(dir) = wasm_dir() else { return };
+        let (a, b) = (runtime(), runtime());
+        let trap = guest(&dir, "fixture-trap");
+        for replica in [&a, &b] {
+            replica
+                .load_with(
+                    "trap",
+                    "1",
+                    &trap,
+                    "{}",
+                    LoadOptions {
+                        limits: None,
+                        smoke_check: false,
+                    },
+                )
+                .unwrap();
+        }
+        store_only(store.as_ref(), "trap", &trap).await;
+        let _sync_a = PolicySync::new(store.clone(), a.clone(), DEFAULT_INTERVAL).spawn();
+        let _sync_b = PolicySync::new(store.clone(), b.clone(), DEFAULT_INTERVAL).spawn();
+        activate(store.as_ref(), &a, "trap").await;
+        within(Duration::from_secs(1), "B runs the trap", || {
+            b.active(PLACEMENT) == pair("trap", "1")
+        })
+        .await;
+        let input = PlacementInput::synthetic();
+        for _ in 0..RuntimeSettings::default().failure_threshold {
+            a.place(&input);
+        }
+        assert_eq!(a.active(PLACEMENT), None);
+        within(Duration::from_secs(1), "B falls back to native", || {
+            b.active(PLACEMENT).is_none()
+        })
+        .await;
+        assert_eq!(store_active(store.as_ref()).await, None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_replicas_on_sqlite_follow_activations_deletions_and_rollbacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open_in_dir(dir.path()).unwrap());
+        two_replicas_follow_one_store(store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_replicas_on_mongodb_follow_activations_deletions_and_rollbacks() {
+        let Some((store, _drop)) = connect_test_store().await else {
+            return;
+        };
+        two_replicas_follow_one_store(Arc::new(store)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_failing_version_with_nothing_to_restore_is_cleared_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open_in_dir(dir.path()).unwrap());
+        a_failing_first_version_is_cleared_from_the_store(store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_failing_version_with_nothing_to_restore_is_cleared_on_mongodb() {
+        let Some((store, _drop)) = connect_test_store().await else {
+            return;
+        };
+        a_failing_first_version_is_cleared_from_the_store(Arc::new(store)).await;
+    }
+}
