@@ -24,6 +24,12 @@ pub enum StoreKind {
     Embedded,
     /// A fresh database on the MongoDB-protocol server at this URI.
     Mongo(String),
+    /// This database on the MongoDB-protocol server at this URI: several hosts given the same
+    /// one are replicas of one cluster.
+    MongoDatabase {
+        uri: String,
+        database: String,
+    },
 }
 
 pub struct TestHost {
@@ -64,6 +70,13 @@ impl TestHost {
         if let StoreKind::Mongo(uri) = &store {
             let database =
                 format!("cloudai_e2e_{}", std::process::id()) + &format!("_{}", rand_suffix());
+            command
+                .arg("--mongodb-uri")
+                .arg(uri)
+                .arg("--mongodb-database")
+                .arg(database);
+        }
+        if let StoreKind::MongoDatabase { uri, database } = &store {
             command
                 .arg("--mongodb-uri")
                 .arg(uri)
@@ -173,6 +186,11 @@ fn read_secret(path: PathBuf) -> anyhow::Result<String> {
         .with_context(|| format!("reading {}", path.display()))?
         .trim()
         .to_string())
+}
+
+/// A database name no other test uses.
+pub fn unique_database(prefix: &str) -> String {
+    format!("{prefix}_{}_{}", std::process::id(), rand_suffix())
 }
 
 fn rand_suffix() -> String {
