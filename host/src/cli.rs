@@ -16,6 +16,7 @@ use crate::api::Limits;
 use crate::api::auth;
 use crate::client::Client;
 use crate::serve::{self, ServeConfig};
+use crate::tooling;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,6 +57,17 @@ pub enum Command {
     Logs(TaskIdArgs),
     /// List workers (admin).
     Workers(ClientArgs),
+    /// Policy tools: test and bench a component offline.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Run a policy offline against a cluster snapshot; print its decisions and timing.
+    Test(tooling::TestArgs),
+    /// Per-round latency of a policy on synthetic clusters, next to the native best-fit.
+    Bench(tooling::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -290,6 +302,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let answer = client.get("/v1/workers").await?;
             print_one(args.output, &answer, print_workers)
         }
+        Command::Policy(PolicyCommand::Test(args)) => tooling::test(args).await,
+        Command::Policy(PolicyCommand::Bench(args)) => tooling::bench(args).await,
     }
 }
 
