@@ -311,10 +311,21 @@ pub async fn test(args: TestArgs) -> anyhow::Result<()> {
         .await
         .context("the policy test stopped")??;
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report.to_json())?),
-        Output::Table => print!("{}", report.to_text()),
+        Output::Json => print_out(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&report.to_json())?
+        )),
+        Output::Table => print_out(&report.to_text()),
     }
-    Ok(())
+}
+
+/// Writes to stdout, an error (not a panic) when it is closed, as by `| head`.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("writing to stdout")
 }
 
 /// Loads the component, replays the snapshot through it and reports its decisions; fails
@@ -613,10 +624,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         .await
         .context("the policy bench stopped")??;
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Table => print!("{}", report.to_text()),
+        Output::Json => print_out(&format!("{}\n", serde_json::to_string_pretty(&report)?)),
+        Output::Table => print_out(&report.to_text()),
     }
-    Ok(())
 }
 
 /// Loads the component and times its rounds on synthetic clusters of each size, with the
