@@ -650,10 +650,15 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     };
     for &tasks in &args.tasks {
         for &workers in workers {
-            eprintln!(
-                "bench: {tasks} tasks x {workers} workers, {} rounds...",
-                args.rounds
-            );
+            match loaded.kind {
+                PolicyKind::Placement => eprintln!(
+                    "bench: {tasks} tasks x {workers} workers, {} rounds...",
+                    args.rounds
+                ),
+                PolicyKind::Admission => {
+                    eprintln!("bench: {tasks} admission checks, {} rounds...", args.rounds)
+                }
+            }
             let seed = u64::from(tasks) * 7919 + u64::from(workers);
             let snapshot = synthetic_snapshot(seed, workers as usize, tasks as usize);
             sizes.push(match loaded.kind {
@@ -683,19 +688,23 @@ fn bench_placement(
     input: &PlacementInput,
     rounds: u32,
 ) -> anyhow::Result<BenchRow> {
+    let failed = || {
+        format!(
+            "{name} failed on a round of {} tasks x {} workers",
+            input.task_count(),
+            input.worker_count()
+        )
+    };
+    // One unmeasured round: warms up, and a failing policy fails here.
+    rt.place_with(name, LOCAL_VERSION, input)
+        .with_context(failed)?;
     let mut wasm = Vec::with_capacity(rounds as usize);
     let mut native_runs = Vec::with_capacity(rounds as usize);
     for _ in 0..rounds {
         let started = Instant::now();
         let decisions = rt.place_with(name, LOCAL_VERSION, std::hint::black_box(input));
         wasm.push(started.elapsed());
-        decisions.with_context(|| {
-            format!(
-                "{name} failed on a round of {} tasks x {} workers",
-                input.task_count(),
-                input.worker_count()
-            )
-        })?;
+        decisions.with_context(failed)?;
         let started = Instant::now();
         std::hint::black_box(native::best_fit(std::hint::black_box(input)));
         native_runs.push(started.elapsed());
