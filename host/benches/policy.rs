@@ -8,16 +8,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use cloudai::model::{Resources, Task, Worker};
 use cloudai::policy::{
     EngineSettings, PlacementInput, PolicyEngine, PolicyRuntime, PolicySource, RuntimeSettings,
     native,
 };
-use rand::{Rng, SeedableRng, rngs::StdRng};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -40,54 +37,10 @@ fn fmt(d: Duration) -> String {
     }
 }
 
-/// A cluster with some load, and a batch of tasks most of which fit.
+/// A cluster with some load, and a batch of tasks most of which fit (the generator that
+/// `cloudai policy bench` uses).
 fn cluster(seed: u64, workers: usize, tasks: usize) -> PlacementInput {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let now = cloudai::model::now();
-    let workers: Vec<Worker> = (0..workers)
-        .map(|i| {
-            let total = Resources::new(
-                f64::from(rng.random_range(4..=64)),
-                f64::from(rng.random_range(8..=256)),
-                f64::from(rng.random_range(100..=2000)),
-                if rng.random_bool(0.2) {
-                    f64::from(rng.random_range(1..=8))
-                } else {
-                    0.0
-                },
-            );
-            let mut w = Worker::new(
-                format!("worker-{i:04}"),
-                "127.0.0.1".into(),
-                total,
-                BTreeMap::from([("zone".into(), format!("z{}", i % 3))]),
-                String::new(),
-            );
-            let used = f64::from(rng.random_range(0..=3)) / 4.0;
-            w.allocated_cpu = (w.total_cpu * used).floor();
-            w.available_cpu = w.total_cpu - w.allocated_cpu;
-            w.allocated_memory = (w.total_memory * used).floor();
-            w.available_memory = w.total_memory - w.allocated_memory;
-            w
-        })
-        .collect();
-    let tasks: Vec<Task> = (0..tasks)
-        .map(|j| {
-            let req = Resources::new(
-                f64::from(rng.random_range(1..=8)) / 2.0,
-                f64::from(rng.random_range(1..=32)) / 2.0,
-                f64::from(rng.random_range(0..=50)),
-                if rng.random_bool(0.1) { 1.0 } else { 0.0 },
-            );
-            Task::new_pending(
-                format!("task-{j:04}"),
-                format!("user-{}", j % 7),
-                "busybox:1.36".into(),
-                req,
-            )
-        })
-        .collect();
-    PlacementInput::build(&tasks, &workers, now)
+    cloudai::tooling::synthetic_snapshot(seed, workers, tasks).placement_input()
 }
 
 fn main() {

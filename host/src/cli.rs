@@ -16,6 +16,7 @@ use crate::api::Limits;
 use crate::api::auth;
 use crate::client::Client;
 use crate::serve::{self, ServeConfig};
+use crate::tooling;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -221,6 +222,10 @@ pub enum PolicyCommand {
     DryRun(PolicyDryRunArgs),
     /// Write the cluster snapshot (`GET /v1/cluster/snapshot`) for `cloudai policy test`.
     Snapshot(PolicySnapshotArgs),
+    /// Run a policy offline against a cluster snapshot; print its decisions and timing.
+    Test(tooling::TestArgs),
+    /// Per-round latency of a policy on synthetic clusters, next to the native best-fit.
+    Bench(tooling::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -547,6 +552,8 @@ async fn tasks(args: TasksArgs) -> anyhow::Result<()> {
 
 async fn policy(command: PolicyCommand) -> anyhow::Result<()> {
     match command {
+        PolicyCommand::Test(args) => tooling::test(args).await,
+        PolicyCommand::Bench(args) => tooling::bench(args).await,
         PolicyCommand::Upload(args) => policy_upload(args).await,
         PolicyCommand::List(args) => {
             let answer = client(&args)?.get("/v1/policies").await?;

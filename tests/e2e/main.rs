@@ -5,4 +5,5 @@
 
 mod harness;
 mod policies;
+mod policy_tools;
 mod tour;

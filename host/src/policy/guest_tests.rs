@@ -526,3 +526,274 @@ fn a_restarted_engine_loads_the_compiled_policy_from_the_disk_cache() {
         .unwrap();
     assert_eq!(second.engine().disk_cache_stats(), Some((1, 1)));
 }
+
+// --- Every shipped policy, loaded as a component and deciding through the runtime ---
+
+/// Loads a shipped policy with `config` (every check, smoke decision included), activates it
+/// and returns the source its decisions must carry.
+fn load_shipped(
+    rt: &PolicyRuntime,
+    dir: &std::path::Path,
+    name: &str,
+    config: &str,
+) -> PolicySource {
+    rt.load(name, "1", &guest(dir, name), config)
+        .unwrap_or_else(|e| panic!("loading {name}: {e}"));
+    rt.activate(name, "1").unwrap();
+    PolicySource::Wasm {
+        name: name.into(),
+        version: "1".into(),
+    }
+}
+
+/// A task of `user` running `image` with this request, for admission.
+fn submission(user: &str, image: &str, request: [f64; 4]) -> AdmissionTask {
+    AdmissionTask {
+        id: format!("{user}-task"),
+        user: user.into(),
+        image: image.into(),
+        request: Resources {
+            cpu: request[0],
+            memory: request[1],
+            storage: request[2],
+            gpu: request[3],
+        },
+        priority: 0,
+        labels: vec![],
+        attempts: 0,
+        age_s: 1.0,
+    }
+}
+
+fn user_usage(running: u32, queued: u32, reserved: [f64; 4]) -> UserUsage {
+    UserUsage {
+        running_tasks: running,
+        queued_tasks: queued,
+        pending_tasks: 1,
+        reserved: Resources {
+            cpu: reserved[0],
+            memory: reserved[1],
+            storage: reserved[2],
+            gpu: reserved[3],
+        },
+    }
+}
+
+/// Admits through the active policy, asserting the Wasm policy decided (not a fallback).
+fn admit_wasm(
+    rt: &PolicyRuntime,
+    source: &PolicySource,
+    task: &AdmissionTask,
+    usage: &UserUsage,
+) -> AdmissionDecision {
+    let outcome = rt.admit(task, usage);
+    assert_eq!(&outcome.source, source, "{:?}", outcome.decision);
+    outcome.decision
+}
+
+#[test]
+fn spread_guest_picks_the_least_loaded_worker_where_best_fit_packs() {
+    let Some(dir) = wasm_dir() else { return };
+    let rt = runtime();
+    // Same size; worker 0 half used, worker 1 idle: best-fit packs onto 0, spread takes 1.
+    let input = round(
+        &[
+            ([8.0, 32.0, 100.0, 0.0], [4.0, 16.0, 100.0, 0.0]),
+            ([8.0, 32.0, 100.0, 0.0], [8.0, 32.0, 100.0, 0.0]),
+            ([8.0, 32.0, 100.0, 0.0], [2.0, 8.0, 100.0, 0.0]),
+        ],
+        &[[1.0, 2.0, 1.0, 0.0], [1.0, 2.0, 1.0, 0.0]],
+    );
+    let best_fit = load_shipped(&rt, &dir, "best-fit", "{}");
+    let outcome = rt.place(&input);
+    assert_eq!(outcome.source, best_fit);
+    assert_eq!(
+        outcome.decisions,
+        vec![
+            Decision::Assign { worker: 2 },
+            Decision::Assign { worker: 2 }
+        ]
+    );
+
+    let spread = load_shipped(&rt, &dir, "spread", "{}");
+    let outcome = rt.place(&input);
+    assert_eq!(outcome.source, spread);
+    // Worker 1 is least loaded; after the first task (1/8 CPU used) it still is.
+    assert_eq!(
+        outcome.decisions,
+        vec![
+            Decision::Assign { worker: 1 },
+            Decision::Assign { worker: 1 }
+        ]
+    );
+    // With workers equal, a batch is spread over them.
+    let equal = round(
+        &[([4.0, 8.0, 10.0, 0.0], [4.0, 8.0, 10.0, 0.0]); 3],
+        &[[1.0, 1.0, 1.0, 0.0]; 3],
+    );
+    assert_eq!(
+        rt.place(&equal).decisions,
+        vec![
+            Decision::Assign { worker: 0 },
+            Decision::Assign { worker: 1 },
+            Decision::Assign { worker: 2 }
+        ]
+    );
+}
+
+#[test]
+fn gpu_aware_guest_keeps_gpu_workers_for_gpu_tasks() {
+    let Some(dir) = wasm_dir() else { return };
+    let rt = runtime();
+    // Worker 0 has GPUs and is the tighter fit for a CPU task; worker 1 has none.
+    let input = round(
+        &[
+            ([16.0, 64.0, 100.0, 4.0], [4.0, 16.0, 100.0, 4.0]),
+            ([16.0, 64.0, 100.0, 0.0], [16.0, 64.0, 100.0, 0.0]),
+        ],
+        &[
+            [2.0, 4.0, 0.0, 0.0],
+            [2.0, 4.0, 0.0, 1.0],
+            [1.0, 1.0, 0.0, 8.0],
+        ],
+    );
+    assert_eq!(native::best_fit(&input)[0], Decision::Assign { worker: 0 });
+    let gpu_aware = load_shipped(&rt, &dir, "gpu-aware", "");
+    let outcome = rt.place(&input);
+    assert_eq!(outcome.source, gpu_aware);
+    assert_eq!(outcome.decisions[0], Decision::Assign { worker: 1 });
+    assert_eq!(outcome.decisions[1], Decision::Assign { worker: 0 });
+    assert!(
+        matches!(&outcome.decisions[2], Decision::Unschedulable { reason } if reason.contains("8 GPU")),
+        "{:?}",
+        outcome.decisions[2]
+    );
+}
+
+#[test]
+fn request_caps_guest_rejects_requests_over_their_cap() {
+    let Some(dir) = wasm_dir() else { return };
+    let rt = runtime();
+    let caps = load_shipped(&rt, &dir, "request-caps", r#"{"max_cpu": 4, "max_gpu": 1}"#);
+    let idle = user_usage(0, 0, [0.0; 4]);
+    let small = submission("alice", "busybox", [4.0, 64.0, 10.0, 1.0]);
+    assert_eq!(
+        admit_wasm(&rt, &caps, &small, &idle),
+        AdmissionDecision::Accept
+    );
+    let big = submission("alice", "busybox", [8.0, 1.0, 1.0, 2.0]);
+    assert_eq!(
+        admit_wasm(&rt, &caps, &big, &idle),
+        AdmissionDecision::Reject(
+            "cpu request of 8 CPU exceeds the cap of 4 CPU; gpu request of 2 GPU exceeds the cap of 1 GPU"
+                .into()
+        )
+    );
+    let err = rt
+        .load(
+            "request-caps",
+            "2",
+            &guest(&dir, "request-caps"),
+            r#"{"max_cpus": 4}"#,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, PolicyError::ConfigRejected(r) if r.contains("unknown field `max_cpus`")),
+        "{err}"
+    );
+}
+
+#[test]
+fn quota_guest_accepts_defers_with_the_usage_and_rejects_what_never_fits() {
+    let Some(dir) = wasm_dir() else { return };
+    let rt = runtime();
+    let config = r#"{"default": {"max_running_tasks": 2, "max_cpu": 8},
+                     "users": {"alice": {"max_cpu": 16}}}"#;
+    let quota = load_shipped(&rt, &dir, "quota", config);
+    let task = submission("bob", "busybox", [4.0, 1.0, 1.0, 0.0]);
+    assert_eq!(
+        admit_wasm(&rt, &quota, &task, &user_usage(1, 0, [4.0, 1.0, 1.0, 0.0])),
+        AdmissionDecision::Accept
+    );
+    assert_eq!(
+        admit_wasm(&rt, &quota, &task, &user_usage(1, 3, [6.0, 1.0, 1.0, 0.0])),
+        AdmissionDecision::Defer(
+            "quota max_cpu = 8 CPU for user bob: 6 CPU reserved by running tasks + 4 CPU \
+             requested; admitted once usage drops"
+                .into()
+        )
+    );
+    let AdmissionDecision::Defer(reason) =
+        admit_wasm(&rt, &quota, &task, &user_usage(2, 0, [2.0, 1.0, 1.0, 0.0]))
+    else {
+        panic!("expected a deferral")
+    };
+    assert!(
+        reason.contains("max_running_tasks = 2 for user bob: 2 running"),
+        "{reason}"
+    );
+    let huge = submission("bob", "busybox", [12.0, 1.0, 1.0, 0.0]);
+    assert_eq!(
+        admit_wasm(&rt, &quota, &huge, &user_usage(0, 0, [0.0; 4])),
+        AdmissionDecision::Reject(
+            "cpu request of 12 CPU exceeds the quota max_cpu of 8 CPU for user bob".into()
+        )
+    );
+    // alice's override lets the same request in.
+    let hers = submission("alice", "busybox", [12.0, 1.0, 1.0, 0.0]);
+    assert_eq!(
+        admit_wasm(&rt, &quota, &hers, &user_usage(0, 0, [0.0; 4])),
+        AdmissionDecision::Accept
+    );
+}
+
+#[test]
+fn image_allowlist_guest_accepts_rejects_and_refuses_a_bad_config_at_load() {
+    let Some(dir) = wasm_dir() else { return };
+    let rt = runtime();
+    let bytes = guest(&dir, "image-allowlist");
+    for (config, expected) in [
+        (r#"{"allow": []}"#, "`allow` lists no rule"),
+        ("{}", "missing field `allow`"),
+        (
+            r#"{"allow": ["busybox:1.36"]}"#,
+            "leave out the tag or digest",
+        ),
+    ] {
+        let err = rt.load("image-allowlist", "0", &bytes, config).unwrap_err();
+        assert!(
+            matches!(&err, PolicyError::ConfigRejected(r) if r.contains(expected)),
+            "{config}: {err}"
+        );
+    }
+    assert!(rt.versions().is_empty());
+
+    let config = r#"{"allow": ["docker.io/library/*", "ghcr.io/acme/**"],
+                     "deny": ["ghcr.io/acme/experimental/**"]}"#;
+    let allowlist = load_shipped(&rt, &dir, "image-allowlist", config);
+    let idle = user_usage(0, 0, [0.0; 4]);
+    let admit = |image: &str| {
+        admit_wasm(
+            &rt,
+            &allowlist,
+            &submission("alice", image, [1.0, 1.0, 1.0, 0.0]),
+            &idle,
+        )
+    };
+    assert_eq!(admit("busybox:1.36"), AdmissionDecision::Accept);
+    assert_eq!(
+        admit("ghcr.io/acme/team/app@sha256:0123"),
+        AdmissionDecision::Accept
+    );
+    assert_eq!(
+        admit("ghcr.io/evil/app:1"),
+        AdmissionDecision::Reject(
+            "image ghcr.io/evil/app:1 (ghcr.io/evil/app) matches no allowed pattern \
+             (closest rule: ghcr.io/acme/**)"
+                .into()
+        )
+    );
+    assert!(
+        matches!(admit("ghcr.io/acme/experimental/x"), AdmissionDecision::Reject(r) if r.contains("denied by the rule ghcr.io/acme/experimental/**"))
+    );
+}

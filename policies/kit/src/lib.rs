@@ -1,9 +1,15 @@
 //! Pure placement machinery shared by the shipped policies: a policy supplies a ranking, the kit
-//! does the rest (fit checks, in-batch accounting, deterministic tie-breaks, reasons).
+//! does the rest (fit checks, in-batch accounting, deterministic tie-breaks, reasons). For
+//! admission policies, [`AdmissionPolicy`] and the plain views of a task and its user's usage.
 //!
 //! Nothing here knows about WebAssembly: inputs are plain slices (one per column, as the WIT
 //! contract passes them), the output is one [`Decision`] per task, so every policy's logic is
-//! unit-tested natively.
+//! unit-tested natively. The `placement_component!` and `admission_component!` macros are the
+//! WebAssembly glue, written once for every policy crate.
+
+mod admission;
+
+pub use admission::{Admission, AdmissionPolicy, Submission, Usage};
 
 /// The four resources, in the order used by every `[f64; 4]` in this crate.
 pub const RESOURCES: [Resource; 4] = [

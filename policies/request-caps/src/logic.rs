@@ -6,7 +6,7 @@
 //! memory, GB of storage and GPU devices. Unknown keys and negative or non-numeric values are
 //! refused, so that a typo (`max_cpus`) cannot silently cap nothing.
 
-use cloudai_policy_kit::RESOURCES;
+use cloudai_policy_kit::{Admission, AdmissionPolicy, RESOURCES, Submission, Usage};
 use serde::Deserialize;
 
 /// The configured maximum per resource, in [`RESOURCES`] order; `None` is uncapped.
@@ -47,13 +47,14 @@ impl Caps {
     }
 }
 
-/// The decision on one task, mirroring the WIT `admission-decision`.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Admission {
-    /// The task may queue.
-    Accept,
-    /// The task fails with this reason.
-    Reject(String),
+impl AdmissionPolicy for Caps {
+    fn configure(config: &str) -> Result<Self, String> {
+        Caps::from_json(config)
+    }
+
+    fn admit(&self, task: &Submission<'_>, _usage: &Usage) -> Admission {
+        admit(self, &task.request)
+    }
 }
 
 /// Accepts `request` (`[cpu, memory, storage, gpu]`) unless it exceeds a cap.
