@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use crate::api::auth::{self, Authenticator, Role, TokenEntry};
 use crate::api::{AppState, Limits};
 use crate::policy::{EngineSettings, PolicyEngine, PolicyRuntime, RuntimeSettings};
-use crate::scheduler::Wakeup;
+use crate::scheduler::{Scheduler, SchedulerConfig, Wakeup};
 use crate::store::Store;
 use crate::store::mongo::MongoStore;
 use crate::store::sqlite::SqliteStore;
@@ -27,6 +27,7 @@ pub struct ServeConfig {
     pub admin_token: Option<String>,
     pub join_token: Option<String>,
     pub limits: Limits,
+    pub scheduler: SchedulerConfig,
 }
 
 /// Opens the configured store: MongoDB when a URI is given, else the embedded SQLite file in
@@ -158,13 +159,20 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let store = open_store(&config).await?;
     let auth = build_authenticator(&config)?;
     let policies = Arc::new(policy_runtime(&config)?);
+    let wakeup = Wakeup::new();
     let state = AppState {
         store: store.clone(),
         auth: Arc::new(auth),
         limits: Arc::new(config.limits.clone()),
-        policies,
-        wakeup: Wakeup::new(),
+        policies: policies.clone(),
+        wakeup: wakeup.clone(),
     };
+    let scheduler = Scheduler::new(store.clone(), policies, wakeup, config.scheduler.clone());
+    let (stop_scheduler, scheduler_stopped) = tokio::sync::oneshot::channel::<()>();
+    let scheduler = tokio::spawn(scheduler.run(async {
+        // A dropped sender stops it as well.
+        let _ = scheduler_stopped.await;
+    }));
     let app = crate::api::router(state);
     let listener = TcpListener::bind(config.listen)
         .await
@@ -179,6 +187,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving HTTP")?;
+    let _ = stop_scheduler.send(());
+    if let Err(error) = scheduler.await {
+        tracing::error!(%error, "the scheduler task ended abnormally");
+    }
     tracing::info!("cloudai host stopped");
     Ok(())
 }
@@ -228,6 +240,7 @@ mod tests {
             admin_token: None,
             join_token: None,
             limits: Limits::default(),
+            scheduler: SchedulerConfig::default(),
         }
     }
 
