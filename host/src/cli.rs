@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -15,6 +16,7 @@ use tracing_subscriber::EnvFilter;
 use crate::api::Limits;
 use crate::api::auth;
 use crate::client::Client;
+use crate::scheduler::SchedulerConfig;
 use crate::serve::{self, ServeConfig};
 use crate::tooling;
 
@@ -103,6 +105,26 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDAI_POLICY_SYNC_INTERVAL_MS", default_value_t = 250,
         value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub policy_sync_interval_ms: u64,
+    /// Most tasks per placement round (one policy call) and per admission pass.
+    #[arg(long, env = "CLOUDAI_SCHEDULER_BATCH", default_value_t = 100,
+        value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub scheduler_batch: u32,
+    /// Milliseconds between placement rounds when nothing wakes the scheduler.
+    #[arg(long, env = "CLOUDAI_SCHEDULER_INTERVAL_MS", default_value_t = 1000,
+        value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub scheduler_interval_ms: u64,
+    /// Seconds a placement claim on a task holds (another replica takes over after).
+    #[arg(long, env = "CLOUDAI_CLAIM_LEASE_S", default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub claim_lease_s: u64,
+    /// Seconds after which a worker without a heartbeat is no longer a placement candidate.
+    #[arg(long, env = "CLOUDAI_HEARTBEAT_STALENESS_S", default_value_t = 15,
+        value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub heartbeat_staleness_s: u64,
+    /// Milliseconds before a task deferred by admission is checked again.
+    #[arg(long, env = "CLOUDAI_ADMISSION_BACKOFF_MS", default_value_t = 2000,
+        value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub admission_backoff_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -427,6 +449,13 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         join_token: args.join_token,
         limits,
         policy_sync_interval: std::time::Duration::from_millis(args.policy_sync_interval_ms),
+        scheduler: SchedulerConfig {
+            batch_size: args.scheduler_batch,
+            round_interval: Duration::from_millis(args.scheduler_interval_ms),
+            claim_lease: Duration::from_secs(args.claim_lease_s),
+            heartbeat_staleness: Duration::from_secs(args.heartbeat_staleness_s),
+            admission_backoff: Duration::from_millis(args.admission_backoff_ms),
+        },
     })
 }
 

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use crate::api::auth::{self, Authenticator, Role, TokenEntry};
 use crate::api::{AppState, Limits};
 use crate::policy::{EngineSettings, PolicyEngine, PolicyRuntime, RuntimeSettings};
-use crate::scheduler::Wakeup;
+use crate::scheduler::{Scheduler, SchedulerConfig, Wakeup};
 use crate::store::Store;
 use crate::store::mongo::MongoStore;
 use crate::store::sqlite::SqliteStore;
@@ -29,6 +29,7 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// How often the policy sync compares this replica's policies with the store's.
     pub policy_sync_interval: std::time::Duration,
+    pub scheduler: SchedulerConfig,
 }
 
 /// Opens the configured store: MongoDB when a URI is given, else the embedded SQLite file in
@@ -167,13 +168,20 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         config.policy_sync_interval,
     )
     .spawn();
+    let wakeup = Wakeup::new();
     let state = AppState {
         store: store.clone(),
         auth: Arc::new(auth),
         limits: Arc::new(config.limits.clone()),
-        policies,
-        wakeup: Wakeup::new(),
+        policies: policies.clone(),
+        wakeup: wakeup.clone(),
     };
+    let scheduler = Scheduler::new(store.clone(), policies, wakeup, config.scheduler.clone());
+    let (stop_scheduler, scheduler_stopped) = tokio::sync::oneshot::channel::<()>();
+    let scheduler = tokio::spawn(scheduler.run(async {
+        // A dropped sender stops it as well.
+        let _ = scheduler_stopped.await;
+    }));
     let app = crate::api::router(state);
     let listener = TcpListener::bind(config.listen)
         .await
@@ -188,6 +196,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving HTTP")?;
+    let _ = stop_scheduler.send(());
+    if let Err(error) = scheduler.await {
+        tracing::error!(%error, "the scheduler task ended abnormally");
+    }
     tracing::info!("cloudai host stopped");
     Ok(())
 }
@@ -238,6 +250,7 @@ mod tests {
             join_token: None,
             limits: Limits::default(),
             policy_sync_interval: crate::policy::sync::DEFAULT_INTERVAL,
+            scheduler: SchedulerConfig::default(),
         }
     }
 

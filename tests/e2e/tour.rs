@@ -66,6 +66,18 @@ async fn tour(host: &TestHost) {
         )
         .await;
     assert_eq!(status, 200, "{body}");
+    // Drained, so that the scheduler leaves the tour's tasks queued (placement has its own
+    // tests): they can then be cancelled at once and the worker deregistered at the end.
+    let (status, body) = host
+        .call(
+            Method::POST,
+            "/v1/workers/worker-1/drain",
+            Some(&host.admin_token),
+            Some("{}"),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
 
     // The admin sees the worker; the CLI shows it too.
     let (status, body) = host
@@ -99,7 +111,8 @@ async fn tour(host: &TestHost) {
         )
         .await;
     assert_eq!(status, 201, "{first}");
-    assert_eq!(first["status"], "pending");
+    // Admitted inline (no admission policy is active): queued.
+    assert_eq!(first["status"], "queued");
     assert_eq!(first["user_id"], "alice");
     let task_id = first["task_id"].as_str().expect("task id").to_string();
     let (status, again) = host
@@ -259,7 +272,7 @@ async fn tour(host: &TestHost) {
         .await;
     assert_error(status, &body, 404, "result_not_found");
 
-    // Alice cancels her pending task: cancelled at once; cancelling again is a conflict.
+    // Alice cancels her queued task: cancelled at once; cancelling again is a conflict.
     let out = host.cli(ALICE_TOKEN, &["cancel", &task_id]);
     assert!(
         out.status.success(),
@@ -300,6 +313,21 @@ async fn tour(host: &TestHost) {
         .filter_map(|t| t["task_id"].as_str())
         .collect();
     assert_eq!(ids, [task_id.as_str()]);
+    // Her other task too, so that nothing is left to place once the worker is undrained.
+    let (status, body) = host
+        .call(
+            Method::POST,
+            &format!("/v1/tasks/{cli_task}/cancel"),
+            Some(ALICE_TOKEN),
+            Some("{}"),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("cancelled")),
+        "{body}"
+    );
 
     // Drain, undrain and deregister the worker.
     for action in ["drain", "undrain"] {

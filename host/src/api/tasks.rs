@@ -24,6 +24,7 @@ use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{IdPath, ValidJson, Validate, truncate_for_message, validate_id};
 use super::image_ref;
 use crate::model::{self, RESOURCE_QUANTUM, Resources, Task, TaskResult, TaskStatus};
+use crate::scheduler::{self, Admitted};
 use crate::store::{IdempotencyKey, StoreError, TaskCursor, TaskQuery, TaskUpdate};
 
 /// Header naming a submission's idempotency key.
@@ -288,13 +289,15 @@ pub fn router() -> Router<AppState> {
         description = "1..=255 printable ASCII characters; makes the submission idempotent")),
     request_body = TaskSpec,
     responses(
-        (status = 201, description = "Created (pending)", body = Task,
+        (status = 201, description = "Created and admitted: the task is queued", body = Task,
+            headers(("Location" = String, description = "/v1/tasks/{task_id}"))),
+        (status = 202, description = "Created, still pending: admission deferred it (the reason is in `status_reason`) or will check it shortly", body = Task,
             headers(("Location" = String, description = "/v1/tasks/{task_id}"))),
         (status = 200, description = "Replay of an earlier submission with the same key", body = Task,
             headers(("Idempotency-Replayed" = String, description = "true"))),
         (status = 400, description = "Malformed JSON or idempotency key", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Not a user token", body = ErrorBody),
+        (status = 403, description = "Not a user token, or rejected by the admission policy (`admission_rejected`: the task is stored as failed with the reason)", body = ErrorBody),
         (status = 409, description = "Idempotency key reused with another spec", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
@@ -349,7 +352,38 @@ pub async fn submit_task(
         .map_err(|_| ApiError::internal())?;
     let mut response = if outcome.created {
         tracing::info!(task_id = %outcome.task.task_id, user_id, "task submitted");
-        (StatusCode::CREATED, Json(outcome.task)).into_response()
+        // Admission inline, so that the answer tells what became of the task. When it cannot
+        // finish (store trouble) the task stays pending and the scheduler's admission pass
+        // checks it later: a submitted task is never lost.
+        match scheduler::admit_task(&*state.store, &state.policies, &outcome.task).await {
+            Ok(Admitted::Queued(task)) => {
+                state.wakeup.wake();
+                (StatusCode::CREATED, Json(task)).into_response()
+            }
+            Ok(Admitted::Rejected { task, reason }) => {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "admission_rejected",
+                    format!(
+                        "task {} was rejected by the admission policy and is stored as failed: {reason}",
+                        task.task_id
+                    ),
+                ));
+            }
+            Ok(Admitted::Deferred { task, .. }) => {
+                (StatusCode::ACCEPTED, Json(task)).into_response()
+            }
+            Err(error) => {
+                tracing::warn!(task_id = %outcome.task.task_id, %error, "inline admission did not finish; the scheduler will check the task");
+                state.wakeup.wake();
+                let task = state
+                    .store
+                    .get_task(&outcome.task.task_id)
+                    .await
+                    .unwrap_or(outcome.task);
+                (StatusCode::ACCEPTED, Json(task)).into_response()
+            }
+        }
     } else {
         let mut response = (StatusCode::OK, Json(outcome.task)).into_response();
         response

@@ -196,7 +196,7 @@ async fn submit_get_list_and_cancel_a_task() {
         format!("/v1/tasks/{task_id}")
     );
     assert_eq!(task["user_id"], "alice");
-    assert_eq!(task["status"], "pending");
+    assert_eq!(task["status"], "queued"); // Admitted inline: no admission policy is active.
     assert_eq!(task["req_cpu"], model::quantize(0.1));
     assert_eq!(
         (task["req_memory"].as_f64(), task["max_attempts"].as_u64()),
@@ -269,7 +269,7 @@ async fn cancelling_a_running_task_asks_the_worker_and_a_finished_one_is_refused
     api.store
         .transition_task(
             &task_id,
-            &[TaskStatus::Pending],
+            &[TaskStatus::Queued],
             TaskStatus::Running,
             &TaskUpdate::default(),
         )
@@ -363,10 +363,10 @@ async fn listing_filters_and_pages_newest_first() {
         .call(Method::GET, "/v1/tasks?status=cancelled", Some(ALICE), None)
         .await;
     assert_eq!(ids(&cancelled.body["tasks"]), vec![alice[1].clone()]);
-    let pending = api
-        .call(Method::GET, "/v1/tasks?status=pending", Some(ALICE), None)
+    let queued = api
+        .call(Method::GET, "/v1/tasks?status=queued", Some(ALICE), None)
         .await;
-    assert_eq!(ids(&pending.body["tasks"]).len(), 4);
+    assert_eq!(ids(&queued.body["tasks"]).len(), 4);
 
     // Refusals.
     let other = api
@@ -767,7 +767,7 @@ async fn tokens_are_required_and_roles_enforced() {
     let still = api.store.get_task(&task_id).await.unwrap();
     assert_eq!(
         still.status,
-        TaskStatus::Pending,
+        TaskStatus::Queued,
         "bob's refused cancel changed alice's task"
     );
     let bobs = api.call(Method::GET, "/v1/tasks", Some(BOB), None).await;
@@ -1051,7 +1051,7 @@ async fn result_and_logs_answer_404_until_there_is_a_result() {
         );
         assert_eq!(
             reply.message(),
-            format!("task {task_id} has no result yet: it is pending")
+            format!("task {task_id} has no result yet: it is queued")
         );
     }
     api.store

@@ -20,6 +20,7 @@ use super::extract::{
 use super::tasks::{check_amount, check_labels};
 use super::{AppState, Limits};
 use crate::model::{self, Resources, Worker, WorkerUsage};
+use crate::scheduler::DEFAULT_HEARTBEAT_STALENESS;
 use crate::store::StoreError;
 
 const MAX_WORKER_IP_LEN: usize = 255;
@@ -216,6 +217,7 @@ pub async fn register_worker(
         auth::sha256_hex(&token),
     );
     state.store.insert_worker(&worker).await?;
+    state.wakeup.wake();
     tracing::info!(worker_id = %worker.worker_id, worker_ip = %worker.worker_ip, "worker registered");
     Ok((StatusCode::CREATED, Json(Registered { worker, token })).into_response())
 }
@@ -258,10 +260,16 @@ pub async fn heartbeat(
         running_tasks: u.running_tasks,
     });
     let now = model::now().timestamp();
+    let before = state.store.get_worker(&worker_id).await?;
     let worker = state
         .store
         .heartbeat(&worker_id, now, usage.as_ref())
         .await?;
+    // A worker that was too stale to be a candidate is one again: place on it now.
+    let stale = DEFAULT_HEARTBEAT_STALENESS.as_secs() as i64;
+    if now - before.last_heartbeat > stale {
+        state.wakeup.wake();
+    }
     Ok(Json(HeartbeatAck {
         worker,
         server_time: now,
@@ -343,6 +351,7 @@ pub async fn undrain_worker(
 ) -> ApiResult<Json<Worker>> {
     let admin = principal.require_admin()?;
     let worker = state.store.set_draining(&worker_id, false).await?;
+    state.wakeup.wake();
     tracing::info!(worker_id, by = admin, "worker undrained");
     Ok(Json(worker))
 }

@@ -1,9 +1,30 @@
 //! The scheduler: admission (pending -> queued | failed) and placement rounds (queued ->
 //! running) over the store and the policy runtime, following DESIGN.md section 4.
+//!
+//! Nothing here is shared between host replicas except through the store: a task is placed
+//! only by the replica whose claim (owner + lease) it holds, a reservation is the store's one
+//! conditional update, and every other write is conditional on the state the scheduler read.
+//! Several replicas can therefore run [`Scheduler`] against one store; a lost race is re-planned
+//! with fresh data, never applied twice.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Notify;
+
+use crate::policy::{PolicyRuntime, PolicySource};
+use crate::store::Store;
+
+mod admission;
+mod finish;
+mod placement;
+#[cfg(test)]
+mod tests;
+
+pub use admission::{Admitted, admit_task};
+pub use finish::{Finish, finish_task};
+pub use placement::RoundStats;
 
 /// Wakes the scheduler when something it waits for happened (a task submitted, capacity
 /// freed, a worker joined), so that an idle cluster places a new task in milliseconds rather
@@ -25,4 +46,127 @@ impl Wakeup {
     pub async fn woken(&self) {
         self.0.notified().await;
     }
+}
+
+/// How long a worker's heartbeat stays fresh by default: an older one leaves the worker out of
+/// placement rounds (the API wakes the scheduler when such a worker heartbeats again).
+pub const DEFAULT_HEARTBEAT_STALENESS: Duration = Duration::from_secs(15);
+
+/// The scheduler's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerConfig {
+    /// Most tasks per placement round (one policy call) and per admission pass (default 100).
+    pub batch_size: u32,
+    /// Time between rounds when nothing wakes the scheduler (default 1 s).
+    pub round_interval: Duration,
+    /// How long a placement claim on a task holds (default 30 s); a replica that dies while
+    /// placing leaves the task to others after this.
+    pub claim_lease: Duration,
+    /// Workers whose last heartbeat is older are not candidates (default 15 s).
+    pub heartbeat_staleness: Duration,
+    /// A deferred task is checked again after this long (default 2 s).
+    pub admission_backoff: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            batch_size: 100,
+            round_interval: Duration::from_secs(1),
+            claim_lease: Duration::from_secs(30),
+            heartbeat_staleness: DEFAULT_HEARTBEAT_STALENESS,
+            admission_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Most placement rounds one wake-up runs back to back (each takes a fresh look at the store)
+/// before the loop waits again: bounds a cycle when the queue is long.
+const MAX_ROUNDS_PER_CYCLE: usize = 64;
+
+/// One host replica's scheduler: an admission pass and placement rounds, on every wake-up and
+/// every [`SchedulerConfig::round_interval`].
+#[derive(Clone)]
+pub struct Scheduler {
+    store: Arc<dyn Store>,
+    policies: Arc<PolicyRuntime>,
+    wakeup: Wakeup,
+    config: SchedulerConfig,
+    /// This replica's claim owner id, random per process.
+    owner: String,
+}
+
+impl Scheduler {
+    pub fn new(
+        store: Arc<dyn Store>,
+        policies: Arc<PolicyRuntime>,
+        wakeup: Wakeup,
+        config: SchedulerConfig,
+    ) -> Self {
+        Scheduler {
+            store,
+            policies,
+            wakeup,
+            config,
+            owner: format!("host-{}", uuid::Uuid::new_v4().simple()),
+        }
+    }
+
+    /// The owner id this replica's claims carry.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Runs admission and placement until `shutdown` resolves. A round in flight finishes
+    /// first; a store error is logged and retried at the next tick.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tracing::info!(
+            owner = %self.owner,
+            batch_size = self.config.batch_size,
+            round_interval_ms = self.config.round_interval.as_millis() as u64,
+            "scheduler started"
+        );
+        tokio::pin!(shutdown);
+        loop {
+            self.cycle().await;
+            tokio::select! {
+                () = &mut shutdown => break,
+                () = self.wakeup.woken() => {}
+                () = tokio::time::sleep(self.config.round_interval) => {}
+            }
+        }
+        tracing::info!(owner = %self.owner, "scheduler stopped");
+    }
+
+    /// One admission pass, then placement rounds while they make progress.
+    pub async fn cycle(&self) {
+        if let Err(error) = self.admission_pass().await {
+            tracing::warn!(%error, "admission pass failed; retrying at the next tick");
+        }
+        for _ in 0..MAX_ROUNDS_PER_CYCLE {
+            match self.placement_round().await {
+                Ok(stats) if stats.wants_another() => {}
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "placement round failed; retrying at the next tick");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// How a decision's source is named in logs.
+fn source_label(source: &PolicySource) -> String {
+    match source {
+        PolicySource::Wasm { name, version } => format!("{name}@{version}"),
+        PolicySource::Native => "native".to_string(),
+        PolicySource::Fallback { name, version, .. } => {
+            format!("native (fallback from {name}@{version})")
+        }
+    }
+}
+
+fn chrono_duration(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }

@@ -174,6 +174,13 @@ macro_rules! store_conformance_tests {
             delete_policy_version_refused_while_active,
             policy_version_limits_round_trip_and_default_to_none,
             clear_active_policy_is_a_compare_and_swap,
+            user_usage_counts_open_tasks_and_sums_running_requests,
+            admission_batch_is_due_pending_tasks_least_recently_updated_first,
+            claimable_tasks_are_in_queue_order_without_claimed_or_excluded_users,
+            active_assignment_counts_count_unreleased_assignments_per_worker,
+            mark_running_requires_the_owners_claim,
+            unclaim_task_gives_up_only_the_owners_claim,
+            unreserve_returns_an_unassigned_reservation_and_never_goes_below_zero,
         );
         $crate::store_conformance_tests!(@shared $make;
             reserve_race_50_requests_for_room_for_7,
@@ -2186,6 +2193,280 @@ pub async fn concurrent_activations_have_exactly_one_winner(store: Arc<dyn Store
     let active = store.get_active_policy(kind).await.unwrap().unwrap();
     assert_eq!((active.name, active.version), (name, winners[0].clone()));
     assert_eq!(active.previous, expected);
+}
+
+// ------------------------------------------------------------------------------------------
+// Scheduling
+// ------------------------------------------------------------------------------------------
+
+/// Far before any other test's timestamps and above any other test's priority, so that these
+/// tests see their own tasks first even in a database shared with other tests.
+fn long_ago(offset_ms: i64) -> DateTime<Utc> {
+    at_ms(-400_000_000_000 + offset_ms)
+}
+
+pub async fn user_usage_counts_open_tasks_and_sums_running_requests(store: &dyn Store) {
+    let user = unique_id("user");
+    let other = unique_id("user");
+    assert_eq!(
+        store.user_usage(&user).await.unwrap(),
+        crate::policy::snapshot::Usage::default()
+    );
+    for (status, request) in [
+        (TaskStatus::Pending, Resources::new(1.0, 1.0, 0.0, 0.0)),
+        (TaskStatus::Queued, Resources::new(2.0, 2.0, 0.0, 0.0)),
+        (TaskStatus::Queued, Resources::new(2.0, 2.0, 0.0, 0.0)),
+        (TaskStatus::Running, Resources::new(0.5, 3.0, 1.0, 1.0)),
+        (
+            TaskStatus::Running,
+            Resources::new(quantize(0.1), 1.0, 0.0, 0.0),
+        ),
+        (TaskStatus::Completed, Resources::new(8.0, 8.0, 8.0, 8.0)),
+        (TaskStatus::Failed, Resources::new(8.0, 8.0, 8.0, 8.0)),
+    ] {
+        let mut task = sample_task_at(&unique_id("task"), &user, status, now());
+        (
+            task.req_cpu,
+            task.req_memory,
+            task.req_storage,
+            task.req_gpu,
+        ) = (request.cpu, request.memory, request.storage, request.gpu);
+        insert(store, &task).await;
+    }
+    insert(
+        store,
+        &sample_task_at(&unique_id("task"), &other, TaskStatus::Running, now()),
+    )
+    .await;
+    let usage = store.user_usage(&user).await.unwrap();
+    assert_eq!(
+        (usage.pending_tasks, usage.queued_tasks, usage.running_tasks),
+        (1, 2, 2)
+    );
+    assert_eq!(
+        usage.reserved,
+        Resources::new(0.5 + quantize(0.1), 4.0, 1.0, 1.0)
+    );
+}
+
+pub async fn admission_batch_is_due_pending_tasks_least_recently_updated_first(store: &dyn Store) {
+    let user = unique_id("user");
+    let mut expected = Vec::new();
+    for offset in [20, 0, 10] {
+        let task = sample_task_at(
+            &unique_id("task"),
+            &user,
+            TaskStatus::Pending,
+            long_ago(offset),
+        );
+        insert(store, &task).await;
+        expected.push((offset, task.task_id));
+    }
+    // Not due (updated after `due_before`), or not pending.
+    insert(
+        store,
+        &sample_task_at(&unique_id("task"), &user, TaskStatus::Pending, long_ago(30)),
+    )
+    .await;
+    insert(
+        store,
+        &sample_task_at(&unique_id("task"), &user, TaskStatus::Queued, long_ago(1)),
+    )
+    .await;
+    expected.sort();
+    let expected: Vec<String> = expected.into_iter().map(|(_, id)| id).collect();
+    let batch = store.admission_batch(10, long_ago(20)).await.unwrap();
+    assert_eq!(ids(&batch), expected);
+    let batch = store.admission_batch(2, long_ago(20)).await.unwrap();
+    assert_eq!(ids(&batch), expected[..2]);
+    assert!(
+        store
+            .admission_batch(0, long_ago(20))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn claimable_tasks_are_in_queue_order_without_claimed_or_excluded_users(
+    store: &dyn Store,
+) {
+    let (alice, bob) = (unique_id("alice"), unique_id("bob"));
+    let top = 2_000_000_000;
+    let queued = |user: &str, priority: i32, offset: i64| {
+        let mut task = sample_task_at(
+            &unique_id("task"),
+            user,
+            TaskStatus::Queued,
+            long_ago(offset),
+        );
+        task.priority = priority;
+        task
+    };
+    let a_old = queued(&alice, top, 0);
+    let a_high = queued(&alice, top + 1, 50);
+    let b_mid = queued(&bob, top, 10);
+    let a_new = queued(&alice, top, 20);
+    let claimed = queued(&bob, top + 2, 0);
+    let expired = queued(&bob, top, 30);
+    let pending = Task {
+        status: TaskStatus::Pending,
+        ..queued(&alice, top + 3, 0)
+    };
+    for task in [
+        &a_old, &a_high, &b_mid, &a_new, &claimed, &expired, &pending,
+    ] {
+        insert(store, task).await;
+    }
+    let now = now();
+    store
+        .claim_task(
+            &claimed.task_id,
+            "host-a",
+            now + chrono::Duration::seconds(30),
+            now,
+        )
+        .await
+        .unwrap();
+    store
+        .claim_task(
+            &expired.task_id,
+            "host-a",
+            now - chrono::Duration::seconds(1),
+            now,
+        )
+        .await
+        .unwrap();
+
+    let batch = store.claimable_tasks(5, now, &[]).await.unwrap();
+    assert_eq!(
+        ids(&batch),
+        ids(&[
+            a_high.clone(),
+            a_old.clone(),
+            b_mid.clone(),
+            a_new.clone(),
+            expired.clone()
+        ])
+    );
+    let batch = store.claimable_tasks(2, now, &[]).await.unwrap();
+    assert_eq!(ids(&batch), ids(&[a_high.clone(), a_old.clone()]));
+    let batch = store
+        .claimable_tasks(3, now, std::slice::from_ref(&alice))
+        .await
+        .unwrap();
+    assert_eq!(ids(&batch[..2]), ids(&[b_mid, expired]));
+    assert!(batch.iter().all(|t| t.user_id != alice));
+    assert!(store.claimable_tasks(0, now, &[]).await.unwrap().is_empty());
+}
+
+pub async fn active_assignment_counts_count_unreleased_assignments_per_worker(store: &dyn Store) {
+    let w1 = worker_with(store, "w", Resources::new(8.0, 8.0, 8.0, 0.0)).await;
+    let w2 = worker_with(store, "w", Resources::new(8.0, 8.0, 8.0, 0.0)).await;
+    let req = Resources::new(1.0, 1.0, 0.0, 0.0);
+    let mut released = None;
+    for worker in [&w1, &w1, &w1, &w2] {
+        assert!(store.reserve(&worker.worker_id, &req).await.unwrap());
+        let a = sample_assignment(
+            &unique_id("ass"),
+            &unique_id("task"),
+            &worker.worker_id,
+            req,
+        );
+        store.insert_assignment(&a).await.unwrap();
+        released = Some(a.ass_id);
+    }
+    assert!(store.release(&released.unwrap()).await.unwrap());
+    let counts = store.active_assignment_counts().await.unwrap();
+    assert_eq!(counts.get(&w1.worker_id), Some(&3));
+    assert_eq!(
+        counts.get(&w2.worker_id),
+        None,
+        "its only assignment was released"
+    );
+}
+
+pub async fn mark_running_requires_the_owners_claim(store: &dyn Store) {
+    let user = unique_id("user");
+    let mut task = sample_task_at(&unique_id("task"), &user, TaskStatus::Queued, at_ms(0));
+    task.status_reason = Some("waiting for capacity".into());
+    insert(store, &task).await;
+    let id = task.task_id.as_str();
+
+    // Unclaimed: refused.
+    expect_conflict(store.mark_running(id, "host-a", 1).await, "unclaimed");
+    let now = now();
+    store
+        .claim_task(id, "host-a", now + chrono::Duration::seconds(30), now)
+        .await
+        .unwrap();
+    let before = store.get_task(id).await.unwrap();
+    expect_conflict(store.mark_running(id, "host-b", 1).await, "another owner");
+    assert_eq!(store.get_task(id).await.unwrap(), before);
+
+    let t = store.mark_running(id, "host-a", 1).await.unwrap();
+    assert_eq!(t.status, TaskStatus::Running);
+    assert_eq!(t.attempts, 1);
+    assert_eq!((t.owner, t.lease_expires_at), (None, None));
+    assert_eq!(t.status_reason, None);
+    assert_eq!(t.started_at, None, "the worker sets started_at");
+    let actual = expect_conflict(store.mark_running(id, "host-a", 2).await, "twice");
+    assert!(actual.starts_with("running"), "{actual}");
+    expect_not_found(
+        store.mark_running(&unique_id("nope"), "host-a", 1).await,
+        "unknown task",
+    );
+}
+
+pub async fn unclaim_task_gives_up_only_the_owners_claim(store: &dyn Store) {
+    let user = unique_id("user");
+    let task = sample_task_at(&unique_id("task"), &user, TaskStatus::Queued, at_ms(0));
+    insert(store, &task).await;
+    let id = task.task_id.as_str();
+    let now = now();
+    store
+        .claim_task(id, "host-a", now + chrono::Duration::seconds(30), now)
+        .await
+        .unwrap();
+    assert!(!store.unclaim_task(id, "host-b").await.unwrap());
+    assert_eq!(
+        store.get_task(id).await.unwrap().owner.as_deref(),
+        Some("host-a")
+    );
+    assert!(store.unclaim_task(id, "host-a").await.unwrap());
+    let t = store.get_task(id).await.unwrap();
+    assert_eq!((t.owner, t.lease_expires_at), (None, None));
+    assert!(!store.unclaim_task(id, "host-a").await.unwrap());
+    // Anyone may claim it now.
+    store
+        .claim_task(id, "host-b", now + chrono::Duration::seconds(30), now)
+        .await
+        .unwrap();
+}
+
+pub async fn unreserve_returns_an_unassigned_reservation_and_never_goes_below_zero(
+    store: &dyn Store,
+) {
+    let w = worker_with(store, "w", Resources::new(4.0, 8.0, 10.0, 1.0)).await;
+    let req = Resources::new(quantize(1.3), quantize(2.7), 1.0, 1.0);
+    assert!(store.reserve(&w.worker_id, &req).await.unwrap());
+    assert!(store.unreserve(&w.worker_id, &req).await.unwrap());
+    let after = store.get_worker(&w.worker_id).await.unwrap();
+    assert_invariant(&after, "after unreserve");
+    assert_eq!(after.allocated(), Resources::default());
+    assert_eq!(after.available(), w.total());
+    assert!(
+        !store.unreserve(&w.worker_id, &req).await.unwrap(),
+        "nothing is allocated any more"
+    );
+    assert_eq!(
+        store.get_worker(&w.worker_id).await.unwrap().allocated(),
+        Resources::default()
+    );
+    expect_not_found(
+        store.unreserve(&unique_id("nope"), &req).await,
+        "unknown worker",
+    );
 }
 
 #[cfg(test)]

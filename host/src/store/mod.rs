@@ -8,6 +8,8 @@
 //! release happens once per assignment. Nothing relies on in-memory state, so several host
 //! replicas can share one store (optimistic concurrency).
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
@@ -15,6 +17,7 @@ use crate::model::{
     ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, Task, TaskResult, TaskStatus,
     Worker, WorkerUsage,
 };
+use crate::policy::snapshot::Usage;
 
 pub mod conformance;
 pub mod mongo;
@@ -349,4 +352,45 @@ pub trait Store: Send + Sync + 'static {
         kind: PolicyKind,
         expected_current: (String, String),
     ) -> Result<()>;
+    // ----- scheduling -----
+
+    /// A user's usage as admission sees it: how many of their tasks are running, queued and
+    /// pending, and the resources their running tasks hold. One indexed query on
+    /// (user_id, status), not a scan of the user's history.
+    async fn user_usage(&self, user_id: &str) -> Result<Usage>;
+
+    /// Up to `limit` `pending` tasks last updated at or before `due_before`, least recently
+    /// updated first: what an admission pass checks (a deferral updates the task, which puts
+    /// it back by the back-off).
+    async fn admission_batch(&self, limit: u32, due_before: DateTime<Utc>) -> Result<Vec<Task>>;
+
+    /// Up to `limit` `queued` tasks that can be claimed at `now` (unclaimed, or whose lease
+    /// expired before `now`), in queue order (priority descending, then `created_at`, then
+    /// `task_id`: [`crate::policy::snapshot::queue_order`]), leaving out the tasks of
+    /// `exclude_users`. Served by an index on (status, priority, created_at, task_id).
+    async fn claimable_tasks(
+        &self,
+        limit: u32,
+        now: DateTime<Utc>,
+        exclude_users: &[String],
+    ) -> Result<Vec<Task>>;
+
+    /// The number of active (unreleased) assignments of each worker that has any.
+    async fn active_assignment_counts(&self) -> Result<BTreeMap<String, u32>>;
+
+    /// Moves a `queued` task claimed by `owner` to `running` in one conditional update:
+    /// records `attempts`, clears the claim and the status reason (`started_at` stays unset:
+    /// the worker sets it when the container starts). `Conflict` when the task is not queued
+    /// or not claimed by `owner`; `NotFound` when there is no such task.
+    async fn mark_running(&self, task_id: &str, owner: &str, attempts: u32) -> Result<Task>;
+
+    /// Gives up `owner`'s claim on a queued task. `Ok(false)` when the task is not queued or
+    /// not claimed by `owner` (nothing to give up).
+    async fn unclaim_task(&self, task_id: &str, owner: &str) -> Result<bool>;
+
+    /// Returns a reservation that never got its assignment (a placement failed between the
+    /// reserve and the insert): moves `request` from `allocated_*` back to `available_*`, in
+    /// one conditional update that applies only when `allocated_*` covers it. `Ok(false)` when
+    /// it did not apply; `NotFound` when the worker does not exist.
+    async fn unreserve(&self, worker_id: &str, request: &Resources) -> Result<bool>;
 }

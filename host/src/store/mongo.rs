@@ -31,6 +31,7 @@ use crate::model::{
     self, ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, ResultStatus, Task,
     TaskResult, TaskStatus, Worker, WorkerUsage,
 };
+use crate::policy::snapshot::Usage;
 
 /// The seed's collection names (a contract: never renamed).
 pub const TASKS: &str = "TASKS";
@@ -256,6 +257,10 @@ impl MongoStore {
                     // Ours: the newest-first listings, per user and per status.
                     plain(doc! { "user_id": 1, "created_at": -1, "task_id": -1 }),
                     plain(doc! { "status": 1, "created_at": -1, "task_id": -1 }),
+                    // The scheduler's: a user's usage, the admission batch, the queue.
+                    plain(doc! { "user_id": 1, "status": 1 }),
+                    plain(doc! { "status": 1, "updated_at": 1, "task_id": 1 }),
+                    plain(doc! { "status": 1, "priority": -1, "created_at": 1, "task_id": 1 }),
                 ],
             ),
             (
@@ -274,6 +279,7 @@ impl MongoStore {
                     unique(doc! { "ass_id": 1 }),
                     plain(doc! { "task_id": 1 }),
                     plain(doc! { "worker_id": 1 }),
+                    plain(doc! { "released": 1, "worker_id": 1 }),
                 ],
             ),
             (
@@ -1417,6 +1423,236 @@ impl Store for MongoStore {
             expected: active_label(Some(&expected_current)),
             actual: active_label(actual.as_ref()),
         })
+    }
+
+    // ----- scheduling -----
+
+    async fn user_usage(&self, user_id: &str) -> Result<Usage> {
+        let pipeline = vec![
+            doc! { "$match": {
+                "user_id": user_id,
+                "status": { "$in": ["pending", "queued", "running"] },
+            } },
+            doc! { "$group": { "_id": "$status", "count": { "$sum": 1_i64 } } },
+        ];
+        let what = || format!("reading the usage of user '{user_id}'");
+        let groups: Vec<Document> = self
+            .tasks
+            .aggregate(pipeline)
+            .await
+            .map_err(|e| StoreError::backend(what(), e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend(what(), e))?;
+        let mut usage = Usage::default();
+        for group in &groups {
+            let r = Reader::new(group, TASKS);
+            let count: u32 = r.int("count")?;
+            match r.string("_id")?.as_str() {
+                "pending" => usage.pending_tasks = count,
+                "queued" => usage.queued_tasks = count,
+                _ => usage.running_tasks = count,
+            }
+        }
+        if usage.running_tasks > 0 {
+            // Summed here rather than with `$sum` in the `$group`: FerretDB 1.x answers 0 for
+            // a `$sum` of a field. A user's running tasks are bounded by the cluster's size.
+            let mut running = self
+                .tasks
+                .find(doc! { "user_id": user_id, "status": TaskStatus::Running.as_str() })
+                .projection(doc! { "req_cpu": 1, "req_memory": 1, "req_storage": 1, "req_gpu": 1 })
+                .await
+                .map_err(|e| StoreError::backend(what(), e))?;
+            while let Some(d) = running
+                .try_next()
+                .await
+                .map_err(|e| StoreError::backend(what(), e))?
+            {
+                let r = Reader::new(&d, TASKS);
+                usage.reserved.cpu += r.f64("req_cpu")?;
+                usage.reserved.memory += r.f64("req_memory")?;
+                usage.reserved.storage += r.f64("req_storage")?;
+                usage.reserved.gpu += r.f64("req_gpu")?;
+            }
+        }
+        Ok(usage)
+    }
+
+    async fn admission_batch(&self, limit: u32, due_before: DateTime<Utc>) -> Result<Vec<Task>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let documents: Vec<Document> = self
+            .tasks
+            .find(doc! {
+                "status": TaskStatus::Pending.as_str(),
+                "updated_at": { "$lte": to_bson_date(due_before) },
+            })
+            .sort(doc! { "updated_at": 1, "task_id": 1 })
+            .limit(i64::from(limit))
+            .await
+            .map_err(|e| StoreError::backend("reading the admission batch", e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend("reading the admission batch", e))?;
+        documents.iter().map(task_from_document).collect()
+    }
+
+    async fn claimable_tasks(
+        &self,
+        limit: u32,
+        now: DateTime<Utc>,
+        exclude_users: &[String],
+    ) -> Result<Vec<Task>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut filter = doc! {
+            "status": TaskStatus::Queued.as_str(),
+            "$or": [
+                { "owner": Bson::Null },
+                { "lease_expires_at": Bson::Null },
+                { "lease_expires_at": { "$lt": to_bson_date(now) } },
+            ],
+        };
+        if !exclude_users.is_empty() {
+            filter.insert("user_id", doc! { "$nin": exclude_users });
+        }
+        let documents: Vec<Document> = self
+            .tasks
+            .find(filter)
+            .sort(doc! { "priority": -1, "created_at": 1, "task_id": 1 })
+            .limit(i64::from(limit))
+            .await
+            .map_err(|e| StoreError::backend("reading the placement queue", e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend("reading the placement queue", e))?;
+        documents.iter().map(task_from_document).collect()
+    }
+
+    async fn active_assignment_counts(&self) -> Result<BTreeMap<String, u32>> {
+        let pipeline = vec![
+            doc! { "$match": { "released": { "$ne": true } } },
+            doc! { "$group": { "_id": "$worker_id", "count": { "$sum": 1_i64 } } },
+        ];
+        let groups: Vec<Document> = self
+            .assignments
+            .aggregate(pipeline)
+            .await
+            .map_err(|e| StoreError::backend("counting active assignments", e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend("counting active assignments", e))?;
+        groups
+            .iter()
+            .map(|group| {
+                let r = Reader::new(group, ASSIGNMENTS);
+                Ok((r.string("_id")?, r.int("count")?))
+            })
+            .collect()
+    }
+
+    async fn mark_running(&self, task_id: &str, owner: &str, attempts: u32) -> Result<Task> {
+        let after = self
+            .atomic(
+                self.tasks
+                    .find_one_and_update(
+                        doc! {
+                            "task_id": task_id,
+                            "status": TaskStatus::Queued.as_str(),
+                            "owner": owner,
+                        },
+                        doc! {
+                            "$set": {
+                                "status": TaskStatus::Running.as_str(),
+                                "attempts": i64::from(attempts),
+                                "updated_at": to_bson_date(model::now()),
+                            },
+                            "$unset": { "owner": "", "lease_expires_at": "", "status_reason": "" },
+                        },
+                    )
+                    .return_document(ReturnDocument::After),
+            )
+            .await
+            .map_err(|e| StoreError::backend(format!("marking task '{task_id}' running"), e))?;
+        match after {
+            Some(d) => task_from_document(&d),
+            None => {
+                let task = self.get_task(task_id).await?;
+                Err(StoreError::Conflict {
+                    kind: "task",
+                    id: task_id.to_owned(),
+                    expected: format!("queued and claimed by {owner}"),
+                    actual: format!(
+                        "{} and claimed by {}",
+                        task.status,
+                        task.owner.as_deref().unwrap_or("nobody")
+                    ),
+                })
+            }
+        }
+    }
+
+    async fn unclaim_task(&self, task_id: &str, owner: &str) -> Result<bool> {
+        let outcome = self
+            .atomic(self.tasks.update_one(
+                doc! {
+                    "task_id": task_id,
+                    "status": TaskStatus::Queued.as_str(),
+                    "owner": owner,
+                },
+                doc! {
+                    "$set": { "updated_at": to_bson_date(model::now()) },
+                    "$unset": { "owner": "", "lease_expires_at": "" },
+                },
+            ))
+            .await
+            .map_err(|e| {
+                StoreError::backend(format!("giving up the claim on task '{task_id}'"), e)
+            })?;
+        Ok(outcome.matched_count == 1)
+    }
+
+    async fn unreserve(&self, worker_id: &str, request: &Resources) -> Result<bool> {
+        // The mirror of `reserve`: one conditional update, which never takes `allocated_*`
+        // below zero.
+        let filter = doc! {
+            "worker_id": worker_id,
+            "allocated_cpu": { "$gte": request.cpu },
+            "allocated_memory": { "$gte": request.memory },
+            "allocated_storage": { "$gte": request.storage },
+            "allocated_gpu": { "$gte": request.gpu },
+        };
+        let update = doc! {
+            "$inc": {
+                "allocated_cpu": -request.cpu,
+                "allocated_memory": -request.memory,
+                "allocated_storage": -request.storage,
+                "allocated_gpu": -request.gpu,
+                "available_cpu": request.cpu,
+                "available_memory": request.memory,
+                "available_storage": request.storage,
+                "available_gpu": request.gpu,
+            },
+            "$set": { "updated_at": to_bson_date(model::now()) },
+        };
+        let outcome = self
+            .atomic(self.workers.update_one(filter, update))
+            .await
+            .map_err(|e| {
+                StoreError::backend(
+                    format!("returning a reservation to worker '{worker_id}'"),
+                    e,
+                )
+            })?;
+        if outcome.matched_count == 1 {
+            return Ok(true);
+        }
+        match self.find_worker(worker_id).await? {
+            Some(_) => Ok(false),
+            None => Err(not_found("worker", worker_id)),
+        }
     }
 }
 

@@ -14,6 +14,7 @@
 //! batch holds SQLite's write lock from its first statement, so the guarantees also hold when
 //! several processes open the same file.
 
+use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
@@ -34,6 +35,7 @@ use crate::model::{
     ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, Task, TaskResult, TaskStatus,
     Worker, WorkerUsage, now,
 };
+use crate::policy::snapshot::Usage;
 
 /// File name of the database inside the data directory.
 pub const DB_FILE_NAME: &str = "cloudai.db";
@@ -84,6 +86,10 @@ CREATE INDEX IF NOT EXISTS TASKS_status ON TASKS (status);
 -- cursor are served by the index alone.
 CREATE INDEX IF NOT EXISTS TASKS_created_at ON TASKS (created_at DESC, task_id DESC);
 CREATE INDEX IF NOT EXISTS TASKS_user_id ON TASKS (user_id, created_at DESC, task_id DESC);
+-- The scheduler's: a user's usage, the admission batch, the placement queue.
+CREATE INDEX IF NOT EXISTS TASKS_user_status ON TASKS (user_id, status);
+CREATE INDEX IF NOT EXISTS TASKS_status_updated ON TASKS (status, updated_at, task_id);
+CREATE INDEX IF NOT EXISTS TASKS_queue ON TASKS (status, priority DESC, created_at, task_id);
 
 CREATE TABLE IF NOT EXISTS WORKER_REGISTRY (
     worker_id         TEXT NOT NULL,
@@ -129,6 +135,7 @@ CREATE TABLE IF NOT EXISTS ASSIGNMENTS (
 CREATE UNIQUE INDEX IF NOT EXISTS ASSIGNMENTS_ass_id ON ASSIGNMENTS (ass_id);
 CREATE INDEX IF NOT EXISTS ASSIGNMENTS_task_id ON ASSIGNMENTS (task_id);
 CREATE INDEX IF NOT EXISTS ASSIGNMENTS_worker_id ON ASSIGNMENTS (worker_id);
+CREATE INDEX IF NOT EXISTS ASSIGNMENTS_active ON ASSIGNMENTS (released, worker_id);
 
 CREATE TABLE IF NOT EXISTS RESULTS (
     task_id        TEXT NOT NULL,
@@ -1264,6 +1271,129 @@ fn insert_result_sync(conn: &Connection, r: &TaskResult) -> Result<()> {
     .map_err(insert_err("result", &r.task_id, "inserting a result"))
 }
 
+fn user_usage_sync(conn: &Connection, user_id: &str) -> Result<Usage> {
+    let rows: Vec<(String, u32, Resources)> = conn
+        .prepare_cached(
+            "SELECT status, COUNT(*), TOTAL(req_cpu), TOTAL(req_memory), TOTAL(req_storage), \
+                    TOTAL(req_gpu) \
+             FROM TASKS WHERE user_id = ?1 AND status IN ('pending', 'queued', 'running') \
+             GROUP BY status",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_map([user_id], |row| {
+                Ok((
+                    row.get(0)?,
+                    get_u32(row, 1)?,
+                    Resources::new(row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?),
+                ))
+            })?
+            .collect()
+        })
+        .map_err(sql_err("reading a user's usage"))?;
+    let mut usage = Usage::default();
+    for (status, count, sum) in rows {
+        match status.as_str() {
+            "pending" => usage.pending_tasks = count,
+            "queued" => usage.queued_tasks = count,
+            _ => {
+                usage.running_tasks = count;
+                usage.reserved = sum;
+            }
+        }
+    }
+    Ok(usage)
+}
+
+fn claimable_tasks_sync(
+    conn: &Connection,
+    limit: u32,
+    at: &DateTime<Utc>,
+    exclude_users: &[String],
+) -> Result<Vec<Task>> {
+    let mut args: Vec<Value> = vec![Value::Text(date_text(at)), Value::Integer(i64::from(limit))];
+    let excluded = exclude_users
+        .iter()
+        .map(|user| {
+            args.push(Value::Text(user.clone()));
+            format!("?{}", args.len())
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "SELECT {TASK_COLUMNS} FROM TASKS WHERE status = 'queued' \
+           AND (owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at < ?1) \
+           AND user_id NOT IN ({excluded}) \
+         ORDER BY priority DESC, created_at, task_id LIMIT ?2"
+    );
+    conn.prepare_cached(&sql)
+        .and_then(|mut stmt| {
+            stmt.query_map(params_from_iter(args), task_from_row)?
+                .collect()
+        })
+        .map_err(sql_err("reading the placement queue"))
+}
+
+fn mark_running_sync(conn: &Connection, task_id: &str, owner: &str, attempts: u32) -> Result<Task> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE TASKS SET status = 'running', attempts = ?3, owner = NULL, \
+                 lease_expires_at = NULL, status_reason = NULL, updated_at = ?4 \
+             WHERE task_id = ?1 AND status = 'queued' AND owner = ?2",
+        )
+        .and_then(|mut stmt| stmt.execute(params![task_id, owner, attempts, date_text(&now())]))
+        .map_err(sql_err("marking a task running"))?;
+    if changed == 1 {
+        return require_task(conn, task_id);
+    }
+    let task = require_task(conn, task_id)?;
+    Err(StoreError::Conflict {
+        kind: "task",
+        id: task_id.to_string(),
+        expected: format!("queued and claimed by {owner}"),
+        actual: format!(
+            "{} and claimed by {}",
+            task.status,
+            task.owner.as_deref().unwrap_or("nobody")
+        ),
+    })
+}
+
+fn unreserve_sync(conn: &Connection, worker_id: &str, r: &Resources) -> Result<bool> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE WORKER_REGISTRY SET \
+                 allocated_cpu = allocated_cpu - ?2, available_cpu = available_cpu + ?2, \
+                 allocated_memory = allocated_memory - ?3, available_memory = available_memory + ?3, \
+                 allocated_storage = allocated_storage - ?4, available_storage = available_storage + ?4, \
+                 allocated_gpu = allocated_gpu - ?5, available_gpu = available_gpu + ?5, \
+                 updated_at = ?6 \
+             WHERE worker_id = ?1 AND allocated_cpu >= ?2 AND allocated_memory >= ?3 \
+               AND allocated_storage >= ?4 AND allocated_gpu >= ?5",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                worker_id,
+                r.cpu,
+                r.memory,
+                r.storage,
+                r.gpu,
+                date_text(&now()),
+            ])
+        })
+        .map_err(sql_err("returning an unassigned reservation"))?;
+    if changed == 1 {
+        return Ok(true);
+    }
+    if worker_exists(conn, worker_id)? {
+        Ok(false)
+    } else {
+        Err(StoreError::NotFound {
+            kind: "worker",
+            id: worker_id.to_string(),
+        })
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // The Store implementation: each method moves its arguments onto the writer thread.
 // ------------------------------------------------------------------------------------------
@@ -1837,6 +1967,86 @@ impl Store for SqliteStore {
     ) -> Result<()> {
         self.call("clearing the active policy", move |conn| {
             clear_active_policy_sync(conn, kind, &expected_current)
+        })
+        .await
+    }
+
+    async fn user_usage(&self, user_id: &str) -> Result<Usage> {
+        let user_id = user_id.to_string();
+        self.call("reading a user's usage", move |conn| {
+            user_usage_sync(conn, &user_id)
+        })
+        .await
+    }
+
+    async fn admission_batch(&self, limit: u32, due_before: DateTime<Utc>) -> Result<Vec<Task>> {
+        self.call("reading the admission batch", move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {TASK_COLUMNS} FROM TASKS WHERE status = 'pending' AND updated_at <= ?1 \
+                 ORDER BY updated_at, task_id LIMIT ?2"
+            ))
+            .and_then(|mut stmt| {
+                stmt.query_map(params![date_text(&due_before), limit], task_from_row)?
+                    .collect()
+            })
+            .map_err(sql_err("reading the admission batch"))
+        })
+        .await
+    }
+
+    async fn claimable_tasks(
+        &self,
+        limit: u32,
+        now: DateTime<Utc>,
+        exclude_users: &[String],
+    ) -> Result<Vec<Task>> {
+        let exclude_users = exclude_users.to_vec();
+        self.call("reading the placement queue", move |conn| {
+            claimable_tasks_sync(conn, limit, &now, &exclude_users)
+        })
+        .await
+    }
+
+    async fn active_assignment_counts(&self) -> Result<BTreeMap<String, u32>> {
+        self.call("counting active assignments", |conn| {
+            conn.prepare_cached(
+                "SELECT worker_id, COUNT(*) FROM ASSIGNMENTS WHERE released = 0 GROUP BY worker_id",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map([], |row| Ok((row.get(0)?, get_u32(row, 1)?)))?
+                    .collect()
+            })
+            .map_err(sql_err("counting active assignments"))
+        })
+        .await
+    }
+
+    async fn mark_running(&self, task_id: &str, owner: &str, attempts: u32) -> Result<Task> {
+        let (task_id, owner) = (task_id.to_string(), owner.to_string());
+        self.call("marking a task running", move |conn| {
+            mark_running_sync(conn, &task_id, &owner, attempts)
+        })
+        .await
+    }
+
+    async fn unclaim_task(&self, task_id: &str, owner: &str) -> Result<bool> {
+        let (task_id, owner) = (task_id.to_string(), owner.to_string());
+        self.call("giving up a claim", move |conn| {
+            conn.prepare_cached(
+                "UPDATE TASKS SET owner = NULL, lease_expires_at = NULL, updated_at = ?3 \
+                 WHERE task_id = ?1 AND status = 'queued' AND owner = ?2",
+            )
+            .and_then(|mut stmt| stmt.execute(params![task_id, owner, date_text(&now())]))
+            .map(|changed| changed == 1)
+            .map_err(sql_err("giving up a claim"))
+        })
+        .await
+    }
+
+    async fn unreserve(&self, worker_id: &str, request: &Resources) -> Result<bool> {
+        let (worker_id, request) = (worker_id.to_string(), *request);
+        self.call("returning an unassigned reservation", move |conn| {
+            unreserve_sync(conn, &worker_id, &request)
         })
         .await
     }

@@ -1,0 +1,190 @@
+//! Admission: a `pending` task is accepted (-> `queued`), rejected (-> `failed` with the
+//! policy's reason) or deferred (stays `pending` with the reason, checked again after the
+//! back-off) by the active admission policy. Runs inline on submit and in the scheduler's
+//! admission pass, which also picks up any task the inline check could not finish.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{Scheduler, chrono_duration, source_label};
+use crate::model::{self, Task, TaskStatus};
+use crate::policy::PolicyRuntime;
+use crate::policy::bindings::types::AdmissionDecision;
+use crate::policy::snapshot::{Usage, admission_task};
+use crate::store::{Store, StoreError, TaskUpdate};
+
+/// What admission did with a task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Admitted {
+    /// Now `queued`.
+    Queued(Task),
+    /// Now `failed`, with the policy's reason in `error` and `status_reason`.
+    Rejected { task: Task, reason: String },
+    /// Still `pending`, with the reason in `status_reason`.
+    Deferred { task: Task, reason: String },
+}
+
+/// Checks one pending task with the active admission policy (with its user's usage from the
+/// store) and applies the decision. `Conflict` when the task left `pending` meanwhile (it was
+/// cancelled, or another replica admitted it).
+pub async fn admit_task(
+    store: &dyn Store,
+    policies: &Arc<PolicyRuntime>,
+    task: &Task,
+) -> Result<Admitted, StoreError> {
+    let usage = store.user_usage(&task.user_id).await?;
+    let decisions = decide(
+        policies,
+        vec![task.clone()],
+        HashMap::from([(task.user_id.clone(), usage)]),
+    )
+    .await?;
+    match decisions.into_iter().next() {
+        Some(decision) => apply(store, task, decision).await,
+        None => Err(StoreError::backend(
+            format!("admitting task {}", task.task_id),
+            "the admission check returned no decision",
+        )),
+    }
+}
+
+/// Runs the policy on `tasks` in order, on a blocking thread, counting each accepted task in
+/// its user's usage for the tasks that follow.
+async fn decide(
+    policies: &Arc<PolicyRuntime>,
+    tasks: Vec<Task>,
+    mut usage: HashMap<String, Usage>,
+) -> Result<Vec<AdmissionDecision>, StoreError> {
+    let policies = Arc::clone(policies);
+    tokio::task::spawn_blocking(move || {
+        let now = model::now();
+        tasks
+            .iter()
+            .map(|task| {
+                let user = usage.entry(task.user_id.clone()).or_default();
+                let outcome = policies.admit(&admission_task(task, now), &user.to_wit());
+                if outcome.decision == AdmissionDecision::Accept {
+                    user.pending_tasks = user.pending_tasks.saturating_sub(1);
+                    user.queued_tasks += 1;
+                }
+                tracing::debug!(
+                    task_id = %task.task_id,
+                    user_id = %task.user_id,
+                    policy = %source_label(&outcome.source),
+                    decision = ?outcome.decision,
+                    "admission decided"
+                );
+                outcome.decision
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| StoreError::backend("running the admission policy", e.to_string()))
+}
+
+/// Writes an admission decision as a conditional transition from `pending`.
+pub(super) async fn apply(
+    store: &dyn Store,
+    task: &Task,
+    decision: AdmissionDecision,
+) -> Result<Admitted, StoreError> {
+    let id = task.task_id.as_str();
+    let pending = [TaskStatus::Pending];
+    match decision {
+        AdmissionDecision::Accept => {
+            let update = TaskUpdate {
+                status_reason: Some(None),
+                ..TaskUpdate::default()
+            };
+            let task = store
+                .transition_task(id, &pending, TaskStatus::Queued, &update)
+                .await?;
+            tracing::info!(task_id = id, user_id = %task.user_id, "task admitted");
+            Ok(Admitted::Queued(task))
+        }
+        AdmissionDecision::Reject(reason) => {
+            let update = TaskUpdate {
+                completed_at: Some(model::now()),
+                error: Some(reason.clone()),
+                status_reason: Some(Some(reason.clone())),
+                clear_claim: true,
+                ..TaskUpdate::default()
+            };
+            let task = store
+                .transition_task(id, &pending, TaskStatus::Failed, &update)
+                .await?;
+            tracing::info!(task_id = id, user_id = %task.user_id, %reason, "task rejected by admission");
+            Ok(Admitted::Rejected { task, reason })
+        }
+        AdmissionDecision::Defer(reason) => {
+            // Written even when the reason is unchanged: the update time is what puts the task
+            // back by the back-off in the admission batch.
+            let update = TaskUpdate {
+                status_reason: Some(Some(reason.clone())),
+                ..TaskUpdate::default()
+            };
+            let task = store
+                .transition_task(id, &pending, TaskStatus::Pending, &update)
+                .await?;
+            tracing::debug!(task_id = id, user_id = %task.user_id, %reason, "task deferred");
+            Ok(Admitted::Deferred { task, reason })
+        }
+    }
+}
+
+/// What one admission pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AdmissionStats {
+    pub checked: usize,
+    pub queued: usize,
+    pub rejected: usize,
+    pub deferred: usize,
+}
+
+impl Scheduler {
+    /// Checks the pending tasks that are due (never checked, or deferred longer ago than the
+    /// back-off), up to one batch. The placement round that follows in the same cycle places
+    /// what was queued.
+    pub async fn admission_pass(&self) -> Result<AdmissionStats, StoreError> {
+        let due_before = model::now() - chrono_duration(self.config.admission_backoff);
+        let tasks = self
+            .store
+            .admission_batch(self.config.batch_size, due_before)
+            .await?;
+        let mut stats = AdmissionStats {
+            checked: tasks.len(),
+            ..AdmissionStats::default()
+        };
+        if tasks.is_empty() {
+            return Ok(stats);
+        }
+        let mut usage = HashMap::new();
+        for task in &tasks {
+            if !usage.contains_key(&task.user_id) {
+                let u = self.store.user_usage(&task.user_id).await?;
+                usage.insert(task.user_id.clone(), u);
+            }
+        }
+        let decisions = decide(&self.policies, tasks.clone(), usage).await?;
+        for (task, decision) in tasks.iter().zip(decisions) {
+            match apply(&*self.store, task, decision).await {
+                Ok(Admitted::Queued(_)) => stats.queued += 1,
+                Ok(Admitted::Rejected { .. }) => stats.rejected += 1,
+                Ok(Admitted::Deferred { .. }) => stats.deferred += 1,
+                // Cancelled, or admitted by another replica meanwhile.
+                Err(StoreError::Conflict { .. }) => {}
+                Err(error) => {
+                    tracing::warn!(task_id = %task.task_id, %error, "applying an admission decision");
+                }
+            }
+        }
+        tracing::debug!(
+            checked = stats.checked,
+            queued = stats.queued,
+            rejected = stats.rejected,
+            deferred = stats.deferred,
+            "admission pass"
+        );
+        Ok(stats)
+    }
+}

@@ -1,0 +1,96 @@
+//! The end of a running task: its terminal state, its reservation returned exactly once, and
+//! the scheduler woken for the capacity freed.
+
+use super::Wakeup;
+use crate::model::{self, Task, TaskStatus};
+use crate::store::{AssignmentFilter, Store, StoreError, TaskUpdate};
+
+/// How a running task ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finish {
+    Completed {
+        exit_code: i64,
+    },
+    Failed {
+        error: String,
+        exit_code: Option<i64>,
+    },
+    Cancelled {
+        reason: String,
+    },
+}
+
+/// Moves a `running` task to its terminal state, releases every active assignment of the task
+/// (each exactly once: the store guards the release by the assignment) and wakes the
+/// scheduler. When the task is already terminal (a duplicate report, or a retry after a crash
+/// between the transition and the release) the remaining releases are still made and
+/// `Conflict` is returned: this call did not finish it. `Conflict` without any release when
+/// the task is not running (pending or queued).
+pub async fn finish_task(
+    store: &dyn Store,
+    wakeup: &Wakeup,
+    task_id: &str,
+    finish: Finish,
+) -> Result<Task, StoreError> {
+    let (to, update) = match finish {
+        Finish::Completed { exit_code } => (
+            TaskStatus::Completed,
+            TaskUpdate {
+                exit_code: Some(exit_code),
+                status_reason: Some(None),
+                ..TaskUpdate::default()
+            },
+        ),
+        Finish::Failed { error, exit_code } => (
+            TaskStatus::Failed,
+            TaskUpdate {
+                exit_code,
+                status_reason: Some(Some(error.clone())),
+                error: Some(error),
+                ..TaskUpdate::default()
+            },
+        ),
+        Finish::Cancelled { reason } => (
+            TaskStatus::Cancelled,
+            TaskUpdate {
+                status_reason: Some(Some(reason)),
+                ..TaskUpdate::default()
+            },
+        ),
+    };
+    let update = TaskUpdate {
+        completed_at: Some(model::now()),
+        clear_claim: true,
+        ..update
+    };
+    let finished = store
+        .transition_task(task_id, &[TaskStatus::Running], to, &update)
+        .await;
+    match &finished {
+        Ok(_) => {}
+        Err(StoreError::Conflict { .. }) => {
+            if !store.get_task(task_id).await?.status.is_terminal() {
+                return finished;
+            }
+        }
+        Err(_) => return finished,
+    }
+    let active = store
+        .list_assignments(&AssignmentFilter {
+            task_id: Some(task_id.to_string()),
+            active_only: true,
+            ..AssignmentFilter::default()
+        })
+        .await?;
+    let mut released = 0;
+    for assignment in &active {
+        if store.release(&assignment.ass_id).await? {
+            released += 1;
+            tracing::info!(task_id, ass_id = %assignment.ass_id, worker_id = %assignment.worker_id, "reservation released");
+        }
+    }
+    if released > 0 {
+        wakeup.wake();
+    }
+    finished
+}

@@ -1,0 +1,362 @@
+//! Placement rounds: a fair batch of claimable queued tasks, the candidate workers, ONE policy
+//! call for the batch, then for each assignment the write protocol of DESIGN.md section 4:
+//! claim the task (owner + lease) -> reserve on the worker (the one conditional update) ->
+//! insert the ASSIGNMENT -> mark the task running (conditional on our claim).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use tracing::Instrument;
+
+use super::{Scheduler, chrono_duration, source_label};
+use crate::model::{self, Assignment, Task, TaskStatus, Worker};
+use crate::policy::snapshot::queue_order;
+use crate::policy::{Decision, PlacementInput};
+use crate::store::{StoreError, TaskUpdate};
+
+/// Most store queries one batch takes to be fair (each leaves out the users that already
+/// have their share): bounds a round's reads whatever the queue looks like.
+const MAX_BATCH_QUERIES: usize = 4;
+
+/// What one placement round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoundStats {
+    /// Tasks in the batch.
+    pub batch: usize,
+    pub placed: usize,
+    /// Left queued with the policy's reason.
+    pub waited: usize,
+    /// Failed as unschedulable.
+    pub failed: usize,
+    /// Lost a race (the capacity or the task was taken meanwhile): re-planned next round.
+    pub lost: usize,
+}
+
+impl RoundStats {
+    /// Another round right away may place more: this one placed a full batch, or lost races
+    /// that deserve a fresh look.
+    pub(super) fn wants_another(&self) -> bool {
+        self.lost > 0 || (self.placed > 0 && self.placed + self.failed == self.batch)
+    }
+}
+
+/// What happened to one assignment.
+enum Placement {
+    Placed,
+    Lost,
+    Failed,
+}
+
+/// The batch in queue order with per-user fairness: higher priority first; within a priority,
+/// users take turns (each user's first task, then each user's second, ...), older first within
+/// a turn. So one user's 10,000 queued tasks cannot keep another user's single task out.
+pub(super) fn fair_order(mut tasks: Vec<Task>, limit: usize) -> Vec<Task> {
+    tasks.sort_by(queue_order);
+    let mut turn: HashMap<(i32, String), usize> = HashMap::new();
+    let mut ranked: Vec<(usize, Task)> = tasks
+        .into_iter()
+        .map(|task| {
+            let slot = turn
+                .entry((task.priority, task.user_id.clone()))
+                .or_default();
+            let rank = *slot;
+            *slot += 1;
+            (rank, task)
+        })
+        .collect();
+    ranked.sort_by(|(ra, a), (rb, b)| {
+        b.priority
+            .cmp(&a.priority)
+            .then(ra.cmp(rb))
+            .then_with(|| queue_order(a, b))
+    });
+    ranked.into_iter().take(limit).map(|(_, t)| t).collect()
+}
+
+impl Scheduler {
+    /// Reads a fair batch: the queue's head, then (while one user fills more than its share)
+    /// the queue without the users that have theirs, at most [`MAX_BATCH_QUERIES`] bounded
+    /// queries in all.
+    pub(super) async fn fair_batch(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<Task>, StoreError> {
+        let limit = self.config.batch_size.max(1);
+        let share = (limit as usize).div_ceil(4).max(1);
+        let mut fetched: Vec<Task> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut per_user: HashMap<String, usize> = HashMap::new();
+        let mut excluded: Vec<String> = Vec::new();
+        for _ in 0..MAX_BATCH_QUERIES {
+            let page = self.store.claimable_tasks(limit, now, &excluded).await?;
+            let exhausted = page.len() < limit as usize;
+            for task in page {
+                if seen.insert(task.task_id.clone()) {
+                    *per_user.entry(task.user_id.clone()).or_default() += 1;
+                    fetched.push(task);
+                }
+            }
+            let before = excluded.len();
+            for (user, count) in &per_user {
+                if *count >= share && !excluded.contains(user) {
+                    excluded.push(user.clone());
+                }
+            }
+            if exhausted || excluded.len() == before {
+                break;
+            }
+        }
+        Ok(fair_order(fetched, limit as usize))
+    }
+
+    /// One placement round. `Err` only when the round could not start (reading the queue or
+    /// the workers failed); a failed placement is logged and left for a later round.
+    pub async fn placement_round(&self) -> Result<RoundStats, StoreError> {
+        let started = Instant::now();
+        let now = model::now();
+        let tasks = self.fair_batch(now).await?;
+        let mut stats = RoundStats {
+            batch: tasks.len(),
+            ..RoundStats::default()
+        };
+        if tasks.is_empty() {
+            return Ok(stats);
+        }
+        let workers = self.store.list_workers().await?;
+        let stale_before = now.timestamp() - self.config.heartbeat_staleness.as_secs() as i64;
+        let candidates: Vec<Worker> = workers
+            .iter()
+            .filter(|w| w.last_heartbeat >= stale_before)
+            .cloned()
+            .collect();
+        let counts = self.store.active_assignment_counts().await?;
+        let input = PlacementInput::build(&tasks, &candidates, now).with_running_tasks(&counts);
+        let policies = self.policies.clone();
+        let (input, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = policies.place(&input);
+            (input, outcome)
+        })
+        .await
+        .map_err(|e| StoreError::backend("running the placement policy", e.to_string()))?;
+
+        for (task, decision) in tasks.iter().zip(outcome.decisions) {
+            match decision {
+                Decision::Assign { worker } => {
+                    let Some(worker_id) = input.worker_id(worker) else {
+                        // The runtime checks indices; this is only defence in depth.
+                        stats.lost += 1;
+                        continue;
+                    };
+                    let span = tracing::info_span!("place", task_id = %task.task_id, worker_id);
+                    match self.place(task, worker_id).instrument(span).await {
+                        Placement::Placed => stats.placed += 1,
+                        Placement::Lost => stats.lost += 1,
+                        Placement::Failed => {}
+                    }
+                }
+                Decision::Wait { reason } => {
+                    stats.waited += 1;
+                    self.wait(task, reason).await;
+                }
+                Decision::Unschedulable { reason } => {
+                    // A worker that is stale or draining now may come back: only a request no
+                    // registered worker could ever hold fails.
+                    let request = task.request();
+                    if workers.iter().any(|w| w.total().covers(&request)) {
+                        stats.waited += 1;
+                        let reason = format!(
+                            "no available worker can hold the request now ({reason}); a registered worker could"
+                        );
+                        self.wait(task, reason).await;
+                    } else if self.fail_unschedulable(task, &reason).await {
+                        stats.failed += 1;
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            batch = stats.batch,
+            placed = stats.placed,
+            waited = stats.waited,
+            failed = stats.failed,
+            lost = stats.lost,
+            workers = input.worker_count(),
+            policy = %source_label(&outcome.source),
+            policy_ms = outcome.elapsed.as_secs_f64() * 1000.0,
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "placement round"
+        );
+        Ok(stats)
+    }
+
+    /// Places one task on one worker: claim -> reserve -> assignment -> running. Every step
+    /// after the reserve undoes what came before when it fails, so no capacity leaks. A crash
+    /// between two steps leaves a claim that expires with its lease and, at worst, a
+    /// reservation without an active assignment: the reconciler's to return.
+    async fn place(&self, task: &Task, worker_id: &str) -> Placement {
+        let store = &*self.store;
+        let task_id = task.task_id.as_str();
+        let now = model::now();
+        let lease_until = now + chrono_duration(self.config.claim_lease);
+        match store
+            .claim_task(task_id, &self.owner, lease_until, now)
+            .await
+        {
+            Ok(_) => {}
+            // Claimed by another replica, cancelled, or already placed: not ours to place.
+            Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
+                return Placement::Lost;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "claiming a task");
+                return Placement::Failed;
+            }
+        }
+        let request = task.request();
+        match store.reserve(worker_id, &request).await {
+            Ok(true) => {}
+            // The capacity was taken (or the worker left) since the round read it: re-plan.
+            Ok(false) | Err(StoreError::NotFound { .. }) => {
+                self.unclaim(task_id).await;
+                return Placement::Lost;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reserving on a worker");
+                self.unclaim(task_id).await;
+                return Placement::Failed;
+            }
+        }
+        let attempt = task.attempts.saturating_add(1);
+        let assignment = Assignment {
+            ass_id: format!("ass-{}", uuid::Uuid::now_v7().simple()),
+            task_id: task_id.to_string(),
+            worker_id: worker_id.to_string(),
+            assigned_at: model::now(),
+            req_cpu: request.cpu,
+            req_memory: request.memory,
+            req_storage: request.storage,
+            req_gpu: request.gpu,
+            attempt,
+            released: false,
+            released_at: None,
+        };
+        if let Err(error) = store.insert_assignment(&assignment).await {
+            tracing::warn!(%error, ass_id = %assignment.ass_id, "inserting an assignment");
+            self.undo_reservation(&assignment).await;
+            self.unclaim(task_id).await;
+            return Placement::Failed;
+        }
+        match store.mark_running(task_id, &self.owner, attempt).await {
+            Ok(_) => {
+                tracing::info!(ass_id = %assignment.ass_id, attempt, "task placed");
+                Placement::Placed
+            }
+            Err(error) => {
+                // Cancelled meanwhile, or our lease expired and another replica took the task:
+                // give the capacity back through the assignment (released exactly once).
+                let lost = matches!(error, StoreError::Conflict { .. });
+                if !lost {
+                    tracing::warn!(%error, ass_id = %assignment.ass_id, "marking a task running");
+                }
+                if let Err(error) = store.release(&assignment.ass_id).await {
+                    tracing::error!(%error, ass_id = %assignment.ass_id, "releasing an unused assignment failed; left for the reconciler");
+                }
+                self.unclaim(task_id).await;
+                if lost {
+                    Placement::Lost
+                } else {
+                    Placement::Failed
+                }
+            }
+        }
+    }
+
+    /// Returns the reservation of an assignment whose insert failed: through the assignment
+    /// when the insert did apply after all (an ambiguous failure), else directly.
+    async fn undo_reservation(&self, assignment: &Assignment) {
+        let store = &*self.store;
+        let undone = match store.get_assignment(&assignment.ass_id).await {
+            Ok(_) => store.release(&assignment.ass_id).await,
+            Err(StoreError::NotFound { .. }) => {
+                store
+                    .unreserve(&assignment.worker_id, &assignment.request())
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        if let Err(error) = undone {
+            tracing::error!(%error, ass_id = %assignment.ass_id, "returning a reservation failed; left for the reconciler");
+        }
+    }
+
+    async fn unclaim(&self, task_id: &str) {
+        if let Err(error) = self.store.unclaim_task(task_id, &self.owner).await {
+            // The claim expires with its lease.
+            tracing::warn!(task_id, %error, "giving up a claim");
+        }
+    }
+
+    /// Keeps a task queued with the reason shown to its user, written only when it changed.
+    async fn wait(&self, task: &Task, reason: String) {
+        if task.status_reason.as_deref() == Some(reason.as_str()) {
+            return;
+        }
+        let update = TaskUpdate {
+            status_reason: Some(Some(reason)),
+            ..TaskUpdate::default()
+        };
+        match self
+            .store
+            .transition_task(
+                &task.task_id,
+                &[TaskStatus::Queued],
+                TaskStatus::Queued,
+                &update,
+            )
+            .await
+        {
+            Ok(_) | Err(StoreError::Conflict { .. }) => {}
+            Err(error) => {
+                tracing::warn!(task_id = %task.task_id, %error, "recording a wait reason")
+            }
+        }
+    }
+
+    /// Fails a task no worker could ever hold, under our claim so that a replica placing it
+    /// meanwhile is not overruled. True when it was failed.
+    async fn fail_unschedulable(&self, task: &Task, reason: &str) -> bool {
+        let task_id = task.task_id.as_str();
+        let now = model::now();
+        let lease_until = now + chrono_duration(self.config.claim_lease);
+        if self
+            .store
+            .claim_task(task_id, &self.owner, lease_until, now)
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let update = TaskUpdate {
+            completed_at: Some(model::now()),
+            error: Some(reason.to_string()),
+            status_reason: Some(Some(reason.to_string())),
+            clear_claim: true,
+            ..TaskUpdate::default()
+        };
+        match self
+            .store
+            .transition_task(task_id, &[TaskStatus::Queued], TaskStatus::Failed, &update)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(task_id, reason, "task unschedulable");
+                true
+            }
+            Err(error) => {
+                tracing::warn!(task_id, %error, "failing an unschedulable task");
+                self.unclaim(task_id).await;
+                false
+            }
+        }
+    }
+}
