@@ -1011,7 +1011,7 @@ fn is_empty_list(value: &Value, field: &str) -> bool {
         .is_none_or(Vec::is_empty)
 }
 
-fn new_table(header: &[&str]) -> Table {
+pub(crate) fn new_table(header: &[&str]) -> Table {
     let mut table = Table::new();
     table
         .load_preset(UTF8_BORDERS_ONLY)

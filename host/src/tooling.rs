@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::cli::Output;
+use crate::cli::{Output, new_table};
 use crate::model::{Resources, Task, TaskStatus, Worker};
 use crate::policy::bindings::types::{AdmissionDecision, AdmissionTask, UserUsage};
 use crate::policy::snapshot::{SNAPSHOT_FORMAT, Usage};
@@ -282,14 +282,6 @@ impl TestReport {
         ));
         out
     }
-}
-
-fn new_table(header: &[&str]) -> Table {
-    let mut table = Table::new();
-    table
-        .load_preset(UTF8_BORDERS_ONLY)
-        .set_header(header.to_vec());
-    table
 }
 
 fn fmt_ms(ms: f64) -> String {
