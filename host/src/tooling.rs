@@ -446,7 +446,9 @@ fn admission_row(
 /// bench` and the policy benches.
 pub fn synthetic_snapshot(seed: u64, workers: usize, tasks: usize) -> ClusterSnapshot {
     let mut rng = StdRng::seed_from_u64(seed);
-    let now = crate::model::now();
+    // One fixed instant for every timestamp: the same seed gives the same
+    // snapshot, to the millisecond (ages are taken relative to `taken_at`).
+    let now = chrono::DateTime::from_timestamp(1_767_225_600, 0).unwrap_or_default();
     let workers: Vec<Worker> = (0..workers)
         .map(|i| {
             let total = Resources::new(
@@ -466,6 +468,9 @@ pub fn synthetic_snapshot(seed: u64, workers: usize, tasks: usize) -> ClusterSna
                 BTreeMap::from([("zone".into(), format!("z{}", i % 3))]),
                 String::new(),
             );
+            w.last_heartbeat = now.timestamp();
+            w.registered_at = now;
+            w.updated_at = now;
             let used = f64::from(rng.random_range(0..=3)) / 4.0;
             w.allocated_cpu = (w.total_cpu * used).floor();
             w.available_cpu = w.total_cpu - w.allocated_cpu;
@@ -482,12 +487,15 @@ pub fn synthetic_snapshot(seed: u64, workers: usize, tasks: usize) -> ClusterSna
                 f64::from(rng.random_range(0..=50)),
                 if rng.random_bool(0.1) { 1.0 } else { 0.0 },
             );
-            Task::new_pending(
+            let mut t = Task::new_pending(
                 format!("task-{j:04}"),
                 format!("user-{}", j % 7),
                 "busybox:1.36".into(),
                 req,
-            )
+            );
+            t.created_at = now;
+            t.updated_at = now;
+            t
         })
         .collect();
     let queued: Vec<Task> = pending
