@@ -491,6 +491,8 @@ pub struct PolicyStatus {
     pub deactivated: bool,
     pub consecutive_failures: u32,
     pub total_failures: u64,
+    /// Rounds or checks it decided on this replica.
+    pub evaluations: u64,
     /// Why it could not be loaded on this replica, if it could not.
     pub load_error: Option<String>,
 }
@@ -528,6 +530,7 @@ async fn policy_list(state: &AppState, name: Option<&str>) -> ApiResult<PolicyLi
                 deactivated: info.is_some_and(|i| i.deactivated),
                 consecutive_failures: info.map_or(0, |i| i.consecutive_failures),
                 total_failures: info.map_or(0, |i| i.total_failures),
+                evaluations: info.map_or(0, |i| i.evaluations),
                 load_error,
                 policy,
             }

@@ -151,6 +151,9 @@ pub struct PolicyVersionInfo {
     pub deactivated: bool,
     pub consecutive_failures: u32,
     pub total_failures: u64,
+    /// Rounds (placement) or checks (admission) this version decided on this replica, its
+    /// failures not included.
+    pub evaluations: u64,
 }
 
 /// A version this runtime deactivated after repeated failures, and what it restored: what
@@ -173,7 +176,15 @@ struct Loaded {
     prepared: Prepared,
     consecutive_failures: AtomicU32,
     total_failures: AtomicU64,
+    evaluations: AtomicU64,
     deactivated: AtomicBool,
+}
+
+impl Loaded {
+    fn record_success(&self) {
+        self.consecutive_failures.store(0, Ordering::SeqCst);
+        self.evaluations.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 type Key = (String, String);
@@ -416,6 +427,7 @@ impl PolicyRuntime {
             prepared,
             consecutive_failures: AtomicU32::new(0),
             total_failures: AtomicU64::new(0),
+            evaluations: AtomicU64::new(0),
             deactivated: AtomicBool::new(false),
         });
         if options.smoke_check {
@@ -554,6 +566,7 @@ impl PolicyRuntime {
                 deactivated: p.deactivated.load(Ordering::SeqCst),
                 consecutive_failures: p.consecutive_failures.load(Ordering::SeqCst),
                 total_failures: p.total_failures.load(Ordering::SeqCst),
+                evaluations: p.evaluations.load(Ordering::SeqCst),
             })
             .collect()
     }
@@ -586,7 +599,7 @@ impl PolicyRuntime {
         };
         match self.run_place(&policy, input) {
             Ok(decisions) => {
-                policy.consecutive_failures.store(0, Ordering::SeqCst);
+                policy.record_success();
                 PlacementOutcome {
                     decisions,
                     source: wasm_source(&policy),
@@ -642,7 +655,7 @@ impl PolicyRuntime {
         };
         match self.run_admit(&policy, task, usage) {
             Ok(decision) => {
-                policy.consecutive_failures.store(0, Ordering::SeqCst);
+                policy.record_success();
                 AdmissionOutcome {
                     decision,
                     source: wasm_source(&policy),

@@ -23,6 +23,8 @@ use crate::store::conformance::{sample_task, sample_worker, unique_id};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{AssignmentFilter, StoreError};
 
+mod swap;
+
 const ALICE: &str = "cai_u_alice_0123456789abcdef";
 
 type Guard = Box<dyn std::any::Any + Send + Sync>;
