@@ -230,3 +230,125 @@ async fn two_hosts_on_one_mongodb_database_switch_policies_within_a_second() {
         switched.elapsed()
     );
 }
+
+/// Registers a worker through the API with the join token; returns its token.
+async fn register(host: &TestHost, id: &str, cpu: f64, memory: f64) -> String {
+    let worker = json!({
+        "worker_id": id, "worker_ip": "127.0.0.1:50052",
+        "total_cpu": cpu, "total_memory": memory, "total_storage": 100.0, "total_gpu": 0.0
+    });
+    let (status, body) = host
+        .call(
+            Method::POST,
+            "/v1/workers",
+            Some(&host.join_token),
+            Some(&worker.to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["token"].as_str().expect("worker token").to_string()
+}
+
+/// Submits a 1-core, 1 GB task as alice, waits until it is placed, and says on which worker
+/// the reservation landed (the one whose allocation grew by its request).
+async fn place_one(host: &TestHost, workers: &[(&str, &str)]) -> String {
+    let allocated = |body: &Value| body["worker"]["allocated_cpu"].as_f64().unwrap_or(-1.0);
+    let mut before = Vec::new();
+    for (id, token) in workers {
+        // A heartbeat keeps the worker a candidate, however slow the machine.
+        let (status, body) = host
+            .call(
+                Method::POST,
+                &format!("/v1/workers/{id}/heartbeat"),
+                Some(token),
+                Some("{}"),
+                &[],
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        before.push(allocated(&body));
+    }
+    let spec = r#"{"docker_image": "busybox", "req_cpu": 1, "req_memory": 1}"#;
+    let (status, body) = host
+        .call(
+            Method::POST,
+            "/v1/tasks",
+            Some(crate::harness::ALICE_TOKEN),
+            Some(spec),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let path = format!("/v1/tasks/{}", body["task_id"].as_str().unwrap());
+    let started = Instant::now();
+    loop {
+        let (_, task) = host
+            .call(
+                Method::GET,
+                &path,
+                Some(crate::harness::ALICE_TOKEN),
+                None,
+                &[],
+            )
+            .await;
+        if task["status"] == "running" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not placed within 10 s: {task}\nhost log:\n{}",
+            host.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut grew = Vec::new();
+    for ((id, _), before) in workers.iter().zip(before) {
+        let (_, body) = host
+            .call(
+                Method::GET,
+                &format!("/v1/workers/{id}"),
+                Some(&host.admin_token),
+                None,
+                &[],
+            )
+            .await;
+        let after = body["allocated_cpu"].as_f64().unwrap();
+        if after != before {
+            assert_eq!(after - before, 1.0, "{id}: {body}");
+            grew.push(id.to_string());
+        }
+    }
+    assert_eq!(
+        grew.len(),
+        1,
+        "exactly one worker reserved the task: {grew:?}"
+    );
+    grew.remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swapping_best_fit_for_spread_on_a_running_host_changes_where_the_next_tasks_go() {
+    let Some(dir) = wasm_dir() else { return };
+    let host = TestHost::start(StoreKind::Embedded).expect("host starts");
+    let small = register(&host, "small", 4.0, 8.0).await;
+    let big = register(&host, "big", 16.0, 32.0).await;
+    let workers = [("small", small.as_str()), ("big", big.as_str())];
+    upload(&host, &dir, "best-fit", &["--activate"]);
+    upload(&host, &dir, "spread", &[]);
+
+    // Best-fit packs: the worker left with the least room, the small one.
+    assert_eq!(place_one(&host, &workers).await, "small");
+    ok(&host, &["policy", "activate", "spread", "1"]);
+    // Spread: the least loaded worker after placement, the big one (1/16 against 2/4).
+    assert_eq!(place_one(&host, &workers).await, "big");
+    assert_eq!(place_one(&host, &workers).await, "big");
+    ok(&host, &["policy", "activate", "best-fit", "1"]);
+    assert_eq!(place_one(&host, &workers).await, "small");
+
+    // One process all along, and both versions decided rounds in it.
+    let list: Value = serde_json::from_str(&ok(&host, &["policy", "list", "-o", "json"])).unwrap();
+    for version in list["versions"].as_array().unwrap() {
+        assert!(version["evaluations"].as_u64().unwrap() >= 1, "{version}");
+    }
+}
