@@ -217,10 +217,19 @@ fn best_fit_guest_decides_placement_like_the_native_best_fit() {
 fn swapping_the_active_policy_changes_decisions_with_no_restart() {
     let Some(dir) = wasm_dir() else { return };
     let rt = Arc::new(runtime());
-    rt.load("best-fit", "1", &guest(&dir, "best-fit"), "{}")
-        .unwrap();
-    rt.load("first-fit", "1", &guest(&dir, "first-fit"), "{}")
-        .unwrap();
+    // A generous deadline: this is about swaps, and a round that overran 50 ms on a busy
+    // machine would fall back and be reported as a mixed decision.
+    for name in ["best-fit", "first-fit"] {
+        let options = LoadOptions {
+            limits: Some(PolicyLimits {
+                deadline: Duration::from_secs(1),
+                ..PolicyLimits::default()
+            }),
+            smoke_check: true,
+        };
+        rt.load_with(name, "1", &guest(&dir, name), "{}", options)
+            .unwrap();
+    }
     let input = first_fit_vs_best_fit();
     rt.activate("best-fit", "1").unwrap();
     assert_eq!(
