@@ -23,7 +23,7 @@ use crate::store::conformance::{sample_task, sample_worker, unique_id};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{AssignmentFilter, StoreError};
 
-mod swap;
+mod policies;
 
 const ALICE: &str = "cai_u_alice_0123456789abcdef";
 

@@ -1687,10 +1687,11 @@ async fn active_pair(store: &dyn Store, kind: PolicyKind) -> Option<(String, Str
         .map(|a| (a.name, a.version))
 }
 
-/// 3.5 MiB spans several chunks and ends in a partial one; 0 bytes is no chunk at all.
+/// 20.5 MiB (the size of a Python guest) spans many chunks and ends in a partial one; 0 bytes
+/// is no chunk at all.
 pub async fn policy_bytes_round_trip_in_chunks_and_empty(store: &dyn Store) {
     let name = unique_id("pol");
-    let big = sample_policy_bytes(POLICY_CHUNK_BYTES * 7 / 2);
+    let big = sample_policy_bytes(POLICY_CHUNK_BYTES * 41 / 2);
     let v1 = policy_with(store, &name, "1.0.0", PolicyKind::Placement, &big).await;
     assert_eq!(store.get_policy_version(&name, "1.0.0").await.unwrap(), v1);
     let back = store.get_policy_bytes(&name, "1.0.0").await.unwrap();

@@ -1,11 +1,13 @@
-//! Hot swap under load: the active placement policy is switched back and forth in the store
-//! while two replicas place a stream of tasks. Nothing may be dropped, placed twice or
-//! overcommitted, and a swap must never make a round fail over to the fallback.
+//! The scheduler with WebAssembly policies: a hot swap under load (the active placement policy
+//! switched back and forth in the store while two replicas place a stream of tasks: nothing
+//! dropped, placed twice or overcommitted, no round failing over), and hostile policies that
+//! never stall placement.
 
 use super::*;
 use crate::model::PolicyKind;
 use crate::policy::guest_tests::{guest, wasm_dir};
 use crate::policy::sync::PolicySync;
+use crate::policy::{LoadOptions, PolicyLimits};
 use crate::store::conformance::sample_policy;
 
 const BURST: usize = 8;
@@ -224,4 +226,55 @@ async fn mongo_swapping_the_placement_policy_under_load_places_every_task_exactl
     };
     // FerretDB takes ~50 ms per placement here: fewer tasks, the same swaps.
     swapping_under_load_places_every_task_exactly_once(store, 96).await;
+}
+
+/// A guest that loops forever, one that allocates without bound and one that answers an
+/// out-of-range worker index: each round is cut off, decided by the native best-fit instead,
+/// and every task is still placed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hostile_placement_policy_never_stalls_placement() {
+    let Some(dir) = wasm_dir() else { return };
+    for fixture in [
+        "fixture-infinite-loop",
+        "fixture-unbounded-alloc",
+        "fixture-bad-index",
+    ] {
+        let (store, _guard) = sqlite();
+        add_worker(&*store, Resources::new(8.0, 16.0, 100.0, 0.0)).await;
+        let policies = policies();
+        let options = LoadOptions {
+            limits: Some(PolicyLimits {
+                deadline: Duration::from_millis(50),
+                memory_bytes: 16 << 20,
+            }),
+            smoke_check: false,
+        };
+        policies
+            .load_with(fixture, "1", &guest(&dir, fixture), "{}", options)
+            .unwrap();
+        policies.activate(fixture, "1").unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            tasks.push(queued(&*store, "alice", 1.0, 0, 0).await);
+        }
+        let scheduler = Scheduler::new(store.clone(), policies.clone(), Wakeup::new(), config(2));
+        tokio::time::timeout(Duration::from_secs(30), scheduler.cycle())
+            .await
+            .unwrap_or_else(|_| panic!("{fixture}: the cycle stalled"));
+        for task in &tasks {
+            assert_eq!(
+                store.get_task(&task.task_id).await.unwrap().status,
+                TaskStatus::Running,
+                "{fixture}: placed by the fallback"
+            );
+        }
+        assert_accounting(&*store).await;
+        let info = policies
+            .versions()
+            .into_iter()
+            .find(|v| v.name == fixture)
+            .unwrap();
+        // Batches of 2: two rounds, each failed over to the native best-fit.
+        assert_eq!((info.total_failures, info.evaluations), (2, 0), "{fixture}");
+    }
 }
