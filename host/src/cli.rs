@@ -19,6 +19,7 @@ use crate::client::Client;
 use crate::scheduler::SchedulerConfig;
 use crate::serve::{self, ServeConfig};
 use crate::tooling;
+use crate::worker::{Agent, AgentConfig, Overrides};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -62,6 +63,58 @@ pub enum Command {
     /// Policy components: upload, list, activate, roll back, delete, dry-run (admin).
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Run a worker agent: join a host, offer this machine's resources, heartbeat.
+    Worker(WorkerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The host's URL.
+    #[arg(long, env = "CLOUDAI_HOST")]
+    pub host: String,
+    /// The cluster's join token (the host's DATA_DIR/join.token).
+    #[arg(long, env = "CLOUDAI_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: String,
+    /// The id to register under (the host generates one when absent; kept across restarts).
+    #[arg(long, env = "CLOUDAI_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// The `host:port` recorded as this worker's address (default: the local address of the
+    /// route to the host, port 0).
+    #[arg(long, env = "CLOUDAI_WORKER_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Label KEY=VALUE for placement policies (repeatable).
+    #[arg(long = "label", short = 'l', value_parser = parse_key_value)]
+    pub labels: Vec<(String, String)>,
+    /// Cores to offer (default: the cores this process may use).
+    #[arg(long, env = "CLOUDAI_WORKER_CPU")]
+    pub cpu: Option<f64>,
+    /// Memory to offer, GB (default: the machine's memory).
+    #[arg(long, env = "CLOUDAI_WORKER_MEMORY_GB")]
+    pub memory_gb: Option<f64>,
+    /// Storage to offer, GB (default: free space on the filesystem of --storage-path).
+    #[arg(long, env = "CLOUDAI_WORKER_STORAGE_GB")]
+    pub storage_gb: Option<f64>,
+    /// GPUs to offer (default: the devices nvidia-smi lists, 0 without it).
+    #[arg(long, env = "CLOUDAI_WORKER_GPUS")]
+    pub gpus: Option<f64>,
+    /// Where containers write: Docker's data root.
+    #[arg(
+        long,
+        env = "CLOUDAI_WORKER_STORAGE_PATH",
+        default_value = "/var/lib/docker"
+    )]
+    pub storage_path: PathBuf,
+    /// Where the worker keeps its identity across restarts.
+    #[arg(
+        long,
+        env = "CLOUDAI_WORKER_STATE_DIR",
+        default_value = "/var/lib/cloudai-worker"
+    )]
+    pub state_dir: PathBuf,
+    /// Seconds between heartbeats (keep it well under the host's staleness, 15 s by default).
+    #[arg(long, env = "CLOUDAI_HEARTBEAT_INTERVAL_S", default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub heartbeat_interval_s: u64,
 }
 
 #[derive(Debug, Args)]
@@ -417,7 +470,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print_one(args.output, &answer, print_workers)
         }
         Command::Policy(command) => policy(command).await,
+        Command::Worker(args) => worker(args).await,
     }
+}
+
+async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let storage_path = if args.storage_path.exists() {
+        args.storage_path
+    } else {
+        tracing::warn!(
+            path = %args.storage_path.display(),
+            "the storage path does not exist; offering the free space of / instead"
+        );
+        PathBuf::from("/")
+    };
+    let config = AgentConfig {
+        host: args.host,
+        join_token: args.join_token,
+        worker_id: args.worker_id,
+        advertise: args.advertise,
+        labels: args.labels.into_iter().collect(),
+        overrides: Overrides {
+            cpu: args.cpu,
+            memory: args.memory_gb,
+            storage: args.storage_gb,
+            gpu: args.gpus,
+        },
+        storage_path,
+        state_dir: args.state_dir,
+        heartbeat_interval: Duration::from_secs(args.heartbeat_interval_s),
+    };
+    let mut agent = Agent::connect(config).await?;
+    agent.run_heartbeats(serve::shutdown_signal()).await?;
+    tracing::info!(worker_id = agent.worker_id(), "worker agent stopped");
+    Ok(())
 }
 
 fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {

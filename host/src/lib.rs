@@ -15,3 +15,4 @@ pub mod scheduler;
 pub mod serve;
 pub mod store;
 pub mod tooling;
+pub mod worker;

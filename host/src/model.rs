@@ -94,6 +94,10 @@ impl FromStr for TaskStatus {
     }
 }
 
+/// Bytes in one "GB" of memory or storage, everywhere in CloudAI (requests, capacities, the
+/// limits given to Docker): 2^30, what `free -g` and Docker's `1g` mean.
+pub const BYTES_PER_GB: f64 = 1_073_741_824.0;
+
 /// A request or a capacity in the seed's units: cores, GB, GB, devices.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 pub struct Resources {
