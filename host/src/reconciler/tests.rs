@@ -636,3 +636,81 @@ async fn the_lease_moves_to_another_replica_when_its_holder_stops_or_dies(store:
     assert!(c.passes() > 0, "the new holder reconciles");
     run_c.abort();
 }
+
+/// Through the HTTP API: a worker declared lost heartbeats again and its heartbeat answer
+/// already shows it active (one store write on the usual path, no read before it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_worker_heartbeating_through_the_api_is_active_again() {
+    use axum::body::Body;
+    use axum::http::{Method, Request, StatusCode, header};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use crate::api::auth::{Authenticator, sha256_hex};
+    use crate::api::{AppState, Limits};
+
+    const JOIN: &str = "cai_j_reconciler_test_join_token";
+    let (store, _guard) = crate::scheduler::tests::sqlite();
+    let wakeup = Wakeup::new();
+    let app = crate::api::router(AppState {
+        store: store.clone(),
+        auth: Arc::new(Authenticator::new(Vec::new(), Some(sha256_hex(JOIN)))),
+        limits: Arc::new(Limits::default()),
+        policies: policies(),
+        wakeup: wakeup.clone(),
+    });
+    let call = |uri: String, token: String, body: serde_json::Value| {
+        let app = app.clone();
+        async move {
+            let request = Request::builder()
+                .method(Method::POST)
+                .uri(uri)
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap();
+            let response = app.oneshot(request).await.unwrap();
+            let status = response.status();
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                serde_json::from_slice::<serde_json::Value>(&bytes).unwrap(),
+            )
+        }
+    };
+    let (status, body) = call(
+        "/v1/workers".into(),
+        JOIN.into(),
+        serde_json::json!({"worker_id": "w1", "worker_ip": "127.0.0.1:7070",
+            "total_cpu": 4, "total_memory": 8, "total_storage": 10, "total_gpu": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let token = body["token"].as_str().unwrap().to_string();
+    let task = queued(&*store, 4.0, 3, None).await;
+    scheduler(&store, &wakeup).cycle().await;
+
+    go_silent(&*store, "w1").await;
+    let mut r = reconciler(&store, &wakeup, Duration::from_secs(5));
+    let repairs = held_tick(&mut r).await;
+    assert_eq!((repairs.workers_lost, repairs.tasks_requeued), (1, 1));
+    let _ = tokio::time::timeout(Duration::from_millis(10), wakeup.woken()).await;
+
+    let (status, body) = call(
+        "/v1/workers/w1/heartbeat".into(),
+        token,
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["worker"]["is_active"], true, "{body}");
+    assert_eq!(body["worker"]["allocated_cpu"], 0.0, "{body}");
+    tokio::time::timeout(Duration::from_secs(1), wakeup.woken())
+        .await
+        .expect("a returning worker wakes the scheduler");
+    // And it gets the re-queued task again, as a second attempt.
+    scheduler(&store, &wakeup).cycle().await;
+    let again = active_of(&*store, &task.task_id).await;
+    assert_eq!((again.worker_id.as_str(), again.attempt), ("w1", 2));
+    assert_accounting(&*store).await;
+}
