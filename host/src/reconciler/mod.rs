@@ -15,7 +15,8 @@
 //! - a lost worker that heartbeats again is re-activated ([`worker_returned`], also called by
 //!   the heartbeat API);
 //! - running tasks past their `timeout_s` are failed with `timeout` ([`tasks`]);
-//! - active assignments whose task is no longer running at their attempt are released;
+//! - active assignments whose task is no longer running at their attempt are released, and
+//!   running tasks whose attempt holds no active assignment are re-queued (or failed);
 //! - expired placement claims are cleared;
 //! - `allocated_*` / `available_*` are recomputed from the active assignments when they
 //!   drift ([`drift`]).
@@ -74,9 +75,10 @@ pub struct Repairs {
     pub workers_lost: u64,
     /// Lost workers active again after a heartbeat.
     pub workers_returned: u64,
-    /// Running tasks of lost workers put back in the queue.
+    /// Running tasks of lost workers (or left without an active assignment) put back in the
+    /// queue.
     pub tasks_requeued: u64,
-    /// Running tasks of lost workers failed with `worker_lost` (attempts used up).
+    /// Such tasks failed with `worker_lost` instead (attempts used up).
     pub tasks_failed_lost: u64,
     /// Running tasks failed with `timeout`.
     pub tasks_timed_out: u64,

@@ -38,9 +38,6 @@ pub(super) async fn repair_assignments(
             ..AssignmentFilter::default()
         })
         .await?;
-    if active.is_empty() {
-        return Ok(());
-    }
     // Read after the assignments: a task placed in between is running here, not orphaned.
     let running = running_tasks(store).await?;
     let settled_before = now - chrono_duration(settle);
@@ -88,6 +85,29 @@ pub(super) async fn repair_assignments(
             }
             _ => {} // young: a placement may be between its insert and `mark_running`
         }
+    }
+    // Running tasks whose attempt holds no active assignment (its reservation was returned
+    // while it ran, e.g. by an orphan release racing a stalled placement): no worker
+    // accounts for them, so they run again. Left alone while young, for the same reason.
+    for task in running.values() {
+        let held = active
+            .iter()
+            .any(|a| a.task_id == task.task_id && a.attempt == task.attempts);
+        if held || task.updated_at >= settled_before {
+            continue;
+        }
+        let current = store
+            .list_assignments(&AssignmentFilter {
+                task_id: Some(task.task_id.clone()),
+                active_only: true,
+                ..AssignmentFilter::default()
+            })
+            .await?;
+        if current.iter().any(|a| a.attempt == task.attempts) {
+            continue; // placed again since the listing
+        }
+        let why = "its assignment was released while it ran";
+        workers::requeue_or_fail(store, task, why, None, repairs).await?;
     }
     Ok(())
 }

@@ -49,6 +49,7 @@ on_both_stores!(
     drift_is_repaired_once_it_has_settled_and_counted,
     an_in_flight_reservation_is_not_repaired_away,
     a_running_task_past_its_timeout_fails_and_is_released_once,
+    a_running_task_left_without_its_assignment_is_queued_again,
     two_reconcilers_on_one_store_only_the_lease_holder_acts,
     the_lease_moves_to_another_replica_when_its_holder_stops_or_dies,
 );
@@ -548,6 +549,31 @@ async fn a_running_task_past_its_timeout_fails_and_is_released_once(store: Arc<d
         patient.request(),
         "released once: only the patient task's reservation is left"
     );
+    assert_eq!(held_tick(&mut r).await, Repairs::default());
+    assert_accounting(&*store).await;
+}
+
+async fn a_running_task_left_without_its_assignment_is_queued_again(store: Arc<dyn Store>) {
+    let wakeup = Wakeup::new();
+    let settle = Duration::from_millis(300);
+    add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    let task = queued(&*store, 1.0, 3, None).await;
+    scheduler(&store, &wakeup).cycle().await;
+    // Its reservation returned while it runs (an orphan release racing a stalled placement).
+    let assignment = active_of(&*store, &task.task_id).await;
+    assert!(store.release(&assignment.ass_id).await.unwrap());
+    let mut r = reconciler(&store, &wakeup, settle);
+    assert_eq!(
+        held_tick(&mut r).await.tasks_requeued,
+        0,
+        "young: left alone"
+    );
+    tokio::time::sleep(settle + Duration::from_millis(100)).await;
+    assert_eq!(held_tick(&mut r).await.tasks_requeued, 1);
+    let after = store.get_task(&task.task_id).await.unwrap();
+    assert_eq!((after.status, after.attempts), (TaskStatus::Queued, 1));
+    scheduler(&store, &wakeup).cycle().await;
+    assert_eq!(active_of(&*store, &task.task_id).await.attempt, 2);
     assert_eq!(held_tick(&mut r).await, Repairs::default());
     assert_accounting(&*store).await;
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::Repairs;
-use crate::model::{self, Assignment, TaskStatus, Worker};
+use crate::model::{self, Assignment, Task, TaskStatus, Worker};
 use crate::scheduler::Wakeup;
 use crate::store::{AssignmentFilter, Store, StoreError, TaskUpdate};
 
@@ -113,62 +113,8 @@ pub(super) async fn lose_assignment(
         Err(error) => return Err(error),
     };
     if let Some(task) = task.filter(|t| t.status == TaskStatus::Running && t.attempts == attempt) {
-        let requeue = task.attempts < task.max_attempts;
-        let (to, update) = if requeue {
-            (
-                TaskStatus::Queued,
-                TaskUpdate {
-                    status_reason: Some(Some(format!(
-                        "worker {worker_id} was lost during attempt {attempt} of {}; queued again",
-                        task.max_attempts
-                    ))),
-                    clear_claim: true,
-                    ..TaskUpdate::default()
-                },
-            )
-        } else {
-            (
-                TaskStatus::Failed,
-                TaskUpdate {
-                    completed_at: Some(model::now()),
-                    error: Some(WORKER_LOST.to_string()),
-                    status_reason: Some(Some(format!(
-                        "{WORKER_LOST}: worker {worker_id} was lost during attempt {attempt} of {}",
-                        task.max_attempts
-                    ))),
-                    clear_claim: true,
-                    ..TaskUpdate::default()
-                },
-            )
-        };
-        match store
-            .transition_attempt(task_id, attempt, &[TaskStatus::Running], to, &update)
-            .await
-        {
-            Ok(_) if requeue => {
-                repairs.tasks_requeued += 1;
-                tracing::warn!(
-                    task_id,
-                    worker_id,
-                    ass_id,
-                    attempt,
-                    "task of a lost worker queued again"
-                );
-            }
-            Ok(_) => {
-                repairs.tasks_failed_lost += 1;
-                tracing::warn!(
-                    task_id,
-                    worker_id,
-                    ass_id,
-                    attempt,
-                    "task of a lost worker failed: no attempt left"
-                );
-            }
-            // Finished (or moved) meanwhile: only the reservation is left to return.
-            Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {}
-            Err(error) => return Err(error),
-        }
+        let why = format!("worker {worker_id} was lost");
+        requeue_or_fail(store, &task, &why, Some(ass_id), repairs).await?;
     }
     if store.release(ass_id).await? {
         repairs.reservations_released += 1;
@@ -178,6 +124,71 @@ pub(super) async fn lose_assignment(
             ass_id,
             "reservation of a lost worker released"
         );
+    }
+    Ok(())
+}
+
+/// Takes a task that is running at its current attempt off its (lost) execution: back to the
+/// queue with `attempts` kept, or failed with [`WORKER_LOST`] when no attempt is left. One
+/// conditional update on that attempt: a task that finished or moved meanwhile is left alone.
+pub(super) async fn requeue_or_fail(
+    store: &dyn Store,
+    task: &Task,
+    why: &str,
+    ass_id: Option<&str>,
+    repairs: &mut Repairs,
+) -> Result<(), StoreError> {
+    let (task_id, attempt) = (task.task_id.as_str(), task.attempts);
+    let ass_id = ass_id.unwrap_or("");
+    let requeue = attempt < task.max_attempts;
+    let (to, update) = if requeue {
+        (
+            TaskStatus::Queued,
+            TaskUpdate {
+                status_reason: Some(Some(format!(
+                    "{why} during attempt {attempt} of {}; queued again",
+                    task.max_attempts
+                ))),
+                clear_claim: true,
+                ..TaskUpdate::default()
+            },
+        )
+    } else {
+        (
+            TaskStatus::Failed,
+            TaskUpdate {
+                completed_at: Some(model::now()),
+                error: Some(WORKER_LOST.to_string()),
+                status_reason: Some(Some(format!(
+                    "{WORKER_LOST}: {why} during attempt {attempt} of {}",
+                    task.max_attempts
+                ))),
+                clear_claim: true,
+                ..TaskUpdate::default()
+            },
+        )
+    };
+    match store
+        .transition_attempt(task_id, attempt, &[TaskStatus::Running], to, &update)
+        .await
+    {
+        Ok(_) if requeue => {
+            repairs.tasks_requeued += 1;
+            tracing::warn!(task_id, ass_id, attempt, why, "lost task queued again");
+        }
+        Ok(_) => {
+            repairs.tasks_failed_lost += 1;
+            tracing::warn!(
+                task_id,
+                ass_id,
+                attempt,
+                why,
+                "lost task failed: no attempt left"
+            );
+        }
+        // Finished (or moved) meanwhile.
+        Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {}
+        Err(error) => return Err(error),
     }
     Ok(())
 }
