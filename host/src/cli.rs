@@ -16,6 +16,7 @@ use tracing_subscriber::EnvFilter;
 use crate::api::Limits;
 use crate::api::auth;
 use crate::client::Client;
+use crate::reconciler::ReconcilerConfig;
 use crate::scheduler::SchedulerConfig;
 use crate::serve::{self, ServeConfig};
 use crate::tooling;
@@ -178,6 +179,21 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDAI_ADMISSION_BACKOFF_MS", default_value_t = 2000,
         value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     pub admission_backoff_ms: u64,
+    /// Milliseconds between reconciler passes (lost workers, timeouts, expired claims,
+    /// accounting drift), on the replica that holds the reconciler lease.
+    #[arg(long, env = "CLOUDAI_RECONCILE_INTERVAL_MS", default_value_t = 1000,
+        value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub reconcile_interval_ms: u64,
+    /// Seconds the reconciler lease holds without renewal: another replica takes over within
+    /// this when the holder dies.
+    #[arg(long, env = "CLOUDAI_LEASE_TTL_S", default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub lease_ttl_s: u64,
+    /// Seconds an accounting drift must stay unchanged (and an orphaned assignment exist)
+    /// before the reconciler repairs it: a placement in flight is never repaired away.
+    #[arg(long, env = "CLOUDAI_RECONCILE_SETTLE_S", default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub reconcile_settle_s: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -541,6 +557,11 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
             claim_lease: Duration::from_secs(args.claim_lease_s),
             heartbeat_staleness: Duration::from_secs(args.heartbeat_staleness_s),
             admission_backoff: Duration::from_millis(args.admission_backoff_ms),
+        },
+        reconciler: ReconcilerConfig {
+            interval: Duration::from_millis(args.reconcile_interval_ms),
+            lease_ttl: Duration::from_secs(args.lease_ttl_s),
+            settle: Duration::from_secs(args.reconcile_settle_s),
         },
     })
 }

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod model;
 pub mod policy;
+pub mod reconciler;
 pub mod scheduler;
 pub mod serve;
 pub mod store;

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use crate::api::auth::{self, Authenticator, Role, TokenEntry};
 use crate::api::{AppState, Limits};
 use crate::policy::{EngineSettings, PolicyEngine, PolicyRuntime, RuntimeSettings};
+use crate::reconciler::{Reconciler, ReconcilerConfig};
 use crate::scheduler::{Scheduler, SchedulerConfig, Wakeup};
 use crate::store::Store;
 use crate::store::mongo::MongoStore;
@@ -30,6 +31,8 @@ pub struct ServeConfig {
     /// How often the policy sync compares this replica's policies with the store's.
     pub policy_sync_interval: std::time::Duration,
     pub scheduler: SchedulerConfig,
+    /// The reconciler's settings (its grace period is `scheduler.heartbeat_staleness`).
+    pub reconciler: ReconcilerConfig,
 }
 
 /// Opens the configured store: MongoDB when a URI is given, else the embedded SQLite file in
@@ -176,6 +179,17 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         policies: policies.clone(),
         wakeup: wakeup.clone(),
     };
+    // Every replica runs one; only the holder of the store's lease acts.
+    let reconciler = Reconciler::new(
+        store.clone(),
+        wakeup.clone(),
+        &config.scheduler,
+        config.reconciler.clone(),
+    );
+    let (stop_reconciler, reconciler_stopped) = tokio::sync::oneshot::channel::<()>();
+    let reconciler = tokio::spawn(reconciler.run(async {
+        let _ = reconciler_stopped.await;
+    }));
     let scheduler = Scheduler::new(store.clone(), policies, wakeup, config.scheduler.clone());
     let (stop_scheduler, scheduler_stopped) = tokio::sync::oneshot::channel::<()>();
     let scheduler = tokio::spawn(scheduler.run(async {
@@ -199,6 +213,11 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let _ = stop_scheduler.send(());
     if let Err(error) = scheduler.await {
         tracing::error!(%error, "the scheduler task ended abnormally");
+    }
+    // Gives its lease up, so that another replica reconciles at once.
+    let _ = stop_reconciler.send(());
+    if let Err(error) = reconciler.await {
+        tracing::error!(%error, "the reconciler task ended abnormally");
     }
     tracing::info!("cloudai host stopped");
     Ok(())
@@ -251,6 +270,7 @@ mod tests {
             limits: Limits::default(),
             policy_sync_interval: crate::policy::sync::DEFAULT_INTERVAL,
             scheduler: SchedulerConfig::default(),
+            reconciler: ReconcilerConfig::default(),
         }
     }
 

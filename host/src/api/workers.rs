@@ -20,7 +20,7 @@ use super::extract::{
 use super::tasks::{check_amount, check_labels};
 use super::{AppState, Limits};
 use crate::model::{self, Resources, Worker, WorkerUsage};
-use crate::scheduler::DEFAULT_HEARTBEAT_STALENESS;
+use crate::reconciler;
 use crate::store::StoreError;
 
 const MAX_WORKER_IP_LEN: usize = 255;
@@ -260,15 +260,14 @@ pub async fn heartbeat(
         running_tasks: u.running_tasks,
     });
     let now = model::now().timestamp();
-    let before = state.store.get_worker(&worker_id).await?;
-    let worker = state
+    let mut worker = state
         .store
         .heartbeat(&worker_id, now, usage.as_ref())
         .await?;
-    // A worker that was too stale to be a candidate is one again: place on it now.
-    let stale = DEFAULT_HEARTBEAT_STALENESS.as_secs() as i64;
-    if now - before.last_heartbeat > stale {
-        state.wakeup.wake();
+    // Declared lost by the reconciler and back now: active again (its old assignments were
+    // or are now handled as lost), and the scheduler woken to place on it.
+    if !worker.is_active {
+        worker = reconciler::worker_returned(&*state.store, &state.wakeup, &worker_id).await?;
     }
     Ok(Json(HeartbeatAck {
         worker,

@@ -32,6 +32,46 @@ pub async fn finish_task(
     task_id: &str,
     finish: Finish,
 ) -> Result<Task, StoreError> {
+    finish_inner(store, wakeup, task_id, None, finish).await
+}
+
+/// [`finish_task`] on behalf of one assignment (a worker's report, or the reconciler's
+/// timeout): applies only while that assignment is unreleased and the task is running at its
+/// attempt, so a worker that lost its assignment (the task was re-queued, maybe placed
+/// again) can never finish a later attempt. `Conflict` otherwise, changing nothing;
+/// `NotFound` when there is no such assignment.
+pub async fn finish_attempt(
+    store: &dyn Store,
+    wakeup: &Wakeup,
+    ass_id: &str,
+    finish: Finish,
+) -> Result<Task, StoreError> {
+    let assignment = store.get_assignment(ass_id).await?;
+    if assignment.released {
+        return Err(StoreError::Conflict {
+            kind: "assignment",
+            id: ass_id.to_string(),
+            expected: "active".to_string(),
+            actual: "released".to_string(),
+        });
+    }
+    finish_inner(
+        store,
+        wakeup,
+        &assignment.task_id,
+        Some(assignment.attempt),
+        finish,
+    )
+    .await
+}
+
+async fn finish_inner(
+    store: &dyn Store,
+    wakeup: &Wakeup,
+    task_id: &str,
+    attempt: Option<u32>,
+    finish: Finish,
+) -> Result<Task, StoreError> {
     let (to, update) = match finish {
         Finish::Completed { exit_code } => (
             TaskStatus::Completed,
@@ -63,13 +103,24 @@ pub async fn finish_task(
         clear_claim: true,
         ..update
     };
-    let finished = store
-        .transition_task(task_id, &[TaskStatus::Running], to, &update)
-        .await;
+    let finished = match attempt {
+        Some(attempt) => {
+            store
+                .transition_attempt(task_id, attempt, &[TaskStatus::Running], to, &update)
+                .await
+        }
+        None => {
+            store
+                .transition_task(task_id, &[TaskStatus::Running], to, &update)
+                .await
+        }
+    };
     match &finished {
         Ok(_) => {}
         Err(StoreError::Conflict { .. }) => {
-            if !store.get_task(task_id).await?.status.is_terminal() {
+            let task = store.get_task(task_id).await?;
+            // A report for an earlier attempt leaves the later one's assignment alone.
+            if !task.status.is_terminal() || attempt.is_some_and(|a| a != task.attempts) {
                 return finished;
             }
         }

@@ -20,10 +20,10 @@ mod admission;
 mod finish;
 mod placement;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use admission::{Admitted, admit_task};
-pub use finish::{Finish, finish_task};
+pub use finish::{Finish, finish_attempt, finish_task};
 pub use placement::RoundStats;
 
 /// Wakes the scheduler when something it waits for happened (a task submitted, capacity
@@ -49,7 +49,8 @@ impl Wakeup {
 }
 
 /// How long a worker's heartbeat stays fresh by default: an older one leaves the worker out of
-/// placement rounds (the API wakes the scheduler when such a worker heartbeats again).
+/// placement rounds, and the reconciler declares it lost (its next heartbeat re-activates it
+/// and wakes the scheduler).
 pub const DEFAULT_HEARTBEAT_STALENESS: Duration = Duration::from_secs(15);
 
 /// The scheduler's settings.

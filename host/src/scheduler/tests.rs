@@ -27,20 +27,20 @@ mod policies;
 
 const ALICE: &str = "cai_u_alice_0123456789abcdef";
 
-type Guard = Box<dyn std::any::Any + Send + Sync>;
+pub(crate) type Guard = Box<dyn std::any::Any + Send + Sync>;
 
-fn sqlite() -> (Arc<dyn Store>, Guard) {
+pub(crate) fn sqlite() -> (Arc<dyn Store>, Guard) {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open_in_dir(dir.path()).unwrap();
     (Arc::new(store), Box::new(dir))
 }
 
-async fn mongo() -> Option<(Arc<dyn Store>, Guard)> {
+pub(crate) async fn mongo() -> Option<(Arc<dyn Store>, Guard)> {
     let (store, guard) = crate::store::mongo::testing::connect_test_store().await?;
     Some((Arc::new(store), Box::new(guard)))
 }
 
-fn policies() -> Arc<PolicyRuntime> {
+pub(crate) fn policies() -> Arc<PolicyRuntime> {
     Arc::new(PolicyRuntime::new(
         PolicyEngine::new(EngineSettings::default()).unwrap(),
         RuntimeSettings::default(),
@@ -48,7 +48,7 @@ fn policies() -> Arc<PolicyRuntime> {
 }
 
 /// A config for tests: no timer to speak of (rounds run when the test says so), no back-off.
-fn config(batch_size: u32) -> SchedulerConfig {
+pub(crate) fn config(batch_size: u32) -> SchedulerConfig {
     SchedulerConfig {
         batch_size,
         round_interval: Duration::from_secs(3600),
@@ -57,18 +57,24 @@ fn config(batch_size: u32) -> SchedulerConfig {
     }
 }
 
-fn scheduler(store: &Arc<dyn Store>, batch_size: u32) -> Scheduler {
+pub(crate) fn scheduler(store: &Arc<dyn Store>, batch_size: u32) -> Scheduler {
     Scheduler::new(store.clone(), policies(), Wakeup::new(), config(batch_size))
 }
 
-async fn add_worker(store: &dyn Store, total: Resources) -> Worker {
+pub(crate) async fn add_worker(store: &dyn Store, total: Resources) -> Worker {
     let worker = sample_worker(&unique_id("w"), total);
     store.insert_worker(&worker).await.unwrap();
     worker
 }
 
 /// A queued task of `user` asking for `cpu` cores and 1 GB, `age_ms` old.
-async fn queued(store: &dyn Store, user: &str, cpu: f64, priority: i32, age_ms: i64) -> Task {
+pub(crate) async fn queued(
+    store: &dyn Store,
+    user: &str,
+    cpu: f64,
+    priority: i32,
+    age_ms: i64,
+) -> Task {
     let mut task = sample_task(&unique_id("task"), user);
     task.status = TaskStatus::Queued;
     (task.req_cpu, task.req_memory, task.req_storage) = (cpu, 1.0, 0.0);
@@ -77,7 +83,7 @@ async fn queued(store: &dyn Store, user: &str, cpu: f64, priority: i32, age_ms: 
     store.insert_task(&task, None).await.unwrap().task
 }
 
-async fn active_assignments(
+pub(crate) async fn active_assignments(
     store: &dyn Store,
     filter: AssignmentFilter,
 ) -> Vec<crate::model::Assignment> {
@@ -92,7 +98,7 @@ async fn active_assignments(
 
 /// DESIGN §4's invariant on every worker, exactly: `0 <= allocated <= total`,
 /// `available = total - allocated`, `allocated` = the sum of its active assignments.
-async fn assert_accounting(store: &dyn Store) {
+pub(crate) async fn assert_accounting(store: &dyn Store) {
     for worker in store.list_workers().await.unwrap() {
         assert_eq!(worker.invariant_violations(), Vec::<String>::new());
         let mut sum = Resources::default();

@@ -181,6 +181,11 @@ macro_rules! store_conformance_tests {
             mark_running_requires_the_owners_claim,
             unclaim_task_gives_up_only_the_owners_claim,
             unreserve_returns_an_unassigned_reservation_and_never_goes_below_zero,
+            lease_is_renewed_by_its_holder_and_taken_by_another_only_after_expiry,
+            mark_worker_lost_applies_only_to_an_active_worker_with_a_stale_heartbeat,
+            transition_attempt_applies_only_at_that_attempt,
+            clear_expired_claims_clears_only_expired_claims_of_queued_tasks,
+            repair_allocation_applies_only_to_the_observed_values,
         );
         $crate::store_conformance_tests!(@shared $make;
             reserve_race_50_requests_for_room_for_7,
@@ -188,6 +193,7 @@ macro_rules! store_conformance_tests {
             concurrent_transitions_have_exactly_one_winner,
             concurrent_claims_have_exactly_one_winner,
             concurrent_activations_have_exactly_one_winner,
+            concurrent_lease_takers_have_exactly_one_winner,
         );
     };
     (@borrowed $make:expr; $($name:ident),* $(,)?) => {
@@ -2466,6 +2472,279 @@ pub async fn unreserve_returns_an_unassigned_reservation_and_never_goes_below_ze
     );
     expect_not_found(
         store.unreserve(&unique_id("nope"), &req).await,
+        "unknown worker",
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// Reconciliation
+// ------------------------------------------------------------------------------------------
+
+pub async fn lease_is_renewed_by_its_holder_and_taken_by_another_only_after_expiry(
+    store: &dyn Store,
+) {
+    let name = unique_id("lease");
+    let secs = |s: i64| at_ms(s * 1000);
+    assert!(
+        store
+            .acquire_lease(&name, "a", secs(5), secs(0))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .acquire_lease(&name, "b", secs(6), secs(1))
+            .await
+            .unwrap(),
+        "held by a until 5"
+    );
+    assert!(
+        store
+            .acquire_lease(&name, "a", secs(9), secs(4))
+            .await
+            .unwrap(),
+        "the holder renews"
+    );
+    assert!(
+        !store
+            .acquire_lease(&name, "b", secs(12), secs(6))
+            .await
+            .unwrap(),
+        "renewed until 9"
+    );
+    assert!(
+        store
+            .acquire_lease(&name, "b", secs(15), secs(10))
+            .await
+            .unwrap(),
+        "expired at 9: b takes it"
+    );
+    assert!(
+        !store
+            .acquire_lease(&name, "a", secs(16), secs(11))
+            .await
+            .unwrap(),
+        "a lost it"
+    );
+    assert!(!store.release_lease(&name, "a").await.unwrap(), "not a's");
+    assert!(store.release_lease(&name, "b").await.unwrap());
+    assert!(
+        store
+            .acquire_lease(&name, "a", secs(17), secs(12))
+            .await
+            .unwrap(),
+        "given up: anyone takes it at once"
+    );
+    // Leases are independent by name.
+    let other = unique_id("lease");
+    assert!(
+        store
+            .acquire_lease(&other, "b", secs(17), secs(12))
+            .await
+            .unwrap()
+    );
+}
+
+/// Ten replicas racing for a free lease, then for an expired one: exactly one wins each time.
+pub async fn concurrent_lease_takers_have_exactly_one_winner(store: Arc<dyn Store>) {
+    let name = unique_id("lease");
+    for (round, now) in [(0, at_ms(0)), (1, at_ms(60_000))] {
+        let handles: Vec<_> = (0..10)
+            .map(|i| {
+                let (store, name) = (Arc::clone(&store), name.clone());
+                tokio::spawn(async move {
+                    let holder = format!("replica-{round}-{i}");
+                    let until = now + chrono::Duration::seconds(5);
+                    let won = store.acquire_lease(&name, &holder, until, now).await;
+                    (holder, won)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for handle in handles {
+            let (holder, won) = handle.await.unwrap();
+            if won.unwrap() {
+                winners.push(holder);
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+        // The winner holds it: it renews, nobody else can take it.
+        let until = now + chrono::Duration::seconds(6);
+        assert!(
+            store
+                .acquire_lease(&name, &winners[0], until, now)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .acquire_lease(&name, "late", until, now)
+                .await
+                .unwrap()
+        );
+    }
+}
+
+pub async fn mark_worker_lost_applies_only_to_an_active_worker_with_a_stale_heartbeat(
+    store: &dyn Store,
+) {
+    let w = worker_with(store, "w", Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    let id = w.worker_id.as_str();
+    store.heartbeat(id, 1_000, None).await.unwrap();
+    assert!(
+        !store.mark_worker_lost(id, 1_000).await.unwrap(),
+        "a heartbeat at the limit is not stale"
+    );
+    assert!(store.get_worker(id).await.unwrap().is_active);
+    assert!(store.mark_worker_lost(id, 1_001).await.unwrap());
+    let lost = store.get_worker(id).await.unwrap();
+    assert!(!lost.is_active);
+    assert_eq!(lost.last_heartbeat, 1_000);
+    assert!(
+        !store.mark_worker_lost(id, 1_001).await.unwrap(),
+        "inactive already"
+    );
+    expect_not_found(
+        store.mark_worker_lost(&unique_id("nope"), 1).await,
+        "unknown worker",
+    );
+}
+
+pub async fn transition_attempt_applies_only_at_that_attempt(store: &dyn Store) {
+    let user = unique_id("user");
+    let task = sample_task_at(&unique_id("task"), &user, TaskStatus::Queued, at_ms(0));
+    insert(store, &task).await;
+    let id = task.task_id.as_str();
+    let now = now();
+    store
+        .claim_task(id, "host-a", now + chrono::Duration::seconds(30), now)
+        .await
+        .unwrap();
+    store.mark_running(id, "host-a", 2).await.unwrap();
+    let update = TaskUpdate {
+        status_reason: Some(Some("requeued".into())),
+        ..TaskUpdate::default()
+    };
+    let actual = expect_conflict(
+        store
+            .transition_attempt(id, 1, &[TaskStatus::Running], TaskStatus::Queued, &update)
+            .await,
+        "an earlier attempt",
+    );
+    assert!(actual.contains("attempt 2"), "{actual}");
+    let unchanged = store.get_task(id).await.unwrap();
+    assert_eq!(
+        (unchanged.status, unchanged.status_reason),
+        (TaskStatus::Running, None)
+    );
+    let moved = store
+        .transition_attempt(id, 2, &[TaskStatus::Running], TaskStatus::Queued, &update)
+        .await
+        .unwrap();
+    assert_eq!(moved.status, TaskStatus::Queued);
+    assert_eq!(moved.attempts, 2, "attempts kept");
+    assert_eq!(moved.status_reason.as_deref(), Some("requeued"));
+    expect_conflict(
+        store
+            .transition_attempt(id, 2, &[TaskStatus::Running], TaskStatus::Failed, &update)
+            .await,
+        "not running any more",
+    );
+    expect_not_found(
+        store
+            .transition_attempt(
+                &unique_id("nope"),
+                1,
+                &[TaskStatus::Running],
+                TaskStatus::Failed,
+                &update,
+            )
+            .await,
+        "unknown task",
+    );
+}
+
+pub async fn clear_expired_claims_clears_only_expired_claims_of_queued_tasks(store: &dyn Store) {
+    // Far in the past, so that no other test's claim is expired by these instants.
+    let base = long_ago(-50_000_000);
+    let user = unique_id("user");
+    let queued = |n: i64| {
+        sample_task_at(
+            &unique_id("task"),
+            &user,
+            TaskStatus::Queued,
+            base + chrono::Duration::milliseconds(n),
+        )
+    };
+    let (expired, live, unclaimed) = (queued(0), queued(1), queued(2));
+    for t in [&expired, &live, &unclaimed] {
+        insert(store, t).await;
+    }
+    let secs = |s: i64| base + chrono::Duration::seconds(s);
+    store
+        .claim_task(&expired.task_id, "host-a", secs(10), secs(0))
+        .await
+        .unwrap();
+    store
+        .claim_task(&live.task_id, "host-b", secs(100), secs(0))
+        .await
+        .unwrap();
+    let cleared = store.clear_expired_claims(secs(20), 1000).await.unwrap();
+    let cleared_ids = ids(&cleared);
+    assert!(cleared_ids.contains(&expired.task_id), "{cleared_ids:?}");
+    assert!(!cleared_ids.contains(&live.task_id));
+    assert!(!cleared_ids.contains(&unclaimed.task_id));
+    let mine = cleared
+        .iter()
+        .find(|t| t.task_id == expired.task_id)
+        .unwrap();
+    assert_eq!(mine.owner.as_deref(), Some("host-a"), "returned as before");
+    let after = store.get_task(&expired.task_id).await.unwrap();
+    assert_eq!(
+        (after.status, after.owner, after.lease_expires_at),
+        (TaskStatus::Queued, None, None)
+    );
+    let kept = store.get_task(&live.task_id).await.unwrap();
+    assert_eq!(kept.owner.as_deref(), Some("host-b"));
+    let again = store.clear_expired_claims(secs(20), 1000).await.unwrap();
+    assert!(!ids(&again).contains(&expired.task_id), "cleared once");
+}
+
+pub async fn repair_allocation_applies_only_to_the_observed_values(store: &dyn Store) {
+    let w = worker_with(store, "w", Resources::new(4.0, 8.0, 10.0, 1.0)).await;
+    let id = w.worker_id.as_str();
+    assert!(
+        store
+            .reserve(id, &Resources::new(1.0, 2.0, 0.0, 0.0))
+            .await
+            .unwrap()
+    );
+    let observed = store.get_worker(id).await.unwrap();
+    // A reserve after the observation: the repair must not apply (it would lose it).
+    assert!(
+        store
+            .reserve(id, &Resources::new(1.0, 1.0, 0.0, 0.0))
+            .await
+            .unwrap()
+    );
+    let expected = Resources::new(0.5, 1.0, 0.0, 0.0);
+    assert!(!store.repair_allocation(&observed, &expected).await.unwrap());
+    let unchanged = store.get_worker(id).await.unwrap();
+    assert_eq!(unchanged.allocated(), Resources::new(2.0, 3.0, 0.0, 0.0));
+    assert!(
+        store
+            .repair_allocation(&unchanged, &expected)
+            .await
+            .unwrap()
+    );
+    let repaired = store.get_worker(id).await.unwrap();
+    assert_invariant(&repaired, "after a repair");
+    assert_eq!(repaired.allocated(), expected);
+    assert_eq!(repaired.available(), Resources::new(3.5, 7.0, 10.0, 1.0));
+    let mut ghost = repaired.clone();
+    ghost.worker_id = unique_id("nope");
+    expect_not_found(
+        store.repair_allocation(&ghost, &expected).await,
         "unknown worker",
     );
 }

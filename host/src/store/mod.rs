@@ -393,4 +393,52 @@ pub trait Store: Send + Sync + 'static {
     /// one conditional update that applies only when `allocated_*` covers it. `Ok(false)` when
     /// it did not apply; `NotFound` when the worker does not exist.
     async fn unreserve(&self, worker_id: &str, request: &Resources) -> Result<bool>;
+
+    // ----- reconciliation -----
+
+    /// Takes or renews the lease `name` for `holder` until `until`, in ONE conditional write
+    /// (an upsert): applies when nobody holds it, when `holder` already does, or when the
+    /// current lease expired before `now`. `Ok(false)` while another holder's lease runs. Of
+    /// several concurrent takers of a free lease exactly one gets `Ok(true)`.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<bool>;
+
+    /// Gives up `holder`'s lease `name` (anyone may take it at once). `Ok(false)` when
+    /// `holder` does not hold it.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<bool>;
+
+    /// Marks a worker lost (`is_active: false`) in one conditional update that applies only
+    /// while it is active and its `last_heartbeat` is before `heartbeat_before` (Unix
+    /// seconds). `Ok(false)` when it did not apply (it heartbeated meanwhile, or is inactive
+    /// already); `NotFound` when there is no such worker.
+    async fn mark_worker_lost(&self, worker_id: &str, heartbeat_before: i64) -> Result<bool>;
+
+    /// [`Store::transition_task`] that applies only while the task's `attempts` is `attempt`
+    /// as well: how an actor that speaks for one attempt (a worker's report, the reconciler
+    /// re-queuing a lost one) can never move a later attempt. `Conflict` otherwise.
+    async fn transition_attempt(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        from: &[TaskStatus],
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<Task>;
+
+    /// Clears the claim (owner and lease) of up to `limit` `queued` tasks whose lease expired
+    /// before `now`, each with one conditional update (a claim renewed meanwhile is kept).
+    /// Returns the tasks it cleared, as they were before.
+    async fn clear_expired_claims(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Task>>;
+
+    /// Sets a worker's `allocated_*` to `allocated` and `available_*` to `total_* -
+    /// allocated`, in one conditional update that applies only while every total, allocated
+    /// and available amount still equals `observed`'s: a reserve or a release since
+    /// `observed` was read makes it not apply (`Ok(false)`). `NotFound` when there is no
+    /// such worker.
+    async fn repair_allocation(&self, observed: &Worker, allocated: &Resources) -> Result<bool>;
 }

@@ -52,6 +52,8 @@ pub const POLICY_CHUNKS: &str = "POLICY_CHUNKS";
 /// Our addition: one document per policy kind, `_id` = the kind: the active version. The
 /// unique `_id` makes the first activation of a kind race-safe.
 pub const ACTIVE_POLICIES: &str = "ACTIVE_POLICIES";
+/// Leases between host replicas (the reconciler's): `{_id: name, holder, expires_at}`.
+pub const LEASES: &str = "LEASES";
 
 /// How long the driver looks for a usable server before an operation fails, unless the URI
 /// sets `serverSelectionTimeoutMS`: short, so that a dead or unreachable server is reported
@@ -84,6 +86,7 @@ pub struct MongoStore {
     policies: Collection<Document>,
     policy_chunks: Collection<Document>,
     active_policies: Collection<Document>,
+    leases: Collection<Document>,
 }
 
 impl MongoStore {
@@ -130,6 +133,7 @@ impl MongoStore {
             policies: db.collection(POLICIES),
             policy_chunks: db.collection(POLICY_CHUNKS),
             active_policies: db.collection(ACTIVE_POLICIES),
+            leases: db.collection(LEASES),
             db,
         };
         store
@@ -224,6 +228,7 @@ impl MongoStore {
             POLICIES,
             POLICY_CHUNKS,
             ACTIVE_POLICIES,
+            LEASES,
         ] {
             if existing.iter().any(|n| n == name) {
                 continue;
@@ -424,6 +429,100 @@ impl MongoStore {
             Some(d) => worker_from_document(&d),
             None => Err(not_found("worker", worker_id)),
         }
+    }
+
+    /// A conditional transition (see [`Store::transition_task`]); with `attempt`, only while
+    /// the task's `attempts` equals it.
+    async fn transition(
+        &self,
+        task_id: &str,
+        attempt: Option<u32>,
+        from: &[TaskStatus],
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<Task> {
+        let from_names: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+        let mut filter = doc! { "task_id": task_id, "status": { "$in": from_names.clone() } };
+        if let Some(attempt) = attempt {
+            filter.insert("attempts", i64::from(attempt));
+        }
+        let mut set = doc! { "status": to.as_str(), "updated_at": to_bson_date(model::now()) };
+        let mut unset = Document::new();
+        if let Some(at) = update.started_at {
+            set.insert("started_at", to_bson_date(at));
+        }
+        if let Some(at) = update.completed_at {
+            set.insert("completed_at", to_bson_date(at));
+        }
+        if let Some(code) = update.exit_code {
+            set.insert("exit_code", code);
+        }
+        if let Some(error) = &update.error {
+            set.insert("error", error.as_str());
+        }
+        match &update.status_reason {
+            Some(Some(reason)) => {
+                set.insert("status_reason", reason.as_str());
+            }
+            Some(None) => {
+                unset.insert("status_reason", "");
+            }
+            None => {}
+        }
+        if update.clear_claim {
+            unset.insert("owner", "");
+            unset.insert("lease_expires_at", "");
+        }
+        let mut changes = doc! { "$set": set };
+        if !unset.is_empty() {
+            changes.insert("$unset", unset);
+        }
+        if update.increment_attempts {
+            changes.insert("$inc", doc! { "attempts": 1_i64 });
+        }
+
+        let mut expected = if from.is_empty() {
+            "(no state)".to_owned()
+        } else {
+            from_names.join(" or ")
+        };
+        if let Some(attempt) = attempt {
+            expected = format!("{expected} at attempt {attempt}");
+        }
+        let mut actual = String::new();
+        // The re-read after a miss can find the task back in an expected state (it moved away
+        // and back in between): then the update is simply tried again.
+        for _ in 0..3 {
+            let after = self
+                .atomic(
+                    self.tasks
+                        .find_one_and_update(filter.clone(), changes.clone())
+                        .return_document(ReturnDocument::After),
+                )
+                .await
+                .map_err(|e| StoreError::backend(format!("moving task '{task_id}' to {to}"), e))?;
+            if let Some(d) = after {
+                return task_from_document(&d);
+            }
+            let task = self.get_task(task_id).await?;
+            let status = task.status;
+            actual = status.as_str().to_owned();
+            if let Some(attempt) = attempt {
+                actual = format!("{actual} at attempt {}", task.attempts);
+                if task.attempts != attempt {
+                    break;
+                }
+            }
+            if !from.contains(&status) {
+                break;
+            }
+        }
+        Err(StoreError::Conflict {
+            kind: "task",
+            id: task_id.to_owned(),
+            expected,
+            actual,
+        })
     }
 
     /// Inserts `task`; `AlreadyExists` on a duplicate `task_id`.
@@ -665,76 +764,7 @@ impl Store for MongoStore {
         to: TaskStatus,
         update: &TaskUpdate,
     ) -> Result<Task> {
-        let from_names: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
-        let filter = doc! { "task_id": task_id, "status": { "$in": from_names.clone() } };
-
-        let mut set = doc! { "status": to.as_str(), "updated_at": to_bson_date(model::now()) };
-        let mut unset = Document::new();
-        if let Some(at) = update.started_at {
-            set.insert("started_at", to_bson_date(at));
-        }
-        if let Some(at) = update.completed_at {
-            set.insert("completed_at", to_bson_date(at));
-        }
-        if let Some(code) = update.exit_code {
-            set.insert("exit_code", code);
-        }
-        if let Some(error) = &update.error {
-            set.insert("error", error.as_str());
-        }
-        match &update.status_reason {
-            Some(Some(reason)) => {
-                set.insert("status_reason", reason.as_str());
-            }
-            Some(None) => {
-                unset.insert("status_reason", "");
-            }
-            None => {}
-        }
-        if update.clear_claim {
-            unset.insert("owner", "");
-            unset.insert("lease_expires_at", "");
-        }
-        let mut changes = doc! { "$set": set };
-        if !unset.is_empty() {
-            changes.insert("$unset", unset);
-        }
-        if update.increment_attempts {
-            changes.insert("$inc", doc! { "attempts": 1_i64 });
-        }
-
-        let expected = if from.is_empty() {
-            "(no state)".to_owned()
-        } else {
-            from_names.join(" or ")
-        };
-        let mut actual = String::new();
-        // The re-read after a miss can find the task back in an expected state (it moved away
-        // and back in between): then the update is simply tried again.
-        for _ in 0..3 {
-            let after = self
-                .atomic(
-                    self.tasks
-                        .find_one_and_update(filter.clone(), changes.clone())
-                        .return_document(ReturnDocument::After),
-                )
-                .await
-                .map_err(|e| StoreError::backend(format!("moving task '{task_id}' to {to}"), e))?;
-            if let Some(d) = after {
-                return task_from_document(&d);
-            }
-            let status = self.get_task(task_id).await?.status;
-            actual = status.as_str().to_owned();
-            if !from.contains(&status) {
-                break;
-            }
-        }
-        Err(StoreError::Conflict {
-            kind: "task",
-            id: task_id.to_owned(),
-            expected,
-            actual,
-        })
+        self.transition(task_id, None, from, to, update).await
     }
 
     async fn claim_task(
@@ -1643,6 +1673,177 @@ impl Store for MongoStore {
             .map_err(|e| {
                 StoreError::backend(
                     format!("returning a reservation to worker '{worker_id}'"),
+                    e,
+                )
+            })?;
+        if outcome.matched_count == 1 {
+            return Ok(true);
+        }
+        match self.find_worker(worker_id).await? {
+            Some(_) => Ok(false),
+            None => Err(not_found("worker", worker_id)),
+        }
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        // Renew ours or take an expired one: ONE conditional update.
+        let taken = self
+            .atomic(self.leases.update_one(
+                doc! {
+                    "_id": name,
+                    "$or": [
+                        { "holder": holder },
+                        { "expires_at": { "$lt": to_bson_date(now) } },
+                    ],
+                },
+                doc! { "$set": { "holder": holder, "expires_at": to_bson_date(until) } },
+            ))
+            .await
+            .map_err(|e| StoreError::backend(format!("taking lease '{name}'"), e))?;
+        if taken.matched_count == 1 {
+            return Ok(true);
+        }
+        // No lease document yet: the unique `_id` lets exactly one creator win.
+        match self
+            .leases
+            .insert_one(doc! { "_id": name, "holder": holder, "expires_at": to_bson_date(until) })
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if is_duplicate_key(&e) => Ok(false),
+            Err(e) => Err(StoreError::backend(format!("creating lease '{name}'"), e)),
+        }
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<bool> {
+        let deleted = self
+            .atomic(
+                self.leases
+                    .delete_one(doc! { "_id": name, "holder": holder }),
+            )
+            .await
+            .map_err(|e| StoreError::backend(format!("giving up lease '{name}'"), e))?;
+        Ok(deleted.deleted_count == 1)
+    }
+
+    async fn mark_worker_lost(&self, worker_id: &str, heartbeat_before: i64) -> Result<bool> {
+        let outcome = self
+            .atomic(self.workers.update_one(
+                doc! {
+                    "worker_id": worker_id,
+                    "is_active": true,
+                    "last_heartbeat": { "$lt": heartbeat_before },
+                },
+                doc! { "$set": {
+                    "is_active": false,
+                    "updated_at": to_bson_date(model::now()),
+                } },
+            ))
+            .await
+            .map_err(|e| StoreError::backend(format!("marking worker '{worker_id}' lost"), e))?;
+        if outcome.matched_count == 1 {
+            return Ok(true);
+        }
+        match self.find_worker(worker_id).await? {
+            Some(_) => Ok(false),
+            None => Err(not_found("worker", worker_id)),
+        }
+    }
+
+    async fn transition_attempt(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        from: &[TaskStatus],
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<Task> {
+        self.transition(task_id, Some(attempt), from, to, update)
+            .await
+    }
+
+    async fn clear_expired_claims(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Task>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let expired = doc! {
+            "status": TaskStatus::Queued.as_str(),
+            "lease_expires_at": { "$lt": to_bson_date(now) },
+        };
+        let mut claimed = expired.clone();
+        claimed.insert("owner", doc! { "$ne": Bson::Null });
+        let documents: Vec<Document> = self
+            .tasks
+            .find(claimed)
+            .sort(doc! { "lease_expires_at": 1, "task_id": 1 })
+            .limit(i64::from(limit))
+            .await
+            .map_err(|e| StoreError::backend("reading expired claims", e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend("reading expired claims", e))?;
+        let mut cleared = Vec::with_capacity(documents.len());
+        for document in &documents {
+            let task = task_from_document(document)?;
+            let mut filter = expired.clone();
+            filter.insert("task_id", task.task_id.as_str());
+            let outcome = self
+                .atomic(self.tasks.update_one(
+                    filter,
+                    doc! {
+                        "$set": { "updated_at": to_bson_date(model::now()) },
+                        "$unset": { "owner": "", "lease_expires_at": "" },
+                    },
+                ))
+                .await
+                .map_err(|e| {
+                    StoreError::backend(
+                        format!("clearing the expired claim on task '{}'", task.task_id),
+                        e,
+                    )
+                })?;
+            if outcome.matched_count == 1 {
+                cleared.push(task);
+            }
+        }
+        Ok(cleared)
+    }
+
+    async fn repair_allocation(&self, observed: &Worker, allocated: &Resources) -> Result<bool> {
+        let (t, a, v) = (observed.total(), observed.allocated(), observed.available());
+        let worker_id = observed.worker_id.as_str();
+        let filter = doc! {
+            "worker_id": worker_id,
+            "total_cpu": t.cpu, "total_memory": t.memory,
+            "total_storage": t.storage, "total_gpu": t.gpu,
+            "allocated_cpu": a.cpu, "allocated_memory": a.memory,
+            "allocated_storage": a.storage, "allocated_gpu": a.gpu,
+            "available_cpu": v.cpu, "available_memory": v.memory,
+            "available_storage": v.storage, "available_gpu": v.gpu,
+        };
+        let update = doc! { "$set": {
+            "allocated_cpu": allocated.cpu,
+            "allocated_memory": allocated.memory,
+            "allocated_storage": allocated.storage,
+            "allocated_gpu": allocated.gpu,
+            "available_cpu": t.cpu - allocated.cpu,
+            "available_memory": t.memory - allocated.memory,
+            "available_storage": t.storage - allocated.storage,
+            "available_gpu": t.gpu - allocated.gpu,
+            "updated_at": to_bson_date(model::now()),
+        } };
+        let outcome = self
+            .atomic(self.workers.update_one(filter, update))
+            .await
+            .map_err(|e| {
+                StoreError::backend(
+                    format!("repairing the allocation of worker '{worker_id}'"),
                     e,
                 )
             })?;

@@ -195,6 +195,13 @@ CREATE TABLE IF NOT EXISTS ACTIVE_POLICIES (
     previous_version TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS ACTIVE_POLICIES_kind ON ACTIVE_POLICIES (kind);
+
+-- Leases between host replicas (the reconciler's): one row per lease name.
+CREATE TABLE IF NOT EXISTS LEASES (
+    name       TEXT NOT NULL PRIMARY KEY,
+    holder     TEXT NOT NULL,
+    expires_at TEXT NOT NULL
+);
 "#;
 
 const TASK_COLUMNS: &str = "task_id, user_id, docker_image, command, req_cpu, req_memory, \
@@ -893,6 +900,18 @@ fn transition_task_sync(
     to: TaskStatus,
     update: &TaskUpdate,
 ) -> Result<Task> {
+    transition_sync(conn, task_id, None, from, to, update)
+}
+
+/// A conditional transition; with `attempt`, only while `attempts` equals it.
+fn transition_sync(
+    conn: &Connection,
+    task_id: &str,
+    attempt: Option<u32>,
+    from: &[TaskStatus],
+    to: TaskStatus,
+    update: &TaskUpdate,
+) -> Result<Task> {
     let expected = from
         .iter()
         .map(|s| s.as_str())
@@ -916,8 +935,11 @@ fn transition_task_sync(
              attempts = attempts + ?9, \
              owner = CASE WHEN ?10 THEN NULL ELSE owner END, \
              lease_expires_at = CASE WHEN ?10 THEN NULL ELSE lease_expires_at END \
-         WHERE task_id = ?{} AND status IN ({placeholders})",
-        11 + from.len()
+         WHERE task_id = ?{} AND status IN ({placeholders}) \
+           AND (?{} IS NULL OR attempts = ?{})",
+        11 + from.len(),
+        12 + from.len(),
+        12 + from.len()
     );
     let mut args: Vec<Value> = vec![
         Value::Text(to.as_str().to_string()),
@@ -937,12 +959,22 @@ fn transition_task_sync(
     ];
     args.extend(from.iter().map(|s| Value::Text(s.as_str().to_string())));
     args.push(Value::Text(task_id.to_string()));
+    args.push(attempt.map_or(Value::Null, |n| Value::Integer(i64::from(n))));
     let changed = conn
         .prepare_cached(&sql)
         .and_then(|mut stmt| stmt.execute(params_from_iter(args)))
         .map_err(sql_err("transitioning a task"))?;
     if changed == 0 {
-        return Err(task_not_applied(conn, task_id, expected));
+        let Some(attempt) = attempt else {
+            return Err(task_not_applied(conn, task_id, expected));
+        };
+        let task = require_task(conn, task_id)?;
+        return Err(StoreError::Conflict {
+            kind: "task",
+            id: task_id.to_string(),
+            expected: format!("{expected} at attempt {attempt}"),
+            actual: format!("{} at attempt {}", task.status, task.attempts),
+        });
     }
     require_task(conn, task_id)
 }
@@ -1390,6 +1422,116 @@ fn unreserve_sync(conn: &Connection, worker_id: &str, r: &Resources) -> Result<b
         Err(StoreError::NotFound {
             kind: "worker",
             id: worker_id.to_string(),
+        })
+    }
+}
+
+fn acquire_lease_sync(
+    conn: &Connection,
+    name: &str,
+    holder: &str,
+    until: &DateTime<Utc>,
+    at: &DateTime<Utc>,
+) -> Result<bool> {
+    // ONE statement: insert when absent, else take over only when ours or expired.
+    conn.prepare_cached(
+        "INSERT INTO LEASES (name, holder, expires_at) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
+             expires_at = excluded.expires_at \
+         WHERE LEASES.holder = excluded.holder OR LEASES.expires_at < ?4",
+    )
+    .and_then(|mut stmt| stmt.execute(params![name, holder, date_text(until), date_text(at)]))
+    .map(|changed| changed == 1)
+    .map_err(sql_err("taking a lease"))
+}
+
+fn clear_expired_claims_sync(
+    conn: &Connection,
+    at: &DateTime<Utc>,
+    limit: u32,
+) -> Result<Vec<Task>> {
+    let expired: Vec<Task> = conn
+        .prepare_cached(&format!(
+            "SELECT {TASK_COLUMNS} FROM TASKS WHERE status = 'queued' \
+               AND owner IS NOT NULL AND lease_expires_at < ?1 \
+             ORDER BY lease_expires_at, task_id LIMIT ?2"
+        ))
+        .and_then(|mut stmt| {
+            stmt.query_map(params![date_text(at), limit], task_from_row)?
+                .collect()
+        })
+        .map_err(sql_err("reading expired claims"))?;
+    let mut cleared = Vec::with_capacity(expired.len());
+    for task in expired {
+        let changed = conn
+            .prepare_cached(
+                "UPDATE TASKS SET owner = NULL, lease_expires_at = NULL, updated_at = ?3 \
+                 WHERE task_id = ?1 AND status = 'queued' AND lease_expires_at < ?2",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![task.task_id, date_text(at), date_text(&now())])
+            })
+            .map_err(sql_err("clearing an expired claim"))?;
+        if changed == 1 {
+            cleared.push(task);
+        }
+    }
+    Ok(cleared)
+}
+
+fn repair_allocation_sync(
+    conn: &Connection,
+    observed: &Worker,
+    allocated: &Resources,
+) -> Result<bool> {
+    let (t, a, v) = (observed.total(), observed.allocated(), observed.available());
+    let changed = conn
+        .prepare_cached(
+            "UPDATE WORKER_REGISTRY SET \
+                 allocated_cpu = ?2, allocated_memory = ?3, allocated_storage = ?4, \
+                 allocated_gpu = ?5, \
+                 available_cpu = total_cpu - ?2, available_memory = total_memory - ?3, \
+                 available_storage = total_storage - ?4, available_gpu = total_gpu - ?5, \
+                 updated_at = ?6 \
+             WHERE worker_id = ?1 \
+               AND total_cpu = ?7 AND total_memory = ?8 AND total_storage = ?9 AND total_gpu = ?10 \
+               AND allocated_cpu = ?11 AND allocated_memory = ?12 \
+               AND allocated_storage = ?13 AND allocated_gpu = ?14 \
+               AND available_cpu = ?15 AND available_memory = ?16 \
+               AND available_storage = ?17 AND available_gpu = ?18",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                observed.worker_id,
+                allocated.cpu,
+                allocated.memory,
+                allocated.storage,
+                allocated.gpu,
+                date_text(&now()),
+                t.cpu,
+                t.memory,
+                t.storage,
+                t.gpu,
+                a.cpu,
+                a.memory,
+                a.storage,
+                a.gpu,
+                v.cpu,
+                v.memory,
+                v.storage,
+                v.gpu,
+            ])
+        })
+        .map_err(sql_err("repairing a worker's allocation"))?;
+    if changed == 1 {
+        return Ok(true);
+    }
+    if worker_exists(conn, &observed.worker_id)? {
+        Ok(false)
+    } else {
+        Err(StoreError::NotFound {
+            kind: "worker",
+            id: observed.worker_id.clone(),
         })
     }
 }
@@ -2047,6 +2189,87 @@ impl Store for SqliteStore {
         let (worker_id, request) = (worker_id.to_string(), *request);
         self.call("returning an unassigned reservation", move |conn| {
             unreserve_sync(conn, &worker_id, &request)
+        })
+        .await
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        self.call("taking a lease", move |conn| {
+            acquire_lease_sync(conn, &name, &holder, &until, &now)
+        })
+        .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<bool> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        self.call("giving up a lease", move |conn| {
+            conn.prepare_cached("DELETE FROM LEASES WHERE name = ?1 AND holder = ?2")
+                .and_then(|mut stmt| stmt.execute(params![name, holder]))
+                .map(|changed| changed == 1)
+                .map_err(sql_err("giving up a lease"))
+        })
+        .await
+    }
+
+    async fn mark_worker_lost(&self, worker_id: &str, heartbeat_before: i64) -> Result<bool> {
+        let worker_id = worker_id.to_string();
+        self.call("marking a worker lost", move |conn| {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE WORKER_REGISTRY SET is_active = 0, updated_at = ?3 \
+                     WHERE worker_id = ?1 AND is_active = 1 AND last_heartbeat < ?2",
+                )
+                .and_then(|mut stmt| {
+                    stmt.execute(params![worker_id, heartbeat_before, date_text(&now())])
+                })
+                .map_err(sql_err("marking a worker lost"))?;
+            if changed == 1 {
+                Ok(true)
+            } else if worker_exists(conn, &worker_id)? {
+                Ok(false)
+            } else {
+                Err(StoreError::NotFound {
+                    kind: "worker",
+                    id: worker_id.clone(),
+                })
+            }
+        })
+        .await
+    }
+
+    async fn transition_attempt(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        from: &[TaskStatus],
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<Task> {
+        let (task_id, from, update) = (task_id.to_string(), from.to_vec(), update.clone());
+        self.call("transitioning a task's attempt", move |conn| {
+            transition_sync(conn, &task_id, Some(attempt), &from, to, &update)
+        })
+        .await
+    }
+
+    async fn clear_expired_claims(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Task>> {
+        self.call("clearing expired claims", move |conn| {
+            clear_expired_claims_sync(conn, &now, limit)
+        })
+        .await
+    }
+
+    async fn repair_allocation(&self, observed: &Worker, allocated: &Resources) -> Result<bool> {
+        let (observed, allocated) = (observed.clone(), *allocated);
+        self.call("repairing a worker's allocation", move |conn| {
+            repair_allocation_sync(conn, &observed, &allocated)
         })
         .await
     }

@@ -1,0 +1,742 @@
+//! Reconciler tests on real stores (SQLite in a tempdir; MongoDB, FerretDB here, when
+//! `CLOUDAI_TEST_MONGODB_URI` is set), with simulated workers: store-level registration and
+//! heartbeats, no containers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::model::{Assignment, Resources, Task, TaskStatus};
+use crate::scheduler::tests::{
+    active_assignments, add_worker, assert_accounting, config, policies,
+};
+use crate::scheduler::{Finish, Scheduler, SchedulerConfig, Wakeup, finish_attempt};
+use crate::store::conformance::{sample_task, unique_id};
+use crate::store::{AssignmentFilter, Store, StoreError};
+
+/// Generates `NAME::sqlite` and `NAME::mongo` (skipped without a MongoDB server) from the
+/// async function `NAME(store)`.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn sqlite() {
+                    let (store, _guard) = crate::scheduler::tests::sqlite();
+                    super::$name(store).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn mongo() {
+                    let Some((store, _guard)) = crate::scheduler::tests::mongo().await else {
+                        return;
+                    };
+                    super::$name(store).await;
+                }
+            }
+        )*
+    };
+}
+
+on_both_stores!(
+    a_lost_workers_tasks_are_requeued_and_placed_on_another_worker_within_grace,
+    a_lost_task_with_no_attempt_left_fails_with_worker_lost,
+    a_returning_worker_is_reactivated_and_its_late_finish_is_rejected,
+    an_expired_claim_is_cleared_and_the_task_placed,
+    drift_is_repaired_once_it_has_settled_and_counted,
+    an_in_flight_reservation_is_not_repaired_away,
+    a_running_task_past_its_timeout_fails_and_is_released_once,
+    a_running_task_left_without_its_assignment_is_queued_again,
+    two_reconcilers_on_one_store_only_the_lease_holder_acts,
+    the_lease_moves_to_another_replica_when_its_holder_stops_or_dies,
+);
+
+/// The grace period (the scheduler's heartbeat staleness) used by these tests.
+const GRACE: Duration = Duration::from_secs(1);
+
+fn scheduler_config() -> SchedulerConfig {
+    SchedulerConfig {
+        heartbeat_staleness: GRACE,
+        ..config(100)
+    }
+}
+
+fn reconciler(store: &Arc<dyn Store>, wakeup: &Wakeup, settle: Duration) -> Reconciler {
+    Reconciler::new(
+        store.clone(),
+        wakeup.clone(),
+        &scheduler_config(),
+        ReconcilerConfig {
+            interval: Duration::from_millis(100),
+            lease_ttl: Duration::from_secs(1),
+            settle,
+        },
+    )
+}
+
+fn scheduler(store: &Arc<dyn Store>, wakeup: &Wakeup) -> Scheduler {
+    Scheduler::new(
+        store.clone(),
+        policies(),
+        wakeup.clone(),
+        scheduler_config(),
+    )
+}
+
+/// A queued task asking for `cpu` cores and 1 GB, with `max_attempts` and `timeout_s`.
+async fn queued(store: &dyn Store, cpu: f64, max_attempts: u32, timeout_s: Option<u64>) -> Task {
+    let mut task = sample_task(&unique_id("task"), "alice");
+    task.status = TaskStatus::Queued;
+    (task.req_cpu, task.req_memory, task.req_storage) = (cpu, 1.0, 0.0);
+    task.max_attempts = max_attempts;
+    task.timeout_s = timeout_s;
+    store.insert_task(&task, None).await.unwrap().task
+}
+
+async fn assignments_of(store: &dyn Store, task_id: &str) -> Vec<Assignment> {
+    store
+        .list_assignments(&AssignmentFilter {
+            task_id: Some(task_id.to_string()),
+            ..AssignmentFilter::default()
+        })
+        .await
+        .unwrap()
+}
+
+/// The one active assignment of a task.
+async fn active_of(store: &dyn Store, task_id: &str) -> Assignment {
+    let active = active_assignments(
+        store,
+        AssignmentFilter {
+            task_id: Some(task_id.to_string()),
+            ..AssignmentFilter::default()
+        },
+    )
+    .await;
+    assert_eq!(active.len(), 1, "{task_id}: {active:?}");
+    active.into_iter().next().unwrap()
+}
+
+/// Makes a worker's last heartbeat a minute old.
+async fn go_silent(store: &dyn Store, worker_id: &str) {
+    let old = model::now().timestamp() - 60;
+    store.heartbeat(worker_id, old, None).await.unwrap();
+}
+
+/// A simulated worker agent's heartbeat, as the API records it.
+async fn beat(store: &dyn Store, wakeup: &Wakeup, worker_id: &str) -> crate::model::Worker {
+    let worker = store
+        .heartbeat(worker_id, model::now().timestamp(), None)
+        .await
+        .unwrap();
+    if worker.is_active {
+        worker
+    } else {
+        worker_returned(store, wakeup, worker_id).await.unwrap()
+    }
+}
+
+/// Heartbeats every 200 ms until the flag is cleared.
+fn keep_beating(store: &Arc<dyn Store>, wakeup: &Wakeup, worker_id: &str) -> Arc<AtomicBool> {
+    let alive = Arc::new(AtomicBool::new(true));
+    let (store, wakeup, worker_id, flag) = (
+        store.clone(),
+        wakeup.clone(),
+        worker_id.to_string(),
+        alive.clone(),
+    );
+    tokio::spawn(async move {
+        while flag.load(Ordering::Relaxed) {
+            beat(&*store, &wakeup, &worker_id).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    alive
+}
+
+async fn held_tick(r: &mut Reconciler) -> Repairs {
+    r.tick()
+        .await
+        .unwrap()
+        .expect("the only reconciler holds the lease")
+}
+
+// ------------------------------------------------------------------------------------------
+
+async fn a_lost_workers_tasks_are_requeued_and_placed_on_another_worker_within_grace(
+    store: Arc<dyn Store>,
+) {
+    let wakeup = Wakeup::new();
+    let w1 = add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    let a = queued(&*store, 2.0, 3, None).await;
+    let b = queued(&*store, 2.0, 3, None).await;
+    scheduler(&store, &wakeup).cycle().await;
+    let old_a = active_of(&*store, &a.task_id).await;
+    let old_b = active_of(&*store, &b.task_id).await;
+    assert_eq!(
+        (old_a.worker_id.as_str(), old_b.worker_id.as_str()),
+        (w1.worker_id.as_str(), w1.worker_id.as_str())
+    );
+    let w2 = add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    let w2_alive = keep_beating(&store, &wakeup, &w2.worker_id);
+    // w1 never heartbeats again: its last heartbeat is now.
+    let silent_since = Instant::now();
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let r = reconciler(&store, &wakeup, Duration::from_secs(5));
+    let counters = r.counters();
+    let reconciling = tokio::spawn(r.run(until_stopped(stopped.clone())));
+    let scheduling = tokio::spawn(scheduler(&store, &wakeup).run(until_stopped(stopped)));
+
+    let deadline = GRACE + Duration::from_secs(5);
+    loop {
+        let placed = [&a, &b]
+            .iter()
+            .map(|t| t.task_id.clone())
+            .collect::<Vec<_>>();
+        let mut on_w2 = 0;
+        for id in &placed {
+            let task = store.get_task(id).await.unwrap();
+            let active = active_assignments(
+                &*store,
+                AssignmentFilter {
+                    task_id: Some(id.clone()),
+                    ..AssignmentFilter::default()
+                },
+            )
+            .await;
+            if task.status == TaskStatus::Running
+                && active.len() == 1
+                && active[0].worker_id == w2.worker_id
+            {
+                on_w2 += 1;
+            }
+        }
+        if on_w2 == 2 {
+            break;
+        }
+        assert!(
+            silent_since.elapsed() < deadline,
+            "not re-placed within grace + 5 s ({deadline:?}); counters {:?}",
+            counters.repairs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "{}: re-placed on another worker {:?} after the last heartbeat (grace {GRACE:?})",
+        store.backend_name(),
+        silent_since.elapsed()
+    );
+    stop.send(true).unwrap();
+    reconciling.await.unwrap();
+    scheduling.await.unwrap();
+    w2_alive.store(false, Ordering::Relaxed);
+
+    let lost = store.get_worker(&w1.worker_id).await.unwrap();
+    assert!(!lost.is_active);
+    assert_eq!(
+        lost.allocated(),
+        Resources::default(),
+        "w1's reservations returned"
+    );
+    for (task, old) in [(&a, &old_a), (&b, &old_b)] {
+        let after = store.get_task(&task.task_id).await.unwrap();
+        assert_eq!(after.attempts, 2, "the second attempt");
+        let old = store.get_assignment(&old.ass_id).await.unwrap();
+        assert!(old.released, "the lost assignment is released");
+        assert_eq!(assignments_of(&*store, &task.task_id).await.len(), 2);
+    }
+    assert_accounting(&*store).await;
+    let repairs = counters.repairs();
+    assert_eq!(repairs.workers_lost, 1, "{repairs:?}");
+    assert_eq!(repairs.tasks_requeued, 2, "{repairs:?}");
+    assert_eq!(repairs.reservations_released, 2, "{repairs:?}");
+    assert_eq!(repairs.drift_repaired, 0, "{repairs:?}");
+}
+
+async fn a_lost_task_with_no_attempt_left_fails_with_worker_lost(store: Arc<dyn Store>) {
+    let wakeup = Wakeup::new();
+    let w = add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    let once = queued(&*store, 1.0, 1, None).await;
+    let twice = queued(&*store, 1.0, 2, None).await;
+    scheduler(&store, &wakeup).cycle().await;
+    go_silent(&*store, &w.worker_id).await;
+    let mut r = reconciler(&store, &wakeup, Duration::from_secs(5));
+    let repairs = held_tick(&mut r).await;
+    assert_eq!(
+        (
+            repairs.workers_lost,
+            repairs.tasks_failed_lost,
+            repairs.tasks_requeued,
+            repairs.reservations_released
+        ),
+        (1, 1, 1, 2),
+        "{repairs:?}"
+    );
+    let failed = store.get_task(&once.task_id).await.unwrap();
+    assert_eq!(failed.status, TaskStatus::Failed);
+    assert_eq!(failed.error.as_deref(), Some(WORKER_LOST));
+    assert!(failed.completed_at.is_some());
+    let requeued = store.get_task(&twice.task_id).await.unwrap();
+    assert_eq!(
+        (requeued.status, requeued.attempts),
+        (TaskStatus::Queued, 1)
+    );
+    assert!(requeued.status_reason.unwrap().contains(&w.worker_id));
+    assert_eq!(
+        store.get_worker(&w.worker_id).await.unwrap().allocated(),
+        Resources::default()
+    );
+    assert_accounting(&*store).await;
+    // Nothing more to do: a second pass repairs nothing.
+    assert_eq!(held_tick(&mut r).await, Repairs::default());
+}
+
+async fn a_returning_worker_is_reactivated_and_its_late_finish_is_rejected(store: Arc<dyn Store>) {
+    let wakeup = Wakeup::new();
+    let w1 = add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    let task = queued(&*store, 4.0, 3, None).await;
+    let s = scheduler(&store, &wakeup);
+    s.cycle().await;
+    let lost = active_of(&*store, &task.task_id).await;
+    assert_eq!(lost.worker_id, w1.worker_id);
+
+    go_silent(&*store, &w1.worker_id).await;
+    let w2 = add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    let mut r = reconciler(&store, &wakeup, Duration::from_secs(5));
+    assert_eq!(held_tick(&mut r).await.tasks_requeued, 1);
+    s.cycle().await;
+    let current = active_of(&*store, &task.task_id).await;
+    assert_eq!(
+        (current.worker_id.as_str(), current.attempt),
+        (w2.worker_id.as_str(), 2)
+    );
+
+    // w1 comes back: active again, nothing assigned, the scheduler woken.
+    let _ = tokio::time::timeout(Duration::from_millis(10), wakeup.woken()).await;
+    let back = beat(&*store, &wakeup, &w1.worker_id).await;
+    assert!(back.is_active);
+    assert_eq!(back.allocated(), Resources::default());
+    tokio::time::timeout(Duration::from_secs(1), wakeup.woken())
+        .await
+        .expect("a returning worker wakes the scheduler");
+
+    // Its late report for the lost attempt is refused and changes nothing.
+    let before = store.get_task(&task.task_id).await.unwrap();
+    let late = finish_attempt(
+        &*store,
+        &wakeup,
+        &lost.ass_id,
+        Finish::Completed { exit_code: 0 },
+    )
+    .await;
+    assert!(matches!(late, Err(StoreError::Conflict { .. })), "{late:?}");
+    assert_eq!(store.get_task(&task.task_id).await.unwrap(), before);
+    assert!(
+        !store
+            .get_assignment(&current.ass_id)
+            .await
+            .unwrap()
+            .released
+    );
+    assert_accounting(&*store).await;
+
+    // The current attempt's report applies, once.
+    let done = finish_attempt(
+        &*store,
+        &wakeup,
+        &current.ass_id,
+        Finish::Completed { exit_code: 0 },
+    )
+    .await
+    .unwrap();
+    assert_eq!((done.status, done.attempts), (TaskStatus::Completed, 2));
+    let again = finish_attempt(
+        &*store,
+        &wakeup,
+        &current.ass_id,
+        Finish::Completed { exit_code: 0 },
+    )
+    .await;
+    assert!(
+        matches!(again, Err(StoreError::Conflict { .. })),
+        "{again:?}"
+    );
+    assert_accounting(&*store).await;
+    for w in [&w1, &w2] {
+        assert_eq!(
+            store.get_worker(&w.worker_id).await.unwrap().allocated(),
+            Resources::default()
+        );
+    }
+}
+
+async fn an_expired_claim_is_cleared_and_the_task_placed(store: Arc<dyn Store>) {
+    let wakeup = Wakeup::new();
+    add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    let task = queued(&*store, 1.0, 3, None).await;
+    // A replica claimed it and died before placing it.
+    let now = model::now();
+    store
+        .claim_task(
+            &task.task_id,
+            "host-dead",
+            now - chrono::Duration::seconds(1),
+            now,
+        )
+        .await
+        .unwrap();
+    let mut r = reconciler(&store, &wakeup, Duration::from_secs(5));
+    assert_eq!(held_tick(&mut r).await.claims_cleared, 1);
+    let cleared = store.get_task(&task.task_id).await.unwrap();
+    assert_eq!(
+        (cleared.status, cleared.owner, cleared.lease_expires_at),
+        (TaskStatus::Queued, None, None)
+    );
+    assert_eq!(held_tick(&mut r).await.claims_cleared, 0, "cleared once");
+    scheduler(&store, &wakeup).cycle().await;
+    assert_eq!(
+        store.get_task(&task.task_id).await.unwrap().status,
+        TaskStatus::Running
+    );
+    assert_accounting(&*store).await;
+}
+
+async fn drift_is_repaired_once_it_has_settled_and_counted(store: Arc<dyn Store>) {
+    let wakeup = Wakeup::new();
+    let settle = Duration::from_millis(300);
+    let leaky = add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    queued(&*store, 2.0, 3, None).await;
+    scheduler(&store, &wakeup).cycle().await;
+    let short = add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    queued(&*store, 1.0, 3, None).await;
+    store.set_draining(&leaky.worker_id, true).await.unwrap();
+    scheduler(&store, &wakeup).cycle().await;
+    store.set_draining(&leaky.worker_id, false).await.unwrap();
+    assert_accounting(&*store).await;
+    // A reservation that never got its assignment (a crash between the two writes), and one
+    // returned without its assignment being released.
+    let leak = Resources::new(1.0, 1.0, 0.0, 0.0);
+    assert!(store.reserve(&leaky.worker_id, &leak).await.unwrap());
+    let held = store
+        .get_worker(&short.worker_id)
+        .await
+        .unwrap()
+        .allocated();
+    assert!(store.unreserve(&short.worker_id, &held).await.unwrap());
+
+    let mut r = reconciler(&store, &wakeup, settle);
+    assert_eq!(held_tick(&mut r).await.drift_repaired, 0, "not settled yet");
+    tokio::time::sleep(settle + Duration::from_millis(100)).await;
+    assert_eq!(held_tick(&mut r).await.drift_repaired, 2);
+    assert_accounting(&*store).await;
+    assert_eq!(
+        store
+            .get_worker(&leaky.worker_id)
+            .await
+            .unwrap()
+            .allocated(),
+        Resources::new(2.0, 1.0, 0.0, 0.0)
+    );
+    assert_eq!(
+        store
+            .get_worker(&short.worker_id)
+            .await
+            .unwrap()
+            .allocated(),
+        held
+    );
+    tokio::time::sleep(settle + Duration::from_millis(100)).await;
+    assert_eq!(held_tick(&mut r).await.drift_repaired, 0);
+    assert_eq!(r.counters().repairs().drift_repaired, 2);
+}
+
+async fn an_in_flight_reservation_is_not_repaired_away(store: Arc<dyn Store>) {
+    let wakeup = Wakeup::new();
+    let settle = Duration::from_millis(300);
+    let w = add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    let task = queued(&*store, 2.0, 3, None).await;
+    let mut r = reconciler(&store, &wakeup, settle);
+    // A placement by hand, with reconciler passes between its writes.
+    let now = model::now();
+    store
+        .claim_task(
+            &task.task_id,
+            "host-a",
+            now + chrono::Duration::seconds(30),
+            now,
+        )
+        .await
+        .unwrap();
+    assert!(store.reserve(&w.worker_id, &task.request()).await.unwrap());
+    assert_eq!(held_tick(&mut r).await, Repairs::default());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(held_tick(&mut r).await, Repairs::default());
+    let assignment = Assignment {
+        ass_id: unique_id("ass"),
+        task_id: task.task_id.clone(),
+        worker_id: w.worker_id.clone(),
+        assigned_at: model::now(),
+        req_cpu: task.req_cpu,
+        req_memory: task.req_memory,
+        req_storage: task.req_storage,
+        req_gpu: task.req_gpu,
+        attempt: 1,
+        released: false,
+        released_at: None,
+    };
+    store.insert_assignment(&assignment).await.unwrap();
+    assert_eq!(held_tick(&mut r).await, Repairs::default());
+    store
+        .mark_running(&task.task_id, "host-a", 1)
+        .await
+        .unwrap();
+    tokio::time::sleep(settle + Duration::from_millis(100)).await;
+    assert_eq!(held_tick(&mut r).await, Repairs::default());
+    assert_eq!(
+        store.get_worker(&w.worker_id).await.unwrap().allocated(),
+        task.request()
+    );
+    assert!(
+        !store
+            .get_assignment(&assignment.ass_id)
+            .await
+            .unwrap()
+            .released
+    );
+    assert_accounting(&*store).await;
+}
+
+async fn a_running_task_past_its_timeout_fails_and_is_released_once(store: Arc<dyn Store>) {
+    let wakeup = Wakeup::new();
+    let w = add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    let slow = queued(&*store, 1.0, 3, Some(1)).await;
+    let patient = queued(&*store, 1.0, 3, Some(3600)).await;
+    scheduler(&store, &wakeup).cycle().await;
+    let mut r = reconciler(&store, &wakeup, Duration::from_secs(5));
+    assert_eq!(
+        held_tick(&mut r).await.tasks_timed_out,
+        0,
+        "within its timeout"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Keep the worker fresh: only the timeout applies.
+    beat(&*store, &wakeup, &w.worker_id).await;
+    let repairs = held_tick(&mut r).await;
+    assert_eq!(repairs.tasks_timed_out, 1, "{repairs:?}");
+    let failed = store.get_task(&slow.task_id).await.unwrap();
+    assert_eq!(failed.status, TaskStatus::Failed);
+    assert_eq!(failed.error.as_deref(), Some(TIMEOUT));
+    assert!(
+        store
+            .get_assignment(&assignments_of(&*store, &slow.task_id).await[0].ass_id)
+            .await
+            .unwrap()
+            .released
+    );
+    assert_eq!(
+        store.get_task(&patient.task_id).await.unwrap().status,
+        TaskStatus::Running
+    );
+    assert_eq!(
+        store.get_worker(&w.worker_id).await.unwrap().allocated(),
+        patient.request(),
+        "released once: only the patient task's reservation is left"
+    );
+    assert_eq!(held_tick(&mut r).await, Repairs::default());
+    assert_accounting(&*store).await;
+}
+
+async fn a_running_task_left_without_its_assignment_is_queued_again(store: Arc<dyn Store>) {
+    let wakeup = Wakeup::new();
+    let settle = Duration::from_millis(300);
+    add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    let task = queued(&*store, 1.0, 3, None).await;
+    scheduler(&store, &wakeup).cycle().await;
+    // Its reservation returned while it runs (an orphan release racing a stalled placement).
+    let assignment = active_of(&*store, &task.task_id).await;
+    assert!(store.release(&assignment.ass_id).await.unwrap());
+    let mut r = reconciler(&store, &wakeup, settle);
+    assert_eq!(
+        held_tick(&mut r).await.tasks_requeued,
+        0,
+        "young: left alone"
+    );
+    tokio::time::sleep(settle + Duration::from_millis(100)).await;
+    assert_eq!(held_tick(&mut r).await.tasks_requeued, 1);
+    let after = store.get_task(&task.task_id).await.unwrap();
+    assert_eq!((after.status, after.attempts), (TaskStatus::Queued, 1));
+    scheduler(&store, &wakeup).cycle().await;
+    assert_eq!(active_of(&*store, &task.task_id).await.attempt, 2);
+    assert_eq!(held_tick(&mut r).await, Repairs::default());
+    assert_accounting(&*store).await;
+}
+
+async fn two_reconcilers_on_one_store_only_the_lease_holder_acts(store: Arc<dyn Store>) {
+    let wakeup = Wakeup::new();
+    let w = add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    let mut a = reconciler(&store, &wakeup, Duration::from_secs(5));
+    let mut b = reconciler(&store, &wakeup, Duration::from_secs(5));
+    assert!(
+        a.tick().await.unwrap().is_some(),
+        "the first takes the lease"
+    );
+    go_silent(&*store, &w.worker_id).await;
+    assert_eq!(b.tick().await.unwrap(), None, "the other does not act");
+    assert!(store.get_worker(&w.worker_id).await.unwrap().is_active);
+    assert_eq!(a.tick().await.unwrap().unwrap().workers_lost, 1);
+    assert_eq!(b.counters().passes(), 0);
+    assert_eq!(
+        (
+            a.counters().leases_acquired(),
+            b.counters().leases_acquired()
+        ),
+        (1, 0)
+    );
+}
+
+async fn the_lease_moves_to_another_replica_when_its_holder_stops_or_dies(store: Arc<dyn Store>) {
+    let wakeup = Wakeup::new();
+    let ttl = Duration::from_secs(1);
+    let spawn = |r: Reconciler| {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let counters = r.counters();
+        let handle = tokio::spawn(r.run(async {
+            let _ = stopped.await;
+        }));
+        (stop, handle, counters)
+    };
+    let wait_for_holder = |candidates: Vec<Arc<ReconcilerCounters>>| async move {
+        let started = Instant::now();
+        loop {
+            if let Some(i) = candidates.iter().position(|c| c.holds_lease()) {
+                return (i, started.elapsed());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "nobody took the lease"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+
+    // Clean stop: the holder gives the lease up, the other takes it at its next renewal.
+    let (stop_a, run_a, a) = spawn(reconciler(&store, &wakeup, Duration::from_secs(5)));
+    wait_for_holder(vec![a.clone()]).await;
+    let (stop_b, run_b, b) = spawn(reconciler(&store, &wakeup, Duration::from_secs(5)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(a.holds_lease() && !b.holds_lease(), "one holder at a time");
+    stop_a.send(()).unwrap();
+    run_a.await.unwrap();
+    let (_, took) = wait_for_holder(vec![b.clone()]).await;
+    eprintln!(
+        "{}: lease taken over {took:?} after a clean stop",
+        store.backend_name()
+    );
+    assert!(
+        took < ttl,
+        "given up: no need to wait for the TTL ({took:?})"
+    );
+
+    // Death: the holder stops renewing without giving the lease up.
+    let (_stop_c, run_c, c) = spawn(reconciler(&store, &wakeup, Duration::from_secs(5)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(b.holds_lease() && !c.holds_lease());
+    run_b.abort();
+    let _ = run_b.await;
+    drop(stop_b);
+    let (_, took) = wait_for_holder(vec![c.clone()]).await;
+    eprintln!(
+        "{}: lease taken over {took:?} after the holder died (TTL {ttl:?})",
+        store.backend_name()
+    );
+    // TTL, plus one renewal tick (ttl / 3 or the interval), plus slack for a slow machine.
+    assert!(took < ttl + Duration::from_secs(2), "{took:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(c.passes() > 0, "the new holder reconciles");
+    run_c.abort();
+}
+
+/// Through the HTTP API: a worker declared lost heartbeats again and its heartbeat answer
+/// already shows it active (one store write on the usual path, no read before it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_worker_heartbeating_through_the_api_is_active_again() {
+    use axum::body::Body;
+    use axum::http::{Method, Request, StatusCode, header};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use crate::api::auth::{Authenticator, sha256_hex};
+    use crate::api::{AppState, Limits};
+
+    const JOIN: &str = "cai_j_reconciler_test_join_token";
+    let (store, _guard) = crate::scheduler::tests::sqlite();
+    let wakeup = Wakeup::new();
+    let app = crate::api::router(AppState {
+        store: store.clone(),
+        auth: Arc::new(Authenticator::new(Vec::new(), Some(sha256_hex(JOIN)))),
+        limits: Arc::new(Limits::default()),
+        policies: policies(),
+        wakeup: wakeup.clone(),
+    });
+    let call = |uri: String, token: String, body: serde_json::Value| {
+        let app = app.clone();
+        async move {
+            let request = Request::builder()
+                .method(Method::POST)
+                .uri(uri)
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap();
+            let response = app.oneshot(request).await.unwrap();
+            let status = response.status();
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                serde_json::from_slice::<serde_json::Value>(&bytes).unwrap(),
+            )
+        }
+    };
+    let (status, body) = call(
+        "/v1/workers".into(),
+        JOIN.into(),
+        serde_json::json!({"worker_id": "w1", "worker_ip": "127.0.0.1:7070",
+            "total_cpu": 4, "total_memory": 8, "total_storage": 10, "total_gpu": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let token = body["token"].as_str().unwrap().to_string();
+    let task = queued(&*store, 4.0, 3, None).await;
+    scheduler(&store, &wakeup).cycle().await;
+
+    go_silent(&*store, "w1").await;
+    let mut r = reconciler(&store, &wakeup, Duration::from_secs(5));
+    let repairs = held_tick(&mut r).await;
+    assert_eq!((repairs.workers_lost, repairs.tasks_requeued), (1, 1));
+    let _ = tokio::time::timeout(Duration::from_millis(10), wakeup.woken()).await;
+
+    let (status, body) = call(
+        "/v1/workers/w1/heartbeat".into(),
+        token,
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["worker"]["is_active"], true, "{body}");
+    assert_eq!(body["worker"]["allocated_cpu"], 0.0, "{body}");
+    tokio::time::timeout(Duration::from_secs(1), wakeup.woken())
+        .await
+        .expect("a returning worker wakes the scheduler");
+    // And it gets the re-queued task again, as a second attempt.
+    scheduler(&store, &wakeup).cycle().await;
+    let again = active_of(&*store, &task.task_id).await;
+    assert_eq!((again.worker_id.as_str(), again.attempt), ("w1", 2));
+    assert_accounting(&*store).await;
+}

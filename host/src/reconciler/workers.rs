@@ -1,0 +1,194 @@
+//! Lost workers (no heartbeat within the grace period) and workers that come back.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::Repairs;
+use crate::model::{self, Assignment, Task, TaskStatus, Worker};
+use crate::scheduler::Wakeup;
+use crate::store::{AssignmentFilter, Store, StoreError, TaskUpdate};
+
+/// The `error` of a task failed because its worker was lost with no attempt left.
+pub const WORKER_LOST: &str = "worker_lost";
+
+/// Marks the workers whose last heartbeat is older than `grace` inactive (each with one
+/// conditional update, so a heartbeat that lands first wins) and returns every inactive,
+/// stale worker: those whose assignments are lost. An inactive worker with a fresh heartbeat
+/// is re-activated here too (the heartbeat API normally does it at once).
+pub(super) async fn lose_stale_workers(
+    store: &dyn Store,
+    grace: Duration,
+    now: DateTime<Utc>,
+    repairs: &mut Repairs,
+) -> Result<HashMap<String, Worker>, StoreError> {
+    let stale_before = now.timestamp() - grace.as_secs() as i64;
+    let mut lost = HashMap::new();
+    for worker in store.list_workers().await? {
+        let worker_id = worker.worker_id.as_str();
+        if worker.last_heartbeat >= stale_before {
+            if !worker.is_active {
+                return_worker(store, worker_id, now, repairs).await?;
+            }
+            continue;
+        }
+        if worker.is_active {
+            if !store.mark_worker_lost(worker_id, stale_before).await? {
+                continue; // it heartbeated meanwhile
+            }
+            repairs.workers_lost += 1;
+            tracing::warn!(
+                worker_id,
+                last_heartbeat = worker.last_heartbeat,
+                grace_s = grace.as_secs(),
+                "worker lost: no heartbeat within the grace period; marked inactive"
+            );
+        }
+        lost.insert(worker.worker_id.clone(), worker);
+    }
+    Ok(lost)
+}
+
+/// A lost worker heartbeated again: its remaining assignments (from before it was lost) are
+/// handled as lost, then it is active again with nothing assigned, and the scheduler is
+/// woken. What the heartbeat API calls when the worker it recorded is inactive. Returns the
+/// worker as it is now.
+pub async fn worker_returned(
+    store: &dyn Store,
+    wakeup: &Wakeup,
+    worker_id: &str,
+) -> Result<Worker, StoreError> {
+    let mut repairs = Repairs::default();
+    let worker = return_worker(store, worker_id, model::now(), &mut repairs).await?;
+    wakeup.wake();
+    Ok(worker)
+}
+
+async fn return_worker(
+    store: &dyn Store,
+    worker_id: &str,
+    now: DateTime<Utc>,
+    repairs: &mut Repairs,
+) -> Result<Worker, StoreError> {
+    let left = store
+        .list_assignments(&AssignmentFilter {
+            worker_id: Some(worker_id.to_string()),
+            active_only: true,
+            ..AssignmentFilter::default()
+        })
+        .await?;
+    for assignment in left.iter().filter(|a| a.assigned_at < now) {
+        lose_assignment(store, assignment, repairs).await?;
+    }
+    let worker = store.set_worker_active(worker_id, true).await?;
+    repairs.workers_returned += 1;
+    tracing::info!(
+        worker_id,
+        lost_assignments = left.len(),
+        "lost worker heartbeated again: re-activated with nothing assigned"
+    );
+    Ok(worker)
+}
+
+/// An assignment on a lost worker: its task (when still running at this attempt) goes back
+/// to the queue with `attempts` kept, or fails with [`WORKER_LOST`] when it has no attempt
+/// left; then the reservation is released (exactly once, by the store's guard). The task
+/// moves first, so that a crash in between leaves an active assignment on a lost worker,
+/// which the next pass finds again.
+pub(super) async fn lose_assignment(
+    store: &dyn Store,
+    assignment: &Assignment,
+    repairs: &mut Repairs,
+) -> Result<(), StoreError> {
+    let (task_id, worker_id, ass_id) = (
+        assignment.task_id.as_str(),
+        assignment.worker_id.as_str(),
+        assignment.ass_id.as_str(),
+    );
+    let attempt = assignment.attempt;
+    let task = match store.get_task(task_id).await {
+        Ok(task) => Some(task),
+        Err(StoreError::NotFound { .. }) => None,
+        Err(error) => return Err(error),
+    };
+    if let Some(task) = task.filter(|t| t.status == TaskStatus::Running && t.attempts == attempt) {
+        let why = format!("worker {worker_id} was lost");
+        requeue_or_fail(store, &task, &why, Some(ass_id), repairs).await?;
+    }
+    if store.release(ass_id).await? {
+        repairs.reservations_released += 1;
+        tracing::info!(
+            task_id,
+            worker_id,
+            ass_id,
+            "reservation of a lost worker released"
+        );
+    }
+    Ok(())
+}
+
+/// Takes a task that is running at its current attempt off its (lost) execution: back to the
+/// queue with `attempts` kept, or failed with [`WORKER_LOST`] when no attempt is left. One
+/// conditional update on that attempt: a task that finished or moved meanwhile is left alone.
+pub(super) async fn requeue_or_fail(
+    store: &dyn Store,
+    task: &Task,
+    why: &str,
+    ass_id: Option<&str>,
+    repairs: &mut Repairs,
+) -> Result<(), StoreError> {
+    let (task_id, attempt) = (task.task_id.as_str(), task.attempts);
+    let ass_id = ass_id.unwrap_or("");
+    let requeue = attempt < task.max_attempts;
+    let (to, update) = if requeue {
+        (
+            TaskStatus::Queued,
+            TaskUpdate {
+                status_reason: Some(Some(format!(
+                    "{why} during attempt {attempt} of {}; queued again",
+                    task.max_attempts
+                ))),
+                clear_claim: true,
+                ..TaskUpdate::default()
+            },
+        )
+    } else {
+        (
+            TaskStatus::Failed,
+            TaskUpdate {
+                completed_at: Some(model::now()),
+                error: Some(WORKER_LOST.to_string()),
+                status_reason: Some(Some(format!(
+                    "{WORKER_LOST}: {why} during attempt {attempt} of {}",
+                    task.max_attempts
+                ))),
+                clear_claim: true,
+                ..TaskUpdate::default()
+            },
+        )
+    };
+    match store
+        .transition_attempt(task_id, attempt, &[TaskStatus::Running], to, &update)
+        .await
+    {
+        Ok(_) if requeue => {
+            repairs.tasks_requeued += 1;
+            tracing::warn!(task_id, ass_id, attempt, why, "lost task queued again");
+        }
+        Ok(_) => {
+            repairs.tasks_failed_lost += 1;
+            tracing::warn!(
+                task_id,
+                ass_id,
+                attempt,
+                why,
+                "lost task failed: no attempt left"
+            );
+        }
+        // Finished (or moved) meanwhile.
+        Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {}
+        Err(error) => return Err(error),
+    }
+    Ok(())
+}
