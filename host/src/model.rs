@@ -442,6 +442,18 @@ pub struct TaskResult {
     pub error: Option<String>,
     /// True when `logs` was cut to the configured bound.
     pub logs_truncated: bool,
+    /// The container's standard error (`logs` is its standard output), bounded the same way.
+    #[serde(default)]
+    pub stderr: String,
+    #[serde(default)]
+    pub stderr_truncated: bool,
+    /// Killed by the kernel for going over its memory limit.
+    #[serde(default)]
+    pub oom_killed: bool,
+    /// Which attempt of the task this is the result of (0: unknown, a result from before
+    /// attempts were recorded).
+    #[serde(default)]
+    pub attempt: u32,
 }
 
 /// Which decision a policy component makes (DESIGN §5): one active version per kind.

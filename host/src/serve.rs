@@ -12,7 +12,7 @@ use crate::api::auth::{self, Authenticator, Role, TokenEntry};
 use crate::api::{AppState, Limits};
 use crate::policy::{EngineSettings, PolicyEngine, PolicyRuntime, RuntimeSettings};
 use crate::reconciler::{Reconciler, ReconcilerConfig};
-use crate::scheduler::{Scheduler, SchedulerConfig, Wakeup};
+use crate::scheduler::{Scheduler, SchedulerConfig, Wakeup, WorkSignal};
 use crate::store::Store;
 use crate::store::mongo::MongoStore;
 use crate::store::sqlite::SqliteStore;
@@ -172,12 +172,14 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     )
     .spawn();
     let wakeup = Wakeup::new();
+    let work = WorkSignal::new();
     let state = AppState {
         store: store.clone(),
         auth: Arc::new(auth),
         limits: Arc::new(config.limits.clone()),
         policies: policies.clone(),
         wakeup: wakeup.clone(),
+        work: work.clone(),
     };
     // Every replica runs one; only the holder of the store's lease acts.
     let reconciler = Reconciler::new(
@@ -190,7 +192,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let reconciler = tokio::spawn(reconciler.run(async {
         let _ = reconciler_stopped.await;
     }));
-    let scheduler = Scheduler::new(store.clone(), policies, wakeup, config.scheduler.clone());
+    let scheduler = Scheduler::new(store.clone(), policies, wakeup, config.scheduler.clone())
+        .with_work_signal(work);
     let (stop_scheduler, scheduler_stopped) = tokio::sync::oneshot::channel::<()>();
     let scheduler = tokio::spawn(scheduler.run(async {
         // A dropped sender stops it as well.

@@ -21,9 +21,12 @@ use tower_http::request_id::{
 use tower_http::trace::TraceLayer;
 
 use crate::policy::PolicyRuntime;
-use crate::scheduler::Wakeup;
+use crate::scheduler::{Wakeup, WorkSignal};
 use crate::store::Store;
 
+pub mod agent;
+#[cfg(test)]
+mod agent_tests;
 pub mod auth;
 pub mod error;
 pub mod extract;
@@ -49,6 +52,8 @@ pub struct AppState {
     pub policies: Arc<PolicyRuntime>,
     /// Wakes this replica's scheduler after a change it acts on.
     pub wakeup: Wakeup,
+    /// Answers the worker agents' long polls after a change to their work.
+    pub work: WorkSignal,
 }
 
 /// Caps on what a request may ask for. Everything over a cap is refused with 422
@@ -80,6 +85,9 @@ pub struct Limits {
     /// Largest policy component `POST /v1/policies` takes, in bytes (default 64 MiB); the
     /// other routes keep `max_body_bytes`.
     pub max_policy_bytes: usize,
+    /// Most bytes of a task's standard output, and of its standard error, kept in its result
+    /// (default 1 MiB each); the rest is cut with a marker.
+    pub max_log_bytes: usize,
 }
 
 impl Default for Limits {
@@ -97,6 +105,7 @@ impl Default for Limits {
             default_page_size: 50,
             max_page_size: 500,
             max_policy_bytes: 64 << 20,
+            max_log_bytes: 1 << 20,
         }
     }
 }
@@ -125,6 +134,7 @@ pub fn router(state: AppState) -> Router {
         .merge(tasks::router())
         .merge(workers::router())
         .merge(policies::router(state.limits.max_policy_bytes))
+        .merge(agent::router(&state.limits))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

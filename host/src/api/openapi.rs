@@ -7,7 +7,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::AppState;
-use super::{health, policies, tasks, workers};
+use super::{agent, health, policies, tasks, workers};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -35,6 +35,9 @@ use super::{health, policies, tasks, workers};
         workers::drain_worker,
         workers::undrain_worker,
         workers::delete_worker,
+        agent::get_work,
+        agent::report_started,
+        agent::report_result,
         policies::upload_policy,
         policies::list_policies,
         policies::get_policy,
@@ -62,6 +65,11 @@ use super::{health, policies, tasks, workers};
         workers::Registered,
         workers::HeartbeatAck,
         workers::WorkerList,
+        agent::Work,
+        agent::WorkList,
+        agent::Outcome,
+        agent::ResultReport,
+        agent::ReportAck,
         health::Health,
         health::Ready,
         crate::model::PolicyKind,
@@ -85,6 +93,7 @@ use super::{health, policies, tasks, workers};
     tags(
         (name = "tasks", description = "Submit, read, list and cancel tasks"),
         (name = "workers", description = "Worker registration, heartbeats and administration"),
+        (name = "agents", description = "What worker agents call with their own token: fetch work, report starts and results"),
         (name = "health", description = "Probes"),
         (name = "policies", description = "Policy components: upload, activate, roll back, dry-run (admin)"),
     )

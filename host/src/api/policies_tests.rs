@@ -80,6 +80,7 @@ impl Api {
             limits: Arc::new(limits),
             policies: runtime.clone(),
             wakeup: crate::scheduler::Wakeup::new(),
+            work: crate::scheduler::WorkSignal::new(),
         };
         Some(Api {
             _dir: dir,

@@ -608,6 +608,8 @@ pub async fn cancel_task(
             }
             TaskStatus::Running => match state.store.request_cancel(&task_id).await {
                 Ok(task) => {
+                    // Its worker's long poll answers now, and the worker stops it.
+                    state.work.notify();
                     tracing::info!(
                         task_id,
                         by = caller,

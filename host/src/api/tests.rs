@@ -65,6 +65,7 @@ impl TestApi {
                 crate::policy::RuntimeSettings::default(),
             )),
             wakeup: crate::scheduler::Wakeup::new(),
+            work: crate::scheduler::WorkSignal::new(),
         };
         TestApi {
             _dir: dir,
@@ -1064,6 +1065,10 @@ async fn result_and_logs_answer_404_until_there_is_a_result() {
             exit_code: Some(0),
             error: None,
             logs_truncated: true,
+            stderr: String::new(),
+            stderr_truncated: false,
+            oom_killed: false,
+            attempt: 1,
         })
         .await
         .unwrap();

@@ -684,6 +684,7 @@ async fn a_lost_worker_heartbeating_through_the_api_is_active_again() {
         limits: Arc::new(Limits::default()),
         policies: policies(),
         wakeup: wakeup.clone(),
+        work: crate::scheduler::WorkSignal::new(),
     });
     let call = |uri: String, token: String, body: serde_json::Value| {
         let app = app.clone();

@@ -48,6 +48,33 @@ impl Wakeup {
     }
 }
 
+/// Tells the worker agents long-polling this replica for work that theirs may have changed (a
+/// task placed, a cancellation asked). Every waiter sees every change; agents polling another
+/// replica notice at that replica's next store check.
+#[derive(Clone)]
+pub struct WorkSignal(Arc<tokio::sync::watch::Sender<u64>>);
+
+impl Default for WorkSignal {
+    fn default() -> Self {
+        WorkSignal(Arc::new(tokio::sync::watch::channel(0).0))
+    }
+}
+
+impl WorkSignal {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn notify(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver whose `changed()` resolves at the next [`Self::notify`].
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+}
+
 /// How long a worker's heartbeat stays fresh by default: an older one leaves the worker out of
 /// placement rounds, and the reconciler declares it lost (its next heartbeat re-activates it
 /// and wakes the scheduler).
@@ -95,6 +122,8 @@ pub struct Scheduler {
     config: SchedulerConfig,
     /// This replica's claim owner id, random per process.
     owner: String,
+    /// Notified after a round placed tasks: the agents' long polls answer at once.
+    work: WorkSignal,
 }
 
 impl Scheduler {
@@ -110,7 +139,14 @@ impl Scheduler {
             wakeup,
             config,
             owner: format!("host-{}", uuid::Uuid::new_v4().simple()),
+            work: WorkSignal::new(),
         }
+    }
+
+    /// Notifies `work` whenever a round placed tasks (the agents' long polls wait on it).
+    pub fn with_work_signal(mut self, work: WorkSignal) -> Self {
+        self.work = work;
+        self
     }
 
     /// The owner id this replica's claims carry.

@@ -174,6 +174,9 @@ impl Scheduler {
                 }
             }
         }
+        if stats.placed > 0 {
+            self.work.notify();
+        }
         tracing::info!(
             batch = stats.batch,
             placed = stats.placed,

@@ -406,6 +406,7 @@ fn api() -> Api {
         limits: Arc::new(Limits::default()),
         policies: policies.clone(),
         wakeup: wakeup.clone(),
+        work: WorkSignal::new(),
     };
     Api {
         app: crate::api::router(state),

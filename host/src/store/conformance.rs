@@ -314,6 +314,10 @@ pub fn sample_result(task_id: &str, worker_id: &str) -> TaskResult {
         exit_code: Some(0),
         error: None,
         logs_truncated: false,
+        stderr: "a warning\n".to_string(),
+        stderr_truncated: false,
+        oom_killed: false,
+        attempt: 1,
     }
 }
 

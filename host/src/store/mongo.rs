@@ -2100,6 +2100,10 @@ fn result_to_document(t: &TaskResult) -> Document {
     insert_opt(&mut d, "exit_code", t.exit_code);
     insert_opt(&mut d, "error", t.error.as_deref());
     d.insert("logs_truncated", t.logs_truncated);
+    d.insert("stderr", &t.stderr);
+    d.insert("stderr_truncated", t.stderr_truncated);
+    d.insert("oom_killed", t.oom_killed);
+    d.insert("attempt", i64::from(t.attempt));
     d
 }
 
@@ -2118,6 +2122,10 @@ fn result_from_document(d: &Document) -> Result<TaskResult> {
         exit_code: r.opt_int("exit_code")?,
         error: r.opt_string("error")?,
         logs_truncated: r.opt_bool("logs_truncated")?.unwrap_or(false),
+        stderr: r.opt_string("stderr")?.unwrap_or_default(),
+        stderr_truncated: r.opt_bool("stderr_truncated")?.unwrap_or(false),
+        oom_killed: r.opt_bool("oom_killed")?.unwrap_or(false),
+        attempt: r.opt_int("attempt")?.unwrap_or(0),
     })
 }
 

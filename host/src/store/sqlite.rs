@@ -225,6 +225,10 @@ const POLICY_COLUMNS: &str = "name, version, kind, sha256, size_bytes, config, u
 const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("POLICIES", "memory_bytes", "INTEGER"),
     ("POLICIES", "deadline_ms", "INTEGER"),
+    ("RESULTS", "stderr", "TEXT NOT NULL DEFAULT ''"),
+    ("RESULTS", "stderr_truncated", "INTEGER NOT NULL DEFAULT 0"),
+    ("RESULTS", "oom_killed", "INTEGER NOT NULL DEFAULT 0"),
+    ("RESULTS", "attempt", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 /// Adds the [`ADDED_COLUMNS`] a database lacks.
@@ -247,8 +251,8 @@ fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
 const ACTIVE_POLICY_COLUMNS: &str =
     "kind, name, version, activated_at, activated_by, previous_name, previous_version";
 
-const RESULT_COLUMNS: &str =
-    "task_id, worker_id, status, logs, completed_at, exit_code, error, logs_truncated";
+const RESULT_COLUMNS: &str = "task_id, worker_id, status, logs, completed_at, exit_code, error, \
+     logs_truncated, stderr, stderr_truncated, oom_killed, attempt";
 
 /// The embedded SQLite store. Cheap to clone; clones share the writer thread and its
 /// connection, which close when the last clone is dropped.
@@ -685,6 +689,10 @@ fn result_from_row(row: &Row<'_>) -> rusqlite::Result<TaskResult> {
         exit_code: row.get(5)?,
         error: row.get(6)?,
         logs_truncated: row.get(7)?,
+        stderr: row.get(8)?,
+        stderr_truncated: row.get(9)?,
+        oom_killed: row.get(10)?,
+        attempt: row.get(11)?,
     })
 }
 
@@ -1285,7 +1293,7 @@ fn release_sync(conn: &Connection, ass_id: &str) -> Result<bool> {
 
 fn insert_result_sync(conn: &Connection, r: &TaskResult) -> Result<()> {
     conn.prepare_cached(&format!(
-        "INSERT INTO RESULTS ({RESULT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+        "INSERT INTO RESULTS ({RESULT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
     ))
     .and_then(|mut stmt| {
         stmt.execute(params![
@@ -1297,6 +1305,10 @@ fn insert_result_sync(conn: &Connection, r: &TaskResult) -> Result<()> {
             r.exit_code,
             r.error,
             r.logs_truncated,
+            r.stderr,
+            r.stderr_truncated,
+            r.oom_killed,
+            r.attempt,
         ])
     })
     .map(drop)
