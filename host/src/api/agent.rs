@@ -382,15 +382,16 @@ pub async fn report_result(
     let ours = task.attempts == assignment.attempt;
     if assignment.released || task.status != TaskStatus::Running || !ours {
         // Our own earlier report, retried after its answer was lost?
-        if ours && task.status.is_terminal() {
-            if let Ok(result) = state.store.get_result(&task.task_id).await {
-                if result.attempt == assignment.attempt && result.worker_id == worker_id {
-                    return Ok(Json(ReportAck {
-                        task_id: task.task_id,
-                        status: task.status,
-                    }));
-                }
-            }
+        if ours
+            && task.status.is_terminal()
+            && let Ok(result) = state.store.get_result(&task.task_id).await
+            && result.attempt == assignment.attempt
+            && result.worker_id == worker_id
+        {
+            return Ok(Json(ReportAck {
+                task_id: task.task_id,
+                status: task.status,
+            }));
         }
         return Err(superseded(
             &ass_id,
