@@ -20,7 +20,8 @@ use crate::reconciler::ReconcilerConfig;
 use crate::scheduler::SchedulerConfig;
 use crate::serve::{self, ServeConfig};
 use crate::tooling;
-use crate::worker::{Agent, AgentConfig, Overrides};
+use crate::executor::ExecutorConfig;
+use crate::worker::{AgentConfig, DEFAULT_MAX_CONCURRENT, Overrides};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -66,6 +67,47 @@ pub enum Command {
     Policy(PolicyCommand),
     /// Run a worker agent: join a host, offer this machine's resources, heartbeat.
     Worker(WorkerArgs),
+}
+
+/// How task containers run (a task can relax none of it).
+#[derive(Debug, Args)]
+pub struct ExecutorArgs {
+    /// Docker network mode of task containers (`none`: no network at all).
+    #[arg(long, env = "CLOUDAI_TASK_NETWORK", default_value = "none")]
+    pub task_network: String,
+    /// Most processes in one task container.
+    #[arg(long, env = "CLOUDAI_TASK_PIDS_LIMIT", default_value_t = 512,
+        value_parser = clap::value_parser!(i64).range(16..=1_000_000))]
+    pub task_pids_limit: i64,
+    /// Most bytes kept of a task's stdout, and of its stderr; the rest is cut with a marker.
+    #[arg(long, env = "CLOUDAI_MAX_LOG_BYTES", default_value_t = 1 << 20,
+        value_parser = clap::value_parser!(u64).range(1024..=(64 << 20)))]
+    pub max_log_bytes: u64,
+    /// Seconds a cancelled or timed-out container gets to exit before it is killed.
+    #[arg(long, env = "CLOUDAI_STOP_GRACE_S", default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub stop_grace_s: u64,
+    /// Seconds an image pull may take.
+    #[arg(long, env = "CLOUDAI_PULL_TIMEOUT_S", default_value_t = 600,
+        value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub pull_timeout_s: u64,
+    /// Keep the containers' capabilities and allow privilege gain (they are never privileged).
+    #[arg(long, env = "CLOUDAI_RELAX_HARDENING")]
+    pub relax_hardening: bool,
+}
+
+impl ExecutorArgs {
+    fn config(&self) -> ExecutorConfig {
+        ExecutorConfig {
+            network_mode: self.task_network.clone(),
+            pids_limit: self.task_pids_limit,
+            log_limit_bytes: self.max_log_bytes as usize,
+            pull_timeout: Duration::from_secs(self.pull_timeout_s),
+            stop_grace: Duration::from_secs(self.stop_grace_s),
+            relax_hardening: self.relax_hardening,
+            ..ExecutorConfig::default()
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +158,11 @@ pub struct WorkerArgs {
     #[arg(long, env = "CLOUDAI_HEARTBEAT_INTERVAL_S", default_value_t = 5,
         value_parser = clap::value_parser!(u64).range(1..=600))]
     pub heartbeat_interval_s: u64,
+    /// Most task containers at once.
+    #[arg(long, env = "CLOUDAI_WORKER_MAX_CONCURRENT", default_value_t = DEFAULT_MAX_CONCURRENT)]
+    pub max_concurrent: usize,
+    #[command(flatten)]
+    pub executor: ExecutorArgs,
 }
 
 #[derive(Debug, Args)]
@@ -175,6 +222,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDAI_HEARTBEAT_STALENESS_S", default_value_t = 15,
         value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub heartbeat_staleness_s: u64,
+    /// Do not run the local worker (by default the host also runs tasks on this machine's
+    /// Docker engine, as a worker like any other).
+    #[arg(long, env = "CLOUDAI_NO_LOCAL_WORKER")]
+    pub no_local_worker: bool,
+    #[command(flatten)]
+    pub executor: ExecutorArgs,
     /// Milliseconds before a task deferred by admission is checked again.
     #[arg(long, env = "CLOUDAI_ADMISSION_BACKOFF_MS", default_value_t = 2000,
         value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
@@ -516,9 +569,14 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         state_dir: args.state_dir,
         heartbeat_interval: Duration::from_secs(args.heartbeat_interval_s),
     };
-    let mut agent = Agent::connect(config).await?;
-    agent.run_heartbeats(serve::shutdown_signal()).await?;
-    tracing::info!(worker_id = agent.worker_id(), "worker agent stopped");
+    crate::worker::run(
+        config,
+        args.executor.config(),
+        args.max_concurrent,
+        serve::shutdown_signal(),
+    )
+    .await?;
+    tracing::info!("worker agent stopped");
     Ok(())
 }
 
@@ -541,6 +599,10 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
             *slot = value;
         }
     }
+    limits.max_log_bytes = args.executor.max_log_bytes as usize;
+    let local_worker = (!args.no_local_worker).then(|| serve::LocalWorker {
+        executor: args.executor.config(),
+    });
     Ok(ServeConfig {
         listen: args.listen,
         data_dir: args.data_dir.unwrap_or_else(default_data_dir),
@@ -563,6 +625,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
             lease_ttl: Duration::from_secs(args.lease_ttl_s),
             settle: Duration::from_secs(args.reconcile_settle_s),
         },
+        local_worker,
     })
 }
 

@@ -25,6 +25,7 @@ pub enum ClientError {
     Protocol(String),
 }
 
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: String,

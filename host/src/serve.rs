@@ -10,6 +10,9 @@ use tokio::net::TcpListener;
 
 use crate::api::auth::{self, Authenticator, Role, TokenEntry};
 use crate::api::{AppState, Limits};
+use crate::executor::ExecutorConfig;
+use crate::worker::{AgentConfig, Overrides};
+use tokio_util::sync::CancellationToken;
 use crate::policy::{EngineSettings, PolicyEngine, PolicyRuntime, RuntimeSettings};
 use crate::reconciler::{Reconciler, ReconcilerConfig};
 use crate::scheduler::{Scheduler, SchedulerConfig, Wakeup, WorkSignal};
@@ -33,6 +36,15 @@ pub struct ServeConfig {
     pub scheduler: SchedulerConfig,
     /// The reconciler's settings (its grace period is `scheduler.heartbeat_staleness`).
     pub reconciler: ReconcilerConfig,
+    /// The worker this host runs on its own machine, if any.
+    pub local_worker: Option<LocalWorker>,
+}
+
+/// The in-process worker of `cloudai serve`: a worker agent like `cloudai worker`, joined to
+/// this host over loopback, running tasks on the local Docker engine.
+#[derive(Debug, Clone)]
+pub struct LocalWorker {
+    pub executor: ExecutorConfig,
 }
 
 /// Opens the configured store: MongoDB when a URI is given, else the embedded SQLite file in
@@ -103,19 +115,25 @@ pub fn build_authenticator(config: &ServeConfig) -> anyhow::Result<Authenticator
             token_sha256: auth::sha256_hex(&token),
         });
     }
-    let join_token = match &config.join_token {
-        Some(token) => token.clone(),
-        None => {
-            let path = config.data_dir.join("join.token");
-            let token = read_or_create_secret(&path, "cai_j_")?;
-            tracing::info!(path = %path.display(), "worker join token kept in this file");
-            token
-        }
-    };
+    let join_token = join_token(config)?;
     Ok(Authenticator::new(
         tokens,
         Some(auth::sha256_hex(&join_token)),
     ))
+}
+
+/// The workers' join token: the configured one, else the one kept in DATA_DIR/join.token
+/// (generated on first use).
+pub fn join_token(config: &ServeConfig) -> anyhow::Result<String> {
+    match &config.join_token {
+        Some(token) => Ok(token.clone()),
+        None => {
+            let path = config.data_dir.join("join.token");
+            let token = read_or_create_secret(&path, "cai_j_")?;
+            tracing::info!(path = %path.display(), "worker join token kept in this file");
+            Ok(token)
+        }
+    }
 }
 
 /// Reads a secret kept in a file, creating it (readable by its owner only) when absent.
@@ -209,10 +227,20 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         store = store.backend_name(),
         "cloudai host listening on http://{local}"
     );
+    let local_worker = match &config.local_worker {
+        Some(local_worker) => Some(spawn_local_worker(&config, local_worker, local)?),
+        None => None,
+    };
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving HTTP")?;
+    if let Some((stop, worker)) = local_worker {
+        stop.cancel();
+        if let Err(error) = worker.await {
+            tracing::error!(%error, "the local worker task ended abnormally");
+        }
+    }
     let _ = stop_scheduler.send(());
     if let Err(error) = scheduler.await {
         tracing::error!(%error, "the scheduler task ended abnormally");
@@ -224,6 +252,52 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     }
     tracing::info!("cloudai host stopped");
     Ok(())
+}
+
+/// Starts the local worker against this host's own address. A machine without a Docker engine
+/// still serves: the local worker says why it stopped, and tasks go to other workers.
+fn spawn_local_worker(
+    config: &ServeConfig,
+    local_worker: &LocalWorker,
+    listening: SocketAddr,
+) -> anyhow::Result<(CancellationToken, tokio::task::JoinHandle<()>)> {
+    let ip = match listening.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => std::net::Ipv4Addr::LOCALHOST.into(),
+        ip if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    let host = format!("http://{}", SocketAddr::new(ip, listening.port()));
+    let agent = AgentConfig {
+        host,
+        join_token: join_token(config)?,
+        worker_id: None,
+        advertise: Some(SocketAddr::new(ip, 0).to_string()),
+        labels: std::collections::BTreeMap::from([("cloudai.local".into(), "true".into())]),
+        overrides: Overrides::default(),
+        storage_path: ["/var/lib/docker", "/"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .unwrap_or_else(|| config.data_dir.clone()),
+        // The host's identity for its local worker: the same worker after a restart.
+        state_dir: config.data_dir.join("local-worker"),
+        heartbeat_interval: crate::worker::DEFAULT_HEARTBEAT_INTERVAL,
+    };
+    let stop = CancellationToken::new();
+    let executor = local_worker.executor.clone();
+    let stopped = stop.clone().cancelled_owned();
+    let task = tokio::spawn(async move {
+        if let Err(error) =
+            crate::worker::run(agent, executor, crate::worker::DEFAULT_MAX_CONCURRENT, stopped)
+                .await
+        {
+            tracing::error!(
+                error = format!("{error:#}"),
+                "the local worker stopped; this host places tasks on other workers only (start with --no-local-worker to silence this)"
+            );
+        }
+    });
+    Ok((stop, task))
 }
 
 /// Resolves on Ctrl-C or SIGTERM: the one shutdown signal of the process.
@@ -274,6 +348,7 @@ mod tests {
             policy_sync_interval: crate::policy::sync::DEFAULT_INTERVAL,
             scheduler: SchedulerConfig::default(),
             reconciler: ReconcilerConfig::default(),
+            local_worker: None,
         }
     }
 

@@ -46,6 +46,13 @@ impl TestHost {
     /// Starts `cloudai serve` with users alice and bob in a tokens file, and no admin token
     /// configured: the host generates one into its data dir, as on a fresh machine.
     pub fn start(store: StoreKind) -> anyhow::Result<TestHost> {
+        // No local worker: these tests register simulated workers and count on them alone.
+        Self::start_with(store, &["--no-local-worker"])
+    }
+
+    /// [`Self::start`] with extra `serve` flags (the local worker runs unless
+    /// `--no-local-worker` is among them).
+    pub fn start_with(store: StoreKind, extra: &[&str]) -> anyhow::Result<TestHost> {
         let data_dir = tempfile::tempdir().context("creating the data dir")?;
         let tokens_file = data_dir.path().join("tokens.json");
         let tokens = json!({"tokens": [
@@ -64,6 +71,7 @@ impl TestHost {
             .env_remove("CLOUDAI_ADMIN_TOKEN")
             .env_remove("CLOUDAI_JOIN_TOKEN")
             .env_remove("CLOUDAI_MONGODB_URI")
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -1,10 +1,87 @@
-//! The worker agent (`cloudai worker`): detects what the machine offers, registers with the
-//! host, and heartbeats with usage. Running the assigned tasks through the executor builds on
-//! this.
+//! The worker agent (`cloudai worker`, and the local worker `cloudai serve` runs in-process):
+//! detects what the machine offers, registers with the host, heartbeats with usage, and runs
+//! its assigned tasks as containers through the executor, reporting starts and results.
 
 mod agent;
 mod identity;
 pub mod resources;
+mod runner;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
 
 pub use agent::{Agent, AgentConfig, DEFAULT_HEARTBEAT_INTERVAL};
 pub use resources::Overrides;
+pub use runner::{Runner, RunnerConfig};
+
+use crate::executor::{Executor, ExecutorConfig};
+
+/// Default bound on containers run at once by one worker (the host's reservations bound it
+/// first; this only guards the machine against a host that overcommits it).
+pub const DEFAULT_MAX_CONCURRENT: usize = 64;
+
+/// Runs a whole worker until `shutdown` resolves: connects to Docker, joins the host (or
+/// rejoins with the saved identity), then heartbeats and runs work side by side.
+pub async fn run(
+    config: AgentConfig,
+    executor: ExecutorConfig,
+    max_concurrent: usize,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let docker = crate::executor::connect()
+        .await
+        .context("connecting to the Docker engine (is dockerd running? DOCKER_HOST?)")?;
+    let executor = Arc::new(
+        Executor::new(docker, executor)
+            .await
+            .context("setting up the executor")?,
+    );
+    if !executor.storage_enforced() {
+        tracing::info!(
+            "storage requests are reserved on this worker but not enforced: Docker's storage driver here cannot limit a container's disk"
+        );
+    }
+    let state_dir = config.state_dir.clone();
+    let host = config.host.clone();
+    let mut agent = Agent::connect(config).await?;
+    let runner = Runner::new(
+        RunnerConfig {
+            host,
+            worker_id: agent.worker_id().to_string(),
+            token: agent.token().to_string(),
+            spool_dir: state_dir.join("spool"),
+            max_concurrent: max_concurrent.max(1),
+        },
+        executor,
+        agent.running_counter(),
+    )?;
+    // Whichever ends first (the signal, or a part that cannot go on) stops the others.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let heartbeats = {
+        let stop = stop.clone();
+        async move {
+            let result = agent.run_heartbeats(stop.clone().cancelled_owned()).await;
+            stop.cancel();
+            result
+        }
+    };
+    let work = {
+        let stop = stop.clone();
+        async move {
+            let result = runner.run(stop.clone().cancelled_owned()).await;
+            stop.cancel();
+            result
+        }
+    };
+    let signal = async {
+        tokio::select! {
+            () = shutdown => stop.cancel(),
+            () = stop.cancelled() => {}
+        }
+    };
+    let (heartbeats, work, ()) = tokio::join!(heartbeats, work, signal);
+    heartbeats?;
+    work
+}

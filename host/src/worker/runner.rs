@@ -1,0 +1,499 @@
+//! The agent's work loop: long-poll the host for this worker's work, run each new assignment
+//! through the executor (bounded concurrency), stop what the host no longer lists (cancelled,
+//! timed out, given to another worker), and report starts and results. A result is written to
+//! the spool before it is sent and removed only once the host answered it, so a host that is
+//! down, or an agent that restarts, never loses a finished result.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::agent::{Outcome, ResultReport, Work, WorkList};
+use crate::client::{Client, ClientError};
+use crate::executor::{
+    ExecError, Executor, GpuRequest, ManagedState, RunOutcome, RunSpec, RunStatus,
+};
+
+/// How long one long poll waits for a change.
+const POLL_WAIT: Duration = Duration::from_secs(25);
+
+/// How the runner reaches its host.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    pub host: String,
+    pub worker_id: String,
+    pub token: String,
+    /// Where unacknowledged results wait (`<state dir>/spool`).
+    pub spool_dir: PathBuf,
+    /// Most containers at once (the host's reservations bound it first).
+    pub max_concurrent: usize,
+}
+
+/// A result not yet acknowledged by the host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Spooled {
+    ass_id: String,
+    task_id: String,
+    report: ResultReport,
+}
+
+pub struct Runner {
+    config: RunnerConfig,
+    client: Client,
+    executor: Arc<Executor>,
+    running_count: Arc<AtomicU32>,
+}
+
+/// What a finished run left: its assignment and its report.
+type Finished = (String, Option<Spooled>);
+
+impl Runner {
+    pub fn new(
+        config: RunnerConfig,
+        executor: Arc<Executor>,
+        running_count: Arc<AtomicU32>,
+    ) -> anyhow::Result<Runner> {
+        let client = Client::new(&config.host, Some(config.token.clone()))?;
+        std::fs::create_dir_all(&config.spool_dir).with_context(|| {
+            format!("creating the result spool {}", config.spool_dir.display())
+        })?;
+        Ok(Runner {
+            config,
+            client,
+            executor,
+            running_count,
+        })
+    }
+
+    /// Runs until `shutdown` resolves; then stops the containers it runs (their tasks are
+    /// re-queued by the host once this worker is declared lost, or run again when it returns).
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::pin!(shutdown);
+        let worker_id = self.config.worker_id.clone();
+        self.send_spooled().await;
+        // Finished here (before a restart too) and reported, or about to be: never run again
+        // while the host still lists them.
+        let mut done_pending = self.recover().await;
+        let mut running: HashMap<String, CancellationToken> = HashMap::new();
+        let mut tasks: JoinSet<Finished> = JoinSet::new();
+        // Parent of every run's token: cancelled on shutdown, when runs end unreported.
+        let shutting_down = CancellationToken::new();
+        let mut version: Option<String> = None;
+        let mut failures = 0u32;
+        loop {
+            let poll = self.poll(version.as_deref());
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(joined) = tasks.join_next() => {
+                    self.reap(joined, &mut running, &mut done_pending).await;
+                    continue;
+                }
+                answer = poll => match answer {
+                    Ok(list) => {
+                        failures = 0;
+                        version = Some(list.version.clone());
+                        self.apply(list, &shutting_down, &mut running, &mut done_pending, &mut tasks);
+                    }
+                    Err(error) => {
+                        failures += 1;
+                        let wait = Duration::from_millis(500 * u64::from(failures.min(60)));
+                        tracing::warn!(%worker_id, %error, retry_in_ms = wait.as_millis() as u64, "fetching work failed");
+                        tokio::select! {
+                            () = &mut shutdown => break,
+                            () = tokio::time::sleep(wait) => {}
+                        }
+                        self.send_spooled().await;
+                    }
+                },
+            }
+        }
+        // The containers are stopped and nothing is reported: the host re-queues these tasks
+        // when this worker is declared lost, or when it comes back.
+        shutting_down.cancel();
+        while let Some(joined) = tasks.join_next().await {
+            self.reap(joined, &mut running, &mut done_pending).await;
+        }
+        Ok(())
+    }
+
+    async fn poll(&self, version: Option<&str>) -> Result<WorkList, ClientError> {
+        let mut query = vec![("wait_ms", POLL_WAIT.as_millis().to_string())];
+        if let Some(v) = version {
+            query.push(("known", v.to_string()));
+        }
+        let value = self
+            .client
+            .get_query(&format!("/v1/workers/{}/work", self.config.worker_id), &query)
+            .await?;
+        serde_json::from_value(value)
+            .map_err(|e| ClientError::Protocol(format!("decoding the work list: {e}")))
+    }
+
+    /// Starts the new work, stops what is no longer listed or was cancelled.
+    fn apply(
+        &self,
+        list: WorkList,
+        shutting_down: &CancellationToken,
+        running: &mut HashMap<String, CancellationToken>,
+        done_pending: &mut HashSet<String>,
+        tasks: &mut JoinSet<Finished>,
+    ) {
+        let listed: HashSet<&str> = list.work.iter().map(|w| w.ass_id.as_str()).collect();
+        for (ass_id, token) in running.iter() {
+            if !listed.contains(ass_id.as_str()) {
+                tracing::info!(worker_id = %self.config.worker_id, ass_id, "no longer ours: stopping its container");
+                token.cancel();
+            }
+        }
+        // Finished runs whose assignment the host dropped need no more memory of it.
+        done_pending.retain(|a| listed.contains(a.as_str()));
+        for work in list.work {
+            if let Some(token) = running.get(&work.ass_id) {
+                if work.cancel {
+                    token.cancel();
+                }
+                continue;
+            }
+            if done_pending.contains(&work.ass_id) {
+                continue; // finished here; its report is on its way
+            }
+            if running.len() >= self.config.max_concurrent {
+                tracing::warn!(worker_id = %self.config.worker_id, ass_id = %work.ass_id, "at the concurrency bound: starting it later");
+                continue;
+            }
+            let token = shutting_down.child_token();
+            if work.cancel {
+                token.cancel();
+            }
+            running.insert(work.ass_id.clone(), token.clone());
+            self.running_count
+                .store(running.len() as u32, Ordering::Relaxed);
+            let run = RunOne {
+                client: self.client.clone(),
+                executor: self.executor.clone(),
+                worker_id: self.config.worker_id.clone(),
+                spool_dir: self.config.spool_dir.clone(),
+                shutting_down: shutting_down.clone(),
+            };
+            tasks.spawn(run.run(work, token));
+        }
+    }
+
+    async fn reap(
+        &self,
+        joined: Result<Finished, tokio::task::JoinError>,
+        running: &mut HashMap<String, CancellationToken>,
+        done_pending: &mut HashSet<String>,
+    ) {
+        match joined {
+            Ok((ass_id, spooled)) => {
+                running.remove(&ass_id);
+                if spooled.is_some() {
+                    done_pending.insert(ass_id);
+                }
+            }
+            Err(error) => tracing::error!(worker_id = %self.config.worker_id, %error, "a run panicked"),
+        }
+        self.running_count
+            .store(running.len() as u32, Ordering::Relaxed);
+        self.send_spooled().await;
+    }
+
+    /// On start: containers this worker left behind. An exited one whose assignment the host
+    /// still lists is reported (its run counts); anything else is stopped and removed, and the
+    /// host's list decides what runs again. Returns the assignments reported this way.
+    async fn recover(&self) -> HashSet<String> {
+        let mut reported = HashSet::new();
+        let found = match self.executor.reconcile(&self.config.worker_id).await {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::warn!(worker_id = %self.config.worker_id, %error, "listing this worker's containers failed");
+                return reported;
+            }
+        };
+        if found.is_empty() {
+            return reported;
+        }
+        let listed = match self.poll(None).await {
+            Ok(list) => list.work,
+            Err(error) => {
+                tracing::warn!(worker_id = %self.config.worker_id, %error, "cannot read the work list: stopping the containers left behind");
+                Vec::new()
+            }
+        };
+        for container in found {
+            let work = listed.iter().find(|w| w.task_id == container.task_id);
+            match (&container.state, work) {
+                (ManagedState::Exited, Some(work)) => {
+                    match self.executor.collect(&container.container_id).await {
+                        Ok(outcome) => {
+                            tracing::info!(worker_id = %self.config.worker_id, task_id = %work.task_id, "reporting a container that finished while the agent was away");
+                            let spooled = Spooled {
+                                ass_id: work.ass_id.clone(),
+                                task_id: work.task_id.clone(),
+                                report: report_of(Ok(outcome)),
+                            };
+                            if spool_write(&self.config.spool_dir, &spooled).is_ok() {
+                                reported.insert(work.ass_id.clone());
+                            }
+                        }
+                        Err(error) => tracing::warn!(container_id = %container.container_id, %error, "collecting a finished container"),
+                    }
+                }
+                _ => {
+                    tracing::info!(worker_id = %self.config.worker_id, task_id = %container.task_id, state = ?container.state, "removing a container left behind");
+                    if let Err(error) = self.executor.stop_and_remove(&container.container_id).await {
+                        tracing::warn!(container_id = %container.container_id, %error, "removing a container left behind");
+                    }
+                }
+            }
+        }
+        self.send_spooled().await;
+        reported
+    }
+
+    /// Sends every spooled result; each one the host answered (accepted or refused for good)
+    /// leaves the spool.
+    async fn send_spooled(&self) {
+        for spooled in spool_read(&self.config.spool_dir) {
+            if send_result(&self.client, &self.config.worker_id, &spooled).await {
+                spool_remove(&self.config.spool_dir, &spooled.ass_id);
+            }
+        }
+    }
+}
+
+/// One assignment's run.
+struct RunOne {
+    client: Client,
+    executor: Arc<Executor>,
+    worker_id: String,
+    spool_dir: PathBuf,
+    shutting_down: CancellationToken,
+}
+
+impl RunOne {
+    async fn run(self, work: Work, cancel: CancellationToken) -> Finished {
+        let ass_id = work.ass_id.clone();
+        let spec = RunSpec {
+            task_id: work.task_id.clone(),
+            worker_id: self.worker_id.clone(),
+            image: work.docker_image.clone(),
+            command: work.command.clone(),
+            env: work.env.clone(),
+            cpu: work.req_cpu,
+            memory: work.req_memory,
+            storage: work.req_storage,
+            gpu: gpu_request(work.req_gpu),
+            timeout: work.timeout_s.map(Duration::from_secs),
+        };
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let report_start = {
+            let (client, worker_id, ass_id) =
+                (self.client.clone(), self.worker_id.clone(), ass_id.clone());
+            async move {
+                if started_rx.await.is_ok() {
+                    let path = format!("/v1/workers/{worker_id}/assignments/{ass_id}/started");
+                    if let Err(error) = client.post(&path, &json!({})).await {
+                        tracing::warn!(%worker_id, %ass_id, %error, "reporting the start failed");
+                    }
+                }
+            }
+        };
+        let (outcome, ()) = tokio::join!(
+            self.executor
+                .run_reporting_start(spec, None, cancel, started_tx),
+            report_start
+        );
+        if self.shutting_down.is_cancelled()
+            && matches!(&outcome, Ok(o) if o.status == RunStatus::Cancelled)
+        {
+            tracing::info!(worker_id = %self.worker_id, %ass_id, "stopped by the agent's shutdown; not reported");
+            return (ass_id, None);
+        }
+        let spooled = Spooled {
+            ass_id: ass_id.clone(),
+            task_id: work.task_id.clone(),
+            report: report_of(outcome),
+        };
+        if let Err(error) = spool_write(&self.spool_dir, &spooled) {
+            tracing::error!(worker_id = %self.worker_id, %ass_id, %error, "spooling a result failed; sending it unspooled");
+        }
+        if send_result(&self.client, &self.worker_id, &spooled).await {
+            spool_remove(&self.spool_dir, &ass_id);
+            (ass_id, None)
+        } else {
+            (ass_id, Some(spooled))
+        }
+    }
+}
+
+/// Whole devices: a fractional request gets a device of its own (the host reserved the
+/// fraction; sharing a GPU between containers is not enforced).
+fn gpu_request(req_gpu: f64) -> GpuRequest {
+    if req_gpu > 0.0 {
+        GpuRequest::Count(req_gpu.ceil().min(f64::from(u32::MAX)) as u32)
+    } else {
+        GpuRequest::None
+    }
+}
+
+/// The report of a run: its outcome, or why it could not run.
+fn report_of(outcome: Result<RunOutcome, ExecError>) -> ResultReport {
+    match outcome {
+        Ok(o) => ResultReport {
+            outcome: match o.status {
+                RunStatus::Completed => Outcome::Completed,
+                RunStatus::Failed { .. } => Outcome::Failed,
+                RunStatus::OomKilled => Outcome::OomKilled,
+                RunStatus::TimedOut => Outcome::TimedOut,
+                RunStatus::Cancelled => Outcome::Cancelled,
+            },
+            exit_code: match o.status {
+                RunStatus::Failed { exit_code } => Some(exit_code),
+                _ => o.exit_code,
+            },
+            stdout: o.stdout,
+            stderr: o.stderr,
+            stdout_truncated: o.stdout_truncated,
+            stderr_truncated: o.stderr_truncated,
+            error: None,
+            finished_at: o.finished_at,
+        },
+        Err(error) => ResultReport {
+            outcome: Outcome::Error,
+            exit_code: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            error: Some(format!("{}: {error}", error.code())),
+            finished_at: None,
+        },
+    }
+}
+
+/// True when the host answered for good: accepted, or refused (the assignment is gone or
+/// superseded, the report malformed). False when it should be tried again.
+async fn send_result(client: &Client, worker_id: &str, spooled: &Spooled) -> bool {
+    let path = format!(
+        "/v1/workers/{worker_id}/assignments/{}/result",
+        spooled.ass_id
+    );
+    let body = match serde_json::to_value(&spooled.report) {
+        Ok(body) => body,
+        Err(error) => {
+            tracing::error!(%worker_id, ass_id = %spooled.ass_id, %error, "encoding a result");
+            return true;
+        }
+    };
+    match client.post(&path, &body).await {
+        Ok(answer) => {
+            tracing::info!(%worker_id, ass_id = %spooled.ass_id, task_id = %spooled.task_id, status = %answer["status"], "result reported");
+            true
+        }
+        Err(ClientError::Api { status, code, message }) if status < 500 && status != 429 => {
+            tracing::warn!(%worker_id, ass_id = %spooled.ass_id, task_id = %spooled.task_id, status, code, message, "the host refused the result; dropping it");
+            true
+        }
+        Err(error) => {
+            tracing::warn!(%worker_id, ass_id = %spooled.ass_id, %error, "reporting a result failed; kept in the spool");
+            false
+        }
+    }
+}
+
+fn spool_path(dir: &Path, ass_id: &str) -> PathBuf {
+    dir.join(format!("{ass_id}.json"))
+}
+
+fn spool_write(dir: &Path, spooled: &Spooled) -> anyhow::Result<()> {
+    let tmp = dir.join(format!(".{}.tmp", spooled.ass_id));
+    std::fs::write(&tmp, serde_json::to_vec(spooled)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, spool_path(dir, &spooled.ass_id))
+        .with_context(|| format!("spooling the result of {}", spooled.ass_id))
+}
+
+fn spool_remove(dir: &Path, ass_id: &str) {
+    let path = spool_path(dir, ass_id);
+    if let Err(error) = std::fs::remove_file(&path)
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), %error, "removing a sent result from the spool");
+    }
+}
+
+fn spool_read(dir: &Path) -> Vec<Spooled> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut spooled = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        match std::fs::read(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| Ok(serde_json::from_slice::<Spooled>(&bytes)?))
+        {
+            Ok(s) => spooled.push(s),
+            Err(error) => {
+                tracing::error!(path = %path.display(), %error, "an unreadable spooled result; moving it aside");
+                let _ = std::fs::rename(&path, path.with_extension("corrupt"));
+            }
+        }
+    }
+    spooled
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_spool_keeps_results_across_restarts_and_sets_aside_corrupt_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let spooled = Spooled {
+            ass_id: "ass-1".into(),
+            task_id: "task-1".into(),
+            report: report_of(Err(ExecError::InvalidSpec("bad".into()))),
+        };
+        spool_write(dir.path(), &spooled).unwrap();
+        std::fs::write(dir.path().join("ass-2.json"), b"{broken").unwrap();
+        let read = spool_read(dir.path());
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].ass_id, "ass-1");
+        assert_eq!(read[0].report.outcome, Outcome::Error);
+        assert!(
+            read[0]
+                .report
+                .error
+                .as_deref()
+                .unwrap()
+                .starts_with("invalid_spec: ")
+        );
+        assert!(dir.path().join("ass-2.corrupt").exists());
+        spool_remove(dir.path(), "ass-1");
+        assert!(spool_read(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn gpu_requests_are_whole_devices() {
+        assert_eq!(gpu_request(0.0), GpuRequest::None);
+        assert_eq!(gpu_request(0.5), GpuRequest::Count(1));
+        assert_eq!(gpu_request(1.0), GpuRequest::Count(1));
+        assert_eq!(gpu_request(2.5), GpuRequest::Count(3));
+    }
+}
