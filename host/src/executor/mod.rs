@@ -19,8 +19,8 @@ use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerSummaryStateEnum, DeviceRequest,
-    HostConfig,
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum,
+    ContainerSummaryStateEnum, DeviceRequest, HostConfig,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, DownloadFromContainerOptions, KillContainerOptions,
@@ -223,8 +223,8 @@ pub enum ExecError {
     ImagePull { image: String, message: String },
     #[error("invalid run spec: {0}")]
     InvalidSpec(String),
-    #[error("container {0} is still running")]
-    StillRunning(String),
+    #[error("container {0} has not finished (it is running, or it never started)")]
+    NotFinished(String),
     #[error("{context}: {source}")]
     Docker {
         context: String,
@@ -239,7 +239,7 @@ impl ExecError {
         match self {
             ExecError::ImagePull { .. } => "image_pull_failed",
             ExecError::InvalidSpec(_) => "invalid_spec",
-            ExecError::StillRunning(_) => "container_running",
+            ExecError::NotFinished(_) => "container_not_finished",
             ExecError::Docker { .. } => "docker_error",
         }
     }
@@ -255,7 +255,8 @@ impl ExecError {
 /// State of a container found by [`Executor::reconcile`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ManagedState {
-    /// Created, never started (the worker died between create and start).
+    /// Created, never started (the worker died between create and start): nothing ran, so
+    /// there is nothing to collect; [`Executor::stop_and_remove`] it.
     Created,
     /// Running (or paused / restarting): stop it or adopt it.
     Running,
@@ -399,8 +400,10 @@ impl Executor {
         cancel: CancellationToken,
     ) -> Result<RunOutcome, ExecError> {
         let created = Instant::now();
-        let id = self.create(spec, cmd, name).await?;
-        self.make_output_dir(&id).await?;
+        let (id, output_in_layer) = self.create(spec, cmd, name).await?;
+        if output_in_layer {
+            self.make_output_dir(&id).await?;
+        }
         self.docker
             .start_container(&id, None)
             .await
@@ -489,12 +492,14 @@ impl Executor {
         result
     }
 
+    /// Creates the container; true when `/output` is to be made in its writable layer (see
+    /// [`output_volume`]).
     async fn create(
         &self,
         spec: &RunSpec,
         cmd: Option<Vec<String>>,
         name: &str,
-    ) -> Result<String, ExecError> {
+    ) -> Result<(String, bool), ExecError> {
         let mut host = HostConfig {
             privileged: Some(false),
             pids_limit: Some(self.config.pids_limit),
@@ -533,6 +538,7 @@ impl Executor {
                 (LABEL_TASK_ID.into(), spec.task_id.clone()),
                 (LABEL_WORKER_ID.into(), spec.worker_id.clone()),
             ])),
+            volumes: output_volume(storage),
             host_config: Some(host.clone()),
             ..Default::default()
         };
@@ -545,7 +551,7 @@ impl Executor {
             .create_container(Some(options()), body.clone())
             .await
         {
-            Ok(created) => Ok(created.id),
+            Ok(created) => Ok((created.id, storage)),
             // The driver looked able to limit storage but is not (e.g. xfs without pquota):
             // remember, say so, and run with the reservation only.
             Err(DockerError::DockerResponseServerError { message, .. })
@@ -559,13 +565,14 @@ impl Executor {
                 );
                 host.storage_opt = None;
                 let body = ContainerCreateBody {
+                    volumes: output_volume(false),
                     host_config: Some(host),
                     ..body
                 };
                 self.docker
                     .create_container(Some(options()), body)
                     .await
-                    .map(|created| created.id)
+                    .map(|created| (created.id, false))
                     .map_err(|e| ExecError::docker(format!("create container {name}"), e))
             }
             // The engine refused the spec itself (no command in the spec nor the image, ...).
@@ -579,7 +586,8 @@ impl Executor {
         }
     }
 
-    /// Creates `/output` (world-writable, so that any user of the image can write there).
+    /// Creates `/output` in the container's writable layer (world-writable, so that any user
+    /// of the image can write there).
     async fn make_output_dir(&self, id: &str) -> Result<(), ExecError> {
         let mut tar = tar::Builder::new(Vec::new());
         let mut header = tar::Header::new_gnu();
@@ -704,6 +712,10 @@ impl Executor {
     ) -> Result<RunOutcome, ExecError> {
         let inspected = self.inspect(id).await?;
         let state = inspected.state.unwrap_or_default();
+        // Only when both the wait and the log stream broke off early: no result to make up.
+        if state.running == Some(true) {
+            return Err(ExecError::NotFinished(id.to_owned()));
+        }
         let exit_code = exit_code.or(state.exit_code);
         let status = match (ending, state.oom_killed == Some(true), exit_code) {
             (Some(Ending::Cancelled), ..) => RunStatus::Cancelled,
@@ -839,11 +851,12 @@ impl Executor {
 
     /// The result of a container that exited while nobody followed it (see [`Self::reconcile`]):
     /// logs, exit code, OOM and `/output`, as [`Self::run`] would have returned them; then the
-    /// container is removed. A container that is still running is left alone.
+    /// container is removed. One that is running or never started is left alone
+    /// (`container_not_finished`).
     pub async fn collect(&self, container_id: &str) -> Result<RunOutcome, ExecError> {
         let state = self.inspect(container_id).await?.state.unwrap_or_default();
-        if state.running == Some(true) {
-            return Err(ExecError::StillRunning(container_id.to_owned()));
+        if state.running == Some(true) || state.status == Some(ContainerStateStatusEnum::CREATED) {
+            return Err(ExecError::NotFinished(container_id.to_owned()));
         }
         let mut stdout = Capture::new(self.config.log_limit_bytes);
         let mut stderr = Capture::new(self.config.log_limit_bytes);
@@ -954,6 +967,15 @@ fn deliver(
             bytes: kept,
         });
     }
+}
+
+/// `/output` is an anonymous volume (made at create; removed with the container) unless the
+/// container's storage is limited: files in a volume would escape that limit, so then it is a
+/// directory in the writable layer, made by an archive upload before start (one more call,
+/// tens of ms). A volume takes the image's `/output` with its owner and mode when there is
+/// one, else it is root's: an image that runs as another user brings its own `/output`.
+fn output_volume(storage_limited: bool) -> Option<Vec<String>> {
+    (!storage_limited).then(|| vec![OUTPUT_DIR.to_owned()])
 }
 
 fn gpu_request(count: Option<i64>, device_ids: Option<Vec<String>>) -> DeviceRequest {

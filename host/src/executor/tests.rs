@@ -137,6 +137,38 @@ async fn true_runs_from_create_to_removed() {
     assert_eq!(outcome.stdout, "");
 }
 
+/// Prints (asserts nothing) the p50 of `true` through the executor next to bare
+/// `docker run --rm`, interleaved so that both see the same load:
+/// `cargo test -p cloudai --lib executor::tests::true_latency -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement, not a test"]
+async fn true_latency_next_to_docker_run() {
+    let Some((_docker, executor)) = setup(config()).await else {
+        return;
+    };
+    let (mut ours, mut bare) = (Vec::new(), Vec::new());
+    for _ in 0..15 {
+        let started = Instant::now();
+        run(&executor, spec("latency", "true")).await;
+        ours.push(started.elapsed());
+        let started = Instant::now();
+        let status = tokio::process::Command::new("docker")
+            .args(["run", "--rm", "--network", "none", IMAGE, "true"])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+        bare.push(started.elapsed());
+    }
+    ours.sort();
+    bare.sort();
+    eprintln!(
+        "p50 `true`: executor {:?}, docker run --rm {:?}",
+        ours[ours.len() / 2],
+        bare[bare.len() / 2]
+    );
+}
+
 #[tokio::test]
 async fn non_zero_exit_fails_with_its_code() {
     let Some((_docker, executor)) = setup(config()).await else {
@@ -212,7 +244,7 @@ async fn relaxed_hardening_keeps_capabilities_but_never_privileges() {
     };
     let spec = spec("relaxed", "true");
     let name = container_name(&spec.task_id);
-    let id = executor
+    let (id, _) = executor
         .create(&spec, Some(vec!["true".into()]), &name)
         .await
         .unwrap();
@@ -240,7 +272,7 @@ async fn gpu_requests_become_device_requests() {
     by_ids.gpu = GpuRequest::DeviceIds(vec!["0".into(), "GPU-abc".into()]);
     let mut got = Vec::new();
     for spec in [by_count, by_ids] {
-        let id = executor
+        let (id, _) = executor
             .create(
                 &spec,
                 Some(vec!["true".into()]),
@@ -522,14 +554,18 @@ async fn reconcile_finds_labelled_containers_collects_finished_and_stops_running
     let worker_id = finished.worker_id.clone();
     let mut running = spec("recrun", "sleep 300");
     running.worker_id = worker_id.clone();
+    let mut created = spec("reczcreated", "true");
+    created.worker_id = worker_id.clone();
     let mut ids = Vec::new();
-    for spec in [&finished, &running] {
+    for spec in [&finished, &running, &created] {
         let cmd = shell_words::split(spec.command.as_deref().unwrap()).unwrap();
-        let id = executor
+        let (id, _) = executor
             .create(spec, Some(cmd), &container_name(&spec.task_id))
             .await
             .unwrap();
-        docker.start_container(&id, None).await.unwrap();
+        if spec.task_id != created.task_id {
+            docker.start_container(&id, None).await.unwrap();
+        }
         ids.push(id);
     }
     let mut wait = docker.wait_container(&ids[0], None);
@@ -555,16 +591,25 @@ async fn reconcile_finds_labelled_containers_collects_finished_and_stops_running
                 state: ManagedState::Running,
                 exit_code: None,
             },
+            ManagedContainer {
+                container_id: ids[2].clone(),
+                task_id: created.task_id.clone(),
+                state: ManagedState::Created,
+                exit_code: None,
+            },
         ]
     );
     assert!(executor.reconcile("w-nobody").await.unwrap().is_empty());
 
-    let err = executor.collect(&ids[1]).await.unwrap_err();
-    assert_eq!(err.code(), "container_running");
+    for unfinished in &ids[1..] {
+        let err = executor.collect(unfinished).await.unwrap_err();
+        assert_eq!(err.code(), "container_not_finished");
+    }
     let outcome = executor.collect(&ids[0]).await.unwrap();
     assert_eq!(outcome.status, RunStatus::Failed { exit_code: 7 });
     assert_eq!(outcome.stdout, "left behind\n");
     executor.stop_and_remove(&ids[1]).await.unwrap();
+    executor.stop_and_remove(&ids[2]).await.unwrap();
     assert!(executor.reconcile(&worker_id).await.unwrap().is_empty());
     // Stopping and removing twice is fine.
     executor.stop_and_remove(&ids[1]).await.unwrap();
