@@ -14,8 +14,13 @@ use super::ExecError;
 /// Where Debian's `busybox-static` puts the binary.
 pub const HOST_BUSYBOX: &str = "/bin/busybox";
 
+/// One build at a time in this process: tests that start together would otherwise each build
+/// the image, and every build but the last would leave a dangling one.
+static BUILDING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Builds image `tag` from [`HOST_BUSYBOX`] unless the engine has it already.
 pub async fn ensure_busybox_image(docker: &Docker, tag: &str) -> Result<(), ExecError> {
+    let _building = BUILDING.lock().await;
     match docker.inspect_image(tag).await {
         Ok(_) => return Ok(()),
         Err(DockerError::DockerResponseServerError {

@@ -420,6 +420,75 @@ async fn an_unsplittable_command_is_an_invalid_spec() {
 }
 
 #[tokio::test]
+async fn an_env_name_with_equals_is_an_invalid_spec() {
+    let Some((_docker, executor)) = setup(config()).await else {
+        return;
+    };
+    let mut spec = spec("badenv", "true");
+    spec.env.insert("A=B".into(), "c".into());
+    let err = executor
+        .run(spec, None, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "invalid_spec");
+}
+
+#[tokio::test]
+async fn a_storage_limit_the_driver_refuses_falls_back_to_reservation_only() {
+    let Some((docker, executor)) = setup(config()).await else {
+        return;
+    };
+    if executor.storage_enforced() {
+        eprintln!("skipping: this engine does limit storage");
+        return;
+    }
+    // As if the driver looked able (overlay2 on xfs) but lacked pquota.
+    executor.storage_supported.store(true, Ordering::Relaxed);
+    let mut spec = spec("storagefallback", "sh -c 'echo kept > /output/f'");
+    spec.storage = 1.0;
+    let outcome = run(&executor, spec).await;
+    assert_eq!(outcome.status, RunStatus::Completed, "{outcome:?}");
+    assert!(!executor.storage_enforced());
+    assert_eq!(outcome.outputs.len(), 1);
+    assert_gone(&docker, outcome.container_id.as_deref().unwrap()).await;
+}
+
+#[tokio::test]
+async fn output_dir_made_in_the_writable_layer_is_collected() {
+    let Some((docker, executor)) = setup(config()).await else {
+        return;
+    };
+    // The storage-limited path: no volume, `/output` uploaded before start.
+    let body = ContainerCreateBody {
+        image: Some(IMAGE.into()),
+        cmd: Some(vec![
+            "sh".into(),
+            "-c".into(),
+            "echo layer > /output/f".into(),
+        ]),
+        host_config: Some(HostConfig {
+            network_mode: Some("none".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let id = docker.create_container(None, body).await.unwrap().id;
+    executor.make_output_dir(&id).await.unwrap();
+    docker.start_container(&id, None).await.unwrap();
+    let _ = docker.wait_container(&id, None).next().await;
+    let (files, truncated) = executor.collect_outputs(&id).await;
+    executor.remove(&id).await.unwrap();
+    assert_eq!(
+        files,
+        vec![OutputFile {
+            path: "f".into(),
+            bytes: b"layer\n".to_vec()
+        }]
+    );
+    assert!(!truncated);
+}
+
+#[tokio::test]
 async fn an_image_without_a_command_needs_one() {
     let Some((docker, executor)) = setup(config()).await else {
         return;
