@@ -89,12 +89,22 @@ async fn containers_of(docker: &Docker, task_id: &str) -> Vec<String> {
 }
 
 /// Waits until the task's container runs; returns its id.
-async fn running_container(docker: &Docker, task_id: &str) -> String {
+async fn running_container(
+    docker: &Docker,
+    task_id: &str,
+    run: &mut tokio::task::JoinHandle<Result<RunOutcome, ExecError>>,
+) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
+        if run.is_finished() {
+            panic!("the run ended before it was seen running: {:?}", run.await);
+        }
         for id in containers_of(docker, task_id).await {
-            let state = docker.inspect_container(&id, None).await.unwrap().state;
-            if state.and_then(|s| s.running) == Some(true) {
+            // Gone since listed: the run's end shows at the next turn.
+            let Ok(inspected) = docker.inspect_container(&id, None).await else {
+                continue;
+            };
+            if inspected.state.and_then(|s| s.running) == Some(true) {
                 return id;
             }
         }
@@ -202,11 +212,11 @@ async fn limits_labels_and_hardening_are_applied_to_the_container() {
     let spec = spec("limits", "sleep 300");
     let (task_id, worker_id) = (spec.task_id.clone(), spec.worker_id.clone());
     let cancel = CancellationToken::new();
-    let run = tokio::spawn({
+    let mut run = tokio::spawn({
         let (executor, cancel) = (executor.clone(), cancel.clone());
         async move { executor.run(spec, None, cancel).await }
     });
-    let id = running_container(&docker, &task_id).await;
+    let id = running_container(&docker, &task_id, &mut run).await;
     let inspected = docker.inspect_container(&id, None).await.unwrap();
     let host = inspected.host_config.unwrap();
     assert_eq!(host.nano_cpus, Some(500_000_000));
@@ -306,11 +316,11 @@ async fn cancel_stops_a_running_sleep_within_seconds_and_removes_it() {
     let spec = spec("cancel", "sleep 300");
     let task_id = spec.task_id.clone();
     let cancel = CancellationToken::new();
-    let run = tokio::spawn({
+    let mut run = tokio::spawn({
         let (executor, cancel) = (executor.clone(), cancel.clone());
         async move { executor.run(spec, None, cancel).await }
     });
-    let id = running_container(&docker, &task_id).await;
+    let id = running_container(&docker, &task_id, &mut run).await;
     let asked = Instant::now();
     cancel.cancel();
     let outcome = run.await.unwrap().unwrap();
@@ -365,11 +375,11 @@ async fn dropping_the_run_future_removes_its_container() {
     let executor = Arc::new(executor);
     let spec = spec("dropped", "sleep 300");
     let task_id = spec.task_id.clone();
-    let run = tokio::spawn({
+    let mut run = tokio::spawn({
         let executor = executor.clone();
         async move { executor.run(spec, None, CancellationToken::new()).await }
     });
-    running_container(&docker, &task_id).await;
+    running_container(&docker, &task_id, &mut run).await;
     run.abort();
     let deadline = Instant::now() + Duration::from_secs(15);
     while !containers_of(&docker, &task_id).await.is_empty() {
@@ -537,7 +547,7 @@ async fn live_chunks_arrive_before_the_run_returns() {
     let executor = Arc::new(executor);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let spec = spec("live", "sh -c 'echo a; sleep 1; echo b >&2'");
-    let run = tokio::spawn({
+    let mut run = tokio::spawn({
         let executor = executor.clone();
         async move { executor.run(spec, Some(tx), CancellationToken::new()).await }
     });
