@@ -547,7 +547,7 @@ async fn live_chunks_arrive_before_the_run_returns() {
     let executor = Arc::new(executor);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let spec = spec("live", "sh -c 'echo a; sleep 1; echo b >&2'");
-    let mut run = tokio::spawn({
+    let run = tokio::spawn({
         let executor = executor.clone();
         async move { executor.run(spec, Some(tx), CancellationToken::new()).await }
     });
