@@ -907,7 +907,8 @@ impl RunOutcome {
 }
 
 /// Removes the container when the run future is dropped half-way (the caller gave up on it):
-/// no container outlives its run.
+/// no container outlives its run. When the runtime itself is shutting down nothing can be
+/// spawned: the container stays, labelled, for [`Executor::reconcile`] after the restart.
 struct RemoveOnDrop {
     docker: Docker,
     name: String,

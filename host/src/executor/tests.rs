@@ -757,3 +757,33 @@ fn container_names_are_valid_and_unique() {
             .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
     );
 }
+
+#[test]
+fn a_task_becomes_a_run_spec_in_the_same_units() {
+    let mut task = crate::model::Task::new_pending(
+        "t1".into(),
+        "u1".into(),
+        "img:1".into(),
+        crate::model::Resources::new(1.5, 0.5, 2.0, 1.25),
+    );
+    task.command = Some("echo hi".into());
+    task.env.insert("K".into(), "V".into());
+    task.timeout_s = Some(30);
+    let spec = RunSpec::from_task(&task, "w1");
+    assert_eq!(
+        (
+            spec.task_id.as_str(),
+            spec.worker_id.as_str(),
+            spec.image.as_str()
+        ),
+        ("t1", "w1", "img:1")
+    );
+    assert_eq!(spec.command.as_deref(), Some("echo hi"));
+    assert_eq!((spec.cpu, spec.memory, spec.storage), (1.5, 0.5, 2.0));
+    // A fraction of a GPU still needs a whole device.
+    assert_eq!(spec.gpu, GpuRequest::Count(2));
+    assert_eq!(spec.timeout, Some(Duration::from_secs(30)));
+    assert_eq!(spec.env, task.env);
+    task.req_gpu = 0.0;
+    assert_eq!(RunSpec::from_task(&task, "w1").gpu, GpuRequest::None);
+}
