@@ -51,8 +51,10 @@ pub const OUTPUT_DIR: &str = "/output";
 
 /// Bytes in one GB of the task model.
 const GB: f64 = (1u64 << 30) as f64;
-/// Requests that wait for a container (logs, wait, stop) must not hit bollard's 2-minute
-/// default request timeout; the task's own timeout bounds them instead.
+/// bollard's request timeout (2 minutes by default) bounds the wait for response headers.
+/// The engine sends those at once for logs and wait, but a stop answers only after the grace
+/// period: calls that wait for a container go through a client without that bound (the
+/// task's timeout and the grace period bound them instead).
 const LONG_REQUEST_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The operator's settings. A task can narrow nothing here and relax nothing.

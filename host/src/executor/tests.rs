@@ -180,6 +180,22 @@ async fn true_latency_next_to_docker_run() {
 }
 
 #[tokio::test]
+async fn a_run_outlasts_the_clients_request_timeout() {
+    let Some((docker, _)) = setup(config()).await else {
+        return;
+    };
+    // Logs and wait last as long as the task: they must not be cut at the client's request
+    // timeout (bollard's default is 2 minutes; 2 s here). The engine answers their headers at
+    // once, so it is the streams that must run on.
+    let executor = Executor::new(docker.with_timeout(Duration::from_secs(2)), config())
+        .await
+        .unwrap();
+    let outcome = run(&executor, spec("outlast", "sh -c 'sleep 4; echo done'")).await;
+    assert_eq!(outcome.status, RunStatus::Completed, "{outcome:?}");
+    assert_eq!(outcome.stdout, "done\n");
+}
+
+#[tokio::test]
 async fn non_zero_exit_fails_with_its_code() {
     let Some((_docker, executor)) = setup(config()).await else {
         return;
