@@ -16,11 +16,11 @@ use tracing_subscriber::EnvFilter;
 use crate::api::Limits;
 use crate::api::auth;
 use crate::client::Client;
+use crate::executor::ExecutorConfig;
 use crate::reconciler::ReconcilerConfig;
 use crate::scheduler::SchedulerConfig;
 use crate::serve::{self, ServeConfig};
 use crate::tooling;
-use crate::executor::ExecutorConfig;
 use crate::worker::{AgentConfig, DEFAULT_MAX_CONCURRENT, Overrides};
 
 #[derive(Debug, Parser)]

@@ -11,14 +11,14 @@ use tokio::net::TcpListener;
 use crate::api::auth::{self, Authenticator, Role, TokenEntry};
 use crate::api::{AppState, Limits};
 use crate::executor::ExecutorConfig;
-use crate::worker::{AgentConfig, Overrides};
-use tokio_util::sync::CancellationToken;
 use crate::policy::{EngineSettings, PolicyEngine, PolicyRuntime, RuntimeSettings};
 use crate::reconciler::{Reconciler, ReconcilerConfig};
 use crate::scheduler::{Scheduler, SchedulerConfig, Wakeup, WorkSignal};
 use crate::store::Store;
 use crate::store::mongo::MongoStore;
 use crate::store::sqlite::SqliteStore;
+use crate::worker::{AgentConfig, Overrides};
+use tokio_util::sync::CancellationToken;
 
 /// Everything `serve` needs, resolved from flags and environment by the CLI.
 #[derive(Debug, Clone)]
@@ -287,9 +287,13 @@ fn spawn_local_worker(
     let executor = local_worker.executor.clone();
     let stopped = stop.clone().cancelled_owned();
     let task = tokio::spawn(async move {
-        if let Err(error) =
-            crate::worker::run(agent, executor, crate::worker::DEFAULT_MAX_CONCURRENT, stopped)
-                .await
+        if let Err(error) = crate::worker::run(
+            agent,
+            executor,
+            crate::worker::DEFAULT_MAX_CONCURRENT,
+            stopped,
+        )
+        .await
         {
             tracing::error!(
                 error = format!("{error:#}"),

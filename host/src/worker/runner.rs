@@ -62,9 +62,8 @@ impl Runner {
         running_count: Arc<AtomicU32>,
     ) -> anyhow::Result<Runner> {
         let client = Client::new(&config.host, Some(config.token.clone()))?;
-        std::fs::create_dir_all(&config.spool_dir).with_context(|| {
-            format!("creating the result spool {}", config.spool_dir.display())
-        })?;
+        std::fs::create_dir_all(&config.spool_dir)
+            .with_context(|| format!("creating the result spool {}", config.spool_dir.display()))?;
         Ok(Runner {
             config,
             client,
@@ -131,7 +130,10 @@ impl Runner {
         }
         let value = self
             .client
-            .get_query(&format!("/v1/workers/{}/work", self.config.worker_id), &query)
+            .get_query(
+                &format!("/v1/workers/{}/work", self.config.worker_id),
+                &query,
+            )
             .await?;
         serde_json::from_value(value)
             .map_err(|e| ClientError::Protocol(format!("decoding the work list: {e}")))
@@ -200,7 +202,9 @@ impl Runner {
                     done_pending.insert(ass_id);
                 }
             }
-            Err(error) => tracing::error!(worker_id = %self.config.worker_id, %error, "a run panicked"),
+            Err(error) => {
+                tracing::error!(worker_id = %self.config.worker_id, %error, "a run panicked")
+            }
         }
         self.running_count
             .store(running.len() as u32, Ordering::Relaxed);
@@ -245,12 +249,15 @@ impl Runner {
                                 reported.insert(work.ass_id.clone());
                             }
                         }
-                        Err(error) => tracing::warn!(container_id = %container.container_id, %error, "collecting a finished container"),
+                        Err(error) => {
+                            tracing::warn!(container_id = %container.container_id, %error, "collecting a finished container")
+                        }
                     }
                 }
                 _ => {
                     tracing::info!(worker_id = %self.config.worker_id, task_id = %container.task_id, state = ?container.state, "removing a container left behind");
-                    if let Err(error) = self.executor.stop_and_remove(&container.container_id).await {
+                    if let Err(error) = self.executor.stop_and_remove(&container.container_id).await
+                    {
                         tracing::warn!(container_id = %container.container_id, %error, "removing a container left behind");
                     }
                 }
@@ -400,7 +407,11 @@ async fn send_result(client: &Client, worker_id: &str, spooled: &Spooled) -> boo
             tracing::info!(%worker_id, ass_id = %spooled.ass_id, task_id = %spooled.task_id, status = %answer["status"], "result reported");
             true
         }
-        Err(ClientError::Api { status, code, message }) if status < 500 && status != 429 => {
+        Err(ClientError::Api {
+            status,
+            code,
+            message,
+        }) if status < 500 && status != 429 => {
             tracing::warn!(%worker_id, ass_id = %spooled.ass_id, task_id = %spooled.task_id, status, code, message, "the host refused the result; dropping it");
             true
         }
