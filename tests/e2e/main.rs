@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod execution;
 mod harness;
 mod policies;
 mod policy_tools;

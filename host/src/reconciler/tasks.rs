@@ -21,7 +21,7 @@ const RUNNING_PAGE: u32 = 1000;
 const CLAIMS_PER_PASS: u32 = 1000;
 
 /// Goes over every active assignment once: those of `lost` workers are lost; a running task
-/// past its timeout is failed; an assignment older than `settle` whose task is not running at
+/// past its timeout (plus `settle`) is failed; an assignment older than `settle` whose task is not running at
 /// its attempt (a placement that crashed after inserting it, a release that crashed half
 /// way) is released.
 pub(super) async fn repair_assignments(
@@ -56,7 +56,10 @@ pub(super) async fn repair_assignments(
                 let start = task
                     .started_at
                     .map_or(assignment.assigned_at, |s| s.max(assignment.assigned_at));
-                let limit = chrono::Duration::seconds(i64::try_from(timeout_s).unwrap_or(i64::MAX));
+                // The worker stops it at its timeout and reports it with its logs; this is the
+                // backstop for a worker that does not, so it waits `settle` longer.
+                let limit = chrono::Duration::seconds(i64::try_from(timeout_s).unwrap_or(i64::MAX))
+                    + chrono_duration(settle);
                 if now - start < limit {
                     continue;
                 }

@@ -519,13 +519,20 @@ async fn a_running_task_past_its_timeout_fails_and_is_released_once(store: Arc<d
     let slow = queued(&*store, 1.0, 3, Some(1)).await;
     let patient = queued(&*store, 1.0, 3, Some(3600)).await;
     scheduler(&store, &wakeup).cycle().await;
-    let mut r = reconciler(&store, &wakeup, Duration::from_secs(5));
+    // Failed `settle` after its timeout: the worker's own report comes first as a rule.
+    let mut r = reconciler(&store, &wakeup, Duration::from_millis(300));
     assert_eq!(
         held_tick(&mut r).await.tasks_timed_out,
         0,
         "within its timeout"
     );
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        held_tick(&mut r).await.tasks_timed_out,
+        0,
+        "within its timeout and the settle time"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
     // Keep the worker fresh: only the timeout applies.
     beat(&*store, &wakeup, &w.worker_id).await;
     let repairs = held_tick(&mut r).await;
