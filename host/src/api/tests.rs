@@ -1167,6 +1167,15 @@ async fn openapi_lists_every_route_and_the_bearer_scheme() {
         ("post", "/v1/workers/{worker_id}/heartbeat"),
         ("post", "/v1/workers/{worker_id}/drain"),
         ("post", "/v1/workers/{worker_id}/undrain"),
+        ("get", "/v1/workers/{worker_id}/work"),
+        (
+            "post",
+            "/v1/workers/{worker_id}/assignments/{ass_id}/started",
+        ),
+        (
+            "post",
+            "/v1/workers/{worker_id}/assignments/{ass_id}/result",
+        ),
         ("post", "/v1/policies"),
         ("get", "/v1/policies"),
         ("get", "/v1/policies/{name}"),
