@@ -8,3 +8,4 @@ mod harness;
 mod policies;
 mod policy_tools;
 mod tour;
+mod worker_process;
