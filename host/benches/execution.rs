@@ -1,0 +1,257 @@
+//! Execution overhead: a real `cloudai serve` with its local worker on the local Docker
+//! engine. Prints, over BENCH_RUNS runs of `true` one after the other, the submit-to-started
+//! and submit-to-completed latency next to a bare `docker run --rm` of the same image measured
+//! in the same run (interleaved), and the throughput of short tasks kept 20 at a time.
+//!
+//! Run with: `cargo bench -p cloudai --bench execution` (Docker needed; busybox-static for the
+//! test image). Options (env): BENCH_RUNS (default 100), BENCH_TASKS (throughput tasks,
+//! default 200), BENCH_CONCURRENCY (default 20).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+
+const IMAGE: &str = "cloudai-test/busybox:1";
+
+/// What the executor gives a task of 1 core and 256 MB (besides /output).
+const LIMITS: [&str; 10] = [
+    "--cpus",
+    "1",
+    "-m",
+    "256m",
+    "--memory-swap",
+    "256m",
+    "--cap-drop",
+    "ALL",
+    "--pids-limit",
+    "512",
+];
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(mut xs: Vec<f64>, p: f64) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let rank = ((p * xs.len() as f64).ceil() as usize).clamp(1, xs.len());
+    xs[rank - 1]
+}
+
+fn ms(from: &Value, to: &Value) -> f64 {
+    let at = |v: &Value| v.as_str().unwrap().parse::<DateTime<Utc>>().unwrap();
+    (at(to) - at(from)).num_microseconds().unwrap() as f64 / 1000.0
+}
+
+struct Host {
+    child: std::process::Child,
+    url: String,
+    token: String,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Host {
+    fn start() -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cloudai"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .env("RUST_LOG", "warn,cloudai::serve=info")
+            .env_remove("CLOUDAI_ADMIN_TOKEN")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting cloudai serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let address: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                    let _ = tx.send(address);
+                }
+            }
+        });
+        let address = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the host listens");
+        let token = std::fs::read_to_string(dir.path().join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        Host {
+            child,
+            url: format!("http://{address}"),
+            token,
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        self.http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Submits `true` asking for `cpu` cores and 256 MB.
+    async fn submit(&self, cpu: f64) -> String {
+        let spec = json!({"docker_image": IMAGE, "command": "true", "req_cpu": cpu,
+            "req_memory": 0.25});
+        let body: Value = self
+            .http
+            .post(format!("{}/v1/tasks", self.url))
+            .bearer_auth(&self.token)
+            .json(&spec)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["task_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("submit: {body}"))
+            .to_string()
+    }
+
+    /// Polls until the task is final; returns it.
+    async fn finished(&self, id: &str) -> Value {
+        let started = Instant::now();
+        loop {
+            let task = self.get(&format!("/v1/tasks/{id}")).await;
+            if ["completed", "failed", "cancelled"].contains(&task["status"].as_str().unwrap_or(""))
+            {
+                assert_eq!(task["status"], "completed", "{task}");
+                return task;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "stuck: {task}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let runs = env_usize("BENCH_RUNS", 100).max(1);
+    let tasks = env_usize("BENCH_TASKS", 200).max(1);
+    let concurrency = env_usize("BENCH_CONCURRENCY", 20).max(1);
+    let docker = cloudai::executor::connect().await.expect("a Docker engine");
+    cloudai::executor::testimage::ensure_busybox_image(&docker, IMAGE)
+        .await
+        .expect("building the test image");
+    let host = Host::start();
+    let joined = Instant::now();
+    while host.get("/v1/workers").await["workers"]
+        .as_array()
+        .is_none_or(Vec::is_empty)
+    {
+        assert!(
+            joined.elapsed() < Duration::from_secs(30),
+            "no local worker"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..3 {
+        let id = host.submit(1.0).await;
+        host.finished(&id).await; // warm-up
+    }
+
+    println!("execution bench: `true` in {IMAGE}, {runs} runs, interleaved with bare docker run");
+    let (mut to_started, mut to_completed, mut client_seen, mut bare, mut bare_limited) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        let submitted = Instant::now();
+        let id = host.submit(1.0).await;
+        let task = host.finished(&id).await;
+        client_seen.push(submitted.elapsed().as_secs_f64() * 1000.0);
+        to_started.push(ms(&task["created_at"], &task["started_at"]));
+        to_completed.push(ms(&task["created_at"], &task["completed_at"]));
+
+        // The same image bare, then with the limits and hardening the task container gets.
+        for (limits, times) in [(&[][..], &mut bare), (&LIMITS[..], &mut bare_limited)] {
+            let started = Instant::now();
+            let status = Command::new("docker")
+                .args(["run", "--rm", "--network", "none"])
+                .args(limits)
+                .args([IMAGE, "true"])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success());
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        if (i + 1) % 20 == 0 {
+            eprintln!("  {}/{runs}", i + 1);
+        }
+    }
+    let row = |name: &str, xs: &Vec<f64>| {
+        println!(
+            "  {name:<42} p50 {:>7.1} ms   p90 {:>7.1} ms",
+            percentile(xs.clone(), 0.5),
+            percentile(xs.clone(), 0.9)
+        );
+    };
+    row("submit -> started (host timestamps)", &to_started);
+    row("submit -> completed (host timestamps)", &to_completed);
+    row("submit -> completed seen by the client", &client_seen);
+    row("bare `docker run --rm --network none`", &bare);
+    row("the same with the task's limits", &bare_limited);
+    println!(
+        "  overhead at p50 (client-seen completion - bare docker run): {:+.1} ms",
+        percentile(client_seen, 0.5) - percentile(bare, 0.5)
+    );
+
+    // Throughput: `concurrency` tasks in flight until `tasks` have completed.
+    let started = Instant::now();
+    let mut in_flight = Vec::new();
+    let (mut submitted, mut done) = (0, 0);
+    while done < tasks {
+        while in_flight.len() < concurrency && submitted < tasks {
+            in_flight.push(host.submit(0.05).await);
+            submitted += 1;
+        }
+        let mut still = Vec::new();
+        for id in in_flight {
+            let task = host.get(&format!("/v1/tasks/{id}")).await;
+            match task["status"].as_str() {
+                Some("completed") => done += 1,
+                Some("failed" | "cancelled") => panic!("{task}"),
+                _ => still.push(id),
+            }
+        }
+        in_flight = still;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "  throughput, {concurrency} in flight: {tasks} tasks in {elapsed:.1} s = {:.0} tasks/min",
+        tasks as f64 / elapsed * 60.0
+    );
+}
