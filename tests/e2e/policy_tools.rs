@@ -174,3 +174,39 @@ fn policy_test_fails_with_the_reason_on_a_bad_snapshot_or_a_hostile_policy() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_conformance_kit_passes_a_shipped_policy_and_fails_with_a_non_zero_exit_otherwise() {
+    let Some(dir) = wasm_dir() else { return };
+    let out = policy_test(&[
+        dir.join("best-fit.wasm").as_os_str(),
+        "--conformance".as_ref(),
+        "-o".as_ref(),
+        "json".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["failed"], 0, "{report}");
+    assert!(report["passed"].as_u64().unwrap() >= 9, "{report}");
+    assert_eq!(report["kind"], "placement");
+
+    let out = policy_test(&[
+        dir.join("quota.wasm").as_os_str(),
+        "--conformance".as_ref(),
+        "--config-file".as_ref(),
+        repo_file("examples/policies/quota.json").as_os_str(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("4 of 4 conformance cases passed"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // A guest that never answers fails, with a non-zero exit (at its bounded smoke check).
+    let out = policy_test(&[
+        dir.join("fixture-infinite-loop.wasm").as_os_str(),
+        "--conformance".as_ref(),
+    ]);
+    assert!(!out.status.success());
+}

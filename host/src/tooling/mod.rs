@@ -17,6 +17,8 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 use serde_json::json;
 
+pub mod conformance;
+
 use crate::cli::{Output, new_table};
 use crate::model::{Resources, Task, TaskStatus, Worker};
 use crate::policy::bindings::types::{AdmissionDecision, AdmissionTask, UserUsage};
@@ -57,8 +59,12 @@ pub struct TestArgs {
     /// The policy component (.wasm), placement or admission.
     pub file: PathBuf,
     /// A cluster snapshot (JSON, as `GET /v1/cluster/snapshot` exports it).
-    #[arg(long, value_name = "FILE")]
-    pub snapshot: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "conformance")]
+    pub snapshot: Option<PathBuf>,
+    /// Run the conformance kit instead: snapshots with properties every policy must have
+    /// (exit status 1 when a case fails).
+    #[arg(long, conflicts_with = "snapshot")]
+    pub conformance: bool,
     #[command(flatten)]
     pub config: ConfigArgs,
     #[command(flatten)]
@@ -299,6 +305,26 @@ fn millis(d: Duration) -> f64 {
 /// `cloudai policy test`: blocking work, run off the async runtime.
 pub async fn test(args: TestArgs) -> anyhow::Result<()> {
     let output = args.output;
+    if args.conformance {
+        let report = tokio::task::spawn_blocking(move || run_conformance(&args))
+            .await
+            .context("the conformance run stopped")??;
+        match output {
+            Output::Json => print_out(&format!(
+                "{}\n",
+                serde_json::to_string_pretty(&report.to_json())?
+            ))?,
+            Output::Table => print_out(&report.to_text())?,
+        }
+        let failed = report.failed();
+        if failed > 0 {
+            bail!(
+                "{failed} of {} conformance cases failed",
+                report.cases.len()
+            );
+        }
+        return Ok(());
+    }
     let report = tokio::task::spawn_blocking(move || run_test(&args))
         .await
         .context("the policy test stopped")??;
@@ -323,12 +349,15 @@ fn print_out(text: &str) -> anyhow::Result<()> {
 /// Loads the component, replays the snapshot through it and reports its decisions; fails
 /// when the policy fails.
 pub fn run_test(args: &TestArgs) -> anyhow::Result<TestReport> {
-    let text = std::fs::read_to_string(&args.snapshot)
-        .with_context(|| format!("reading the snapshot {}", args.snapshot.display()))?;
+    let Some(snapshot_path) = &args.snapshot else {
+        bail!("--snapshot FILE is needed (or --conformance)");
+    };
+    let text = std::fs::read_to_string(snapshot_path)
+        .with_context(|| format!("reading the snapshot {}", snapshot_path.display()))?;
     let snapshot = ClusterSnapshot::from_json(&text).map_err(|e| {
         anyhow::anyhow!(
             "{} is not a valid cluster snapshot: {e}",
-            args.snapshot.display()
+            snapshot_path.display()
         )
     })?;
     let loaded = load(&args.file, &args.config, &args.limits)?;
@@ -364,12 +393,76 @@ pub fn run_test(args: &TestArgs) -> anyhow::Result<TestReport> {
     Ok(TestReport {
         policy: file_name(&args.file),
         kind: loaded.kind.as_str(),
-        snapshot: file_name(&args.snapshot),
+        snapshot: file_name(snapshot_path),
         candidate_workers,
         decisions,
         summary,
         compile_and_validate_ms: millis(loaded.compile + loaded.load),
         round_ms: millis(round),
+    })
+}
+
+/// What `cloudai policy test --conformance` found.
+#[derive(Debug, Clone)]
+pub struct ConformanceReport {
+    pub policy: String,
+    pub kind: &'static str,
+    pub cases: Vec<conformance::CaseOutcome>,
+}
+
+impl ConformanceReport {
+    pub fn failed(&self) -> usize {
+        self.cases.iter().filter(|c| c.failure.is_some()).count()
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "policy": self.policy,
+            "kind": self.kind,
+            "passed": self.cases.len() - self.failed(),
+            "failed": self.failed(),
+            "cases": self.cases.iter().map(|c| json!({
+                "case": c.case,
+                "property": c.property,
+                "passed": c.failure.is_none(),
+                "failure": c.failure,
+                "ms": millis(c.elapsed),
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut table = new_table(&["case", "result", "ms", "property"]);
+        for c in &self.cases {
+            let result = match &c.failure {
+                None => "pass".to_string(),
+                Some(why) => format!("FAIL: {why}"),
+            };
+            table.add_row([
+                c.case.to_string(),
+                result,
+                format!("{:.1}", millis(c.elapsed)),
+                c.property.to_string(),
+            ]);
+        }
+        format!(
+            "{} ({} policy): {} of {} conformance cases passed\n{table}\n",
+            self.policy,
+            self.kind,
+            self.cases.len() - self.failed(),
+            self.cases.len()
+        )
+    }
+}
+
+/// Loads the component and runs the conformance kit of its kind against it.
+pub fn run_conformance(args: &TestArgs) -> anyhow::Result<ConformanceReport> {
+    let loaded = load(&args.file, &args.config, &args.limits)?;
+    let cases = conformance::run(&loaded.runtime, &loaded.name, LOCAL_VERSION, loaded.kind);
+    Ok(ConformanceReport {
+        policy: file_name(&args.file),
+        kind: loaded.kind.as_str(),
+        cases,
     })
 }
 
@@ -757,7 +850,7 @@ mod tests {
     use crate::cli::{Cli, Command, PolicyCommand};
     use clap::Parser;
 
-    const EXAMPLE_SNAPSHOT: &str = include_str!("../../examples/snapshots/small-cluster.json");
+    const EXAMPLE_SNAPSHOT: &str = include_str!("../../../examples/snapshots/small-cluster.json");
 
     fn parse(args: &[&str]) -> Result<PolicyCommand, String> {
         let mut argv = vec!["cloudai", "policy"];
@@ -790,7 +883,7 @@ mod tests {
             panic!("did not parse");
         };
         assert_eq!(args.file, PathBuf::from("quota.wasm"));
-        assert_eq!(args.snapshot, PathBuf::from("cluster.json"));
+        assert_eq!(args.snapshot, Some(PathBuf::from("cluster.json")));
         assert_eq!(args.config.read().unwrap(), r#"{"default": {}}"#);
         assert_eq!(
             args.limits.limits(),
@@ -881,7 +974,8 @@ mod tests {
         std::fs::write(&bad, r#"{"format": 1, "workers": []}"#).unwrap();
         let args = TestArgs {
             file: dir.path().join("never-read.wasm"),
-            snapshot: bad,
+            snapshot: Some(bad),
+            conformance: false,
             config: ConfigArgs {
                 config: None,
                 config_file: None,
@@ -898,7 +992,7 @@ mod tests {
             "{err}"
         );
         let args = TestArgs {
-            snapshot: dir.path().join("absent.json"),
+            snapshot: Some(dir.path().join("absent.json")),
             ..args
         };
         let err = format!("{:#}", run_test(&args).unwrap_err());
@@ -1058,7 +1152,8 @@ mod tests {
         std::fs::write(&snapshot, EXAMPLE_SNAPSHOT).unwrap();
         let args = |file: &str, config: Option<&str>| TestArgs {
             file: dir.join(file),
-            snapshot: snapshot.clone(),
+            snapshot: Some(snapshot.clone()),
+            conformance: false,
             config: ConfigArgs {
                 config: config.map(str::to_string),
                 config_file: None,

@@ -1,0 +1,396 @@
+//! The policy conformance kit: cluster snapshots with properties every policy's decisions must
+//! have, whatever its language. `cloudai policy test FILE.wasm --conformance` runs them all.
+//!
+//! Placement: one decision per task; no worker given more than it has available (counting the
+//! batch's own earlier assignments); indices in range; an empty cluster, a full cluster and an
+//! empty batch handled; a request no worker could ever hold answered `unschedulable`; unicode
+//! in labels, users and images; 10,000 workers within the policy's deadline; the same input
+//! decided the same way twice. Admission: an answer for every check within the deadline, a
+//! reason for every reject and defer, unicode and extreme usage handled, deterministic.
+//! (Inactive and draining workers never reach a policy: the host leaves them out of the round.)
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use super::synthetic_snapshot;
+use crate::model::Resources;
+use crate::policy::bindings::types::AdmissionDecision;
+use crate::policy::snapshot::{ClusterSnapshot, Usage};
+use crate::policy::{Decision, PolicyKind, PolicyRuntime};
+
+/// One case of the kit and how the policy did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaseOutcome {
+    pub case: &'static str,
+    /// The property checked, for humans.
+    pub property: &'static str,
+    /// `None` when the policy passed.
+    pub failure: Option<String>,
+    pub elapsed: Duration,
+}
+
+/// Runs every case of `kind` against the loaded version `name`/`version` of `runtime`.
+pub fn run(
+    runtime: &PolicyRuntime,
+    name: &str,
+    version: &str,
+    kind: PolicyKind,
+) -> Vec<CaseOutcome> {
+    let cases: &[(&'static str, &'static str, CaseFn)] = match kind {
+        PolicyKind::Placement => PLACEMENT_CASES,
+        PolicyKind::Admission => ADMISSION_CASES,
+    };
+    cases
+        .iter()
+        .map(|(case, property, check)| {
+            let started = Instant::now();
+            let failure = check(runtime, name, version).err();
+            CaseOutcome {
+                case,
+                property,
+                failure,
+                elapsed: started.elapsed(),
+            }
+        })
+        .collect()
+}
+
+type CaseFn = fn(&PolicyRuntime, &str, &str) -> Result<(), String>;
+
+const PLACEMENT_CASES: &[(&str, &str, CaseFn)] = &[
+    (
+        "typical-round",
+        "one valid decision per task on a loaded cluster; most tasks placed",
+        typical_round,
+    ),
+    ("empty-batch", "no tasks: no decisions", empty_batch),
+    (
+        "no-workers",
+        "no worker: nothing assigned, every task waits or is unschedulable",
+        no_workers,
+    ),
+    (
+        "full-cluster",
+        "no room anywhere: nothing assigned",
+        full_cluster,
+    ),
+    (
+        "impossible-request",
+        "a request larger than every worker is unschedulable; the others are placed",
+        impossible_request,
+    ),
+    (
+        "tight-batch",
+        "a batch larger than the room: capacity counted across the batch",
+        tight_batch,
+    ),
+    (
+        "unicode",
+        "unicode in labels, users and images",
+        unicode_round,
+    ),
+    (
+        "10000-workers",
+        "10,000 workers and 100 tasks within the deadline",
+        large_cluster,
+    ),
+    (
+        "deterministic",
+        "the same round decided the same way twice",
+        deterministic_placement,
+    ),
+];
+
+const ADMISSION_CASES: &[(&str, &str, CaseFn)] = &[
+    (
+        "typical-checks",
+        "an answer per check; a reason for every reject and defer",
+        typical_checks,
+    ),
+    ("unicode", "unicode in users and images", unicode_checks),
+    (
+        "extreme-usage",
+        "zero and huge usage figures",
+        extreme_usage,
+    ),
+    (
+        "deterministic",
+        "the same check answered the same way twice",
+        deterministic_admission,
+    ),
+];
+
+/// The round's decisions, checked by the runtime (count, indices, capacity, deadline).
+fn place(
+    rt: &PolicyRuntime,
+    name: &str,
+    version: &str,
+    snapshot: &ClusterSnapshot,
+) -> Result<Vec<Decision>, String> {
+    rt.place_with(name, version, &snapshot.placement_input())
+        .map_err(|e| e.to_string())
+}
+
+fn assigned(decisions: &[Decision]) -> usize {
+    decisions
+        .iter()
+        .filter(|d| matches!(d, Decision::Assign { .. }))
+        .count()
+}
+
+fn typical_round(rt: &PolicyRuntime, name: &str, version: &str) -> Result<(), String> {
+    let snapshot = synthetic_snapshot(7, 50, 20);
+    let decisions = place(rt, name, version, &snapshot)?;
+    if assigned(&decisions) == 0 {
+        return Err("nothing placed on a cluster with room for most tasks".into());
+    }
+    Ok(())
+}
+
+fn empty_batch(rt: &PolicyRuntime, name: &str, version: &str) -> Result<(), String> {
+    let decisions = place(rt, name, version, &synthetic_snapshot(7, 10, 0))?;
+    match decisions.len() {
+        0 => Ok(()),
+        n => Err(format!("{n} decisions for no task")),
+    }
+}
+
+fn no_workers(rt: &PolicyRuntime, name: &str, version: &str) -> Result<(), String> {
+    let decisions = place(rt, name, version, &synthetic_snapshot(7, 0, 5))?;
+    match assigned(&decisions) {
+        0 => Ok(()),
+        n => Err(format!("{n} tasks assigned with no worker")),
+    }
+}
+
+fn full_cluster(rt: &PolicyRuntime, name: &str, version: &str) -> Result<(), String> {
+    let mut snapshot = synthetic_snapshot(7, 20, 10);
+    for w in &mut snapshot.workers {
+        w.allocated_cpu = w.total_cpu;
+        w.available_cpu = 0.0;
+        w.allocated_memory = w.total_memory;
+        w.available_memory = 0.0;
+    }
+    let decisions = place(rt, name, version, &snapshot)?;
+    match assigned(&decisions) {
+        0 => Ok(()),
+        n => Err(format!("{n} tasks assigned on a full cluster")),
+    }
+}
+
+fn impossible_request(rt: &PolicyRuntime, name: &str, version: &str) -> Result<(), String> {
+    let mut snapshot = synthetic_snapshot(7, 20, 5);
+    let biggest = snapshot
+        .workers
+        .iter()
+        .map(|w| w.total_cpu)
+        .fold(0.0, f64::max);
+    snapshot.queued[2].req_cpu = biggest * 4.0;
+    let decisions = place(rt, name, version, &snapshot)?;
+    match &decisions[2] {
+        Decision::Unschedulable { .. } => {}
+        other => return Err(format!("a request no worker can hold got {other:?}")),
+    }
+    if assigned(&decisions) == 0 {
+        return Err("the possible tasks were not placed".into());
+    }
+    Ok(())
+}
+
+fn tight_batch(rt: &PolicyRuntime, name: &str, version: &str) -> Result<(), String> {
+    // Two workers with room for three of the ten tasks in all.
+    let mut snapshot = synthetic_snapshot(7, 2, 10);
+    for w in &mut snapshot.workers {
+        w.total_cpu = 4.0;
+        w.allocated_cpu = 2.5;
+        w.available_cpu = 1.5;
+        w.total_memory = 64.0;
+        w.allocated_memory = 0.0;
+        w.available_memory = 64.0;
+        (w.total_gpu, w.allocated_gpu, w.available_gpu) = (0.0, 0.0, 0.0);
+    }
+    for t in &mut snapshot.queued {
+        (t.req_cpu, t.req_memory, t.req_storage, t.req_gpu) = (1.0, 1.0, 0.0, 0.0);
+    }
+    let decisions = place(rt, name, version, &snapshot)?;
+    match assigned(&decisions) {
+        n if n <= 2 => Ok(()),
+        n => Err(format!(
+            "{n} tasks of 1 core assigned to two workers with 1.5 cores free each"
+        )),
+    }
+}
+
+fn unicode_round(rt: &PolicyRuntime, name: &str, version: &str) -> Result<(), String> {
+    let mut snapshot = synthetic_snapshot(7, 10, 10);
+    for (i, w) in snapshot.workers.iter_mut().enumerate() {
+        w.labels = BTreeMap::from([
+            ("région".into(), format!("zone-{}-é", i % 3)),
+            ("機械".into(), "🚀".into()),
+        ]);
+    }
+    for t in &mut snapshot.queued {
+        t.user_id = format!("用户-{}", t.user_id);
+        t.docker_image = "registry.example/ïmage:1".into();
+        t.labels = BTreeMap::from([("équipe".into(), "données".into())]);
+    }
+    place(rt, name, version, &snapshot).map(drop)
+}
+
+fn large_cluster(rt: &PolicyRuntime, name: &str, version: &str) -> Result<(), String> {
+    let decisions = place(rt, name, version, &synthetic_snapshot(7, 10_000, 100))?;
+    if assigned(&decisions) == 0 {
+        return Err("nothing placed on 10,000 workers".into());
+    }
+    Ok(())
+}
+
+fn deterministic_placement(rt: &PolicyRuntime, name: &str, version: &str) -> Result<(), String> {
+    let snapshot = synthetic_snapshot(11, 100, 30);
+    let first = place(rt, name, version, &snapshot)?;
+    let second = place(rt, name, version, &snapshot)?;
+    if first != second {
+        return Err("two runs of the same round decided differently".into());
+    }
+    Ok(())
+}
+
+/// Every admission check of the snapshot, each with a reason where one is due.
+fn admit_all(
+    rt: &PolicyRuntime,
+    name: &str,
+    version: &str,
+    snapshot: &ClusterSnapshot,
+) -> Result<Vec<AdmissionDecision>, String> {
+    let mut decisions = Vec::new();
+    for (task, usage) in snapshot.admission_inputs() {
+        let decision = rt
+            .admit_with(name, version, &task, &usage)
+            .map_err(|e| format!("task {}: {e}", task.id))?;
+        if let AdmissionDecision::Reject(reason) | AdmissionDecision::Defer(reason) = &decision
+            && reason.trim().is_empty()
+        {
+            return Err(format!("task {}: {decision:?} without a reason", task.id));
+        }
+        decisions.push(decision);
+    }
+    Ok(decisions)
+}
+
+fn typical_checks(rt: &PolicyRuntime, name: &str, version: &str) -> Result<(), String> {
+    admit_all(rt, name, version, &synthetic_snapshot(7, 5, 30)).map(drop)
+}
+
+fn unicode_checks(rt: &PolicyRuntime, name: &str, version: &str) -> Result<(), String> {
+    let mut snapshot = synthetic_snapshot(7, 5, 10);
+    for t in &mut snapshot.pending {
+        t.user_id = format!("用户-{}", t.user_id);
+        t.docker_image = "registry.example/ïmage:1".into();
+    }
+    admit_all(rt, name, version, &snapshot).map(drop)
+}
+
+fn extreme_usage(rt: &PolicyRuntime, name: &str, version: &str) -> Result<(), String> {
+    let mut snapshot = synthetic_snapshot(7, 5, 14);
+    for (i, usage) in snapshot.usage.values_mut().enumerate() {
+        *usage = if i % 2 == 0 {
+            Usage::default()
+        } else {
+            Usage {
+                running_tasks: u32::MAX,
+                queued_tasks: u32::MAX,
+                pending_tasks: u32::MAX,
+                reserved: Resources::new(1e9, 1e12, 1e15, 1e6),
+            }
+        };
+    }
+    admit_all(rt, name, version, &snapshot).map(drop)
+}
+
+fn deterministic_admission(rt: &PolicyRuntime, name: &str, version: &str) -> Result<(), String> {
+    let snapshot = synthetic_snapshot(11, 5, 20);
+    let first = admit_all(rt, name, version, &snapshot)?;
+    let second = admit_all(rt, name, version, &snapshot)?;
+    if first != second {
+        return Err("two runs of the same checks answered differently".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::policy::guest_tests::{guest, wasm_dir};
+    use crate::policy::{EngineSettings, LoadOptions, PolicyEngine, PolicyLimits, RuntimeSettings};
+
+    fn runtime() -> PolicyRuntime {
+        PolicyRuntime::new(
+            PolicyEngine::new(EngineSettings::default()).unwrap(),
+            RuntimeSettings::default(),
+        )
+    }
+
+    fn failures(outcomes: &[CaseOutcome]) -> Vec<String> {
+        outcomes
+            .iter()
+            .filter_map(|o| o.failure.as_ref().map(|f| format!("{}: {f}", o.case)))
+            .collect()
+    }
+
+    #[test]
+    fn every_shipped_policy_passes_the_kit() {
+        let Some(dir) = wasm_dir() else { return };
+        let rt = runtime();
+        for name in [
+            "first-fit",
+            "best-fit",
+            "spread",
+            "gpu-aware",
+            "request-caps",
+            "quota",
+            "image-allowlist",
+        ] {
+            let config = match name {
+                "quota" => include_str!("../../../examples/policies/quota.json"),
+                "image-allowlist" => {
+                    include_str!("../../../examples/policies/image-allowlist.json")
+                }
+                _ => "{}",
+            };
+            let options = LoadOptions {
+                // 10,000 workers in a debug build: more than the 50 ms of production.
+                limits: Some(PolicyLimits {
+                    deadline: Duration::from_secs(1),
+                    ..PolicyLimits::default()
+                }),
+                smoke_check: true,
+            };
+            let kind = rt
+                .load_with(name, "1", &guest(&dir, name), config, options)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let outcomes = run(&rt, name, "1", kind);
+            assert!(outcomes.len() >= 4, "{name}");
+            assert_eq!(failures(&outcomes), Vec::<String>::new(), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_policy_that_answers_a_bad_index_fails_the_kit() {
+        let Some(dir) = wasm_dir() else { return };
+        let rt = runtime();
+        let options = LoadOptions {
+            limits: None,
+            smoke_check: false,
+        };
+        let kind = rt
+            .load_with("bad", "1", &guest(&dir, "fixture-bad-index"), "{}", options)
+            .unwrap();
+        let failed = failures(&run(&rt, "bad", "1", kind));
+        assert!(
+            failed.iter().any(|f| f.starts_with("typical-round")),
+            "{failed:?}"
+        );
+    }
+}
