@@ -47,6 +47,8 @@ pub struct Agent {
     config: AgentConfig,
     identity: Identity,
     offer: Resources,
+    /// The detected GPUs offered (UUIDs), at most as many as the offer says.
+    gpu_devices: Vec<String>,
     /// Tasks running here now, reported with each heartbeat.
     running: Arc<AtomicU32>,
 }
@@ -106,6 +108,12 @@ impl Agent {
                 worker_id: String::new(),
                 token: String::new(),
             },
+            gpu_devices: detected
+                .gpus
+                .iter()
+                .take(offer.gpu as usize)
+                .map(|g| g.uuid.clone())
+                .collect(),
             config,
             offer,
             running: Arc::new(AtomicU32::new(0)),
@@ -146,6 +154,11 @@ impl Agent {
 
     pub fn offer(&self) -> Resources {
         self.offer
+    }
+
+    /// The GPUs this worker hands out to its tasks by device id.
+    pub fn gpu_devices(&self) -> Vec<String> {
+        self.gpu_devices.clone()
     }
 
     /// The running-task count that heartbeats report; whoever runs tasks keeps it current.

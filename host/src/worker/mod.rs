@@ -3,6 +3,7 @@
 //! its assigned tasks as containers through the executor, reporting starts and results.
 
 mod agent;
+mod gpus;
 mod identity;
 pub mod resources;
 mod runner;
@@ -53,6 +54,7 @@ pub async fn run(
             token: agent.token().to_string(),
             spool_dir: state_dir.join("spool"),
             max_concurrent: max_concurrent.max(1),
+            gpus: agent.gpu_devices(),
         },
         executor,
         agent.running_counter(),

@@ -16,11 +16,10 @@ use serde_json::json;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::gpus::GpuPool;
 use crate::api::agent::{Outcome, ResultReport, Work, WorkList};
 use crate::client::{Client, ClientError};
-use crate::executor::{
-    ExecError, Executor, GpuRequest, ManagedState, RunOutcome, RunSpec, RunStatus,
-};
+use crate::executor::{ExecError, Executor, ManagedState, RunOutcome, RunSpec, RunStatus};
 
 /// How long one long poll waits for a change.
 const POLL_WAIT: Duration = Duration::from_secs(25);
@@ -35,6 +34,8 @@ pub struct RunnerConfig {
     pub spool_dir: PathBuf,
     /// Most containers at once (the host's reservations bound it first).
     pub max_concurrent: usize,
+    /// This machine's GPUs (device UUIDs) handed out to tasks one by one.
+    pub gpus: Vec<String>,
 }
 
 /// A result not yet acknowledged by the host.
@@ -50,6 +51,7 @@ pub struct Runner {
     client: Client,
     executor: Arc<Executor>,
     running_count: Arc<AtomicU32>,
+    gpus: GpuPool,
 }
 
 /// What a finished run left: its assignment and its report.
@@ -65,6 +67,7 @@ impl Runner {
         std::fs::create_dir_all(&config.spool_dir)
             .with_context(|| format!("creating the result spool {}", config.spool_dir.display()))?;
         Ok(Runner {
+            gpus: GpuPool::new(config.gpus.clone()),
             config,
             client,
             executor,
@@ -184,6 +187,7 @@ impl Runner {
                 worker_id: self.config.worker_id.clone(),
                 spool_dir: self.config.spool_dir.clone(),
                 shutting_down: shutting_down.clone(),
+                gpus: self.gpus.clone(),
             };
             tasks.spawn(run.run(work, token));
         }
@@ -285,11 +289,14 @@ struct RunOne {
     worker_id: String,
     spool_dir: PathBuf,
     shutting_down: CancellationToken,
+    gpus: GpuPool,
 }
 
 impl RunOne {
     async fn run(self, work: Work, cancel: CancellationToken) -> Finished {
         let ass_id = work.ass_id.clone();
+        // Held until the run ends.
+        let (gpu, _gpu_lease) = self.gpus.take(work.req_gpu);
         let spec = RunSpec {
             task_id: work.task_id.clone(),
             worker_id: self.worker_id.clone(),
@@ -299,7 +306,7 @@ impl RunOne {
             cpu: work.req_cpu,
             memory: work.req_memory,
             storage: work.req_storage,
-            gpu: gpu_request(work.req_gpu),
+            gpu,
             timeout: work.timeout_s.map(Duration::from_secs),
         };
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
@@ -340,16 +347,6 @@ impl RunOne {
         } else {
             (ass_id, Some(spooled))
         }
-    }
-}
-
-/// Whole devices: a fractional request gets a device of its own (the host reserved the
-/// fraction; sharing a GPU between containers is not enforced).
-fn gpu_request(req_gpu: f64) -> GpuRequest {
-    if req_gpu > 0.0 {
-        GpuRequest::Count(req_gpu.ceil().min(f64::from(u32::MAX)) as u32)
-    } else {
-        GpuRequest::None
     }
 }
 
@@ -498,13 +495,5 @@ mod tests {
         assert!(dir.path().join("ass-2.corrupt").exists());
         spool_remove(dir.path(), "ass-1");
         assert!(spool_read(dir.path()).is_empty());
-    }
-
-    #[test]
-    fn gpu_requests_are_whole_devices() {
-        assert_eq!(gpu_request(0.0), GpuRequest::None);
-        assert_eq!(gpu_request(0.5), GpuRequest::Count(1));
-        assert_eq!(gpu_request(1.0), GpuRequest::Count(1));
-        assert_eq!(gpu_request(2.5), GpuRequest::Count(3));
     }
 }
