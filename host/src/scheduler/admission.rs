@@ -11,7 +11,7 @@ use crate::model::{self, Task, TaskStatus};
 use crate::policy::PolicyRuntime;
 use crate::policy::bindings::types::AdmissionDecision;
 use crate::policy::snapshot::{Usage, admission_task};
-use crate::store::{Store, StoreError, TaskUpdate};
+use crate::store::{Store, StoreError, TaskQuery, TaskUpdate};
 
 /// What admission did with a task.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,10 +147,31 @@ impl Scheduler {
     /// what was queued.
     pub async fn admission_pass(&self) -> Result<AdmissionStats, StoreError> {
         let due_before = model::now() - chrono_duration(self.config.admission_backoff);
-        let tasks = self
+        let mut tasks = self
             .store
             .admission_batch(self.config.batch_size, due_before)
             .await?;
+        // Deferred tasks of users whose usage just went down, whatever their back-off.
+        for user_id in self.wakeup.take_usage_changed() {
+            let room = (self.config.batch_size as usize).saturating_sub(tasks.len());
+            if room == 0 {
+                break;
+            }
+            let page = self
+                .store
+                .list_tasks(&TaskQuery {
+                    status: Some(TaskStatus::Pending),
+                    user_id: Some(user_id),
+                    limit: room as u32,
+                    after: None,
+                })
+                .await?;
+            for task in page.tasks {
+                if !tasks.iter().any(|t| t.task_id == task.task_id) {
+                    tasks.push(task);
+                }
+            }
+        }
         let mut stats = AdmissionStats {
             checked: tasks.len(),
             ..AdmissionStats::default()

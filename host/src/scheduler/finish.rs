@@ -116,7 +116,7 @@ async fn finish_inner(
         }
     };
     match &finished {
-        Ok(_) => {}
+        Ok(task) => wakeup.usage_changed(&task.user_id),
         Err(StoreError::Conflict { .. }) => {
             let task = store.get_task(task_id).await?;
             // A report for an earlier attempt leaves the later one's assignment alone.

@@ -7,6 +7,7 @@
 //! Several replicas can therefore run [`Scheduler`] against one store; a lost race is re-planned
 //! with fresh data, never applied twice.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +31,12 @@ pub use placement::RoundStats;
 /// freed, a worker joined), so that an idle cluster places a new task in milliseconds rather
 /// than at the next timer tick. Cheap to clone; waking with nobody waiting is remembered once.
 #[derive(Clone, Default)]
-pub struct Wakeup(Arc<Notify>);
+pub struct Wakeup {
+    notify: Arc<Notify>,
+    /// Users whose usage went down since the last admission pass: their deferred tasks are
+    /// checked again at once rather than after the back-off.
+    usage_changed: Arc<std::sync::Mutex<HashSet<String>>>,
+}
 
 impl Wakeup {
     pub fn new() -> Self {
@@ -39,12 +45,28 @@ impl Wakeup {
 
     /// Asks for a round soon.
     pub fn wake(&self) {
-        self.0.notify_one();
+        self.notify.notify_one();
+    }
+
+    /// A task of `user_id` ended: wakes the scheduler, whose next admission pass checks that
+    /// user's deferred tasks again whatever their back-off. (Usage changed through another
+    /// replica is noticed at the back-off.)
+    pub fn usage_changed(&self, user_id: &str) {
+        self.usage_changed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(user_id.to_string());
+        self.wake();
+    }
+
+    /// The users whose usage changed since the last call.
+    pub(crate) fn take_usage_changed(&self) -> HashSet<String> {
+        std::mem::take(&mut *self.usage_changed.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Resolves at the next [`Self::wake`] (or at once if one came since the last wait).
     pub async fn woken(&self) {
-        self.0.notified().await;
+        self.notify.notified().await;
     }
 }
 

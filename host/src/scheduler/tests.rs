@@ -569,6 +569,78 @@ async fn a_deferred_task_stays_pending_with_its_reason_until_the_backoff_then_is
     assert_eq!(queued.status_reason, None);
 }
 
+/// A deferral lasts until the back-off, unless one of the user's tasks ends first: then the
+/// deferred task is checked again in the next pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deferred_task_is_checked_again_as_soon_as_its_users_usage_goes_down() {
+    let Some(dir) = wasm_dir() else { return };
+    let (store, _guard) = sqlite();
+    add_worker(&*store, Resources::new(8.0, 16.0, 100.0, 0.0)).await;
+    let policies = policies();
+    let quota = r#"{"default": {"max_running_tasks": 1, "max_queued_and_running_tasks": 1}}"#;
+    policies
+        .load(
+            "quota",
+            "1",
+            &crate::policy::guest_tests::guest(&dir, "quota"),
+            quota,
+        )
+        .unwrap();
+    policies.activate("quota", "1").unwrap();
+    let wakeup = Wakeup::new();
+    let s = Scheduler::new(
+        store.clone(),
+        policies,
+        wakeup.clone(),
+        SchedulerConfig {
+            admission_backoff: Duration::from_secs(3600),
+            ..config(100)
+        },
+    );
+    // Submitted long ago, never checked: due whatever the back-off (the API admits inline).
+    let submitted = || {
+        let mut task = sample_task(&unique_id("task"), "alice");
+        task.updated_at -= chrono::Duration::hours(2);
+        task
+    };
+    let first = store.insert_task(&submitted(), None).await.unwrap().task;
+    s.cycle().await;
+    assert_eq!(
+        store.get_task(&first.task_id).await.unwrap().status,
+        TaskStatus::Running
+    );
+    let second = store.insert_task(&submitted(), None).await.unwrap().task;
+    s.cycle().await;
+    let deferred = store.get_task(&second.task_id).await.unwrap();
+    assert_eq!(
+        deferred.status,
+        TaskStatus::Pending,
+        "deferred by the quota"
+    );
+    assert!(deferred.status_reason.is_some());
+    s.cycle().await;
+    assert_eq!(
+        store.get_task(&second.task_id).await.unwrap().status,
+        TaskStatus::Pending,
+        "within its back-off, nothing changed: not checked again"
+    );
+
+    finish_task(
+        &*store,
+        &wakeup,
+        &first.task_id,
+        Finish::Completed { exit_code: 0 },
+    )
+    .await
+    .unwrap();
+    s.cycle().await;
+    assert_eq!(
+        store.get_task(&second.task_id).await.unwrap().status,
+        TaskStatus::Running,
+        "admitted and placed right after the first task ended, an hour before its back-off"
+    );
+}
+
 // ------------------------------------------------------------------------------------------
 // Release.
 
