@@ -140,13 +140,10 @@ pub struct WorkerArgs {
     /// GPUs to offer (default: the devices nvidia-smi lists, 0 without it).
     #[arg(long, env = "CLOUDAI_WORKER_GPUS")]
     pub gpus: Option<f64>,
-    /// Where containers write: Docker's data root.
-    #[arg(
-        long,
-        env = "CLOUDAI_WORKER_STORAGE_PATH",
-        default_value = "/var/lib/docker"
-    )]
-    pub storage_path: PathBuf,
+    /// The directory whose filesystem's free space is offered as storage (default: Docker's
+    /// data root, as the engine reports it).
+    #[arg(long, env = "CLOUDAI_WORKER_STORAGE_PATH")]
+    pub storage_path: Option<PathBuf>,
     /// Where the worker keeps its identity across restarts.
     #[arg(
         long,
@@ -544,15 +541,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
-    let storage_path = if args.storage_path.exists() {
-        args.storage_path
-    } else {
-        tracing::warn!(
-            path = %args.storage_path.display(),
-            "the storage path does not exist; offering the free space of / instead"
-        );
-        PathBuf::from("/")
-    };
     let config = AgentConfig {
         host: args.host,
         join_token: args.join_token,
@@ -565,7 +553,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             storage: args.storage_gb,
             gpu: args.gpus,
         },
-        storage_path,
+        storage_path: args.storage_path,
         state_dir: args.state_dir,
         heartbeat_interval: Duration::from_secs(args.heartbeat_interval_s),
     };

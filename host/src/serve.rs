@@ -274,11 +274,7 @@ fn spawn_local_worker(
         advertise: Some(SocketAddr::new(ip, 0).to_string()),
         labels: std::collections::BTreeMap::from([("cloudai.local".into(), "true".into())]),
         overrides: Overrides::default(),
-        storage_path: ["/var/lib/docker", "/"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists())
-            .unwrap_or_else(|| config.data_dir.clone()),
+        storage_path: None,
         // The host's identity for its local worker: the same worker after a restart.
         state_dir: config.data_dir.join("local-worker"),
         heartbeat_interval: crate::worker::DEFAULT_HEARTBEAT_INTERVAL,

@@ -296,6 +296,7 @@ pub struct Executor {
     long: Docker,
     config: ExecutorConfig,
     storage_supported: AtomicBool,
+    data_root: Option<std::path::PathBuf>,
 }
 
 /// How a run was ended from outside.
@@ -317,6 +318,7 @@ impl Executor {
             .info()
             .await
             .map_err(|e| ExecError::docker("read docker info", e))?;
+        let data_root = info.docker_root_dir.clone().map(std::path::PathBuf::from);
         let driver = info.driver.unwrap_or_default();
         let backing = info
             .driver_status
@@ -338,7 +340,13 @@ impl Executor {
             long,
             config,
             storage_supported: AtomicBool::new(storage),
+            data_root,
         })
+    }
+
+    /// The engine's data root (`DockerRootDir`): where containers' files live.
+    pub fn data_root(&self) -> Option<&std::path::Path> {
+        self.data_root.as_deref()
     }
 
     /// Whether a task's storage request limits its container's writable layer. When false,

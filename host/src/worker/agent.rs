@@ -32,8 +32,9 @@ pub struct AgentConfig {
     pub advertise: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub overrides: Overrides,
-    /// Where containers write (Docker's data root): its free space is the storage offered.
-    pub storage_path: PathBuf,
+    /// Where containers write: its free space is the storage offered (`None`: Docker's data
+    /// root, as the engine reports it, else `/`).
+    pub storage_path: Option<PathBuf>,
     /// Where the identity (and, later, unacknowledged results) are kept.
     pub state_dir: PathBuf,
     pub heartbeat_interval: Duration,
@@ -84,13 +85,17 @@ impl Agent {
     /// Detects the machine, then registers (or, with a saved identity, checks in with one
     /// heartbeat). Waits for an unreachable host; fails on a refusal it cannot repair.
     pub async fn connect(config: AgentConfig) -> anyhow::Result<Agent> {
-        let detected = Detected::probe(&config.storage_path);
+        let storage_path = config
+            .storage_path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/"));
+        let detected = Detected::probe(&storage_path);
         let offer = detected.offer(&config.overrides);
         tracing::info!(
             cpu = detected.cpu,
             memory_gb = detected.memory,
             storage_gb = ?detected.storage,
-            storage_path = %config.storage_path.display(),
+            storage_path = %storage_path.display(),
             gpus = detected.gpus.len(),
             gpu_note = detected.gpu_note.as_deref().unwrap_or(""),
             "detected this machine"

@@ -26,7 +26,7 @@ pub const DEFAULT_MAX_CONCURRENT: usize = 64;
 /// Runs a whole worker until `shutdown` resolves: connects to Docker, joins the host (or
 /// rejoins with the saved identity), then heartbeats and runs work side by side.
 pub async fn run(
-    config: AgentConfig,
+    mut config: AgentConfig,
     executor: ExecutorConfig,
     max_concurrent: usize,
     shutdown: impl Future<Output = ()>,
@@ -43,6 +43,9 @@ pub async fn run(
         tracing::info!(
             "storage requests are reserved on this worker but not enforced: Docker's storage driver here cannot limit a container's disk"
         );
+    }
+    if config.storage_path.is_none() {
+        config.storage_path = executor.data_root().map(std::path::Path::to_path_buf);
     }
     let state_dir = config.state_dir.clone();
     let host = config.host.clone();
