@@ -1095,7 +1095,8 @@ async fn result_and_logs_answer_404_until_there_is_a_result() {
         .await;
     assert_eq!(
         logs.body,
-        json!({"task_id": task_id, "logs": "hello\n", "truncated": true})
+        json!({"task_id": task_id, "logs": "hello\n", "truncated": true, "stderr": "",
+            "stderr_truncated": false})
     );
 
     let missing = api
@@ -1160,6 +1161,8 @@ async fn openapi_lists_every_route_and_the_bearer_scheme() {
         ("post", "/v1/tasks/{task_id}/cancel"),
         ("get", "/v1/tasks/{task_id}/result"),
         ("get", "/v1/tasks/{task_id}/logs"),
+        ("get", "/v1/tasks/{task_id}/outputs"),
+        ("get", "/v1/tasks/{task_id}/outputs/{path}"),
         ("post", "/v1/workers"),
         ("get", "/v1/workers"),
         ("get", "/v1/workers/{worker_id}"),
@@ -1175,6 +1178,11 @@ async fn openapi_lists_every_route_and_the_bearer_scheme() {
         (
             "post",
             "/v1/workers/{worker_id}/assignments/{ass_id}/result",
+        ),
+        ("post", "/v1/workers/{worker_id}/assignments/{ass_id}/logs"),
+        (
+            "post",
+            "/v1/workers/{worker_id}/assignments/{ass_id}/outputs",
         ),
         ("post", "/v1/policies"),
         ("get", "/v1/policies"),

@@ -16,14 +16,29 @@ use serde_json::json;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::agent::{Outcome, ResultReport, Work, WorkList};
+use crate::api::agent::{LiveChunk, LiveLogs, Outcome, ResultReport, StreamName, Work, WorkList};
 use crate::client::{Client, ClientError};
 use crate::executor::{
-    ExecError, Executor, GpuRequest, ManagedState, RunOutcome, RunSpec, RunStatus,
+    ExecError, Executor, GpuRequest, LogChunk, LogStream, ManagedState, OutputFile, RunOutcome,
+    RunSpec, RunStatus,
 };
 
 /// How long one long poll waits for a change.
 const POLL_WAIT: Duration = Duration::from_secs(25);
+
+/// Live output is sent at least this often while a task prints ...
+const LOG_FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// ... and as soon as this much waits.
+const LOG_FLUSH_BYTES: usize = 64 * 1024;
+/// Most live output kept for a host that does not answer; the oldest is dropped beyond (the
+/// result still carries the whole bounded logs).
+const LOG_MAX_PENDING_BYTES: usize = 1 << 20;
+/// How long one batch of live output may take to send.
+const LOG_SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the end of a run waits for its last live output to be sent.
+const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one output file may take to upload.
+const OUTPUT_UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How the runner reaches its host.
 #[derive(Debug, Clone)]
@@ -315,11 +330,33 @@ impl RunOne {
                 }
             }
         };
+        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let forwarding = tokio::spawn(forward_logs(
+            self.client.clone(),
+            self.worker_id.clone(),
+            ass_id.clone(),
+            events_rx,
+        ));
         let (outcome, ()) = tokio::join!(
             self.executor
-                .run_reporting_start(spec, None, cancel, started_tx),
+                .run_reporting_start(spec, Some(events_tx), cancel, started_tx),
             report_start
         );
+        // The executor dropped its sender: the forwarder sends what is left and ends. Its
+        // output goes before the result, so that a follower sees all of it before the end.
+        let abort = forwarding.abort_handle();
+        if tokio::time::timeout(LOG_DRAIN_TIMEOUT, forwarding)
+            .await
+            .is_err()
+        {
+            abort.abort();
+            tracing::warn!(worker_id = %self.worker_id, %ass_id, "the last live output was not sent in time");
+        }
+        if let Ok(o) = &outcome
+            && !self.shutting_down.is_cancelled()
+        {
+            upload_outputs(&self.client, &self.worker_id, &ass_id, &o.outputs).await;
+        }
         if self.shutting_down.is_cancelled()
             && matches!(&outcome, Ok(o) if o.status == RunStatus::Cancelled)
         {
@@ -339,6 +376,207 @@ impl RunOne {
             (ass_id, None)
         } else {
             (ass_id, Some(spooled))
+        }
+    }
+}
+
+/// Turns a stream's bytes into text, keeping a character split between two chunks whole.
+#[derive(Default)]
+struct Utf8Tail {
+    held: Vec<u8>,
+}
+
+impl Utf8Tail {
+    fn push(&mut self, bytes: &[u8]) -> String {
+        self.held.extend_from_slice(bytes);
+        let keep = match std::str::from_utf8(&self.held) {
+            Ok(_) => 0,
+            // An incomplete character at the end: wait for the rest of it.
+            Err(e) if e.error_len().is_none() => self.held.len() - e.valid_up_to(),
+            Err(_) => 0,
+        };
+        let rest = self.held.split_off(self.held.len() - keep);
+        let text = String::from_utf8_lossy(&self.held).into_owned();
+        self.held = rest;
+        text
+    }
+
+    fn finish(&mut self) -> String {
+        let text = String::from_utf8_lossy(&self.held).into_owned();
+        self.held.clear();
+        text
+    }
+}
+
+/// Batches of a run's live output on their way to the host.
+struct LiveBatcher {
+    decoders: [Utf8Tail; 2],
+    offsets: [u64; 2],
+    /// The host keeps no more of this stream.
+    full: [bool; 2],
+    seq: u64,
+    pending: std::collections::VecDeque<LiveChunk>,
+    pending_bytes: usize,
+}
+
+fn stream_index(stream: StreamName) -> usize {
+    match stream {
+        StreamName::Stdout => 0,
+        StreamName::Stderr => 1,
+    }
+}
+
+impl LiveBatcher {
+    fn new() -> Self {
+        LiveBatcher {
+            decoders: [Utf8Tail::default(), Utf8Tail::default()],
+            offsets: [0; 2],
+            full: [false; 2],
+            seq: 0,
+            pending: std::collections::VecDeque::new(),
+            pending_bytes: 0,
+        }
+    }
+
+    fn add_text(&mut self, stream: StreamName, text: String) {
+        let i = stream_index(stream);
+        if text.is_empty() || self.full[i] {
+            return;
+        }
+        let offset = self.offsets[i];
+        self.offsets[i] += text.len() as u64;
+        self.pending_bytes += text.len();
+        self.pending.push_back(LiveChunk {
+            seq: self.seq,
+            stream,
+            offset,
+            text,
+        });
+        self.seq += 1;
+        // A host that does not answer: drop the oldest rather than grow.
+        while self.pending_bytes > LOG_MAX_PENDING_BYTES {
+            match self.pending.pop_front() {
+                Some(dropped) => self.pending_bytes -= dropped.text.len(),
+                None => break,
+            }
+        }
+    }
+
+    fn add(&mut self, chunk: LogChunk) {
+        let stream = match chunk.stream {
+            LogStream::Stdout => StreamName::Stdout,
+            LogStream::Stderr => StreamName::Stderr,
+        };
+        let text = self.decoders[stream_index(stream)].push(&chunk.bytes);
+        self.add_text(stream, text);
+    }
+
+    fn finish(&mut self) {
+        for stream in [StreamName::Stdout, StreamName::Stderr] {
+            let text = self.decoders[stream_index(stream)].finish();
+            self.add_text(stream, text);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.pending.clear();
+        self.pending_bytes = 0;
+    }
+}
+
+/// Sends a run's live output to the host in batches (every [`LOG_FLUSH_EVERY`] or
+/// [`LOG_FLUSH_BYTES`]) until the executor closes `events`. Never holds up the container: the
+/// channel is unbounded and drained all along; a host that does not answer loses live output
+/// (bounded by [`LOG_MAX_PENDING_BYTES`]), never the result.
+async fn forward_logs(
+    client: Client,
+    worker_id: String,
+    ass_id: String,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<LogChunk>,
+) {
+    let path = format!("/v1/workers/{worker_id}/assignments/{ass_id}/logs");
+    let mut batcher = LiveBatcher::new();
+    let mut tick = tokio::time::interval(LOG_FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut open = true;
+    // The host refused for good (the assignment is gone): stop sending.
+    let mut refused = false;
+    while open || !batcher.pending.is_empty() {
+        let flush = tokio::select! {
+            chunk = events.recv(), if open => match chunk {
+                Some(chunk) => {
+                    batcher.add(chunk);
+                    batcher.pending_bytes >= LOG_FLUSH_BYTES
+                }
+                None => {
+                    open = false;
+                    batcher.finish();
+                    true
+                }
+            },
+            _ = tick.tick() => true,
+        };
+        if refused {
+            batcher.clear();
+            continue;
+        }
+        if !flush || batcher.pending.is_empty() {
+            continue;
+        }
+        let batch = LiveLogs {
+            chunks: batcher.pending.iter().cloned().collect(),
+        };
+        let body = match serde_json::to_value(&batch) {
+            Ok(body) => body,
+            Err(error) => {
+                tracing::error!(%worker_id, %ass_id, %error, "encoding live output");
+                batcher.clear();
+                continue;
+            }
+        };
+        match client.post_timeout(&path, &body, LOG_SEND_TIMEOUT).await {
+            Ok(ack) => {
+                batcher.clear();
+                batcher.full[0] |= ack["stdout_full"].as_bool().unwrap_or(false);
+                batcher.full[1] |= ack["stderr_full"].as_bool().unwrap_or(false);
+            }
+            Err(ClientError::Api { status, code, .. }) if status < 500 && status != 429 => {
+                tracing::info!(%worker_id, %ass_id, status, code, "the host takes no more live output of this run");
+                refused = true;
+                batcher.clear();
+            }
+            Err(error) => {
+                tracing::debug!(%worker_id, %ass_id, %error, "sending live output failed");
+                if !open {
+                    // The run is over and the host does not answer: the result carries it.
+                    batcher.clear();
+                }
+            }
+        }
+    }
+}
+
+/// Uploads the files a run left under `/output`, one request each, before its result. A
+/// file the host does not take is logged and left out: the result is reported either way.
+async fn upload_outputs(client: &Client, worker_id: &str, ass_id: &str, outputs: &[OutputFile]) {
+    let path = format!("/v1/workers/{worker_id}/assignments/{ass_id}/outputs");
+    for file in outputs {
+        let sent = client
+            .post_bytes(
+                &path,
+                &[("path", file.path.clone())],
+                "application/octet-stream",
+                file.bytes.clone(),
+                OUTPUT_UPLOAD_TIMEOUT,
+            )
+            .await;
+        match sent {
+            Ok(_) => {
+                tracing::debug!(%worker_id, %ass_id, path = %file.path, size = file.bytes.len(), "output file uploaded")
+            }
+            Err(error) => {
+                tracing::warn!(%worker_id, %ass_id, path = %file.path, %error, "uploading an output file failed; left out")
+            }
         }
     }
 }
@@ -498,6 +736,39 @@ mod tests {
         assert!(dir.path().join("ass-2.corrupt").exists());
         spool_remove(dir.path(), "ass-1");
         assert!(spool_read(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_character_split_between_chunks_stays_whole() {
+        let mut tail = Utf8Tail::default();
+        let bytes = "hé!".as_bytes();
+        assert_eq!(tail.push(&bytes[..2]), "h");
+        assert_eq!(tail.push(&bytes[2..]), "é!");
+        assert_eq!(tail.push(&[0xff, b'a']), "\u{fffd}a");
+        assert_eq!(tail.push(&[0xc3]), "");
+        assert_eq!(tail.finish(), "\u{fffd}");
+    }
+
+    #[test]
+    fn live_output_numbers_chunks_and_drops_the_oldest_beyond_its_bound() {
+        let mut batcher = LiveBatcher::new();
+        batcher.add_text(StreamName::Stdout, "ab".into());
+        batcher.add_text(StreamName::Stderr, "err".into());
+        batcher.add_text(StreamName::Stdout, "cd".into());
+        let seen: Vec<(u64, u64, &str)> = batcher
+            .pending
+            .iter()
+            .map(|c| (c.seq, c.offset, c.text.as_str()))
+            .collect();
+        assert_eq!(seen, vec![(0, 0, "ab"), (1, 0, "err"), (2, 2, "cd")]);
+        batcher.full[1] = true;
+        batcher.add_text(StreamName::Stderr, "more".into());
+        assert_eq!(batcher.pending.len(), 3, "a full stream is not sent");
+        let big = "x".repeat(LOG_MAX_PENDING_BYTES);
+        batcher.add_text(StreamName::Stdout, big);
+        assert_eq!(batcher.pending.len(), 1, "the oldest were dropped");
+        assert_eq!(batcher.pending[0].offset, 4);
+        assert!(batcher.pending_bytes <= LOG_MAX_PENDING_BYTES);
     }
 
     #[test]
