@@ -760,6 +760,8 @@ pub async fn upload_output(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::{LiveChunk, StreamName, bound, bound_live, validate_output_path};
 
     #[test]

@@ -2755,31 +2755,6 @@ pub async fn repair_allocation_applies_only_to_the_observed_values(store: &dyn S
     );
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::sqlite::SqliteStore;
-
-    #[tokio::test]
-    async fn into_test_store_accepts_every_documented_shape() {
-        let dir = tempfile::tempdir().unwrap();
-        let open = || SqliteStore::open_in_dir(dir.path()).unwrap();
-        let shapes: Vec<Option<TestStore>> = vec![
-            TestStore::new(open()).into_test_store(),
-            (Arc::new(open()) as Arc<dyn Store>).into_test_store(),
-            (Box::new(open()) as Box<dyn Store>).into_test_store(),
-            (open(), "a guard").into_test_store(),
-            Some((open(), 7_u8)).into_test_store(),
-        ];
-        for shape in shapes {
-            let harness = shape.expect("a store was given");
-            harness.store().ping().await.unwrap();
-            harness.shared().ping().await.unwrap();
-        }
-        assert!(None::<TestStore>.into_test_store().is_none(), "None skips");
-    }
-}
-
 // ------------------------------------------------------------------------------------------
 // Live logs and output files
 // ------------------------------------------------------------------------------------------
@@ -2916,4 +2891,29 @@ pub async fn output_files_round_trip_in_chunks_and_are_replaced_by_path(store: &
             .unwrap()
             .is_empty()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    #[tokio::test]
+    async fn into_test_store_accepts_every_documented_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || SqliteStore::open_in_dir(dir.path()).unwrap();
+        let shapes: Vec<Option<TestStore>> = vec![
+            TestStore::new(open()).into_test_store(),
+            (Arc::new(open()) as Arc<dyn Store>).into_test_store(),
+            (Box::new(open()) as Box<dyn Store>).into_test_store(),
+            (open(), "a guard").into_test_store(),
+            Some((open(), 7_u8)).into_test_store(),
+        ];
+        for shape in shapes {
+            let harness = shape.expect("a store was given");
+            harness.store().ping().await.unwrap();
+            harness.shared().ping().await.unwrap();
+        }
+        assert!(None::<TestStore>.into_test_store().is_none(), "None skips");
+    }
 }
