@@ -85,6 +85,10 @@ pub struct ExecutorArgs {
     #[arg(long, env = "CLOUDAI_MAX_LOG_BYTES", default_value_t = 1 << 20,
         value_parser = clap::value_parser!(u64).range(1024..=(64 << 20)))]
     pub max_log_bytes: u64,
+    /// Most bytes of files a task leaves under /output that are kept (all files together).
+    #[arg(long, env = "CLOUDAI_MAX_OUTPUT_BYTES", default_value_t = 64 << 20,
+        value_parser = clap::value_parser!(u64).range(0..=(1 << 30)))]
+    pub max_output_bytes: u64,
     /// Seconds a cancelled or timed-out container gets to exit before it is killed.
     #[arg(long, env = "CLOUDAI_STOP_GRACE_S", default_value_t = 10,
         value_parser = clap::value_parser!(u64).range(0..=3600))]
@@ -104,6 +108,7 @@ impl ExecutorArgs {
             network_mode: self.task_network.clone(),
             pids_limit: self.task_pids_limit,
             log_limit_bytes: self.max_log_bytes as usize,
+            output_limit_bytes: self.max_output_bytes,
             pull_timeout: Duration::from_secs(self.pull_timeout_s),
             stop_grace: Duration::from_secs(self.stop_grace_s),
             relax_hardening: self.relax_hardening,
@@ -640,6 +645,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         }
     }
     limits.max_log_bytes = args.executor.max_log_bytes as usize;
+    limits.max_output_bytes = args.executor.max_output_bytes as usize;
     let local_worker = (!args.no_local_worker).then(|| serve::LocalWorker {
         executor: args.executor.config(),
     });

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
@@ -709,7 +710,7 @@ impl From<OutputFileInfo> for OutputEntry {
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses(
         (status = 200, description = "Stored", body = OutputEntry),
-        (status = 400, description = "Bad path (`invalid_path`)", body = ErrorBody),
+        (status = 400, description = "Bad or missing path (`invalid_path`, `invalid_query`)", body = ErrorBody),
         (status = 403, description = "Not this worker's token", body = ErrorBody),
         (status = 404, description = "No such assignment of this worker (`assignment_not_found`)", body = ErrorBody),
         (status = 409, description = "The assignment no longer holds a running task (`assignment_superseded`)", body = ErrorBody),
@@ -719,11 +720,12 @@ pub async fn upload_output(
     State(state): State<AppState>,
     principal: Principal,
     Path((worker_id, ass_id)): Path<(String, String)>,
-    Query(query): Query<OutputQuery>,
+    query: Result<Query<OutputQuery>, QueryRejection>,
     body: Bytes,
 ) -> ApiResult<Json<OutputEntry>> {
     ids(&worker_id, &ass_id)?;
     require_self(&principal, &worker_id)?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     validate_output_path(&query.path).map_err(|why| {
         ApiError::bad_request(
             "invalid_path",

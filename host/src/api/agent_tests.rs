@@ -741,6 +741,16 @@ async fn output_files_are_uploaded_listed_and_downloaded_by_their_owner_only() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
         assert!(String::from_utf8_lossy(&body).contains("invalid_path"));
     }
+    let (status, _, body) = api
+        .call_raw(
+            Method::POST,
+            &format!("/v1/workers/w1/assignments/{ass}/outputs"),
+            &token,
+            b"x".to_vec(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&body).contains("invalid_query"));
 
     let list = api
         .call(
