@@ -72,14 +72,22 @@ pub fn parse_wait(raw: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
-/// Waits up to `wait` for a task to reach a final state; returns it as last read.
-pub async fn wait_for_finish(state: &AppState, mut task: Task, wait: Duration) -> ApiResult<Task> {
+/// Waits up to `wait` for a task to reach a final state; returns it as last read. The task
+/// is stored already, so a store error ends the wait (the caller answers 202) instead of
+/// failing the request. Dropped with the request when the client goes away.
+pub async fn wait_for_finish(state: &AppState, mut task: Task, wait: Duration) -> Task {
     let deadline = tokio::time::Instant::now() + wait;
     while !task.status.is_terminal() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep_until((tokio::time::Instant::now() + WAIT_POLL).min(deadline)).await;
-        task = state.store.get_task(&task.task_id).await?;
+        match state.store.get_task(&task.task_id).await {
+            Ok(read) => task = read,
+            Err(error) => {
+                tracing::warn!(task_id = %task.task_id, %error, "waiting for a task: reading it failed");
+                break;
+            }
+        }
     }
-    Ok(task)
+    task
 }
 
 /// A finished task with its result inline (`POST /v1/tasks?wait=...` when it finished in

@@ -403,12 +403,17 @@ pub async fn submit_task(
     let mut response = match wait {
         Some(wait) => {
             // Serverless invoke: the answer carries the result when the task ends in time.
-            let task = task_io::wait_for_finish(&state, task, wait).await?;
-            if task.status.is_terminal() {
-                let result = task_io::result_if_any(&state, &task.task_id).await?;
-                (StatusCode::OK, Json(TaskWithResult { task, result })).into_response()
+            let task = task_io::wait_for_finish(&state, task, wait).await;
+            let result = if task.status.is_terminal() {
+                task_io::result_if_any(&state, &task.task_id).await
             } else {
-                (StatusCode::ACCEPTED, Json(task)).into_response()
+                Ok(None)
+            };
+            match result {
+                Ok(result) if task.status.is_terminal() => {
+                    (StatusCode::OK, Json(TaskWithResult { task, result })).into_response()
+                }
+                _ => (StatusCode::ACCEPTED, Json(task)).into_response(),
             }
         }
         None => (status, Json(task)).into_response(),
