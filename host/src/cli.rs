@@ -112,7 +112,6 @@ impl ExecutorArgs {
             pull_timeout: Duration::from_secs(self.pull_timeout_s),
             stop_grace: Duration::from_secs(self.stop_grace_s),
             relax_hardening: self.relax_hardening,
-            ..ExecutorConfig::default()
         }
     }
 }
