@@ -501,6 +501,8 @@ async fn forward_logs(
     let mut open = true;
     // The host refused for good (the assignment is gone): stop sending.
     let mut refused = false;
+    let mut failures = 0u32;
+    let mut retry_at = tokio::time::Instant::now();
     while open || !batcher.pending.is_empty() {
         let flush = tokio::select! {
             chunk = events.recv(), if open => match chunk {
@@ -520,7 +522,9 @@ async fn forward_logs(
             batcher.clear();
             continue;
         }
-        if !flush || batcher.pending.is_empty() {
+        // After a failed send, wait out the back-off (except for the last send of a run).
+        if !flush || batcher.pending.is_empty() || (open && tokio::time::Instant::now() < retry_at)
+        {
             continue;
         }
         let batch = LiveLogs {
@@ -536,6 +540,7 @@ async fn forward_logs(
         };
         match client.post_timeout(&path, &body, LOG_SEND_TIMEOUT).await {
             Ok(ack) => {
+                failures = 0;
                 batcher.clear();
                 batcher.full[0] |= ack["stdout_full"].as_bool().unwrap_or(false);
                 batcher.full[1] |= ack["stderr_full"].as_bool().unwrap_or(false);
@@ -547,6 +552,10 @@ async fn forward_logs(
             }
             Err(error) => {
                 tracing::debug!(%worker_id, %ass_id, %error, "sending live output failed");
+                failures = failures.saturating_add(1);
+                retry_at = tokio::time::Instant::now()
+                    + (LOG_FLUSH_EVERY * 2u32.saturating_pow(failures.min(5)))
+                        .min(LOG_SEND_TIMEOUT);
                 if !open {
                     // The run is over and the host does not answer: the result carries it.
                     batcher.clear();
@@ -769,6 +778,27 @@ mod tests {
         assert_eq!(batcher.pending.len(), 1, "the oldest were dropped");
         assert_eq!(batcher.pending[0].offset, 4);
         assert!(batcher.pending_bytes <= LOG_MAX_PENDING_BYTES);
+    }
+
+    #[tokio::test]
+    async fn live_output_to_a_host_that_is_down_never_holds_up_the_end_of_a_run() {
+        // Nothing listens on port 1: every send fails at once.
+        let client = Client::new("http://127.0.0.1:1", Some("t".into())).unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let forwarding = tokio::spawn(forward_logs(client, "w".into(), "a".into(), rx));
+        for _ in 0..1000 {
+            // The sender never blocks, whatever the host does.
+            tx.send(LogChunk {
+                stream: LogStream::Stdout,
+                bytes: vec![b'x'; 4096],
+            })
+            .unwrap();
+        }
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(3), forwarding)
+            .await
+            .expect("the forwarder gives up once the run is over")
+            .unwrap();
     }
 
     #[test]
