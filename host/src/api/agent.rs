@@ -47,7 +47,7 @@ pub fn router(limits: &Limits) -> Router<AppState> {
         )
         .route(
             "/v1/workers/{worker_id}/assignments/{ass_id}/logs",
-            // A batch of ~64 KiB of output, JSON-escaped.
+            // A worker's batch holds at most 128 KiB of text, JSON-escaped.
             post(report_logs).layer(DefaultBodyLimit::max(MAX_LOG_BATCH_BODY)),
         )
         .route(
@@ -57,7 +57,7 @@ pub fn router(limits: &Limits) -> Router<AppState> {
 }
 
 /// Largest body of a batch of live output.
-const MAX_LOG_BATCH_BODY: usize = 1 << 20;
+const MAX_LOG_BATCH_BODY: usize = 2 << 20;
 /// Most chunks in one batch.
 const MAX_LOG_BATCH_CHUNKS: usize = 4096;
 /// Longest output file path, in bytes.

@@ -30,6 +30,11 @@ const POLL_WAIT: Duration = Duration::from_secs(25);
 const LOG_FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// ... and as soon as this much waits.
 const LOG_FLUSH_BYTES: usize = 64 * 1024;
+/// Most text in one request, so that a batch stays far below the host's body limit on that
+/// route even JSON-escaped (after an outage, more than this may be waiting).
+const LOG_BATCH_BYTES: usize = 128 * 1024;
+/// Longest text of one chunk.
+const LOG_PIECE_BYTES: usize = 64 * 1024;
 /// Most live output kept for a host that does not answer; the oldest is dropped beyond (the
 /// result still carries the whole bounded logs).
 const LOG_MAX_PENDING_BYTES: usize = 1 << 20;
@@ -438,10 +443,19 @@ impl LiveBatcher {
         }
     }
 
-    fn add_text(&mut self, stream: StreamName, text: String) {
+    fn add_text(&mut self, stream: StreamName, mut text: String) {
         let i = stream_index(stream);
         if text.is_empty() || self.full[i] {
             return;
+        }
+        while text.len() > LOG_PIECE_BYTES {
+            let mut cut = LOG_PIECE_BYTES;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let rest = text.split_off(cut);
+            self.add_text(stream, text);
+            text = rest;
         }
         let offset = self.offsets[i];
         self.offsets[i] += text.len() as u64;
@@ -475,6 +489,27 @@ impl LiveBatcher {
         for stream in [StreamName::Stdout, StreamName::Stderr] {
             let text = self.decoders[stream_index(stream)].finish();
             self.add_text(stream, text);
+        }
+    }
+
+    /// How many chunks from the front make the next request: at least one, at most
+    /// [`LOG_BATCH_BYTES`] of text.
+    fn next_batch_len(&self) -> usize {
+        let mut bytes = 0;
+        let mut count = 0;
+        for chunk in &self.pending {
+            if count > 0 && bytes + chunk.text.len() > LOG_BATCH_BYTES {
+                break;
+            }
+            bytes += chunk.text.len();
+            count += 1;
+        }
+        count
+    }
+
+    fn drop_front(&mut self, count: usize) {
+        for chunk in self.pending.drain(..count.min(self.pending.len())) {
+            self.pending_bytes -= chunk.text.len();
         }
     }
 
@@ -527,8 +562,9 @@ async fn forward_logs(
         {
             continue;
         }
+        let count = batcher.next_batch_len();
         let batch = LiveLogs {
-            chunks: batcher.pending.iter().cloned().collect(),
+            chunks: batcher.pending.iter().take(count).cloned().collect(),
         };
         let body = match serde_json::to_value(&batch) {
             Ok(body) => body,
@@ -541,9 +577,13 @@ async fn forward_logs(
         match client.post_timeout(&path, &body, LOG_SEND_TIMEOUT).await {
             Ok(ack) => {
                 failures = 0;
-                batcher.clear();
+                batcher.drop_front(count);
                 batcher.full[0] |= ack["stdout_full"].as_bool().unwrap_or(false);
                 batcher.full[1] |= ack["stderr_full"].as_bool().unwrap_or(false);
+            }
+            Err(ClientError::Api { status: 413, .. }) => {
+                tracing::warn!(%worker_id, %ass_id, "the host found a batch of live output too large; dropped");
+                batcher.drop_front(count);
             }
             Err(ClientError::Api { status, code, .. }) if status < 500 && status != 429 => {
                 tracing::info!(%worker_id, %ass_id, status, code, "the host takes no more live output of this run");
@@ -773,11 +813,22 @@ mod tests {
         batcher.full[1] = true;
         batcher.add_text(StreamName::Stderr, "more".into());
         assert_eq!(batcher.pending.len(), 3, "a full stream is not sent");
-        let big = "x".repeat(LOG_MAX_PENDING_BYTES);
+        assert_eq!(batcher.next_batch_len(), 3);
+        batcher.drop_front(2);
+        assert_eq!((batcher.pending.len(), batcher.pending_bytes), (1, 2));
+        // Long text is cut into pieces, requests take a bounded share of them, and past the
+        // pending bound the oldest are dropped.
+        let big = "é".repeat(LOG_MAX_PENDING_BYTES / 2);
         batcher.add_text(StreamName::Stdout, big);
-        assert_eq!(batcher.pending.len(), 1, "the oldest were dropped");
-        assert_eq!(batcher.pending[0].offset, 4);
-        assert!(batcher.pending_bytes <= LOG_MAX_PENDING_BYTES);
+        assert!(
+            batcher
+                .pending
+                .iter()
+                .all(|c| c.text.len() <= LOG_PIECE_BYTES)
+        );
+        assert_eq!(batcher.pending[0].offset, 4, "the oldest were dropped");
+        assert_eq!(batcher.pending_bytes, LOG_MAX_PENDING_BYTES);
+        assert_eq!(batcher.next_batch_len(), LOG_BATCH_BYTES / LOG_PIECE_BYTES);
     }
 
     #[tokio::test]
