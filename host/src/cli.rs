@@ -1520,6 +1520,30 @@ mod tests {
     }
 
     #[test]
+    fn server_sent_events_and_task_exit_codes_are_read_as_the_host_sends_them() {
+        assert_eq!(
+            parse_sse_event("event: log\ndata: {\"text\":\"a\"}\n\n"),
+            Some(("log".into(), "{\"text\":\"a\"}".into()))
+        );
+        assert_eq!(parse_sse_event(":keep-alive\n\n"), None);
+        assert_eq!(
+            parse_sse_event("data:x\ndata: y\n"),
+            Some(("message".into(), "x\ny".into()))
+        );
+        assert!(task_exit("completed", Some(0)).is_ok());
+        let code = |status: &str, exit: Option<i64>| {
+            task_exit(status, exit)
+                .unwrap_err()
+                .downcast_ref::<ExitWith>()
+                .map(|e| e.0)
+        };
+        assert_eq!(code("failed", Some(3)), Some(3));
+        assert_eq!(code("failed", Some(256)), Some(1));
+        assert_eq!(code("failed", None), Some(1));
+        assert_eq!(code("cancelled", Some(137)), Some(137));
+    }
+
+    #[test]
     fn serve_rejects_non_positive_caps() {
         let cli = Cli::try_parse_from(["cloudai", "serve", "--max-cpu", "0"]);
         let Ok(Cli {

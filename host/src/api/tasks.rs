@@ -1,6 +1,6 @@
 //! `/v1/tasks`: submit (idempotent with `Idempotency-Key`), read, list (newest first, cursor
-//! pagination), cancel, and read a task's result and logs. Users see only their own tasks;
-//! admins see all.
+//! pagination), cancel, and read a task's result (its logs and output files are in
+//! [`super::task_io`]). Users see only their own tasks; admins see all.
 
 use std::collections::BTreeMap;
 
