@@ -1533,9 +1533,8 @@ mod tests {
         assert!(task_exit("completed", Some(0)).is_ok());
         let code = |status: &str, exit: Option<i64>| {
             task_exit(status, exit)
-                .unwrap_err()
-                .downcast_ref::<ExitWith>()
-                .map(|e| e.0)
+                .err()
+                .and_then(|e| e.downcast_ref::<ExitWith>().map(|e| e.0))
         };
         assert_eq!(code("failed", Some(3)), Some(3));
         assert_eq!(code("failed", Some(256)), Some(1));
