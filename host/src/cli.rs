@@ -58,8 +58,10 @@ pub enum Command {
     Task(TaskIdArgs),
     /// Cancel a task (at once when pending or queued; running tasks are stopped by their worker).
     Cancel(TaskIdArgs),
-    /// Print a finished task's logs.
-    Logs(TaskIdArgs),
+    /// Print a task's logs (so far, while it runs); `-f` follows them until it ends.
+    Logs(LogsArgs),
+    /// List a task's output files, or download one: `cloudai outputs TASK [PATH] [-o FILE]`.
+    Outputs(OutputsArgs),
     /// List workers (admin).
     Workers(ClientArgs),
     /// Policy components: upload, list, activate, roll back, delete, dry-run (admin).
@@ -83,6 +85,10 @@ pub struct ExecutorArgs {
     #[arg(long, env = "CLOUDAI_MAX_LOG_BYTES", default_value_t = 1 << 20,
         value_parser = clap::value_parser!(u64).range(1024..=(64 << 20)))]
     pub max_log_bytes: u64,
+    /// Most bytes of files a task leaves under /output that are kept (all files together).
+    #[arg(long, env = "CLOUDAI_MAX_OUTPUT_BYTES", default_value_t = 64 << 20,
+        value_parser = clap::value_parser!(u64).range(0..=(1 << 30)))]
+    pub max_output_bytes: u64,
     /// Seconds a cancelled or timed-out container gets to exit before it is killed.
     #[arg(long, env = "CLOUDAI_STOP_GRACE_S", default_value_t = 10,
         value_parser = clap::value_parser!(u64).range(0..=3600))]
@@ -102,10 +108,10 @@ impl ExecutorArgs {
             network_mode: self.task_network.clone(),
             pids_limit: self.task_pids_limit,
             log_limit_bytes: self.max_log_bytes as usize,
+            output_limit_bytes: self.max_output_bytes,
             pull_timeout: Duration::from_secs(self.pull_timeout_s),
             stop_grace: Duration::from_secs(self.stop_grace_s),
             relax_hardening: self.relax_hardening,
-            ..ExecutorConfig::default()
         }
     }
 }
@@ -320,6 +326,38 @@ pub struct SubmitArgs {
     /// Makes a retried submission return the first task instead of creating another.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Wait for the task to finish (`--wait` is 30 s; `--wait=90s`, `--wait=500ms`, at most
+    /// 300 s): print its stdout (stderr to stderr) and exit with its exit code; exit 124 when
+    /// it is still running after the wait.
+    #[arg(long, value_name = "DURATION", num_args = 0..=1, require_equals = true,
+        default_missing_value = "30s")]
+    pub wait: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub task_id: String,
+    /// Print the output as it is printed, until the task ends; exit with its exit code.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct OutputsArgs {
+    /// URL of the CloudAI host.
+    #[arg(long, env = "CLOUDAI_HOST", default_value = "http://127.0.0.1:8080")]
+    pub host: String,
+    /// API token.
+    #[arg(long, env = "CLOUDAI_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    pub task_id: String,
+    /// The file to download (its path under /output); lists the files when absent.
+    pub path: Option<String>,
+    /// Where to write the download (default: standard output).
+    #[arg(long = "out", short = 'o', value_name = "FILE")]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -469,6 +507,9 @@ pub fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.downcast_ref::<ExitWith>().is_some() => {
+            ExitCode::from(error.downcast_ref::<ExitWith>().map_or(1, |e| e.0))
+        }
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
@@ -518,6 +559,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             })
         }
+        Command::Logs(args) if args.follow => follow_logs(args).await,
+        Command::Outputs(args) => outputs(args).await,
         Command::Logs(args) => {
             let client = client(&args.client)?;
             let logs = client
@@ -525,6 +568,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?;
             print_one(args.client.output, &logs, |l| {
                 print!("{}", str_field(l, "logs"));
+                eprint!("{}", str_field(l, "stderr"));
                 if l.get("truncated").and_then(Value::as_bool) == Some(true) {
                     eprintln!("(logs were truncated to the host's limit)");
                 }
@@ -588,6 +632,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         }
     }
     limits.max_log_bytes = args.executor.max_log_bytes as usize;
+    limits.max_output_bytes = args.executor.max_output_bytes as usize;
     let local_worker = (!args.no_local_worker).then(|| serve::LocalWorker {
         executor: args.executor.config(),
     });
@@ -680,6 +725,16 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         .idempotency_key
         .map(|key| vec![("Idempotency-Key", key)])
         .unwrap_or_default();
+    if let Some(wait) = args.wait {
+        return submit_and_wait(
+            &client,
+            args.client.output,
+            Value::Object(body),
+            &headers,
+            wait,
+        )
+        .await;
+    }
     let task = client
         .post_with_headers("/v1/tasks", &Value::Object(body), &headers)
         .await
@@ -1193,6 +1248,223 @@ fn num_field(value: &Value, name: &str) -> String {
         .unwrap_or_default()
 }
 
+/// How a command that speaks for a task ends: the process exits with this code (nothing
+/// more is printed).
+#[derive(Debug)]
+pub struct ExitWith(pub u8);
+
+impl std::fmt::Display for ExitWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit code {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitWith {}
+
+/// Exit code 124: still running after the wait (as `timeout` does).
+const STILL_RUNNING: u8 = 124;
+
+/// The process exit code for a finished task: its own exit code (cut to 1..=255 when it
+/// failed), 1 for a failure without one.
+fn task_exit(status: &str, exit_code: Option<i64>) -> anyhow::Result<()> {
+    let code = match (status, exit_code) {
+        ("completed", _) => return Ok(()),
+        (_, Some(code)) if code & 0xff != 0 => (code & 0xff) as u8,
+        _ => 1,
+    };
+    Err(ExitWith(code).into())
+}
+
+async fn submit_and_wait(
+    client: &Client,
+    output: Output,
+    body: Value,
+    headers: &[(&str, String)],
+    wait: String,
+) -> anyhow::Result<()> {
+    let limit = crate::api::task_io::parse_wait(&wait).map_err(anyhow::Error::msg)?;
+    let query = [("wait", wait)];
+    let mut builder_headers = reqwest::header::HeaderMap::new();
+    for (name, value) in headers {
+        builder_headers.insert(
+            reqwest::header::HeaderName::from_bytes(name.as_bytes())?,
+            reqwest::header::HeaderValue::from_str(value)?,
+        );
+    }
+    let response = client
+        .post_query_headers_timeout(
+            "/v1/tasks",
+            &query,
+            builder_headers,
+            &body,
+            limit + Duration::from_secs(30),
+        )
+        .await
+        .context("submitting the task")?;
+    let finished = response.status() == reqwest::StatusCode::OK;
+    let answer: Value = response
+        .json()
+        .await
+        .context("reading the answer to the submission")?;
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    }
+    let task_id = str_field(&answer, "task_id");
+    let status = str_field(&answer, "status");
+    if !finished || answer.get("result").is_none() {
+        eprintln!(
+            "task {task_id} is still {status} after {}: follow it with `cloudai logs -f {task_id}`",
+            humanize(limit)
+        );
+        return Err(ExitWith(STILL_RUNNING).into());
+    }
+    if output == Output::Table {
+        let result = &answer["result"];
+        use std::io::Write as _;
+        print!("{}", str_field(result, "logs"));
+        eprint!("{}", str_field(result, "stderr"));
+        let _ = std::io::stdout().flush();
+        if status != "completed" {
+            let why = str_field(&answer, "error");
+            eprintln!(
+                "task {task_id} {status}{}",
+                if why.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {why}")
+                }
+            );
+        }
+    }
+    task_exit(&status, answer["exit_code"].as_i64())
+}
+
+fn humanize(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// One Server-Sent Event: its name and data.
+fn parse_sse_event(block: &str) -> Option<(String, String)> {
+    let mut name = String::from("message");
+    let mut data: Vec<&str> = Vec::new();
+    for line in block.lines() {
+        if let Some(value) = line.strip_prefix("event:") {
+            name = value.trim_start().to_string();
+        } else if let Some(value) = line.strip_prefix("data:") {
+            data.push(value.strip_prefix(' ').unwrap_or(value));
+        }
+    }
+    (!data.is_empty()).then(|| (name, data.join("\n")))
+}
+
+async fn follow_logs(args: LogsArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let client = client(&args.client)?;
+    let mut response = client
+        .get_streaming(
+            &format!("/v1/tasks/{}/logs", args.task_id),
+            &[("follow", "true".to_string())],
+        )
+        .await?;
+    let mut buffer: Vec<u8> = Vec::new();
+    loop {
+        let Some(bytes) = response
+            .chunk()
+            .await
+            .context("reading the task's log stream")?
+        else {
+            bail!("the host ended the log stream before the task ended");
+        };
+        buffer.extend_from_slice(&bytes);
+        // Events end with a blank line.
+        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+            let block: Vec<u8> = buffer.drain(..end + 2).collect();
+            let Some((name, data)) = parse_sse_event(&String::from_utf8_lossy(&block)) else {
+                continue; // a keep-alive comment
+            };
+            let value: Value = serde_json::from_str(&data).unwrap_or(Value::String(data));
+            match name.as_str() {
+                "log" if args.client.output == Output::Json => println!("{value}"),
+                "log" => {
+                    let text = str_field(&value, "text");
+                    if str_field(&value, "stream") == "stderr" {
+                        eprint!("{text}");
+                    } else {
+                        print!("{text}");
+                        let _ = std::io::stdout().flush();
+                    }
+                }
+                "end" => {
+                    if args.client.output == Output::Json {
+                        println!("{value}");
+                    }
+                    let status = str_field(&value, "status");
+                    if status != "completed" {
+                        eprintln!("task {} {status}", args.task_id);
+                    }
+                    return task_exit(&status, value["exit_code"].as_i64());
+                }
+                _ => bail!("following the logs failed: {value}"),
+            }
+        }
+    }
+}
+
+async fn outputs(args: OutputsArgs) -> anyhow::Result<()> {
+    let client = client(&ClientArgs {
+        host: args.host,
+        token: args.token,
+        output: Output::Table,
+    })?;
+    let Some(path) = args.path else {
+        let list = client
+            .get(&format!("/v1/tasks/{}/outputs", args.task_id))
+            .await?;
+        let mut table = new_table(&["PATH", "SIZE (BYTES)"]);
+        for file in list["files"].as_array().into_iter().flatten() {
+            table.add_row(vec![str_field(file, "path"), str_field(file, "size_bytes")]);
+        }
+        println!("{table}");
+        return Ok(());
+    };
+    let encoded: Vec<String> = path
+        .split('/')
+        .map(|segment| {
+            segment
+                .bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let mut response = client
+        .get_streaming(
+            &format!("/v1/tasks/{}/outputs/{}", args.task_id, encoded.join("/")),
+            &[],
+        )
+        .await?;
+    let mut sink: Box<dyn std::io::Write> = match &args.out {
+        Some(file) => Box::new(
+            std::fs::File::create(file).with_context(|| format!("creating {}", file.display()))?,
+        ),
+        None => Box::new(std::io::stdout()),
+    };
+    while let Some(bytes) = response.chunk().await.context("downloading the file")? {
+        sink.write_all(&bytes).context("writing the download")?;
+    }
+    sink.flush().context("writing the download")?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1233,6 +1505,29 @@ mod tests {
         assert_eq!(args.cpu, Some(0.5));
         assert_eq!(args.env, [("A".to_string(), "b=c".to_string())]);
         assert_eq!(shell_words::join(&args.command), "sh -c 'echo hi'");
+    }
+
+    #[test]
+    fn server_sent_events_and_task_exit_codes_are_read_as_the_host_sends_them() {
+        assert_eq!(
+            parse_sse_event("event: log\ndata: {\"text\":\"a\"}\n\n"),
+            Some(("log".into(), "{\"text\":\"a\"}".into()))
+        );
+        assert_eq!(parse_sse_event(":keep-alive\n\n"), None);
+        assert_eq!(
+            parse_sse_event("data:x\ndata: y\n"),
+            Some(("message".into(), "x\ny".into()))
+        );
+        assert!(task_exit("completed", Some(0)).is_ok());
+        let code = |status: &str, exit: Option<i64>| {
+            task_exit(status, exit)
+                .err()
+                .and_then(|e| e.downcast_ref::<ExitWith>().map(|e| e.0))
+        };
+        assert_eq!(code("failed", Some(3)), Some(3));
+        assert_eq!(code("failed", Some(256)), Some(1));
+        assert_eq!(code("failed", None), Some(1));
+        assert_eq!(code("cancelled", Some(137)), Some(137));
     }
 
     #[test]

@@ -131,6 +131,75 @@ impl Client {
         self.send(builder).await
     }
 
+    /// Posts JSON, waiting at most `timeout` for the answer.
+    pub async fn post_timeout(
+        &self,
+        path: &str,
+        body: &Value,
+        timeout: Duration,
+    ) -> Result<Value, ClientError> {
+        self.send(self.request(Method::POST, path).json(body).timeout(timeout))
+            .await
+    }
+
+    /// Posts JSON with query parameters and headers, waiting at most `timeout` (a submission
+    /// that waits for its task); the answer is read by the caller.
+    pub async fn post_query_headers_timeout(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        headers: reqwest::header::HeaderMap,
+        body: &Value,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, ClientError> {
+        self.checked(
+            self.request(Method::POST, path)
+                .query(query)
+                .headers(headers)
+                .json(body)
+                .timeout(timeout),
+        )
+        .await
+    }
+
+    /// A GET whose answer is read as it comes (an event stream, a file): no overall timeout.
+    pub async fn get_streaming(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<reqwest::Response, ClientError> {
+        // The overall timeout is replaced by a very long one: a followed task may run for days.
+        self.checked(
+            self.request(Method::GET, path)
+                .query(query)
+                .timeout(Duration::from_secs(30 * 24 * 3600)),
+        )
+        .await
+    }
+
+    /// Sends a request; an API error becomes [`ClientError::Api`], a success is returned as is.
+    async fn checked(&self, builder: RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let response = builder
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                host: self.base.clone(),
+                source,
+            })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                host: self.base.clone(),
+                source,
+            })?;
+        Err(api_error(status, &bytes))
+    }
+
     pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {
         self.send(self.request(Method::DELETE, path)).await
     }

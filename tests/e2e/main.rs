@@ -5,6 +5,7 @@
 
 mod execution;
 mod harness;
+mod invoke;
 mod policies;
 mod policy_tools;
 mod tour;

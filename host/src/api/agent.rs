@@ -6,7 +6,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -16,11 +19,11 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Principal;
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::extract::{ValidJson, Validate, validate_id};
+use super::extract::{ValidJson, Validate, truncate_for_message, validate_id};
 use super::{AppState, Limits};
 use crate::model::{self, Assignment, ResultStatus, Task, TaskResult, TaskStatus};
 use crate::scheduler::{Finish, finish_attempt};
-use crate::store::{AssignmentFilter, StoreError, TaskUpdate};
+use crate::store::{AssignmentFilter, OutputFileInfo, StoreError, TaskLogChunk, TaskUpdate};
 
 /// Longest long poll an agent may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -42,7 +45,23 @@ pub fn router(limits: &Limits) -> Router<AppState> {
                 limits.max_log_bytes.saturating_mul(4) + 64 * 1024,
             )),
         )
+        .route(
+            "/v1/workers/{worker_id}/assignments/{ass_id}/logs",
+            // A worker's batch holds at most 128 KiB of text, JSON-escaped.
+            post(report_logs).layer(DefaultBodyLimit::max(MAX_LOG_BATCH_BODY)),
+        )
+        .route(
+            "/v1/workers/{worker_id}/assignments/{ass_id}/outputs",
+            post(upload_output).layer(DefaultBodyLimit::max(limits.max_output_bytes)),
+        )
 }
+
+/// Largest body of a batch of live output.
+const MAX_LOG_BATCH_BODY: usize = 2 << 20;
+/// Most chunks in one batch.
+const MAX_LOG_BATCH_CHUNKS: usize = 4096;
+/// Longest output file path, in bytes.
+const MAX_OUTPUT_PATH: usize = 1024;
 
 /// One task this worker should be running.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -481,9 +500,306 @@ pub async fn report_result(
     }))
 }
 
+/// Which stream a piece of output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamName {
+    Stdout,
+    Stderr,
+}
+
+impl StreamName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamName::Stdout => "stdout",
+            StreamName::Stderr => "stderr",
+        }
+    }
+}
+
+/// A piece of a running task's output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LiveChunk {
+    /// Numbers the chunks of an attempt across both streams, from 0: a chunk sent again
+    /// with the same `seq` is stored once.
+    pub seq: u64,
+    pub stream: StreamName,
+    /// Where `text` starts in its stream, in bytes: what the host's bound applies to.
+    pub offset: u64,
+    /// UTF-8 (invalid bytes replaced).
+    pub text: String,
+}
+
+/// A batch of live output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LiveLogs {
+    pub chunks: Vec<LiveChunk>,
+}
+
+impl Validate for LiveLogs {
+    fn validate(&self, _limits: &Limits) -> Result<(), ApiError> {
+        if self.chunks.len() > MAX_LOG_BATCH_CHUNKS {
+            return Err(ApiError::validation(format!(
+                "a batch has at most {MAX_LOG_BATCH_CHUNKS} chunks, got {}",
+                self.chunks.len()
+            )));
+        }
+        if self.chunks.iter().any(|c| c.seq > i64::MAX as u64) {
+            return Err(ApiError::validation("seq must be at most 2^63-1"));
+        }
+        Ok(())
+    }
+}
+
+/// What the host kept of a batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LiveLogsAck {
+    /// Chunks stored now (a chunk sent before is not counted again).
+    pub stored: u32,
+    /// The host keeps no more of standard output: stop sending it.
+    pub stdout_full: bool,
+    pub stderr_full: bool,
+}
+
+/// The assignment, checked to be this worker's and to still hold its running task.
+async fn live_assignment(
+    state: &AppState,
+    worker_id: &str,
+    ass_id: &str,
+) -> ApiResult<(Assignment, Task)> {
+    let assignment = own_assignment(state, worker_id, ass_id).await?;
+    let task = state.store.get_task(&assignment.task_id).await?;
+    if assignment.released
+        || task.status != TaskStatus::Running
+        || task.attempts != assignment.attempt
+    {
+        return Err(superseded(
+            ass_id,
+            &format!("the task is {} at attempt {}", task.status, task.attempts),
+        ));
+    }
+    Ok((assignment, task))
+}
+
+/// A live chunk cut to the per-stream bound `max`: `None` once the stream is past it; the
+/// chunk that crosses it ends with a marker.
+fn bound_live(chunk: LiveChunk, max: u64) -> Option<String> {
+    if chunk.offset >= max {
+        return None;
+    }
+    let room = usize::try_from(max - chunk.offset).unwrap_or(usize::MAX);
+    Some(bound(chunk.text, room, false).0)
+}
+
+/// Stores a batch of a running task's output, so that any replica can stream it
+/// (`GET /v1/tasks/{id}/logs?follow=true`). Each stream is kept up to `max_log_bytes`; past
+/// it chunks are dropped (the one that crosses it ends with a marker).
+#[utoipa::path(post, path = "/v1/workers/{worker_id}/assignments/{ass_id}/logs", tag = "agents",
+    security(("bearer" = [])),
+    params(
+        ("worker_id" = String, Path, description = "Worker id"),
+        ("ass_id" = String, Path, description = "Assignment id"),
+    ),
+    request_body = LiveLogs,
+    responses(
+        (status = 200, description = "Stored", body = LiveLogsAck),
+        (status = 403, description = "Not this worker's token", body = ErrorBody),
+        (status = 404, description = "No such assignment of this worker (`assignment_not_found`)", body = ErrorBody),
+        (status = 409, description = "The assignment no longer holds a running task (`assignment_superseded`)", body = ErrorBody),
+        (status = 413, description = "Batch too large", body = ErrorBody),
+        (status = 422, description = "Invalid batch", body = ErrorBody),
+    ))]
+pub async fn report_logs(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((worker_id, ass_id)): Path<(String, String)>,
+    ValidJson(batch): ValidJson<LiveLogs>,
+) -> ApiResult<Json<LiveLogsAck>> {
+    ids(&worker_id, &ass_id)?;
+    require_self(&principal, &worker_id)?;
+    let (assignment, task) = live_assignment(&state, &worker_id, &ass_id).await?;
+    let max = state.limits.max_log_bytes as u64;
+    let mut ack = LiveLogsAck {
+        stored: 0,
+        stdout_full: false,
+        stderr_full: false,
+    };
+    for chunk in batch.chunks {
+        let (seq, stream) = (chunk.seq, chunk.stream);
+        let full = chunk.offset.saturating_add(chunk.text.len() as u64) >= max;
+        match stream {
+            StreamName::Stdout => ack.stdout_full |= full,
+            StreamName::Stderr => ack.stderr_full |= full,
+        }
+        let Some(text) = bound_live(chunk, max) else {
+            continue;
+        };
+        let stored = state
+            .store
+            .insert_log_chunk(&TaskLogChunk {
+                task_id: task.task_id.clone(),
+                attempt: assignment.attempt,
+                seq,
+                stream: stream.as_str().to_string(),
+                text,
+            })
+            .await?;
+        ack.stored += u32::from(stored);
+    }
+    Ok(Json(ack))
+}
+
+/// Where an output file is named: relative to `/output`, `/`-separated, no empty, `.` or
+/// `..` segment, no control characters, at most 1024 bytes.
+pub fn validate_output_path(path: &str) -> Result<(), String> {
+    if path.is_empty() || path.len() > MAX_OUTPUT_PATH {
+        return Err(format!("must be 1..={MAX_OUTPUT_PATH} bytes"));
+    }
+    if path.chars().any(|c| c.is_control() || c == '\\') {
+        return Err("must not contain control characters or backslashes".into());
+    }
+    if path
+        .split('/')
+        .any(|segment| segment.is_empty() || segment == "." || segment == "..")
+    {
+        return Err("must be relative, without empty, '.' or '..' segments".into());
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct OutputQuery {
+    /// The file's path under `/output`, e.g. `d/f.txt`.
+    pub path: String,
+}
+
+/// One stored output file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OutputEntry {
+    pub path: String,
+    pub size_bytes: u64,
+    pub sha256: String,
+    /// The attempt that wrote it.
+    pub attempt: u32,
+}
+
+impl From<OutputFileInfo> for OutputEntry {
+    fn from(info: OutputFileInfo) -> Self {
+        OutputEntry {
+            path: info.path,
+            size_bytes: info.size_bytes,
+            sha256: info.sha256,
+            attempt: info.attempt,
+        }
+    }
+}
+
+/// Uploads one file the task left under `/output` (the body is its bytes), before the
+/// result is reported. A file uploaded again replaces the first; all of a task's files
+/// together are bounded by `max_output_bytes` (413 `outputs_too_large` beyond).
+#[utoipa::path(post, path = "/v1/workers/{worker_id}/assignments/{ass_id}/outputs", tag = "agents",
+    security(("bearer" = [])),
+    params(
+        ("worker_id" = String, Path, description = "Worker id"),
+        ("ass_id" = String, Path, description = "Assignment id"),
+        OutputQuery,
+    ),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses(
+        (status = 200, description = "Stored", body = OutputEntry),
+        (status = 400, description = "Bad or missing path (`invalid_path`, `invalid_query`)", body = ErrorBody),
+        (status = 403, description = "Not this worker's token", body = ErrorBody),
+        (status = 404, description = "No such assignment of this worker (`assignment_not_found`)", body = ErrorBody),
+        (status = 409, description = "The assignment no longer holds a running task (`assignment_superseded`)", body = ErrorBody),
+        (status = 413, description = "Over the task's output bound (`outputs_too_large`)", body = ErrorBody),
+    ))]
+pub async fn upload_output(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((worker_id, ass_id)): Path<(String, String)>,
+    query: Result<Query<OutputQuery>, QueryRejection>,
+    body: Bytes,
+) -> ApiResult<Json<OutputEntry>> {
+    ids(&worker_id, &ass_id)?;
+    require_self(&principal, &worker_id)?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    validate_output_path(&query.path).map_err(|why| {
+        ApiError::bad_request(
+            "invalid_path",
+            format!("output path '{}' {why}", truncate_for_message(&query.path)),
+        )
+    })?;
+    let (assignment, task) = live_assignment(&state, &worker_id, &ass_id).await?;
+    let others: u64 = state
+        .store
+        .list_output_files(&task.task_id)
+        .await?
+        .iter()
+        .filter(|f| f.path != query.path)
+        .map(|f| f.size_bytes)
+        .sum();
+    let max = state.limits.max_output_bytes as u64;
+    if others.saturating_add(body.len() as u64) > max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "outputs_too_large",
+            format!(
+                "task {}'s output files would total more than {max} bytes",
+                task.task_id
+            ),
+        ));
+    }
+    let info = state
+        .store
+        .put_output_file(&task.task_id, assignment.attempt, &query.path, &body)
+        .await?;
+    tracing::info!(task_id = %task.task_id, worker_id, path = %info.path, size_bytes = info.size_bytes, "output file stored");
+    Ok(Json(info.into()))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::bound;
+    #![allow(clippy::unwrap_used)]
+
+    use super::{LiveChunk, StreamName, bound, bound_live, validate_output_path};
+
+    #[test]
+    fn live_chunks_are_cut_at_the_stream_bound() {
+        let chunk = |offset: u64, text: &str| LiveChunk {
+            seq: 0,
+            stream: StreamName::Stdout,
+            offset,
+            text: text.into(),
+        };
+        assert_eq!(bound_live(chunk(0, "abc"), 10).as_deref(), Some("abc"));
+        let cut = bound_live(chunk(8, "abcdef"), 10).unwrap();
+        assert!(cut.starts_with("ab\n[cloudai: output truncated"), "{cut}");
+        assert_eq!(bound_live(chunk(10, "x"), 10), None);
+    }
+
+    #[test]
+    fn output_paths_stay_under_output() {
+        for good in ["f.txt", "d/f.txt", "a b/ü.bin", "..x/y"] {
+            assert!(validate_output_path(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "d/../x",
+            "d//x",
+            "./x",
+            "d/",
+            "a\\b",
+            "a\nb",
+        ] {
+            assert!(validate_output_path(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_output_path(&"x".repeat(1025)).is_err());
+    }
 
     #[test]
     fn bound_cuts_on_a_character_boundary_with_a_marker() {

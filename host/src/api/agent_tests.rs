@@ -25,6 +25,7 @@ use crate::store::{Store, TaskUpdate};
 
 const ALICE: &str = "cai_u_alice_agent_0123456789";
 const JOIN: &str = "cai_j_agent_tests_join_token";
+const BOB: &str = "cai_u_bob_agent_0123456789ab";
 
 struct Api {
     _dir: tempfile::TempDir,
@@ -56,11 +57,18 @@ impl Api {
         let state = AppState {
             store: store.clone(),
             auth: Arc::new(Authenticator::new(
-                vec![TokenEntry {
-                    user_id: "alice".into(),
-                    role: Role::User,
-                    token_sha256: sha256_hex(ALICE),
-                }],
+                vec![
+                    TokenEntry {
+                        user_id: "alice".into(),
+                        role: Role::User,
+                        token_sha256: sha256_hex(ALICE),
+                    },
+                    TokenEntry {
+                        user_id: "bob".into(),
+                        role: Role::User,
+                        token_sha256: sha256_hex(BOB),
+                    },
+                ],
                 Some(sha256_hex(JOIN)),
             )),
             limits: Arc::new(limits),
@@ -112,6 +120,45 @@ impl Api {
             serde_json::from_slice(&bytes).unwrap()
         };
         Reply { status, body }
+    }
+
+    /// A request with a raw body; the answer's status, content type and bytes.
+    async fn call_raw(
+        &self,
+        method: Method,
+        uri: &str,
+        token: &str,
+        body: Vec<u8>,
+    ) -> (StatusCode, String, Vec<u8>) {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .body(Body::from(body))
+            .unwrap();
+        let response = self.app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, content_type, bytes.to_vec())
+    }
+
+    /// Submits and places a task on a new worker `w1`; returns (task, worker token, ass_id).
+    async fn running_task(&self, command: &str) -> (String, String, String) {
+        let token = self.register("w1", 4.0).await;
+        let task_id = self
+            .submit_and_place(json!({"docker_image": "busybox", "command": command}))
+            .await;
+        let ass = self.work("w1", &token, "").await.body["work"][0]["ass_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        (task_id, token, ass)
     }
 
     /// Registers a worker through the API; returns its token.
@@ -487,4 +534,353 @@ async fn late_foreign_and_malformed_reports_change_nothing() {
         "no result recorded"
     );
     assert_eq!(api.work("w1", &token, "").await.body["work"], json!([]));
+}
+
+fn live(seq: u64, stream: &str, offset: u64, text: &str) -> Value {
+    json!({"seq": seq, "stream": stream, "offset": offset, "text": text})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_logs_are_stored_once_bounded_per_stream_and_served_until_the_result() {
+    let api = Api::new(Limits {
+        max_log_bytes: 8,
+        ..Limits::default()
+    });
+    let (task_id, token, ass) = api.running_task("echo a").await;
+    let batch = json!({"chunks": [live(0, "stdout", 0, "a\n"), live(1, "stderr", 0, "oops\n")]});
+    let sent = api.report("w1", &token, &ass, "logs", batch.clone()).await;
+    assert_eq!(sent.status, StatusCode::OK, "{}", sent.body);
+    assert_eq!(
+        sent.body,
+        json!({"stored": 2, "stdout_full": false, "stderr_full": false})
+    );
+    // A retried batch stores nothing again.
+    let again = api.report("w1", &token, &ass, "logs", batch).await;
+    assert_eq!(again.body["stored"], 0);
+    // Standard output crosses its bound of 8 bytes: cut with a marker, then dropped.
+    let over = api
+        .report(
+            "w1",
+            &token,
+            &ass,
+            "logs",
+            json!({"chunks": [live(2, "stdout", 2, "bcdefghij"), live(3, "stdout", 11, "k")]}),
+        )
+        .await;
+    assert_eq!(
+        (over.body["stored"].as_u64(), &over.body["stdout_full"]),
+        (Some(1), &json!(true))
+    );
+
+    let logs = api
+        .call(
+            Method::GET,
+            &format!("/v1/tasks/{task_id}/logs"),
+            ALICE,
+            None,
+        )
+        .await;
+    assert_eq!(logs.status, StatusCode::OK, "{}", logs.body);
+    let stdout = logs.body["logs"].as_str().unwrap();
+    assert!(
+        stdout.starts_with("a\nbcdefg\n[cloudai: output truncated"),
+        "{stdout}"
+    );
+    assert_eq!(logs.body["stderr"], "oops\n");
+    assert_eq!(
+        api.call(Method::GET, &format!("/v1/tasks/{task_id}/logs"), BOB, None)
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+
+    // Someone else's token, a malformed batch: refused.
+    let other = api.register("w2", 1.0).await;
+    let foreign = api
+        .report("w1", &other, &ass, "logs", json!({"chunks": []}))
+        .await;
+    assert_eq!(foreign.status, StatusCode::FORBIDDEN);
+    let bad = api
+        .report(
+            "w1",
+            &token,
+            &ass,
+            "logs",
+            json!({"chunks": [{"seq": 0, "stream": "stdin", "offset": 0, "text": ""}]}),
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.body);
+
+    // Once the result is in, GET answers the result's logs and live output is refused.
+    let done = api
+        .report(
+            "w1",
+            &token,
+            &ass,
+            "result",
+            json!({"outcome": "completed", "exit_code": 0, "stdout": "a\n", "stderr": "oops\n"}),
+        )
+        .await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    let logs = api
+        .call(
+            Method::GET,
+            &format!("/v1/tasks/{task_id}/logs"),
+            ALICE,
+            None,
+        )
+        .await;
+    assert_eq!(
+        logs.body,
+        json!({"task_id": task_id, "logs": "a\n", "truncated": false, "stderr": "oops\n",
+            "stderr_truncated": false})
+    );
+    let late = api
+        .report(
+            "w1",
+            &token,
+            &ass,
+            "logs",
+            json!({"chunks": [live(9, "stdout", 0, "x")]}),
+        )
+        .await;
+    assert_eq!(
+        (late.status, late.code()),
+        (StatusCode::CONFLICT, "assignment_superseded")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn following_logs_streams_chunks_as_they_come_then_an_end_event() {
+    let api = Arc::new(Api::new(Limits::default()));
+    let (task_id, token, ass) = api.running_task("echo a; sleep 1; echo b").await;
+    api.report(
+        "w1",
+        &token,
+        &ass,
+        "logs",
+        json!({"chunks": [live(0, "stdout", 0, "a\n")]}),
+    )
+    .await;
+    let request = Request::builder()
+        .uri(format!("/v1/tasks/{task_id}/logs?follow=true"))
+        .header(header::AUTHORIZATION, format!("Bearer {ALICE}"))
+        .body(Body::empty())
+        .unwrap();
+    let response = api.app.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()[header::CONTENT_TYPE],
+        "text/event-stream"
+    );
+    let mut body = response.into_body();
+    // The first event comes while the task still runs.
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("an event while the task runs")
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    let first = String::from_utf8(first.to_vec()).unwrap();
+    assert!(first.contains("event: log"), "{first}");
+    assert!(first.contains(r#""text":"a\n""#), "{first}");
+
+    api.report(
+        "w1",
+        &token,
+        &ass,
+        "logs",
+        json!({"chunks": [live(1, "stdout", 2, "b\n")]}),
+    )
+    .await;
+    api.report(
+        "w1",
+        &token,
+        &ass,
+        "result",
+        json!({"outcome": "failed", "exit_code": 3, "stdout": "a\nb\n"}),
+    )
+    .await;
+    let rest = tokio::time::timeout(Duration::from_secs(10), body.collect())
+        .await
+        .expect("the stream ends with the task")
+        .unwrap()
+        .to_bytes();
+    let rest = String::from_utf8(rest.to_vec()).unwrap();
+    let b = rest.find(r#""text":"b\n""#).expect(&rest);
+    let end = rest.find("event: end").expect(&rest);
+    assert!(b < end, "{rest}");
+    assert!(rest.contains(r#""status":"failed""#), "{rest}");
+    assert!(rest.contains(r#""exit_code":3"#), "{rest}");
+    assert!(!rest.contains(r#""text":"a\n""#), "a is sent once: {rest}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_files_are_uploaded_listed_and_downloaded_by_their_owner_only() {
+    let api = Api::new(Limits {
+        max_output_bytes: 16,
+        ..Limits::default()
+    });
+    let (task_id, token, ass) = api.running_task("true").await;
+    let upload = |path: &str| format!("/v1/workers/w1/assignments/{ass}/outputs?path={path}");
+    let (status, _, body) = api
+        .call_raw(Method::POST, &upload("d/f.txt"), &token, b"data\n".to_vec())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    // Over the task's bound (16 bytes in all).
+    let (status, _, body) = api
+        .call_raw(Method::POST, &upload("big"), &token, vec![0; 12])
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(String::from_utf8_lossy(&body).contains("outputs_too_large"));
+    for bad in ["..%2Fx", "%2Fetc%2Fpasswd", "a%2F%2Fb"] {
+        let (status, _, body) = api
+            .call_raw(Method::POST, &upload(bad), &token, b"x".to_vec())
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+        assert!(String::from_utf8_lossy(&body).contains("invalid_path"));
+    }
+    let (status, _, body) = api
+        .call_raw(
+            Method::POST,
+            &format!("/v1/workers/w1/assignments/{ass}/outputs"),
+            &token,
+            b"x".to_vec(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&body).contains("invalid_query"));
+
+    let list = api
+        .call(
+            Method::GET,
+            &format!("/v1/tasks/{task_id}/outputs"),
+            ALICE,
+            None,
+        )
+        .await;
+    assert_eq!(list.status, StatusCode::OK, "{}", list.body);
+    assert_eq!(list.body["files"].as_array().unwrap().len(), 1);
+    assert_eq!(list.body["files"][0]["path"], "d/f.txt");
+    assert_eq!(list.body["files"][0]["size_bytes"], 5);
+
+    let file = format!("/v1/tasks/{task_id}/outputs/d/f.txt");
+    let (status, content_type, bytes) = api.call_raw(Method::GET, &file, ALICE, vec![]).await;
+    assert_eq!(
+        (status, content_type.as_str(), bytes.as_slice()),
+        (
+            StatusCode::OK,
+            "application/octet-stream",
+            b"data\n".as_slice()
+        )
+    );
+    let (status, _, _) = api.call_raw(Method::GET, &file, BOB, vec![]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, body) = api
+        .call_raw(
+            Method::GET,
+            &format!("/v1/tasks/{task_id}/outputs/d/missing"),
+            ALICE,
+            vec![],
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(String::from_utf8_lossy(&body).contains("output_not_found"));
+
+    // After the result, the assignment takes no more files.
+    api.report(
+        "w1",
+        &token,
+        &ass,
+        "result",
+        json!({"outcome": "completed", "exit_code": 0}),
+    )
+    .await;
+    let (status, _, _) = api
+        .call_raw(Method::POST, &upload("late"), &token, b"x".to_vec())
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_submission_answers_with_the_result_when_the_task_ends_in_time() {
+    let api = Arc::new(Api::new(Limits::default()));
+    let token = api.register("w1", 4.0).await;
+    // The worker side: place the task once submitted, report it finished.
+    let worker = {
+        let (api, token) = (api.clone(), token.clone());
+        tokio::spawn(async move {
+            loop {
+                api.scheduler.cycle().await;
+                let work = api.work("w1", &token, "").await.body["work"].clone();
+                if let Some(ass) = work[0]["ass_id"].as_str() {
+                    let done = api
+                        .report(
+                            "w1",
+                            &token,
+                            ass,
+                            "result",
+                            json!({"outcome": "completed", "exit_code": 0, "stdout": "hello\n"}),
+                        )
+                        .await;
+                    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let reply = api
+        .call(
+            Method::POST,
+            "/v1/tasks?wait=10s",
+            ALICE,
+            Some(json!({"docker_image": "busybox", "command": "echo hello"})),
+        )
+        .await;
+    worker.await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["status"], "completed");
+    assert_eq!(reply.body["result"]["logs"], "hello\n");
+    assert_eq!(reply.body["result"]["exit_code"], 0);
+
+    // Nobody runs this one: 202 with the task after the wait.
+    let started = Instant::now();
+    let pending = api
+        .call(
+            Method::POST,
+            "/v1/tasks?wait=300ms",
+            ALICE,
+            Some(json!({"docker_image": "busybox", "req_cpu": 64})),
+        )
+        .await;
+    assert_eq!(pending.status, StatusCode::ACCEPTED, "{}", pending.body);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(pending.body["task_id"].is_string());
+    assert!(pending.body.get("result").is_none());
+
+    for bad in ["301s", "soon", "-1"] {
+        let reply = api
+            .call(
+                Method::POST,
+                &format!("/v1/tasks?wait={bad}"),
+                ALICE,
+                Some(json!({"docker_image": "busybox"})),
+            )
+            .await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+            "{bad}"
+        );
+        assert!(
+            reply.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("wait"),
+            "{}",
+            reply.body
+        );
+    }
 }

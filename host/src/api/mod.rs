@@ -34,6 +34,7 @@ pub mod health;
 pub mod image_ref;
 pub mod openapi;
 pub mod policies;
+pub mod task_io;
 pub mod tasks;
 pub mod workers;
 
@@ -88,6 +89,9 @@ pub struct Limits {
     /// Most bytes of a task's standard output, and of its standard error, kept in its result
     /// (default 1 MiB each); the rest is cut with a marker.
     pub max_log_bytes: usize,
+    /// Most bytes of output files (under `/output`) kept per task (default 64 MiB); the route
+    /// that uploads them takes bodies this large, the others keep `max_body_bytes`.
+    pub max_output_bytes: usize,
 }
 
 impl Default for Limits {
@@ -106,6 +110,7 @@ impl Default for Limits {
             max_page_size: 500,
             max_policy_bytes: 64 << 20,
             max_log_bytes: 1 << 20,
+            max_output_bytes: 64 << 20,
         }
     }
 }
@@ -135,6 +140,7 @@ pub fn router(state: AppState) -> Router {
         .merge(workers::router())
         .merge(policies::router(state.limits.max_policy_bytes))
         .merge(agent::router(&state.limits))
+        .merge(task_io::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

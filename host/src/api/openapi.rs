@@ -7,7 +7,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::AppState;
-use super::{agent, health, policies, tasks, workers};
+use super::{agent, health, policies, task_io, tasks, workers};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -27,7 +27,9 @@ use super::{agent, health, policies, tasks, workers};
         tasks::get_task,
         tasks::cancel_task,
         tasks::get_result,
-        tasks::get_logs,
+        task_io::get_logs,
+        task_io::list_outputs,
+        task_io::get_output,
         workers::register_worker,
         workers::list_workers,
         workers::get_worker,
@@ -38,6 +40,8 @@ use super::{agent, health, policies, tasks, workers};
         agent::get_work,
         agent::report_started,
         agent::report_result,
+        agent::report_logs,
+        agent::upload_output,
         policies::upload_policy,
         policies::list_policies,
         policies::get_policy,
@@ -70,6 +74,15 @@ use super::{agent, health, policies, tasks, workers};
         agent::Outcome,
         agent::ResultReport,
         agent::ReportAck,
+        agent::StreamName,
+        agent::LiveChunk,
+        agent::LiveLogs,
+        agent::LiveLogsAck,
+        agent::OutputEntry,
+        task_io::TaskWithResult,
+        task_io::LogEvent,
+        task_io::EndEvent,
+        task_io::OutputList,
         health::Health,
         health::Ready,
         crate::model::PolicyKind,

@@ -1,6 +1,6 @@
 //! `/v1/tasks`: submit (idempotent with `Idempotency-Key`), read, list (newest first, cursor
-//! pagination), cancel, and read a task's result and logs. Users see only their own tasks;
-//! admins see all.
+//! pagination), cancel, and read a task's result (its logs and output files are in
+//! [`super::task_io`]). Users see only their own tasks; admins see all.
 
 use std::collections::BTreeMap;
 
@@ -23,6 +23,7 @@ use super::auth::Principal;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{IdPath, ValidJson, Validate, truncate_for_message, validate_id};
 use super::image_ref;
+use super::task_io::{self, TaskWithResult};
 use crate::model::{self, RESOURCE_QUANTUM, Resources, Task, TaskResult, TaskStatus};
 use crate::scheduler::{self, Admitted};
 use crate::store::{IdempotencyKey, StoreError, TaskCursor, TaskQuery, TaskUpdate};
@@ -267,6 +268,11 @@ pub struct TaskLogs {
     pub logs: String,
     /// True when the logs were cut to the bound.
     pub truncated: bool,
+    /// Standard error (`logs` is standard output).
+    #[serde(default)]
+    pub stderr: String,
+    #[serde(default)]
+    pub stderr_truncated: bool,
 }
 
 pub fn router() -> Router<AppState> {
@@ -275,7 +281,6 @@ pub fn router() -> Router<AppState> {
         .route("/v1/tasks/{task_id}", get(get_task))
         .route("/v1/tasks/{task_id}/cancel", post(cancel_task))
         .route("/v1/tasks/{task_id}/result", get(get_result))
-        .route("/v1/tasks/{task_id}/logs", get(get_logs))
 }
 
 /// Submits a task.
@@ -286,30 +291,40 @@ pub fn router() -> Router<AppState> {
 #[utoipa::path(post, path = "/v1/tasks", tag = "tasks",
     security(("bearer" = [])),
     params(("Idempotency-Key" = Option<String>, Header,
-        description = "1..=255 printable ASCII characters; makes the submission idempotent")),
+        description = "1..=255 printable ASCII characters; makes the submission idempotent"),
+        ("wait" = Option<String>, Query,
+        description = "Wait for the task to finish: `30s`, `500ms` or seconds, at most 300 s. 200 with the result inline when it finished in time, else 202")),
     request_body = TaskSpec,
     responses(
         (status = 201, description = "Created and admitted: the task is queued", body = Task,
             headers(("Location" = String, description = "/v1/tasks/{task_id}"))),
         (status = 202, description = "Created, still pending: admission deferred it (the reason is in `status_reason`) or will check it shortly", body = Task,
             headers(("Location" = String, description = "/v1/tasks/{task_id}"))),
-        (status = 200, description = "Replay of an earlier submission with the same key", body = Task,
-            headers(("Idempotency-Replayed" = String, description = "true"))),
+        (status = 200, description = "Replay of an earlier submission with the same key (a Task); with `wait`, the task finished in time (a TaskWithResult)", body = TaskWithResult,
+            headers(("Idempotency-Replayed" = String, description = "true on a replay"))),
         (status = 400, description = "Malformed JSON or idempotency key", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Not a user token, or rejected by the admission policy (`admission_rejected`: the task is stored as failed with the reason)", body = ErrorBody),
         (status = 409, description = "Idempotency key reused with another spec", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
-        (status = 422, description = "Invalid spec", body = ErrorBody),
+        (status = 422, description = "Invalid spec, or a bad `wait`", body = ErrorBody),
     ))]
 pub async fn submit_task(
     State(state): State<AppState>,
     principal: Principal,
     headers: HeaderMap,
+    query: Result<Query<SubmitQuery>, QueryRejection>,
     ValidJson(spec): ValidJson<TaskSpec>,
 ) -> ApiResult<Response> {
     let (user_id, _) = principal.require_user()?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let wait = query
+        .wait
+        .as_deref()
+        .map(task_io::parse_wait)
+        .transpose()
+        .map_err(ApiError::validation)?;
     let key = idempotency_key(&headers)?;
     let idempotency = match &key {
         Some(key) => {
@@ -350,7 +365,7 @@ pub async fn submit_task(
     let outcome = state.store.insert_task(&task, idempotency.as_ref()).await?;
     let location = HeaderValue::from_str(&format!("/v1/tasks/{}", outcome.task.task_id))
         .map_err(|_| ApiError::internal())?;
-    let mut response = if outcome.created {
+    let (status, task) = if outcome.created {
         tracing::info!(task_id = %outcome.task.task_id, user_id, "task submitted");
         // Admission inline, so that the answer tells what became of the task. When it cannot
         // finish (store trouble) the task stays pending and the scheduler's admission pass
@@ -358,7 +373,7 @@ pub async fn submit_task(
         match scheduler::admit_task(&*state.store, &state.policies, &outcome.task).await {
             Ok(Admitted::Queued(task)) => {
                 state.wakeup.wake();
-                (StatusCode::CREATED, Json(task)).into_response()
+                (StatusCode::CREATED, task)
             }
             Ok(Admitted::Rejected { task, reason }) => {
                 return Err(ApiError::new(
@@ -370,9 +385,7 @@ pub async fn submit_task(
                     ),
                 ));
             }
-            Ok(Admitted::Deferred { task, .. }) => {
-                (StatusCode::ACCEPTED, Json(task)).into_response()
-            }
+            Ok(Admitted::Deferred { task, .. }) => (StatusCode::ACCEPTED, task),
             Err(error) => {
                 tracing::warn!(task_id = %outcome.task.task_id, %error, "inline admission did not finish; the scheduler will check the task");
                 state.wakeup.wake();
@@ -381,18 +394,45 @@ pub async fn submit_task(
                     .get_task(&outcome.task.task_id)
                     .await
                     .unwrap_or(outcome.task);
-                (StatusCode::ACCEPTED, Json(task)).into_response()
+                (StatusCode::ACCEPTED, task)
             }
         }
     } else {
-        let mut response = (StatusCode::OK, Json(outcome.task)).into_response();
+        (StatusCode::OK, outcome.task)
+    };
+    let mut response = match wait {
+        Some(wait) => {
+            // Serverless invoke: the answer carries the result when the task ends in time.
+            let task = task_io::wait_for_finish(&state, task, wait).await;
+            let result = if task.status.is_terminal() {
+                task_io::result_if_any(&state, &task.task_id).await
+            } else {
+                Ok(None)
+            };
+            match result {
+                Ok(result) if task.status.is_terminal() => {
+                    (StatusCode::OK, Json(TaskWithResult { task, result })).into_response()
+                }
+                _ => (StatusCode::ACCEPTED, Json(task)).into_response(),
+            }
+        }
+        None => (status, Json(task)).into_response(),
+    };
+    if !outcome.created {
         response
             .headers_mut()
             .insert(IDEMPOTENCY_REPLAYED, HeaderValue::from_static("true"));
-        response
-    };
+    }
     response.headers_mut().insert(header::LOCATION, location);
     Ok(response)
+}
+
+/// Query of `POST /v1/tasks`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitQuery {
+    /// How long to wait for the task to finish (see [`task_io::parse_wait`]).
+    pub wait: Option<String>,
 }
 
 fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
@@ -419,7 +459,11 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
 }
 
 /// Reads a task the caller may see: 404 when absent, 403 when another user's.
-async fn visible_task(state: &AppState, principal: &Principal, task_id: &str) -> ApiResult<Task> {
+pub(crate) async fn visible_task(
+    state: &AppState,
+    principal: &Principal,
+    task_id: &str,
+) -> ApiResult<Task> {
     let (user_id, is_admin) = principal.require_user()?;
     let task = state.store.get_task(task_id).await?;
     if !is_admin && task.user_id != user_id {
@@ -673,29 +717,6 @@ pub async fn get_result(
     IdPath(task_id): IdPath,
 ) -> ApiResult<Json<TaskResult>> {
     Ok(Json(result_of(&state, &principal, &task_id).await?))
-}
-
-/// Reads a task's logs.
-#[utoipa::path(get, path = "/v1/tasks/{task_id}/logs", tag = "tasks",
-    security(("bearer" = [])),
-    params(("task_id" = String, Path, description = "Task id")),
-    responses(
-        (status = 200, description = "The logs", body = TaskLogs),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "Another user's task", body = ErrorBody),
-        (status = 404, description = "No such task, or no result yet (`result_not_found`)", body = ErrorBody),
-    ))]
-pub async fn get_logs(
-    State(state): State<AppState>,
-    principal: Principal,
-    IdPath(task_id): IdPath,
-) -> ApiResult<Json<TaskLogs>> {
-    let result = result_of(&state, &principal, &task_id).await?;
-    Ok(Json(TaskLogs {
-        task_id: result.task_id,
-        logs: result.logs,
-        truncated: result.logs_truncated,
-    }))
 }
 
 #[cfg(test)]

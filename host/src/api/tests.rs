@@ -1032,29 +1032,41 @@ async fn invalid_registrations_change_nothing() {
 }
 
 #[tokio::test]
-async fn result_and_logs_answer_404_until_there_is_a_result() {
+async fn result_answers_404_and_logs_the_output_so_far_until_there_is_a_result() {
     let api = TestApi::new();
     let task_id = api
         .submit_ok(ALICE, json!({"docker_image": "busybox"}))
         .await;
-    for suffix in ["result", "logs"] {
-        let reply = api
-            .call(
-                Method::GET,
-                &format!("/v1/tasks/{task_id}/{suffix}"),
-                Some(ALICE),
-                None,
-            )
-            .await;
-        assert_eq!(
-            (reply.status, reply.code()),
-            (StatusCode::NOT_FOUND, "result_not_found")
-        );
-        assert_eq!(
-            reply.message(),
-            format!("task {task_id} has no result yet: it is queued")
-        );
-    }
+    let reply = api
+        .call(
+            Method::GET,
+            &format!("/v1/tasks/{task_id}/result"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (reply.status, reply.code()),
+        (StatusCode::NOT_FOUND, "result_not_found")
+    );
+    assert_eq!(
+        reply.message(),
+        format!("task {task_id} has no result yet: it is queued")
+    );
+    // The logs so far: none yet.
+    let logs = api
+        .call(
+            Method::GET,
+            &format!("/v1/tasks/{task_id}/logs"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(logs.status, StatusCode::OK);
+    assert_eq!(
+        (&logs.body["logs"], &logs.body["stderr"]),
+        (&json!(""), &json!(""))
+    );
     api.store
         .insert_result(&TaskResult {
             task_id: task_id.clone(),
@@ -1095,7 +1107,8 @@ async fn result_and_logs_answer_404_until_there_is_a_result() {
         .await;
     assert_eq!(
         logs.body,
-        json!({"task_id": task_id, "logs": "hello\n", "truncated": true})
+        json!({"task_id": task_id, "logs": "hello\n", "truncated": true, "stderr": "",
+            "stderr_truncated": false})
     );
 
     let missing = api
@@ -1160,6 +1173,8 @@ async fn openapi_lists_every_route_and_the_bearer_scheme() {
         ("post", "/v1/tasks/{task_id}/cancel"),
         ("get", "/v1/tasks/{task_id}/result"),
         ("get", "/v1/tasks/{task_id}/logs"),
+        ("get", "/v1/tasks/{task_id}/outputs"),
+        ("get", "/v1/tasks/{task_id}/outputs/{path}"),
         ("post", "/v1/workers"),
         ("get", "/v1/workers"),
         ("get", "/v1/workers/{worker_id}"),
@@ -1175,6 +1190,11 @@ async fn openapi_lists_every_route_and_the_bearer_scheme() {
         (
             "post",
             "/v1/workers/{worker_id}/assignments/{ass_id}/result",
+        ),
+        ("post", "/v1/workers/{worker_id}/assignments/{ass_id}/logs"),
+        (
+            "post",
+            "/v1/workers/{worker_id}/assignments/{ass_id}/outputs",
         ),
         ("post", "/v1/policies"),
         ("get", "/v1/policies"),

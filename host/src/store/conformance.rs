@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 
 use super::{
     AssignmentFilter, IdempotencyKey, POLICY_CHUNK_BYTES, Result, Store, StoreError, TaskCursor,
-    TaskQuery, TaskUpdate, policy_sha256,
+    TaskLogChunk, TaskQuery, TaskUpdate, policy_sha256,
 };
 use crate::model::{
     Assignment, PolicyKind, PolicyVersion, RESOURCE_QUANTUM, Resources, ResultStatus, Task,
@@ -186,6 +186,8 @@ macro_rules! store_conformance_tests {
             transition_attempt_applies_only_at_that_attempt,
             clear_expired_claims_clears_only_expired_claims_of_queued_tasks,
             repair_allocation_applies_only_to_the_observed_values,
+            log_chunks_are_stored_once_and_listed_in_order_after_a_position,
+            output_files_round_trip_in_chunks_and_are_replaced_by_path,
         );
         $crate::store_conformance_tests!(@shared $make;
             reserve_race_50_requests_for_room_for_7,
@@ -2750,6 +2752,144 @@ pub async fn repair_allocation_applies_only_to_the_observed_values(store: &dyn S
     expect_not_found(
         store.repair_allocation(&ghost, &expected).await,
         "unknown worker",
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// Live logs and output files
+// ------------------------------------------------------------------------------------------
+
+pub async fn log_chunks_are_stored_once_and_listed_in_order_after_a_position(store: &dyn Store) {
+    let task_id = unique_id("task");
+    let chunk = |attempt: u32, seq: u64, stream: &str, text: &str| TaskLogChunk {
+        task_id: task_id.clone(),
+        attempt,
+        seq,
+        stream: stream.to_string(),
+        text: text.to_string(),
+    };
+    // Written out of order, across two attempts; another task's chunk must not show.
+    for c in [
+        chunk(2, 0, "stdout", "second attempt\n"),
+        chunk(1, 1, "stderr", "ünïcödé err\n"),
+        chunk(1, 0, "stdout", "a\n"),
+        chunk(1, 2, "stdout", "b\n"),
+    ] {
+        assert!(store.insert_log_chunk(&c).await.unwrap(), "{c:?}");
+    }
+    let mut other = chunk(1, 0, "stdout", "other task");
+    other.task_id = unique_id("task");
+    assert!(store.insert_log_chunk(&other).await.unwrap());
+
+    // A retried send keeps the first chunk.
+    assert!(
+        !store
+            .insert_log_chunk(&chunk(1, 0, "stdout", "retry"))
+            .await
+            .unwrap()
+    );
+
+    let all = store.list_log_chunks(&task_id, None, 100).await.unwrap();
+    let order: Vec<(u32, u64, &str)> = all
+        .iter()
+        .map(|c| (c.attempt, c.seq, c.text.as_str()))
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            (1, 0, "a\n"),
+            (1, 1, "ünïcödé err\n"),
+            (1, 2, "b\n"),
+            (2, 0, "second attempt\n"),
+        ]
+    );
+    assert_eq!(all[1], chunk(1, 1, "stderr", "ünïcödé err\n"));
+
+    let after = store
+        .list_log_chunks(&task_id, Some((1, 1)), 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        after.iter().map(|c| (c.attempt, c.seq)).collect::<Vec<_>>(),
+        vec![(1, 2), (2, 0)]
+    );
+    let limited = store.list_log_chunks(&task_id, None, 2).await.unwrap();
+    assert_eq!(limited.len(), 2);
+    assert!(
+        store
+            .list_log_chunks(&task_id, Some((2, 0)), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn output_files_round_trip_in_chunks_and_are_replaced_by_path(store: &dyn Store) {
+    let task_id = unique_id("task");
+    // Larger than one chunk, so that reassembly is exercised.
+    let big: Vec<u8> = (0..POLICY_CHUNK_BYTES + 1234)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let info = store
+        .put_output_file(&task_id, 1, "d/big.bin", &big)
+        .await
+        .unwrap();
+    assert_eq!(info.size_bytes, big.len() as u64);
+    assert_eq!(info.sha256, policy_sha256(&big));
+    store
+        .put_output_file(&task_id, 1, "a.txt", b"first")
+        .await
+        .unwrap();
+    store
+        .put_output_file(&unique_id("task"), 1, "a.txt", b"other task")
+        .await
+        .unwrap();
+
+    let listed = store.list_output_files(&task_id).await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|f| (f.path.as_str(), f.size_bytes))
+            .collect::<Vec<_>>(),
+        vec![("a.txt", 5), ("d/big.bin", big.len() as u64)]
+    );
+    let (got_info, got) = store.get_output_file(&task_id, "d/big.bin").await.unwrap();
+    assert_eq!(got_info, info);
+    assert_eq!(got, big);
+
+    // A later upload of the same path (a retry, a later attempt) replaces it.
+    store
+        .put_output_file(&task_id, 2, "a.txt", b"second")
+        .await
+        .unwrap();
+    let (info, bytes) = store.get_output_file(&task_id, "a.txt").await.unwrap();
+    assert_eq!((info.attempt, bytes.as_slice()), (2, b"second".as_slice()));
+    assert_eq!(store.list_output_files(&task_id).await.unwrap().len(), 2);
+
+    // An empty file is a file.
+    store
+        .put_output_file(&task_id, 2, "empty", b"")
+        .await
+        .unwrap();
+    assert!(
+        store
+            .get_output_file(&task_id, "empty")
+            .await
+            .unwrap()
+            .1
+            .is_empty()
+    );
+
+    expect_not_found(
+        store.get_output_file(&task_id, "missing").await,
+        "an absent output file",
+    );
+    assert!(
+        store
+            .list_output_files(&unique_id("task"))
+            .await
+            .unwrap()
+            .is_empty()
     );
 }
 

@@ -197,6 +197,46 @@ pub struct AssignmentFilter {
     pub active_only: bool,
 }
 
+/// A piece of a task's output, sent by its worker while the task runs. `(task_id, attempt,
+/// seq)` identifies it, so a retried send stores it once; `seq` orders the chunks of an attempt
+/// across both streams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskLogChunk {
+    pub task_id: String,
+    pub attempt: u32,
+    pub seq: u64,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    pub text: String,
+}
+
+/// A file a task left under `/output`, as stored (without its bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputFileInfo {
+    pub task_id: String,
+    /// Relative to `/output`, `/`-separated.
+    pub path: String,
+    pub attempt: u32,
+    pub size_bytes: u64,
+    /// SHA-256 (hex) of the bytes.
+    pub sha256: String,
+}
+
+/// Checks reassembled output bytes against their recorded size and digest.
+pub(crate) fn verify_output_bytes(info: &OutputFileInfo, bytes: &[u8]) -> Result<()> {
+    if bytes.len() as u64 != info.size_bytes || policy_sha256(bytes) != info.sha256 {
+        return Err(StoreError::backend(
+            format!("reading output {} of task {}", info.path, info.task_id),
+            format!(
+                "reassembled {} bytes that do not match the recorded size {} and sha256",
+                bytes.len(),
+                info.size_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Which backend this is, for logs and `/readyz`.
@@ -441,4 +481,37 @@ pub trait Store: Send + Sync + 'static {
     /// `observed` was read makes it not apply (`Ok(false)`). `NotFound` when there is no
     /// such worker.
     async fn repair_allocation(&self, observed: &Worker, allocated: &Resources) -> Result<bool>;
+
+    // ----- live logs and output files -----
+
+    /// Stores a chunk of live output. `Ok(false)` when a chunk with the same (task_id,
+    /// attempt, seq) is already stored (a retried send): the first one is kept.
+    async fn insert_log_chunk(&self, chunk: &TaskLogChunk) -> Result<bool>;
+
+    /// Up to `limit` chunks of a task, by (attempt, seq), strictly after `after` (an
+    /// (attempt, seq) position) when given.
+    async fn list_log_chunks(
+        &self,
+        task_id: &str,
+        after: Option<(u32, u64)>,
+        limit: u32,
+    ) -> Result<Vec<TaskLogChunk>>;
+
+    /// Stores an output file of a task (in chunks of [`POLICY_CHUNK_BYTES`]), replacing a
+    /// file stored before under the same path (a retried upload, a later attempt). A reader
+    /// never sees a file without all of its bytes.
+    async fn put_output_file(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        path: &str,
+        bytes: &[u8],
+    ) -> Result<OutputFileInfo>;
+
+    /// A task's output files, by path.
+    async fn list_output_files(&self, task_id: &str) -> Result<Vec<OutputFileInfo>>;
+
+    /// One output file and its bytes. `NotFound` when the task has no such file.
+    async fn get_output_file(&self, task_id: &str, path: &str)
+    -> Result<(OutputFileInfo, Vec<u8>)>;
 }

@@ -24,8 +24,9 @@ use mongodb::options::{
 use mongodb::{Client, Collection, Database, IndexModel};
 
 use super::{
-    AssignmentFilter, IdempotencyKey, POLICY_CHUNK_BYTES, Result, Store, StoreError, SubmitOutcome,
-    TaskPage, TaskQuery, TaskUpdate, active_label, policy_label, verify_policy_bytes,
+    AssignmentFilter, IdempotencyKey, OutputFileInfo, POLICY_CHUNK_BYTES, Result, Store,
+    StoreError, SubmitOutcome, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate, active_label,
+    policy_label, policy_sha256, verify_output_bytes, verify_policy_bytes,
 };
 use crate::model::{
     self, ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, ResultStatus, Task,
@@ -54,6 +55,14 @@ pub const POLICY_CHUNKS: &str = "POLICY_CHUNKS";
 pub const ACTIVE_POLICIES: &str = "ACTIVE_POLICIES";
 /// Leases between host replicas (the reconciler's): `{_id: name, holder, expires_at}`.
 pub const LEASES: &str = "LEASES";
+/// Our addition: live output of running tasks, one document per chunk, unique on (task_id,
+/// attempt, seq).
+pub const TASK_LOGS: &str = "TASK_LOGS";
+/// Our addition: one document per output file of a task, unique on (task_id, path), naming
+/// the `upload_id` of its chunks (written first, as for policies).
+pub const TASK_OUTPUTS: &str = "TASK_OUTPUTS";
+/// Our addition: an output file's bytes in chunks, unique on (upload_id, n).
+pub const TASK_OUTPUT_CHUNKS: &str = "TASK_OUTPUT_CHUNKS";
 
 /// How long the driver looks for a usable server before an operation fails, unless the URI
 /// sets `serverSelectionTimeoutMS`: short, so that a dead or unreachable server is reported
@@ -87,6 +96,9 @@ pub struct MongoStore {
     policy_chunks: Collection<Document>,
     active_policies: Collection<Document>,
     leases: Collection<Document>,
+    task_logs: Collection<Document>,
+    task_outputs: Collection<Document>,
+    task_output_chunks: Collection<Document>,
 }
 
 impl MongoStore {
@@ -134,6 +146,9 @@ impl MongoStore {
             policy_chunks: db.collection(POLICY_CHUNKS),
             active_policies: db.collection(ACTIVE_POLICIES),
             leases: db.collection(LEASES),
+            task_logs: db.collection(TASK_LOGS),
+            task_outputs: db.collection(TASK_OUTPUTS),
+            task_output_chunks: db.collection(TASK_OUTPUT_CHUNKS),
             db,
         };
         store
@@ -229,6 +244,9 @@ impl MongoStore {
             POLICY_CHUNKS,
             ACTIVE_POLICIES,
             LEASES,
+            TASK_LOGS,
+            TASK_OUTPUTS,
+            TASK_OUTPUT_CHUNKS,
         ] {
             if existing.iter().any(|n| n == name) {
                 continue;
@@ -250,7 +268,7 @@ impl MongoStore {
                 .build()
         };
         let plain = |keys: Document| IndexModel::builder().keys(keys).build();
-        let indexes: [(&Collection<Document>, &str, Vec<IndexModel>); 6] = [
+        let indexes: [(&Collection<Document>, &str, Vec<IndexModel>); 9] = [
             (
                 &self.tasks,
                 TASKS,
@@ -308,6 +326,21 @@ impl MongoStore {
                 POLICY_CHUNKS,
                 vec![unique(doc! { "upload_id": 1, "n": 1 })],
             ),
+            (
+                &self.task_logs,
+                TASK_LOGS,
+                vec![unique(doc! { "task_id": 1, "attempt": 1, "seq": 1 })],
+            ),
+            (
+                &self.task_outputs,
+                TASK_OUTPUTS,
+                vec![unique(doc! { "task_id": 1, "path": 1 })],
+            ),
+            (
+                &self.task_output_chunks,
+                TASK_OUTPUT_CHUNKS,
+                vec![unique(doc! { "upload_id": 1, "n": 1 })],
+            ),
         ];
         for (collection, name, models) in indexes {
             // One index per command: FerretDB 1.24 panics (and drops the connection) when one
@@ -349,6 +382,19 @@ impl MongoStore {
             .map_err(|e| StoreError::backend(format!("reading the active {kind} policy"), e))?
             .map(|d| active_policy_from_document(&d))
             .transpose()
+    }
+
+    /// Removes the chunks of one output upload (best effort: unreferenced either way).
+    async fn delete_output_chunks(&self, upload_id: &str) {
+        if let Err(error) = self
+            .atomic(
+                self.task_output_chunks
+                    .delete_many(doc! { "upload_id": upload_id }),
+            )
+            .await
+        {
+            tracing::warn!(upload_id, %error, "deleting the chunks of an output upload");
+        }
     }
 
     /// Removes the chunks of one upload (after its version's document is gone, or when that
@@ -1855,6 +1901,202 @@ impl Store for MongoStore {
             None => Err(not_found("worker", worker_id)),
         }
     }
+
+    async fn insert_log_chunk(&self, chunk: &TaskLogChunk) -> Result<bool> {
+        let written = self
+            .task_logs
+            .insert_one(doc! {
+                "task_id": &chunk.task_id,
+                "attempt": i64::from(chunk.attempt),
+                "seq": u64_to_bson(chunk.seq, "seq")?,
+                "stream": &chunk.stream,
+                "text": &chunk.text,
+            })
+            .await;
+        match written {
+            Ok(_) => Ok(true),
+            Err(e) if is_duplicate_key(&e) => Ok(false),
+            Err(e) => Err(StoreError::backend(
+                format!("storing a log chunk of '{}'", chunk.task_id),
+                e,
+            )),
+        }
+    }
+
+    async fn list_log_chunks(
+        &self,
+        task_id: &str,
+        after: Option<(u32, u64)>,
+        limit: u32,
+    ) -> Result<Vec<TaskLogChunk>> {
+        let filter = match after {
+            Some((attempt, seq)) => doc! {
+                "task_id": task_id,
+                "$or": [
+                    { "attempt": { "$gt": i64::from(attempt) } },
+                    { "attempt": i64::from(attempt), "seq": { "$gt": u64_to_bson(seq, "seq")? } },
+                ],
+            },
+            None => doc! { "task_id": task_id },
+        };
+        let what = || format!("listing the log chunks of '{task_id}'");
+        let documents: Vec<Document> = self
+            .task_logs
+            .find(filter)
+            .sort(doc! { "attempt": 1, "seq": 1 })
+            .limit(i64::from(limit))
+            .await
+            .map_err(|e| StoreError::backend(what(), e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend(what(), e))?;
+        documents
+            .iter()
+            .map(|d| {
+                let r = Reader::new(d, TASK_LOGS);
+                Ok(TaskLogChunk {
+                    task_id: r.string("task_id")?,
+                    attempt: r.int("attempt")?,
+                    seq: r.int("seq")?,
+                    stream: r.string("stream")?,
+                    text: r.string("text")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn put_output_file(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        path: &str,
+        bytes: &[u8],
+    ) -> Result<OutputFileInfo> {
+        let info = OutputFileInfo {
+            task_id: task_id.to_string(),
+            path: path.to_string(),
+            attempt,
+            size_bytes: bytes.len() as u64,
+            sha256: policy_sha256(bytes),
+        };
+        let what = || format!("storing output {path} of '{task_id}'");
+        let upload_id = uuid::Uuid::now_v7().simple().to_string();
+        // Chunks first, under a fresh upload id: the file's document names them only once
+        // they are all written.
+        for (n, chunk) in bytes.chunks(POLICY_CHUNK_BYTES).enumerate() {
+            let n = i64::try_from(n).map_err(|e| StoreError::backend("numbering a chunk", e))?;
+            let written = self
+                .task_output_chunks
+                .insert_one(doc! {
+                    "upload_id": &upload_id,
+                    "n": n,
+                    "data": bson::Binary {
+                        subtype: bson::spec::BinarySubtype::Generic,
+                        bytes: chunk.to_vec(),
+                    },
+                })
+                .await;
+            if let Err(e) = written {
+                self.delete_output_chunks(&upload_id).await;
+                return Err(StoreError::backend(what(), e));
+            }
+        }
+        let before = self
+            .atomic(
+                self.task_outputs
+                    .find_one_and_update(
+                        doc! { "task_id": task_id, "path": path },
+                        doc! { "$set": {
+                            "task_id": task_id,
+                            "path": path,
+                            "attempt": i64::from(attempt),
+                            "size_bytes": u64_to_bson(info.size_bytes, "size_bytes")?,
+                            "sha256": &info.sha256,
+                            "upload_id": &upload_id,
+                        } },
+                    )
+                    .upsert(true)
+                    .return_document(ReturnDocument::Before),
+            )
+            .await;
+        match before {
+            Ok(Some(old)) => {
+                if let Ok(old_upload) = Reader::new(&old, TASK_OUTPUTS).string("upload_id") {
+                    self.delete_output_chunks(&old_upload).await;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                self.delete_output_chunks(&upload_id).await;
+                return Err(StoreError::backend(what(), e));
+            }
+        }
+        Ok(info)
+    }
+
+    async fn list_output_files(&self, task_id: &str) -> Result<Vec<OutputFileInfo>> {
+        let what = || format!("listing the output files of '{task_id}'");
+        let documents: Vec<Document> = self
+            .task_outputs
+            .find(doc! { "task_id": task_id })
+            .sort(doc! { "path": 1 })
+            .await
+            .map_err(|e| StoreError::backend(what(), e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend(what(), e))?;
+        documents.iter().map(output_from_document).collect()
+    }
+
+    async fn get_output_file(
+        &self,
+        task_id: &str,
+        path: &str,
+    ) -> Result<(OutputFileInfo, Vec<u8>)> {
+        let what = || format!("reading output {path} of '{task_id}'");
+        let document = self
+            .task_outputs
+            .find_one(doc! { "task_id": task_id, "path": path })
+            .await
+            .map_err(|e| StoreError::backend(what(), e))?
+            .ok_or_else(|| not_found("output file", &format!("{task_id}/{path}")))?;
+        let info = output_from_document(&document)?;
+        let upload_id = Reader::new(&document, TASK_OUTPUTS).string("upload_id")?;
+        let chunks: Vec<Document> = self
+            .task_output_chunks
+            .find(doc! { "upload_id": &upload_id })
+            .sort(doc! { "n": 1 })
+            .await
+            .map_err(|e| StoreError::backend(what(), e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend(what(), e))?;
+        let mut bytes = Vec::with_capacity(usize::try_from(info.size_bytes).unwrap_or(0));
+        for chunk in &chunks {
+            match chunk.get("data") {
+                Some(Bson::Binary(b)) => bytes.extend_from_slice(&b.bytes),
+                other => {
+                    return Err(StoreError::backend(
+                        what(),
+                        format!("a chunk's data is {other:?}, not binary"),
+                    ));
+                }
+            }
+        }
+        verify_output_bytes(&info, &bytes)?;
+        Ok((info, bytes))
+    }
+}
+
+fn output_from_document(d: &Document) -> Result<OutputFileInfo> {
+    let r = Reader::new(d, TASK_OUTPUTS);
+    Ok(OutputFileInfo {
+        task_id: r.string("task_id")?,
+        path: r.string("path")?,
+        attempt: r.int("attempt")?,
+        size_bytes: r.int("size_bytes")?,
+        sha256: r.string("sha256")?,
+    })
 }
 
 // ----- errors -----

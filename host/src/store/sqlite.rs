@@ -28,8 +28,9 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, params, params_fro
 use tokio::sync::oneshot;
 
 use super::{
-    AssignmentFilter, IdempotencyKey, POLICY_CHUNK_BYTES, Result, Store, StoreError, SubmitOutcome,
-    TaskPage, TaskQuery, TaskUpdate, active_label, policy_label, verify_policy_bytes,
+    AssignmentFilter, IdempotencyKey, OutputFileInfo, POLICY_CHUNK_BYTES, Result, Store,
+    StoreError, SubmitOutcome, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate, active_label,
+    policy_label, policy_sha256, verify_output_bytes, verify_policy_bytes,
 };
 use crate::model::{
     ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, Task, TaskResult, TaskStatus,
@@ -202,6 +203,34 @@ CREATE TABLE IF NOT EXISTS LEASES (
     holder     TEXT NOT NULL,
     expires_at TEXT NOT NULL
 );
+
+-- Live output of running tasks, as their workers send it: one row per chunk.
+CREATE TABLE IF NOT EXISTS TASK_LOGS (
+    task_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    seq     INTEGER NOT NULL,
+    stream  TEXT NOT NULL,
+    text    TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS TASK_LOGS_task_attempt_seq ON TASK_LOGS (task_id, attempt, seq);
+
+-- Files tasks left under /output: one row per file, its bytes in chunks of POLICY_CHUNK_BYTES.
+CREATE TABLE IF NOT EXISTS TASK_OUTPUTS (
+    task_id    TEXT NOT NULL,
+    path       TEXT NOT NULL,
+    attempt    INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    sha256     TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS TASK_OUTPUTS_task_path ON TASK_OUTPUTS (task_id, path);
+CREATE TABLE IF NOT EXISTS TASK_OUTPUT_CHUNKS (
+    task_id TEXT NOT NULL,
+    path    TEXT NOT NULL,
+    n       INTEGER NOT NULL,
+    data    BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS TASK_OUTPUT_CHUNKS_task_path_n
+    ON TASK_OUTPUT_CHUNKS (task_id, path, n);
 "#;
 
 const TASK_COLUMNS: &str = "task_id, user_id, docker_image, command, req_cpu, req_memory, \
@@ -1678,6 +1707,88 @@ fn policy_bytes_sync(conn: &Connection, name: &str, version: &str) -> Result<Vec
     Ok(bytes)
 }
 
+fn put_output_sync(
+    conn: &Connection,
+    task_id: &str,
+    attempt: u32,
+    path: &str,
+    bytes: &[u8],
+) -> Result<OutputFileInfo> {
+    let info = OutputFileInfo {
+        task_id: task_id.to_string(),
+        path: path.to_string(),
+        attempt,
+        size_bytes: bytes.len() as u64,
+        sha256: policy_sha256(bytes),
+    };
+    let size = i64::try_from(info.size_bytes)
+        .map_err(|e| StoreError::backend("encoding an output's size", e))?;
+    // The row and its chunks are replaced inside this request's savepoint: together or not.
+    for sql in [
+        "DELETE FROM TASK_OUTPUTS WHERE task_id = ?1 AND path = ?2",
+        "DELETE FROM TASK_OUTPUT_CHUNKS WHERE task_id = ?1 AND path = ?2",
+    ] {
+        conn.prepare_cached(sql)
+            .and_then(|mut stmt| stmt.execute([task_id, path]))
+            .map_err(sql_err("replacing an output file"))?;
+    }
+    conn.prepare_cached(
+        "INSERT INTO TASK_OUTPUTS (task_id, path, attempt, size_bytes, sha256) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .and_then(|mut stmt| stmt.execute(params![task_id, path, attempt, size, info.sha256]))
+    .map_err(sql_err("storing an output file"))?;
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO TASK_OUTPUT_CHUNKS (task_id, path, n, data) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .map_err(sql_err("storing an output file's bytes"))?;
+    for (n, chunk) in bytes.chunks(POLICY_CHUNK_BYTES).enumerate() {
+        let n = i64::try_from(n).map_err(|e| StoreError::backend("numbering a chunk", e))?;
+        stmt.execute(params![task_id, path, n, chunk])
+            .map_err(sql_err("storing an output file's bytes"))?;
+    }
+    Ok(info)
+}
+
+fn output_from_row(row: &Row<'_>) -> rusqlite::Result<OutputFileInfo> {
+    let size: i64 = row.get(3)?;
+    Ok(OutputFileInfo {
+        task_id: row.get(0)?,
+        path: row.get(1)?,
+        attempt: get_u32(row, 2)?,
+        size_bytes: u64::try_from(size).map_err(|e| conversion(3, e))?,
+        sha256: row.get(4)?,
+    })
+}
+
+fn get_output_sync(
+    conn: &Connection,
+    task_id: &str,
+    path: &str,
+) -> Result<(OutputFileInfo, Vec<u8>)> {
+    let info = conn
+        .prepare_cached(
+            "SELECT task_id, path, attempt, size_bytes, sha256 FROM TASK_OUTPUTS \
+             WHERE task_id = ?1 AND path = ?2",
+        )
+        .and_then(|mut stmt| stmt.query_row([task_id, path], output_from_row).optional())
+        .map_err(sql_err("reading an output file"))?
+        .ok_or_else(|| StoreError::NotFound {
+            kind: "output file",
+            id: format!("{task_id}/{path}"),
+        })?;
+    let chunks: Vec<Vec<u8>> = conn
+        .prepare_cached(
+            "SELECT data FROM TASK_OUTPUT_CHUNKS WHERE task_id = ?1 AND path = ?2 ORDER BY n",
+        )
+        .and_then(|mut stmt| stmt.query_map([task_id, path], |row| row.get(0))?.collect())
+        .map_err(sql_err("reading an output file's bytes"))?;
+    let bytes = chunks.concat();
+    verify_output_bytes(&info, &bytes)?;
+    Ok((info, bytes))
+}
+
 fn delete_policy_sync(conn: &Connection, name: &str, version: &str) -> Result<()> {
     // One statement: the version cannot be activated between the check and the delete.
     let changed = conn
@@ -2282,6 +2393,102 @@ impl Store for SqliteStore {
         let (observed, allocated) = (observed.clone(), *allocated);
         self.call("repairing a worker's allocation", move |conn| {
             repair_allocation_sync(conn, &observed, &allocated)
+        })
+        .await
+    }
+
+    async fn insert_log_chunk(&self, chunk: &TaskLogChunk) -> Result<bool> {
+        let c = chunk.clone();
+        self.call("storing a log chunk", move |conn| {
+            let seq = i64::try_from(c.seq)
+                .map_err(|e| StoreError::backend("encoding a log chunk's seq", e))?;
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO TASK_LOGS (task_id, attempt, seq, stream, text) \
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+                )
+                .and_then(|mut stmt| {
+                    stmt.execute(params![c.task_id, c.attempt, seq, c.stream, c.text])
+                })
+                .map_err(sql_err("storing a log chunk"))?;
+            Ok(inserted == 1)
+        })
+        .await
+    }
+
+    async fn list_log_chunks(
+        &self,
+        task_id: &str,
+        after: Option<(u32, u64)>,
+        limit: u32,
+    ) -> Result<Vec<TaskLogChunk>> {
+        let task_id = task_id.to_string();
+        self.call("listing log chunks", move |conn| {
+            let (attempt, seq) = match after {
+                Some((a, s)) => (
+                    i64::from(a),
+                    i64::try_from(s).map_err(|e| StoreError::backend("encoding a seq", e))?,
+                ),
+                None => (-1, -1),
+            };
+            conn.prepare_cached(
+                "SELECT task_id, attempt, seq, stream, text FROM TASK_LOGS \
+                 WHERE task_id = ?1 AND (attempt > ?2 OR (attempt = ?2 AND seq > ?3)) \
+                 ORDER BY attempt, seq LIMIT ?4",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map(params![task_id, attempt, seq, limit], |row| {
+                    let seq: i64 = row.get(2)?;
+                    Ok(TaskLogChunk {
+                        task_id: row.get(0)?,
+                        attempt: get_u32(row, 1)?,
+                        seq: u64::try_from(seq).map_err(|e| conversion(2, e))?,
+                        stream: row.get(3)?,
+                        text: row.get(4)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(sql_err("listing log chunks"))
+        })
+        .await
+    }
+
+    async fn put_output_file(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        path: &str,
+        bytes: &[u8],
+    ) -> Result<OutputFileInfo> {
+        let (task_id, path, bytes) = (task_id.to_string(), path.to_string(), bytes.to_vec());
+        self.call("storing an output file", move |conn| {
+            put_output_sync(conn, &task_id, attempt, &path, &bytes)
+        })
+        .await
+    }
+
+    async fn list_output_files(&self, task_id: &str) -> Result<Vec<OutputFileInfo>> {
+        let task_id = task_id.to_string();
+        self.call("listing output files", move |conn| {
+            conn.prepare_cached(
+                "SELECT task_id, path, attempt, size_bytes, sha256 FROM TASK_OUTPUTS \
+                 WHERE task_id = ?1 ORDER BY path",
+            )
+            .and_then(|mut stmt| stmt.query_map([&task_id], output_from_row)?.collect())
+            .map_err(sql_err("listing output files"))
+        })
+        .await
+    }
+
+    async fn get_output_file(
+        &self,
+        task_id: &str,
+        path: &str,
+    ) -> Result<(OutputFileInfo, Vec<u8>)> {
+        let (task_id, path) = (task_id.to_string(), path.to_string());
+        self.call("reading an output file", move |conn| {
+            get_output_sync(conn, &task_id, &path)
         })
         .await
     }

@@ -17,12 +17,34 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::gpus::GpuPool;
-use crate::api::agent::{Outcome, ResultReport, Work, WorkList};
+use crate::api::agent::{LiveChunk, LiveLogs, Outcome, ResultReport, StreamName, Work, WorkList};
 use crate::client::{Client, ClientError};
-use crate::executor::{ExecError, Executor, ManagedState, RunOutcome, RunSpec, RunStatus};
+use crate::executor::{
+    ExecError, Executor, LogChunk, LogStream, ManagedState, OutputFile, RunOutcome, RunSpec,
+    RunStatus,
+};
 
 /// How long one long poll waits for a change.
 const POLL_WAIT: Duration = Duration::from_secs(25);
+
+/// Live output is sent at least this often while a task prints ...
+const LOG_FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// ... and as soon as this much waits.
+const LOG_FLUSH_BYTES: usize = 64 * 1024;
+/// Most text in one request, so that a batch stays far below the host's body limit on that
+/// route even JSON-escaped (after an outage, more than this may be waiting).
+const LOG_BATCH_BYTES: usize = 128 * 1024;
+/// Longest text of one chunk.
+const LOG_PIECE_BYTES: usize = 64 * 1024;
+/// Most live output kept for a host that does not answer; the oldest is dropped beyond (the
+/// result still carries the whole bounded logs).
+const LOG_MAX_PENDING_BYTES: usize = 1 << 20;
+/// How long one batch of live output may take to send.
+const LOG_SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the end of a run waits for its last live output to be sent.
+const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one output file may take to upload.
+const OUTPUT_UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How the runner reaches its host.
 #[derive(Debug, Clone)]
@@ -322,11 +344,33 @@ impl RunOne {
                 }
             }
         };
+        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let forwarding = tokio::spawn(forward_logs(
+            self.client.clone(),
+            self.worker_id.clone(),
+            ass_id.clone(),
+            events_rx,
+        ));
         let (outcome, ()) = tokio::join!(
             self.executor
-                .run_reporting_start(spec, None, cancel, started_tx),
+                .run_reporting_start(spec, Some(events_tx), cancel, started_tx),
             report_start
         );
+        // The executor dropped its sender: the forwarder sends what is left and ends. Its
+        // output goes before the result, so that a follower sees all of it before the end.
+        let abort = forwarding.abort_handle();
+        if tokio::time::timeout(LOG_DRAIN_TIMEOUT, forwarding)
+            .await
+            .is_err()
+        {
+            abort.abort();
+            tracing::warn!(worker_id = %self.worker_id, %ass_id, "the last live output was not sent in time");
+        }
+        if let Ok(o) = &outcome
+            && !self.shutting_down.is_cancelled()
+        {
+            upload_outputs(&self.client, &self.worker_id, &ass_id, &o.outputs).await;
+        }
         if self.shutting_down.is_cancelled()
             && matches!(&outcome, Ok(o) if o.status == RunStatus::Cancelled)
         {
@@ -346,6 +390,251 @@ impl RunOne {
             (ass_id, None)
         } else {
             (ass_id, Some(spooled))
+        }
+    }
+}
+
+/// Turns a stream's bytes into text, keeping a character split between two chunks whole.
+#[derive(Default)]
+struct Utf8Tail {
+    held: Vec<u8>,
+}
+
+impl Utf8Tail {
+    fn push(&mut self, bytes: &[u8]) -> String {
+        self.held.extend_from_slice(bytes);
+        let keep = match std::str::from_utf8(&self.held) {
+            Ok(_) => 0,
+            // An incomplete character at the end: wait for the rest of it.
+            Err(e) if e.error_len().is_none() => self.held.len() - e.valid_up_to(),
+            Err(_) => 0,
+        };
+        let rest = self.held.split_off(self.held.len() - keep);
+        let text = String::from_utf8_lossy(&self.held).into_owned();
+        self.held = rest;
+        text
+    }
+
+    fn finish(&mut self) -> String {
+        let text = String::from_utf8_lossy(&self.held).into_owned();
+        self.held.clear();
+        text
+    }
+}
+
+/// Batches of a run's live output on their way to the host.
+struct LiveBatcher {
+    decoders: [Utf8Tail; 2],
+    offsets: [u64; 2],
+    /// The host keeps no more of this stream.
+    full: [bool; 2],
+    seq: u64,
+    pending: std::collections::VecDeque<LiveChunk>,
+    pending_bytes: usize,
+}
+
+fn stream_index(stream: StreamName) -> usize {
+    match stream {
+        StreamName::Stdout => 0,
+        StreamName::Stderr => 1,
+    }
+}
+
+impl LiveBatcher {
+    fn new() -> Self {
+        LiveBatcher {
+            decoders: [Utf8Tail::default(), Utf8Tail::default()],
+            offsets: [0; 2],
+            full: [false; 2],
+            seq: 0,
+            pending: std::collections::VecDeque::new(),
+            pending_bytes: 0,
+        }
+    }
+
+    fn add_text(&mut self, stream: StreamName, mut text: String) {
+        let i = stream_index(stream);
+        if text.is_empty() || self.full[i] {
+            return;
+        }
+        while text.len() > LOG_PIECE_BYTES {
+            let mut cut = LOG_PIECE_BYTES;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let rest = text.split_off(cut);
+            self.add_text(stream, text);
+            text = rest;
+        }
+        let offset = self.offsets[i];
+        self.offsets[i] += text.len() as u64;
+        self.pending_bytes += text.len();
+        self.pending.push_back(LiveChunk {
+            seq: self.seq,
+            stream,
+            offset,
+            text,
+        });
+        self.seq += 1;
+        // A host that does not answer: drop the oldest rather than grow.
+        while self.pending_bytes > LOG_MAX_PENDING_BYTES {
+            match self.pending.pop_front() {
+                Some(dropped) => self.pending_bytes -= dropped.text.len(),
+                None => break,
+            }
+        }
+    }
+
+    fn add(&mut self, chunk: LogChunk) {
+        let stream = match chunk.stream {
+            LogStream::Stdout => StreamName::Stdout,
+            LogStream::Stderr => StreamName::Stderr,
+        };
+        let text = self.decoders[stream_index(stream)].push(&chunk.bytes);
+        self.add_text(stream, text);
+    }
+
+    fn finish(&mut self) {
+        for stream in [StreamName::Stdout, StreamName::Stderr] {
+            let text = self.decoders[stream_index(stream)].finish();
+            self.add_text(stream, text);
+        }
+    }
+
+    /// How many chunks from the front make the next request: at least one, at most
+    /// [`LOG_BATCH_BYTES`] of text.
+    fn next_batch_len(&self) -> usize {
+        let mut bytes = 0;
+        let mut count = 0;
+        for chunk in &self.pending {
+            if count > 0 && bytes + chunk.text.len() > LOG_BATCH_BYTES {
+                break;
+            }
+            bytes += chunk.text.len();
+            count += 1;
+        }
+        count
+    }
+
+    fn drop_front(&mut self, count: usize) {
+        for chunk in self.pending.drain(..count.min(self.pending.len())) {
+            self.pending_bytes -= chunk.text.len();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.pending.clear();
+        self.pending_bytes = 0;
+    }
+}
+
+/// Sends a run's live output to the host in batches (every [`LOG_FLUSH_EVERY`] or
+/// [`LOG_FLUSH_BYTES`]) until the executor closes `events`. Never holds up the container: the
+/// channel is unbounded and drained all along; a host that does not answer loses live output
+/// (bounded by [`LOG_MAX_PENDING_BYTES`]), never the result.
+async fn forward_logs(
+    client: Client,
+    worker_id: String,
+    ass_id: String,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<LogChunk>,
+) {
+    let path = format!("/v1/workers/{worker_id}/assignments/{ass_id}/logs");
+    let mut batcher = LiveBatcher::new();
+    let mut tick = tokio::time::interval(LOG_FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut open = true;
+    // The host refused for good (the assignment is gone): stop sending.
+    let mut refused = false;
+    let mut failures = 0u32;
+    let mut retry_at = tokio::time::Instant::now();
+    while open || !batcher.pending.is_empty() {
+        let flush = tokio::select! {
+            chunk = events.recv(), if open => match chunk {
+                Some(chunk) => {
+                    batcher.add(chunk);
+                    batcher.pending_bytes >= LOG_FLUSH_BYTES
+                }
+                None => {
+                    open = false;
+                    batcher.finish();
+                    true
+                }
+            },
+            _ = tick.tick() => true,
+        };
+        if refused {
+            batcher.clear();
+            continue;
+        }
+        // After a failed send, wait out the back-off (except for the last send of a run).
+        if !flush || batcher.pending.is_empty() || (open && tokio::time::Instant::now() < retry_at)
+        {
+            continue;
+        }
+        let count = batcher.next_batch_len();
+        let batch = LiveLogs {
+            chunks: batcher.pending.iter().take(count).cloned().collect(),
+        };
+        let body = match serde_json::to_value(&batch) {
+            Ok(body) => body,
+            Err(error) => {
+                tracing::error!(%worker_id, %ass_id, %error, "encoding live output");
+                batcher.clear();
+                continue;
+            }
+        };
+        match client.post_timeout(&path, &body, LOG_SEND_TIMEOUT).await {
+            Ok(ack) => {
+                failures = 0;
+                batcher.drop_front(count);
+                batcher.full[0] |= ack["stdout_full"].as_bool().unwrap_or(false);
+                batcher.full[1] |= ack["stderr_full"].as_bool().unwrap_or(false);
+            }
+            Err(ClientError::Api { status: 413, .. }) => {
+                tracing::warn!(%worker_id, %ass_id, "the host found a batch of live output too large; dropped");
+                batcher.drop_front(count);
+            }
+            Err(ClientError::Api { status, code, .. }) if status < 500 && status != 429 => {
+                tracing::info!(%worker_id, %ass_id, status, code, "the host takes no more live output of this run");
+                refused = true;
+                batcher.clear();
+            }
+            Err(error) => {
+                tracing::debug!(%worker_id, %ass_id, %error, "sending live output failed");
+                failures = failures.saturating_add(1);
+                retry_at = tokio::time::Instant::now()
+                    + (LOG_FLUSH_EVERY * 2u32.saturating_pow(failures.min(5)))
+                        .min(LOG_SEND_TIMEOUT);
+                if !open {
+                    // The run is over and the host does not answer: the result carries it.
+                    batcher.clear();
+                }
+            }
+        }
+    }
+}
+
+/// Uploads the files a run left under `/output`, one request each, before its result. A
+/// file the host does not take is logged and left out: the result is reported either way.
+async fn upload_outputs(client: &Client, worker_id: &str, ass_id: &str, outputs: &[OutputFile]) {
+    let path = format!("/v1/workers/{worker_id}/assignments/{ass_id}/outputs");
+    for file in outputs {
+        let sent = client
+            .post_bytes(
+                &path,
+                &[("path", file.path.clone())],
+                "application/octet-stream",
+                file.bytes.clone(),
+                OUTPUT_UPLOAD_TIMEOUT,
+            )
+            .await;
+        match sent {
+            Ok(_) => {
+                tracing::debug!(%worker_id, %ass_id, path = %file.path, size = file.bytes.len(), "output file uploaded")
+            }
+            Err(error) => {
+                tracing::warn!(%worker_id, %ass_id, path = %file.path, %error, "uploading an output file failed; left out")
+            }
         }
     }
 }
@@ -495,5 +784,70 @@ mod tests {
         assert!(dir.path().join("ass-2.corrupt").exists());
         spool_remove(dir.path(), "ass-1");
         assert!(spool_read(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_character_split_between_chunks_stays_whole() {
+        let mut tail = Utf8Tail::default();
+        let bytes = "hé!".as_bytes();
+        assert_eq!(tail.push(&bytes[..2]), "h");
+        assert_eq!(tail.push(&bytes[2..]), "é!");
+        assert_eq!(tail.push(&[0xff, b'a']), "\u{fffd}a");
+        assert_eq!(tail.push(&[0xc3]), "");
+        assert_eq!(tail.finish(), "\u{fffd}");
+    }
+
+    #[test]
+    fn live_output_numbers_chunks_and_drops_the_oldest_beyond_its_bound() {
+        let mut batcher = LiveBatcher::new();
+        batcher.add_text(StreamName::Stdout, "ab".into());
+        batcher.add_text(StreamName::Stderr, "err".into());
+        batcher.add_text(StreamName::Stdout, "cd".into());
+        let seen: Vec<(u64, u64, &str)> = batcher
+            .pending
+            .iter()
+            .map(|c| (c.seq, c.offset, c.text.as_str()))
+            .collect();
+        assert_eq!(seen, vec![(0, 0, "ab"), (1, 0, "err"), (2, 2, "cd")]);
+        batcher.full[1] = true;
+        batcher.add_text(StreamName::Stderr, "more".into());
+        assert_eq!(batcher.pending.len(), 3, "a full stream is not sent");
+        assert_eq!(batcher.next_batch_len(), 3);
+        batcher.drop_front(2);
+        assert_eq!((batcher.pending.len(), batcher.pending_bytes), (1, 2));
+        // Long text is cut into pieces, requests take a bounded share of them, and past the
+        // pending bound the oldest are dropped.
+        let big = "é".repeat(LOG_MAX_PENDING_BYTES / 2);
+        batcher.add_text(StreamName::Stdout, big);
+        assert!(
+            batcher
+                .pending
+                .iter()
+                .all(|c| c.text.len() <= LOG_PIECE_BYTES)
+        );
+        assert_eq!(batcher.pending[0].offset, 4, "the oldest were dropped");
+        assert_eq!(batcher.pending_bytes, LOG_MAX_PENDING_BYTES);
+        assert_eq!(batcher.next_batch_len(), LOG_BATCH_BYTES / LOG_PIECE_BYTES);
+    }
+
+    #[tokio::test]
+    async fn live_output_to_a_host_that_is_down_never_holds_up_the_end_of_a_run() {
+        // Nothing listens on port 1: every send fails at once.
+        let client = Client::new("http://127.0.0.1:1", Some("t".into())).unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let forwarding = tokio::spawn(forward_logs(client, "w".into(), "a".into(), rx));
+        for _ in 0..1000 {
+            // The sender never blocks, whatever the host does.
+            tx.send(LogChunk {
+                stream: LogStream::Stdout,
+                bytes: vec![b'x'; 4096],
+            })
+            .unwrap();
+        }
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(3), forwarding)
+            .await
+            .expect("the forwarder gives up once the run is over")
+            .unwrap();
     }
 }
