@@ -297,7 +297,14 @@ impl Runner {
     /// leaves the spool.
     async fn send_spooled(&self) {
         for spooled in spool_read(&self.config.spool_dir) {
-            if send_result(&self.client, &self.config.worker_id, &spooled).await {
+            if deliver(
+                &self.client,
+                &self.config.worker_id,
+                &self.config.spool_dir,
+                &spooled,
+            )
+            .await
+            {
                 spool_remove(&self.config.spool_dir, &spooled.ass_id);
             }
         }
@@ -368,8 +375,9 @@ impl RunOne {
         }
         if let Ok(o) = &outcome
             && !self.shutting_down.is_cancelled()
+            && let Err(error) = spool_write_outputs(&self.spool_dir, &ass_id, &o.outputs)
         {
-            upload_outputs(&self.client, &self.worker_id, &ass_id, &o.outputs).await;
+            tracing::error!(worker_id = %self.worker_id, %ass_id, error = format!("{error:#}"), "spooling output files failed; they are left out");
         }
         if self.shutting_down.is_cancelled()
             && matches!(&outcome, Ok(o) if o.status == RunStatus::Cancelled)
@@ -385,7 +393,7 @@ impl RunOne {
         if let Err(error) = spool_write(&self.spool_dir, &spooled) {
             tracing::error!(worker_id = %self.worker_id, %ass_id, %error, "spooling a result failed; sending it unspooled");
         }
-        if send_result(&self.client, &self.worker_id, &spooled).await {
+        if deliver(&self.client, &self.worker_id, &self.spool_dir, &spooled).await {
             spool_remove(&self.spool_dir, &ass_id);
             (ass_id, None)
         } else {
@@ -614,29 +622,119 @@ async fn forward_logs(
     }
 }
 
-/// Uploads the files a run left under `/output`, one request each, before its result. A
-/// file the host does not take is logged and left out: the result is reported either way.
-async fn upload_outputs(client: &Client, worker_id: &str, ass_id: &str, outputs: &[OutputFile]) {
-    let path = format!("/v1/workers/{worker_id}/assignments/{ass_id}/outputs");
+/// Sends a spooled result: first the output files spooled with it (each removed once the
+/// host answered for it), then the result. True when the host answered for good; false when
+/// it should be tried again later (nothing is lost meanwhile: all of it stays on disk).
+async fn deliver(client: &Client, worker_id: &str, spool_dir: &Path, spooled: &Spooled) -> bool {
+    upload_spooled_outputs(client, worker_id, spool_dir, &spooled.ass_id).await
+        && send_result(client, worker_id, spooled).await
+}
+
+/// The directory of an assignment's spooled output files.
+fn outputs_dir(spool_dir: &Path, ass_id: &str) -> PathBuf {
+    spool_dir.join(format!("{ass_id}.outputs"))
+}
+
+/// Writes a run's output files to the spool, under their relative paths (checked by the
+/// executor: no `..`, never absolute).
+fn spool_write_outputs(
+    spool_dir: &Path,
+    ass_id: &str,
+    outputs: &[OutputFile],
+) -> anyhow::Result<()> {
+    let dir = outputs_dir(spool_dir, ass_id);
     for file in outputs {
+        let path = dir.join(&file.path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(&path, &file.bytes)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The spooled output files of an assignment: (relative path, file on disk).
+fn spooled_outputs(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(current) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&current) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if let Ok(relative) = path.strip_prefix(dir) {
+                let relative = relative
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join("/");
+                found.push((relative, path));
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Uploads the spooled output files of an assignment, one request each. A file the host
+/// refuses for good (too large, the assignment superseded) is logged and dropped; a host that
+/// cannot be reached stops the upload, to be tried again with the result.
+async fn upload_spooled_outputs(
+    client: &Client,
+    worker_id: &str,
+    spool_dir: &Path,
+    ass_id: &str,
+) -> bool {
+    let dir = outputs_dir(spool_dir, ass_id);
+    if !dir.exists() {
+        return true;
+    }
+    let path = format!("/v1/workers/{worker_id}/assignments/{ass_id}/outputs");
+    for (relative, file) in spooled_outputs(&dir) {
+        let bytes = match std::fs::read(&file) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                tracing::error!(%worker_id, %ass_id, path = %file.display(), %error, "reading a spooled output file; left out");
+                continue;
+            }
+        };
+        let size = bytes.len();
         let sent = client
             .post_bytes(
                 &path,
-                &[("path", file.path.clone())],
+                &[("path", relative.clone())],
                 "application/octet-stream",
-                file.bytes.clone(),
+                bytes,
                 OUTPUT_UPLOAD_TIMEOUT,
             )
             .await;
         match sent {
             Ok(_) => {
-                tracing::debug!(%worker_id, %ass_id, path = %file.path, size = file.bytes.len(), "output file uploaded")
+                tracing::debug!(%worker_id, %ass_id, path = %relative, size, "output file uploaded")
+            }
+            Err(ClientError::Api {
+                status,
+                code,
+                message,
+            }) if status < 500 && status != 429 => {
+                tracing::warn!(%worker_id, %ass_id, path = %relative, status, code, message, "the host refused an output file; left out")
             }
             Err(error) => {
-                tracing::warn!(%worker_id, %ass_id, path = %file.path, %error, "uploading an output file failed; left out")
+                tracing::warn!(%worker_id, %ass_id, path = %relative, %error, "uploading an output file failed; kept in the spool");
+                return false;
             }
         }
+        let _ = std::fs::remove_file(&file);
     }
+    if let Err(error) = std::fs::remove_dir_all(&dir) {
+        tracing::warn!(path = %dir.display(), %error, "removing the spooled output files");
+    }
+    true
 }
 
 /// The report of a run: its outcome, or why it could not run.
@@ -784,6 +882,30 @@ mod tests {
         assert!(dir.path().join("ass-2.corrupt").exists());
         spool_remove(dir.path(), "ass-1");
         assert!(spool_read(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn output_files_are_spooled_under_their_paths_and_not_taken_for_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = vec![
+            OutputFile {
+                path: "report.txt".into(),
+                bytes: b"done\n".to_vec(),
+            },
+            OutputFile {
+                path: "d/e/f.bin".into(),
+                bytes: vec![0, 1, 2],
+            },
+        ];
+        spool_write_outputs(dir.path(), "ass-9", &files).unwrap();
+        let found = spooled_outputs(&outputs_dir(dir.path(), "ass-9"));
+        let paths: Vec<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["d/e/f.bin", "report.txt"]);
+        assert_eq!(std::fs::read(&found[0].1).unwrap(), vec![0, 1, 2]);
+        assert!(
+            spool_read(dir.path()).is_empty(),
+            "an outputs folder is not a result"
+        );
     }
 
     #[test]
