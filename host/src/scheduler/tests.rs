@@ -47,12 +47,16 @@ pub(crate) fn policies() -> Arc<PolicyRuntime> {
     ))
 }
 
-/// A config for tests: no timer to speak of (rounds run when the test says so), no back-off.
+/// A config for tests: no timer to speak of (rounds run when the test says so), no back-off,
+/// and workers fresh for 50 s after their last heartbeat (the simulated workers never beat
+/// again; a test on a loaded FerretDB can outlast the default 15 s). A heartbeat a minute old
+/// is still stale.
 pub(crate) fn config(batch_size: u32) -> SchedulerConfig {
     SchedulerConfig {
         batch_size,
         round_interval: Duration::from_secs(3600),
         admission_backoff: Duration::ZERO,
+        heartbeat_staleness: Duration::from_secs(50),
         ..SchedulerConfig::default()
     }
 }
