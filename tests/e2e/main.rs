@@ -7,4 +7,5 @@ mod execution;
 mod harness;
 mod policies;
 mod policy_tools;
+mod replicas;
 mod tour;
