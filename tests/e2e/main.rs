@@ -8,5 +8,6 @@ mod harness;
 mod invoke;
 mod policies;
 mod policy_tools;
+mod replicas;
 mod tour;
 mod worker_process;
