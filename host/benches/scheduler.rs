@@ -1,0 +1,267 @@
+//! Scheduler throughput and latency with simulated workers (store documents, no agents):
+//! placements per second for a queue of tasks over 100 and 1,000 workers, on the embedded
+//! SQLite store and on MongoDB (when `CLOUDAI_BENCH_MONGODB_URI` or `CLOUDAI_TEST_MONGODB_URI`
+//! is set), with the native best-fit and with the Wasm best-fit (from
+//! `CLOUDAI_POLICY_WASM_DIR`, default `$CARGO_TARGET_DIR/policies`); submit-to-assigned latency
+//! on an idle cluster; and the process's peak RSS after a placement cycle over a store with
+//! 100,000 tasks and 1,000 workers.
+//!
+//! Run with: `cargo bench -p cloudai --bench scheduler`
+//! Options (env): BENCH_RUNS (default 3), BENCH_TASKS (default 10000), BENCH_MONGO_TASKS and
+//! BENCH_MONGO_RUNS (default 2000 and 1: FerretDB, the test server, is far slower than
+//! MongoDB), BENCH_RSS_TASKS
+//! (default 100000), BENCH_LATENCY_SAMPLES (default 200).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cloudai::model::{Resources, Task, TaskStatus, Worker};
+use cloudai::policy::{EngineSettings, PolicyEngine, PolicyRuntime, RuntimeSettings};
+use cloudai::scheduler::{Scheduler, SchedulerConfig, Wakeup};
+use cloudai::store::mongo::MongoStore;
+use cloudai::store::sqlite::SqliteStore;
+use cloudai::store::{Store, TaskQuery};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn percentile(mut xs: Vec<f64>, p: f64) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let rank = ((p * xs.len() as f64).ceil() as usize).clamp(1, xs.len());
+    xs[rank - 1]
+}
+
+/// A queued task of one of 20 users, 0.5–2 cores, 1–4 GB, some with priority.
+fn queued_task(i: usize) -> Task {
+    let cpu = [0.5, 1.0, 2.0][i % 3];
+    let mut task = Task::new_pending(
+        format!("task-{i:07}-{}", uuid::Uuid::now_v7().simple()),
+        format!("user-{}", i % 20),
+        "busybox:1.36".into(),
+        Resources::new(cpu, 1.0 + (i % 4) as f64, 0.0, 0.0),
+    );
+    task.status = TaskStatus::Queued;
+    task.priority = i32::from(i.is_multiple_of(10));
+    task
+}
+
+/// `workers` workers with room for all of `tasks` (about 1.2 cores and 3 GB asked per task).
+async fn fill(store: &dyn Store, workers: usize, tasks: usize) {
+    let cpu = ((tasks as f64 * 1.3) / workers as f64).ceil() + 2.0;
+    for w in 0..workers {
+        let worker = Worker::new(
+            format!("worker-{w:05}-{}", uuid::Uuid::now_v7().simple()),
+            "127.0.0.1:0".into(),
+            Resources::new(cpu, cpu * 4.0, 1000.0, 0.0),
+            BTreeMap::from([("zone".into(), format!("z{}", w % 3))]),
+            String::new(),
+        );
+        store.insert_worker(&worker).await.unwrap();
+    }
+    for i in 0..tasks {
+        store.insert_task(&queued_task(i), None).await.unwrap();
+    }
+}
+
+fn runtime(wasm: Option<&[u8]>) -> Arc<PolicyRuntime> {
+    let rt = PolicyRuntime::new(
+        PolicyEngine::new(EngineSettings::default()).unwrap(),
+        RuntimeSettings::default(),
+    );
+    if let Some(bytes) = wasm {
+        rt.load("best-fit", "1", bytes, "{}").unwrap();
+        rt.activate("best-fit", "1").unwrap();
+    }
+    Arc::new(rt)
+}
+
+fn config() -> SchedulerConfig {
+    SchedulerConfig {
+        round_interval: Duration::from_secs(3600),
+        ..SchedulerConfig::default()
+    }
+}
+
+async fn queued_count(store: &dyn Store) -> usize {
+    store
+        .list_tasks(&TaskQuery {
+            status: Some(TaskStatus::Queued),
+            limit: 1,
+            ..TaskQuery::default()
+        })
+        .await
+        .unwrap()
+        .tasks
+        .len()
+}
+
+/// Places the whole queue; returns placements per second.
+async fn place_all(store: Arc<dyn Store>, policies: Arc<PolicyRuntime>, tasks: usize) -> f64 {
+    let scheduler = Scheduler::new(store.clone(), policies, Wakeup::new(), config());
+    let started = Instant::now();
+    loop {
+        scheduler.cycle().await;
+        if queued_count(&*store).await == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1800),
+            "placement stalled"
+        );
+    }
+    tasks as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn sqlite_store() -> (Arc<dyn Store>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open_in_dir(dir.path()).unwrap();
+    (Arc::new(store), dir)
+}
+
+async fn mongo_store(uri: &str) -> Arc<dyn Store> {
+    let database = format!("cloudai_bench_{}", uuid::Uuid::now_v7().simple());
+    Arc::new(MongoStore::connect(uri, &database).await.unwrap())
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let runs = env_usize("BENCH_RUNS", 3).max(1);
+    let tasks = env_usize("BENCH_TASKS", 10_000).max(1);
+    let mongo_tasks = env_usize("BENCH_MONGO_TASKS", 2_000).max(1);
+    let mongo_runs = env_usize("BENCH_MONGO_RUNS", 1).max(1);
+    let wasm_dir = std::env::var_os("CLOUDAI_POLICY_WASM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into());
+            PathBuf::from(target).join("policies")
+        });
+    let wasm = std::fs::read(wasm_dir.join("best-fit.wasm")).ok();
+    if wasm.is_none() {
+        println!(
+            "(no best-fit.wasm in {}: Wasm rows skipped)",
+            wasm_dir.display()
+        );
+    }
+    let mongo_uri = std::env::var("CLOUDAI_BENCH_MONGODB_URI")
+        .or_else(|_| std::env::var("CLOUDAI_TEST_MONGODB_URI"))
+        .ok()
+        .filter(|u| !u.is_empty());
+
+    println!(
+        "scheduler bench: placements per second, median of {runs} runs ({mongo_runs} on MongoDB)"
+    );
+    println!("  store     workers   tasks  policy          placements/s   (runs)");
+    for (store_name, count) in [("sqlite", tasks), ("mongodb", mongo_tasks)] {
+        if store_name == "mongodb" && mongo_uri.is_none() {
+            println!(
+                "  mongodb: skipped (set CLOUDAI_BENCH_MONGODB_URI or CLOUDAI_TEST_MONGODB_URI)"
+            );
+            continue;
+        }
+        for workers in [100, 1000] {
+            for (policy_name, bytes) in [
+                ("native best-fit", None),
+                ("wasm best-fit", wasm.as_deref()),
+            ] {
+                if policy_name.starts_with("wasm") && bytes.is_none() {
+                    continue;
+                }
+                let mut rates = Vec::new();
+                let runs = if store_name == "mongodb" {
+                    mongo_runs
+                } else {
+                    runs
+                };
+                for _ in 0..runs {
+                    let (store, _dir): (Arc<dyn Store>, Option<tempfile::TempDir>) =
+                        match store_name {
+                            "sqlite" => {
+                                let (s, d) = sqlite_store().await;
+                                (s, Some(d))
+                            }
+                            _ => (mongo_store(mongo_uri.as_deref().unwrap()).await, None),
+                        };
+                    fill(&*store, workers, count).await;
+                    rates.push(place_all(store, runtime(bytes), count).await);
+                }
+                let shown: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+                println!(
+                    "  {store_name:<8} {workers:>8} {count:>7}  {policy_name:<15} {:>12.0}   ({})",
+                    median(rates.clone()),
+                    shown.join(", ")
+                );
+            }
+        }
+    }
+
+    // Submit-to-assigned on an idle cluster: a running scheduler, woken as the API wakes it.
+    let samples = env_usize("BENCH_LATENCY_SAMPLES", 200).max(1);
+    let (store, _dir) = sqlite_store().await;
+    fill(&*store, 10, 0).await;
+    let wakeup = Wakeup::new();
+    let scheduler = Scheduler::new(store.clone(), runtime(None), wakeup.clone(), config());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(scheduler.run(async {
+        let _ = stopped.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut latencies = Vec::new();
+    for i in 0..samples {
+        let mut task = queued_task(i);
+        task.req_cpu = 0.001;
+        let submitted = Instant::now();
+        let id = store.insert_task(&task, None).await.unwrap().task.task_id;
+        wakeup.wake();
+        while store.get_task(&id).await.unwrap().status != TaskStatus::Running {
+            tokio::task::yield_now().await;
+        }
+        latencies.push(submitted.elapsed().as_secs_f64() * 1000.0);
+    }
+    let _ = stop.send(());
+    running.await.unwrap();
+    println!(
+        "submit -> assigned, idle cluster (sqlite, 10 workers, {samples} tasks one at a time): p50 {:.2} ms, p99 {:.2} ms",
+        percentile(latencies.clone(), 0.5),
+        percentile(latencies, 0.99)
+    );
+
+    // Peak RSS with a large store: 1,000 workers, 100,000 queued tasks, one placement cycle.
+    let rss_tasks = env_usize("BENCH_RSS_TASKS", 100_000);
+    let (store, _dir) = sqlite_store().await;
+    eprintln!("filling a store with {rss_tasks} tasks and 1,000 workers ...");
+    let before = peak_rss_mb();
+    fill(&*store, 1000, rss_tasks).await;
+    let scheduler = Scheduler::new(
+        store.clone(),
+        runtime(wasm.as_deref()),
+        Wakeup::new(),
+        config(),
+    );
+    scheduler.cycle().await;
+    println!(
+        "peak RSS of this process after one placement cycle over {rss_tasks} tasks and 1,000 workers (sqlite): {:.0} MB (before filling: {before:.0} MB)",
+        peak_rss_mb()
+    );
+}
