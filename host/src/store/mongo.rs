@@ -69,15 +69,17 @@ pub const TASK_OUTPUT_CHUNKS: &str = "TASK_OUTPUT_CHUNKS";
 /// clearly at start-up instead of after the driver's 30 s default.
 pub const DEFAULT_SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
+mod ferretdb_lock;
+
 /// MongoDB's duplicate-key error code.
 const DUPLICATE_KEY: i32 = 11000;
 /// `NamespaceExists`: a collection created concurrently by another replica.
 const NAMESPACE_EXISTS: i32 = 48;
 
-/// Serializes this process's single-document writes when the server is FerretDB 1.x; see
-/// [`MongoStore::serializes_writes`]. One lock for the whole process, so that several stores
-/// in one process (tests running several host replicas) are covered too.
-static FERRETDB_WRITES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// The name of one document for [`MongoStore::atomic`]: its collection and natural key.
+fn lock_key(collection: &str, id: &str) -> String {
+    format!("{collection}/{id}")
+}
 
 /// [`Store`] on MongoDB 7.0+ (tested against FerretDB, which speaks the same protocol).
 ///
@@ -87,6 +89,8 @@ pub struct MongoStore {
     db: Database,
     /// The server is FerretDB 1.x: see [`MongoStore::serializes_writes`].
     ferretdb_version: Option<String>,
+    /// The FerretDB 1.x write lock shared by every replica: see [`ferretdb_lock`].
+    write_lock: Collection<Document>,
     tasks: Collection<Document>,
     workers: Collection<Document>,
     assignments: Collection<Document>,
@@ -137,6 +141,7 @@ impl MongoStore {
         let db = client.database(database);
         let mut store = MongoStore {
             ferretdb_version: None,
+            write_lock: db.collection(ferretdb_lock::LOCK_COLLECTION),
             tasks: db.collection(TASKS),
             workers: db.collection(WORKER_REGISTRY),
             assignments: db.collection(ASSIGNMENTS),
@@ -167,9 +172,9 @@ impl MongoStore {
         if let Some(version) = &store.ferretdb_version {
             tracing::warn!(
                 ferretdb_version = %version,
-                "the MongoDB server is FerretDB, whose updates are not atomic: this process \
-                 serializes its own writes, which is safe for ONE host replica only; use \
-                 MongoDB for several replicas"
+                "the MongoDB server is FerretDB 1.x, whose updates are not atomic: every \
+                 conditional write takes a lock on its document (slower; meant for tests). Use \
+                 MongoDB 7+ in production"
             );
         }
         Ok(store)
@@ -182,11 +187,12 @@ impl MongoStore {
     /// conditional updates can then both apply and an `$inc` can be lost: 50 concurrent
     /// reservations for room for 7 had 29 to 49 winners in our measurements.
     ///
-    /// Against FerretDB this store therefore runs each single-document write under one
-    /// process-wide lock: exactly the guarantee MongoDB gives every single-document write (no
-    /// more: a sequence of writes is never made atomic this way), but only among the writers of
-    /// this process. It is safe with one host replica on FerretDB, not with several. Inserts
-    /// are atomic on FerretDB (unique indexes are enforced by its backend) and are not locked.
+    /// Against FerretDB this store therefore runs each conditional single-document write under
+    /// a lock on that document, shared by every replica: a lock document in the database, taken
+    /// by inserting it (inserts are atomic on FerretDB, whose backend enforces unique indexes).
+    /// That is exactly the guarantee MongoDB gives every single-document write, no more (a
+    /// sequence of writes is never made atomic this way), at the cost of two more round trips
+    /// per write. Inserts are not locked.
     pub fn serializes_writes(&self) -> bool {
         self.ferretdb_version.is_some()
     }
@@ -211,14 +217,24 @@ impl MongoStore {
         })
     }
 
-    /// Runs one single-document write; under [`FERRETDB_WRITES`] when the server is FerretDB.
-    async fn atomic<F: IntoFuture>(&self, write: F) -> F::Output {
-        if self.ferretdb_version.is_some() {
-            let _serial = FERRETDB_WRITES.lock().await;
-            write.await
-        } else {
-            write.await
+    /// Runs one single-document write on the document that `key` names (see [`lock_key`]).
+    /// On FerretDB 1.x it runs under that document's store-wide [`ferretdb_lock`], shared by
+    /// every replica, which makes it as atomic as MongoDB makes it; writes to different
+    /// documents still run side by side.
+    async fn atomic<T, F>(&self, key: String, write: F) -> mongodb::error::Result<T>
+    where
+        F: IntoFuture<Output = mongodb::error::Result<T>>,
+    {
+        if self.ferretdb_version.is_none() {
+            return write.await;
         }
+        let held = ferretdb_lock::acquire(&self.write_lock, key).await?;
+        let outcome = write.await;
+        if let Err(e) = held.release().await {
+            // The write itself is done; the lock expires on its own.
+            tracing::warn!(error = %e, "releasing a FerretDB write lock");
+        }
+        outcome
     }
 
     /// The database this store uses.
@@ -388,6 +404,7 @@ impl MongoStore {
     async fn delete_output_chunks(&self, upload_id: &str) {
         if let Err(error) = self
             .atomic(
+                lock_key(TASK_OUTPUT_CHUNKS, upload_id),
                 self.task_output_chunks
                     .delete_many(doc! { "upload_id": upload_id }),
             )
@@ -401,6 +418,7 @@ impl MongoStore {
     /// document was never written).
     async fn delete_chunks(&self, upload_id: &str) -> Result<()> {
         self.atomic(
+            lock_key(POLICY_CHUNKS, upload_id),
             self.policy_chunks
                 .delete_many(doc! { "upload_id": upload_id }),
         )
@@ -424,11 +442,17 @@ impl MongoStore {
         };
         let outcome = match before {
             Some(before) => self
-                .atomic(self.active_policies.replace_one(filter, before))
+                .atomic(
+                    lock_key(ACTIVE_POLICIES, ours.kind.as_str()),
+                    self.active_policies.replace_one(filter, before),
+                )
                 .await
                 .map(drop),
             None => self
-                .atomic(self.active_policies.delete_one(filter))
+                .atomic(
+                    lock_key(ACTIVE_POLICIES, ours.kind.as_str()),
+                    self.active_policies.delete_one(filter),
+                )
                 .await
                 .map(drop),
         };
@@ -465,6 +489,7 @@ impl MongoStore {
     async fn update_worker(&self, worker_id: &str, update: Document, what: &str) -> Result<Worker> {
         let after = self
             .atomic(
+                lock_key(WORKER_REGISTRY, worker_id),
                 self.workers
                     .find_one_and_update(doc! { "worker_id": worker_id }, update)
                     .return_document(ReturnDocument::After),
@@ -541,6 +566,7 @@ impl MongoStore {
         for _ in 0..3 {
             let after = self
                 .atomic(
+                    lock_key(TASKS, task_id),
                     self.tasks
                         .find_one_and_update(filter.clone(), changes.clone())
                         .return_document(ReturnDocument::After),
@@ -623,6 +649,7 @@ impl MongoStore {
                         });
                     }
                     self.atomic(
+                        lock_key(IDEMPOTENCY_KEYS, &key_id),
                         self.idempotency
                             .delete_one(doc! { "_id": &key_id, "task_id": &task.task_id }),
                     )
@@ -837,6 +864,7 @@ impl Store for MongoStore {
         } };
         let after = self
             .atomic(
+                lock_key(TASKS, task_id),
                 self.tasks
                     .find_one_and_update(filter, changes)
                     .return_document(ReturnDocument::After),
@@ -874,6 +902,7 @@ impl Store for MongoStore {
     async fn request_cancel(&self, task_id: &str) -> Result<Task> {
         let after = self
             .atomic(
+                lock_key(TASKS, task_id),
                 self.tasks
                     .find_one_and_update(
                         doc! { "task_id": task_id, "status": TaskStatus::Running.as_str() },
@@ -999,13 +1028,16 @@ impl Store for MongoStore {
         // the worker. So the delete itself also requires that nothing is allocated; a reserve
         // that comes after the delete finds no worker.
         let deleted = self
-            .atomic(self.workers.delete_one(doc! {
-                "worker_id": worker_id,
-                "allocated_cpu": { "$lte": 0.0 },
-                "allocated_memory": { "$lte": 0.0 },
-                "allocated_storage": { "$lte": 0.0 },
-                "allocated_gpu": { "$lte": 0.0 },
-            }))
+            .atomic(
+                lock_key(WORKER_REGISTRY, worker_id),
+                self.workers.delete_one(doc! {
+                    "worker_id": worker_id,
+                    "allocated_cpu": { "$lte": 0.0 },
+                    "allocated_memory": { "$lte": 0.0 },
+                    "allocated_storage": { "$lte": 0.0 },
+                    "allocated_gpu": { "$lte": 0.0 },
+                }),
+            )
             .await
             .map_err(|e| StoreError::backend(format!("deleting worker '{worker_id}'"), e))?;
         if deleted.deleted_count == 1 {
@@ -1053,7 +1085,10 @@ impl Store for MongoStore {
             "$set": { "updated_at": to_bson_date(model::now()) },
         };
         let outcome = self
-            .atomic(self.workers.update_one(filter, update))
+            .atomic(
+                lock_key(WORKER_REGISTRY, worker_id),
+                self.workers.update_one(filter, update),
+            )
             .await
             .map_err(|e| StoreError::backend(format!("reserving on worker '{worker_id}'"), e))?;
         if outcome.matched_count == 1 {
@@ -1125,7 +1160,7 @@ impl Store for MongoStore {
 
     async fn release(&self, ass_id: &str) -> Result<bool> {
         // Step 1, the once-only guard: exactly one caller flips `released`.
-        let before = self.atomic(self.assignments.find_one_and_update(
+        let before = self.atomic(lock_key(ASSIGNMENTS, ass_id), self.assignments.find_one_and_update(
                 doc! { "ass_id": ass_id, "released": { "$ne": true } },
                 doc! { "$set": { "released": true, "released_at": to_bson_date(model::now()) } },
             )
@@ -1143,22 +1178,25 @@ impl Store for MongoStore {
         // held (under-used, never overcommitted); the reconciler recomputes `allocated_*` from
         // the active assignments and repairs that drift.
         let outcome = self
-            .atomic(self.workers.update_one(
-                doc! { "worker_id": &assignment.worker_id },
-                doc! {
-                    "$inc": {
-                        "allocated_cpu": -amount.cpu,
-                        "allocated_memory": -amount.memory,
-                        "allocated_storage": -amount.storage,
-                        "allocated_gpu": -amount.gpu,
-                        "available_cpu": amount.cpu,
-                        "available_memory": amount.memory,
-                        "available_storage": amount.storage,
-                        "available_gpu": amount.gpu,
+            .atomic(
+                lock_key(WORKER_REGISTRY, &assignment.worker_id),
+                self.workers.update_one(
+                    doc! { "worker_id": &assignment.worker_id },
+                    doc! {
+                        "$inc": {
+                            "allocated_cpu": -amount.cpu,
+                            "allocated_memory": -amount.memory,
+                            "allocated_storage": -amount.storage,
+                            "allocated_gpu": -amount.gpu,
+                            "available_cpu": amount.cpu,
+                            "available_memory": amount.memory,
+                            "available_storage": amount.storage,
+                            "available_gpu": amount.gpu,
+                        },
+                        "$set": { "updated_at": to_bson_date(model::now()) },
                     },
-                    "$set": { "updated_at": to_bson_date(model::now()) },
-                },
-            ))
+                ),
+            )
             .await
             .map_err(|e| {
                 StoreError::backend(
@@ -1329,6 +1367,7 @@ impl Store for MongoStore {
         // backs off, so an active version is never deleted.
         let marked = self
             .atomic(
+                lock_key(POLICIES, &format!("{name}@{version}")),
                 self.policies
                     .find_one_and_update(
                         doc! { "name": name, "version": version },
@@ -1345,10 +1384,13 @@ impl Store for MongoStore {
             && active.name == name
             && active.version == version
         {
-            self.atomic(self.policies.update_one(
-                doc! { "name": name, "version": version },
-                doc! { "$unset": { "deleting": "" } },
-            ))
+            self.atomic(
+                lock_key(POLICIES, &format!("{name}@{version}")),
+                self.policies.update_one(
+                    doc! { "name": name, "version": version },
+                    doc! { "$unset": { "deleting": "" } },
+                ),
+            )
             .await
             .map_err(|e| StoreError::backend(format!("unmarking policy {label}"), e))?;
             return Err(StoreError::Conflict {
@@ -1360,6 +1402,7 @@ impl Store for MongoStore {
         }
         // The version's document first: a crash after it leaves orphan chunks only.
         self.atomic(
+            lock_key(POLICIES, &format!("{name}@{version}")),
             self.policies
                 .delete_one(doc! { "name": name, "version": version, "upload_id": &upload_id }),
         )
@@ -1423,6 +1466,7 @@ impl Store for MongoStore {
             Some((expected_name, expected_version)) => {
                 let before = self
                     .atomic(
+                        lock_key(ACTIVE_POLICIES, kind.as_str()),
                         self.active_policies
                             .find_one_and_replace(
                                 doc! {
@@ -1471,11 +1515,14 @@ impl Store for MongoStore {
     ) -> Result<()> {
         let (name, version) = &expected_current;
         let deleted = self
-            .atomic(self.active_policies.delete_one(doc! {
-                "_id": kind.as_str(),
-                "name": name,
-                "version": version,
-            }))
+            .atomic(
+                lock_key(ACTIVE_POLICIES, kind.as_str()),
+                self.active_policies.delete_one(doc! {
+                    "_id": kind.as_str(),
+                    "name": name,
+                    "version": version,
+                }),
+            )
             .await
             .map_err(|e| {
                 StoreError::backend(
@@ -1632,6 +1679,7 @@ impl Store for MongoStore {
     async fn mark_running(&self, task_id: &str, owner: &str, attempts: u32) -> Result<Task> {
         let after = self
             .atomic(
+                lock_key(TASKS, task_id),
                 self.tasks
                     .find_one_and_update(
                         doc! {
@@ -1672,17 +1720,20 @@ impl Store for MongoStore {
 
     async fn unclaim_task(&self, task_id: &str, owner: &str) -> Result<bool> {
         let outcome = self
-            .atomic(self.tasks.update_one(
-                doc! {
-                    "task_id": task_id,
-                    "status": TaskStatus::Queued.as_str(),
-                    "owner": owner,
-                },
-                doc! {
-                    "$set": { "updated_at": to_bson_date(model::now()) },
-                    "$unset": { "owner": "", "lease_expires_at": "" },
-                },
-            ))
+            .atomic(
+                lock_key(TASKS, task_id),
+                self.tasks.update_one(
+                    doc! {
+                        "task_id": task_id,
+                        "status": TaskStatus::Queued.as_str(),
+                        "owner": owner,
+                    },
+                    doc! {
+                        "$set": { "updated_at": to_bson_date(model::now()) },
+                        "$unset": { "owner": "", "lease_expires_at": "" },
+                    },
+                ),
+            )
             .await
             .map_err(|e| {
                 StoreError::backend(format!("giving up the claim on task '{task_id}'"), e)
@@ -1714,7 +1765,10 @@ impl Store for MongoStore {
             "$set": { "updated_at": to_bson_date(model::now()) },
         };
         let outcome = self
-            .atomic(self.workers.update_one(filter, update))
+            .atomic(
+                lock_key(WORKER_REGISTRY, worker_id),
+                self.workers.update_one(filter, update),
+            )
             .await
             .map_err(|e| {
                 StoreError::backend(
@@ -1740,16 +1794,19 @@ impl Store for MongoStore {
     ) -> Result<bool> {
         // Renew ours or take an expired one: ONE conditional update.
         let taken = self
-            .atomic(self.leases.update_one(
-                doc! {
-                    "_id": name,
-                    "$or": [
-                        { "holder": holder },
-                        { "expires_at": { "$lt": to_bson_date(now) } },
-                    ],
-                },
-                doc! { "$set": { "holder": holder, "expires_at": to_bson_date(until) } },
-            ))
+            .atomic(
+                lock_key(LEASES, name),
+                self.leases.update_one(
+                    doc! {
+                        "_id": name,
+                        "$or": [
+                            { "holder": holder },
+                            { "expires_at": { "$lt": to_bson_date(now) } },
+                        ],
+                    },
+                    doc! { "$set": { "holder": holder, "expires_at": to_bson_date(until) } },
+                ),
+            )
             .await
             .map_err(|e| StoreError::backend(format!("taking lease '{name}'"), e))?;
         if taken.matched_count == 1 {
@@ -1770,6 +1827,7 @@ impl Store for MongoStore {
     async fn release_lease(&self, name: &str, holder: &str) -> Result<bool> {
         let deleted = self
             .atomic(
+                lock_key(LEASES, name),
                 self.leases
                     .delete_one(doc! { "_id": name, "holder": holder }),
             )
@@ -1780,17 +1838,20 @@ impl Store for MongoStore {
 
     async fn mark_worker_lost(&self, worker_id: &str, heartbeat_before: i64) -> Result<bool> {
         let outcome = self
-            .atomic(self.workers.update_one(
-                doc! {
-                    "worker_id": worker_id,
-                    "is_active": true,
-                    "last_heartbeat": { "$lt": heartbeat_before },
-                },
-                doc! { "$set": {
-                    "is_active": false,
-                    "updated_at": to_bson_date(model::now()),
-                } },
-            ))
+            .atomic(
+                lock_key(WORKER_REGISTRY, worker_id),
+                self.workers.update_one(
+                    doc! {
+                        "worker_id": worker_id,
+                        "is_active": true,
+                        "last_heartbeat": { "$lt": heartbeat_before },
+                    },
+                    doc! { "$set": {
+                        "is_active": false,
+                        "updated_at": to_bson_date(model::now()),
+                    } },
+                ),
+            )
             .await
             .map_err(|e| StoreError::backend(format!("marking worker '{worker_id}' lost"), e))?;
         if outcome.matched_count == 1 {
@@ -1840,13 +1901,16 @@ impl Store for MongoStore {
             let mut filter = expired.clone();
             filter.insert("task_id", task.task_id.as_str());
             let outcome = self
-                .atomic(self.tasks.update_one(
-                    filter,
-                    doc! {
-                        "$set": { "updated_at": to_bson_date(model::now()) },
-                        "$unset": { "owner": "", "lease_expires_at": "" },
-                    },
-                ))
+                .atomic(
+                    lock_key(TASKS, &task.task_id),
+                    self.tasks.update_one(
+                        filter,
+                        doc! {
+                            "$set": { "updated_at": to_bson_date(model::now()) },
+                            "$unset": { "owner": "", "lease_expires_at": "" },
+                        },
+                    ),
+                )
                 .await
                 .map_err(|e| {
                     StoreError::backend(
@@ -1885,7 +1949,10 @@ impl Store for MongoStore {
             "updated_at": to_bson_date(model::now()),
         } };
         let outcome = self
-            .atomic(self.workers.update_one(filter, update))
+            .atomic(
+                lock_key(WORKER_REGISTRY, worker_id),
+                self.workers.update_one(filter, update),
+            )
             .await
             .map_err(|e| {
                 StoreError::backend(
@@ -2003,6 +2070,7 @@ impl Store for MongoStore {
         }
         let before = self
             .atomic(
+                lock_key(TASK_OUTPUTS, &format!("{task_id}/{path}")),
                 self.task_outputs
                     .find_one_and_update(
                         doc! { "task_id": task_id, "path": path },
@@ -2623,8 +2691,8 @@ pub mod testing {
     /// Drops its database when dropped. The drop runs on a client and runtime of its own, in
     /// a thread: the test's runtime may be blocked in this very drop.
     pub struct DropDatabase {
-        uri: String,
-        database: String,
+        pub(crate) uri: String,
+        pub(crate) database: String,
     }
 
     impl Drop for DropDatabase {
@@ -2947,6 +3015,72 @@ mod tests {
             Some(Bson::String(v)) if v.trim_start_matches('v').starts_with("1.")
         );
         assert_eq!(store.serializes_writes(), is_ferretdb_1, "{info:?}");
+    }
+
+    /// Two stores with their own connection pools (as two host replicas) race 40 reservations
+    /// each for room for 30 on one worker: exactly 30 win and the worker's amounts add up,
+    /// which on FerretDB 1.x only holds because of the shared per-document lock.
+    #[tokio::test]
+    async fn two_replicas_racing_on_one_worker_never_overcommit_it() {
+        let Some((first, db)) = connect_test_store().await else {
+            return;
+        };
+        let second = MongoStore::connect(&db.uri, &db.database).await.unwrap();
+        first
+            .insert_worker(&worker("w-race", Resources::new(30.0, 300.0, 300.0, 0.0)))
+            .await
+            .unwrap();
+        let one = Resources::new(1.0, 1.0, 1.0, 0.0);
+        let mut racers = tokio::task::JoinSet::new();
+        for i in 0..80 {
+            let store = if i % 2 == 0 {
+                first.clone()
+            } else {
+                second.clone()
+            };
+            racers.spawn(async move { store.reserve("w-race", &one).await.unwrap() });
+        }
+        let won = racers.join_all().await.into_iter().filter(|w| *w).count();
+        assert_eq!(won, 30);
+        let w = second.get_worker("w-race").await.unwrap();
+        assert_eq!((w.allocated_cpu, w.available_cpu), (30.0, 0.0));
+        assert_eq!((w.allocated_memory, w.available_memory), (30.0, 270.0));
+    }
+
+    /// A lock left by a replica that died holding it is taken over once its TTL has passed,
+    /// and the write goes through.
+    #[tokio::test]
+    async fn a_lock_left_by_a_dead_replica_expires() {
+        let Some((store, _db)) = connect_test_store().await else {
+            return;
+        };
+        if !store.serializes_writes() {
+            return; // MongoDB takes no locks
+        }
+        store
+            .insert_worker(&worker("w-lock", Resources::new(4.0, 4.0, 4.0, 0.0)))
+            .await
+            .unwrap();
+        let expired = model::now() - chrono::Duration::seconds(1);
+        store
+            .write_lock
+            .insert_one(doc! {
+                "_id": lock_key(WORKER_REGISTRY, "w-lock"),
+                "holder": "a-dead-replica",
+                "expires_at": to_bson_date(expired),
+            })
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let one = Resources::new(1.0, 1.0, 1.0, 0.0);
+        assert!(store.reserve("w-lock", &one).await.unwrap());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        let left = store.write_lock.count_documents(doc! {}).await.unwrap();
+        assert_eq!(left, 0, "the write released its lock");
     }
 
     #[tokio::test]
