@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Brings up, on loopback only, the real services the tests talk to, when they are not up yet:
 #   - FerretDB (a MongoDB wire-protocol server) on 127.0.0.1:${CLOUDAI_FERRETDB_PORT:-27017},
-#     telemetry disabled (its default reports to a public host; nothing may leave this machine);
+#     telemetry disabled (its default reports to a public host; nothing may leave this machine),
+#     on PostgreSQL (Debian's `postgresql`, a private cluster on a Unix socket, no TCP) when it
+#     is installed, else on SQLite. Why PostgreSQL: FerretDB's SQLite backend filters every
+#     query but one on `_id` in Go after reading the whole collection (a lookup by `task_id`
+#     among 10,000 tasks took 510 ms; on PostgreSQL 5.5 ms), which makes multi-replica runs
+#     with thousands of tasks impossible. CLOUDAI_FERRETDB_BACKEND=sqlite|postgresql forces one;
 #   - the Docker engine (dockerd without a bridge network, iptables or IP forwarding).
 # Installs FerretDB with Go when it is missing. Source it or run it; it is idempotent.
 # Prints the MongoDB URI for the tests as: export CLOUDAI_TEST_MONGODB_URI=...
@@ -35,17 +40,57 @@ install_ferretdb() {
   rm -rf "$src"
 }
 
+# The newest installed PostgreSQL's bin directory, or nothing.
+postgres_bin() {
+  local dir
+  dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+  [ -n "$dir" ] && [ -x "$dir/postgres" ] && echo "$dir"
+}
+
+# Runs a command as the owner of PostgreSQL's files (initdb and postgres refuse root).
+as_postgres() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# A throw-away cluster for the tests in $1/pg, reachable only through a Unix socket in
+# $1/pg-socket; durability off (fsync, synchronous commit): it holds test data only.
+start_postgres() {
+  local data=$1 bin=$2
+  mkdir -p "$data/pg" "$data/pg-socket"
+  [ "$(id -u)" = 0 ] && chown postgres "$data/pg" "$data/pg-socket"
+  as_postgres "$bin/initdb" -D "$data/pg" -A trust -U postgres >"$data/initdb.log" 2>&1 \
+    || { log "initdb failed:"; cat "$data/initdb.log" >&2; exit 1; }
+  as_postgres "$bin/pg_ctl" -D "$data/pg" -l "$data/pg/postgres.log" -w -t 60 \
+    -o "-c listen_addresses= -k $data/pg-socket -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
+    start >/dev/null \
+    || { log "PostgreSQL did not start:"; cat "$data/pg/postgres.log" >&2; exit 1; }
+  as_postgres "$bin/createdb" -h "$data/pg-socket" -U postgres ferretdb
+}
+
 start_ferretdb() {
   if port_open "$PORT"; then
     log "a MongoDB-protocol server already listens on 127.0.0.1:$PORT"
     return
   fi
   [ -x "$FERRETDB_BIN" ] || install_ferretdb
-  local data
+  local data backend pgbin
   data="${CLOUDAI_FERRETDB_DATA:-$(mktemp -d /tmp/cloudai-ferretdb.XXXXXX)}"
   mkdir -p "$data"
+  chmod 755 "$data"
+  pgbin=$(postgres_bin || true)
+  backend="${CLOUDAI_FERRETDB_BACKEND:-$([ -n "$pgbin" ] && echo postgresql || echo sqlite)}"
+  local handler=(--handler=sqlite --sqlite-url="file:$data/")
+  if [ "$backend" = postgresql ]; then
+    [ -n "$pgbin" ] || { log "CLOUDAI_FERRETDB_BACKEND=postgresql but PostgreSQL is not installed"; exit 1; }
+    log "starting PostgreSQL ($pgbin) for FerretDB, on a Unix socket in $data/pg-socket"
+    start_postgres "$data" "$pgbin"
+    handler=(--handler=postgresql
+      --postgresql-url="postgres://postgres@/ferretdb?host=$data/pg-socket")
+  else
+    log "FerretDB on SQLite (slow for large collections: install postgresql for speed)"
+  fi
   log "starting FerretDB on 127.0.0.1:$PORT (data in $data)"
-  nohup "$FERRETDB_BIN" --handler=sqlite --sqlite-url="file:$data/" \
+  nohup "$FERRETDB_BIN" "${handler[@]}" \
     --listen-addr="127.0.0.1:$PORT" --debug-addr=- --telemetry=disable \
     --test-telemetry-url=http://127.0.0.1:9/ \
     >"$data/ferretdb.log" 2>&1 &
