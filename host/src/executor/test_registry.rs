@@ -1,15 +1,16 @@
 //! A minimal image registry for tests: no registry is reachable from CI, so the tests of a
-//! successful pull serve an image made here, over the Registry HTTP API v2
+//! successful and of a stalled pull serve an image made here, over the Registry HTTP API v2
 //! in plain HTTP on 127.0.0.1 (Docker treats 127.0.0.0/8 registries as insecure by default,
 //! so it pulls from them over HTTP; nothing leaves loopback).
 //!
 //! It serves what a pull of dockerd 20.10 reads: `GET /v2/`, one repository's manifest by
 //! tag or digest (Docker image manifest v2, schema 2) and its blobs, uncompressed. It records
-//! every request.
+//! every request, and it can stall chosen blobs half-way (headers and half the body, then
+//! nothing) for pull timeouts.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -56,6 +57,23 @@ impl TestImage {
         let top = layers.pop().expect("a layer");
         layers.push(with_marker(&top, marker));
         Self::assemble(name, tag, config, layers)
+    }
+
+    /// An image of `base`'s configuration and one layer holding `marker`, nothing to run: for
+    /// pulls that are not to finish. It shares no blob with [`Self::on_local`] images, so a
+    /// stalled download never holds up another test's pull (dockerd shares one download of a
+    /// blob between the pulls that want it).
+    pub async fn marker_only(
+        docker: &Docker,
+        base: &str,
+        name: &str,
+        tag: &str,
+        marker: &str,
+    ) -> Self {
+        let (mut config, _) = export(docker, base).await;
+        // The engine refuses a history with more non-empty entries than layers.
+        config["history"] = json!([{"created_by": "cloudai pull test marker"}]);
+        Self::assemble(name, tag, config, vec![marker_layer(marker)])
     }
 
     fn assemble(name: &str, tag: &str, mut config: Value, layers: Vec<Vec<u8>>) -> Self {
@@ -129,15 +147,22 @@ async fn export(docker: &Docker, image: &str) -> (Value, Vec<Vec<u8>>) {
     (config, layers)
 }
 
-/// Layer tar `layer` with the file `/cloudai-pull-test` holding `marker` added.
+/// A layer tar with one file, `/cloudai-pull-test`, holding `marker`.
+fn marker_layer(marker: &str) -> Vec<u8> {
+    with_marker(&[], marker)
+}
+
+/// Layer tar `layer` (empty: none) with the file `/cloudai-pull-test` holding `marker` added.
 fn with_marker(layer: &[u8], marker: &str) -> Vec<u8> {
     let mut tar = tar::Builder::new(Vec::new());
-    let mut source = tar::Archive::new(layer);
-    for entry in source.entries().unwrap() {
-        let entry = entry.unwrap();
-        let path = entry.path().unwrap().into_owned();
-        let mut header = entry.header().clone();
-        tar.append_data(&mut header, path, entry).unwrap();
+    if !layer.is_empty() {
+        let mut source = tar::Archive::new(layer);
+        for entry in source.entries().unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path().unwrap().into_owned();
+            let mut header = entry.header().clone();
+            tar.append_data(&mut header, path, entry).unwrap();
+        }
     }
     let mut header = tar::Header::new_gnu();
     header.set_entry_type(tar::EntryType::Regular);
@@ -150,6 +175,7 @@ fn with_marker(layer: &[u8], marker: &str) -> Vec<u8> {
 
 struct Shared {
     image: TestImage,
+    stalled: HashSet<String>,
     requests: Mutex<Vec<(Method, String)>>,
 }
 
@@ -161,10 +187,12 @@ pub struct TestRegistry {
 }
 
 impl TestRegistry {
-    /// Serves `image`.
-    pub async fn start(image: TestImage) -> Self {
+    /// Serves `image`; a GET of a blob in `stalled` sends its headers and half its bytes and
+    /// then nothing more, for as long as the registry lives.
+    pub async fn start(image: TestImage, stalled: &[String]) -> Self {
         let shared = Arc::new(Shared {
             image,
+            stalled: stalled.iter().cloned().collect(),
             requests: Mutex::new(Vec::new()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -264,6 +292,12 @@ async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri) -> 
         .header("Docker-Content-Digest", digest.as_str());
     let body = if method == Method::HEAD {
         Body::empty()
+    } else if shared.stalled.contains(digest) {
+        let half = axum::body::Bytes::copy_from_slice(&bytes[..bytes.len() / 2]);
+        Body::from_stream(
+            futures::stream::once(async move { Ok::<_, std::io::Error>(half) })
+                .chain(futures::stream::pending()),
+        )
     } else {
         Body::from(bytes.clone())
     };

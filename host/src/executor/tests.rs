@@ -499,7 +499,7 @@ async fn an_absent_image_is_pulled_from_a_registry_with_progress_per_layer_logge
     // A new tag and a new top layer each run: the engine has to fetch the image.
     let tag = uuid::Uuid::now_v7().simple().to_string();
     let image = TestImage::on_local(&docker, IMAGE, "cloudai-pull-test", &tag, &tag).await;
-    let registry = TestRegistry::start(image).await;
+    let registry = TestRegistry::start(image, &[]).await;
     let reference = registry.reference();
     remove_image(&docker, &reference).await;
     assert_image_absent(&docker, &reference).await;
@@ -574,6 +574,47 @@ async fn an_absent_image_is_pulled_from_a_registry_with_progress_per_layer_logge
     let pulled = recorded.events("image pulled");
     assert_eq!(pulled.len(), 1, "{pulled:?}");
     assert_eq!(pulled[0]["image"], reference);
+}
+
+#[tokio::test]
+async fn a_pull_that_stalls_fails_at_the_pull_timeout_and_leaves_nothing() {
+    let pull_timeout = Duration::from_secs(2);
+    let Some((docker, executor)) = setup(ExecutorConfig {
+        pull_timeout,
+        ..config()
+    })
+    .await
+    else {
+        return;
+    };
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let image = TestImage::marker_only(&docker, IMAGE, "cloudai-pull-test", &tag, &tag).await;
+    let layer = image.layer_digests[0].clone();
+    let registry = TestRegistry::start(image, std::slice::from_ref(&layer)).await;
+    let reference = registry.reference();
+    remove_image(&docker, &reference).await;
+
+    let mut spec = spec("pullstall", "true");
+    spec.image = reference.clone();
+    let task_id = spec.task_id.clone();
+    let started = Instant::now();
+    let err = executor
+        .run(spec, None, CancellationToken::new())
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    eprintln!("stalled pull failed after {took:?}: {err}");
+    assert_eq!(err.code(), "image_pull_failed");
+    assert!(err.to_string().contains(&reference), "{err}");
+    assert!(err.to_string().contains("timed out after 2s"), "{err}");
+    assert!(
+        took >= pull_timeout && took < pull_timeout + Duration::from_secs(8),
+        "{took:?}"
+    );
+    // It was the layer download that stalled, not anything before it.
+    assert!(registry.blob_gets(&layer) >= 1, "{:?}", registry.requests());
+    assert!(containers_of(&docker, &task_id).await.is_empty());
+    assert_image_absent(&docker, &reference).await;
 }
 
 #[tokio::test]
