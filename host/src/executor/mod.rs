@@ -35,6 +35,8 @@ use tokio_util::sync::CancellationToken;
 use crate::model::Task;
 
 mod capture;
+#[cfg(test)]
+mod test_registry;
 pub mod testimage;
 #[cfg(test)]
 mod tests;

@@ -11,6 +11,7 @@ use bollard::errors::Error as DockerError;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::test_registry::{TestImage, TestRegistry};
 use super::testimage::ensure_busybox_image;
 use super::*;
 
@@ -427,6 +428,193 @@ async fn missing_image_fails_fast_with_image_pull_failed_and_leaves_nothing() {
         "{err}"
     );
     assert!(containers_of(&docker, &task_id).await.is_empty());
+}
+
+/// Every event logged while a future runs, as its fields (`message` included) in text: how
+/// the tests see the pull progress the executor reports through `tracing`.
+#[derive(Clone, Default)]
+struct Recorded(Arc<std::sync::Mutex<Vec<BTreeMap<String, String>>>>);
+
+impl Recorded {
+    /// The fields of the events whose message is `message`, in order.
+    fn events(&self, message: &str) -> Vec<BTreeMap<String, String>> {
+        let events = self.0.lock().unwrap();
+        events
+            .iter()
+            .filter(|e| e.get("message").map(String::as_str) == Some(message))
+            .cloned()
+            .collect()
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Recorded {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Fields(BTreeMap<String, String>);
+        impl tracing::field::Visit for Fields {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                self.0.insert(field.name().into(), value.into());
+            }
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.insert(field.name().into(), format!("{value:?}"));
+            }
+        }
+        let mut fields = Fields(BTreeMap::new());
+        event.record(&mut fields);
+        self.0.lock().unwrap().push(fields.0);
+    }
+}
+
+/// Removes image `reference` (one that is not there is fine).
+async fn remove_image(docker: &Docker, reference: &str) {
+    let options = bollard::query_parameters::RemoveImageOptions {
+        force: true,
+        ..Default::default()
+    };
+    match docker.remove_image(reference, Some(options), None).await {
+        Ok(_)
+        | Err(DockerError::DockerResponseServerError {
+            status_code: 404, ..
+        }) => {}
+        Err(e) => panic!("cannot remove image {reference}: {e}"),
+    }
+}
+
+async fn assert_image_absent(docker: &Docker, reference: &str) {
+    match docker.inspect_image(reference).await {
+        Err(DockerError::DockerResponseServerError {
+            status_code: 404, ..
+        }) => {}
+        other => panic!("image {reference} is there: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_absent_image_is_pulled_from_a_registry_with_progress_per_layer_logged() {
+    use tracing::instrument::WithSubscriber;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let Some((docker, executor)) = setup(config()).await else {
+        return;
+    };
+    // A new tag and a new top layer each run: the engine has to fetch the image.
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let image = TestImage::on_local(&docker, IMAGE, "cloudai-pull-test", &tag, &tag).await;
+    let registry = TestRegistry::start(image, &[]).await;
+    let reference = registry.reference();
+    remove_image(&docker, &reference).await;
+    assert_image_absent(&docker, &reference).await;
+
+    let mut spec = spec("pull", "echo pulled");
+    spec.image = reference.clone();
+    let task_id = spec.task_id.clone();
+    let recorded = Recorded::default();
+    let started = Instant::now();
+    let outcome = executor
+        .run(spec, None, CancellationToken::new())
+        .with_subscriber(tracing_subscriber::registry().with(recorded.clone()))
+        .await;
+    eprintln!("pull and run took {:?}", started.elapsed());
+    remove_image(&docker, &reference).await;
+    let outcome = outcome.unwrap();
+    assert_eq!(outcome.status, RunStatus::Completed);
+    assert_eq!(outcome.stdout, "pulled\n");
+    assert_image_absent(&docker, &reference).await;
+
+    // The engine read the manifest, the config and every layer from the registry.
+    let image = registry.image();
+    let requests = registry.requests();
+    assert!(registry.manifest_gets() >= 1, "{requests:?}");
+    assert!(
+        registry.blob_gets(&image.config_digest) >= 1,
+        "{requests:?}"
+    );
+    for layer in &image.layer_digests {
+        assert!(registry.blob_gets(layer) >= 1, "{layer}: {requests:?}");
+    }
+
+    // Progress: per layer (Docker's short id: the first 12 hex digits of its digest), each
+    // status once when it changes, though the engine repeats one ("Extracting", ...) as
+    // bytes go through; every layer goes from "Pulling fs layer" through "Downloading" (the
+    // busybox binary makes the top layer large enough for progress) to "Pull complete", and
+    // the engine's digest of the manifest is the registry's.
+    let pulls = recorded.events("pull");
+    let mut per_layer: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for event in &pulls {
+        assert_eq!(event["image"], reference, "{event:?}");
+        assert_eq!(event["task_id"], task_id, "{event:?}");
+        per_layer
+            .entry(event["layer"].clone())
+            .or_default()
+            .push(event["status"].clone());
+    }
+    for (layer, statuses) in &per_layer {
+        assert!(
+            statuses.windows(2).all(|w| w[0] != w[1]),
+            "layer {layer:?} logged a status twice in a row: {statuses:?}"
+        );
+    }
+    for layer in &image.layer_digests {
+        let short = &layer.strip_prefix("sha256:").unwrap()[..12];
+        let statuses = per_layer
+            .get(short)
+            .unwrap_or_else(|| panic!("{per_layer:?}"));
+        assert_eq!(
+            statuses.first().unwrap(),
+            "Pulling fs layer",
+            "{statuses:?}"
+        );
+        assert!(statuses.iter().any(|s| s == "Downloading"), "{statuses:?}");
+        assert_eq!(statuses.last().unwrap(), "Pull complete", "{statuses:?}");
+    }
+    let image_statuses = per_layer.get("").unwrap_or_else(|| panic!("{per_layer:?}"));
+    assert!(
+        image_statuses.contains(&format!("Digest: {}", image.manifest_digest)),
+        "{image_statuses:?}"
+    );
+    let pulled = recorded.events("image pulled");
+    assert_eq!(pulled.len(), 1, "{pulled:?}");
+    assert_eq!(pulled[0]["image"], reference);
+}
+
+#[tokio::test]
+async fn a_pull_that_stalls_fails_at_the_pull_timeout_and_leaves_nothing() {
+    let pull_timeout = Duration::from_secs(2);
+    let Some((docker, executor)) = setup(ExecutorConfig {
+        pull_timeout,
+        ..config()
+    })
+    .await
+    else {
+        return;
+    };
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let image = TestImage::marker_only(&docker, IMAGE, "cloudai-pull-test", &tag, &tag).await;
+    let layer = image.layer_digests[0].clone();
+    let registry = TestRegistry::start(image, std::slice::from_ref(&layer)).await;
+    let reference = registry.reference();
+    remove_image(&docker, &reference).await;
+
+    let mut spec = spec("pullstall", "true");
+    spec.image = reference.clone();
+    let task_id = spec.task_id.clone();
+    let started = Instant::now();
+    let err = executor
+        .run(spec, None, CancellationToken::new())
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    eprintln!("stalled pull failed after {took:?}: {err}");
+    assert_eq!(err.code(), "image_pull_failed");
+    assert!(err.to_string().contains(&reference), "{err}");
+    assert!(err.to_string().contains("timed out after 2s"), "{err}");
+    assert!(
+        took >= pull_timeout && took < pull_timeout + Duration::from_secs(8),
+        "{took:?}"
+    );
+    // It was the layer download that stalled, not anything before it.
+    assert!(registry.blob_gets(&layer) >= 1, "{:?}", registry.requests());
+    assert!(containers_of(&docker, &task_id).await.is_empty());
+    assert_image_absent(&docker, &reference).await;
 }
 
 #[tokio::test]
