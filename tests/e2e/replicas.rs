@@ -506,7 +506,9 @@ async fn three_replicas_complete_every_task_exactly_once_without_overcommitting_
 
     let began = Instant::now();
     let ids = submit_all(&urls, tasks, "replicas").await;
-    finish(&store, &ledger, &ids, Duration::from_secs(600), &violation).await;
+    // FerretDB, the test server, completes a few tasks per second through three replicas.
+    let deadline = Duration::from_secs((tasks as u64 / 2).max(600));
+    finish(&store, &ledger, &ids, deadline, &violation).await;
     eprintln!(
         "{tasks} tasks on {workers} workers through 3 replicas: {:?}",
         began.elapsed()
