@@ -144,6 +144,12 @@ async fn release_orphan(
         Ok(task) if task.status == TaskStatus::Running && task.attempts == assignment.attempt => {
             return Ok(());
         }
+        // Claimed: a placement may still be between its insert and `mark_running`, however
+        // slow the store. Once its lease expires the claim is cleared (below), which also makes
+        // that placement's `mark_running` fail, and a later pass releases the assignment.
+        Ok(task) if task.status == TaskStatus::Queued && task.owner.is_some() => {
+            return Ok(());
+        }
         Ok(task) => format!("{} at attempt {}", task.status, task.attempts),
         Err(StoreError::NotFound { .. }) => "missing".to_string(),
         Err(error) => return Err(error),

@@ -48,6 +48,7 @@ on_both_stores!(
     an_expired_claim_is_cleared_and_the_task_placed,
     drift_is_repaired_once_it_has_settled_and_counted,
     an_in_flight_reservation_is_not_repaired_away,
+    a_stalled_placement_keeps_its_assignment_while_claimed_and_loses_it_with_its_claim,
     a_running_task_past_its_timeout_fails_and_is_released_once,
     a_running_task_left_without_its_assignment_is_queued_again,
     two_reconcilers_on_one_store_only_the_lease_holder_acts,
@@ -509,6 +510,87 @@ async fn an_in_flight_reservation_is_not_repaired_away(store: Arc<dyn Store>) {
             .await
             .unwrap()
             .released
+    );
+    assert_accounting(&*store).await;
+}
+
+/// A placement that stalls between its assignment and `mark_running` for longer than
+/// `settle` (a loaded store) keeps its assignment while its claim holds; once the claim's lease
+/// expires the claim is cleared, the assignment released once, and the stalled placement can
+/// no longer mark the task running.
+async fn a_stalled_placement_keeps_its_assignment_while_claimed_and_loses_it_with_its_claim(
+    store: Arc<dyn Store>,
+) {
+    let wakeup = Wakeup::new();
+    let settle = Duration::from_millis(200);
+    let w = add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    let task = queued(&*store, 2.0, 3, None).await;
+    let mut r = reconciler(&store, &wakeup, settle);
+    let now = model::now();
+    let lease = chrono::Duration::milliseconds(1500);
+    store
+        .claim_task(&task.task_id, "host-a/1", now + lease, now)
+        .await
+        .unwrap();
+    assert!(store.reserve(&w.worker_id, &task.request()).await.unwrap());
+    let assignment = Assignment {
+        ass_id: unique_id("ass"),
+        task_id: task.task_id.clone(),
+        worker_id: w.worker_id.clone(),
+        assigned_at: model::now(),
+        req_cpu: task.req_cpu,
+        req_memory: task.req_memory,
+        req_storage: task.req_storage,
+        req_gpu: task.req_gpu,
+        attempt: 1,
+        released: false,
+        released_at: None,
+    };
+    store.insert_assignment(&assignment).await.unwrap();
+    tokio::time::sleep(settle + Duration::from_millis(200)).await;
+    beat(&*store, &wakeup, &w.worker_id).await;
+    assert_eq!(
+        held_tick(&mut r).await,
+        Repairs::default(),
+        "claimed: still in flight"
+    );
+    assert!(
+        !store
+            .get_assignment(&assignment.ass_id)
+            .await
+            .unwrap()
+            .released
+    );
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    beat(&*store, &wakeup, &w.worker_id).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    beat(&*store, &wakeup, &w.worker_id).await;
+    let mut repairs = held_tick(&mut r).await;
+    beat(&*store, &wakeup, &w.worker_id).await;
+    repairs.add(&held_tick(&mut r).await);
+    assert_eq!(
+        (repairs.claims_cleared, repairs.orphans_released),
+        (1, 1),
+        "{repairs:?}"
+    );
+    assert!(
+        store
+            .get_assignment(&assignment.ass_id)
+            .await
+            .unwrap()
+            .released
+    );
+    assert!(
+        store
+            .mark_running(&task.task_id, "host-a/1", 1)
+            .await
+            .is_err(),
+        "the stalled placement's claim is gone"
+    );
+    assert_eq!(
+        store.get_worker(&w.worker_id).await.unwrap().allocated(),
+        Resources::default()
     );
     assert_accounting(&*store).await;
 }

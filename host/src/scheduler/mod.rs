@@ -142,7 +142,8 @@ pub struct Scheduler {
     policies: Arc<PolicyRuntime>,
     wakeup: Wakeup,
     config: SchedulerConfig,
-    /// This replica's claim owner id, random per process.
+    /// This replica's id, random per process: the prefix of every claim it makes (each
+    /// placement claims with a token of its own, `<owner>/<uuid>`).
     owner: String,
     /// Notified after a round placed tasks: the agents' long polls answer at once.
     work: WorkSignal,

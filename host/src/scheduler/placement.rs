@@ -201,10 +201,11 @@ impl Scheduler {
         let task_id = task.task_id.as_str();
         let now = model::now();
         let lease_until = now + chrono_duration(self.config.claim_lease);
-        match store
-            .claim_task(task_id, &self.owner, lease_until, now)
-            .await
-        {
+        // A claim of its own for this one placement: a placement that stalls past its lease
+        // (its claim cleared, its assignment released as an orphan) can then never mark the
+        // task running under a later claim of this same replica.
+        let claim = format!("{}/{}", self.owner, uuid::Uuid::now_v7().simple());
+        match store.claim_task(task_id, &claim, lease_until, now).await {
             Ok(_) => {}
             // Claimed by another replica, cancelled, or already placed: not ours to place.
             Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
@@ -220,12 +221,12 @@ impl Scheduler {
             Ok(true) => {}
             // The capacity was taken (or the worker left) since the round read it: re-plan.
             Ok(false) | Err(StoreError::NotFound { .. }) => {
-                self.unclaim(task_id).await;
+                self.unclaim(task_id, &claim).await;
                 return Placement::Lost;
             }
             Err(error) => {
                 tracing::warn!(%error, "reserving on a worker");
-                self.unclaim(task_id).await;
+                self.unclaim(task_id, &claim).await;
                 return Placement::Failed;
             }
         }
@@ -246,10 +247,10 @@ impl Scheduler {
         if let Err(error) = store.insert_assignment(&assignment).await {
             tracing::warn!(%error, ass_id = %assignment.ass_id, "inserting an assignment");
             self.undo_reservation(&assignment).await;
-            self.unclaim(task_id).await;
+            self.unclaim(task_id, &claim).await;
             return Placement::Failed;
         }
-        match store.mark_running(task_id, &self.owner, attempt).await {
+        match store.mark_running(task_id, &claim, attempt).await {
             Ok(_) => {
                 tracing::info!(ass_id = %assignment.ass_id, attempt, "task placed");
                 Placement::Placed
@@ -264,7 +265,7 @@ impl Scheduler {
                 if let Err(error) = store.release(&assignment.ass_id).await {
                     tracing::error!(%error, ass_id = %assignment.ass_id, "releasing an unused assignment failed; left for the reconciler");
                 }
-                self.unclaim(task_id).await;
+                self.unclaim(task_id, &claim).await;
                 if lost {
                     Placement::Lost
                 } else {
@@ -292,8 +293,8 @@ impl Scheduler {
         }
     }
 
-    async fn unclaim(&self, task_id: &str) {
-        if let Err(error) = self.store.unclaim_task(task_id, &self.owner).await {
+    async fn unclaim(&self, task_id: &str, claim: &str) {
+        if let Err(error) = self.store.unclaim_task(task_id, claim).await {
             // The claim expires with its lease.
             tracing::warn!(task_id, %error, "giving up a claim");
         }
@@ -331,9 +332,10 @@ impl Scheduler {
         let task_id = task.task_id.as_str();
         let now = model::now();
         let lease_until = now + chrono_duration(self.config.claim_lease);
+        let claim = format!("{}/{}", self.owner, uuid::Uuid::now_v7().simple());
         if self
             .store
-            .claim_task(task_id, &self.owner, lease_until, now)
+            .claim_task(task_id, &claim, lease_until, now)
             .await
             .is_err()
         {
@@ -357,7 +359,7 @@ impl Scheduler {
             }
             Err(error) => {
                 tracing::warn!(task_id, %error, "failing an unschedulable task");
-                self.unclaim(task_id).await;
+                self.unclaim(task_id, &claim).await;
                 false
             }
         }
