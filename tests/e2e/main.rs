@@ -9,5 +9,6 @@ mod invoke;
 mod policies;
 mod policy_tools;
 mod replicas;
+mod scheduling;
 mod tour;
 mod worker_process;

@@ -3,7 +3,7 @@
 //! claim the task (owner + lease) -> reserve on the worker (the one conditional update) ->
 //! insert the ASSIGNMENT -> mark the task running (conditional on our claim).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
 use tracing::Instrument;
@@ -48,9 +48,15 @@ enum Placement {
 }
 
 /// The batch in queue order with per-user fairness: higher priority first; within a priority,
-/// users take turns (each user's first task, then each user's second, ...), older first within
-/// a turn. So one user's 10,000 queued tasks cannot keep another user's single task out.
-pub(super) fn fair_order(mut tasks: Vec<Task>, limit: usize) -> Vec<Task> {
+/// users take turns, counting the tasks each already has `running` (a user with 3 running
+/// tasks waits for the turn of its 4th), older first within a turn. So one user's 10,000
+/// queued tasks cannot keep another user's single task out, even when capacity frees one
+/// task at a time: the user with fewer running tasks goes first.
+pub(super) fn fair_order(
+    mut tasks: Vec<Task>,
+    limit: usize,
+    running: &BTreeMap<String, u32>,
+) -> Vec<Task> {
     tasks.sort_by(queue_order);
     let mut turn: HashMap<(i32, String), usize> = HashMap::new();
     let mut ranked: Vec<(usize, Task)> = tasks
@@ -58,7 +64,7 @@ pub(super) fn fair_order(mut tasks: Vec<Task>, limit: usize) -> Vec<Task> {
         .map(|task| {
             let slot = turn
                 .entry((task.priority, task.user_id.clone()))
-                .or_default();
+                .or_insert_with(|| running.get(&task.user_id).map_or(0, |n| *n as usize));
             let rank = *slot;
             *slot += 1;
             (rank, task)
@@ -106,7 +112,9 @@ impl Scheduler {
                 break;
             }
         }
-        Ok(fair_order(fetched, limit as usize))
+        let users: Vec<String> = per_user.into_keys().collect();
+        let running = self.store.running_counts(&users).await?;
+        Ok(fair_order(fetched, limit as usize, &running))
     }
 
     /// One placement round. `Err` only when the round could not start (reading the queue or

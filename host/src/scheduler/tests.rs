@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -258,14 +258,22 @@ fn fair_order_is_priority_then_users_in_turn_then_age() {
         task("c1", "carol", 5, 1),
         task("b2", "bob", 0, 5),
     ];
-    let order = placement::fair_order(tasks.clone(), 10);
+    let none = BTreeMap::new();
+    let order = placement::fair_order(tasks.clone(), 10, &none);
     let ids: Vec<&str> = order.iter().map(|t| t.task_id.as_str()).collect();
     assert_eq!(ids, ["c1", "a1", "b1", "a2", "b2", "a3"]);
-    let ids: Vec<String> = placement::fair_order(tasks, 3)
+    let ids: Vec<String> = placement::fair_order(tasks.clone(), 3, &none)
         .into_iter()
         .map(|t| t.task_id)
         .collect();
     assert_eq!(ids, ["c1", "a1", "b1"]);
+    // Alice already runs two tasks: bob's two come before her next one, though younger.
+    let running = BTreeMap::from([("alice".to_string(), 2)]);
+    let ids: Vec<String> = placement::fair_order(tasks, 10, &running)
+        .into_iter()
+        .map(|t| t.task_id)
+        .collect();
+    assert_eq!(ids, ["c1", "b1", "b2", "a1", "a2", "a3"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

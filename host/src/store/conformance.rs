@@ -175,6 +175,7 @@ macro_rules! store_conformance_tests {
             policy_version_limits_round_trip_and_default_to_none,
             clear_active_policy_is_a_compare_and_swap,
             user_usage_counts_open_tasks_and_sums_running_requests,
+            running_counts_count_only_running_tasks_of_the_users_asked,
             admission_batch_is_due_pending_tasks_least_recently_updated_first,
             claimable_tasks_are_in_queue_order_without_claimed_or_excluded_users,
             active_assignment_counts_count_unreleased_assignments_per_worker,
@@ -2260,6 +2261,40 @@ pub async fn user_usage_counts_open_tasks_and_sums_running_requests(store: &dyn 
         usage.reserved,
         Resources::new(0.5 + quantize(0.1), 4.0, 1.0, 1.0)
     );
+}
+
+pub async fn running_counts_count_only_running_tasks_of_the_users_asked(store: &dyn Store) {
+    let (alice, bob, carol, dave) = (
+        unique_id("user"),
+        unique_id("user"),
+        unique_id("user"),
+        unique_id("user"),
+    );
+    for (user, status) in [
+        (&alice, TaskStatus::Running),
+        (&alice, TaskStatus::Running),
+        (&alice, TaskStatus::Queued),
+        (&alice, TaskStatus::Completed),
+        (&bob, TaskStatus::Running),
+        (&carol, TaskStatus::Queued),
+        (&dave, TaskStatus::Running),
+    ] {
+        insert(
+            store,
+            &sample_task_at(&unique_id("task"), user, status, now()),
+        )
+        .await;
+    }
+    let counts = store
+        .running_counts(&[alice.clone(), bob.clone(), carol.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        counts,
+        BTreeMap::from([(alice, 2), (bob, 1)]),
+        "dave was not asked"
+    );
+    assert!(store.running_counts(&[]).await.unwrap().is_empty());
 }
 
 pub async fn admission_batch_is_due_pending_tasks_least_recently_updated_first(store: &dyn Store) {

@@ -418,6 +418,10 @@ pub trait Store: Send + Sync + 'static {
     /// The number of active (unreleased) assignments of each worker that has any.
     async fn active_assignment_counts(&self) -> Result<BTreeMap<String, u32>>;
 
+    /// How many `running` tasks each of `users` has (users with none are absent): the
+    /// placement round's fair share. One query for all of them.
+    async fn running_counts(&self, users: &[String]) -> Result<BTreeMap<String, u32>>;
+
     /// Moves a `queued` task claimed by `owner` to `running` in one conditional update:
     /// records `attempts`, clears the claim and the status reason (`started_at` stays unset:
     /// the worker sets it when the container starts). `Conflict` when the task is not queued

@@ -1676,6 +1676,34 @@ impl Store for MongoStore {
             .collect()
     }
 
+    async fn running_counts(&self, users: &[String]) -> Result<BTreeMap<String, u32>> {
+        if users.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let pipeline = vec![
+            doc! { "$match": {
+                "status": TaskStatus::Running.as_str(),
+                "user_id": { "$in": users },
+            } },
+            doc! { "$group": { "_id": "$user_id", "count": { "$sum": 1_i64 } } },
+        ];
+        let groups: Vec<Document> = self
+            .tasks
+            .aggregate(pipeline)
+            .await
+            .map_err(|e| StoreError::backend("counting users' running tasks", e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend("counting users' running tasks", e))?;
+        groups
+            .iter()
+            .map(|group| {
+                let r = Reader::new(group, TASKS);
+                Ok((r.string("_id")?, r.int("count")?))
+            })
+            .collect()
+    }
+
     async fn mark_running(&self, task_id: &str, owner: &str, attempts: u32) -> Result<Task> {
         let after = self
             .atomic(

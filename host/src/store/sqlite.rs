@@ -2244,6 +2244,31 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn running_counts(&self, users: &[String]) -> Result<BTreeMap<String, u32>> {
+        if users.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let users = users.to_vec();
+        self.call("counting users' running tasks", move |conn| {
+            let marks = vec!["?"; users.len()].join(", ");
+            let sql = format!(
+                "SELECT user_id, COUNT(*) FROM TASKS \
+                 WHERE status = 'running' AND user_id IN ({marks}) GROUP BY user_id"
+            );
+            let mut stmt = conn
+                .prepare(&sql)
+                .map_err(sql_err("counting users' running tasks"))?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(users.iter()), |row| {
+                    Ok((row.get::<_, String>(0)?, get_u32(row, 1)?))
+                })
+                .and_then(|rows| rows.collect::<rusqlite::Result<BTreeMap<_, _>>>())
+                .map_err(sql_err("counting users' running tasks"))?;
+            Ok(rows)
+        })
+        .await
+    }
+
     async fn admission_batch(&self, limit: u32, due_before: DateTime<Utc>) -> Result<Vec<Task>> {
         self.call("reading the admission batch", move |conn| {
             conn.prepare_cached(&format!(
