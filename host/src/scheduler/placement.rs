@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
+use futures::StreamExt;
 use tracing::Instrument;
 
 use super::{Scheduler, chrono_duration, source_label};
@@ -17,6 +18,9 @@ use crate::store::{StoreError, TaskUpdate};
 /// Most store queries one batch takes to be fair (each leaves out the users that already
 /// have their share): bounds a round's reads whatever the queue looks like.
 const MAX_BATCH_QUERIES: usize = 4;
+
+/// Placements of one round written at the same time.
+const PLACEMENTS_IN_FLIGHT: usize = 16;
 
 /// What one placement round did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -147,6 +151,7 @@ impl Scheduler {
         .await
         .map_err(|e| StoreError::backend("running the placement policy", e.to_string()))?;
 
+        let mut assigned = Vec::new();
         for (task, decision) in tasks.iter().zip(outcome.decisions) {
             match decision {
                 Decision::Assign { worker } => {
@@ -155,12 +160,7 @@ impl Scheduler {
                         stats.lost += 1;
                         continue;
                     };
-                    let span = tracing::info_span!("place", task_id = %task.task_id, worker_id);
-                    match self.place(task, worker_id).instrument(span).await {
-                        Placement::Placed => stats.placed += 1,
-                        Placement::Lost => stats.lost += 1,
-                        Placement::Failed => {}
-                    }
+                    assigned.push((task, worker_id));
                 }
                 Decision::Wait { reason } => {
                     stats.waited += 1;
@@ -180,6 +180,26 @@ impl Scheduler {
                         stats.failed += 1;
                     }
                 }
+            }
+        }
+        // The policy already planned the whole batch within the capacity it saw, so the
+        // placements are written side by side: each is independent (its own claim, one
+        // conditional reserve), a lost race is re-planned, and the store's round trips
+        // overlap (SQLite commits concurrent writes together; MongoDB serves them in parallel).
+        let mut writes = Vec::with_capacity(assigned.len());
+        for (task, worker_id) in assigned {
+            let span = tracing::info_span!("place", task_id = %task.task_id, worker_id);
+            writes.push(self.place(task, worker_id).instrument(span));
+        }
+        let placements: Vec<Placement> = futures::stream::iter(writes)
+            .buffer_unordered(PLACEMENTS_IN_FLIGHT)
+            .collect()
+            .await;
+        for placement in placements {
+            match placement {
+                Placement::Placed => stats.placed += 1,
+                Placement::Lost => stats.lost += 1,
+                Placement::Failed => {}
             }
         }
         if stats.placed > 0 {
