@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: brings up the services the tests need (FerretDB, Docker) when
-# absent, builds the policy components the policy tests load, then formatting, lints, and every
-# test of the workspace (host, end-to-end, and the policies' native unit tests) against the
-# real services.
+# absent, builds the policy components the policy tests load (the Rust guests, then the
+# JavaScript and Python examples), then formatting, lints, and every test of the workspace
+# (host, end-to-end, and the policies' native unit tests) against the real services.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +13,10 @@ export CLOUDAI_TEST_MONGODB_URI
 echo "== policy components (wasm32-wasip2)"
 export CLOUDAI_POLICY_WASM_DIR="$CARGO_TARGET_DIR/policies"
 scripts/build-policies.sh "$CLOUDAI_POLICY_WASM_DIR"
+
+echo "== example policies in JavaScript and Python (the conformance kit runs on them in cargo test)"
+export CLOUDAI_EXAMPLE_POLICY_WASM_DIR="$CARGO_TARGET_DIR/example-policies"
+scripts/build-example-policies.sh "$CLOUDAI_EXAMPLE_POLICY_WASM_DIR"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

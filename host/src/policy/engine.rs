@@ -126,10 +126,11 @@ impl PolicyEngine {
         let instances = settings.max_concurrent_instances.max(1);
         let mut pool = PoolingAllocationConfig::new();
         // A Rust wasip2 component holds a few core instances (the module and the shims that
-        // wit-component adds); larger guests (Python) hold more.
+        // wit-component adds); larger guests hold more (a componentize-py guest: 38). The
+        // total allows every slot its maximum, so concurrent large guests never exhaust it.
         pool.total_component_instances(instances)
-            .max_core_instances_per_component(32)
-            .total_core_instances(instances * 32)
+            .max_core_instances_per_component(64)
+            .total_core_instances(instances * 64)
             .max_memories_per_component(4)
             .total_memories(instances * 2)
             .max_tables_per_component(8)

@@ -376,6 +376,70 @@ mod tests {
         }
     }
 
+    /// The example policies in JavaScript and Python pass the kit too, under the limits
+    /// examples/policies/README.md gives them. Built by scripts/build-example-policies.sh
+    /// into `CLOUDAI_EXAMPLE_POLICY_WASM_DIR` (scripts/test.sh does); skipped, saying so,
+    /// without it outside CI.
+    #[test]
+    fn example_policies_in_javascript_and_python_pass_the_kit() {
+        let Some(dir) = std::env::var_os("CLOUDAI_EXAMPLE_POLICY_WASM_DIR") else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must set CLOUDAI_EXAMPLE_POLICY_WASM_DIR \
+                 (build it with scripts/build-example-policies.sh DIR)"
+            );
+            eprintln!(
+                "skipping: CLOUDAI_EXAMPLE_POLICY_WASM_DIR is not set (build the example \
+                 policies with scripts/build-example-policies.sh DIR and point it there)"
+            );
+            return;
+        };
+        let dir = std::path::PathBuf::from(dir);
+        // A debug build takes a minute to compile the Python guests (18 MB): keep them
+        // compiled beside the components, so that a rerun with the same guests skips that.
+        let engine = PolicyEngine::new(EngineSettings {
+            cache_dir: Some(dir.join("wasmtime-cache")),
+            ..EngineSettings::default()
+        })
+        .unwrap();
+        let rt = PolicyRuntime::new(engine, RuntimeSettings::default());
+        for name in ["js-spread", "js-quota", "py-spread", "py-quota"] {
+            let config = if name.ends_with("-quota") {
+                include_str!("../../../examples/policies/quota.json")
+            } else {
+                "{}"
+            };
+            let options = LoadOptions {
+                // Compiled by a debug build: far slower than production.
+                limits: Some(PolicyLimits {
+                    deadline: Duration::from_secs(1),
+                    ..PolicyLimits::default()
+                }),
+                smoke_check: true,
+            };
+            let kind = rt
+                .load_with(name, "1", &guest(&dir, name), config, options)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let outcomes = run(&rt, name, "1", kind);
+            assert!(outcomes.len() >= 4, "{name}");
+            assert_eq!(failures(&outcomes), Vec::<String>::new(), "{name}");
+        }
+
+        // The two spreads are one algorithm: the same decisions, label affinity included.
+        let mut snapshot = synthetic_snapshot(3, 500, 60);
+        for (i, task) in snapshot
+            .queued
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| i % 3 == 0)
+        {
+            task.labels = BTreeMap::from([("zone".into(), format!("z{}", i % 2))]);
+        }
+        let js = place(&rt, "js-spread", "1", &snapshot).unwrap();
+        assert!(assigned(&js) > 0);
+        assert_eq!(js, place(&rt, "py-spread", "1", &snapshot).unwrap());
+    }
+
     #[test]
     fn a_policy_that_answers_a_bad_index_fails_the_kit() {
         let Some(dir) = wasm_dir() else { return };
