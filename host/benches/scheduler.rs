@@ -230,11 +230,16 @@ async fn main() {
     let mut latencies = Vec::new();
     for i in 0..samples {
         let mut task = queued_task(i);
-        task.req_cpu = 0.001;
+        // Tiny, so that the 10 workers hold every sample (none is ever released).
+        (task.req_cpu, task.req_memory) = (0.001, 0.001);
         let submitted = Instant::now();
         let id = store.insert_task(&task, None).await.unwrap().task.task_id;
         wakeup.wake();
         while store.get_task(&id).await.unwrap().status != TaskStatus::Running {
+            assert!(
+                submitted.elapsed() < Duration::from_secs(10),
+                "sample {i} not placed within 10 s"
+            );
             tokio::task::yield_now().await;
         }
         latencies.push(submitted.elapsed().as_secs_f64() * 1000.0);
