@@ -237,6 +237,67 @@ impl MongoStore {
         outcome
     }
 
+    /// [`Store::release`]'s two steps: the once-only guard on the assignment, then the
+    /// amounts back to the worker.
+    async fn release_in_two_steps(&self, ass_id: &str) -> Result<bool> {
+        // Step 1, the once-only guard: exactly one caller flips `released`.
+        let before = self.atomic(lock_key(ASSIGNMENTS, ass_id), self.assignments.find_one_and_update(
+                doc! { "ass_id": ass_id, "released": { "$ne": true } },
+                doc! { "$set": { "released": true, "released_at": to_bson_date(model::now()) } },
+            )
+            .return_document(ReturnDocument::Before))
+.await
+            .map_err(|e| StoreError::backend(format!("releasing assignment '{ass_id}'"), e))?;
+        let Some(before) = before else {
+            // Already released, or no such assignment.
+            self.get_assignment(ass_id).await?;
+            return Ok(false);
+        };
+        let assignment = assignment_from_document(&before)?;
+        let amount = assignment.request();
+        // Step 2: give the amounts back. A crash between the two steps leaves the capacity
+        // held (under-used, never overcommitted); the reconciler recomputes `allocated_*` from
+        // the active assignments and repairs that drift.
+        let outcome = self
+            .atomic(
+                lock_key(WORKER_REGISTRY, &assignment.worker_id),
+                self.workers.update_one(
+                    doc! { "worker_id": &assignment.worker_id },
+                    doc! {
+                        "$inc": {
+                            "allocated_cpu": -amount.cpu,
+                            "allocated_memory": -amount.memory,
+                            "allocated_storage": -amount.storage,
+                            "allocated_gpu": -amount.gpu,
+                            "available_cpu": amount.cpu,
+                            "available_memory": amount.memory,
+                            "available_storage": amount.storage,
+                            "available_gpu": amount.gpu,
+                        },
+                        "$set": { "updated_at": to_bson_date(model::now()) },
+                    },
+                ),
+            )
+            .await
+            .map_err(|e| {
+                StoreError::backend(
+                    format!(
+                        "returning the reservation of assignment '{ass_id}' to worker '{}'",
+                        assignment.worker_id
+                    ),
+                    e,
+                )
+            })?;
+        if outcome.matched_count == 0 {
+            tracing::warn!(
+                ass_id,
+                worker_id = %assignment.worker_id,
+                "released an assignment whose worker no longer exists"
+            );
+        }
+        Ok(true)
+    }
+
     /// The database this store uses.
     pub fn database(&self) -> &Database {
         &self.db
@@ -1159,62 +1220,14 @@ impl Store for MongoStore {
     }
 
     async fn release(&self, ass_id: &str) -> Result<bool> {
-        // Step 1, the once-only guard: exactly one caller flips `released`.
-        let before = self.atomic(lock_key(ASSIGNMENTS, ass_id), self.assignments.find_one_and_update(
-                doc! { "ass_id": ass_id, "released": { "$ne": true } },
-                doc! { "$set": { "released": true, "released_at": to_bson_date(model::now()) } },
-            )
-            .return_document(ReturnDocument::Before))
-.await
-            .map_err(|e| StoreError::backend(format!("releasing assignment '{ass_id}'"), e))?;
-        let Some(before) = before else {
-            // Already released, or no such assignment.
-            self.get_assignment(ass_id).await?;
-            return Ok(false);
-        };
-        let assignment = assignment_from_document(&before)?;
-        let amount = assignment.request();
-        // Step 2: give the amounts back. A crash between the two steps leaves the capacity
-        // held (under-used, never overcommitted); the reconciler recomputes `allocated_*` from
-        // the active assignments and repairs that drift.
-        let outcome = self
-            .atomic(
-                lock_key(WORKER_REGISTRY, &assignment.worker_id),
-                self.workers.update_one(
-                    doc! { "worker_id": &assignment.worker_id },
-                    doc! {
-                        "$inc": {
-                            "allocated_cpu": -amount.cpu,
-                            "allocated_memory": -amount.memory,
-                            "allocated_storage": -amount.storage,
-                            "allocated_gpu": -amount.gpu,
-                            "available_cpu": amount.cpu,
-                            "available_memory": amount.memory,
-                            "available_storage": amount.storage,
-                            "available_gpu": amount.gpu,
-                        },
-                        "$set": { "updated_at": to_bson_date(model::now()) },
-                    },
-                ),
-            )
+        // The two steps run in a task of their own: a caller dropped between them (an HTTP
+        // handler whose client gave up) must not leave the reservation held with the
+        // assignment already released, which no retry would then return.
+        let store = self.clone();
+        let ass_id = ass_id.to_owned();
+        tokio::spawn(async move { store.release_in_two_steps(&ass_id).await })
             .await
-            .map_err(|e| {
-                StoreError::backend(
-                    format!(
-                        "returning the reservation of assignment '{ass_id}' to worker '{}'",
-                        assignment.worker_id
-                    ),
-                    e,
-                )
-            })?;
-        if outcome.matched_count == 0 {
-            tracing::warn!(
-                ass_id,
-                worker_id = %assignment.worker_id,
-                "released an assignment whose worker no longer exists"
-            );
-        }
-        Ok(true)
+            .map_err(|e| StoreError::backend("releasing an assignment", e.to_string()))?
     }
 
     // ----- results -----
