@@ -128,11 +128,14 @@ impl PolicyEngine {
         // A Rust wasip2 component holds a few core instances (the module and the shims that
         // wit-component adds); larger guests hold more (a componentize-py guest: 38). The
         // total allows every slot its maximum, so concurrent large guests never exhaust it.
+        // The same for memories: a componentize-qjs (JavaScript) guest has 3; with 2 per slot,
+        // the 11th concurrent JavaScript evaluation would fail to instantiate. A memory slot
+        // costs address space only (reserved, not committed).
         pool.total_component_instances(instances)
             .max_core_instances_per_component(64)
             .total_core_instances(instances * 64)
             .max_memories_per_component(4)
-            .total_memories(instances * 2)
+            .total_memories(instances * 4)
             .max_tables_per_component(8)
             .total_tables(instances * 8)
             .total_stacks(instances)

@@ -438,6 +438,27 @@ mod tests {
         let js = place(&rt, "js-spread", "1", &snapshot).unwrap();
         assert!(assigned(&js) > 0);
         assert_eq!(js, place(&rt, "py-spread", "1", &snapshot).unwrap());
+
+        // As many JavaScript evaluations at once as the engine has slots (a JS guest holds
+        // 3 memories: with 2 per slot in the pool, the 11th failed to instantiate).
+        let slots = EngineSettings::default().max_concurrent_instances as usize;
+        let start = std::sync::Barrier::new(slots);
+        let errors: Vec<String> = std::thread::scope(|scope| {
+            let runs: Vec<_> = (0..slots)
+                .map(|_| {
+                    scope.spawn(|| {
+                        start.wait();
+                        (0..3)
+                            .filter_map(|_| place(&rt, "js-spread", "1", &snapshot).err())
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            runs.into_iter()
+                .flat_map(|run| run.join().unwrap())
+                .collect()
+        });
+        assert_eq!(errors, Vec::<String>::new());
     }
 
     #[test]
