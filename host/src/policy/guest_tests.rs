@@ -184,7 +184,16 @@ fn bad_uploads_are_refused_with_a_clear_reason_and_nothing_is_kept() {
 fn best_fit_guest_decides_placement_like_the_native_best_fit() {
     let Some(dir) = wasm_dir() else { return };
     let rt = runtime();
-    rt.load("best-fit", "1.0.0", &guest(&dir, "best-fit"), "{}")
+    // A generous deadline: this compares decisions, and a round that overran 50 ms on a busy
+    // machine would fall back to the native best-fit and fail the comparison of sources.
+    let options = LoadOptions {
+        limits: Some(PolicyLimits {
+            deadline: Duration::from_secs(1),
+            ..PolicyLimits::default()
+        }),
+        smoke_check: true,
+    };
+    rt.load_with("best-fit", "1.0.0", &guest(&dir, "best-fit"), "{}", options)
         .unwrap();
     rt.activate("best-fit", "1.0.0").unwrap();
     assert_eq!(

@@ -460,7 +460,9 @@ async fn drift_is_repaired_once_it_has_settled_and_counted(store: Arc<dyn Store>
 
 async fn an_in_flight_reservation_is_not_repaired_away(store: Arc<dyn Store>) {
     let wakeup = Wakeup::new();
-    let settle = Duration::from_millis(300);
+    // Long enough that two passes 100 ms apart stay within it on a loaded machine (each pass
+    // reads every worker and assignment: slow on FerretDB under load).
+    let settle = Duration::from_millis(1500);
     let w = add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
     let task = queued(&*store, 2.0, 3, None).await;
     let mut r = reconciler(&store, &wakeup, settle);
@@ -499,6 +501,7 @@ async fn an_in_flight_reservation_is_not_repaired_away(store: Arc<dyn Store>) {
         .await
         .unwrap();
     tokio::time::sleep(settle + Duration::from_millis(100)).await;
+    beat(&*store, &wakeup, &w.worker_id).await;
     assert_eq!(held_tick(&mut r).await, Repairs::default());
     assert_eq!(
         store.get_worker(&w.worker_id).await.unwrap().allocated(),
