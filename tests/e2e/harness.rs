@@ -224,3 +224,22 @@ pub fn mongo_uri() -> Option<String> {
         }
     }
 }
+
+/// Registers a worker through the API with the join token; returns its token.
+pub async fn register_worker(host: &TestHost, id: &str, cpu: f64, memory: f64) -> String {
+    let worker = json!({
+        "worker_id": id, "worker_ip": "127.0.0.1:50052",
+        "total_cpu": cpu, "total_memory": memory, "total_storage": 100.0, "total_gpu": 0.0
+    });
+    let (status, body) = host
+        .call(
+            reqwest::Method::POST,
+            "/v1/workers",
+            Some(&host.join_token),
+            Some(&worker.to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["token"].as_str().expect("worker token").to_string()
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{StoreKind, TestHost, mongo_uri, unique_database};
+use crate::harness::{StoreKind, TestHost, mongo_uri, register_worker, unique_database};
 
 /// The guests' directory; `None` skips locally, CI must set it.
 fn wasm_dir() -> Option<PathBuf> {
@@ -231,25 +231,6 @@ async fn two_hosts_on_one_mongodb_database_switch_policies_within_a_second() {
     );
 }
 
-/// Registers a worker through the API with the join token; returns its token.
-async fn register(host: &TestHost, id: &str, cpu: f64, memory: f64) -> String {
-    let worker = json!({
-        "worker_id": id, "worker_ip": "127.0.0.1:50052",
-        "total_cpu": cpu, "total_memory": memory, "total_storage": 100.0, "total_gpu": 0.0
-    });
-    let (status, body) = host
-        .call(
-            Method::POST,
-            "/v1/workers",
-            Some(&host.join_token),
-            Some(&worker.to_string()),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    body["token"].as_str().expect("worker token").to_string()
-}
-
 /// Submits a 1-core, 1 GB task as alice, waits until it is placed, and says on which worker
 /// the reservation landed (the one whose allocation grew by its request).
 async fn place_one(host: &TestHost, workers: &[(&str, &str)]) -> String {
@@ -331,8 +312,8 @@ async fn place_one(host: &TestHost, workers: &[(&str, &str)]) -> String {
 async fn swapping_best_fit_for_spread_on_a_running_host_changes_where_the_next_tasks_go() {
     let Some(dir) = wasm_dir() else { return };
     let host = TestHost::start(StoreKind::Embedded).expect("host starts");
-    let small = register(&host, "small", 4.0, 8.0).await;
-    let big = register(&host, "big", 16.0, 32.0).await;
+    let small = register_worker(&host, "small", 4.0, 8.0).await;
+    let big = register_worker(&host, "big", 16.0, 32.0).await;
     let workers = [("small", small.as_str()), ("big", big.as_str())];
     upload(&host, &dir, "best-fit", &["--activate"]);
     upload(&host, &dir, "spread", &[]);

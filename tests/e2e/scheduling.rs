@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::json;
 
-use crate::harness::{ALICE_TOKEN, BOB_TOKEN, StoreKind, TestHost, mongo_uri};
+use crate::harness::{ALICE_TOKEN, BOB_TOKEN, StoreKind, TestHost, mongo_uri, register_worker};
 
 /// Submits a task of one core as `token` with `priority`; returns its id.
 async fn submit(host: &TestHost, token: &str, priority: i64) -> String {
@@ -102,21 +102,7 @@ async fn complete(host: &TestHost, id: &str, token: &str, ass_id: &str) {
 
 async fn priority_then_users_in_turn_then_age(store: StoreKind) {
     let host = TestHost::start_with(store, &["--no-local-worker"]).unwrap();
-    let worker = json!({
-        "worker_id": "two-slots", "worker_ip": "127.0.0.1:50052",
-        "total_cpu": 2.0, "total_memory": 4.0, "total_storage": 10.0, "total_gpu": 0.0
-    });
-    let (status, body) = host
-        .call(
-            Method::POST,
-            "/v1/workers",
-            Some(&host.join_token),
-            Some(&worker.to_string()),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let token = body["token"].as_str().unwrap().to_string();
+    let token = register_worker(&host, "two-slots", 2.0, 4.0).await;
     let id = "two-slots";
     let mut seen = HashSet::new();
 

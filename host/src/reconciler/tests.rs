@@ -14,7 +14,7 @@ use crate::scheduler::tests::{
     active_assignments, add_worker, assert_accounting, config, policies,
 };
 use crate::scheduler::{Finish, Scheduler, SchedulerConfig, Wakeup, finish_attempt};
-use crate::store::conformance::{sample_task, unique_id};
+use crate::store::conformance::{sample_assignment, sample_task, unique_id};
 use crate::store::{AssignmentFilter, Store, StoreError};
 
 /// Generates `NAME::sqlite` and `NAME::mongo` (skipped without a MongoDB server) from the
@@ -481,19 +481,12 @@ async fn an_in_flight_reservation_is_not_repaired_away(store: Arc<dyn Store>) {
     assert_eq!(held_tick(&mut r).await, Repairs::default());
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(held_tick(&mut r).await, Repairs::default());
-    let assignment = Assignment {
-        ass_id: unique_id("ass"),
-        task_id: task.task_id.clone(),
-        worker_id: w.worker_id.clone(),
-        assigned_at: model::now(),
-        req_cpu: task.req_cpu,
-        req_memory: task.req_memory,
-        req_storage: task.req_storage,
-        req_gpu: task.req_gpu,
-        attempt: 1,
-        released: false,
-        released_at: None,
-    };
+    let assignment = sample_assignment(
+        &unique_id("ass"),
+        &task.task_id,
+        &w.worker_id,
+        task.request(),
+    );
     store.insert_assignment(&assignment).await.unwrap();
     assert_eq!(held_tick(&mut r).await, Repairs::default());
     store
@@ -536,19 +529,12 @@ async fn a_stalled_placement_keeps_its_assignment_while_claimed_and_loses_it_wit
         .await
         .unwrap();
     assert!(store.reserve(&w.worker_id, &task.request()).await.unwrap());
-    let assignment = Assignment {
-        ass_id: unique_id("ass"),
-        task_id: task.task_id.clone(),
-        worker_id: w.worker_id.clone(),
-        assigned_at: model::now(),
-        req_cpu: task.req_cpu,
-        req_memory: task.req_memory,
-        req_storage: task.req_storage,
-        req_gpu: task.req_gpu,
-        attempt: 1,
-        released: false,
-        released_at: None,
-    };
+    let assignment = sample_assignment(
+        &unique_id("ass"),
+        &task.task_id,
+        &w.worker_id,
+        task.request(),
+    );
     store.insert_assignment(&assignment).await.unwrap();
     tokio::time::sleep(settle + Duration::from_millis(200)).await;
     beat(&*store, &wakeup, &w.worker_id).await;

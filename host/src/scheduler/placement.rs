@@ -232,7 +232,7 @@ impl Scheduler {
         // A claim of its own for this one placement: a placement that stalls past its lease
         // (its claim cleared, its assignment released as an orphan) can then never mark the
         // task running under a later claim of this same replica.
-        let claim = format!("{}/{}", self.owner, uuid::Uuid::now_v7().simple());
+        let claim = self.new_claim();
         match store.claim_task(task_id, &claim, lease_until, now).await {
             Ok(_) => {}
             // Claimed by another replica, cancelled, or already placed: not ours to place.
@@ -321,6 +321,11 @@ impl Scheduler {
         }
     }
 
+    /// A claim token of its own for one placement: `<replica owner>/<uuid>`.
+    fn new_claim(&self) -> String {
+        format!("{}/{}", self.owner, uuid::Uuid::now_v7().simple())
+    }
+
     async fn unclaim(&self, task_id: &str, claim: &str) {
         if let Err(error) = self.store.unclaim_task(task_id, claim).await {
             // The claim expires with its lease.
@@ -360,7 +365,7 @@ impl Scheduler {
         let task_id = task.task_id.as_str();
         let now = model::now();
         let lease_until = now + chrono_duration(self.config.claim_lease);
-        let claim = format!("{}/{}", self.owner, uuid::Uuid::now_v7().simple());
+        let claim = self.new_claim();
         if self
             .store
             .claim_task(task_id, &claim, lease_until, now)
