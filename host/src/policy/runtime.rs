@@ -647,13 +647,35 @@ impl PolicyRuntime {
     pub fn admit(&self, task: &AdmissionTask, usage: &UserUsage) -> AdmissionOutcome {
         let started = Instant::now();
         let Some(policy) = self.current(PolicyKind::Admission) else {
-            return AdmissionOutcome {
-                decision: AdmissionDecision::Accept,
-                source: PolicySource::Native,
-                elapsed: started.elapsed(),
-            };
+            return accepted_natively(started);
         };
-        match self.run_admit(&policy, task, usage) {
+        self.admit_active(&policy, task, usage, started)
+    }
+
+    /// Like [`PolicyRuntime::admit`], with the user's usage read only when an admission policy
+    /// is active (`None` from `usage`: not read yet; the check is not decided and `None` is
+    /// returned). The built-in default accepts without looking at usage, and reading usage
+    /// costs the store a query per user, so callers skip it while no policy is active.
+    pub fn admit_lazily(
+        &self,
+        task: &AdmissionTask,
+        usage: Option<&UserUsage>,
+    ) -> Option<AdmissionOutcome> {
+        let started = Instant::now();
+        let Some(policy) = self.current(PolicyKind::Admission) else {
+            return Some(accepted_natively(started));
+        };
+        Some(self.admit_active(&policy, task, usage?, started))
+    }
+
+    fn admit_active(
+        &self,
+        policy: &Arc<Loaded>,
+        task: &AdmissionTask,
+        usage: &UserUsage,
+        started: Instant,
+    ) -> AdmissionOutcome {
+        match self.run_admit(policy, task, usage) {
             Ok(decision) => {
                 policy.record_success();
                 AdmissionOutcome {
@@ -663,7 +685,7 @@ impl PolicyRuntime {
                 }
             }
             Err(err) => {
-                self.record_failure(&policy, &err);
+                self.record_failure(policy, &err);
                 let decision = match self.settings.admission_fallback {
                     AdmissionFallback::Accept => AdmissionDecision::Accept,
                     AdmissionFallback::Defer => AdmissionDecision::Defer(format!(
@@ -673,7 +695,7 @@ impl PolicyRuntime {
                 };
                 AdmissionOutcome {
                     decision,
-                    source: fallback_source(&policy, &err),
+                    source: fallback_source(policy, &err),
                     elapsed: started.elapsed(),
                 }
             }
@@ -832,6 +854,15 @@ impl PolicyRuntime {
 
 fn cut(reason: String) -> String {
     super::engine::truncate(&reason, super::validate::MAX_REASON_BYTES).to_string()
+}
+
+/// The built-in default admission: accept.
+fn accepted_natively(started: Instant) -> AdmissionOutcome {
+    AdmissionOutcome {
+        decision: AdmissionDecision::Accept,
+        source: PolicySource::Native,
+        elapsed: started.elapsed(),
+    }
 }
 
 fn wasm_source(policy: &Loaded) -> PolicySource {

@@ -32,13 +32,7 @@ pub async fn admit_task(
     policies: &Arc<PolicyRuntime>,
     task: &Task,
 ) -> Result<Admitted, StoreError> {
-    let usage = store.user_usage(&task.user_id).await?;
-    let decisions = decide(
-        policies,
-        vec![task.clone()],
-        HashMap::from([(task.user_id.clone(), usage)]),
-    )
-    .await?;
+    let decisions = decide_reading_usage(store, policies, vec![task.clone()]).await?;
     match decisions.into_iter().next() {
         Some(decision) => apply(store, task, decision).await,
         None => Err(StoreError::backend(
@@ -48,22 +42,54 @@ pub async fn admit_task(
     }
 }
 
+/// Decides `tasks` in order, reading their users' usage from the store only when an
+/// admission policy is active: the built-in default accepts without it, and on a store
+/// without pushed-down aggregates (FerretDB) the read costs a scan of the user's tasks.
+async fn decide_reading_usage(
+    store: &dyn Store,
+    policies: &Arc<PolicyRuntime>,
+    tasks: Vec<Task>,
+) -> Result<Vec<AdmissionDecision>, StoreError> {
+    if let Some(decisions) = decide(policies, tasks.clone(), None).await? {
+        return Ok(decisions);
+    }
+    let mut usage = HashMap::new();
+    for task in &tasks {
+        if !usage.contains_key(&task.user_id) {
+            let u = store.user_usage(&task.user_id).await?;
+            usage.insert(task.user_id.clone(), u);
+        }
+    }
+    decide(policies, tasks, Some(usage)).await?.ok_or_else(|| {
+        StoreError::backend(
+            "running the admission policy",
+            "no decision although every user's usage was read",
+        )
+    })
+}
+
 /// Runs the policy on `tasks` in order, on a blocking thread, counting each accepted task in
-/// its user's usage for the tasks that follow.
+/// its user's usage for the tasks that follow. `None` when `usage` was not read and an
+/// admission policy is active (it needs usage).
 async fn decide(
     policies: &Arc<PolicyRuntime>,
     tasks: Vec<Task>,
-    mut usage: HashMap<String, Usage>,
-) -> Result<Vec<AdmissionDecision>, StoreError> {
+    mut usage: Option<HashMap<String, Usage>>,
+) -> Result<Option<Vec<AdmissionDecision>>, StoreError> {
     let policies = Arc::clone(policies);
     tokio::task::spawn_blocking(move || {
         let now = model::now();
         tasks
             .iter()
             .map(|task| {
-                let user = usage.entry(task.user_id.clone()).or_default();
-                let outcome = policies.admit(&admission_task(task, now), &user.to_wit());
-                if outcome.decision == AdmissionDecision::Accept {
+                let user = usage
+                    .as_mut()
+                    .map(|u| u.entry(task.user_id.clone()).or_default());
+                let seen = user.as_ref().map(|u| u.to_wit());
+                let outcome = policies.admit_lazily(&admission_task(task, now), seen.as_ref())?;
+                if let Some(user) = user
+                    && outcome.decision == AdmissionDecision::Accept
+                {
                     user.pending_tasks = user.pending_tasks.saturating_sub(1);
                     user.queued_tasks += 1;
                 }
@@ -74,7 +100,7 @@ async fn decide(
                     decision = ?outcome.decision,
                     "admission decided"
                 );
-                outcome.decision
+                Some(outcome.decision)
             })
             .collect()
     })
@@ -179,14 +205,7 @@ impl Scheduler {
         if tasks.is_empty() {
             return Ok(stats);
         }
-        let mut usage = HashMap::new();
-        for task in &tasks {
-            if !usage.contains_key(&task.user_id) {
-                let u = self.store.user_usage(&task.user_id).await?;
-                usage.insert(task.user_id.clone(), u);
-            }
-        }
-        let decisions = decide(&self.policies, tasks.clone(), usage).await?;
+        let decisions = decide_reading_usage(&*self.store, &self.policies, tasks.clone()).await?;
         for (task, decision) in tasks.iter().zip(decisions) {
             match apply(&*self.store, task, decision).await {
                 Ok(Admitted::Queued(_)) => stats.queued += 1,
