@@ -245,8 +245,9 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDAI_LEASE_TTL_S", default_value_t = 5,
         value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub lease_ttl_s: u64,
-    /// Seconds an accounting drift must stay unchanged (and an orphaned assignment exist)
-    /// before the reconciler repairs it: a placement in flight is never repaired away.
+    /// Seconds an orphaned assignment must exist, and an accounting drift stay unchanged
+    /// beyond the claim lease, before the reconciler repairs it: a placement in flight is
+    /// never repaired away.
     #[arg(long, env = "CLOUDAI_RECONCILE_SETTLE_S", default_value_t = 5,
         value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub reconcile_settle_s: u64,

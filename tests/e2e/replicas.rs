@@ -580,7 +580,8 @@ async fn a_sigkilled_replica_loses_no_task_and_the_reconciler_lease_moves_on() {
         silences[trial].store(true, Ordering::Relaxed);
         urls.set(&hosts);
         let ids = submit.await.unwrap();
-        // The hosts run with --reconcile-settle-s=1: drift is repaired within seconds.
+        // The hosts run with --claim-lease-s=2 --reconcile-settle-s=1: a drift is repaired
+        // once it has lasted 3 s.
         let restore = Duration::from_secs(30);
         finish(
             &store,

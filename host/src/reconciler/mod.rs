@@ -52,9 +52,11 @@ pub struct ReconcilerConfig {
     /// How long the lease holds without renewal (default 5 s): another replica takes over
     /// within this (plus one renewal tick) when the holder dies. Renewed every `lease_ttl / 3`.
     pub lease_ttl: Duration,
-    /// How long a suspicious state must last before it is repaired (default 5 s): a drift
-    /// must be observed unchanged for this long, and an assignment must be this old before it
-    /// counts as orphaned, so that a placement in flight is never "repaired" away.
+    /// How long a suspicious state must last before it is repaired (default 5 s): an
+    /// assignment must be this old before it counts as orphaned, and a drift must be observed
+    /// unchanged for this long plus the scheduler's claim lease (the longest a placement in
+    /// flight holds a reservation without its assignment), so that a placement in flight is
+    /// never "repaired" away.
     pub settle: Duration,
 }
 
@@ -187,7 +189,10 @@ impl Reconciler {
             grace: scheduler.heartbeat_staleness,
             holder: format!("reconciler-{}", uuid::Uuid::new_v4().simple()),
             counters: Arc::default(),
-            drift: drift::DriftTracker::new(config.settle),
+            // A placement holds its reservation without an assignment for at most its claim
+            // lease (it gives up past it), so a drift younger than that plus `settle` may be
+            // a placement in flight on a slow store, never repaired.
+            drift: drift::DriftTracker::new(scheduler.claim_lease + config.settle),
             config,
         }
     }

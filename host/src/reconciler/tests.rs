@@ -47,6 +47,7 @@ on_both_stores!(
     a_returning_worker_is_reactivated_and_its_late_finish_is_rejected,
     an_expired_claim_is_cleared_and_the_task_placed,
     drift_is_repaired_once_it_has_settled_and_counted,
+    a_drift_is_not_repaired_within_a_claim_lease,
     an_in_flight_reservation_is_not_repaired_away,
     a_stalled_placement_keeps_its_assignment_while_claimed_and_loses_it_with_its_claim,
     a_running_task_past_its_timeout_fails_and_is_released_once,
@@ -65,11 +66,24 @@ fn scheduler_config() -> SchedulerConfig {
     }
 }
 
+/// A reconciler whose drift repairs wait `settle` alone (no claim lease on top).
 fn reconciler(store: &Arc<dyn Store>, wakeup: &Wakeup, settle: Duration) -> Reconciler {
+    reconciler_with_claim_lease(store, wakeup, settle, Duration::ZERO)
+}
+
+fn reconciler_with_claim_lease(
+    store: &Arc<dyn Store>,
+    wakeup: &Wakeup,
+    settle: Duration,
+    claim_lease: Duration,
+) -> Reconciler {
     Reconciler::new(
         store.clone(),
         wakeup.clone(),
-        &scheduler_config(),
+        &SchedulerConfig {
+            claim_lease,
+            ..scheduler_config()
+        },
         ReconcilerConfig {
             interval: Duration::from_millis(100),
             lease_ttl: Duration::from_secs(1),
@@ -456,6 +470,32 @@ async fn drift_is_repaired_once_it_has_settled_and_counted(store: Arc<dyn Store>
     tokio::time::sleep(settle + Duration::from_millis(100)).await;
     assert_eq!(held_tick(&mut r).await.drift_repaired, 0);
     assert_eq!(r.counters().repairs().drift_repaired, 2);
+}
+
+/// A reservation may wait for its assignment as long as the placement's claim holds: a
+/// drift is left alone for the claim lease on top of `settle`.
+async fn a_drift_is_not_repaired_within_a_claim_lease(store: Arc<dyn Store>) {
+    let wakeup = Wakeup::new();
+    let settle = Duration::from_millis(100);
+    let claim_lease = Duration::from_millis(1200);
+    let w = add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    assert!(
+        store
+            .reserve(&w.worker_id, &Resources::new(1.0, 1.0, 0.0, 0.0))
+            .await
+            .unwrap()
+    );
+    let mut r = reconciler_with_claim_lease(&store, &wakeup, settle, claim_lease);
+    assert_eq!(held_tick(&mut r).await.drift_repaired, 0);
+    tokio::time::sleep(settle * 4).await;
+    assert_eq!(
+        held_tick(&mut r).await.drift_repaired,
+        0,
+        "past settle but within the claim lease"
+    );
+    tokio::time::sleep(claim_lease).await;
+    assert_eq!(held_tick(&mut r).await.drift_repaired, 1);
+    assert_accounting(&*store).await;
 }
 
 async fn an_in_flight_reservation_is_not_repaired_away(store: Arc<dyn Store>) {

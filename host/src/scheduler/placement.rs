@@ -258,6 +258,20 @@ impl Scheduler {
                 return Placement::Failed;
             }
         }
+        if model::now() >= lease_until {
+            // The claim lapsed while the reserve was in flight (a very slow store): the
+            // reconciler may by now count this reservation as drift and return it, so it is
+            // returned here instead and the task left for a later round.
+            tracing::warn!(
+                worker_id,
+                "the claim expired before the reservation was recorded; reservation returned"
+            );
+            if let Err(error) = store.unreserve(worker_id, &request).await {
+                tracing::error!(%error, "returning a reservation failed; left for the reconciler");
+            }
+            self.unclaim(task_id, &claim).await;
+            return Placement::Failed;
+        }
         let attempt = task.attempts.saturating_add(1);
         let assignment = Assignment {
             ass_id: format!("ass-{}", uuid::Uuid::now_v7().simple()),
