@@ -178,7 +178,18 @@ pub struct Task {
     pub updated_at: DateTime<Utc>,
 }
 
+/// The task label that names a task's type: tasks of one type are expected to run about
+/// as long as each other (placement policies see the observed mean runtime per type).
+pub const TASK_TYPE_LABEL: &str = "task-type";
+
 impl Task {
+    /// The task's type: its `task-type` label, else its image reference.
+    pub fn task_type(&self) -> &str {
+        self.labels
+            .get(TASK_TYPE_LABEL)
+            .map_or(self.docker_image.as_str(), String::as_str)
+    }
+
     /// A new `pending` task created now, with the request quantized and every optional field
     /// empty (priority 0, 3 attempts at most).
     pub fn new_pending(
@@ -454,6 +465,21 @@ pub struct TaskResult {
     /// attempts were recorded).
     #[serde(default)]
     pub attempt: u32,
+    /// Seconds from the container's start to its end, when the start was reported: what the
+    /// runtime statistics that placement policies see are made of.
+    #[serde(default)]
+    pub runtime_s: Option<f64>,
+    /// The task's type ([`Task::task_type`]), recorded for those statistics.
+    #[serde(default)]
+    pub task_type: Option<String>,
+}
+
+/// One successful run's duration, from RESULTS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeSample {
+    pub worker_id: String,
+    pub task_type: String,
+    pub runtime_s: f64,
 }
 
 /// Which decision a policy component makes (DESIGN §5): one active version per kind.

@@ -465,12 +465,19 @@ pub async fn report_result(
         Finish::Failed { error, .. } => Some(error.clone()),
         _ => None,
     };
+    let completed_at = report.finished_at.unwrap_or_else(model::now);
+    // This attempt's run time, when its start was reported (a start older than the assignment
+    // is an earlier attempt's).
+    let runtime_s = task
+        .started_at
+        .filter(|at| *at >= assignment.assigned_at)
+        .map(|at| (completed_at - at).num_milliseconds().max(0) as f64 / 1000.0);
     let result = TaskResult {
         task_id: task.task_id.clone(),
         worker_id: worker_id.clone(),
         status,
         logs,
-        completed_at: report.finished_at.unwrap_or_else(model::now),
+        completed_at,
         exit_code: report.exit_code,
         error,
         logs_truncated,
@@ -478,6 +485,8 @@ pub async fn report_result(
         stderr_truncated,
         oom_killed: report.outcome == Outcome::OomKilled,
         attempt: assignment.attempt,
+        runtime_s,
+        task_type: Some(task.task_type().to_string()),
     };
     match state.store.insert_result(&result).await {
         // Written by our own earlier try that failed before the transition.

@@ -1081,6 +1081,8 @@ async fn result_answers_404_and_logs_the_output_so_far_until_there_is_a_result()
             stderr_truncated: false,
             oom_killed: false,
             attempt: 1,
+            runtime_s: None,
+            task_type: None,
         })
         .await
         .unwrap();

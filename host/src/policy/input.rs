@@ -9,7 +9,45 @@ use chrono::{DateTime, Utc};
 use super::bindings::types::{
     AttributeColumn, LabelIndex, PlacementInput as WitInput, TaskColumns, WorkerColumns,
 };
-use crate::model::{Task, Worker};
+use crate::model::{RuntimeSample, Task, Worker};
+
+/// Attribute names of the runtime history, followed by the task type.
+pub const MEAN_RUNTIME_ATTRIBUTE: &str = "mean-runtime-s:";
+pub const RUNS_ATTRIBUTE: &str = "runs:";
+
+/// Observed runtimes by task type and worker (sum and count of successful runs): what a
+/// placement policy sees as the worker attributes `mean-runtime-s:<type>` and `runs:<type>`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RuntimeHistory {
+    by_type: HashMap<String, HashMap<String, (f64, u32)>>,
+}
+
+impl RuntimeHistory {
+    pub fn from_samples(samples: &[RuntimeSample]) -> Self {
+        let mut history = RuntimeHistory::default();
+        for s in samples.iter().filter(|s| s.runtime_s.is_finite()) {
+            let slot = history
+                .by_type
+                .entry(s.task_type.clone())
+                .or_default()
+                .entry(s.worker_id.clone())
+                .or_default();
+            slot.0 += s.runtime_s.max(0.0);
+            slot.1 += 1;
+        }
+        history
+    }
+
+    /// Mean runtime and number of runs of `task_type` on `worker_id`, when it ran there.
+    pub fn on_worker(&self, task_type: &str, worker_id: &str) -> Option<(f64, u32)> {
+        let (sum, runs) = *self.by_type.get(task_type)?.get(worker_id)?;
+        (runs > 0).then(|| (sum / f64::from(runs), runs))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_type.is_empty()
+    }
+}
 
 /// A scheduling round: the batch of tasks (in queue order) and the candidate workers, in the
 /// contract's columnar shape, ready to hand to a guest without conversion.
@@ -208,6 +246,46 @@ impl PlacementInput {
         self
     }
 
+    /// Adds, for each task type of the batch that has history, the worker attributes
+    /// `mean-runtime-s:<type>` (mean seconds of its successful runs on the worker) and
+    /// `runs:<type>` (how many), known for the workers it ran on.
+    pub fn with_runtime_history<'t>(
+        mut self,
+        task_types: impl IntoIterator<Item = &'t str>,
+        history: &RuntimeHistory,
+    ) -> Self {
+        let mut seen = std::collections::HashSet::new();
+        for task_type in task_types {
+            if !seen.insert(task_type) || !history.by_type.contains_key(task_type) {
+                continue;
+            }
+            let n = self.worker_ids.len();
+            let mut mean = AttributeColumn {
+                name: format!("{MEAN_RUNTIME_ATTRIBUTE}{task_type}"),
+                known: Vec::with_capacity(n),
+                values: Vec::with_capacity(n),
+            };
+            let mut runs = AttributeColumn {
+                name: format!("{RUNS_ATTRIBUTE}{task_type}"),
+                known: Vec::with_capacity(n),
+                values: Vec::with_capacity(n),
+            };
+            for id in &self.worker_ids {
+                let observed = history.on_worker(task_type, id);
+                for (column, value) in [
+                    (&mut mean, observed.map(|(m, _)| m)),
+                    (&mut runs, observed.map(|(_, r)| f64::from(r))),
+                ] {
+                    column.known.push(value.is_some());
+                    column.values.push(value.unwrap_or(0.0));
+                }
+            }
+            self.wit.workers.attributes.push(mean);
+            self.wit.workers.attributes.push(runs);
+        }
+        self
+    }
+
     /// A round given directly in the contract's shape (tests, snapshots, the smoke check).
     /// Workers are named `worker-<index>`.
     pub fn from_columns(wit: WitInput) -> Self {
@@ -373,6 +451,70 @@ mod tests {
         let counts = BTreeMap::from([("w1".to_string(), 7)]);
         let input = input.with_running_tasks(&counts);
         assert_eq!(input.columns().workers.running_tasks, vec![0, 7]);
+    }
+
+    #[test]
+    fn runtime_history_adds_mean_and_runs_per_task_type_of_the_batch() {
+        let now = crate::model::now();
+        let workers = [
+            worker("w0", Resources::new(4.0, 8.0, 10.0, 0.0)),
+            worker("w1", Resources::new(4.0, 8.0, 10.0, 0.0)),
+        ];
+        let task = |id: &str, image: &str, kind: Option<&str>| {
+            let mut t = Task::new_pending(
+                id.into(),
+                "alice".into(),
+                image.into(),
+                Resources::new(1.0, 1.0, 1.0, 0.0),
+            );
+            if let Some(kind) = kind {
+                t.labels
+                    .insert(crate::model::TASK_TYPE_LABEL.into(), kind.into());
+            }
+            t
+        };
+        let tasks = [
+            task("t0", "etl:1", Some("etl")),
+            task("t1", "busybox:latest", None),
+            task("t2", "other:1", Some("etl")),
+            task("t3", "never-ran:1", None),
+        ];
+        assert_eq!(tasks[0].task_type(), "etl");
+        assert_eq!(tasks[1].task_type(), "busybox:latest");
+        let sample = |w: &str, kind: &str, runtime_s: f64| RuntimeSample {
+            worker_id: w.into(),
+            task_type: kind.into(),
+            runtime_s,
+        };
+        let history = RuntimeHistory::from_samples(&[
+            sample("w1", "etl", 10.0),
+            sample("w1", "etl", 20.0),
+            sample("w0", "busybox:latest", 1.0),
+            sample("w-gone", "etl", 99.0),
+            sample("w0", "unused", 5.0),
+            sample("w0", "etl", f64::NAN),
+        ]);
+        let input = PlacementInput::build(&tasks, &workers, now)
+            .with_runtime_history(tasks.iter().map(Task::task_type), &history);
+        let attributes = &input.columns().workers.attributes;
+        let names: Vec<&str> = attributes.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "cpu-utilisation",
+                "memory-utilisation",
+                "mean-runtime-s:etl",
+                "runs:etl",
+                "mean-runtime-s:busybox:latest",
+                "runs:busybox:latest",
+            ],
+            "one pair per type of the batch with history, each once"
+        );
+        assert_eq!(attributes[2].known, vec![false, true]);
+        assert_eq!(attributes[2].values[1], 15.0);
+        assert_eq!(attributes[3].values[1], 2.0);
+        assert_eq!(attributes[4].known, vec![true, false]);
+        assert_eq!(attributes[4].values[0], 1.0);
     }
 
     #[test]

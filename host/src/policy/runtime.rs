@@ -588,6 +588,11 @@ impl PolicyRuntime {
     /// Decides a placement round: with the active placement policy, its answer checked; with
     /// the native best-fit when none is active or when it fails (the failure counted and
     /// logged). Never fails, never panics.
+    /// Whether a version of `kind` is active (else the built-in default decides).
+    pub fn has_active(&self, kind: PolicyKind) -> bool {
+        self.current(kind).is_some()
+    }
+
     pub fn place(&self, input: &PlacementInput) -> PlacementOutcome {
         let started = Instant::now();
         let Some(policy) = self.current(PolicyKind::Placement) else {
@@ -680,7 +685,7 @@ impl PolicyRuntime {
                 policy.record_success();
                 AdmissionOutcome {
                     decision,
-                    source: wasm_source(&policy),
+                    source: wasm_source(policy),
                     elapsed: started.elapsed(),
                 }
             }

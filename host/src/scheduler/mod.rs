@@ -20,6 +20,7 @@ use crate::store::Store;
 mod admission;
 mod finish;
 mod placement;
+mod runtimes;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -147,6 +148,7 @@ pub struct Scheduler {
     owner: String,
     /// Notified after a round placed tasks: the agents' long polls answer at once.
     work: WorkSignal,
+    runtimes: Arc<runtimes::RuntimeHistoryCache>,
 }
 
 impl Scheduler {
@@ -163,6 +165,7 @@ impl Scheduler {
             config,
             owner: format!("host-{}", uuid::Uuid::new_v4().simple()),
             work: WorkSignal::new(),
+            runtimes: Arc::default(),
         }
     }
 

@@ -12,7 +12,7 @@ use tracing::Instrument;
 use super::{Scheduler, chrono_duration, source_label};
 use crate::model::{self, Assignment, Task, TaskStatus, Worker};
 use crate::policy::snapshot::queue_order;
-use crate::policy::{Decision, PlacementInput};
+use crate::policy::{Decision, PlacementInput, PolicyKind};
 use crate::store::{StoreError, TaskUpdate};
 
 /// Most store queries one batch takes to be fair (each leaves out the users that already
@@ -142,7 +142,11 @@ impl Scheduler {
             .cloned()
             .collect();
         let counts = self.store.active_assignment_counts().await?;
-        let input = PlacementInput::build(&tasks, &candidates, now).with_running_tasks(&counts);
+        let mut input = PlacementInput::build(&tasks, &candidates, now).with_running_tasks(&counts);
+        if self.policies.has_active(PolicyKind::Placement) {
+            let history = self.runtimes.get(&*self.store).await;
+            input = input.with_runtime_history(tasks.iter().map(Task::task_type), &history);
+        }
         let policies = self.policies.clone();
         let (input, outcome) = tokio::task::spawn_blocking(move || {
             let outcome = policies.place(&input);

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use super::{
-    AssignmentFilter, IdempotencyKey, POLICY_CHUNK_BYTES, Result, Store, StoreError, TaskCursor,
-    TaskLogChunk, TaskQuery, TaskUpdate, policy_sha256,
+    AssignmentFilter, IdempotencyKey, POLICY_CHUNK_BYTES, Result, RuntimeSample, Store, StoreError,
+    TaskCursor, TaskLogChunk, TaskQuery, TaskUpdate, policy_sha256,
 };
 use crate::model::{
     Assignment, PolicyKind, PolicyVersion, RESOURCE_QUANTUM, Resources, ResultStatus, Task,
@@ -165,6 +165,7 @@ macro_rules! store_conformance_tests {
             release_applies_exactly_once,
             insert_get_list_assignments,
             insert_and_get_results_one_per_task,
+            recent_runtimes_are_successful_runs_newest_first,
             policy_bytes_round_trip_in_chunks_and_empty,
             policy_bytes_with_wrong_sha256_are_refused,
             insert_policy_version_with_taken_name_and_version_is_already_exists,
@@ -321,6 +322,8 @@ pub fn sample_result(task_id: &str, worker_id: &str) -> TaskResult {
         stderr_truncated: false,
         oom_killed: false,
         attempt: 1,
+        runtime_s: Some(2.5),
+        task_type: Some("busybox:latest".to_string()),
     }
 }
 
@@ -1672,6 +1675,45 @@ pub async fn insert_and_get_results_one_per_task(store: &dyn Store) {
     assert_eq!(store.get_result(&plain.task_id).await.unwrap(), plain);
 
     expect_not_found(store.get_result(&unique_id("nope")).await, "get_result");
+}
+
+pub async fn recent_runtimes_are_successful_runs_newest_first(store: &dyn Store) {
+    let kind = unique_id("type");
+    let base = now() - chrono::Duration::seconds(60);
+    let result = |seconds: i64, runtime: Option<f64>, status: ResultStatus| {
+        let mut r = sample_result(&unique_id("task"), &format!("w-{seconds}"));
+        r.completed_at = base + chrono::Duration::seconds(seconds);
+        r.runtime_s = runtime;
+        r.status = status;
+        r.task_type = Some(kind.clone());
+        r
+    };
+    let mut untyped = result(5, Some(9.0), ResultStatus::Success);
+    untyped.task_type = None;
+    for r in [
+        result(1, Some(1.5), ResultStatus::Success),
+        result(2, Some(7.0), ResultStatus::Failed),
+        result(3, None, ResultStatus::Success),
+        result(4, Some(0.25), ResultStatus::Success),
+        result(6, Some(3.0), ResultStatus::Cancelled),
+        untyped,
+    ] {
+        store.insert_result(&r).await.unwrap();
+    }
+    let sample = |worker: &str, runtime_s: f64| RuntimeSample {
+        worker_id: worker.to_string(),
+        task_type: kind.clone(),
+        runtime_s,
+    };
+    assert_eq!(
+        store.recent_runtimes(10).await.unwrap(),
+        vec![sample("w-4", 0.25), sample("w-1", 1.5)],
+        "successes with a runtime and a type, newest first"
+    );
+    assert_eq!(
+        store.recent_runtimes(1).await.unwrap(),
+        vec![sample("w-4", 0.25)]
+    );
 }
 
 // ------------------------------------------------------------------------------------------

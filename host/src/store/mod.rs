@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+pub use crate::model::RuntimeSample;
 use crate::model::{
     ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, Task, TaskResult, TaskStatus,
     Worker, WorkerUsage,
@@ -339,6 +340,10 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_result(&self, result: &TaskResult) -> Result<()>;
 
     async fn get_result(&self, task_id: &str) -> Result<TaskResult>;
+
+    /// The runtimes of the newest `limit` successful results that recorded one (newest
+    /// first): the history placement policies see as mean runtimes per task type.
+    async fn recent_runtimes(&self, limit: u32) -> Result<Vec<RuntimeSample>>;
 
     // ----- policies -----
 

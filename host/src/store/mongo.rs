@@ -24,8 +24,8 @@ use mongodb::options::{
 use mongodb::{Client, Collection, Database, IndexModel};
 
 use super::{
-    AssignmentFilter, IdempotencyKey, OutputFileInfo, POLICY_CHUNK_BYTES, Result, Store,
-    StoreError, SubmitOutcome, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate, active_label,
+    AssignmentFilter, IdempotencyKey, OutputFileInfo, POLICY_CHUNK_BYTES, Result, RuntimeSample,
+    Store, StoreError, SubmitOutcome, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate, active_label,
     policy_label, policy_sha256, verify_output_bytes, verify_policy_bytes,
 };
 use crate::model::{
@@ -388,6 +388,7 @@ impl MongoStore {
                 vec![
                     unique(doc! { "task_id": 1 }),
                     plain(doc! { "worker_id": 1 }),
+                    plain(doc! { "completed_at": -1 }),
                 ],
             ),
             (
@@ -1258,6 +1259,36 @@ impl Store for MongoStore {
             .transpose()?
             .ok_or_else(|| not_found("result", task_id))
     }
+    async fn recent_runtimes(&self, limit: u32) -> Result<Vec<RuntimeSample>> {
+        let what = "reading recent runtimes";
+        let documents: Vec<Document> = self
+            .results
+            .find(doc! {
+                "status": ResultStatus::Success.as_str(),
+                "runtime_s": { "$exists": true },
+                "task_type": { "$exists": true },
+            })
+            .sort(doc! { "completed_at": -1, "task_id": -1 })
+            .limit(i64::from(limit))
+            .projection(doc! { "worker_id": 1, "task_type": 1, "runtime_s": 1 })
+            .await
+            .map_err(|e| StoreError::backend(what, e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend(what, e))?;
+        documents
+            .iter()
+            .map(|d| {
+                let r = Reader::new(d, RESULTS);
+                Ok(RuntimeSample {
+                    worker_id: r.string("worker_id")?,
+                    task_type: r.string("task_type")?,
+                    runtime_s: r.f64("runtime_s")?,
+                })
+            })
+            .collect()
+    }
+
     async fn insert_policy_version(&self, version: &PolicyVersion, bytes: &[u8]) -> Result<()> {
         let label = policy_label(&version.name, &version.version);
         // A cheap early answer for the common duplicate; the unique index decides races.
@@ -2455,6 +2486,8 @@ fn result_to_document(t: &TaskResult) -> Document {
     d.insert("stderr_truncated", t.stderr_truncated);
     d.insert("oom_killed", t.oom_killed);
     d.insert("attempt", i64::from(t.attempt));
+    insert_opt(&mut d, "runtime_s", t.runtime_s);
+    insert_opt(&mut d, "task_type", t.task_type.as_deref());
     d
 }
 
@@ -2477,6 +2510,8 @@ fn result_from_document(d: &Document) -> Result<TaskResult> {
         stderr_truncated: r.opt_bool("stderr_truncated")?.unwrap_or(false),
         oom_killed: r.opt_bool("oom_killed")?.unwrap_or(false),
         attempt: r.opt_int("attempt")?.unwrap_or(0),
+        runtime_s: r.opt_f64("runtime_s")?,
+        task_type: r.opt_string("task_type")?,
     })
 }
 

@@ -28,8 +28,8 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, params, params_fro
 use tokio::sync::oneshot;
 
 use super::{
-    AssignmentFilter, IdempotencyKey, OutputFileInfo, POLICY_CHUNK_BYTES, Result, Store,
-    StoreError, SubmitOutcome, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate, active_label,
+    AssignmentFilter, IdempotencyKey, OutputFileInfo, POLICY_CHUNK_BYTES, Result, RuntimeSample,
+    Store, StoreError, SubmitOutcome, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate, active_label,
     policy_label, policy_sha256, verify_output_bytes, verify_policy_bytes,
 };
 use crate::model::{
@@ -150,6 +150,7 @@ CREATE TABLE IF NOT EXISTS RESULTS (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS RESULTS_task_id ON RESULTS (task_id);
 CREATE INDEX IF NOT EXISTS RESULTS_worker_id ON RESULTS (worker_id);
+CREATE INDEX IF NOT EXISTS RESULTS_completed_at ON RESULTS (completed_at);
 
 CREATE TABLE IF NOT EXISTS IDEMPOTENCY_KEYS (
     user_id         TEXT NOT NULL,
@@ -258,6 +259,8 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("RESULTS", "stderr_truncated", "INTEGER NOT NULL DEFAULT 0"),
     ("RESULTS", "oom_killed", "INTEGER NOT NULL DEFAULT 0"),
     ("RESULTS", "attempt", "INTEGER NOT NULL DEFAULT 0"),
+    ("RESULTS", "runtime_s", "REAL"),
+    ("RESULTS", "task_type", "TEXT"),
 ];
 
 /// Adds the [`ADDED_COLUMNS`] a database lacks.
@@ -281,7 +284,7 @@ const ACTIVE_POLICY_COLUMNS: &str =
     "kind, name, version, activated_at, activated_by, previous_name, previous_version";
 
 const RESULT_COLUMNS: &str = "task_id, worker_id, status, logs, completed_at, exit_code, error, \
-     logs_truncated, stderr, stderr_truncated, oom_killed, attempt";
+     logs_truncated, stderr, stderr_truncated, oom_killed, attempt, runtime_s, task_type";
 
 /// The embedded SQLite store. Cheap to clone; clones share the writer thread and its
 /// connection, which close when the last clone is dropped.
@@ -722,6 +725,8 @@ fn result_from_row(row: &Row<'_>) -> rusqlite::Result<TaskResult> {
         stderr_truncated: row.get(9)?,
         oom_killed: row.get(10)?,
         attempt: row.get(11)?,
+        runtime_s: row.get(12)?,
+        task_type: row.get(13)?,
     })
 }
 
@@ -1322,7 +1327,7 @@ fn release_sync(conn: &Connection, ass_id: &str) -> Result<bool> {
 
 fn insert_result_sync(conn: &Connection, r: &TaskResult) -> Result<()> {
     conn.prepare_cached(&format!(
-        "INSERT INTO RESULTS ({RESULT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+        "INSERT INTO RESULTS ({RESULT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
     ))
     .and_then(|mut stmt| {
         stmt.execute(params![
@@ -1338,6 +1343,8 @@ fn insert_result_sync(conn: &Connection, r: &TaskResult) -> Result<()> {
             r.stderr_truncated,
             r.oom_killed,
             r.attempt,
+            r.runtime_s,
+            r.task_type,
         ])
     })
     .map(drop)
@@ -2154,6 +2161,29 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn recent_runtimes(&self, limit: u32) -> Result<Vec<RuntimeSample>> {
+        self.call("reading recent runtimes", move |conn| {
+            conn.prepare_cached(
+                "SELECT worker_id, task_type, runtime_s FROM RESULTS \
+                 WHERE status = 'success' AND runtime_s IS NOT NULL AND task_type IS NOT NULL \
+                 ORDER BY completed_at DESC, task_id DESC LIMIT ?1",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map([limit], |row| {
+                    Ok(RuntimeSample {
+                        worker_id: row.get(0)?,
+                        task_type: row.get(1)?,
+                        runtime_s: row.get(2)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(sql_err("reading recent runtimes"))
+        })
+        .await
+    }
+
     async fn insert_policy_version(&self, version: &PolicyVersion, bytes: &[u8]) -> Result<()> {
         let (version, bytes) = (version.clone(), bytes.to_vec());
         self.call("inserting a policy version", move |conn| {

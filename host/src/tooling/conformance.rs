@@ -5,7 +5,7 @@
 //! batch's own earlier assignments); indices in range; an empty cluster, a full cluster and an
 //! empty batch handled; a request no worker could ever hold answered `unschedulable`; unicode
 //! in labels, users and images; 10,000 workers within the policy's deadline; the same input
-//! decided the same way twice. Admission: an answer for every check within the deadline, a
+//! decided the same way twice; runtime history among the worker attributes. Admission: an answer for every check within the deadline, a
 //! reason for every reject and defer, unicode and extreme usage handled, deterministic.
 //! (Inactive and draining workers never reach a policy: the host leaves them out of the round.)
 
@@ -13,10 +13,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::synthetic_snapshot;
-use crate::model::Resources;
+use crate::model::{Resources, RuntimeSample};
 use crate::policy::bindings::types::AdmissionDecision;
 use crate::policy::snapshot::{ClusterSnapshot, Usage};
-use crate::policy::{Decision, PolicyKind, PolicyRuntime};
+use crate::policy::{Decision, PolicyKind, PolicyRuntime, RuntimeHistory};
 
 /// One case of the kit and how the policy did.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,6 +99,11 @@ const PLACEMENT_CASES: &[(&str, &str, CaseFn)] = &[
         "the same round decided the same way twice",
         deterministic_placement,
     ),
+    (
+        "runtime-history",
+        "runtime history attributes (mean-runtime-s:<type>, runs:<type>) for the batch's task types, unknown on some workers: valid decisions, most tasks placed",
+        runtime_history_round,
+    ),
 ];
 
 const ADMISSION_CASES: &[(&str, &str, CaseFn)] = &[
@@ -141,6 +146,36 @@ fn assigned(decisions: &[Decision]) -> usize {
 fn typical_round(rt: &PolicyRuntime, name: &str, version: &str) -> Result<(), String> {
     let snapshot = synthetic_snapshot(7, 50, 20);
     let decisions = place(rt, name, version, &snapshot)?;
+    if assigned(&decisions) == 0 {
+        return Err("nothing placed on a cluster with room for most tasks".into());
+    }
+    Ok(())
+}
+
+fn runtime_history_round(rt: &PolicyRuntime, name: &str, version: &str) -> Result<(), String> {
+    let snapshot = synthetic_snapshot(11, 60, 20);
+    let input = snapshot.placement_input();
+    let types: Vec<&str> = snapshot.queued.iter().map(|t| t.task_type()).collect();
+    let mut samples = Vec::new();
+    for w in 0..input.worker_count() {
+        let Some(worker_id) = u32::try_from(w).ok().and_then(|i| input.worker_id(i)) else {
+            continue;
+        };
+        for (k, task_type) in types.iter().enumerate() {
+            // Unknown on every third worker; means from a fraction of a second to minutes.
+            if (w + k) % 3 != 0 {
+                samples.push(RuntimeSample {
+                    worker_id: worker_id.to_string(),
+                    task_type: (*task_type).to_string(),
+                    runtime_s: 0.25 + ((w * 31 + k * 17) % 400) as f64,
+                });
+            }
+        }
+    }
+    let input = input.with_runtime_history(types, &RuntimeHistory::from_samples(&samples));
+    let decisions = rt
+        .place_with(name, version, &input)
+        .map_err(|e| e.to_string())?;
     if assigned(&decisions) == 0 {
         return Err("nothing placed on a cluster with room for most tasks".into());
     }
@@ -351,6 +386,7 @@ mod tests {
             "request-caps",
             "quota",
             "image-allowlist",
+            "rts",
         ] {
             let config = match name {
                 "quota" => include_str!("../../../examples/policies/quota.json"),

@@ -163,6 +163,14 @@ pub trait Ranking {
     fn rank(&self, request: &[f64; 4], candidate: &Candidate) -> Option<Rank>;
 }
 
+impl<R: Ranking> Ranking for &R {
+    const FIRST_MATCH: bool = R::FIRST_MATCH;
+
+    fn rank(&self, request: &[f64; 4], candidate: &Candidate) -> Option<Rank> {
+        (**self).rank(request, candidate)
+    }
+}
+
 /// A worker's rank: compared by `tier` first, then `score`; lower is preferred.
 #[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
 pub struct Rank {
@@ -203,6 +211,17 @@ pub fn max_load_after(c: &Candidate) -> f64 {
 /// picks among the workers with enough free capacity by `ranking`, and subtracts each
 /// assignment from its local copy of the free capacity so that later tasks of the batch see it.
 pub fn place<R: Ranking>(workers: &Workers<'_>, tasks: &Tasks<'_>, ranking: &R) -> Vec<Decision> {
+    place_each(workers, tasks, |_| ranking)
+}
+
+/// [`place`] with a ranking of its own for each task (`ranking_for(task index)`): for
+/// policies whose preference depends on the task (its type, its deadline), not only on its
+/// request.
+pub fn place_each<R: Ranking>(
+    workers: &Workers<'_>,
+    tasks: &Tasks<'_>,
+    mut ranking_for: impl FnMut(usize) -> R,
+) -> Vec<Decision> {
     // Row-major copies: one worker's numbers side by side in the hot loop, not in 8 columns.
     let mut rows: Vec<Row> = (0..workers.len())
         .map(|w| {
@@ -218,6 +237,7 @@ pub fn place<R: Ranking>(workers: &Workers<'_>, tasks: &Tasks<'_>, ranking: &R) 
     (0..tasks.len())
         .map(|t| {
             let request = row(&tasks.request, t);
+            let ranking = ranking_for(t);
             let mut best: Option<(Rank, usize)> = None;
             for (w, r) in rows.iter().enumerate() {
                 if !fits(&request, &r.free) {

@@ -278,3 +278,83 @@ async fn a_hostile_placement_policy_never_stalls_placement() {
         assert_eq!((info.total_failures, info.evaluations), (2, 0), "{fixture}");
     }
 }
+
+/// The risk-aware policy through the scheduler: the host feeds it the runtimes recorded in
+/// RESULTS. Worker `slow` is the tighter fit (best-fit's choice) but ran "train" tasks 4x
+/// slower than `fast`: a "train" task goes to `fast`; an "etl" task, with no history, is
+/// placed by best-fit onto `slow`.
+async fn risk_aware_placement_uses_the_runtimes_in_results(store: Arc<dyn Store>) {
+    let Some(dir) = wasm_dir() else { return };
+    let slow = add_worker(&*store, Resources::new(4.0, 8.0, 100.0, 0.0)).await;
+    let fast = add_worker(&*store, Resources::new(16.0, 64.0, 100.0, 0.0)).await;
+    for (worker, runtime_s) in [(&slow, 40.0), (&fast, 10.0)] {
+        for _ in 0..5 {
+            let mut result = crate::store::conformance::sample_result(
+                &crate::store::conformance::unique_id("done"),
+                &worker.worker_id,
+            );
+            result.task_type = Some("train".into());
+            result.runtime_s = Some(runtime_s);
+            store.insert_result(&result).await.unwrap();
+        }
+    }
+    let policies = policies();
+    policies
+        .load_with(
+            "rts",
+            "1",
+            &guest(&dir, "rts"),
+            "{}",
+            LoadOptions::default(),
+        )
+        .unwrap();
+    policies.activate("rts", "1").unwrap();
+    let mut typed = Vec::new();
+    for kind in ["train", "etl"] {
+        let mut task = crate::store::conformance::sample_task(
+            &crate::store::conformance::unique_id("task"),
+            "alice",
+        );
+        task.status = TaskStatus::Queued;
+        (task.req_cpu, task.req_memory, task.req_storage) = (1.0, 1.0, 0.0);
+        task.labels
+            .insert(crate::model::TASK_TYPE_LABEL.into(), kind.into());
+        typed.push(store.insert_task(&task, None).await.unwrap().task);
+    }
+    let (train, etl) = (&typed[0], &typed[1]);
+    let scheduler = Scheduler::new(store.clone(), policies.clone(), Wakeup::new(), config(10));
+    scheduler.cycle().await;
+    let on = |task: &Task| {
+        let store = store.clone();
+        let task_id = task.task_id.clone();
+        async move {
+            active_assignments(
+                &*store,
+                AssignmentFilter {
+                    task_id: Some(task_id),
+                    ..AssignmentFilter::default()
+                },
+            )
+            .await[0]
+                .worker_id
+                .clone()
+        }
+    };
+    assert_eq!(on(train).await, fast.worker_id, "train: the fast worker");
+    assert_eq!(on(etl).await, slow.worker_id, "etl: best-fit, no history");
+    assert_accounting(&*store).await;
+}
+
+#[tokio::test]
+async fn sqlite_risk_aware_placement_uses_the_runtimes_in_results() {
+    let (store, _guard) = sqlite();
+    risk_aware_placement_uses_the_runtimes_in_results(store).await;
+}
+
+#[tokio::test]
+async fn mongo_risk_aware_placement_uses_the_runtimes_in_results() {
+    let Some((store, _guard)) = mongo().await else {
+        return;
+    };
+    risk_aware_placement_uses_the_runtimes_in_results(store).await;
+}
