@@ -27,8 +27,7 @@ use crate::harness::{StoreKind, TestHost, binary};
 const GUIDE: &str = "docs/writing-policies.md";
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
+    crate::policy_tools::repo_file("")
         .canonicalize()
         .expect("the repository root")
 }
@@ -435,7 +434,13 @@ fn worker_registrations(block: &str) -> Vec<(String, Value)> {
 fn assert_prints(id: &str, expected: &str, stdout: &str) {
     let normalize = |line: &str| {
         line.chars()
-            .map(|c| if "│┌┐└┘─╞╡═".contains(c) { ' ' } else { c })
+            .map(|c| {
+                if "│┌┐└┘─╞╡═".contains(c) {
+                    ' '
+                } else {
+                    c
+                }
+            })
             .collect::<String>()
             .split_whitespace()
             .collect::<Vec<_>>()
@@ -491,7 +496,10 @@ async fn run_section(session: &mut Session, lang: &str, component: &str, name: &
     session.assert_active(name, "1").await;
     let (out, grew) = session.step_placing(&format!("{lang}-submit")).await;
     assert_eq!(grew, ["worker-b"], "{out}");
-    assert!(out.contains("worker-b"), "`cloudai workers` lists it:\n{out}");
+    assert!(
+        out.contains("worker-b"),
+        "`cloudai workers` lists it:\n{out}"
+    );
 
     let (out, grew) = session.step_placing(&format!("{lang}-v2")).await;
     session.assert_active(name, "2").await;
@@ -499,9 +507,7 @@ async fn run_section(session: &mut Session, lang: &str, component: &str, name: &
 
     let (out, grew) = session.step_placing(&format!("{lang}-rollback")).await;
     assert!(
-        out.contains(&format!(
-            "active placement policy: {name} 1 (was {name} 2)"
-        )),
+        out.contains(&format!("active placement policy: {name} 1 (was {name} 2)")),
         "{out}"
     );
     session.assert_active(name, "1").await;
@@ -592,7 +598,13 @@ fn the_guide_marks_every_step_of_every_language() {
             "{GUIDE} shows no output of {lang}-snapshot"
         );
     }
-    let workers = worker_registrations(&blocks.iter().find(|b| b.mark == Mark::Workers).unwrap().body);
+    let workers = worker_registrations(
+        &blocks
+            .iter()
+            .find(|b| b.mark == Mark::Workers)
+            .unwrap()
+            .body,
+    );
     let zones: Vec<(&str, &Value)> = workers
         .iter()
         .map(|(id, body)| (id.as_str(), &body["labels"]["zone"]))
