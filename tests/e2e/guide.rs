@@ -494,6 +494,18 @@ async fn run_section(session: &mut Session, lang: &str, component: &str, name: &
         "{out}"
     );
     session.assert_active(name, "1").await;
+    assert!(
+        out.lines().any(|l| {
+            let words: Vec<&str> = l
+                .split(|c: char| c.is_whitespace() || c == '│')
+                .filter(|w| !w.is_empty())
+                .collect();
+            words.starts_with(&[name, "1", "placement"])
+                && words.contains(&"yes")
+                && words.contains(&"running")
+        }),
+        "`cloudai policy list` shows {name} 1 active and running:\n{out}"
+    );
     let (out, grew) = session.step_placing(&format!("{lang}-submit")).await;
     assert_eq!(grew, ["worker-b"], "{out}");
     assert!(
