@@ -2,6 +2,8 @@
 //! rollback|delete` against a host, a bad upload failing with its reason, and two hosts on one
 //! MongoDB database where an activation through one runs on the other within a second.
 //! Guests come from `$CLOUDAI_POLICY_WASM_DIR` (built by `scripts/build-policies.sh`).
+//! The JavaScript and Python examples, placing and admitting tasks on a running host, come from
+//! `$CLOUDAI_EXAMPLE_POLICY_WASM_DIR` (built by `scripts/build-example-policies.sh`).
 
 use std::path::PathBuf;
 use std::process::Output;
@@ -439,6 +441,7 @@ async fn javascript_and_python_policies_uploaded_to_a_running_host_place_and_adm
     let quota_config = crate::policy_tools::repo_file("examples/policies/quota.json");
     let quota_config = quota_config.to_str().unwrap();
     upload(&host, &dir, "js-spread", &limits);
+    upload(&host, &dir, "py-spread", &limits);
     for guest in ["js-quota", "py-quota"] {
         let mut extra = vec!["--config-file", quota_config];
         extra.extend_from_slice(&limits);
@@ -446,7 +449,8 @@ async fn javascript_and_python_policies_uploaded_to_a_running_host_place_and_adm
     }
 
     // Placement: nothing active, so the native best-fit packs onto the small worker; spread,
-    // in JavaScript, takes the emptier big one.
+    // in JavaScript and then in Python, takes the emptier big one (best-fit would still pick
+    // the small one: it is left with the least room).
     assert_eq!(place_one(&host, &workers).await, "small");
     let out = ok(&host, &["policy", "activate", "js-spread", "1"]);
     assert!(
@@ -454,8 +458,14 @@ async fn javascript_and_python_policies_uploaded_to_a_running_host_place_and_adm
         "{out}"
     );
     assert_eq!(place_one(&host, &workers).await, "big");
+    let out = ok(&host, &["policy", "activate", "py-spread", "1"]);
+    assert!(
+        out.contains("active placement policy: py-spread 1 (was js-spread 1)"),
+        "{out}"
+    );
+    assert_eq!(place_one(&host, &workers).await, "big");
 
-    // Admission: bob runs 4 tasks (his max_running_tasks), placed by js-spread.
+    // Admission: bob runs 4 tasks (his max_running_tasks), placed by py-spread.
     let out = ok(&host, &["policy", "activate", "js-quota", "1"]);
     assert!(out.contains("active admission policy: js-quota 1"), "{out}");
     for _ in 0..4 {
@@ -480,7 +490,7 @@ async fn javascript_and_python_policies_uploaded_to_a_running_host_place_and_adm
     assert_quota_decides(&host, "py-quota").await;
 
     let list: Value = serde_json::from_str(&ok(&host, &["policy", "list", "-o", "json"])).unwrap();
-    for name in ["js-spread", "js-quota", "py-quota"] {
+    for name in ["js-spread", "py-spread", "js-quota", "py-quota"] {
         let version = list["versions"]
             .as_array()
             .unwrap()
