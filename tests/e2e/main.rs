@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod execution;
+mod guide;
 mod harness;
 mod invoke;
 mod policies;

@@ -2,6 +2,8 @@
 //! rollback|delete` against a host, a bad upload failing with its reason, and two hosts on one
 //! MongoDB database where an activation through one runs on the other within a second.
 //! Guests come from `$CLOUDAI_POLICY_WASM_DIR` (built by `scripts/build-policies.sh`).
+//! The JavaScript and Python examples, placing and admitting tasks on a running host, come from
+//! `$CLOUDAI_EXAMPLE_POLICY_WASM_DIR` (built by `scripts/build-example-policies.sh`).
 
 use std::path::PathBuf;
 use std::process::Output;
@@ -331,5 +333,171 @@ async fn swapping_best_fit_for_spread_on_a_running_host_changes_where_the_next_t
     let list: Value = serde_json::from_str(&ok(&host, &["policy", "list", "-o", "json"])).unwrap();
     for version in list["versions"].as_array().unwrap() {
         assert!(version["evaluations"].as_u64().unwrap() >= 1, "{version}");
+    }
+}
+
+/// The example policies in JavaScript and Python (`scripts/build-example-policies.sh DIR`),
+/// from `$CLOUDAI_EXAMPLE_POLICY_WASM_DIR`; `None` skips locally, CI must set it.
+fn example_wasm_dir() -> Option<PathBuf> {
+    match std::env::var_os("CLOUDAI_EXAMPLE_POLICY_WASM_DIR") {
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must set CLOUDAI_EXAMPLE_POLICY_WASM_DIR (scripts/build-example-policies.sh DIR)"
+            );
+            eprintln!(
+                "CLOUDAI_EXAMPLE_POLICY_WASM_DIR is not set: skipping the JavaScript and Python \
+                 policies on a running host"
+            );
+            None
+        }
+    }
+}
+
+/// Submits a task as bob; the HTTP status and the answer.
+async fn submit_as_bob(host: &TestHost, spec: &str) -> (u16, Value) {
+    host.call(
+        Method::POST,
+        "/v1/tasks",
+        Some(crate::harness::BOB_TOKEN),
+        Some(spec),
+        &[],
+    )
+    .await
+}
+
+async fn wait_until_running(host: &TestHost, task_id: &str) {
+    let started = Instant::now();
+    loop {
+        let (_, task) = host
+            .call(
+                Method::GET,
+                &format!("/v1/tasks/{task_id}"),
+                Some(&host.admin_token),
+                None,
+                &[],
+            )
+            .await;
+        if task["status"] == "running" {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not placed within 30 s: {task}\nhost log:\n{}",
+            host.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// With the quota of examples/policies/quota.json active: bob's over-cap task (a GPU; his cap
+/// is 0) is rejected with the policy's reason, and a task beyond his 4 running ones deferred.
+async fn assert_quota_decides(host: &TestHost, policy: &str) {
+    let (status, body) = submit_as_bob(
+        host,
+        r#"{"docker_image": "busybox", "req_cpu": 1, "req_memory": 1, "req_gpu": 1}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("admission_rejected")),
+        "{policy}: {body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("exceeds the quota max_gpu of 0 GPU for user bob"),
+        "{policy}: {message}"
+    );
+    let (status, task) = submit_as_bob(
+        host,
+        r#"{"docker_image": "busybox", "req_cpu": 1, "req_memory": 1}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, task["status"].as_str()),
+        (202, Some("pending")),
+        "{policy}: {task}"
+    );
+    let reason = task["status_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("max_running_tasks") && reason.contains("admitted once usage drops"),
+        "{policy}: {task}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn javascript_and_python_policies_uploaded_to_a_running_host_place_and_admit_its_tasks() {
+    let Some(dir) = example_wasm_dir() else {
+        return;
+    };
+    let host = TestHost::start(StoreKind::Embedded).expect("host starts");
+    let small = register_worker(&host, "small", 4.0, 8.0).await;
+    let big = register_worker(&host, "big", 16.0, 32.0).await;
+    let workers = [("small", small.as_str()), ("big", big.as_str())];
+    // A debug build of the host, on a machine shared with builds: a generous deadline (the
+    // guests' own READMEs give the production figures).
+    let limits = ["--deadline-ms", "1000"];
+    let quota_config = crate::policy_tools::repo_file("examples/policies/quota.json");
+    let quota_config = quota_config.to_str().unwrap();
+    upload(&host, &dir, "js-spread", &limits);
+    upload(&host, &dir, "py-spread", &limits);
+    for guest in ["js-quota", "py-quota"] {
+        let mut extra = vec!["--config-file", quota_config];
+        extra.extend_from_slice(&limits);
+        upload(&host, &dir, guest, &extra);
+    }
+
+    // Placement: nothing active, so the native best-fit packs onto the small worker; spread,
+    // in JavaScript and then in Python, takes the emptier big one (best-fit would still pick
+    // the small one: it is left with the least room).
+    assert_eq!(place_one(&host, &workers).await, "small");
+    let out = ok(&host, &["policy", "activate", "js-spread", "1"]);
+    assert!(
+        out.contains("active placement policy: js-spread 1"),
+        "{out}"
+    );
+    assert_eq!(place_one(&host, &workers).await, "big");
+    let out = ok(&host, &["policy", "activate", "py-spread", "1"]);
+    assert!(
+        out.contains("active placement policy: py-spread 1 (was js-spread 1)"),
+        "{out}"
+    );
+    assert_eq!(place_one(&host, &workers).await, "big");
+
+    // Admission: bob runs 4 tasks (his max_running_tasks), placed by py-spread.
+    let out = ok(&host, &["policy", "activate", "js-quota", "1"]);
+    assert!(out.contains("active admission policy: js-quota 1"), "{out}");
+    for _ in 0..4 {
+        let (status, task) = submit_as_bob(
+            &host,
+            r#"{"docker_image": "busybox", "req_cpu": 1, "req_memory": 1}"#,
+        )
+        .await;
+        assert_eq!(
+            (status, task["status"].as_str()),
+            (201, Some("queued")),
+            "{task}"
+        );
+        wait_until_running(&host, task["task_id"].as_str().unwrap()).await;
+    }
+    assert_quota_decides(&host, "js-quota").await;
+    let out = ok(&host, &["policy", "activate", "py-quota", "1"]);
+    assert!(
+        out.contains("active admission policy: py-quota 1 (was js-quota 1)"),
+        "{out}"
+    );
+    assert_quota_decides(&host, "py-quota").await;
+
+    let list: Value = serde_json::from_str(&ok(&host, &["policy", "list", "-o", "json"])).unwrap();
+    for name in ["js-spread", "py-spread", "js-quota", "py-quota"] {
+        let version = list["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {list}"));
+        assert!(version["evaluations"].as_u64().unwrap() >= 1, "{version}");
+        assert_eq!(version["total_failures"], 0, "{version}");
     }
 }

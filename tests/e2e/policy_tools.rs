@@ -25,7 +25,7 @@ fn wasm_dir() -> Option<PathBuf> {
     }
 }
 
-fn repo_file(path: &str) -> PathBuf {
+pub(crate) fn repo_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
 }
 
