@@ -324,6 +324,7 @@ fn main() {
         "policy", "seed", "missed", "p50 resp", "p95 resp", "fallbacks"
     );
     let mut summary: Vec<(&str, Vec<f64>)> = Vec::new();
+    let mut runtimes: Vec<(&str, PolicyRuntime)> = Vec::new();
     for name in ["best-fit", "spread", "rts"] {
         let path = dir.join(format!("{name}.wasm"));
         let bytes = std::fs::read(&path).unwrap_or_else(|e| {
@@ -365,6 +366,7 @@ fn main() {
             );
         }
         summary.push((name, rates));
+        runtimes.push((name, rt));
     }
     println!();
     let best_fit = median(summary[0].1.clone());
@@ -378,6 +380,55 @@ fn main() {
             } else {
                 f64::NAN
             }
+        );
+    }
+    round_latency(&runtimes);
+}
+
+/// Per-round latency at 100 tasks x 1,000 workers with a runtime history for every task's
+/// type on most workers (the risk model's full path), next to the native best-fit.
+fn round_latency(runtimes: &[(&str, PolicyRuntime)]) {
+    let snapshot = cloudai::tooling::synthetic_snapshot(3, 1000, 100);
+    let input = snapshot.placement_input();
+    let types: Vec<&str> = snapshot.queued.iter().map(Task::task_type).collect();
+    let mut samples = Vec::new();
+    for w in 0..input.worker_count() as u32 {
+        for (k, task_type) in types.iter().enumerate() {
+            if (w as usize + k) % 4 != 0 {
+                samples.push(RuntimeSample {
+                    worker_id: input.worker_id(w).unwrap().to_string(),
+                    task_type: (*task_type).to_string(),
+                    runtime_s: 1.0 + ((w as usize * 7 + k) % 50) as f64,
+                });
+            }
+        }
+    }
+    let input = input.with_runtime_history(types, &RuntimeHistory::from_samples(&samples));
+    let time = |f: &dyn Fn()| {
+        let xs: Vec<f64> = (0..31)
+            .map(|_| {
+                let started = std::time::Instant::now();
+                f();
+                started.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        median(xs)
+    };
+    println!();
+    println!("per round, 100 tasks x 1,000 workers with runtime history (median of 31):");
+    println!(
+        "  native best-fit {:.2} ms",
+        time(&|| {
+            cloudai::policy::native::best_fit(&input);
+        })
+    );
+    for (name, rt) in runtimes {
+        println!(
+            "  {name} (Wasm) {:.2} ms",
+            time(&|| {
+                let placed = rt.place(&input);
+                assert!(matches!(placed.source, PolicySource::Wasm { .. }));
+            })
         );
     }
 }
