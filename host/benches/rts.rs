@@ -394,7 +394,7 @@ fn round_latency(runtimes: &[(&str, PolicyRuntime)]) {
     let mut samples = Vec::new();
     for w in 0..input.worker_count() as u32 {
         for (k, task_type) in types.iter().enumerate() {
-            if (w as usize + k) % 4 != 0 {
+            if !(w as usize + k).is_multiple_of(4) {
                 samples.push(RuntimeSample {
                     worker_id: input.worker_id(w).unwrap().to_string(),
                     task_type: (*task_type).to_string(),
