@@ -5,6 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::bindings::types::{
     AttributeColumn, LabelIndex, PlacementInput as WitInput, TaskColumns, WorkerColumns,
@@ -15,6 +17,10 @@ use crate::model::{RuntimeSample, Task, Worker};
 pub const MEAN_RUNTIME_ATTRIBUTE: &str = "mean-runtime-s:";
 pub const RUNS_ATTRIBUTE: &str = "runs:";
 
+/// How many of the newest successful runs the runtime history covers: recent enough to follow
+/// a change of hardware or code, many enough for a stable mean per type and worker.
+pub const RUNTIME_HISTORY_WINDOW: u32 = 5_000;
+
 /// Observed runtimes by task type and worker (sum and count of successful runs): what a
 /// placement policy sees as the worker attributes `mean-runtime-s:<type>` and `runs:<type>`.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -22,7 +28,56 @@ pub struct RuntimeHistory {
     by_type: HashMap<String, HashMap<String, (f64, u32)>>,
 }
 
+/// One task type's runs on one worker, as a cluster snapshot records the history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeStat {
+    pub task_type: String,
+    pub worker_id: String,
+    pub mean_runtime_s: f64,
+    pub runs: u32,
+}
+
 impl RuntimeHistory {
+    /// The history as a list, by task type then worker.
+    pub fn stats(&self) -> Vec<RuntimeStat> {
+        let mut stats: Vec<RuntimeStat> = self
+            .by_type
+            .iter()
+            .flat_map(|(task_type, workers)| {
+                workers
+                    .iter()
+                    .map(move |(worker_id, (sum, runs))| RuntimeStat {
+                        task_type: task_type.clone(),
+                        worker_id: worker_id.clone(),
+                        mean_runtime_s: sum / f64::from((*runs).max(1)),
+                        runs: *runs,
+                    })
+            })
+            .collect();
+        stats.sort_by(|a, b| (&a.task_type, &a.worker_id).cmp(&(&b.task_type, &b.worker_id)));
+        stats
+    }
+
+    /// The history a snapshot recorded (entries with no runs or a non-finite mean ignored).
+    pub fn from_stats(stats: &[RuntimeStat]) -> Self {
+        let mut history = RuntimeHistory::default();
+        for s in stats
+            .iter()
+            .filter(|s| s.runs > 0 && s.mean_runtime_s.is_finite() && s.mean_runtime_s >= 0.0)
+        {
+            history
+                .by_type
+                .entry(s.task_type.clone())
+                .or_default()
+                .insert(
+                    s.worker_id.clone(),
+                    (s.mean_runtime_s * f64::from(s.runs), s.runs),
+                );
+        }
+        history
+    }
+
     pub fn from_samples(samples: &[RuntimeSample]) -> Self {
         let mut history = RuntimeHistory::default();
         for s in samples.iter().filter(|s| s.runtime_s.is_finite()) {
@@ -515,6 +570,7 @@ mod tests {
         assert_eq!(attributes[3].values[1], 2.0);
         assert_eq!(attributes[4].known, vec![true, false]);
         assert_eq!(attributes[4].values[0], 1.0);
+        assert_eq!(RuntimeHistory::from_stats(&history.stats()), history);
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub(crate) mod guest_tests;
 
 pub use engine::{EngineSettings, PolicyEngine, PolicyLimits};
 pub use error::{PolicyError, Result};
-pub use input::{Decision, PlacementInput, RuntimeHistory};
+pub use input::{Decision, PlacementInput, RUNTIME_HISTORY_WINDOW, RuntimeHistory, RuntimeStat};
 pub use runtime::{
     AdmissionFallback, AdmissionOutcome, Deactivation, LoadOptions, PlacementOutcome, PolicyKind,
     PolicyRuntime, PolicySource, PolicyVersionInfo, RuntimeSettings,

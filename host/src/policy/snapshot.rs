@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::bindings::types::{AdmissionTask, Resources as WitResources, UserUsage};
-use super::input::PlacementInput;
+use super::input::{PlacementInput, RUNTIME_HISTORY_WINDOW, RuntimeHistory, RuntimeStat};
 use crate::model::{Resources, Task, TaskStatus, Worker};
 use crate::store::{AssignmentFilter, Store, TaskQuery};
 
@@ -39,6 +39,10 @@ pub struct ClusterSnapshot {
     /// Each user's current usage, by user id (absent: none).
     #[serde(default)]
     pub usage: BTreeMap<String, Usage>,
+    /// The runtime history placement policies see (mean runtime per task type and worker,
+    /// from the newest successful runs in RESULTS).
+    #[serde(default)]
+    pub runtime_history: Vec<RuntimeStat>,
 }
 
 /// A user's usage, as admission sees it.
@@ -74,6 +78,10 @@ impl ClusterSnapshot {
     pub fn placement_input_for(&self, tasks: &[Task]) -> PlacementInput {
         PlacementInput::build(tasks, &self.workers, self.taken_at)
             .with_running_tasks(&self.running_tasks)
+            .with_runtime_history(
+                tasks.iter().map(Task::task_type),
+                &RuntimeHistory::from_stats(&self.runtime_history),
+            )
     }
 
     /// The admission check of each pending task, with its user's usage.
@@ -131,6 +139,9 @@ impl ClusterSnapshot {
         }
         queued.truncate(max_tasks);
         pending.truncate(max_tasks);
+        let runtime_history =
+            RuntimeHistory::from_samples(&store.recent_runtimes(RUNTIME_HISTORY_WINDOW).await?)
+                .stats();
         Ok(ClusterSnapshot {
             format: SNAPSHOT_FORMAT,
             taken_at: now,
@@ -139,6 +150,7 @@ impl ClusterSnapshot {
             pending,
             running_tasks,
             usage,
+            runtime_history,
         })
     }
 }
@@ -257,11 +269,30 @@ mod tests {
             pending: vec![],
             running_tasks: BTreeMap::new(),
             usage: BTreeMap::new(),
+            runtime_history: vec![RuntimeStat {
+                task_type: "busybox".into(),
+                worker_id: "w1".into(),
+                mean_runtime_s: 2.5,
+                runs: 4,
+            }],
         };
         let text = serde_json::to_string(&snapshot).unwrap();
         assert_eq!(ClusterSnapshot::from_json(&text).unwrap(), snapshot);
         let input = snapshot.placement_input();
         assert_eq!((input.worker_count(), input.task_count()), (1, 1));
+        // The recorded history reaches the policy as the task type's attributes.
+        let mean = input
+            .columns()
+            .workers
+            .attributes
+            .iter()
+            .find(|a| a.name == "mean-runtime-s:busybox")
+            .unwrap();
+        assert_eq!((mean.known[0], mean.values[0]), (true, 2.5));
+        // A snapshot written before the history existed still reads.
+        let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
+        old.as_object_mut().unwrap().remove("runtime_history");
+        assert!(ClusterSnapshot::from_json(&old.to_string()).is_ok());
 
         let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
         value["format"] = 2.into();

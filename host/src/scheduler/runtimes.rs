@@ -1,5 +1,5 @@
 //! The runtime history placement policies see (mean runtime per task type and worker), read
-//! from RESULTS: the newest [`WINDOW`] successful runs, read again at most every [`REFRESH`],
+//! from RESULTS: the newest [`RUNTIME_HISTORY_WINDOW`] successful runs, read again at most every [`REFRESH`],
 //! and only while a placement policy is active (the built-in best-fit does not use it), so a
 //! round costs no extra query most of the time.
 
@@ -8,12 +8,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
 
-use crate::policy::RuntimeHistory;
+use crate::policy::{RUNTIME_HISTORY_WINDOW, RuntimeHistory};
 use crate::store::Store;
 
-/// How many of the newest successful runs the statistics cover: recent enough to follow a
-/// change of hardware or code, many enough for a stable mean per type and worker.
-pub const WINDOW: u32 = 5_000;
 /// How stale the statistics may get: a run ends in seconds at the earliest.
 pub const REFRESH: Duration = Duration::from_secs(5);
 
@@ -34,7 +31,7 @@ impl RuntimeHistoryCache {
         {
             return Arc::clone(history);
         }
-        match store.recent_runtimes(WINDOW).await {
+        match store.recent_runtimes(RUNTIME_HISTORY_WINDOW).await {
             Ok(samples) => {
                 let history = Arc::new(RuntimeHistory::from_samples(&samples));
                 *current = Some((Instant::now(), Arc::clone(&history)));

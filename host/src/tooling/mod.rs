@@ -618,6 +618,7 @@ pub fn synthetic_snapshot(seed: u64, workers: usize, tasks: usize) -> ClusterSna
         pending,
         running_tasks: BTreeMap::new(),
         usage,
+        runtime_history: Vec::new(),
     }
 }
 
