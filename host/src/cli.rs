@@ -919,6 +919,7 @@ async fn policy_upload(args: PolicyUploadArgs) -> anyhow::Result<()> {
             args.version
         )
     };
+    let started = std::time::Instant::now();
     let response = client
         .post_bytes_streaming(
             "/v1/policies",
@@ -929,7 +930,7 @@ async fn policy_upload(args: PolicyUploadArgs) -> anyhow::Result<()> {
         )
         .await
         .with_context(context)?;
-    let uploaded = upload_progress(response, &label)
+    let uploaded = upload_progress(response, &label, started)
         .await
         .with_context(context)?;
     let activated = if args.activate {
@@ -1344,7 +1345,11 @@ fn parse_sse_event(block: &str) -> Option<(String, String)> {
 
 /// Follows an upload's event stream to its end: its stages on stderr (one updating line on a
 /// terminal, a line per stage otherwise), then the stored version, or the host's refusal.
-async fn upload_progress(response: reqwest::Response, label: &str) -> anyhow::Result<Value> {
+async fn upload_progress(
+    response: reqwest::Response,
+    label: &str,
+    started: std::time::Instant,
+) -> anyhow::Result<Value> {
     use std::io::{IsTerminal, Write as _};
     let is_json = response
         .headers()
@@ -1363,7 +1368,6 @@ async fn upload_progress(response: reqwest::Response, label: &str) -> anyhow::Re
     };
     let mut events = SseReader::new(response);
     let mut shown = String::new();
-    let mut elapsed = 0.0;
     loop {
         let Some((name, data)) = events
             .next()
@@ -1380,7 +1384,7 @@ async fn upload_progress(response: reqwest::Response, label: &str) -> anyhow::Re
         match name.as_str() {
             "progress" => {
                 let stage = str_field(&value, "stage");
-                elapsed = value["elapsed_ms"].as_u64().unwrap_or_default() as f64 / 1000.0;
+                let elapsed = value["elapsed_ms"].as_u64().unwrap_or_default() as f64 / 1000.0;
                 let line = format!("{stage} {label}\u{2026} {elapsed:.1} s");
                 if terminal {
                     eprint!("\r\x1b[2K{line}");
@@ -1392,6 +1396,7 @@ async fn upload_progress(response: reqwest::Response, label: &str) -> anyhow::Re
             }
             "stored" => {
                 clear();
+                let elapsed = started.elapsed().as_secs_f64();
                 eprintln!("stored {label} in {elapsed:.1} s");
                 return Ok(value);
             }
