@@ -884,7 +884,6 @@ async fn policy(command: PolicyCommand) -> anyhow::Result<()> {
 }
 
 async fn policy_upload(args: PolicyUploadArgs) -> anyhow::Result<()> {
-    use std::io::IsTerminal;
     let client = client(&args.client)?;
     let bytes =
         std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
@@ -906,52 +905,34 @@ async fn policy_upload(args: PolicyUploadArgs) -> anyhow::Result<()> {
         ("deadline_ms", args.deadline_ms.map(|d| d.to_string())),
     ];
     query.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
-    let size = bytes.len();
-    let what = format!(
-        "uploading {} ({}); the host compiles and checks it",
-        args.file.display(),
-        human_bytes(size as u64)
+    let label = format!(
+        "{} {} ({})",
+        args.name,
+        args.version,
+        human_bytes(bytes.len() as u64)
     );
-    // A large guest (Python, JavaScript) takes seconds to compile: show that it is working.
-    let progress = if std::io::stderr().is_terminal() {
-        let what = what.clone();
-        Some(tokio::spawn(async move {
-            let started = std::time::Instant::now();
-            let frames = ['|', '/', '-', '\\'];
-            for i in 0.. {
-                eprint!(
-                    "\r{} {what}... {:.1} s",
-                    frames[i % frames.len()],
-                    started.elapsed().as_secs_f64()
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            }
-        }))
-    } else {
-        eprintln!("{what}...");
-        None
-    };
-    let answer = client
-        .post_bytes(
-            "/v1/policies",
-            &query,
-            "application/wasm",
-            bytes,
-            std::time::Duration::from_secs(600),
-        )
-        .await;
-    if let Some(progress) = progress {
-        progress.abort();
-        eprint!("\r\x1b[2K");
-    }
-    let uploaded = answer.with_context(|| {
+    let context = || {
         format!(
             "uploading {} as {} {}",
             args.file.display(),
             args.name,
             args.version
         )
-    })?;
+    };
+    let started = std::time::Instant::now();
+    let response = client
+        .post_bytes_streaming(
+            "/v1/policies",
+            &query,
+            "application/wasm",
+            bytes,
+            std::time::Duration::from_secs(600),
+        )
+        .await
+        .with_context(context)?;
+    let uploaded = upload_progress(response, &label, started)
+        .await
+        .with_context(context)?;
     let activated = if args.activate {
         Some(
             client
@@ -1362,55 +1343,150 @@ fn parse_sse_event(block: &str) -> Option<(String, String)> {
     (!data.is_empty()).then(|| (name, data.join("\n")))
 }
 
+/// Follows an upload's event stream to its end: its stages on stderr (one updating line on a
+/// terminal, a line per stage otherwise), then the stored version, or the host's refusal.
+async fn upload_progress(
+    response: reqwest::Response,
+    label: &str,
+    started: std::time::Instant,
+) -> anyhow::Result<Value> {
+    use std::io::{IsTerminal, Write as _};
+    let is_json = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        // A host that does not stream uploads answered when it was done.
+        return response.json().await.context("reading the stored version");
+    }
+    let terminal = std::io::stderr().is_terminal();
+    let clear = || {
+        if terminal {
+            eprint!("\r\x1b[2K");
+        }
+    };
+    let mut events = SseReader::new(response);
+    let mut shown = String::new();
+    loop {
+        let Some((name, data)) = events
+            .next()
+            .await
+            .context("reading the upload's progress")?
+        else {
+            clear();
+            bail!(
+                "the host ended the upload's stream before it was stored or refused \
+                 (`cloudai policy list` tells whether it was stored)"
+            );
+        };
+        let value: Value = serde_json::from_str(&data).unwrap_or(Value::String(data));
+        match name.as_str() {
+            "progress" => {
+                let stage = str_field(&value, "stage");
+                let elapsed = value["elapsed_ms"].as_u64().unwrap_or_default() as f64 / 1000.0;
+                let line = format!("{stage} {label}\u{2026} {elapsed:.1} s");
+                if terminal {
+                    eprint!("\r\x1b[2K{line}");
+                    let _ = std::io::stderr().flush();
+                } else if stage != shown {
+                    eprintln!("{line}");
+                    shown = stage;
+                }
+            }
+            "stored" => {
+                clear();
+                let elapsed = started.elapsed().as_secs_f64();
+                eprintln!("stored {label} in {elapsed:.1} s");
+                return Ok(value);
+            }
+            "failed" => {
+                clear();
+                let error = &value["error"];
+                bail!(
+                    "{} (code {})",
+                    str_field(error, "message"),
+                    str_field(error, "code")
+                );
+            }
+            _ => {} // a newer host's event
+        }
+    }
+}
+
+/// Server-Sent Events read from a streamed answer.
+struct SseReader {
+    response: reqwest::Response,
+    buffer: Vec<u8>,
+}
+
+impl SseReader {
+    fn new(response: reqwest::Response) -> Self {
+        SseReader {
+            response,
+            buffer: Vec::new(),
+        }
+    }
+
+    /// The next event's name and data; `None` when the stream ends.
+    async fn next(&mut self) -> anyhow::Result<Option<(String, String)>> {
+        loop {
+            // Events end with a blank line.
+            while let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                if let Some(event) = parse_sse_event(&String::from_utf8_lossy(&block)) {
+                    return Ok(Some(event));
+                } // else a keep-alive comment
+            }
+            match self.response.chunk().await? {
+                Some(bytes) => self.buffer.extend_from_slice(&bytes),
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
 async fn follow_logs(args: LogsArgs) -> anyhow::Result<()> {
     use std::io::Write as _;
     let client = client(&args.client)?;
-    let mut response = client
+    let response = client
         .get_streaming(
             &format!("/v1/tasks/{}/logs", args.task_id),
             &[("follow", "true".to_string())],
         )
         .await?;
-    let mut buffer: Vec<u8> = Vec::new();
+    let mut events = SseReader::new(response);
     loop {
-        let Some(bytes) = response
-            .chunk()
+        let Some((name, data)) = events
+            .next()
             .await
             .context("reading the task's log stream")?
         else {
             bail!("the host ended the log stream before the task ended");
         };
-        buffer.extend_from_slice(&bytes);
-        // Events end with a blank line.
-        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
-            let block: Vec<u8> = buffer.drain(..end + 2).collect();
-            let Some((name, data)) = parse_sse_event(&String::from_utf8_lossy(&block)) else {
-                continue; // a keep-alive comment
-            };
-            let value: Value = serde_json::from_str(&data).unwrap_or(Value::String(data));
-            match name.as_str() {
-                "log" if args.client.output == Output::Json => println!("{value}"),
-                "log" => {
-                    let text = str_field(&value, "text");
-                    if str_field(&value, "stream") == "stderr" {
-                        eprint!("{text}");
-                    } else {
-                        print!("{text}");
-                        let _ = std::io::stdout().flush();
-                    }
+        let value: Value = serde_json::from_str(&data).unwrap_or(Value::String(data));
+        match name.as_str() {
+            "log" if args.client.output == Output::Json => println!("{value}"),
+            "log" => {
+                let text = str_field(&value, "text");
+                if str_field(&value, "stream") == "stderr" {
+                    eprint!("{text}");
+                } else {
+                    print!("{text}");
+                    let _ = std::io::stdout().flush();
                 }
-                "end" => {
-                    if args.client.output == Output::Json {
-                        println!("{value}");
-                    }
-                    let status = str_field(&value, "status");
-                    if status != "completed" {
-                        eprintln!("task {} {status}", args.task_id);
-                    }
-                    return task_exit(&status, value["exit_code"].as_i64());
-                }
-                _ => bail!("following the logs failed: {value}"),
             }
+            "end" => {
+                if args.client.output == Output::Json {
+                    println!("{value}");
+                }
+                let status = str_field(&value, "status");
+                if status != "completed" {
+                    eprintln!("task {} {status}", args.task_id);
+                }
+                return task_exit(&status, value["exit_code"].as_i64());
+            }
+            _ => bail!("following the logs failed: {value}"),
         }
     }
 }

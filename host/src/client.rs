@@ -131,6 +131,28 @@ impl Client {
         self.send(builder).await
     }
 
+    /// Posts a policy component asking for its progress (`Accept: text/event-stream`); the
+    /// answer, read by the caller, is the event stream (or a JSON answer from a host that
+    /// does not stream uploads).
+    pub async fn post_bytes_streaming(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        content_type: &str,
+        bytes: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, ClientError> {
+        self.checked(
+            self.request(Method::POST, path)
+                .query(query)
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .header(reqwest::header::ACCEPT, "text/event-stream")
+                .timeout(timeout)
+                .body(bytes),
+        )
+        .await
+    }
+
     /// Posts JSON, waiting at most `timeout` for the answer.
     pub async fn post_timeout(
         &self,

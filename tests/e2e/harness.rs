@@ -54,6 +54,19 @@ impl TestHost {
     /// `--no-local-worker` is among them).
     pub fn start_with(store: StoreKind, extra: &[&str]) -> anyhow::Result<TestHost> {
         let data_dir = tempfile::tempdir().context("creating the data dir")?;
+        Self::start_in(store, extra, data_dir)
+    }
+
+    /// Stops this host and starts it again on the same data dir (its tokens, its
+    /// compiled-policy cache) with this store and these flags.
+    pub fn restart(mut self, store: StoreKind, extra: &[&str]) -> anyhow::Result<TestHost> {
+        let fresh = tempfile::tempdir().context("creating a data dir")?;
+        let data_dir = std::mem::replace(&mut self._data_dir, fresh);
+        drop(self);
+        Self::start_in(store, extra, data_dir)
+    }
+
+    fn start_in(store: StoreKind, extra: &[&str], data_dir: TempDir) -> anyhow::Result<TestHost> {
         let tokens_file = data_dir.path().join("tokens.json");
         let tokens = json!({"tokens": [
             {"user_id": "alice", "role": "user", "token_sha256": sha256_hex(ALICE_TOKEN)},

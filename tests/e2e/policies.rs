@@ -501,3 +501,210 @@ async fn javascript_and_python_policies_uploaded_to_a_running_host_place_and_adm
         assert_eq!(version["total_failures"], 0, "{version}");
     }
 }
+
+/// A Python guest (~18 MB, seconds to compile) uploaded through the CLI: each stage the host
+/// streams (a line per stage when stderr is not a terminal), in order, then the stored version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploading_a_python_policy_through_the_cli_shows_each_stage_then_the_stored_version() {
+    let Some(dir) = example_wasm_dir() else {
+        return;
+    };
+    let host = TestHost::start(StoreKind::Embedded).expect("host starts");
+    let file = dir.join("py-spread.wasm");
+    let size = std::fs::metadata(&file).expect("py-spread.wasm").len();
+    let started = Instant::now();
+    let output = host.cli(
+        &host.admin_token,
+        &[
+            "policy",
+            "upload",
+            file.to_str().expect("utf-8 path"),
+            "--name",
+            "py-spread",
+            "--version",
+            "2",
+            "--deadline-ms",
+            "1000",
+            "-o",
+            "json",
+        ],
+    );
+    let wall = started.elapsed();
+    assert!(output.status.success(), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let label = format!("py-spread 2 ({:.1} MB)", size as f64 / 1e6);
+    let mut at = 0;
+    for stage in ["received", "compiling", "validating", "storing", "stored"] {
+        let line = format!("{stage} {label}");
+        let found = stderr[at..]
+            .find(&line)
+            .unwrap_or_else(|| panic!("no {line:?} after the stage before:\n{}", text(&output)));
+        at += found + line.len();
+    }
+    let answer: Value = serde_json::from_slice(&output.stdout).expect("the upload as JSON");
+    let upload = &answer["upload"];
+    assert_eq!(upload["policy"]["name"], "py-spread", "{answer}");
+    assert_eq!(upload["policy"]["size_bytes"], size, "{answer}");
+    assert_eq!(upload["kind"], "placement", "{answer}");
+
+    let list: Value = serde_json::from_str(&ok(&host, &["policy", "list", "-o", "json"])).unwrap();
+    let stored = list["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == "py-spread" && v["version"] == "2")
+        .unwrap_or_else(|| panic!("py-spread 2 is not stored: {list}"));
+    assert_eq!(stored["loaded"], true, "{stored}");
+    eprintln!(
+        "py-spread ({label}) uploaded through the CLI in {wall:.1?}: compile {:.0} ms, \
+         validate {:.0} ms; its progress:\n{stderr}",
+        upload["compile_ms"].as_f64().unwrap_or_default(),
+        upload["validate_ms"].as_f64().unwrap_or_default()
+    );
+}
+
+/// `elapsed_ms` of the last "policy sync: loaded a stored version" line of `policy` in a host's
+/// log: reading it from the store, compiling it (or loading the cached compilation), checking it.
+fn sync_load_ms(log: &str, policy: &str) -> Option<u64> {
+    log.lines()
+        .filter(|l| l.contains("policy sync: loaded a stored version") && l.contains(policy))
+        .filter_map(|l| {
+            // Without its colour codes (`ESC [ ... m`).
+            let mut plain = String::new();
+            let mut chars = l.chars();
+            while let Some(c) = chars.next() {
+                if c == '\u{1b}' {
+                    chars.by_ref().find(|c| *c == 'm');
+                } else {
+                    plain.push(c);
+                }
+            }
+            let rest = &plain[plain.find("elapsed_ms=")? + "elapsed_ms=".len()..];
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .next_back()
+}
+
+/// Two replicas on one database: a Python guest uploaded through A is compiled by B in the
+/// background, so that its activation through A runs on B within a second (plus B's sync
+/// interval); B restarted loads it from its compiled-policy cache instead of compiling again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_policy_uploaded_on_one_replica_activates_on_the_other_within_a_second_and_a_restart_loads_it_compiled()
+ {
+    let Some(dir) = example_wasm_dir() else {
+        return;
+    };
+    let Some(uri) = mongo_uri() else { return };
+    let database = unique_database("cloudai_e2e_large_upload");
+    let shared = || StoreKind::MongoDatabase {
+        uri: uri.clone(),
+        database: database.clone(),
+    };
+    let a = TestHost::start(shared()).expect("host A starts");
+    let b = TestHost::start(shared()).expect("host B starts");
+    let py_spread_on = |host: &TestHost| {
+        let host_url = host.url.clone();
+        let token = host.admin_token.clone();
+        async move {
+            let body: Value = reqwest::Client::new()
+                .get(format!("{host_url}/v1/policies"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("GET /v1/policies")
+                .json()
+                .await
+                .expect("a policy list");
+            let version = body["versions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|v| v["name"] == "py-spread")
+                .cloned()
+                .unwrap_or(Value::Null);
+            let active_record = body["active"]["placement"]["name"] == "py-spread";
+            (
+                version["loaded"] == true,
+                version["active"] == true && active_record,
+                body,
+            )
+        }
+    };
+
+    let uploaded = Instant::now();
+    upload(&a, &dir, "py-spread", &["--deadline-ms", "1000"]);
+    let upload_took = uploaded.elapsed();
+    loop {
+        let (loaded, _, body) = py_spread_on(&b).await;
+        if loaded {
+            break;
+        }
+        assert!(
+            uploaded.elapsed() < Duration::from_secs(300),
+            "B did not load py-spread: {body}\nB's log:\n{}",
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let compiled_on_b = sync_load_ms(&b.log(), "py-spread").expect("B logged its load");
+
+    let (status, body) = a
+        .call(
+            Method::POST,
+            "/v1/policies/py-spread/activate",
+            Some(&a.admin_token),
+            Some(&json!({"version": "1"}).to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let switched = Instant::now();
+    // B's policy sync interval (`--policy-sync-interval-ms`, 250 by default).
+    let within = Duration::from_secs(1) + Duration::from_millis(250);
+    loop {
+        let (_, active, body) = py_spread_on(&b).await;
+        if active {
+            break;
+        }
+        assert!(
+            switched.elapsed() <= within,
+            "B does not run py-spread within {within:?} of its activation through A: {body}\n\
+             B's log:\n{}",
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let activation = switched.elapsed();
+
+    let b = b
+        .restart(shared(), &["--no-local-worker"])
+        .expect("host B restarts");
+    let restarted = Instant::now();
+    loop {
+        let (loaded, active, body) = py_spread_on(&b).await;
+        if loaded && active {
+            break;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(120),
+            "B restarted does not run py-spread: {body}\nB's log:\n{}",
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let running_again = restarted.elapsed();
+    let reloaded = sync_load_ms(&b.log(), "py-spread").expect("B logged its load");
+    assert!(
+        reloaded * 3 < compiled_on_b,
+        "B restarted took {reloaded} ms to load py-spread, compiling it took {compiled_on_b} ms: \
+         not from the cache?\nB's log:\n{}",
+        b.log()
+    );
+    eprintln!(
+        "py-spread: uploaded through A in {upload_took:.1?}; B compiled and loaded it in the \
+         background in {compiled_on_b} ms; B ran it {activation:.0?} after its activation \
+         through A; B restarted loaded it in {reloaded} ms (from its cache) and ran it \
+         {running_again:.0?} after the restart"
+    );
+}

@@ -91,6 +91,8 @@ use super::{agent, health, policies, task_io, tasks, workers};
         crate::policy::snapshot::ClusterSnapshot,
         crate::policy::snapshot::Usage,
         policies::UploadedPolicy,
+        policies::UploadStage,
+        policies::UploadProgress,
         policies::PolicyStatus,
         policies::ActiveRecords,
         policies::PolicyList,

@@ -6,6 +6,7 @@
 //! Also `GET /v1/cluster/snapshot`, the document `cloudai policy test --snapshot` replays.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,6 +15,7 @@ use axum::extract::{
     DefaultBodyLimit, FromRequest, FromRequestParts, Multipart, Path, Query, Request, State,
 };
 use axum::http::{StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -23,8 +25,9 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::Limits;
 use super::auth::Principal;
-use super::error::{ApiError, ApiResult, ErrorBody};
+use super::error::{ApiError, ApiResult, ErrorBody, ErrorDetail};
 use super::extract::{ValidJson, Validate, truncate_for_message};
+use super::task_io::event as sse_event;
 use crate::model::{self, ActivePolicy, PolicyKind, PolicyVersion};
 use crate::policy::bindings::types::AdmissionDecision;
 use crate::policy::snapshot::ClusterSnapshot;
@@ -228,6 +231,14 @@ fn parse_number(field: &str, value: Option<&str>) -> ApiResult<Option<u64>> {
 /// (`Content-Type: application/wasm` or `application/octet-stream`, fields in the query
 /// string) or the `component` part of a `multipart/form-data` body (fields as parts or in
 /// the query string). It is compiled and checked before anything is stored.
+///
+/// With `Accept: text/event-stream` the answer comes once the fields, the size and the
+/// name/version are checked: 200 and a Server-Sent Events stream of `progress` events
+/// (an [`UploadProgress`] as each stage starts and every ~500 ms while it lasts), then one
+/// `stored` event (the [`UploadedPolicy`] a 201 carries) or one `failed` event (an
+/// `ErrorBody` with the code a 409 or 422 would carry). Either way the upload runs in its own
+/// task: a client that goes away cancels nothing, and the version ends up stored (and loaded
+/// here) or not stored at all; `GET /v1/policies` tells which.
 #[utoipa::path(post, path = "/v1/policies", tag = "policies",
     security(("bearer" = [])),
     params(
@@ -237,10 +248,12 @@ fn parse_number(field: &str, value: Option<&str>) -> ApiResult<Option<u64>> {
         ("config" = Option<String>, Query, description = "JSON text passed to the policy's `configure` (`{}` when absent)"),
         ("memory_mb" = Option<u64>, Query, description = "The version's memory limit, MiB (within the host's cap)"),
         ("deadline_ms" = Option<u64>, Query, description = "The version's deadline per evaluation, ms (within the host's cap)"),
+        ("Accept" = Option<String>, Header, description = "`text/event-stream`: answer at once with the upload's progress as Server-Sent Events"),
     ),
     request_body(content = Vec<u8>, description = "The component (raw, or the `component` part of multipart/form-data)", content_type = "application/wasm"),
     responses(
         (status = 201, description = "Validated and stored", body = UploadedPolicy),
+        (status = 200, description = "With `Accept: text/event-stream`: `progress` events (UploadProgress), then `stored` (UploadedPolicy) or `failed` (ErrorBody: `policy_invalid`, `policy_exists`, `internal`); nothing is stored on `failed`", body = UploadProgress, content_type = "text/event-stream"),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Not an admin", body = ErrorBody),
         (status = 409, description = "The name and version are taken (`policy_exists`)", body = ErrorBody),
@@ -254,12 +267,72 @@ pub async fn upload_policy(
     query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
     request: Request,
 ) -> ApiResult<Response> {
+    let started = Instant::now();
+    let streaming = wants_event_stream(request.headers());
+    let upload = check_upload(&state, admin, query, request).await?;
+    let size_bytes = upload.bytes.len() as u64;
+    let (progress, events) = tokio::sync::mpsc::unbounded_channel();
+    let _ = progress.send(UploadEvent::Stage(UploadStage::Received));
+    // Its own task: a client that disconnects does not cancel it halfway (see above).
+    let work = tokio::spawn(async move {
+        let outcome = run_upload(&state, upload, &progress).await;
+        let _ = progress.send(UploadEvent::Done(outcome));
+    });
+    if streaming {
+        return Ok(upload_events(events, started, size_bytes).into_response());
+    }
+    drop(work);
+    let mut events = events;
+    while let Some(event) = events.recv().await {
+        if let UploadEvent::Done(outcome) = event {
+            return outcome.map(|answer| (StatusCode::CREATED, Json(answer)).into_response());
+        }
+    }
+    tracing::error!("the policy upload task ended without an outcome");
+    Err(ApiError::internal())
+}
+
+/// Whether the client asked for the upload's progress as Server-Sent Events.
+fn wants_event_stream(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .eq_ignore_ascii_case("text/event-stream")
+        })
+}
+
+/// An upload that passed the cheap checks (fields, size, name and version free).
+struct CheckedUpload {
+    name: String,
+    version: String,
+    kind: Option<PolicyKind>,
+    config: String,
+    memory_bytes: Option<u64>,
+    deadline_ms: Option<u64>,
+    limits: Option<crate::policy::PolicyLimits>,
+    bytes: Vec<u8>,
+    admin: String,
+}
+
+async fn check_upload(
+    state: &AppState,
+    admin: String,
+    query: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+    request: Request,
+) -> ApiResult<CheckedUpload> {
     let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let mut fields = UploadFields::default();
     for (key, value) in params {
         fields.set(&key, value)?;
     }
-    let bytes = read_component(&state, request, &mut fields).await?;
+    let bytes = read_component(state, request, &mut fields).await?;
 
     let name = fields
         .name
@@ -305,14 +378,80 @@ pub async fn upload_policy(
         Err(StoreError::NotFound { .. }) => {}
         Err(e) => return Err(e.into()),
     }
+    Ok(CheckedUpload {
+        name,
+        version,
+        kind,
+        config,
+        memory_bytes,
+        deadline_ms,
+        limits,
+        bytes,
+        admin,
+    })
+}
 
+/// A stage of an upload, as its `progress` events name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UploadStage {
+    /// The component is read and the fields are checked.
+    Received,
+    Compiling,
+    /// `configure` and a smoke decision within the version's limits.
+    Validating,
+    Storing,
+}
+
+/// One `progress` event of a streamed upload.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UploadProgress {
+    pub stage: UploadStage,
+    /// Since the request arrived, ms.
+    pub elapsed_ms: u64,
+    /// The component's size.
+    pub bytes: u64,
+}
+
+enum UploadEvent {
+    Stage(UploadStage),
+    Done(ApiResult<UploadedPolicy>),
+}
+
+type Progress = tokio::sync::mpsc::UnboundedSender<UploadEvent>;
+
+/// Compiles, checks and stores a checked upload, telling `progress` as each stage starts.
+/// Refused or failed, it leaves nothing stored and nothing loaded.
+async fn run_upload(
+    state: &AppState,
+    upload: CheckedUpload,
+    progress: &Progress,
+) -> ApiResult<UploadedPolicy> {
+    let CheckedUpload {
+        name,
+        version,
+        kind,
+        config,
+        memory_bytes,
+        deadline_ms,
+        limits,
+        bytes,
+        admin,
+    } = upload;
+    let stage = |s| {
+        // A client that went away no longer listens; the upload goes on.
+        let _ = progress.send(UploadEvent::Stage(s));
+    };
     let runtime = state.policies.clone();
     let (n, v, c) = (name.clone(), version.clone(), config.clone());
     let component = bytes.clone();
+    let validating = progress.clone();
+    stage(UploadStage::Compiling);
     let checked = tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         runtime.engine().compile(&component)?;
         let compiled = started.elapsed();
+        let _ = validating.send(UploadEvent::Stage(UploadStage::Validating));
         let started = Instant::now();
         let kind = runtime.load_with(
             &n,
@@ -349,6 +488,7 @@ pub async fn upload_policy(
         )));
     }
 
+    stage(UploadStage::Storing);
     let stored = PolicyVersion {
         name: name.clone(),
         version: version.clone(),
@@ -373,13 +513,81 @@ pub async fn upload_policy(
         policy_name = %name, policy_version = %version, kind = loaded_kind.as_str(),
         size_bytes = stored.size_bytes, by = %admin, "policy uploaded"
     );
-    let answer = UploadedPolicy {
+    Ok(UploadedPolicy {
         policy: stored,
         kind: loaded_kind,
         compile_ms: compiled.as_secs_f64() * 1000.0,
         validate_ms: validated.as_secs_f64() * 1000.0,
+    })
+}
+
+/// How often a streamed upload repeats its current stage.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The event stream of an upload: its stages as they start (repeated every
+/// [`PROGRESS_EVERY`] while one lasts), then `stored` or `failed`, and the stream ends.
+fn upload_events(
+    events: tokio::sync::mpsc::UnboundedReceiver<UploadEvent>,
+    started: Instant,
+    size_bytes: u64,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    struct Upload {
+        events: tokio::sync::mpsc::UnboundedReceiver<UploadEvent>,
+        stage: UploadStage,
+        done: bool,
+    }
+    let progress = move |stage| {
+        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        sse_event(
+            "progress",
+            &UploadProgress {
+                stage,
+                elapsed_ms,
+                bytes: size_bytes,
+            },
+        )
     };
-    Ok((StatusCode::CREATED, Json(answer)).into_response())
+    let upload = Upload {
+        events,
+        stage: UploadStage::Received,
+        done: false,
+    };
+    let stream = futures::stream::unfold(upload, move |mut u| async move {
+        if u.done {
+            return None;
+        }
+        let event = match tokio::time::timeout(PROGRESS_EVERY, u.events.recv()).await {
+            Err(_) => progress(u.stage),
+            Ok(Some(UploadEvent::Stage(stage))) => {
+                u.stage = stage;
+                progress(stage)
+            }
+            Ok(Some(UploadEvent::Done(Ok(answer)))) => {
+                u.done = true;
+                sse_event("stored", &answer)
+            }
+            Ok(Some(UploadEvent::Done(Err(error)))) => {
+                u.done = true;
+                sse_event("failed", &error_body(error))
+            }
+            Ok(None) => {
+                tracing::error!("the policy upload task ended without an outcome");
+                u.done = true;
+                sse_event("failed", &error_body(ApiError::internal()))
+            }
+        };
+        Some((Ok::<Event, Infallible>(event), u))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+fn error_body(error: ApiError) -> ErrorBody {
+    ErrorBody {
+        error: ErrorDetail {
+            code: error.code.to_string(),
+            message: error.message,
+        },
+    }
 }
 
 fn exists(name: &str, version: &str) -> ApiError {

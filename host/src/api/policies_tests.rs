@@ -134,6 +134,31 @@ impl Api {
         self.send(request).await
     }
 
+    /// Raw upload asking for its progress as Server-Sent Events.
+    async fn upload_streaming(&self, query: &str, bytes: Vec<u8>) -> axum::response::Response {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("/v1/policies?{query}"))
+            .header(header::AUTHORIZATION, format!("Bearer {ADMIN}"))
+            .header(header::CONTENT_TYPE, "application/wasm")
+            .header(header::ACCEPT, "text/event-stream")
+            .body(Body::from(bytes))
+            .unwrap();
+        self.app.clone().oneshot(request).await.unwrap()
+    }
+
+    /// A streamed upload's events, `(name, data)`, read until the stream ends.
+    async fn upload_events(&self, query: &str, bytes: Vec<u8>) -> Vec<(String, Value)> {
+        let response = self.upload_streaming(query, bytes).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "text/event-stream"
+        );
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        sse_events(std::str::from_utf8(&bytes).unwrap())
+    }
+
     async fn upload_ok(&self, guest: &str, name: &str, version: &str) -> Value {
         let reply = self
             .upload(&format!("name={name}&version={version}"), self.guest(guest))
@@ -378,6 +403,129 @@ async fn bad_uploads_are_refused_with_a_reason_and_store_nothing() {
         reply.body
     );
     small.assert_nothing_stored("too large").await;
+}
+
+/// `(event, data)` of each Server-Sent Event in `text` (keep-alive comments skipped).
+fn sse_events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let mut name = None;
+            let mut data = None;
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = Some(v.trim().to_string());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data = Some(serde_json::from_str(v.trim()).unwrap());
+                }
+            }
+            Some((name?, data?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_upload_reports_each_stage_in_order_then_stored() {
+    let Some(api) = Api::new() else { return };
+    let component = api.guest("best-fit");
+    let size = component.len() as u64;
+    let events = api
+        .upload_events("name=best-fit&version=1", component)
+        .await;
+    let (last, progress) = events.split_last().unwrap();
+    let mut stages: Vec<&str> = Vec::new();
+    let mut elapsed = 0;
+    for (name, data) in progress {
+        assert_eq!(name, "progress", "{events:?}");
+        assert_eq!(data["bytes"], size, "{data}");
+        let ms = data["elapsed_ms"].as_u64().unwrap();
+        assert!(ms >= elapsed, "{events:?}");
+        elapsed = ms;
+        let stage = data["stage"].as_str().unwrap();
+        if stages.last() != Some(&stage) {
+            stages.push(stage);
+        }
+    }
+    assert_eq!(
+        stages,
+        ["received", "compiling", "validating", "storing"],
+        "{events:?}"
+    );
+    assert_eq!(last.0, "stored", "{events:?}");
+    // The same answer as a 201.
+    assert_eq!(last.1["policy"]["name"], "best-fit");
+    assert_eq!(last.1["kind"], "placement");
+    assert!(last.1["validate_ms"].as_f64().unwrap() > 0.0);
+    let stored = api.store.get_policy_version("best-fit", "1").await.unwrap();
+    assert_eq!(stored.size_bytes, size);
+    let list = api.json(Method::GET, "/v1/policies", ADMIN, None).await;
+    assert_eq!(list.body["versions"][0]["loaded"], true, "{}", list.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_bad_upload_fails_with_the_reason_and_a_taken_version_is_409_first() {
+    let Some(api) = Api::new() else { return };
+    let events = api
+        .upload_events("name=trap&version=1", api.guest("fixture-trap"))
+        .await;
+    let (name, data) = events.last().unwrap();
+    assert_eq!(name, "failed", "{events:?}");
+    assert_eq!(data["error"]["code"], "policy_invalid", "{data}");
+    assert!(
+        data["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("smoke test"),
+        "{data}"
+    );
+    assert!(
+        events.iter().all(|(n, _)| n == "progress" || n == "failed"),
+        "{events:?}"
+    );
+    api.assert_nothing_stored("a streamed trap").await;
+
+    // Refused before any stream: a plain JSON error.
+    let events = api
+        .upload_events("name=best-fit&version=1", api.guest("best-fit"))
+        .await;
+    assert_eq!(events.last().unwrap().0, "stored", "{events:?}");
+    let taken = api
+        .upload_streaming("name=best-fit&version=1", api.guest("spread"))
+        .await;
+    assert_eq!(taken.status(), StatusCode::CONFLICT);
+    let body = taken.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["code"], "policy_exists", "{body}");
+    let bad = api
+        .upload_streaming("name=Bad&version=1", api.guest("spread"))
+        .await;
+    assert_eq!(bad.status(), StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_a_streamed_upload_does_not_cancel_it() {
+    let Some(api) = Api::new() else { return };
+    let response = api
+        .upload_streaming("name=spread&version=1", api.guest("spread"))
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    // Gone after the first event.
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    drop(body);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Ok(stored) = api.store.get_policy_version("spread", "1").await {
+            assert_eq!(stored.name, "spread");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never stored after the client left"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(api.runtime.versions().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

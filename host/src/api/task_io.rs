@@ -210,7 +210,7 @@ pub async fn get_logs(
     Ok(Json(logs).into_response())
 }
 
-fn event(name: &str, payload: &impl Serialize) -> Event {
+pub(super) fn event(name: &str, payload: &impl Serialize) -> Event {
     match serde_json::to_string(payload) {
         Ok(data) => Event::default().event(name).data(data),
         Err(error) => Event::default().event("error").data(error.to_string()),
