@@ -187,26 +187,7 @@ fn simulate(rt: &PolicyRuntime, arrivals: &[Arrival], label: &str) -> Outcome {
             running.swap_remove(i);
             let kind = &TYPES[arrivals[t].kind];
             let worker = &mut workers[w];
-            for (allocated, available, amount) in [
-                (
-                    &mut worker.allocated_cpu,
-                    &mut worker.available_cpu,
-                    kind.cpu,
-                ),
-                (
-                    &mut worker.allocated_memory,
-                    &mut worker.available_memory,
-                    kind.memory,
-                ),
-                (
-                    &mut worker.allocated_storage,
-                    &mut worker.available_storage,
-                    1.0,
-                ),
-            ] {
-                *allocated -= amount;
-                *available += amount;
-            }
+            account(worker, kind, -1.0);
             let response = end - arrivals[t].at_s;
             if response > SLA_K * kind.base_s * REFERENCE_SPEED {
                 outcome.missed += 1;
@@ -254,26 +235,7 @@ fn simulate(rt: &PolicyRuntime, arrivals: &[Arrival], label: &str) -> Outcome {
                 "{label}: overcommitted {}",
                 worker.worker_id
             );
-            for (allocated, available, amount) in [
-                (
-                    &mut worker.allocated_cpu,
-                    &mut worker.available_cpu,
-                    kind.cpu,
-                ),
-                (
-                    &mut worker.allocated_memory,
-                    &mut worker.available_memory,
-                    kind.memory,
-                ),
-                (
-                    &mut worker.allocated_storage,
-                    &mut worker.available_storage,
-                    1.0,
-                ),
-            ] {
-                *allocated += amount;
-                *available -= amount;
-            }
+            account(worker, kind, 1.0);
             let load = worker.allocated_cpu / worker.total_cpu;
             let speed = WORKERS[w].0;
             let noise = (NOISE_CV * arrivals[*t].noise).exp();
@@ -287,6 +249,30 @@ fn simulate(rt: &PolicyRuntime, arrivals: &[Arrival], label: &str) -> Outcome {
         }
     }
     outcome
+}
+
+/// Moves a task's request into (`sign` 1) or out of (-1) the worker's allocation.
+fn account(worker: &mut Worker, kind: &TaskType, sign: f64) {
+    for (allocated, available, amount) in [
+        (
+            &mut worker.allocated_cpu,
+            &mut worker.available_cpu,
+            kind.cpu,
+        ),
+        (
+            &mut worker.allocated_memory,
+            &mut worker.available_memory,
+            kind.memory,
+        ),
+        (
+            &mut worker.allocated_storage,
+            &mut worker.available_storage,
+            1.0,
+        ),
+    ] {
+        *allocated += sign * amount;
+        *available -= sign * amount;
+    }
 }
 
 fn percentile(xs: &mut [f64], p: f64) -> f64 {

@@ -263,28 +263,7 @@ async fn place_one(host: &TestHost, workers: &[(&str, &str)]) -> String {
         )
         .await;
     assert_eq!(status, 201, "{body}");
-    let path = format!("/v1/tasks/{}", body["task_id"].as_str().unwrap());
-    let started = Instant::now();
-    loop {
-        let (_, task) = host
-            .call(
-                Method::GET,
-                &path,
-                Some(crate::harness::ALICE_TOKEN),
-                None,
-                &[],
-            )
-            .await;
-        if task["status"] == "running" {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "not placed within 10 s: {task}\nhost log:\n{}",
-            host.log()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until_running(host, body["task_id"].as_str().unwrap()).await;
     let mut grew = Vec::new();
     for ((id, _), before) in workers.iter().zip(before) {
         let (_, body) = host

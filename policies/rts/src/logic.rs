@@ -320,6 +320,25 @@ mod tests {
         }
     }
 
+    /// The history of one task type: mean runtimes (and runs) where `known`.
+    fn history<'a>(
+        task_type: &'a str,
+        known: &'a [bool],
+        mean: &'a [f64],
+        runs: Option<&'a [f64]>,
+    ) -> HashMap<&'a str, History<'a>> {
+        HashMap::from([(
+            task_type,
+            History {
+                mean_runtime_s: Attribute {
+                    known,
+                    values: mean,
+                },
+                runs: runs.map(|values| Attribute { known, values }),
+            },
+        )])
+    }
+
     fn info(task_type: &str) -> TaskInfo<'_> {
         TaskInfo {
             task_type,
@@ -342,20 +361,11 @@ mod tests {
             &[[2.0, 4.0, 1.0, 0.0]],
         );
         let (known, mean, runs) = ([true, true], [30.0, 10.0], [5.0, 5.0]);
-        let history = HashMap::from([(
-            "train",
-            History {
-                mean_runtime_s: Attribute {
-                    known: &known,
-                    values: &mean,
-                },
-                runs: Some(Attribute {
-                    known: &known,
-                    values: &runs,
-                }),
-            },
-        )]);
-        let r = round(&c, vec![info("train")], history);
+        let r = round(
+            &c,
+            vec![info("train")],
+            history("train", &known, &mean, Some(&runs)),
+        );
         assert_eq!(place(&r, &Config::default()), vec![Assign(1)]);
         // Best-fit would have packed it onto worker 0.
         let fit = cloudai_policy_best_fit::logic::place(&r.workers, &r.tasks);
@@ -372,22 +382,8 @@ mod tests {
             &[[1.0, 1.0, 0.0, 0.0]],
         );
         let (known, mean, runs) = ([true, true], [14.0, 8.0], [10.0, 10.0]);
-        let history = || {
-            HashMap::from([(
-                "etl",
-                History {
-                    mean_runtime_s: Attribute {
-                        known: &known,
-                        values: &mean,
-                    },
-                    runs: Some(Attribute {
-                        known: &known,
-                        values: &runs,
-                    }),
-                },
-            )])
-        };
-        let fresh = round(&c, vec![info("etl")], history());
+        let etl = || history("etl", &known, &mean, Some(&runs));
+        let fresh = round(&c, vec![info("etl")], etl());
         assert_eq!(place(&fresh, &Config::default()), vec![Assign(0)]);
         let late = round(
             &c,
@@ -395,7 +391,7 @@ mod tests {
                 age_s: 10.0,
                 ..info("etl")
             }],
-            history(),
+            etl(),
         );
         assert_eq!(place(&late, &Config::default()), vec![Assign(1)]);
     }
@@ -420,17 +416,11 @@ mod tests {
         let c = cluster(&workers, &tasks);
         // A history of another type only: every task here has none.
         let (known, mean) = ([true, false, false, false], [5.0, 0.0, 0.0, 0.0]);
-        let history = HashMap::from([(
-            "other",
-            History {
-                mean_runtime_s: Attribute {
-                    known: &known,
-                    values: &mean,
-                },
-                runs: None,
-            },
-        )]);
-        let r = round(&c, tasks.iter().map(|_| info("new")).collect(), history);
+        let r = round(
+            &c,
+            tasks.iter().map(|_| info("new")).collect(),
+            history("other", &known, &mean, None),
+        );
         let expected = cloudai_policy_best_fit::logic::place(&r.workers, &r.tasks);
         assert_eq!(place(&r, &Config::default()), expected);
         assert!(matches!(expected[4], Unschedulable(_)));
@@ -475,17 +465,7 @@ mod tests {
             &[[1.0, 1.0, 0.0, 0.0]; 4],
         );
         let (known, mean) = ([true, true], [1.0, 1.0]);
-        let history = HashMap::from([(
-            "t",
-            History {
-                mean_runtime_s: Attribute {
-                    known: &known,
-                    values: &mean,
-                },
-                runs: None,
-            },
-        )]);
-        let r = round(&c, vec![info("t"); 4], history);
+        let r = round(&c, vec![info("t"); 4], history("t", &known, &mean, None));
         let d = place(&r, &Config::default());
         let on = |w: u32| d.iter().filter(|x| **x == Assign(w)).count();
         assert_eq!((on(0), on(1)), (2, 1));
