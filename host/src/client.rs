@@ -122,13 +122,24 @@ impl Client {
         bytes: Vec<u8>,
         timeout: Duration,
     ) -> Result<Value, ClientError> {
-        let builder = self
-            .request(Method::POST, path)
+        self.send(self.bytes_request(path, query, content_type, bytes, timeout))
+            .await
+    }
+
+    /// A POST of raw bytes with query parameters, waiting at most `timeout`.
+    fn bytes_request(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        content_type: &str,
+        bytes: Vec<u8>,
+        timeout: Duration,
+    ) -> reqwest::RequestBuilder {
+        self.request(Method::POST, path)
             .query(query)
             .header(reqwest::header::CONTENT_TYPE, content_type)
             .timeout(timeout)
-            .body(bytes);
-        self.send(builder).await
+            .body(bytes)
     }
 
     /// Posts a policy component asking for its progress (`Accept: text/event-stream`); the
@@ -143,12 +154,8 @@ impl Client {
         timeout: Duration,
     ) -> Result<reqwest::Response, ClientError> {
         self.checked(
-            self.request(Method::POST, path)
-                .query(query)
-                .header(reqwest::header::CONTENT_TYPE, content_type)
-                .header(reqwest::header::ACCEPT, "text/event-stream")
-                .timeout(timeout)
-                .body(bytes),
+            self.bytes_request(path, query, content_type, bytes, timeout)
+                .header(reqwest::header::ACCEPT, "text/event-stream"),
         )
         .await
     }

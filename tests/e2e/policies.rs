@@ -201,16 +201,7 @@ async fn two_hosts_on_one_mongodb_database_switch_policies_within_a_second() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let (status, body) = a
-        .call(
-            Method::POST,
-            "/v1/policies/spread/activate",
-            Some(&a.admin_token),
-            Some(&json!({"version": "1"}).to_string()),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    activate_over_http(&a, "spread", "1").await;
     let switched = Instant::now();
     loop {
         let body = policies_on_b().await;
@@ -235,6 +226,20 @@ async fn two_hosts_on_one_mongodb_database_switch_policies_within_a_second() {
 
 /// Submits a 1-core, 1 GB task as alice, waits until it is placed, and says on which worker
 /// the reservation landed (the one whose allocation grew by its request).
+/// `POST /v1/policies/{name}/activate` as the admin; asserts it applied.
+async fn activate_over_http(host: &TestHost, name: &str, version: &str) {
+    let (status, body) = host
+        .call(
+            Method::POST,
+            &format!("/v1/policies/{name}/activate"),
+            Some(&host.admin_token),
+            Some(&json!({ "version": version }).to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
 async fn place_one(host: &TestHost, workers: &[(&str, &str)]) -> String {
     let allocated = |body: &Value| body["worker"]["allocated_cpu"].as_f64().unwrap_or(-1.0);
     let mut before = Vec::new();
@@ -628,16 +633,7 @@ async fn a_python_policy_uploaded_on_one_replica_activates_on_the_other_within_a
     }
     let compiled_on_b = sync_load_ms(&b.log(), "py-spread").expect("B logged its load");
 
-    let (status, body) = a
-        .call(
-            Method::POST,
-            "/v1/policies/py-spread/activate",
-            Some(&a.admin_token),
-            Some(&json!({"version": "1"}).to_string()),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    activate_over_http(&a, "py-spread", "1").await;
     let switched = Instant::now();
     // B's policy sync interval (`--policy-sync-interval-ms`, 250 by default).
     let within = Duration::from_secs(1) + Duration::from_millis(250);
