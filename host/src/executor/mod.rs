@@ -58,6 +58,10 @@ const GB: f64 = (1u64 << 30) as f64;
 /// period: calls that wait for a container go through a client without that bound (the
 /// task's timeout and the grace period bound them instead).
 const LONG_REQUEST_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The exit code of a process killed by SIGKILL (128 + 9): what the kernel's OOM killer leaves.
+const SIGKILL_EXIT: i64 = 137;
+/// Second looks (100 ms apart) for an OOM kill the engine records after the exit.
+const OOM_RECHECKS: u32 = 5;
 
 /// The operator's settings. A task can narrow nothing here and relax nothing.
 #[derive(Debug, Clone, PartialEq)]
@@ -741,6 +745,28 @@ impl Executor {
         }
     }
 
+    /// Whether the engine records an OOM kill for a container that exited killed without it
+    /// in the first inspection: the engine learns of an OOM kill from an event that can land
+    /// just after the exit event, so a SIGKILL we did not send gets a second look, for at most
+    /// [`OOM_RECHECKS`] × 100 ms.
+    async fn oom_recorded_late(&self, id: &str) -> bool {
+        for _ in 0..OOM_RECHECKS {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            match self.inspect(id).await {
+                Ok(inspected) => {
+                    if inspected.state.and_then(|s| s.oom_killed) == Some(true) {
+                        return true;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(container_id = id, error = %e, "inspecting for a late OOM record");
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
     /// Everything after the exit: state (OOM, exit code, times) and `/output`.
     async fn finish(
         &self,
@@ -758,7 +784,11 @@ impl Executor {
             return Err(ExecError::NotFinished(id.to_owned()));
         }
         let exit_code = exit_code.or(state.exit_code);
-        let status = match (ending, state.oom_killed == Some(true), exit_code) {
+        let mut oom_killed = state.oom_killed == Some(true);
+        if ending.is_none() && !oom_killed && exit_code == Some(SIGKILL_EXIT) {
+            oom_killed = self.oom_recorded_late(id).await;
+        }
+        let status = match (ending, oom_killed, exit_code) {
             (Some(Ending::Cancelled), ..) => RunStatus::Cancelled,
             (Some(Ending::TimedOut), ..) => RunStatus::TimedOut,
             (None, true, _) => RunStatus::OomKilled,
