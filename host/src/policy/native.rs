@@ -10,7 +10,7 @@
 //! feasible worker the task waits if some worker's total could hold it, and is unschedulable
 //! if none could (or waits when there are no workers at all: one may register).
 
-use super::bindings::types::{PlacementInput as WitInput, TaskColumns, WorkerColumns};
+use super::bindings::types::{PlacementInput as WitInput, TaskColumns};
 use super::input::{Decision, PlacementInput};
 
 /// Decides a whole round with the native best-fit.
@@ -22,20 +22,39 @@ pub fn best_fit(input: &PlacementInput) -> Vec<Decision> {
 pub fn best_fit_columns(input: &WitInput) -> Vec<Decision> {
     let w = &input.workers;
     let t = &input.tasks;
-    let n = w.total_cpu.len();
-    let mut remaining: Vec<[f64; 4]> = (0..n)
+    // Row-major copies with the inverse totals, as the `best-fit` guest does: one worker's
+    // numbers side by side in the hot loop, a multiply instead of a divide per resource, and
+    // the very same arithmetic as the guest, so that both decide alike to the last bit.
+    let mut rows: Vec<Row> = (0..w.total_cpu.len())
         .map(|i| {
-            [
-                w.available_cpu[i],
-                w.available_memory[i],
-                w.available_storage[i],
-                w.available_gpu[i],
-            ]
+            let total = [
+                w.total_cpu[i],
+                w.total_memory[i],
+                w.total_storage[i],
+                w.total_gpu[i],
+            ];
+            Row {
+                total,
+                inv_total: total.map(|t| if t > 0.0 { 1.0 / t } else { 0.0 }),
+                free: [
+                    w.available_cpu[i],
+                    w.available_memory[i],
+                    w.available_storage[i],
+                    w.available_gpu[i],
+                ],
+            }
         })
         .collect();
     (0..t.req_cpu.len())
-        .map(|j| decide(w, t, j, &mut remaining))
+        .map(|j| decide(request(t, j), &mut rows))
         .collect()
+}
+
+/// One worker in the round: what it has, and what is still free of it.
+struct Row {
+    total: [f64; 4],
+    inv_total: [f64; 4],
+    free: [f64; 4],
 }
 
 fn request(t: &TaskColumns, j: usize) -> [f64; 4] {
@@ -47,48 +66,37 @@ fn request(t: &TaskColumns, j: usize) -> [f64; 4] {
     ]
 }
 
-fn total(w: &WorkerColumns, i: usize) -> [f64; 4] {
-    [
-        w.total_cpu[i],
-        w.total_memory[i],
-        w.total_storage[i],
-        w.total_gpu[i],
-    ]
-}
-
 fn covers(have: &[f64; 4], need: &[f64; 4]) -> bool {
     have.iter().zip(need).all(|(h, n)| h >= n)
 }
 
-fn decide(w: &WorkerColumns, t: &TaskColumns, j: usize, remaining: &mut [[f64; 4]]) -> Decision {
-    let req = request(t, j);
+fn decide(req: [f64; 4], rows: &mut [Row]) -> Decision {
     let mut best: Option<(usize, f64)> = None;
-    for (i, rem) in remaining.iter().enumerate() {
-        if !covers(rem, &req) {
+    for (i, row) in rows.iter().enumerate() {
+        if !covers(&row.free, &req) {
             continue;
         }
-        let tot = total(w, i);
-        let mut score = 0.0;
-        for r in 0..4 {
-            if tot[r] > 0.0 {
-                score += (rem[r] - req[r]) / tot[r];
-            }
-        }
+        // The sum over resources of remaining / total; a resource the worker lacks has an
+        // inverse total of 0 and adds nothing.
+        let score = (row.free[0] - req[0]) * row.inv_total[0]
+            + (row.free[1] - req[1]) * row.inv_total[1]
+            + (row.free[2] - req[2]) * row.inv_total[2]
+            + (row.free[3] - req[3]) * row.inv_total[3];
         if best.is_none_or(|(_, s)| score < s) {
             best = Some((i, score));
         }
     }
     match best {
         Some((i, _)) => {
-            for (slot, r) in remaining[i].iter_mut().zip(req) {
+            for (slot, r) in rows[i].free.iter_mut().zip(req) {
                 *slot -= r;
             }
             Decision::Assign { worker: i as u32 }
         }
-        None if remaining.is_empty() => Decision::Wait {
+        None if rows.is_empty() => Decision::Wait {
             reason: "no worker is available".to_string(),
         },
-        None if (0..remaining.len()).any(|i| covers(&total(w, i), &req)) => Decision::Wait {
+        None if rows.iter().any(|row| covers(&row.total, &req)) => Decision::Wait {
             reason: "no worker has enough free capacity now".to_string(),
         },
         None => Decision::Unschedulable {
@@ -104,7 +112,7 @@ fn decide(w: &WorkerColumns, t: &TaskColumns, j: usize, remaining: &mut [[f64; 4
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub(crate) mod tests {
     use super::*;
-    use crate::policy::bindings::types::{LabelIndex, PlacementInput as WitInput};
+    use crate::policy::bindings::types::{LabelIndex, PlacementInput as WitInput, WorkerColumns};
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
     fn labels(n: usize) -> LabelIndex {
