@@ -273,7 +273,11 @@ fn parse_retention(raw: &str) -> Result<Duration, String> {
         "m" => n.checked_mul(60),
         "h" => n.checked_mul(3600),
         "d" => n.checked_mul(86_400),
-        _ => return Err(format!("unknown unit '{unit}' in '{raw}' (expected s, m, h or d)")),
+        _ => {
+            return Err(format!(
+                "unknown unit '{unit}' in '{raw}' (expected s, m, h or d)"
+            ));
+        }
     };
     match seconds {
         Some(s) if (1..=30 * 86_400).contains(&s) => Ok(Duration::from_secs(s)),

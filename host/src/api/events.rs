@@ -274,7 +274,10 @@ async fn produce(
             }
             Ok(_) => {}
             Err(broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::debug!(missed, "an event stream client lagged; reading from the store");
+                tracing::debug!(
+                    missed,
+                    "an event stream client lagged; reading from the store"
+                );
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }

@@ -15,9 +15,8 @@ use crate::model::{
 };
 use crate::policy::snapshot::Usage;
 use crate::store::{
-    AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, Result,
-    RuntimeSample, Store, StoredEvent, SubmitOutcome, TaskLogChunk, TaskPage, TaskQuery,
-    TaskUpdate,
+    AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, Result, RuntimeSample,
+    Store, StoredEvent, SubmitOutcome, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate,
 };
 
 tokio::task_local! {
@@ -103,7 +102,14 @@ impl EventedStore {
     }
 
     fn worker(&self, kind: &str, worker_id: &str) {
-        self.publish(event("worker", kind, None, Some(worker_id), None, json!({})));
+        self.publish(event(
+            "worker",
+            kind,
+            None,
+            Some(worker_id),
+            None,
+            json!({}),
+        ));
         if in_reconciler() {
             self.publish(repair(&format!("worker_{kind}"), None, Some(worker_id)));
         }
@@ -158,7 +164,10 @@ impl Store for EventedStore {
         to: TaskStatus,
         update: &TaskUpdate,
     ) -> Result<Task> {
-        let task = self.inner.transition_task(task_id, from, to, update).await?;
+        let task = self
+            .inner
+            .transition_task(task_id, from, to, update)
+            .await?;
         self.after_transition(from, to, &task);
         Ok(task)
     }
@@ -339,8 +348,16 @@ impl Store for EventedStore {
         self.inner.list_tasks(query).await
     }
 
-    async fn claim_task( &self, task_id: &str, owner: &str, lease_until: DateTime<Utc>, now: DateTime<Utc>, ) -> Result<Task> {
-        self.inner.claim_task(task_id, owner, lease_until, now).await
+    async fn claim_task(
+        &self,
+        task_id: &str,
+        owner: &str,
+        lease_until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Task> {
+        self.inner
+            .claim_task(task_id, owner, lease_until, now)
+            .await
     }
 
     async fn request_cancel(&self, task_id: &str) -> Result<Task> {
@@ -355,7 +372,12 @@ impl Store for EventedStore {
         self.inner.list_workers().await
     }
 
-    async fn heartbeat( &self, worker_id: &str, at_unix: i64, usage: Option<&WorkerUsage>, ) -> Result<Worker> {
+    async fn heartbeat(
+        &self,
+        worker_id: &str,
+        at_unix: i64,
+        usage: Option<&WorkerUsage>,
+    ) -> Result<Worker> {
         self.inner.heartbeat(worker_id, at_unix, usage).await
     }
 
@@ -411,7 +433,12 @@ impl Store for EventedStore {
         self.inner.admission_batch(limit, due_before).await
     }
 
-    async fn claimable_tasks( &self, limit: u32, now: DateTime<Utc>, exclude_users: &[String], ) -> Result<Vec<Task>> {
+    async fn claimable_tasks(
+        &self,
+        limit: u32,
+        now: DateTime<Utc>,
+        exclude_users: &[String],
+    ) -> Result<Vec<Task>> {
         self.inner.claimable_tasks(limit, now, exclude_users).await
     }
 
@@ -431,7 +458,13 @@ impl Store for EventedStore {
         self.inner.unreserve(worker_id, request).await
     }
 
-    async fn acquire_lease( &self, name: &str, holder: &str, until: DateTime<Utc>, now: DateTime<Utc>, ) -> Result<bool> {
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
         self.inner.acquire_lease(name, holder, until, now).await
     }
 
@@ -443,19 +476,36 @@ impl Store for EventedStore {
         self.inner.insert_log_chunk(chunk).await
     }
 
-    async fn list_log_chunks( &self, task_id: &str, after: Option<(u32, u64)>, limit: u32, ) -> Result<Vec<TaskLogChunk>> {
+    async fn list_log_chunks(
+        &self,
+        task_id: &str,
+        after: Option<(u32, u64)>,
+        limit: u32,
+    ) -> Result<Vec<TaskLogChunk>> {
         self.inner.list_log_chunks(task_id, after, limit).await
     }
 
-    async fn put_output_file( &self, task_id: &str, attempt: u32, path: &str, bytes: &[u8], ) -> Result<OutputFileInfo> {
-        self.inner.put_output_file(task_id, attempt, path, bytes).await
+    async fn put_output_file(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        path: &str,
+        bytes: &[u8],
+    ) -> Result<OutputFileInfo> {
+        self.inner
+            .put_output_file(task_id, attempt, path, bytes)
+            .await
     }
 
     async fn list_output_files(&self, task_id: &str) -> Result<Vec<OutputFileInfo>> {
         self.inner.list_output_files(task_id).await
     }
 
-    async fn get_output_file(&self, task_id: &str, path: &str) -> Result<(OutputFileInfo, Vec<u8>)> {
+    async fn get_output_file(
+        &self,
+        task_id: &str,
+        path: &str,
+    ) -> Result<(OutputFileInfo, Vec<u8>)> {
         self.inner.get_output_file(task_id, path).await
     }
 

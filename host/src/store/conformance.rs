@@ -18,8 +18,9 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use super::{
-    AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, POLICY_CHUNK_BYTES, Result, RuntimeSample, Store, StoreError,
-    TaskCursor, TaskLogChunk, TaskQuery, TaskUpdate, policy_sha256,
+    AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, POLICY_CHUNK_BYTES, Result,
+    RuntimeSample, Store, StoreError, TaskCursor, TaskLogChunk, TaskQuery, TaskUpdate,
+    policy_sha256,
 };
 use crate::model::{
     Assignment, PolicyKind, PolicyVersion, RESOURCE_QUANTUM, Resources, ResultStatus, Task,
@@ -3026,7 +3027,10 @@ pub async fn events_get_increasing_ids_and_read_back_in_order(store: &dyn Store)
     let mut ids = store.append_events(&first).await.unwrap();
     ids.extend(store.append_events(&second).await.unwrap());
     assert_eq!(ids.len(), 5);
-    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids not increasing: {ids:?}");
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids not increasing: {ids:?}"
+    );
     assert!(ids[0] >= 1);
 
     let all = store.events_after(0, 100).await.unwrap();
@@ -3089,7 +3093,10 @@ pub async fn pruning_removes_old_events_as_a_prefix(store: &dyn Store) {
         .append_events(&[sample_event("state", recent, 6)])
         .await
         .unwrap();
-    assert!(next[0] > ids[5], "an id was given twice: {next:?} after {ids:?}");
+    assert!(
+        next[0] > ids[5],
+        "an id was given twice: {next:?} after {ids:?}"
+    );
 }
 
 pub async fn concurrent_event_appends_get_distinct_ids(store: Arc<dyn Store>) {

@@ -24,9 +24,10 @@ use mongodb::options::{
 use mongodb::{Client, Collection, Database, IndexModel};
 
 use super::{
-    AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, StoredEvent, OutputFileInfo, POLICY_CHUNK_BYTES, Result, RuntimeSample,
-    Store, StoreError, SubmitOutcome, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate, active_label,
-    policy_label, policy_sha256, verify_output_bytes, verify_policy_bytes,
+    AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, POLICY_CHUNK_BYTES,
+    Result, RuntimeSample, Store, StoreError, StoredEvent, SubmitOutcome, TaskLogChunk, TaskPage,
+    TaskQuery, TaskUpdate, active_label, policy_label, policy_sha256, verify_output_bytes,
+    verify_policy_bytes,
 };
 use crate::model::{
     self, ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, ResultStatus, Task,

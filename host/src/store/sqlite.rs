@@ -28,9 +28,10 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, params, params_fro
 use tokio::sync::oneshot;
 
 use super::{
-    AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, StoredEvent, OutputFileInfo, POLICY_CHUNK_BYTES, Result, RuntimeSample,
-    Store, StoreError, SubmitOutcome, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate, active_label,
-    policy_label, policy_sha256, verify_output_bytes, verify_policy_bytes,
+    AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, POLICY_CHUNK_BYTES,
+    Result, RuntimeSample, Store, StoreError, StoredEvent, SubmitOutcome, TaskLogChunk, TaskPage,
+    TaskQuery, TaskUpdate, active_label, policy_label, policy_sha256, verify_output_bytes,
+    verify_policy_bytes,
 };
 use crate::model::{
     ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, Task, TaskResult, TaskStatus,
@@ -2554,13 +2555,17 @@ impl Store for SqliteStore {
 
     async fn append_events(&self, events: &[NewEvent]) -> Result<Vec<u64>> {
         let events = events.to_vec();
-        self.call("recording events", move |conn| events::append(conn, &events))
-            .await
+        self.call("recording events", move |conn| {
+            events::append(conn, &events)
+        })
+        .await
     }
 
     async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<StoredEvent>> {
-        self.call("reading events", move |conn| events::after(conn, after, limit))
-            .await
+        self.call("reading events", move |conn| {
+            events::after(conn, after, limit)
+        })
+        .await
     }
 
     async fn event_bounds(&self) -> Result<EventBounds> {

@@ -65,9 +65,7 @@ impl MongoStore {
         self.events_collection()
             .insert_many(documents)
             .await
-            .map_err(|e| {
-                StoreError::backend(format!("recording events {first}..={head}"), e)
-            })?;
+            .map_err(|e| StoreError::backend(format!("recording events {first}..={head}"), e))?;
         Ok(ids)
     }
 
@@ -80,7 +78,10 @@ impl MongoStore {
         let (head, floor) = match &counter {
             Some(d) => {
                 let r = Reader::new(d, COUNTERS);
-                (r.opt_int("head")?.unwrap_or(0), r.opt_int("floor")?.unwrap_or(1))
+                (
+                    r.opt_int("head")?.unwrap_or(0),
+                    r.opt_int("floor")?.unwrap_or(1),
+                )
             }
             None => (0, 1),
         };
