@@ -1578,6 +1578,26 @@ async fn outputs(args: OutputsArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_retention_takes_a_number_and_a_unit() {
+        assert_eq!(parse_retention("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_retention("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_retention("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_retention("2d"), Ok(Duration::from_secs(172_800)));
+        for bad in [
+            "",
+            "60",
+            "1x",
+            "h",
+            "0s",
+            "31d",
+            "-1h",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_retention(bad).is_err(), "{bad}");
+        }
+    }
     use clap::CommandFactory;
 
     #[test]

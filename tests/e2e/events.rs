@@ -338,3 +338,28 @@ async fn an_event_caused_through_one_replica_reaches_a_client_of_another() {
     let ids: HashSet<u64> = frames.iter().map(|f| f.id.unwrap()).collect();
     assert_eq!(ids.len(), frames.len());
 }
+
+/// A position older than the retention window: one `reset` frame, then the oldest retained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_position_older_than_the_retention_window_gets_a_reset_first() {
+    let host = TestHost::start_with(
+        StoreKind::Embedded,
+        &["--no-local-worker", "--event-retention", "2s"],
+    )
+    .unwrap();
+    register_worker(&host, "w-expired", 1.0, 1.0).await;
+    // Pruned within retention + its half.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    register_worker(&host, "w-kept", 1.0, 1.0).await;
+    let mut stream = open(&host.url, &host.admin_token, "after=0", None).await;
+    let reset = stream.next(WAIT).await.unwrap();
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    assert!(reset.id.is_none());
+    assert!(reset.data["reason"].is_string(), "{reset:?}");
+    let next = stream.next(WAIT).await.unwrap();
+    assert_eq!(next.event, "worker.joined", "{next:?}");
+    assert_eq!(next.data["worker_id"], "w-kept");
+    // A position still retained gets no reset.
+    let mut stream = open(&host.url, &host.admin_token, "", next.id.map(|id| id - 1)).await;
+    assert_eq!(stream.next(WAIT).await.unwrap().id, next.id);
+}

@@ -48,7 +48,7 @@ const WRITE_BATCH: usize = 512;
 /// How many events a subscriber may fall behind before it reads them from the store again.
 const FANOUT_CAPACITY: usize = 4096;
 
-/// How often expired events are pruned.
+/// How often expired events are pruned, at most (half the retention when that is shorter).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// The default retention window of `serve --event-retention`.
@@ -118,8 +118,9 @@ pub struct EventHub {
 }
 
 impl EventHub {
-    /// Starts the writer and the tailer on `store` (the plain store, not an [`EventedStore`]);
-    /// they stop when the returned sink and hub are dropped... the tailer when `stop` fires.
+    /// Starts the writer and the tailer on `store` (the plain store, not an [`EventedStore`]).
+    /// The writer stops once every [`EventSink`] is dropped, the tailer when `stop` fires or
+    /// the hub is dropped.
     pub async fn start(
         store: Arc<dyn Store>,
         retention: Duration,
@@ -208,10 +209,11 @@ async fn tail_loop(
 ) {
     let mut gap_since = None;
     let mut last_prune: Option<Instant> = None;
+    let prune_every = (retention / 2).clamp(Duration::from_millis(500), PRUNE_EVERY);
     loop {
         let Some(hub) = hub.upgrade() else { return };
         while hub.tail_once(&mut gap_since).await {}
-        if last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+        if last_prune.is_none_or(|at| at.elapsed() >= prune_every) {
             last_prune = Some(Instant::now());
             let before = Utc::now()
                 - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::hours(1));
