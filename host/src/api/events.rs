@@ -54,7 +54,7 @@ struct Filter {
 impl Filter {
     fn passes(&self, e: &StoredEvent) -> bool {
         let e = &e.event;
-        if !self.topics.iter().any(|t| *t == e.topic) {
+        if !self.topics.contains(&e.topic) {
             return false;
         }
         if self.task_id.is_some() && e.task_id != self.task_id {

@@ -2974,31 +2974,6 @@ pub async fn output_files_round_trip_in_chunks_and_are_replaced_by_path(store: &
     );
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::sqlite::SqliteStore;
-
-    #[tokio::test]
-    async fn into_test_store_accepts_every_documented_shape() {
-        let dir = tempfile::tempdir().unwrap();
-        let open = || SqliteStore::open_in_dir(dir.path()).unwrap();
-        let shapes: Vec<Option<TestStore>> = vec![
-            TestStore::new(open()).into_test_store(),
-            (Arc::new(open()) as Arc<dyn Store>).into_test_store(),
-            (Box::new(open()) as Box<dyn Store>).into_test_store(),
-            (open(), "a guard").into_test_store(),
-            Some((open(), 7_u8)).into_test_store(),
-        ];
-        for shape in shapes {
-            let harness = shape.expect("a store was given");
-            harness.store().ping().await.unwrap();
-            harness.shared().ping().await.unwrap();
-        }
-        assert!(None::<TestStore>.into_test_store().is_none(), "None skips");
-    }
-}
-
 // ------------------------------------------------------------------------------------------
 // Events
 // ------------------------------------------------------------------------------------------
@@ -3009,7 +2984,7 @@ fn sample_event(kind: &str, at: DateTime<Utc>, n: u32) -> NewEvent {
         kind: kind.into(),
         at,
         task_id: Some(format!("task-{n}")),
-        worker_id: (n % 2 == 0).then(|| "w-1".to_string()),
+        worker_id: n.is_multiple_of(2).then(|| "w-1".to_string()),
         user_id: Some("alice".into()),
         data: serde_json::json!({"n": n, "status": "queued", "reason": null}),
     }
@@ -3133,4 +3108,29 @@ pub async fn concurrent_event_appends_get_distinct_ids(store: Arc<dyn Store>) {
         read.extend(page.into_iter().map(|e| e.id));
     }
     assert_eq!(read, distinct);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    #[tokio::test]
+    async fn into_test_store_accepts_every_documented_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || SqliteStore::open_in_dir(dir.path()).unwrap();
+        let shapes: Vec<Option<TestStore>> = vec![
+            TestStore::new(open()).into_test_store(),
+            (Arc::new(open()) as Arc<dyn Store>).into_test_store(),
+            (Box::new(open()) as Box<dyn Store>).into_test_store(),
+            (open(), "a guard").into_test_store(),
+            Some((open(), 7_u8)).into_test_store(),
+        ];
+        for shape in shapes {
+            let harness = shape.expect("a store was given");
+            harness.store().ping().await.unwrap();
+            harness.shared().ping().await.unwrap();
+        }
+        assert!(None::<TestStore>.into_test_store().is_none(), "None skips");
+    }
 }
