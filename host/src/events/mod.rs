@@ -27,6 +27,8 @@ use tokio::sync::{Notify, broadcast, mpsc};
 use crate::store::{NewEvent, Store, StoredEvent};
 
 mod store;
+#[cfg(test)]
+mod tests;
 
 pub use store::{EventedStore, as_rollback, reconciling};
 
@@ -36,11 +38,17 @@ pub const TOPICS: [&str; 4] = ["task", "worker", "policy", "reconciler"];
 /// How often the tailer reads the store when nothing local woke it.
 pub const POLL: Duration = Duration::from_millis(150);
 
+/// The least time between two tailer reads.
+const MIN_TAIL_GAP: Duration = Duration::from_millis(50);
+
 /// How long the tailer waits for a missing id before skipping it.
 pub const GAP_WAIT: Duration = Duration::from_secs(2);
 
 /// Most events one tailer read takes.
 const TAIL_BATCH: u32 = 512;
+
+/// How long the writer gathers events before it writes them.
+const LINGER: Duration = Duration::from_millis(10);
 
 /// Most events one write records.
 const WRITE_BATCH: usize = 512;
@@ -223,9 +231,11 @@ async fn tail_loop(
                 Err(error) => tracing::warn!(%error, "pruning expired events"),
             }
         }
+        // Under a burst of local writes, one read per MIN_TAIL_GAP rather than one per write.
+        tokio::time::sleep(MIN_TAIL_GAP).await;
         tokio::select! {
             () = hub.wake.notified() => {}
-            () = tokio::time::sleep(POLL) => {}
+            () = tokio::time::sleep(POLL - MIN_TAIL_GAP) => {}
             () = stop.cancelled() => return,
         }
     }
@@ -238,8 +248,17 @@ async fn write_loop(
     failures: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
-    // What queued while the previous write ran goes out in the next one.
+    // What queued while the previous write ran (or lingered) goes out in the next one.
     while pending.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        // A short wait gathers a burst (a placement round, a submission burst) into one
+        // write: fewer store round trips competing with the scheduler's.
+        tokio::time::sleep(LINGER).await;
+        while batch.len() < WRITE_BATCH {
+            match pending.try_recv() {
+                Ok(event) => batch.push(event),
+                Err(_) => break,
+            }
+        }
         if let Err(error) = store.append_events(&batch).await {
             failures.fetch_add(batch.len() as u64, Ordering::Relaxed);
             let first = batch.first().map(|e| format!("{}.{}", e.topic, e.kind));
