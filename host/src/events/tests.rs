@@ -109,6 +109,7 @@ async fn events_cost_of_task_transitions() {
                     CancellationToken::new(),
                 )
                 .await;
+                hub = Some(started_hub);
                 Arc::new(EventedStore::new(plain.clone(), sink))
             } else {
                 plain.clone()
