@@ -255,6 +255,38 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDAI_RECONCILE_SETTLE_S", default_value_t = 5,
         value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub reconcile_settle_s: u64,
+    /// How long events stay available to `GET /v1/events` clients that resume (with
+    /// `Last-Event-ID`): a whole number with a unit, `s`, `m`, `h` or `d` (e.g. `90s`, `1h`).
+    #[arg(long, env = "CLOUDAI_EVENT_RETENTION", default_value = "1h",
+        value_parser = parse_retention)]
+    pub event_retention: Duration,
+}
+
+/// `<n><unit>` with unit `s`, `m`, `h` or `d`; between 1 s and 30 days.
+fn parse_retention(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("'{raw}' needs a unit: s, m, h or d (e.g. 1h)"))?;
+    let (number, unit) = raw.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("'{raw}' must be a whole number with a unit (e.g. 90s, 1h)"))?;
+    let seconds = match unit {
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        "d" => n.checked_mul(86_400),
+        _ => {
+            return Err(format!(
+                "unknown unit '{unit}' in '{raw}' (expected s, m, h or d)"
+            ));
+        }
+    };
+    match seconds {
+        Some(s) if (1..=30 * 86_400).contains(&s) => Ok(Duration::from_secs(s)),
+        _ => Err(format!("'{raw}' must be between 1s and 30d")),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -670,6 +702,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
             settle: Duration::from_secs(args.reconcile_settle_s),
         },
         local_worker,
+        event_retention: args.event_retention,
     })
 }
 
@@ -1555,6 +1588,26 @@ async fn outputs(args: OutputsArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_retention_takes_a_number_and_a_unit() {
+        assert_eq!(parse_retention("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_retention("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_retention("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_retention("2d"), Ok(Duration::from_secs(172_800)));
+        for bad in [
+            "",
+            "60",
+            "1x",
+            "h",
+            "0s",
+            "31d",
+            "-1h",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_retention(bad).is_err(), "{bad}");
+        }
+    }
     use clap::CommandFactory;
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod events;
 pub mod executor;
 pub mod model;
 pub mod policy;

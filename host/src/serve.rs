@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 
 use crate::api::auth::{self, Authenticator, Role, TokenEntry};
 use crate::api::{AppState, Limits};
+use crate::events::{EventHub, EventedStore};
 use crate::executor::ExecutorConfig;
 use crate::policy::{EngineSettings, PolicyEngine, PolicyRuntime, RuntimeSettings};
 use crate::reconciler::{Reconciler, ReconcilerConfig};
@@ -38,6 +39,8 @@ pub struct ServeConfig {
     pub reconciler: ReconcilerConfig,
     /// The worker this host runs on its own machine, if any.
     pub local_worker: Option<LocalWorker>,
+    /// How long events stay available to `GET /v1/events` resumptions.
+    pub event_retention: std::time::Duration,
 }
 
 /// The in-process worker of `cloudai serve`: a worker agent like `cloudai worker`, joined to
@@ -179,7 +182,16 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    let store = open_store(&config).await?;
+    let plain_store = open_store(&config).await?;
+    // Every state change through `store` is published on the event stream.
+    let stop_events = CancellationToken::new();
+    let (events, sink) = EventHub::start(
+        plain_store.clone(),
+        config.event_retention,
+        stop_events.clone(),
+    )
+    .await;
+    let store: Arc<dyn Store> = Arc::new(EventedStore::new(plain_store, sink));
     let auth = build_authenticator(&config)?;
     let policies = Arc::new(policy_runtime(&config)?);
     // Dropped (stopped) when `run` returns.
@@ -217,7 +229,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         // A dropped sender stops it as well.
         let _ = scheduler_stopped.await;
     }));
-    let app = crate::api::router(state);
+    let app = crate::api::router(state).layer(axum::Extension(events));
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -250,6 +262,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     if let Err(error) = reconciler.await {
         tracing::error!(%error, "the reconciler task ended abnormally");
     }
+    stop_events.cancel();
     tracing::info!("cloudai host stopped");
     Ok(())
 }
@@ -349,6 +362,7 @@ mod tests {
             scheduler: SchedulerConfig::default(),
             reconciler: ReconcilerConfig::default(),
             local_worker: None,
+            event_retention: crate::events::DEFAULT_RETENTION,
         }
     }
 

@@ -29,6 +29,7 @@ pub mod agent;
 mod agent_tests;
 pub mod auth;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod health;
 pub mod image_ref;
@@ -141,6 +142,7 @@ pub fn router(state: AppState) -> Router {
         .merge(policies::router(state.limits.max_policy_bytes))
         .merge(agent::router(&state.limits))
         .merge(task_io::router())
+        .merge(events::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -7,7 +7,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::AppState;
-use super::{agent, health, policies, task_io, tasks, workers};
+use super::{agent, events, health, policies, task_io, tasks, workers};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -50,6 +50,7 @@ use super::{agent, health, policies, task_io, tasks, workers};
         policies::delete_policy_version,
         policies::dry_run_policy,
         policies::cluster_snapshot,
+        events::stream_events,
     ),
     components(schemas(
         super::error::ErrorBody,

@@ -987,9 +987,11 @@ pub async fn rollback_policy(
         Err(e) => return Err(e.into()),
     };
     let expected = Some((current.name, current.version));
-    Ok(Json(
-        activate_version(&state, &admin, &target, Some(expected)).await?,
-    ))
+    // Published as `policy.rolled_back`, not `policy.activated`.
+    let activated =
+        crate::events::as_rollback(activate_version(&state, &admin, &target, Some(expected)))
+            .await?;
+    Ok(Json(activated))
 }
 
 /// Deletes an inactive version (admin) and unloads it here; the other replicas unload it at

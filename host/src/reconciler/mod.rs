@@ -261,7 +261,8 @@ impl Reconciler {
     pub async fn pass(&mut self) -> Result<Repairs, StoreError> {
         let started = Instant::now();
         let mut repairs = Repairs::default();
-        let outcome = self.pass_into(&mut repairs).await;
+        // What the pass changes is published as `reconciler.repair` events too.
+        let outcome = crate::events::reconciling(self.pass_into(&mut repairs)).await;
         self.counters.record(&repairs);
         if repairs.frees_capacity() {
             self.wakeup.wake();

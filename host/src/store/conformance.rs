@@ -18,8 +18,9 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use super::{
-    AssignmentFilter, IdempotencyKey, POLICY_CHUNK_BYTES, Result, RuntimeSample, Store, StoreError,
-    TaskCursor, TaskLogChunk, TaskQuery, TaskUpdate, policy_sha256,
+    AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, POLICY_CHUNK_BYTES, Result,
+    RuntimeSample, Store, StoreError, TaskCursor, TaskLogChunk, TaskQuery, TaskUpdate,
+    policy_sha256,
 };
 use crate::model::{
     Assignment, PolicyKind, PolicyVersion, RESOURCE_QUANTUM, Resources, ResultStatus, Task,
@@ -190,6 +191,8 @@ macro_rules! store_conformance_tests {
             repair_allocation_applies_only_to_the_observed_values,
             log_chunks_are_stored_once_and_listed_in_order_after_a_position,
             output_files_round_trip_in_chunks_and_are_replaced_by_path,
+            events_get_increasing_ids_and_read_back_in_order,
+            pruning_removes_old_events_as_a_prefix,
         );
         $crate::store_conformance_tests!(@shared $make;
             reserve_race_50_requests_for_room_for_7,
@@ -198,6 +201,7 @@ macro_rules! store_conformance_tests {
             concurrent_claims_have_exactly_one_winner,
             concurrent_activations_have_exactly_one_winner,
             concurrent_lease_takers_have_exactly_one_winner,
+            concurrent_event_appends_get_distinct_ids,
         );
     };
     (@borrowed $make:expr; $($name:ident),* $(,)?) => {
@@ -2968,6 +2972,142 @@ pub async fn output_files_round_trip_in_chunks_and_are_replaced_by_path(store: &
             .unwrap()
             .is_empty()
     );
+}
+
+// ------------------------------------------------------------------------------------------
+// Events
+// ------------------------------------------------------------------------------------------
+
+fn sample_event(kind: &str, at: DateTime<Utc>, n: u32) -> NewEvent {
+    NewEvent {
+        topic: "task".into(),
+        kind: kind.into(),
+        at,
+        task_id: Some(format!("task-{n}")),
+        worker_id: n.is_multiple_of(2).then(|| "w-1".to_string()),
+        user_id: Some("alice".into()),
+        data: serde_json::json!({"n": n, "status": "queued", "reason": null}),
+    }
+}
+
+pub async fn events_get_increasing_ids_and_read_back_in_order(store: &dyn Store) {
+    assert_eq!(
+        store.event_bounds().await.unwrap(),
+        EventBounds { oldest: 1, head: 0 }
+    );
+    assert!(store.append_events(&[]).await.unwrap().is_empty());
+    let at = now();
+    let first: Vec<NewEvent> = (0..3).map(|n| sample_event("state", at, n)).collect();
+    let second: Vec<NewEvent> = (3..5).map(|n| sample_event("submitted", at, n)).collect();
+    let mut ids = store.append_events(&first).await.unwrap();
+    ids.extend(store.append_events(&second).await.unwrap());
+    assert_eq!(ids.len(), 5);
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids not increasing: {ids:?}"
+    );
+    assert!(ids[0] >= 1);
+
+    let all = store.events_after(0, 100).await.unwrap();
+    assert_eq!(all.iter().map(|e| e.id).collect::<Vec<_>>(), ids);
+    let sent: Vec<NewEvent> = first.into_iter().chain(second).collect();
+    for (stored, sent) in all.iter().zip(&sent) {
+        assert_eq!(&stored.event, sent, "event {} round trip", stored.id);
+    }
+    let page = store.events_after(ids[2], 2).await.unwrap();
+    assert_eq!(page.iter().map(|e| e.id).collect::<Vec<_>>(), ids[3..5]);
+    let one = store.events_after(ids[1], 1).await.unwrap();
+    assert_eq!(one.iter().map(|e| e.id).collect::<Vec<_>>(), [ids[2]]);
+    assert!(store.events_after(ids[4], 10).await.unwrap().is_empty());
+
+    let bounds = store.event_bounds().await.unwrap();
+    assert_eq!(bounds.head, ids[4]);
+    assert!(bounds.oldest <= ids[0], "{bounds:?}");
+}
+
+pub async fn pruning_removes_old_events_as_a_prefix(store: &dyn Store) {
+    let recent = now();
+    let old = recent - chrono::Duration::hours(2);
+    let batch = [
+        sample_event("state", old, 0),
+        sample_event("state", old, 1),
+        sample_event("state", old, 2),
+        sample_event("state", recent, 3),
+        sample_event("state", recent, 4),
+        // Older than its predecessors (another replica's clock): kept with them.
+        sample_event("state", old, 5),
+    ];
+    let ids = store.append_events(&batch).await.unwrap();
+    let cutoff = recent - chrono::Duration::hours(1);
+    assert_eq!(store.prune_events(cutoff).await.unwrap(), 3);
+    let left = store.events_after(0, 100).await.unwrap();
+    assert_eq!(left.iter().map(|e| e.id).collect::<Vec<_>>(), ids[3..]);
+    let bounds = store.event_bounds().await.unwrap();
+    assert_eq!(bounds.oldest, ids[3], "{bounds:?}");
+    assert_eq!(bounds.head, ids[5]);
+    // Reading from before the floor starts at the floor.
+    assert_eq!(store.events_after(ids[0], 1).await.unwrap()[0].id, ids[3]);
+    assert_eq!(store.prune_events(cutoff).await.unwrap(), 0);
+
+    assert_eq!(
+        store
+            .prune_events(recent + chrono::Duration::minutes(1))
+            .await
+            .unwrap(),
+        3
+    );
+    assert!(store.events_after(0, 100).await.unwrap().is_empty());
+    assert_eq!(
+        store.event_bounds().await.unwrap(),
+        EventBounds {
+            oldest: ids[5] + 1,
+            head: ids[5]
+        }
+    );
+    let next = store
+        .append_events(&[sample_event("state", recent, 6)])
+        .await
+        .unwrap();
+    assert!(
+        next[0] > ids[5],
+        "an id was given twice: {next:?} after {ids:?}"
+    );
+}
+
+pub async fn concurrent_event_appends_get_distinct_ids(store: Arc<dyn Store>) {
+    let at = now();
+    let writers = (0..8u32).map(|w| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for b in 0..4u32 {
+                let batch: Vec<NewEvent> = (0..3)
+                    .map(|n| sample_event("state", at, w * 100 + b * 10 + n))
+                    .collect();
+                let got = store.append_events(&batch).await.unwrap();
+                assert!(got.windows(2).all(|p| p[0] < p[1]), "{got:?}");
+                ids.extend(got);
+            }
+            ids
+        })
+    });
+    let mut ids: Vec<u64> = Vec::new();
+    for writer in writers {
+        ids.extend(writer.await.unwrap());
+    }
+    let mut distinct = ids.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 96, "ids given twice");
+    let mut read = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.events_after(after, 40).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        read.extend(page.into_iter().map(|e| e.id));
+    }
+    assert_eq!(read, distinct);
 }
 
 #[cfg(test)]

@@ -19,8 +19,10 @@ use crate::model::{
     Worker, WorkerUsage,
 };
 use crate::policy::snapshot::Usage;
+pub use events::{EventBounds, NewEvent, StoredEvent};
 
 pub mod conformance;
+pub mod events;
 pub mod mongo;
 pub mod sqlite;
 
@@ -523,4 +525,21 @@ pub trait Store: Send + Sync + 'static {
     /// One output file and its bytes. `NotFound` when the task has no such file.
     async fn get_output_file(&self, task_id: &str, path: &str)
     -> Result<(OutputFileInfo, Vec<u8>)>;
+
+    // ----- events (see [`events`]) -----
+
+    /// Records `events` in order, each under a new id larger than every id given before;
+    /// returns their ids. Not transactional across the batch.
+    async fn append_events(&self, events: &[NewEvent]) -> Result<Vec<u64>>;
+
+    /// Up to `limit` recorded events with an id above `after`, by id. Ids may have gaps (a
+    /// write that failed, or one still in flight on another replica).
+    async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<StoredEvent>>;
+
+    /// The oldest id that may still be stored, and the largest id given so far.
+    async fn event_bounds(&self) -> Result<EventBounds>;
+
+    /// Removes the events recorded before `before`, oldest first (a prefix by id); returns
+    /// how many were removed.
+    async fn prune_events(&self, before: DateTime<Utc>) -> Result<u64>;
 }

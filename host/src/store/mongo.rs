@@ -24,9 +24,10 @@ use mongodb::options::{
 use mongodb::{Client, Collection, Database, IndexModel};
 
 use super::{
-    AssignmentFilter, IdempotencyKey, OutputFileInfo, POLICY_CHUNK_BYTES, Result, RuntimeSample,
-    Store, StoreError, SubmitOutcome, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate, active_label,
-    policy_label, policy_sha256, verify_output_bytes, verify_policy_bytes,
+    AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, POLICY_CHUNK_BYTES,
+    Result, RuntimeSample, Store, StoreError, StoredEvent, SubmitOutcome, TaskLogChunk, TaskPage,
+    TaskQuery, TaskUpdate, active_label, policy_label, policy_sha256, verify_output_bytes,
+    verify_policy_bytes,
 };
 use crate::model::{
     self, ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, ResultStatus, Task,
@@ -69,7 +70,10 @@ pub const TASK_OUTPUT_CHUNKS: &str = "TASK_OUTPUT_CHUNKS";
 /// clearly at start-up instead of after the driver's 30 s default.
 pub const DEFAULT_SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
+mod events;
 mod ferretdb_lock;
+
+pub use events::{COUNTERS, EVENTS};
 
 /// MongoDB's duplicate-key error code.
 const DUPLICATE_KEY: i32 = 11000;
@@ -324,6 +328,8 @@ impl MongoStore {
             TASK_LOGS,
             TASK_OUTPUTS,
             TASK_OUTPUT_CHUNKS,
+            EVENTS,
+            COUNTERS,
         ] {
             if existing.iter().any(|n| n == name) {
                 continue;
@@ -2225,6 +2231,22 @@ impl Store for MongoStore {
         }
         verify_output_bytes(&info, &bytes)?;
         Ok((info, bytes))
+    }
+
+    async fn append_events(&self, events: &[NewEvent]) -> Result<Vec<u64>> {
+        self.append_events_impl(events).await
+    }
+
+    async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<StoredEvent>> {
+        self.events_after_impl(after, limit).await
+    }
+
+    async fn event_bounds(&self) -> Result<EventBounds> {
+        self.event_bounds_impl().await
+    }
+
+    async fn prune_events(&self, before: DateTime<Utc>) -> Result<u64> {
+        self.prune_events_impl(before).await
     }
 }
 

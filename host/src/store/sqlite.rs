@@ -28,9 +28,10 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, params, params_fro
 use tokio::sync::oneshot;
 
 use super::{
-    AssignmentFilter, IdempotencyKey, OutputFileInfo, POLICY_CHUNK_BYTES, Result, RuntimeSample,
-    Store, StoreError, SubmitOutcome, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate, active_label,
-    policy_label, policy_sha256, verify_output_bytes, verify_policy_bytes,
+    AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, POLICY_CHUNK_BYTES,
+    Result, RuntimeSample, Store, StoreError, StoredEvent, SubmitOutcome, TaskLogChunk, TaskPage,
+    TaskQuery, TaskUpdate, active_label, policy_label, policy_sha256, verify_output_bytes,
+    verify_policy_bytes,
 };
 use crate::model::{
     ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, Task, TaskResult, TaskStatus,
@@ -39,6 +40,8 @@ use crate::model::{
 use crate::policy::snapshot::Usage;
 
 /// File name of the database inside the data directory.
+mod events;
+
 pub const DB_FILE_NAME: &str = "cloudai.db";
 
 /// How long a statement waits for another process's write lock before failing.
@@ -486,6 +489,8 @@ impl SqliteStore {
             .map_err(|e| StoreError::backend(what("creating the schema"), e))?;
         add_missing_columns(&conn)
             .map_err(|e| StoreError::backend(what("adding new columns to the schema"), e))?;
+        events::create_schema(&conn)
+            .map_err(|e| StoreError::backend(what("creating the events table"), e))?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(|e| StoreError::backend(what("recording the schema version"), e))?;
         conn.set_prepared_statement_cache_capacity(64);
@@ -2546,6 +2551,30 @@ impl Store for SqliteStore {
             get_output_sync(conn, &task_id, &path)
         })
         .await
+    }
+
+    async fn append_events(&self, events: &[NewEvent]) -> Result<Vec<u64>> {
+        let events = events.to_vec();
+        self.call("recording events", move |conn| {
+            events::append(conn, &events)
+        })
+        .await
+    }
+
+    async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<StoredEvent>> {
+        self.call("reading events", move |conn| {
+            events::after(conn, after, limit)
+        })
+        .await
+    }
+
+    async fn event_bounds(&self) -> Result<EventBounds> {
+        self.call("reading the event bounds", events::bounds).await
+    }
+
+    async fn prune_events(&self, before: DateTime<Utc>) -> Result<u64> {
+        self.call("pruning events", move |conn| events::prune(conn, before))
+            .await
     }
 }
 

@@ -1,0 +1,277 @@
+//! The cluster's event stream (`GET /v1/events`, see [`crate::api::events`]).
+//!
+//! Events are written to the store, never kept only in memory, so that every replica serves
+//! every event of the cluster:
+//! - [`EventedStore`] wraps the store once (in `serve`) and publishes an event after each
+//!   successful state change (task, worker and policy changes, reconciler repairs), so that
+//!   no caller path is missed;
+//! - [`EventSink`] hands them to one writer task per replica, which records whatever has
+//!   queued up meanwhile with one [`Store::append_events`]: the operation that caused an
+//!   event never waits for it, and a failed write is logged and counted, never returned;
+//! - [`EventHub`] tails the store (every [`POLL`], at once after a local write) and fans the
+//!   new events out to the subscribers of this replica; it also prunes what is older than
+//!   the retention window.
+//!
+//! Ids are given by the store. On MongoDB an id can be given before its event is visible (ids
+//! are taken in blocks, then inserted): the tailer delivers ids in order and waits up to
+//! [`GAP_WAIT`] at a missing one before it gives up on it (a write that failed).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::json;
+use tokio::sync::{Notify, broadcast, mpsc};
+
+use crate::store::{NewEvent, Store, StoredEvent};
+
+mod store;
+#[cfg(test)]
+mod tests;
+
+pub use store::{EventedStore, as_rollback, reconciling};
+
+/// The topics a client may ask for.
+pub const TOPICS: [&str; 4] = ["task", "worker", "policy", "reconciler"];
+
+/// How often the tailer reads the store when nothing local woke it.
+pub const POLL: Duration = Duration::from_millis(150);
+
+/// The least time between two tailer reads.
+const MIN_TAIL_GAP: Duration = Duration::from_millis(50);
+
+/// How long the tailer waits for a missing id before skipping it.
+pub const GAP_WAIT: Duration = Duration::from_secs(2);
+
+/// Most events one tailer read takes.
+const TAIL_BATCH: u32 = 512;
+
+/// How long the writer gathers events before it writes them.
+const LINGER: Duration = Duration::from_millis(10);
+
+/// Most events one write records.
+const WRITE_BATCH: usize = 512;
+
+/// How many events a subscriber may fall behind before it reads them from the store again.
+const FANOUT_CAPACITY: usize = 4096;
+
+/// How often expired events are pruned, at most (half the retention when that is shorter).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// The default retention window of `serve --event-retention`.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(3600);
+
+/// A new event, stamped now.
+pub fn event(
+    topic: &str,
+    kind: &str,
+    task_id: Option<&str>,
+    worker_id: Option<&str>,
+    user_id: Option<&str>,
+    data: serde_json::Value,
+) -> NewEvent {
+    NewEvent {
+        topic: topic.to_string(),
+        kind: kind.to_string(),
+        at: crate::model::now(),
+        task_id: task_id.map(str::to_string),
+        worker_id: worker_id.map(str::to_string),
+        user_id: user_id.map(str::to_string),
+        data,
+    }
+}
+
+/// A reconciler repair event: `details` are the ids involved.
+pub fn repair(repair: &str, task_id: Option<&str>, worker_id: Option<&str>) -> NewEvent {
+    let mut data = json!({ "repair": repair });
+    if let Some(task_id) = task_id {
+        data["task_id"] = json!(task_id);
+    }
+    if let Some(worker_id) = worker_id {
+        data["worker_id"] = json!(worker_id);
+    }
+    event("reconciler", "repair", task_id, worker_id, None, data)
+}
+
+/// Where events are published: queued for this replica's writer task.
+#[derive(Clone)]
+pub struct EventSink {
+    queue: mpsc::UnboundedSender<NewEvent>,
+    failures: Arc<AtomicU64>,
+}
+
+impl EventSink {
+    /// Queues `event`; never blocks and never fails the caller.
+    pub fn publish(&self, event: NewEvent) {
+        if self.queue.send(event).is_err() {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("event dropped: the event writer has stopped");
+        }
+    }
+
+    /// Events that could not be recorded so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
+/// This replica's view of the stream: the tailer's position and the fan-out to subscribers.
+pub struct EventHub {
+    store: Arc<dyn Store>,
+    fanout: broadcast::Sender<Arc<StoredEvent>>,
+    /// The last id the tailer delivered: every event up to it is in the store.
+    watermark: AtomicU64,
+    wake: Notify,
+}
+
+impl EventHub {
+    /// Starts the writer and the tailer on `store` (the plain store, not an [`EventedStore`]).
+    /// The writer stops once every [`EventSink`] is dropped, the tailer when `stop` fires or
+    /// the hub is dropped.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        retention: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> (Arc<EventHub>, EventSink) {
+        let head = match store.event_bounds().await {
+            Ok(bounds) => bounds.head,
+            Err(error) => {
+                tracing::warn!(%error, "reading the event stream's head; starting from 0");
+                0
+            }
+        };
+        let (fanout, _) = broadcast::channel(FANOUT_CAPACITY);
+        let hub = Arc::new(EventHub {
+            store: store.clone(),
+            fanout,
+            watermark: AtomicU64::new(head),
+            wake: Notify::new(),
+        });
+        let (queue, pending) = mpsc::unbounded_channel();
+        let failures = Arc::new(AtomicU64::new(0));
+        tokio::spawn(write_loop(
+            store,
+            pending,
+            Arc::downgrade(&hub),
+            failures.clone(),
+        ));
+        tokio::spawn(tail_loop(Arc::downgrade(&hub), retention, stop));
+        (hub, EventSink { queue, failures })
+    }
+
+    /// Every event up to this id is recorded and has been fanned out.
+    pub fn watermark(&self) -> u64 {
+        self.watermark.load(Ordering::Acquire)
+    }
+
+    /// New events from now on (subscribe before reading the backlog up to [`Self::watermark`]).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<StoredEvent>> {
+        self.fanout.subscribe()
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Reads what is new since the watermark and fans it out; `true` when it should read
+    /// again at once (a full batch).
+    async fn tail_once(&self, gap_since: &mut Option<Instant>) -> bool {
+        let mut watermark = self.watermark();
+        let page = match self.store.events_after(watermark, TAIL_BATCH).await {
+            Ok(page) => page,
+            Err(error) => {
+                tracing::warn!(%error, "tailing the event stream; retrying");
+                return false;
+            }
+        };
+        let full = page.len() == TAIL_BATCH as usize;
+        for event in page {
+            if event.id != watermark + 1 {
+                let since = *gap_since.get_or_insert_with(Instant::now);
+                if since.elapsed() < GAP_WAIT {
+                    // Perhaps still being written by another replica: read again soon.
+                    return false;
+                }
+                tracing::warn!(
+                    missing_from = watermark + 1,
+                    missing_to = event.id - 1,
+                    "event ids never written (a failed event write); skipped"
+                );
+            }
+            *gap_since = None;
+            watermark = event.id;
+            // The watermark moves first: a subscriber that missed this send reads the event
+            // from the store.
+            self.watermark.store(watermark, Ordering::Release);
+            let _ = self.fanout.send(Arc::new(event));
+        }
+        full
+    }
+}
+
+async fn tail_loop(
+    hub: std::sync::Weak<EventHub>,
+    retention: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut gap_since = None;
+    let mut last_prune: Option<Instant> = None;
+    let prune_every = (retention / 2).clamp(Duration::from_millis(500), PRUNE_EVERY);
+    loop {
+        let Some(hub) = hub.upgrade() else { return };
+        while hub.tail_once(&mut gap_since).await {}
+        if last_prune.is_none_or(|at| at.elapsed() >= prune_every) {
+            last_prune = Some(Instant::now());
+            let before = Utc::now()
+                - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::hours(1));
+            match hub.store.prune_events(before).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(removed, "pruned expired events"),
+                Err(error) => tracing::warn!(%error, "pruning expired events"),
+            }
+        }
+        // Under a burst of local writes, one read per MIN_TAIL_GAP rather than one per write.
+        tokio::time::sleep(MIN_TAIL_GAP).await;
+        tokio::select! {
+            () = hub.wake.notified() => {}
+            () = tokio::time::sleep(POLL - MIN_TAIL_GAP) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn write_loop(
+    store: Arc<dyn Store>,
+    mut pending: mpsc::UnboundedReceiver<NewEvent>,
+    hub: std::sync::Weak<EventHub>,
+    failures: Arc<AtomicU64>,
+) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    // What queued while the previous write ran (or lingered) goes out in the next one.
+    while pending.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        // A short wait gathers a burst (a placement round, a submission burst) into one
+        // write: fewer store round trips competing with the scheduler's.
+        tokio::time::sleep(LINGER).await;
+        while batch.len() < WRITE_BATCH {
+            match pending.try_recv() {
+                Ok(event) => batch.push(event),
+                Err(_) => break,
+            }
+        }
+        if let Err(error) = store.append_events(&batch).await {
+            failures.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            let first = batch.first().map(|e| format!("{}.{}", e.topic, e.kind));
+            tracing::error!(
+                %error,
+                events = batch.len(),
+                first = first.as_deref().unwrap_or(""),
+                "recording events failed; they are lost to the event stream"
+            );
+        }
+        batch.clear();
+        if let Some(hub) = hub.upgrade() {
+            hub.wake.notify_one();
+        }
+    }
+}

@@ -1,0 +1,527 @@
+//! [`EventedStore`]: the store that publishes an event after each successful state change.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use super::{EventSink, event, repair};
+use crate::model::{
+    ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, Task, TaskResult, TaskStatus,
+    Worker, WorkerUsage,
+};
+use crate::policy::snapshot::Usage;
+use crate::store::{
+    AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, Result, RuntimeSample,
+    Store, StoredEvent, SubmitOutcome, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate,
+};
+
+tokio::task_local! {
+    static ROLLBACK: ();
+    static RECONCILING: ();
+}
+
+/// Runs `f` as an operator's rollback: its activation is published as `policy.rolled_back`.
+pub async fn as_rollback<F: Future>(f: F) -> F::Output {
+    ROLLBACK.scope((), f).await
+}
+
+/// Runs `f` as a reconciler pass: its changes are published as `reconciler.repair` too.
+pub async fn reconciling<F: Future>(f: F) -> F::Output {
+    RECONCILING.scope((), f).await
+}
+
+fn in_rollback() -> bool {
+    ROLLBACK.try_with(|()| ()).is_ok()
+}
+
+fn in_reconciler() -> bool {
+    RECONCILING.try_with(|()| ()).is_ok()
+}
+
+/// Most placements remembered between an assignment and its `mark_running`.
+const MAX_PLACING: usize = 10_000;
+
+/// Delegates every call to `inner` and publishes the events of the state changes that
+/// succeeded (see the module docs of [`crate::events`]).
+pub struct EventedStore {
+    inner: Arc<dyn Store>,
+    sink: EventSink,
+    /// task_id -> worker_id of assignments not yet marked running: `task.state running`
+    /// names its worker.
+    placing: Mutex<HashMap<String, String>>,
+}
+
+impl EventedStore {
+    pub fn new(inner: Arc<dyn Store>, sink: EventSink) -> Self {
+        EventedStore {
+            inner,
+            sink,
+            placing: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn publish(&self, event: NewEvent) {
+        self.sink.publish(event);
+    }
+
+    fn task_state(&self, task: &Task, worker_id: Option<&str>) {
+        self.publish(event(
+            "task",
+            "state",
+            Some(&task.task_id),
+            worker_id,
+            Some(&task.user_id),
+            json!({
+                "status": task.status.as_str(),
+                "reason": task.status_reason,
+                "attempts": task.attempts,
+                "worker_id": worker_id,
+            }),
+        ));
+        if in_reconciler() {
+            let kind = match task.status {
+                TaskStatus::Queued => "task_requeued",
+                TaskStatus::Failed => "task_failed",
+                _ => "task_changed",
+            };
+            self.publish(repair(kind, Some(&task.task_id), worker_id));
+        }
+    }
+
+    /// A transition from `from` to `to` changes the status unless every `from` is `to` (a
+    /// reason or claim update).
+    fn after_transition(&self, from: &[TaskStatus], to: TaskStatus, task: &Task) {
+        if from.iter().all(|f| *f == to) {
+            return;
+        }
+        self.task_state(task, None);
+    }
+
+    fn worker(&self, kind: &str, worker_id: &str) {
+        self.publish(event(
+            "worker",
+            kind,
+            None,
+            Some(worker_id),
+            None,
+            json!({}),
+        ));
+        if in_reconciler() {
+            self.publish(repair(&format!("worker_{kind}"), None, Some(worker_id)));
+        }
+    }
+
+    fn policy(&self, kind: &str, name: &str, version: &str, policy_kind: PolicyKind) {
+        self.publish(event(
+            "policy",
+            kind,
+            None,
+            None,
+            None,
+            json!({"name": name, "version": version, "kind": policy_kind.as_str()}),
+        ));
+    }
+}
+
+#[async_trait]
+impl Store for EventedStore {
+    fn backend_name(&self) -> &'static str {
+        self.inner.backend_name()
+    }
+
+    async fn insert_task(
+        &self,
+        task: &Task,
+        idempotency: Option<&IdempotencyKey>,
+    ) -> Result<SubmitOutcome> {
+        let outcome = self.inner.insert_task(task, idempotency).await?;
+        if outcome.created {
+            let t = &outcome.task;
+            self.publish(event(
+                "task",
+                "submitted",
+                Some(&t.task_id),
+                None,
+                Some(&t.user_id),
+                json!({
+                    "status": t.status.as_str(),
+                    "docker_image": t.docker_image,
+                    "priority": t.priority,
+                }),
+            ));
+        }
+        Ok(outcome)
+    }
+
+    async fn transition_task(
+        &self,
+        task_id: &str,
+        from: &[TaskStatus],
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<Task> {
+        let task = self
+            .inner
+            .transition_task(task_id, from, to, update)
+            .await?;
+        self.after_transition(from, to, &task);
+        Ok(task)
+    }
+
+    async fn transition_attempt(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        from: &[TaskStatus],
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<Task> {
+        let task = self
+            .inner
+            .transition_attempt(task_id, attempt, from, to, update)
+            .await?;
+        self.after_transition(from, to, &task);
+        Ok(task)
+    }
+
+    async fn insert_assignment(&self, assignment: &Assignment) -> Result<()> {
+        self.inner.insert_assignment(assignment).await?;
+        let mut placing = self.placing.lock().unwrap_or_else(|e| e.into_inner());
+        if placing.len() >= MAX_PLACING {
+            placing.clear();
+        }
+        placing.insert(assignment.task_id.clone(), assignment.worker_id.clone());
+        Ok(())
+    }
+
+    async fn mark_running(&self, task_id: &str, owner: &str, attempts: u32) -> Result<Task> {
+        let task = self.inner.mark_running(task_id, owner, attempts).await?;
+        let worker_id = self
+            .placing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(task_id);
+        self.task_state(&task, worker_id.as_deref());
+        Ok(task)
+    }
+
+    async fn clear_expired_claims(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Task>> {
+        let cleared = self.inner.clear_expired_claims(now, limit).await?;
+        for task in &cleared {
+            self.publish(repair("claim_cleared", Some(&task.task_id), None));
+        }
+        Ok(cleared)
+    }
+
+    async fn release(&self, ass_id: &str) -> Result<bool> {
+        let released = self.inner.release(ass_id).await?;
+        if released && in_reconciler() {
+            let mut event = repair("assignment_released", None, None);
+            event.data["ass_id"] = json!(ass_id);
+            self.publish(event);
+        }
+        Ok(released)
+    }
+
+    async fn repair_allocation(&self, observed: &Worker, allocated: &Resources) -> Result<bool> {
+        let repaired = self.inner.repair_allocation(observed, allocated).await?;
+        if repaired {
+            self.publish(repair("allocation_drift", None, Some(&observed.worker_id)));
+        }
+        Ok(repaired)
+    }
+
+    async fn insert_worker(&self, worker: &Worker) -> Result<()> {
+        self.inner.insert_worker(worker).await?;
+        self.worker("joined", &worker.worker_id);
+        Ok(())
+    }
+
+    async fn set_draining(&self, worker_id: &str, draining: bool) -> Result<Worker> {
+        let worker = self.inner.set_draining(worker_id, draining).await?;
+        self.worker(if draining { "drained" } else { "undrained" }, worker_id);
+        Ok(worker)
+    }
+
+    async fn set_worker_active(&self, worker_id: &str, active: bool) -> Result<Worker> {
+        let worker = self.inner.set_worker_active(worker_id, active).await?;
+        self.worker(if active { "reactivated" } else { "lost" }, worker_id);
+        Ok(worker)
+    }
+
+    async fn mark_worker_lost(&self, worker_id: &str, heartbeat_before: i64) -> Result<bool> {
+        let lost = self
+            .inner
+            .mark_worker_lost(worker_id, heartbeat_before)
+            .await?;
+        if lost {
+            self.worker("lost", worker_id);
+        }
+        Ok(lost)
+    }
+
+    async fn delete_worker(&self, worker_id: &str) -> Result<()> {
+        self.inner.delete_worker(worker_id).await?;
+        self.worker("removed", worker_id);
+        Ok(())
+    }
+
+    async fn insert_policy_version(&self, version: &PolicyVersion, bytes: &[u8]) -> Result<()> {
+        self.inner.insert_policy_version(version, bytes).await?;
+        self.policy("uploaded", &version.name, &version.version, version.kind);
+        Ok(())
+    }
+
+    async fn activate_policy(
+        &self,
+        kind: PolicyKind,
+        name: &str,
+        version: &str,
+        activated_by: &str,
+        expected_current: Option<(String, String)>,
+    ) -> Result<ActivePolicy> {
+        let active = self
+            .inner
+            .activate_policy(kind, name, version, activated_by, expected_current)
+            .await?;
+        let automatic = activated_by == crate::policy::sync::AUTO_ROLLBACK_BY;
+        if automatic && let Some((failed, failed_version)) = &active.previous {
+            self.publish(event(
+                "policy",
+                "deactivated",
+                None,
+                None,
+                None,
+                json!({
+                    "name": failed, "version": failed_version, "kind": kind.as_str(),
+                    "reason": format!("failed repeatedly: rolled back to {name}@{version}"),
+                }),
+            ));
+        }
+        let what = if automatic || in_rollback() {
+            "rolled_back"
+        } else {
+            "activated"
+        };
+        self.policy(what, name, version, kind);
+        Ok(active)
+    }
+
+    async fn clear_active_policy(
+        &self,
+        kind: PolicyKind,
+        expected_current: (String, String),
+    ) -> Result<()> {
+        self.inner
+            .clear_active_policy(kind, expected_current.clone())
+            .await?;
+        let (name, version) = expected_current;
+        self.publish(event(
+            "policy",
+            "deactivated",
+            None,
+            None,
+            None,
+            json!({
+                "name": name, "version": version, "kind": kind.as_str(),
+                "reason": "failed repeatedly with no earlier version to restore: the native policy runs",
+            }),
+        ));
+        Ok(())
+    }
+
+    // ----- plain delegation -----
+
+    async fn ping(&self) -> Result<()> {
+        self.inner.ping().await
+    }
+
+    async fn get_task(&self, task_id: &str) -> Result<Task> {
+        self.inner.get_task(task_id).await
+    }
+
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage> {
+        self.inner.list_tasks(query).await
+    }
+
+    async fn claim_task(
+        &self,
+        task_id: &str,
+        owner: &str,
+        lease_until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Task> {
+        self.inner
+            .claim_task(task_id, owner, lease_until, now)
+            .await
+    }
+
+    async fn request_cancel(&self, task_id: &str) -> Result<Task> {
+        self.inner.request_cancel(task_id).await
+    }
+
+    async fn get_worker(&self, worker_id: &str) -> Result<Worker> {
+        self.inner.get_worker(worker_id).await
+    }
+
+    async fn list_workers(&self) -> Result<Vec<Worker>> {
+        self.inner.list_workers().await
+    }
+
+    async fn heartbeat(
+        &self,
+        worker_id: &str,
+        at_unix: i64,
+        usage: Option<&WorkerUsage>,
+    ) -> Result<Worker> {
+        self.inner.heartbeat(worker_id, at_unix, usage).await
+    }
+
+    async fn reserve(&self, worker_id: &str, request: &Resources) -> Result<bool> {
+        self.inner.reserve(worker_id, request).await
+    }
+
+    async fn get_assignment(&self, ass_id: &str) -> Result<Assignment> {
+        self.inner.get_assignment(ass_id).await
+    }
+
+    async fn list_assignments(&self, filter: &AssignmentFilter) -> Result<Vec<Assignment>> {
+        self.inner.list_assignments(filter).await
+    }
+
+    async fn insert_result(&self, result: &TaskResult) -> Result<()> {
+        self.inner.insert_result(result).await
+    }
+
+    async fn get_result(&self, task_id: &str) -> Result<TaskResult> {
+        self.inner.get_result(task_id).await
+    }
+
+    async fn recent_runtimes(&self, limit: u32) -> Result<Vec<RuntimeSample>> {
+        self.inner.recent_runtimes(limit).await
+    }
+
+    async fn get_policy_version(&self, name: &str, version: &str) -> Result<PolicyVersion> {
+        self.inner.get_policy_version(name, version).await
+    }
+
+    async fn get_policy_bytes(&self, name: &str, version: &str) -> Result<Vec<u8>> {
+        self.inner.get_policy_bytes(name, version).await
+    }
+
+    async fn list_policy_versions(&self, name: Option<&str>) -> Result<Vec<PolicyVersion>> {
+        self.inner.list_policy_versions(name).await
+    }
+
+    async fn delete_policy_version(&self, name: &str, version: &str) -> Result<()> {
+        self.inner.delete_policy_version(name, version).await
+    }
+
+    async fn get_active_policy(&self, kind: PolicyKind) -> Result<Option<ActivePolicy>> {
+        self.inner.get_active_policy(kind).await
+    }
+
+    async fn user_usage(&self, user_id: &str) -> Result<Usage> {
+        self.inner.user_usage(user_id).await
+    }
+
+    async fn admission_batch(&self, limit: u32, due_before: DateTime<Utc>) -> Result<Vec<Task>> {
+        self.inner.admission_batch(limit, due_before).await
+    }
+
+    async fn claimable_tasks(
+        &self,
+        limit: u32,
+        now: DateTime<Utc>,
+        exclude_users: &[String],
+    ) -> Result<Vec<Task>> {
+        self.inner.claimable_tasks(limit, now, exclude_users).await
+    }
+
+    async fn active_assignment_counts(&self) -> Result<BTreeMap<String, u32>> {
+        self.inner.active_assignment_counts().await
+    }
+
+    async fn running_counts(&self, users: &[String]) -> Result<BTreeMap<String, u32>> {
+        self.inner.running_counts(users).await
+    }
+
+    async fn unclaim_task(&self, task_id: &str, owner: &str) -> Result<bool> {
+        self.inner.unclaim_task(task_id, owner).await
+    }
+
+    async fn unreserve(&self, worker_id: &str, request: &Resources) -> Result<bool> {
+        self.inner.unreserve(worker_id, request).await
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        self.inner.acquire_lease(name, holder, until, now).await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<bool> {
+        self.inner.release_lease(name, holder).await
+    }
+
+    async fn insert_log_chunk(&self, chunk: &TaskLogChunk) -> Result<bool> {
+        self.inner.insert_log_chunk(chunk).await
+    }
+
+    async fn list_log_chunks(
+        &self,
+        task_id: &str,
+        after: Option<(u32, u64)>,
+        limit: u32,
+    ) -> Result<Vec<TaskLogChunk>> {
+        self.inner.list_log_chunks(task_id, after, limit).await
+    }
+
+    async fn put_output_file(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        path: &str,
+        bytes: &[u8],
+    ) -> Result<OutputFileInfo> {
+        self.inner
+            .put_output_file(task_id, attempt, path, bytes)
+            .await
+    }
+
+    async fn list_output_files(&self, task_id: &str) -> Result<Vec<OutputFileInfo>> {
+        self.inner.list_output_files(task_id).await
+    }
+
+    async fn get_output_file(
+        &self,
+        task_id: &str,
+        path: &str,
+    ) -> Result<(OutputFileInfo, Vec<u8>)> {
+        self.inner.get_output_file(task_id, path).await
+    }
+
+    async fn append_events(&self, events: &[NewEvent]) -> Result<Vec<u64>> {
+        self.inner.append_events(events).await
+    }
+
+    async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<StoredEvent>> {
+        self.inner.events_after(after, limit).await
+    }
+
+    async fn event_bounds(&self) -> Result<EventBounds> {
+        self.inner.event_bounds().await
+    }
+
+    async fn prune_events(&self, before: DateTime<Utc>) -> Result<u64> {
+        self.inner.prune_events(before).await
+    }
+}

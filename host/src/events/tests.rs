@@ -1,0 +1,148 @@
+//! The decorator and the hub on a real store: what is published, in which order, and what it
+//! costs the operations that cause events.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{EventHub, EventedStore};
+use crate::model::TaskStatus;
+use crate::store::conformance::{sample_task, unique_id};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, TaskUpdate};
+
+async fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (Arc::new(SqliteStore::open_in_dir(dir.path()).unwrap()), dir)
+}
+
+/// One task submitted, queued, failed: what a live subscriber of the hub receives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_changes_are_published_once_each_and_reason_updates_not_at_all() {
+    let (plain, _dir) = sqlite().await;
+    let (hub, sink) = EventHub::start(
+        plain.clone(),
+        super::DEFAULT_RETENTION,
+        CancellationToken::new(),
+    )
+    .await;
+    let store = EventedStore::new(plain, sink);
+    let mut live = hub.subscribe();
+    let task = sample_task(&unique_id("t"), "alice");
+    store.insert_task(&task, None).await.unwrap();
+    let id = &task.task_id;
+    let queue = |reason: &str| TaskUpdate {
+        status_reason: Some(Some(reason.to_string())),
+        ..TaskUpdate::default()
+    };
+    store
+        .transition_task(
+            id,
+            &[TaskStatus::Pending],
+            TaskStatus::Queued,
+            &queue("admitted"),
+        )
+        .await
+        .unwrap();
+    // A reason update (queued -> queued) is not a status change.
+    store
+        .transition_task(
+            id,
+            &[TaskStatus::Queued],
+            TaskStatus::Queued,
+            &queue("waiting"),
+        )
+        .await
+        .unwrap();
+    store
+        .transition_task(id, &[TaskStatus::Queued], TaskStatus::Failed, &queue("no"))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let e = tokio::time::timeout(Duration::from_secs(5), live.recv())
+            .await
+            .expect("an event within 5 s")
+            .unwrap();
+        got.push(e);
+    }
+    let kinds: Vec<String> = got
+        .iter()
+        .map(|e| format!("{}:{}", e.event.kind, e.event.data["status"]))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "submitted:\"pending\"",
+            "state:\"queued\"",
+            "state:\"failed\""
+        ]
+    );
+    assert_eq!(got[1].event.data["reason"], "admitted");
+    assert!(got.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(hub.watermark(), got[2].id);
+    // Nothing else came (the reason update published nothing).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(live.try_recv().is_err());
+}
+
+/// Run by hand: `cargo test -p cloudai --lib events_cost -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn events_cost_of_task_transitions() {
+    let mongo = crate::store::mongo::testing::connect_test_store().await;
+    let (sqlite_store, _dir) = sqlite().await;
+    let mut stores: Vec<(&str, Arc<dyn Store>)> = vec![("sqlite", sqlite_store)];
+    if let Some((store, _)) = &mongo {
+        stores.push(("ferretdb", Arc::new(store.clone())));
+    }
+    for (name, plain) in stores {
+        for evented in [false, true] {
+            // The hub lives through the run: its tailing is part of the cost.
+            let mut hub: Option<Arc<EventHub>> = None;
+            let store: Arc<dyn Store> = if evented {
+                let (started_hub, sink) = EventHub::start(
+                    plain.clone(),
+                    super::DEFAULT_RETENTION,
+                    CancellationToken::new(),
+                )
+                .await;
+                hub = Some(started_hub);
+                Arc::new(EventedStore::new(plain.clone(), sink))
+            } else {
+                plain.clone()
+            };
+            let started = Instant::now();
+            let clients = (0..8).map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    for _ in 0..25 {
+                        let task = sample_task(&unique_id("t"), "alice");
+                        store.insert_task(&task, None).await.unwrap();
+                        for (from, to) in [
+                            (TaskStatus::Pending, TaskStatus::Queued),
+                            (TaskStatus::Queued, TaskStatus::Running),
+                            (TaskStatus::Running, TaskStatus::Completed),
+                        ] {
+                            store
+                                .transition_task(&task.task_id, &[from], to, &TaskUpdate::default())
+                                .await
+                                .unwrap();
+                        }
+                    }
+                })
+            });
+            for client in clients {
+                client.await.unwrap();
+            }
+            println!(
+                "{name}, events {}: 200 tasks x 4 changes by 8 clients in {:?}",
+                if evented { "on" } else { "off" },
+                started.elapsed()
+            );
+            drop(hub);
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! The event stream (`GET /v1/events`) through a real host: a client sees a task's whole life
+//! in order, resumes after a disconnect with `Last-Event-ID` without losing or repeating an
+//! event, sees only what it may see, and (on MongoDB) sees events caused through another
+//! replica.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::harness::{
+    ALICE_TOKEN, BOB_TOKEN, StoreKind, TestHost, mongo_uri, register_worker, unique_database,
+};
+
+/// One frame of the stream.
+#[derive(Debug, Clone)]
+struct Frame {
+    id: Option<u64>,
+    event: String,
+    data: Value,
+}
+
+/// A streaming client that parses frames as they come.
+struct Stream {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+async fn open(url: &str, token: &str, query: &str, last_event_id: Option<u64>) -> Stream {
+    let mut request = reqwest::Client::new()
+        .get(format!("{url}/v1/events?{query}"))
+        .bearer_auth(token);
+    if let Some(id) = last_event_id {
+        request = request.header("Last-Event-ID", id.to_string());
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200, "GET /v1/events?{query}");
+    let content_type = response.headers()["content-type"].to_str().unwrap();
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
+    Stream {
+        response,
+        buffer: String::new(),
+    }
+}
+
+impl Stream {
+    /// The next event frame (comments skipped), or `None` when none came within `wait`.
+    async fn next(&mut self, wait: Duration) -> Option<Frame> {
+        let deadline = Instant::now() + wait;
+        loop {
+            while let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                if let Some(frame) = parse(&block) {
+                    return Some(frame);
+                }
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match tokio::time::timeout(left, self.response.chunk()).await {
+                Ok(Ok(Some(bytes))) => self.buffer.push_str(&String::from_utf8_lossy(&bytes)),
+                Ok(Ok(None)) => panic!("the event stream ended"),
+                Ok(Err(e)) => panic!("reading the event stream: {e}"),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Frames until one satisfies `done` (included); panics after `wait`.
+    async fn until(&mut self, wait: Duration, done: impl Fn(&Frame) -> bool) -> Vec<Frame> {
+        let deadline = Instant::now() + wait;
+        let mut frames = Vec::new();
+        loop {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_default();
+            let Some(frame) = self.next(left).await else {
+                panic!("no matching frame within {wait:?}; got {frames:#?}");
+            };
+            let last = done(&frame);
+            frames.push(frame);
+            if last {
+                return frames;
+            }
+        }
+    }
+}
+
+fn parse(block: &str) -> Option<Frame> {
+    let (mut id, mut event, mut data) = (None, None, String::new());
+    for line in block.lines() {
+        if let Some(v) = line.strip_prefix("id:") {
+            id = Some(v.trim().parse::<u64>().expect("numeric id"));
+        } else if let Some(v) = line.strip_prefix("event:") {
+            event = Some(v.trim().to_string());
+        } else if let Some(v) = line.strip_prefix("data:") {
+            data.push_str(v.trim_start());
+        }
+    }
+    let event = event?;
+    let data = serde_json::from_str(&data).expect("JSON data");
+    Some(Frame { id, event, data })
+}
+
+fn is_state(frame: &Frame, status: &str) -> bool {
+    frame.event == "task.state" && frame.data["data"]["status"] == status
+}
+
+async fn submit(url: &str, token: &str) -> String {
+    let spec = json!({"docker_image": "busybox", "command": "true", "req_cpu": 1, "req_memory": 1});
+    let response = reqwest::Client::new()
+        .post(format!("{url}/v1/tasks"))
+        .bearer_auth(token)
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let body: Value = response.json().await.unwrap();
+    body["task_id"].as_str().unwrap().to_string()
+}
+
+/// Plays a one-task worker: waits for the task's assignment, reports it started and completed.
+async fn run_task(host: &TestHost, worker: &str, token: &str, task_id: &str) {
+    let started = Instant::now();
+    let ass_id = loop {
+        let path = format!("/v1/workers/{worker}/heartbeat");
+        let (status, body) = host
+            .call(Method::POST, &path, Some(token), Some("{}"), &[])
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let path = format!("/v1/workers/{worker}/work?wait_ms=500");
+        let (status, list) = host.call(Method::GET, &path, Some(token), None, &[]).await;
+        assert_eq!(status, 200, "{list}");
+        let found = list["work"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["task_id"] == task_id)
+            .map(|w| w["ass_id"].as_str().unwrap().to_string());
+        if let Some(ass_id) = found {
+            break ass_id;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "task {task_id} not assigned within 20 s\n{}",
+            host.log()
+        );
+    };
+    let base = format!("/v1/workers/{worker}/assignments/{ass_id}");
+    let (status, body) = host
+        .call(
+            Method::POST,
+            &format!("{base}/started"),
+            Some(token),
+            Some("{}"),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let report = json!({"outcome": "completed", "exit_code": 0}).to_string();
+    let (status, body) = host
+        .call(
+            Method::POST,
+            &format!("{base}/result"),
+            Some(token),
+            Some(&report),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The kinds (with the status of task.state) of a task's frames.
+fn life(frames: &[Frame]) -> Vec<String> {
+    frames
+        .iter()
+        .map(|f| match f.event.as_str() {
+            "task.state" => format!("state:{}", f.data["data"]["status"].as_str().unwrap()),
+            other => other.to_string(),
+        })
+        .collect()
+}
+
+fn assert_increasing(frames: &[Frame]) {
+    let ids: Vec<u64> = frames.iter().map(|f| f.id.unwrap()).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids not increasing: {ids:?}"
+    );
+    for f in frames {
+        assert_eq!(f.data["id"], f.id.unwrap().to_string(), "{f:?}");
+    }
+}
+
+async fn task_life_and_resume(store: StoreKind) {
+    let host = TestHost::start(store).unwrap();
+    let token = register_worker(&host, "w-events", 4.0, 8.0).await;
+    let expected = [
+        "task.submitted",
+        "state:queued",
+        "state:running",
+        "state:completed",
+    ];
+
+    // 1. One task's whole life, in order: the backlog from id 0, then live.
+    let task = submit(&host.url, ALICE_TOKEN).await;
+    let mut stream = open(
+        &host.url,
+        ALICE_TOKEN,
+        &format!("task_id={task}&after=0"),
+        None,
+    )
+    .await;
+    run_task(&host, "w-events", &token, &task).await;
+    let frames = stream.until(WAIT, |f| is_state(f, "completed")).await;
+    assert_eq!(life(&frames), expected, "{frames:#?}");
+    assert_increasing(&frames);
+    for f in &frames {
+        assert_eq!(f.data["task_id"], task.as_str());
+        assert_eq!(f.data["user_id"], "alice");
+        assert_eq!(f.data["topic"], "task");
+    }
+    assert_eq!(frames[0].data["data"]["status"], "pending");
+    assert_eq!(frames[0].data["data"]["docker_image"], "busybox");
+    assert_eq!(frames[2].data["data"]["worker_id"], "w-events");
+    assert_eq!(frames[2].data["data"]["attempts"], 1);
+
+    // 2. A client that disconnects after the first frame resumes with Last-Event-ID and gets
+    // the rest, each once.
+    let task = submit(&host.url, ALICE_TOKEN).await;
+    let mut stream = open(
+        &host.url,
+        ALICE_TOKEN,
+        &format!("task_id={task}&after=0"),
+        None,
+    )
+    .await;
+    let first = stream.next(WAIT).await.expect("the first frame");
+    assert_eq!(first.event, "task.submitted");
+    drop(stream);
+    run_task(&host, "w-events", &token, &task).await;
+    let mut resumed = open(&host.url, ALICE_TOKEN, &format!("task_id={task}"), first.id).await;
+    let rest = resumed.until(WAIT, |f| is_state(f, "completed")).await;
+    let mut all = vec![first];
+    all.extend(rest);
+    assert_eq!(life(&all), expected, "{all:#?}");
+    assert_increasing(&all);
+    // Nothing more for this task (no duplicate after the end).
+    assert!(resumed.next(Duration::from_millis(500)).await.is_none());
+
+    // 3. Visibility: bob sees worker events, and of the task events only his own.
+    let mut bob = open(&host.url, BOB_TOKEN, "after=0", None).await;
+    let joined = bob.next(WAIT).await.unwrap();
+    assert_eq!(joined.event, "worker.joined", "{joined:?}");
+    assert_eq!(joined.data["worker_id"], "w-events");
+    let bobs = submit(&host.url, BOB_TOKEN).await;
+    let next = bob.next(WAIT).await.unwrap();
+    assert_eq!(next.event, "task.submitted", "{next:?}");
+    assert_eq!(
+        next.data["task_id"],
+        bobs.as_str(),
+        "bob saw another user's task: {next:?}"
+    );
+    // The admin sees alice's too.
+    let mut admin = open(&host.url, &host.admin_token, "topics=task&after=0", None).await;
+    let first = admin.next(WAIT).await.unwrap();
+    assert_eq!(first.data["user_id"], "alice", "{first:?}");
+
+    // 4. Validation: 422 `validation_failed`, nothing streamed.
+    for query in [
+        "topics=task,bogus",
+        "colour=blue",
+        "after=minus-one",
+        "task_id=a%20b",
+    ] {
+        let (status, body) = host
+            .call(
+                Method::GET,
+                &format!("/v1/events?{query}"),
+                Some(ALICE_TOKEN),
+                None,
+                &[],
+            )
+            .await;
+        assert_eq!(status, 422, "{query}: {body}");
+        assert_eq!(
+            body["error"]["code"], "validation_failed",
+            "{query}: {body}"
+        );
+    }
+    let (status, _) = host.call(Method::GET, "/v1/events", None, None, &[]).await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_event_stream_follows_a_task_and_resumes_without_loss() {
+    task_life_and_resume(StoreKind::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mongo_event_stream_follows_a_task_and_resumes_without_loss() {
+    let Some(uri) = mongo_uri() else { return };
+    task_life_and_resume(StoreKind::Mongo(uri)).await;
+}
+
+/// Two replicas on one database: what happens through A reaches a client of B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_caused_through_one_replica_reaches_a_client_of_another() {
+    let Some(uri) = mongo_uri() else { return };
+    let database = unique_database("cloudai_e2e_events");
+    let store = || StoreKind::MongoDatabase {
+        uri: uri.clone(),
+        database: database.clone(),
+    };
+    let a = TestHost::start(store()).unwrap();
+    let b = TestHost::start(store()).unwrap();
+    // Live only (no position): what happens from now on.
+    let mut on_b = open(&b.url, &b.admin_token, "topics=worker,task", None).await;
+    register_worker(&a, "w-replica-a", 2.0, 4.0).await;
+    let task = submit(&a.url, ALICE_TOKEN).await;
+    let frames = on_b
+        .until(WAIT, |f| {
+            f.event == "task.submitted" && f.data["task_id"] == task.as_str()
+        })
+        .await;
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.event == "worker.joined" && f.data["worker_id"] == "w-replica-a"),
+        "{frames:#?}"
+    );
+    assert_increasing(&frames);
+    let ids: HashSet<u64> = frames.iter().map(|f| f.id.unwrap()).collect();
+    assert_eq!(ids.len(), frames.len());
+}
+
+/// A position older than the retention window: one `reset` frame, then the oldest retained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_position_older_than_the_retention_window_gets_a_reset_first() {
+    let host = TestHost::start_with(
+        StoreKind::Embedded,
+        &["--no-local-worker", "--event-retention", "2s"],
+    )
+    .unwrap();
+    register_worker(&host, "w-expired", 1.0, 1.0).await;
+    // Pruned within retention + its half.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    register_worker(&host, "w-kept", 1.0, 1.0).await;
+    let mut stream = open(&host.url, &host.admin_token, "after=0", None).await;
+    let reset = stream.next(WAIT).await.unwrap();
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    assert!(reset.id.is_none());
+    assert!(reset.data["reason"].is_string(), "{reset:?}");
+    let next = stream.next(WAIT).await.unwrap();
+    assert_eq!(next.event, "worker.joined", "{next:?}");
+    assert_eq!(next.data["worker_id"], "w-kept");
+    // A position still retained gets no reset.
+    let mut stream = open(&host.url, &host.admin_token, "", next.id.map(|id| id - 1)).await;
+    assert_eq!(stream.next(WAIT).await.unwrap().id, next.id);
+}
