@@ -10,6 +10,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod executor;
+pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod reconciler;

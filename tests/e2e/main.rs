@@ -7,6 +7,7 @@ mod execution;
 mod guide;
 mod harness;
 mod invoke;
+mod metrics;
 mod policies;
 mod policy_tools;
 mod replicas;

@@ -263,6 +263,7 @@ impl Reconciler {
         let mut repairs = Repairs::default();
         let outcome = self.pass_into(&mut repairs).await;
         self.counters.record(&repairs);
+        crate::metrics::reconciler_repairs(&repairs);
         if repairs.frees_capacity() {
             self.wakeup.wake();
         }
