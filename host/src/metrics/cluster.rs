@@ -107,8 +107,11 @@ fn add(a: Resources, b: Resources) -> Resources {
 /// reader at a time: callers arriving during a read wait for it rather than read too.
 #[derive(Clone, Default)]
 pub struct SampleCache {
-    last: Arc<tokio::sync::Mutex<Option<(Instant, Arc<ClusterSample>)>>>,
+    last: Arc<tokio::sync::Mutex<Option<Timed>>>,
 }
+
+/// A sample and when it was read.
+type Timed = (Instant, Arc<ClusterSample>);
 
 impl SampleCache {
     /// A sample at most [`SAMPLE_TTL`] old. A failed read is not cached.
