@@ -457,3 +457,129 @@ fn cluster_registry(sample: &ClusterSample) -> Registry {
 fn saturating_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::metrics::cluster::WorkerCounts;
+    use crate::model::Resources;
+    use crate::store::TaskCounts;
+
+    fn sample() -> ClusterSample {
+        ClusterSample {
+            tasks: TaskCounts {
+                pending: 2,
+                queued: 3,
+                running: 1,
+                ..TaskCounts::default()
+            },
+            workers: WorkerCounts {
+                total: 3,
+                active: 1,
+                draining: 1,
+                lost: 1,
+            },
+            capacity: Resources::new(4.0, 2.0, 1.0, 1.0),
+            allocated: Resources::new(1.0, 0.5, 0.0, 0.0),
+            placements_last_minute: 7,
+            placement_policy: None,
+            admission_policy: None,
+            generated_at: crate::model::now(),
+        }
+    }
+
+    /// The value of the sample line `series` (name and labels, as printed).
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .map(|v| v.parse().unwrap())
+    }
+
+    #[test]
+    fn a_failing_policy_is_counted_by_name_version_and_error() {
+        // A name of its own: the instruments are process-wide and tests run side by side.
+        let (name, version) = ("metrics-unit-trap", "2");
+        let fallback = PolicySource::Fallback {
+            name: name.into(),
+            version: version.into(),
+            reason: "trapped".into(),
+        };
+        for _ in 0..3 {
+            policy_failure(
+                PolicyKind::Placement,
+                name,
+                version,
+                &PolicyError::Trap("unreachable".into()),
+            );
+            policy_call(PolicyKind::Placement, &fallback, Duration::from_millis(2));
+        }
+        policy_deactivated(PolicyKind::Placement, name, version);
+        let text = encode(&sample()).unwrap();
+        let labels = format!("{{kind=\"placement\",policy=\"{name}\",version=\"{version}\"}}");
+        assert_eq!(
+            value(&text, &format!("cloudai_policy_fallbacks_total{labels}")),
+            Some(3.0),
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                &text,
+                &format!(
+                    "cloudai_policy_failures_total{{kind=\"placement\",policy=\"{name}\",version=\"{version}\",error=\"trap\"}}"
+                )
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                &format!("cloudai_policy_deactivations_total{labels}")
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                &format!("cloudai_policy_call_duration_seconds_count{labels}")
+            ),
+            Some(3.0)
+        );
+    }
+
+    #[test]
+    fn cluster_gauges_are_in_base_units() {
+        let text = encode(&sample()).unwrap();
+        assert_eq!(value(&text, "cloudai_queue_depth"), Some(5.0));
+        assert_eq!(value(&text, "cloudai_tasks{state=\"queued\"}"), Some(3.0));
+        assert_eq!(value(&text, "cloudai_workers{state=\"lost\"}"), Some(1.0));
+        assert_eq!(
+            value(&text, "cloudai_capacity_memory_bytes"),
+            Some(2.0 * BYTES_PER_GB)
+        );
+        assert_eq!(
+            value(&text, "cloudai_allocated_memory_bytes"),
+            Some(0.5 * BYTES_PER_GB)
+        );
+        assert_eq!(value(&text, "cloudai_placements_last_minute"), Some(7.0));
+    }
+
+    #[test]
+    fn repairs_and_container_starts_are_counted() {
+        let before = encode(&sample()).unwrap();
+        let series = "cloudai_reconciler_repairs_total{kind=\"drift_repaired\"}";
+        let count = "cloudai_container_start_duration_seconds_count";
+        reconciler_repairs(&Repairs {
+            drift_repaired: 2,
+            ..Repairs::default()
+        });
+        container_started(Duration::from_millis(300));
+        let after = encode(&sample()).unwrap();
+        let grew =
+            |series: &str| value(&after, series).unwrap() - value(&before, series).unwrap_or(0.0);
+        // At least: other tests of this process may count too.
+        assert!(grew(series) >= 2.0, "{after}");
+        assert!(grew(count) >= 1.0, "{after}");
+    }
+}
