@@ -24,3 +24,6 @@ echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test (MongoDB tests against $CLOUDAI_TEST_MONGODB_URI)"
 cargo test --workspace --locked
+echo "== the otlp feature: lints, and spans exported to a collector on loopback"
+cargo clippy -p cloudai --features otlp --all-targets --locked -- -D warnings
+cargo test -p cloudai --features otlp --lib --locked telemetry

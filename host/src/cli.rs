@@ -11,7 +11,6 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use serde_json::{Map, Value, json};
-use tracing_subscriber::EnvFilter;
 
 use crate::api::Limits;
 use crate::api::auth;
@@ -20,6 +19,7 @@ use crate::executor::ExecutorConfig;
 use crate::reconciler::ReconcilerConfig;
 use crate::scheduler::SchedulerConfig;
 use crate::serve::{self, ServeConfig};
+use crate::telemetry::{self, TelemetryConfig};
 use crate::tooling;
 use crate::worker::{AgentConfig, DEFAULT_MAX_CONCURRENT, Overrides};
 
@@ -35,6 +35,10 @@ pub struct Cli {
     /// Log output format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CLOUDAI_LOG_FORMAT")]
     pub log_format: LogFormat,
+    /// Export tracing spans to this OpenTelemetry collector (OTLP/HTTP base URL, e.g.
+    /// http://127.0.0.1:4318). Needs a build with the `otlp` feature.
+    #[arg(long, global = true, env = "CLOUDAI_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -491,14 +495,16 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 /// a Tokio runtime and turns an error into a message and a failing exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    let telemetry = match telemetry::init(&TelemetryConfig {
+        json: cli.log_format == LogFormat::Json,
+        otlp_endpoint: cli.otlp_endpoint.clone(),
+    }) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -506,7 +512,11 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let outcome = runtime.block_on(run(cli));
+    // Outside the runtime: the span exporter blocks on its last export.
+    drop(runtime);
+    telemetry.shutdown();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.downcast_ref::<ExitWith>().is_some() => {
             ExitCode::from(error.downcast_ref::<ExitWith>().map_or(1, |e| e.0))

@@ -17,5 +17,6 @@ pub mod reconciler;
 pub mod scheduler;
 pub mod serve;
 pub mod store;
+pub mod telemetry;
 pub mod tooling;
 pub mod worker;

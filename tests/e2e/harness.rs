@@ -112,7 +112,11 @@ impl TestHost {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let address: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                    // Text or JSON logs: the address ends at a space or at the closing quote.
+                    let address: String = rest
+                        .chars()
+                        .take_while(|c| !c.is_whitespace() && *c != '"')
+                        .collect();
                     let _ = tx.send(address);
                 }
                 if let Ok(mut log) = log_writer.lock() {
@@ -255,4 +259,29 @@ pub async fn register_worker(host: &TestHost, id: &str, cpu: f64, memory: f64) -
         .await;
     assert_eq!(status, 201, "{body}");
     body["token"].as_str().expect("worker token").to_string()
+}
+
+/// Waits until the task is `running` (placed), failing after 30 s with the host's log.
+pub async fn wait_until_running(host: &TestHost, task_id: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let (_, task) = host
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/tasks/{task_id}"),
+                Some(&host.admin_token),
+                None,
+                &[],
+            )
+            .await;
+        if task["status"] == "running" {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not placed within 30 s: {task}\nhost log:\n{}",
+            host.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

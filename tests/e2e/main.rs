@@ -12,5 +12,6 @@ mod policies;
 mod policy_tools;
 mod replicas;
 mod scheduling;
+mod telemetry;
 mod tour;
 mod worker_process;

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{StoreKind, TestHost, mongo_uri, register_worker, unique_database};
+use crate::harness::{
+    StoreKind, TestHost, mongo_uri, register_worker, unique_database, wait_until_running,
+};
 
 /// The guests' directory; `None` skips locally, CI must set it.
 fn wasm_dir() -> Option<PathBuf> {
@@ -349,30 +351,6 @@ async fn submit_as_bob(host: &TestHost, spec: &str) -> (u16, Value) {
         &[],
     )
     .await
-}
-
-async fn wait_until_running(host: &TestHost, task_id: &str) {
-    let started = Instant::now();
-    loop {
-        let (_, task) = host
-            .call(
-                Method::GET,
-                &format!("/v1/tasks/{task_id}"),
-                Some(&host.admin_token),
-                None,
-                &[],
-            )
-            .await;
-        if task["status"] == "running" {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "not placed within 30 s: {task}\nhost log:\n{}",
-            host.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// With the quota of examples/policies/quota.json active: bob's over-cap task (a GPU; his cap

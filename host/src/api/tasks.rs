@@ -310,6 +310,7 @@ pub fn router() -> Router<AppState> {
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "Invalid spec, or a bad `wait`", body = ErrorBody),
     ))]
+#[tracing::instrument(name = "submit", skip_all, fields(user_id, task_id))]
 pub async fn submit_task(
     State(state): State<AppState>,
     principal: Principal,
@@ -318,6 +319,8 @@ pub async fn submit_task(
     ValidJson(spec): ValidJson<TaskSpec>,
 ) -> ApiResult<Response> {
     let (user_id, _) = principal.require_user()?;
+    let span = tracing::Span::current();
+    span.record("user_id", user_id);
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let wait = query
         .wait
@@ -363,6 +366,7 @@ pub async fn submit_task(
         )
     };
     let outcome = state.store.insert_task(&task, idempotency.as_ref()).await?;
+    span.record("task_id", outcome.task.task_id.as_str());
     let location = HeaderValue::from_str(&format!("/v1/tasks/{}", outcome.task.task_id))
         .map_err(|_| ApiError::internal())?;
     let (status, task) = if outcome.created {

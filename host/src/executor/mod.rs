@@ -31,6 +31,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::model::Task;
 
@@ -412,7 +413,9 @@ impl Executor {
         tokio::select! {
             biased;
             () = cancel.cancelled() => return Ok(RunOutcome::cancelled_before_start()),
-            pulled = self.ensure_image(&spec) => pulled?,
+            pulled = self
+                .ensure_image(&spec)
+                .instrument(tracing::info_span!("pull", image = %spec.image)) => pulled?,
         }
 
         let name = container_name(&spec.task_id);
@@ -441,14 +444,19 @@ impl Executor {
         started: Option<tokio::sync::oneshot::Sender<DateTime<Utc>>>,
     ) -> Result<RunOutcome, ExecError> {
         let created = Instant::now();
-        let (id, output_in_layer) = self.create(spec, cmd, name).await?;
-        if output_in_layer {
-            self.make_output_dir(&id).await?;
+        let id = async {
+            let (id, output_in_layer) = self.create(spec, cmd, name).await?;
+            if output_in_layer {
+                self.make_output_dir(&id).await?;
+            }
+            self.docker
+                .start_container(&id, None)
+                .await
+                .map_err(|e| ExecError::docker(format!("start container {id}"), e))?;
+            Ok::<_, ExecError>(id)
         }
-        self.docker
-            .start_container(&id, None)
-            .await
-            .map_err(|e| ExecError::docker(format!("start container {id}"), e))?;
+        .instrument(tracing::info_span!("start"))
+        .await?;
         if let Some(started) = started {
             let _ = started.send(Utc::now());
         }
@@ -461,8 +469,10 @@ impl Executor {
             start_ms = created.elapsed().as_millis() as u64,
             "container started"
         );
-        let (ending, exit_code, stdout, stderr) =
-            self.follow(&id, spec.timeout, events, cancel).await;
+        let (ending, exit_code, stdout, stderr) = self
+            .follow(&id, spec.timeout, events, cancel)
+            .instrument(tracing::info_span!("run", container_id = %id))
+            .await;
         let outcome = self.finish(&id, ending, exit_code, stdout, stderr).await?;
         tracing::info!(
             task_id = %spec.task_id,

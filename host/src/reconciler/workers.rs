@@ -132,6 +132,7 @@ pub(super) async fn lose_assignment(
 /// Takes a task that is running at its current attempt off its (lost) execution: back to the
 /// queue with `attempts` kept, or failed with [`WORKER_LOST`] when no attempt is left. One
 /// conditional update on that attempt: a task that finished or moved meanwhile is left alone.
+#[tracing::instrument(name = "requeue", skip_all, fields(task_id = %task.task_id, ass_id = ass_id.unwrap_or_default(), why = why))]
 pub(super) async fn requeue_or_fail(
     store: &dyn Store,
     task: &Task,

@@ -114,6 +114,7 @@ async fn decide(
 }
 
 /// Writes an admission decision as a conditional transition from `pending`.
+#[tracing::instrument(name = "admit", skip_all, fields(task_id = %task.task_id, user_id = %task.user_id))]
 pub(super) async fn apply(
     store: &dyn Store,
     task: &Task,

@@ -65,6 +65,7 @@ pub async fn finish_attempt(
     .await
 }
 
+#[tracing::instrument(name = "finish", skip_all, fields(task_id, attempt))]
 async fn finish_inner(
     store: &dyn Store,
     wakeup: &Wakeup,
@@ -72,6 +73,11 @@ async fn finish_inner(
     attempt: Option<u32>,
     finish: Finish,
 ) -> Result<Task, StoreError> {
+    let span = tracing::Span::current();
+    span.record("task_id", task_id);
+    if let Some(attempt) = attempt {
+        span.record("attempt", attempt);
+    }
     let (to, update) = match finish {
         Finish::Completed { exit_code } => (
             TaskStatus::Completed,

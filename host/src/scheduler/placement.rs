@@ -193,7 +193,12 @@ impl Scheduler {
         // overlap (SQLite commits concurrent writes together; MongoDB serves them in parallel).
         let mut writes = Vec::with_capacity(assigned.len());
         for (task, worker_id) in assigned {
-            let span = tracing::info_span!("place", task_id = %task.task_id, worker_id);
+            let span = tracing::info_span!(
+                "place",
+                task_id = %task.task_id,
+                worker_id,
+                policy = %source_label(&outcome.source),
+            );
             writes.push(self.place(task, worker_id).instrument(span));
         }
         let placements: Vec<Placement> = futures::stream::iter(writes)

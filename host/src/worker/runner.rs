@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::gpus::GpuPool;
 use crate::api::agent::{LiveChunk, LiveLogs, Outcome, ResultReport, StreamName, Work, WorkList};
@@ -211,7 +212,13 @@ impl Runner {
                 shutting_down: shutting_down.clone(),
                 gpus: self.gpus.clone(),
             };
-            tasks.spawn(run.run(work, token));
+            let span = tracing::info_span!(
+                "execute",
+                task_id = %work.task_id,
+                worker_id = %self.config.worker_id,
+                ass_id = %work.ass_id,
+            );
+            tasks.spawn(run.run(work, token).instrument(span));
         }
     }
 
@@ -393,7 +400,10 @@ impl RunOne {
         if let Err(error) = spool_write(&self.spool_dir, &spooled) {
             tracing::error!(worker_id = %self.worker_id, %ass_id, %error, "spooling a result failed; sending it unspooled");
         }
-        if deliver(&self.client, &self.worker_id, &self.spool_dir, &spooled).await {
+        if deliver(&self.client, &self.worker_id, &self.spool_dir, &spooled)
+            .instrument(tracing::info_span!("report"))
+            .await
+        {
             spool_remove(&self.spool_dir, &ass_id);
             (ass_id, None)
         } else {
