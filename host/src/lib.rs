@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod events;
 pub mod executor;
+pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod reconciler;

@@ -8,6 +8,7 @@ mod execution;
 mod guide;
 mod harness;
 mod invoke;
+mod metrics;
 mod policies;
 mod policy_tools;
 mod replicas;

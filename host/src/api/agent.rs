@@ -489,8 +489,9 @@ pub async fn report_result(
         task_type: Some(task.task_type().to_string()),
     };
     match state.store.insert_result(&result).await {
+        Ok(()) => crate::metrics::result_log_stored(result.logs.len() + result.stderr.len()),
         // Written by our own earlier try that failed before the transition.
-        Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+        Err(StoreError::AlreadyExists { .. }) => {}
         Err(other) => return Err(other.into()),
     }
     let task = finish_attempt(&*state.store, &state.wakeup, &ass_id, finish)
@@ -645,6 +646,7 @@ pub async fn report_logs(
         let Some(text) = bound_live(chunk, max) else {
             continue;
         };
+        let bytes = text.len();
         let stored = state
             .store
             .insert_log_chunk(&TaskLogChunk {
@@ -655,6 +657,9 @@ pub async fn report_logs(
                 text,
             })
             .await?;
+        if stored {
+            crate::metrics::live_log_stored(bytes);
+        }
         ack.stored += u32::from(stored);
     }
     Ok(Json(ack))
@@ -765,6 +770,7 @@ pub async fn upload_output(
         .store
         .put_output_file(&task.task_id, assignment.attempt, &query.path, &body)
         .await?;
+    crate::metrics::output_file_stored(info.size_bytes);
     tracing::info!(task_id = %task.task_id, worker_id, path = %info.path, size_bytes = info.size_bytes, "output file stored");
     Ok(Json(info.into()))
 }

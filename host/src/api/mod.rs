@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, MatchedPath};
 use axum::http::{HeaderName, Request, StatusCode};
+use axum::response::Response;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
@@ -34,6 +35,7 @@ pub mod extract;
 pub mod health;
 pub mod image_ref;
 pub mod openapi;
+pub mod overview;
 pub mod policies;
 pub mod task_io;
 pub mod tasks;
@@ -143,9 +145,12 @@ pub fn router(state: AppState) -> Router {
         .merge(agent::router(&state.limits))
         .merge(task_io::router())
         .merge(events::router())
+        .merge(overview::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        // Wraps each route (and the fallbacks), so the matched route is known.
+        .layer(axum::middleware::from_fn(count_request))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|request: &Request<_>| {
@@ -171,6 +176,21 @@ pub fn router(state: AppState) -> Router {
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuidV7))
         .with_state(state)
+}
+
+/// Counts a request in the metrics by its route template (bounded: never the raw path).
+async fn count_request(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    let response = next.run(request).await;
+    crate::metrics::api_request(
+        &method,
+        route.as_ref().map(MatchedPath::as_str),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
 }
 
 async fn not_found() -> ApiError {

@@ -7,7 +7,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::AppState;
-use super::{agent, events, health, policies, task_io, tasks, workers};
+use super::{agent, events, health, overview, policies, task_io, tasks, workers};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -51,6 +51,8 @@ use super::{agent, events, health, policies, task_io, tasks, workers};
         policies::dry_run_policy,
         policies::cluster_snapshot,
         events::stream_events,
+        overview::overview,
+        overview::prometheus_metrics,
     ),
     components(schemas(
         super::error::ErrorBody,
@@ -104,6 +106,12 @@ use super::{agent, events, health, policies, task_io, tasks, workers};
         policies::DecisionView,
         policies::DryRunTask,
         policies::DryRunReport,
+        crate::model::Resources,
+        overview::Overview,
+        overview::TasksByState,
+        overview::WorkersByState,
+        overview::ActivePolicies,
+        overview::ActivePolicyRef,
     )),
     modifiers(&BearerAuth),
     tags(
@@ -112,6 +120,7 @@ use super::{agent, events, health, policies, task_io, tasks, workers};
         (name = "agents", description = "What worker agents call with their own token: fetch work, report starts and results"),
         (name = "health", description = "Probes"),
         (name = "policies", description = "Policy components: upload, activate, roll back, dry-run (admin)"),
+        (name = "overview", description = "The cluster at a glance (JSON) and Prometheus metrics"),
     )
 )]
 pub struct ApiDoc;

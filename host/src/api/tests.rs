@@ -1207,6 +1207,8 @@ async fn openapi_lists_every_route_and_the_bearer_scheme() {
         ("post", "/v1/policies/{name}/dry-run"),
         ("get", "/v1/cluster/snapshot"),
         ("get", "/v1/events"),
+        ("get", "/v1/overview"),
+        ("get", "/metrics"),
     ];
     for (method, path) in routes {
         assert!(

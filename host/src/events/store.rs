@@ -16,7 +16,7 @@ use crate::model::{
 use crate::policy::snapshot::Usage;
 use crate::store::{
     AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, Result, RuntimeSample,
-    Store, StoredEvent, SubmitOutcome, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate,
+    Store, StoredEvent, SubmitOutcome, TaskCounts, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate,
 };
 
 tokio::task_local! {
@@ -427,6 +427,14 @@ impl Store for EventedStore {
 
     async fn user_usage(&self, user_id: &str) -> Result<Usage> {
         self.inner.user_usage(user_id).await
+    }
+
+    async fn task_counts(&self) -> Result<TaskCounts> {
+        self.inner.task_counts().await
+    }
+
+    async fn count_assignments_since(&self, since: DateTime<Utc>) -> Result<u64> {
+        self.inner.count_assignments_since(since).await
     }
 
     async fn admission_batch(&self, limit: u32, due_before: DateTime<Utc>) -> Result<Vec<Task>> {

@@ -460,6 +460,7 @@ impl Executor {
         if let Some(started) = started {
             let _ = started.send(Utc::now());
         }
+        crate::metrics::container_started(created.elapsed());
         tracing::info!(
             task_id = %spec.task_id,
             worker_id = %spec.worker_id,

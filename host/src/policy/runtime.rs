@@ -795,6 +795,7 @@ impl PolicyRuntime {
     /// `failure_threshold` times in a row.
     fn record_failure(&self, policy: &Arc<Loaded>, err: &PolicyError) {
         let (name, version) = (&*policy.label.name, &*policy.label.version);
+        crate::metrics::policy_failure(policy.kind, name, version, err);
         if !err.is_evaluation_failure() {
             tracing::error!(policy_name = name, policy_version = version, error = %err, "policy could not be evaluated; fallback used");
             return;
@@ -846,6 +847,7 @@ impl PolicyRuntime {
                 .map(|r| (r.label.name.to_string(), r.label.version.to_string())),
         });
         self.swap_active(kind, restored);
+        crate::metrics::policy_deactivated(kind, &policy.label.name, &policy.label.version);
         self.deactivated.notify_one();
         tracing::error!(
             policy_name = &*policy.label.name,

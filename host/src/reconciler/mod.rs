@@ -264,6 +264,7 @@ impl Reconciler {
         // What the pass changes is published as `reconciler.repair` events too.
         let outcome = crate::events::reconciling(self.pass_into(&mut repairs)).await;
         self.counters.record(&repairs);
+        crate::metrics::reconciler_repairs(&repairs);
         if repairs.frees_capacity() {
             self.wakeup.wake();
         }

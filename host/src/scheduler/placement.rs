@@ -154,6 +154,7 @@ impl Scheduler {
         })
         .await
         .map_err(|e| StoreError::backend("running the placement policy", e.to_string()))?;
+        crate::metrics::policy_call(PolicyKind::Placement, &outcome.source, outcome.elapsed);
 
         let mut assigned = Vec::new();
         for (task, decision) in tasks.iter().zip(outcome.decisions) {
@@ -226,6 +227,7 @@ impl Scheduler {
             latency_ms = started.elapsed().as_secs_f64() * 1000.0,
             "placement round"
         );
+        crate::metrics::scheduling_round(&stats, started.elapsed());
         Ok(stats)
     }
 

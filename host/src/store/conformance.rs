@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 
 use super::{
     AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, POLICY_CHUNK_BYTES, Result,
-    RuntimeSample, Store, StoreError, TaskCursor, TaskLogChunk, TaskQuery, TaskUpdate,
+    RuntimeSample, Store, StoreError, TaskCounts, TaskCursor, TaskLogChunk, TaskQuery, TaskUpdate,
     policy_sha256,
 };
 use crate::model::{
@@ -193,6 +193,8 @@ macro_rules! store_conformance_tests {
             output_files_round_trip_in_chunks_and_are_replaced_by_path,
             events_get_increasing_ids_and_read_back_in_order,
             pruning_removes_old_events_as_a_prefix,
+            task_counts_count_every_status_and_follow_transitions,
+            count_assignments_since_counts_only_assignments_at_or_after_the_instant,
         );
         $crate::store_conformance_tests!(@shared $make;
             reserve_race_50_requests_for_room_for_7,
@@ -3108,6 +3110,99 @@ pub async fn concurrent_event_appends_get_distinct_ids(store: Arc<dyn Store>) {
         read.extend(page.into_iter().map(|e| e.id));
     }
     assert_eq!(read, distinct);
+}
+
+pub async fn task_counts_count_every_status_and_follow_transitions(store: &dyn Store) {
+    // Deltas from what the store held before, so that the test holds in a shared database.
+    let before = store.task_counts().await.unwrap();
+    let user = unique_id("user");
+    let wanted = [
+        (TaskStatus::Pending, 3),
+        (TaskStatus::Queued, 2),
+        (TaskStatus::Running, 4),
+        (TaskStatus::Completed, 5),
+        (TaskStatus::Failed, 1),
+        (TaskStatus::Cancelled, 0),
+    ];
+    for (status, n) in wanted {
+        for _ in 0..n {
+            let task = sample_task_at(&unique_id("task"), &user, status, now());
+            store.insert_task(&task, None).await.unwrap();
+        }
+    }
+    let after = store.task_counts().await.unwrap();
+    for (status, n) in wanted {
+        assert_eq!(
+            after.get(status) - before.get(status),
+            n,
+            "{status:?}: before {before:?}, after {after:?}"
+        );
+    }
+    assert_eq!(after.queue_depth() - before.queue_depth(), 5);
+
+    // A transition moves one task from one count to the other.
+    let task = sample_task(&unique_id("task"), &user);
+    store.insert_task(&task, None).await.unwrap();
+    store
+        .transition_task(
+            &task.task_id,
+            &[TaskStatus::Pending],
+            TaskStatus::Cancelled,
+            &TaskUpdate::default(),
+        )
+        .await
+        .unwrap();
+    let moved = store.task_counts().await.unwrap();
+    let mut expected = after;
+    expected.add(TaskStatus::Cancelled, 1);
+    assert_eq!(moved, expected);
+    assert_eq!(
+        TaskStatus::ALL.iter().map(|s| moved.get(*s)).sum::<u64>(),
+        TaskStatus::ALL.iter().map(|s| before.get(*s)).sum::<u64>() + 16
+    );
+    assert_ne!(moved, TaskCounts::default());
+}
+
+pub async fn count_assignments_since_counts_only_assignments_at_or_after_the_instant(
+    store: &dyn Store,
+) {
+    // Far in the future, so that no other assignment of a shared database counts.
+    let base = now() + chrono::Duration::days(365 * 100);
+    let worker = worker_with(store, "w", Resources::new(8.0, 8.0, 8.0, 0.0)).await;
+    let req = Resources::new(1.0, 1.0, 0.0, 0.0);
+    let mut released = None;
+    for offset_ms in [-60_000, -1, 0, 1, 30_000] {
+        let a = Assignment {
+            assigned_at: base + chrono::Duration::milliseconds(offset_ms),
+            ..sample_assignment(
+                &unique_id("ass"),
+                &unique_id("task"),
+                &worker.worker_id,
+                req,
+            )
+        };
+        assert!(store.reserve(&worker.worker_id, &req).await.unwrap());
+        store.insert_assignment(&a).await.unwrap();
+        released = Some(a.ass_id);
+    }
+    assert_eq!(store.count_assignments_since(base).await.unwrap(), 3);
+    // A released assignment was still a placement.
+    assert!(store.release(&released.unwrap()).await.unwrap());
+    assert_eq!(store.count_assignments_since(base).await.unwrap(), 3);
+    assert_eq!(
+        store
+            .count_assignments_since(base - chrono::Duration::minutes(1))
+            .await
+            .unwrap(),
+        5
+    );
+    assert_eq!(
+        store
+            .count_assignments_since(base + chrono::Duration::minutes(1))
+            .await
+            .unwrap(),
+        0
+    );
 }
 
 #[cfg(test)]

@@ -200,6 +200,55 @@ pub struct AssignmentFilter {
     pub active_only: bool,
 }
 
+/// How many tasks are in each status, counted by the store (never by listing the tasks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TaskCounts {
+    pub pending: u64,
+    pub queued: u64,
+    pub running: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+}
+
+impl TaskCounts {
+    pub fn get(&self, status: TaskStatus) -> u64 {
+        *self.slot(status)
+    }
+
+    /// Adds `n` tasks of `status` (how a backend folds its grouped counts in).
+    pub fn add(&mut self, status: TaskStatus, n: u64) {
+        *self.slot_mut(status) += n;
+    }
+
+    /// Tasks waiting to run: pending (before admission) and queued (before placement).
+    pub fn queue_depth(&self) -> u64 {
+        self.pending + self.queued
+    }
+
+    fn slot(&self, status: TaskStatus) -> &u64 {
+        match status {
+            TaskStatus::Pending => &self.pending,
+            TaskStatus::Queued => &self.queued,
+            TaskStatus::Running => &self.running,
+            TaskStatus::Completed => &self.completed,
+            TaskStatus::Failed => &self.failed,
+            TaskStatus::Cancelled => &self.cancelled,
+        }
+    }
+
+    fn slot_mut(&mut self, status: TaskStatus) -> &mut u64 {
+        match status {
+            TaskStatus::Pending => &mut self.pending,
+            TaskStatus::Queued => &mut self.queued,
+            TaskStatus::Running => &mut self.running,
+            TaskStatus::Completed => &mut self.completed,
+            TaskStatus::Failed => &mut self.failed,
+            TaskStatus::Cancelled => &mut self.cancelled,
+        }
+    }
+}
+
 /// A piece of a task's output, sent by its worker while the task runs. `(task_id, attempt,
 /// seq)` identifies it, so a retried send stores it once; `seq` orders the chunks of an attempt
 /// across both streams.
@@ -542,4 +591,13 @@ pub trait Store: Send + Sync + 'static {
     /// Removes the events recorded before `before`, oldest first (a prefix by id); returns
     /// how many were removed.
     async fn prune_events(&self, before: DateTime<Utc>) -> Result<u64>;
+    // ----- overview -----
+
+    /// How many tasks are in each status: one grouped count (served by the status index),
+    /// never a listing; the store may hold 100,000 tasks.
+    async fn task_counts(&self) -> Result<TaskCounts>;
+
+    /// How many assignments were made at or after `since` (the placements of a recent
+    /// window), counted through an index on `assigned_at`.
+    async fn count_assignments_since(&self, since: DateTime<Utc>) -> Result<u64>;
 }

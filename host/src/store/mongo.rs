@@ -25,9 +25,9 @@ use mongodb::{Client, Collection, Database, IndexModel};
 
 use super::{
     AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, POLICY_CHUNK_BYTES,
-    Result, RuntimeSample, Store, StoreError, StoredEvent, SubmitOutcome, TaskLogChunk, TaskPage,
-    TaskQuery, TaskUpdate, active_label, policy_label, policy_sha256, verify_output_bytes,
-    verify_policy_bytes,
+    Result, RuntimeSample, Store, StoreError, StoredEvent, SubmitOutcome, TaskCounts, TaskLogChunk,
+    TaskPage, TaskQuery, TaskUpdate, active_label, policy_label, policy_sha256,
+    verify_output_bytes, verify_policy_bytes,
 };
 use crate::model::{
     self, ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, ResultStatus, Task,
@@ -386,6 +386,8 @@ impl MongoStore {
                     plain(doc! { "task_id": 1 }),
                     plain(doc! { "worker_id": 1 }),
                     plain(doc! { "released": 1, "worker_id": 1 }),
+                    // The overview's placements of the last minute.
+                    plain(doc! { "assigned_at": 1 }),
                 ],
             ),
             (
@@ -2247,6 +2249,36 @@ impl Store for MongoStore {
 
     async fn prune_events(&self, before: DateTime<Utc>) -> Result<u64> {
         self.prune_events_impl(before).await
+    }
+
+    async fn task_counts(&self) -> Result<TaskCounts> {
+        let what = "counting tasks by status";
+        let pipeline = vec![doc! { "$group": { "_id": "$status", "count": { "$sum": 1_i64 } } }];
+        let groups: Vec<Document> = self
+            .tasks
+            .aggregate(pipeline)
+            .await
+            .map_err(|e| StoreError::backend(what, e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend(what, e))?;
+        let mut counts = TaskCounts::default();
+        for group in &groups {
+            let r = Reader::new(group, TASKS);
+            let status = r
+                .string("_id")?
+                .parse::<TaskStatus>()
+                .map_err(|e| StoreError::backend(what, e))?;
+            counts.add(status, r.int("count")?);
+        }
+        Ok(counts)
+    }
+
+    async fn count_assignments_since(&self, since: DateTime<Utc>) -> Result<u64> {
+        self.assignments
+            .count_documents(doc! { "assigned_at": { "$gte": to_bson_date(since) } })
+            .await
+            .map_err(|e| StoreError::backend("counting recent assignments", e))
     }
 }
 

@@ -29,9 +29,9 @@ use tokio::sync::oneshot;
 
 use super::{
     AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, POLICY_CHUNK_BYTES,
-    Result, RuntimeSample, Store, StoreError, StoredEvent, SubmitOutcome, TaskLogChunk, TaskPage,
-    TaskQuery, TaskUpdate, active_label, policy_label, policy_sha256, verify_output_bytes,
-    verify_policy_bytes,
+    Result, RuntimeSample, Store, StoreError, StoredEvent, SubmitOutcome, TaskCounts, TaskLogChunk,
+    TaskPage, TaskQuery, TaskUpdate, active_label, policy_label, policy_sha256,
+    verify_output_bytes, verify_policy_bytes,
 };
 use crate::model::{
     ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, Task, TaskResult, TaskStatus,
@@ -140,6 +140,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS ASSIGNMENTS_ass_id ON ASSIGNMENTS (ass_id);
 CREATE INDEX IF NOT EXISTS ASSIGNMENTS_task_id ON ASSIGNMENTS (task_id);
 CREATE INDEX IF NOT EXISTS ASSIGNMENTS_worker_id ON ASSIGNMENTS (worker_id);
 CREATE INDEX IF NOT EXISTS ASSIGNMENTS_active ON ASSIGNMENTS (released, worker_id);
+-- The overview's placements of the last minute.
+CREATE INDEX IF NOT EXISTS ASSIGNMENTS_assigned_at ON ASSIGNMENTS (assigned_at);
 
 CREATE TABLE IF NOT EXISTS RESULTS (
     task_id        TEXT NOT NULL,
@@ -2561,6 +2563,27 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn task_counts(&self) -> Result<TaskCounts> {
+        self.call("counting tasks by status", |conn| {
+            let rows: Vec<(String, i64)> = conn
+                .prepare_cached("SELECT status, COUNT(*) FROM TASKS GROUP BY status")
+                .and_then(|mut stmt| {
+                    stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                        .collect()
+                })
+                .map_err(sql_err("counting tasks by status"))?;
+            let mut counts = TaskCounts::default();
+            for (status, n) in rows {
+                let status = status
+                    .parse::<TaskStatus>()
+                    .map_err(|e| StoreError::backend("counting tasks by status", e))?;
+                counts.add(status, u64::try_from(n).unwrap_or(0));
+            }
+            Ok(counts)
+        })
+        .await
+    }
+
     async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<StoredEvent>> {
         self.call("reading events", move |conn| {
             events::after(conn, after, limit)
@@ -2575,6 +2598,18 @@ impl Store for SqliteStore {
     async fn prune_events(&self, before: DateTime<Utc>) -> Result<u64> {
         self.call("pruning events", move |conn| events::prune(conn, before))
             .await
+    }
+
+    async fn count_assignments_since(&self, since: DateTime<Utc>) -> Result<u64> {
+        self.call("counting recent assignments", move |conn| {
+            conn.prepare_cached("SELECT COUNT(*) FROM ASSIGNMENTS WHERE assigned_at >= ?1")
+                .and_then(|mut stmt| {
+                    stmt.query_row([date_text(&since)], |row| row.get::<_, i64>(0))
+                })
+                .map(|n| u64::try_from(n).unwrap_or(0))
+                .map_err(sql_err("counting recent assignments"))
+        })
+        .await
     }
 }
 
