@@ -36,6 +36,7 @@ pub mod openapi;
 pub mod policies;
 pub mod task_io;
 pub mod tasks;
+pub mod ui;
 pub mod workers;
 
 #[cfg(test)]
@@ -141,6 +142,7 @@ pub fn router(state: AppState) -> Router {
         .merge(policies::router(state.limits.max_policy_bytes))
         .merge(agent::router(&state.limits))
         .merge(task_io::router())
+        .merge(ui::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
