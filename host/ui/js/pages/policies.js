@@ -8,7 +8,7 @@ import { num, time } from '../format.js';
 import { readSse } from '../sse.js';
 
 export function policiesPage(ctx) {
-  const activeBox = h('div', { class: 'grid', 'data-testid': 'active-policies' });
+  const activeBox = h('div', { class: 'grid wide', 'data-testid': 'active-policies' });
   const versionsBox = h('div', { 'data-testid': 'policy-versions' });
   const problem = h('p', { class: 'error', role: 'alert', hidden: true });
   const dryRunBox = h('div', { 'data-testid': 'dry-run' });

@@ -47,7 +47,7 @@ export function taskPage(ctx, id) {
         h('strong', {}, ['pending', 'queued'].includes(t.status) ? `Why ${t.status}: ` : t.error ? 'Error: ' : 'Reason: '), reason)
       : null);
     const ran = t.started_at ? since(t.started_at, t.completed_at) : null;
-    fill(details, h('div', { class: 'grid' },
+    fill(details, h('div', { class: 'grid wide' },
       h('div', { class: 'panel' }, h('h2', {}, 'Request'), h('dl', { class: 'kv' },
         kv('image', h('span', { class: 'mono' }, t.docker_image)),
         kv('command', h('span', { class: 'mono' }, t.command ?? '(image default)')),
