@@ -33,7 +33,10 @@ before(async () => {
   });
   page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
   page.on('pageerror', (error) => console.error('page error:', error));
-  page.on('console', (m) => { if (m.type() === 'error') console.error('console:', m.text()); });
+  // Refused calls (401, 403) are part of the test; other errors in the page are worth seeing.
+  page.on('console', (m) => {
+    if (m.type() === 'error' && !m.text().startsWith('Failed to load resource')) console.error('console:', m.text());
+  });
 });
 
 after(async () => {

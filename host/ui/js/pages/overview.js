@@ -45,7 +45,7 @@ export function overviewPage(ctx) {
 
   function tile(label, value, testid, note) {
     return h('div', { class: 'tile', 'data-testid': testid },
-      h('div', { class: 'n' }, value), h('div', { class: 'k' }, label), note ? h('div', { class: 'muted' }, note) : null);
+      h('div', { class: testid.endsWith('-policy') ? 'n mono' : 'n' }, value), h('div', { class: 'k' }, label), note ? h('div', { class: 'muted' }, note) : null);
   }
 
   const reload = throttle(load, 250);
