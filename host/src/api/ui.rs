@@ -183,6 +183,24 @@ mod tests {
     }
 
     #[test]
+    fn every_file_the_page_links_is_embedded() {
+        let index = ASSETS.iter().find(|a| a.path == "index.html").unwrap();
+        let html = std::str::from_utf8(index.bytes).unwrap();
+        let linked: Vec<&str> = html
+            .split("\"/ui/")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').next())
+            .collect();
+        assert!(linked.len() > 3, "{linked:?}");
+        for path in linked {
+            assert!(
+                ASSETS.iter().any(|a| a.path == path),
+                "index.html links /ui/{path}, which is not embedded"
+            );
+        }
+    }
+
+    #[test]
     fn the_page_loads_no_inline_script_or_style() {
         let index = ASSETS.iter().find(|a| a.path == "index.html").unwrap();
         let html = std::str::from_utf8(index.bytes).unwrap();
