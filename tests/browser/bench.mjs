@@ -6,8 +6,8 @@
 //   CLOUDAI_URL=http://127.0.0.1:8080 CLOUDAI_ADMIN_TOKEN=$(cat D/admin.token) \
 //   CLOUDAI_JOIN_TOKEN=$(cat D/join.token) BENCH_WORKERS=1000 BENCH_TASKS=100000 node bench.mjs
 //
-// The workers never heartbeat (hence the longest staleness the host takes, an hour) and never run anything: the tasks
-// stay queued or placed, which is what the pages have to show.
+// The workers never heartbeat (hence the longest staleness the host takes, an hour) and never
+// run anything: the tasks stay queued or placed, which is what the pages have to show.
 
 import { chromium } from 'playwright-core';
 
