@@ -121,9 +121,12 @@ export function workersPage(ctx) {
 
   // Workers changed by events, re-read a batch at a time.
   const dirty = new Set();
+  // A busy cluster changes many workers at once: then the whole listing, at most every 2 s.
+  const reloadAll = throttle(load, 2000);
   const refresh = throttle(async () => {
     const ids = [...dirty];
     dirty.clear();
+    if (ids.length > 20) return reloadAll();
     for (const id of ids) {
       try {
         upsert(await ctx.api.get(`/v1/workers/${encodeURIComponent(id)}`));
@@ -154,5 +157,5 @@ export function workersPage(ctx) {
   }, 1000);
   const heartbeats = setInterval(load, HEARTBEAT_REFRESH_MS);
   load();
-  return { el, destroy() { unsubscribe(); clearInterval(ticker); clearInterval(heartbeats); refresh.cancel(); } };
+  return { el, destroy() { unsubscribe(); clearInterval(ticker); clearInterval(heartbeats); refresh.cancel(); reloadAll.cancel(); } };
 }
