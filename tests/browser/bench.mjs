@@ -91,6 +91,19 @@ async function measure() {
     }
     note(`first render (full load) ${name}`, times);
   }
+  // The same, moving between pages inside the app (no page load).
+  for (const [name, , selector] of pages.filter(([name]) => PAGES.includes(name))) {
+    const times = [];
+    for (let i = 0; i < ROUNDS; i++) {
+      await page.click('nav a[data-page=submit]');
+      await page.waitForSelector('#submit-form');
+      const t0 = performance.now();
+      await page.click(`nav a[data-page=${name}]`);
+      await page.waitForSelector(selector, { timeout: 30000 });
+      times.push(performance.now() - t0);
+    }
+    note(`first render (in-app navigation) ${name}`, times);
+  }
   const firstTask = await page.goto(`${URL_}/ui#/tasks`).then(() => page.getAttribute('[data-testid=task-rows] tr[data-task-id]', 'data-task-id'));
   await page.goto(`${URL_}/ui#/tasks/${firstTask}`);
   await page.waitForSelector('[data-testid=task-status] [data-status]');
