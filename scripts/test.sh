@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: brings up the services the tests need (FerretDB, Docker) when
 # absent, builds the policy components the policy tests load (the Rust guests, then the
-# JavaScript and Python examples), then formatting, lints, and every test of the workspace
-# (host, end-to-end, and the policies' native unit tests) against the real services.
+# JavaScript and Python examples), installs the browser tests' packages, then formatting, lints,
+# and every test of the workspace (host, end-to-end with the dashboard in Chromium, and the
+# policies' native unit tests) against the real services.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,12 @@ scripts/build-policies.sh "$CLOUDAI_POLICY_WASM_DIR"
 echo "== example policies in JavaScript and Python (the conformance kit runs on them in cargo test)"
 export CLOUDAI_EXAMPLE_POLICY_WASM_DIR="$CARGO_TARGET_DIR/example-policies"
 scripts/build-example-policies.sh "$CLOUDAI_EXAMPLE_POLICY_WASM_DIR"
+
+echo "== browser tests' packages (tests/browser: playwright-core, driving the system's Chromium)"
+if [ ! -f tests/browser/node_modules/.package-lock.json ] ||
+   [ tests/browser/package-lock.json -nt tests/browser/node_modules/.package-lock.json ]; then
+  (cd tests/browser && npm ci --no-audit --no-fund)
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -10,10 +10,10 @@ use serde_json::{Value, json};
 
 use crate::harness::{ALICE_TOKEN, StoreKind, TestHost};
 
-const IMAGE: &str = "cloudai-test/busybox:1";
+pub(crate) const IMAGE: &str = "cloudai-test/busybox:1";
 
 /// Builds the test image; `None` (skip) when no Docker engine answers outside CI.
-async fn docker_ready() -> Option<()> {
+pub(crate) async fn docker_ready() -> Option<()> {
     match cloudai::executor::connect().await {
         Ok(docker) => {
             cloudai::executor::testimage::ensure_busybox_image(&docker, IMAGE)
@@ -50,13 +50,13 @@ fn containers_of(task_id: &str) -> Vec<String> {
         .collect()
 }
 
-struct Cluster {
-    host: TestHost,
+pub(crate) struct Cluster {
+    pub(crate) host: TestHost,
 }
 
 impl Cluster {
     /// A host with its local worker, once the worker has joined.
-    async fn start() -> Cluster {
+    pub(crate) async fn start() -> Cluster {
         let host = TestHost::start_with(StoreKind::Embedded, &["--stop-grace-s", "1"])
             .expect("host starts");
         let started = Instant::now();

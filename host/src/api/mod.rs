@@ -39,6 +39,7 @@ pub mod overview;
 pub mod policies;
 pub mod task_io;
 pub mod tasks;
+pub mod ui;
 pub mod workers;
 
 #[cfg(test)]
@@ -146,6 +147,7 @@ pub fn router(state: AppState) -> Router {
         .merge(task_io::router())
         .merge(events::router())
         .merge(overview::router())
+        .merge(ui::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -26,7 +26,9 @@ use super::image_ref;
 use super::task_io::{self, TaskWithResult};
 use crate::model::{self, RESOURCE_QUANTUM, Resources, Task, TaskResult, TaskStatus};
 use crate::scheduler::{self, Admitted};
-use crate::store::{IdempotencyKey, StoreError, TaskCursor, TaskQuery, TaskUpdate};
+use crate::store::{
+    AssignmentFilter, IdempotencyKey, StoreError, TaskCursor, TaskQuery, TaskUpdate,
+};
 
 /// Header naming a submission's idempotency key.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -281,6 +283,10 @@ pub fn router() -> Router<AppState> {
         .route("/v1/tasks/{task_id}", get(get_task))
         .route("/v1/tasks/{task_id}/cancel", post(cancel_task))
         .route("/v1/tasks/{task_id}/result", get(get_result))
+        .route(
+            "/v1/tasks/{task_id}/assignments",
+            get(list_task_assignments),
+        )
 }
 
 /// Submits a task.
@@ -721,6 +727,40 @@ pub async fn get_result(
     IdPath(task_id): IdPath,
 ) -> ApiResult<Json<TaskResult>> {
     Ok(Json(result_of(&state, &principal, &task_id).await?))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AssignmentList {
+    /// Oldest first: one per placement of the task (a re-run after a lost worker adds one).
+    pub assignments: Vec<model::Assignment>,
+}
+
+/// Where a task was placed, attempt by attempt (the dashboard's task page shows them).
+#[utoipa::path(get, path = "/v1/tasks/{task_id}/assignments", tag = "tasks",
+    security(("bearer" = [])),
+    params(("task_id" = String, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "The task's assignments, oldest first", body = AssignmentList),
+        (status = 400, description = "Malformed id (`invalid_id`)", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Another user's task", body = ErrorBody),
+        (status = 404, description = "No such task (`task_not_found`)", body = ErrorBody),
+    ))]
+pub async fn list_task_assignments(
+    State(state): State<AppState>,
+    principal: Principal,
+    IdPath(task_id): IdPath,
+) -> ApiResult<Json<AssignmentList>> {
+    visible_task(&state, &principal, &task_id).await?;
+    let mut assignments = state
+        .store
+        .list_assignments(&AssignmentFilter {
+            task_id: Some(task_id),
+            ..AssignmentFilter::default()
+        })
+        .await?;
+    assignments.sort_by_key(|a| (a.attempt, a.assigned_at));
+    Ok(Json(AssignmentList { assignments }))
 }
 
 #[cfg(test)]

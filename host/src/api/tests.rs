@@ -1174,6 +1174,7 @@ async fn openapi_lists_every_route_and_the_bearer_scheme() {
         ("get", "/v1/tasks/{task_id}"),
         ("post", "/v1/tasks/{task_id}/cancel"),
         ("get", "/v1/tasks/{task_id}/result"),
+        ("get", "/v1/tasks/{task_id}/assignments"),
         ("get", "/v1/tasks/{task_id}/logs"),
         ("get", "/v1/tasks/{task_id}/outputs"),
         ("get", "/v1/tasks/{task_id}/outputs/{path}"),
@@ -1232,4 +1233,115 @@ async fn openapi_lists_every_route_and_the_bearer_scheme() {
         "bearer"
     );
     assert!(doc.body["components"]["schemas"]["TaskSpec"].is_object());
+}
+
+#[tokio::test]
+async fn a_tasks_assignments_are_listed_oldest_first_to_its_owner_and_admins_only() {
+    let api = TestApi::new();
+    let task_id = api
+        .submit_ok(ALICE, json!({"docker_image": "busybox"}))
+        .await;
+    let path = format!("/v1/tasks/{task_id}/assignments");
+    let none = api.call(Method::GET, &path, Some(ALICE), None).await;
+    assert_eq!(
+        (none.status, none.body.clone()),
+        (StatusCode::OK, json!({"assignments": []}))
+    );
+    for (ass_id, worker_id, attempt) in [("ass-2", "w2", 2), ("ass-1", "w1", 1)] {
+        api.store
+            .insert_assignment(&Assignment {
+                ass_id: ass_id.into(),
+                task_id: task_id.clone(),
+                worker_id: worker_id.into(),
+                assigned_at: model::now(),
+                req_cpu: 1.0,
+                req_memory: 1.0,
+                req_storage: 0.0,
+                req_gpu: 0.0,
+                attempt,
+                released: attempt == 1,
+                released_at: None,
+            })
+            .await
+            .unwrap();
+    }
+    for token in [ALICE, ADMIN] {
+        let reply = api.call(Method::GET, &path, Some(token), None).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        let seen: Vec<(&str, u64)> = reply.body["assignments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["worker_id"].as_str().unwrap(),
+                    a["attempt"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(seen, [("w1", 1), ("w2", 2)]);
+    }
+    let bob = api.call(Method::GET, &path, Some(BOB), None).await;
+    assert_eq!(
+        (bob.status, bob.code()),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    let missing = api
+        .call(
+            Method::GET,
+            "/v1/tasks/task-nope/assignments",
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND, "{}", missing.body);
+}
+
+#[tokio::test]
+async fn the_dashboard_is_served_with_its_types_an_etag_and_a_strict_csp() {
+    let api = TestApi::new();
+    let get = |uri: &str, etag: Option<&str>| {
+        let mut request = Request::builder().uri(uri);
+        if let Some(etag) = etag {
+            request = request.header(header::IF_NONE_MATCH, etag);
+        }
+        api.app
+            .clone()
+            .oneshot(request.body(Body::empty()).unwrap())
+    };
+    for (uri, content_type, needle) in [
+        ("/ui", "text/html; charset=utf-8", "/ui/js/app.js"),
+        ("/ui/", "text/html; charset=utf-8", "/ui/js/app.js"),
+        ("/ui/js/app.js", "text/javascript; charset=utf-8", "import "),
+        ("/ui/app.css", "text/css; charset=utf-8", "--accent"),
+    ] {
+        let response = get(uri, None).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{uri}");
+        let headers = response.headers().clone();
+        assert_eq!(headers[header::CONTENT_TYPE], content_type, "{uri}");
+        let csp = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+        assert!(csp.contains("script-src 'self'"), "{csp}");
+        assert!(!csp.contains("unsafe-inline"), "{csp}");
+        assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        assert_eq!(headers[header::CACHE_CONTROL], "no-cache");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(
+            String::from_utf8_lossy(&body).contains(needle),
+            "{uri} lacks {needle}"
+        );
+        // The same ETag back: 304 and no body.
+        let etag = headers[header::ETAG].to_str().unwrap();
+        let again = get(uri, Some(etag)).await.unwrap();
+        assert_eq!(again.status(), StatusCode::NOT_MODIFIED, "{uri}");
+        assert_eq!(again.headers()[header::ETAG], etag);
+        let body = again.into_body().collect().await.unwrap().to_bytes();
+        assert!(body.is_empty());
+        let stale = get(uri, Some("\"0000\"")).await.unwrap();
+        assert_eq!(stale.status(), StatusCode::OK, "{uri}");
+    }
+    let missing = api.call(Method::GET, "/ui/nope.js", None, None).await;
+    assert_eq!(
+        (missing.status, missing.code()),
+        (StatusCode::NOT_FOUND, "asset_not_found")
+    );
 }
