@@ -149,28 +149,7 @@ async fn run_task(host: &TestHost, worker: &str, token: &str, task_id: &str) {
             host.log()
         );
     };
-    let base = format!("/v1/workers/{worker}/assignments/{ass_id}");
-    let (status, body) = host
-        .call(
-            Method::POST,
-            &format!("{base}/started"),
-            Some(token),
-            Some("{}"),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let report = json!({"outcome": "completed", "exit_code": 0}).to_string();
-    let (status, body) = host
-        .call(
-            Method::POST,
-            &format!("{base}/result"),
-            Some(token),
-            Some(&report),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    crate::harness::report_completed(host, worker, token, &ass_id, "").await;
 }
 
 const WAIT: Duration = Duration::from_secs(20);

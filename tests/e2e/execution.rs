@@ -85,18 +85,7 @@ impl Cluster {
     }
 
     async fn submit(&self, spec: Value) -> String {
-        let (status, body) = self
-            .host
-            .call(
-                Method::POST,
-                "/v1/tasks",
-                Some(ALICE_TOKEN),
-                Some(&spec.to_string()),
-                &[],
-            )
-            .await;
-        assert_eq!(status, 201, "{body}");
-        body["task_id"].as_str().unwrap().to_string()
+        crate::harness::submit_task(&self.host, ALICE_TOKEN, &spec).await
     }
 
     async fn task(&self, id: &str) -> Value {

@@ -285,3 +285,51 @@ pub async fn wait_until_running(host: &TestHost, task_id: &str) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Submits a task with the token's user; returns its id (anything but 201 fails the test).
+pub async fn submit_task(host: &TestHost, token: &str, spec: &Value) -> String {
+    let (status, body) = host
+        .call(
+            reqwest::Method::POST,
+            "/v1/tasks",
+            Some(token),
+            Some(&spec.to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["task_id"].as_str().expect("task id").to_string()
+}
+
+/// Plays a simulated worker's part of a run: reports the assignment started, then completed
+/// with exit code 0 and `stdout`.
+pub async fn report_completed(
+    host: &TestHost,
+    worker_id: &str,
+    token: &str,
+    ass_id: &str,
+    stdout: &str,
+) {
+    let base = format!("/v1/workers/{worker_id}/assignments/{ass_id}");
+    let (status, body) = host
+        .call(
+            reqwest::Method::POST,
+            &format!("{base}/started"),
+            Some(token),
+            Some("{}"),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let report = json!({"outcome": "completed", "exit_code": 0, "stdout": stdout}).to_string();
+    let (status, body) = host
+        .call(
+            reqwest::Method::POST,
+            &format!("{base}/result"),
+            Some(token),
+            Some(&report),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}

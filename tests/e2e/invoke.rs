@@ -64,17 +64,7 @@ fn small(command: &str) -> Value {
 }
 
 async fn submit(host: &TestHost, spec: Value) -> String {
-    let (status, body) = host
-        .call(
-            Method::POST,
-            "/v1/tasks",
-            Some(ALICE_TOKEN),
-            Some(&spec.to_string()),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    body["task_id"].as_str().unwrap().to_string()
+    crate::harness::submit_task(host, ALICE_TOKEN, &spec).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

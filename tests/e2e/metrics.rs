@@ -228,17 +228,7 @@ async fn scrape_until(host: &TestHost, what: &str, done: impl Fn(&Scrape) -> boo
 }
 
 async fn submit(host: &TestHost, spec: Value) -> String {
-    let (status, body) = host
-        .call(
-            Method::POST,
-            "/v1/tasks",
-            Some(ALICE_TOKEN),
-            Some(&spec.to_string()),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    body["task_id"].as_str().unwrap().to_string()
+    crate::harness::submit_task(host, ALICE_TOKEN, &spec).await
 }
 
 async fn heartbeat(host: &TestHost, id: &str, token: &str) {
@@ -287,28 +277,7 @@ async fn new_work(
 
 /// Reports an assignment started and then completed with `stdout`.
 async fn complete(host: &TestHost, id: &str, token: &str, ass_id: &str, stdout: &str) {
-    let base = format!("/v1/workers/{id}/assignments/{ass_id}");
-    let (status, body) = host
-        .call(
-            Method::POST,
-            &format!("{base}/started"),
-            Some(token),
-            Some("{}"),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let report = json!({"outcome": "completed", "exit_code": 0, "stdout": stdout}).to_string();
-    let (status, body) = host
-        .call(
-            Method::POST,
-            &format!("{base}/result"),
-            Some(token),
-            Some(&report),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    crate::harness::report_completed(host, id, token, ass_id, stdout).await;
 }
 
 async fn task_status(host: &TestHost, task_id: &str) -> String {

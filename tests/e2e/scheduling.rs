@@ -16,17 +16,7 @@ async fn submit(host: &TestHost, token: &str, priority: i64) -> String {
         "docker_image": "busybox", "command": "true",
         "req_cpu": 1, "req_memory": 1, "priority": priority,
     });
-    let (status, body) = host
-        .call(
-            Method::POST,
-            "/v1/tasks",
-            Some(token),
-            Some(&spec.to_string()),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    body["task_id"].as_str().unwrap().to_string()
+    crate::harness::submit_task(host, token, &spec).await
 }
 
 /// The next assignment the worker has not seen yet: (assignment id, task id).
@@ -76,28 +66,7 @@ async fn next_work(
 
 /// Reports the assignment started and completed, which frees the worker's one core.
 async fn complete(host: &TestHost, id: &str, token: &str, ass_id: &str) {
-    let base = format!("/v1/workers/{id}/assignments/{ass_id}");
-    let (status, body) = host
-        .call(
-            Method::POST,
-            &format!("{base}/started"),
-            Some(token),
-            Some("{}"),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let report = json!({"outcome": "completed", "exit_code": 0}).to_string();
-    let (status, body) = host
-        .call(
-            Method::POST,
-            &format!("{base}/result"),
-            Some(token),
-            Some(&report),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    crate::harness::report_completed(host, id, token, ass_id, "").await;
 }
 
 async fn priority_then_users_in_turn_then_age(store: StoreKind) {
