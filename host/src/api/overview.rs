@@ -1,6 +1,6 @@
 //! Cluster-wide read-outs for operators: `GET /v1/overview` (JSON for dashboards, any user)
 //! and `GET /metrics` (Prometheus text, admin). Both are served from one store sample kept
-//! for a second ([`SampleCache`]), so neither lists tasks: the store counts them.
+//! for 250 ms ([`SampleCache`]), so neither lists tasks: the store counts them.
 
 use std::collections::BTreeMap;
 
@@ -139,7 +139,7 @@ fn no_query(query: Result<Query<BTreeMap<String, String>>, QueryRejection>) -> A
 #[utoipa::path(get, path = "/v1/overview", tag = "overview",
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "The cluster at a glance, at most 1 s old", body = Overview),
+        (status = 200, description = "The cluster at a glance, at most 250 ms old", body = Overview),
         (status = 400, description = "A query parameter was given (`invalid_query`)", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "A worker or join token", body = ErrorBody),
