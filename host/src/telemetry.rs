@@ -48,9 +48,6 @@ impl Telemetry {
     }
 }
 
-/// Whether this build can export spans over OTLP.
-pub const OTLP_SUPPORTED: bool = cfg!(feature = "otlp");
-
 /// Installs the global subscriber: `RUST_LOG` filters (default `info`), events on standard
 /// error, spans to the collector when one is configured.
 pub fn init(config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
