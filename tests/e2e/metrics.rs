@@ -393,6 +393,7 @@ async fn counters_move_as_tasks_run(store: StoreKind) {
         ("cloudai_container_start_duration_seconds", "histogram"),
         ("cloudai_log_stored_bytes_total", "counter"),
         ("cloudai_output_files_stored_bytes_total", "counter"),
+        ("cloudai_events_recorded_total", "counter"),
         ("cloudai_tasks", "gauge"),
         ("cloudai_queue_depth", "gauge"),
         ("cloudai_workers", "gauge"),

@@ -7,7 +7,8 @@
 //!   no caller path is missed;
 //! - [`EventSink`] hands them to one writer task per replica, which records whatever has
 //!   queued up meanwhile with one [`Store::append_events`]: the operation that caused an
-//!   event never waits for it, and a failed write is logged and counted, never returned;
+//!   event never waits for it, and a failed write is logged and counted
+//!   (`cloudai_events_recorded_total{outcome="lost"}`), never returned;
 //! - [`EventHub`] tails the store (every [`POLL`], at once after a local write) and fans the
 //!   new events out to the subscribers of this replica; it also prunes what is older than
 //!   the retention window.
@@ -98,21 +99,15 @@ pub fn repair(repair: &str, task_id: Option<&str>, worker_id: Option<&str>) -> N
 #[derive(Clone)]
 pub struct EventSink {
     queue: mpsc::UnboundedSender<NewEvent>,
-    failures: Arc<AtomicU64>,
 }
 
 impl EventSink {
     /// Queues `event`; never blocks and never fails the caller.
     pub fn publish(&self, event: NewEvent) {
         if self.queue.send(event).is_err() {
-            self.failures.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::events_written(1, false);
             tracing::warn!("event dropped: the event writer has stopped");
         }
-    }
-
-    /// Events that could not be recorded so far.
-    pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
     }
 }
 
@@ -149,15 +144,9 @@ impl EventHub {
             wake: Notify::new(),
         });
         let (queue, pending) = mpsc::unbounded_channel();
-        let failures = Arc::new(AtomicU64::new(0));
-        tokio::spawn(write_loop(
-            store,
-            pending,
-            Arc::downgrade(&hub),
-            failures.clone(),
-        ));
+        tokio::spawn(write_loop(store, pending, Arc::downgrade(&hub)));
         tokio::spawn(tail_loop(Arc::downgrade(&hub), retention, stop));
-        (hub, EventSink { queue, failures })
+        (hub, EventSink { queue })
     }
 
     /// Every event up to this id is recorded and has been fanned out.
@@ -245,7 +234,6 @@ async fn write_loop(
     store: Arc<dyn Store>,
     mut pending: mpsc::UnboundedReceiver<NewEvent>,
     hub: std::sync::Weak<EventHub>,
-    failures: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     // What queued while the previous write ran (or lingered) goes out in the next one.
@@ -259,8 +247,9 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        if let Err(error) = store.append_events(&batch).await {
-            failures.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let written = store.append_events(&batch).await;
+        crate::metrics::events_written(batch.len(), written.is_ok());
+        if let Err(error) = written {
             let first = batch.first().map(|e| format!("{}.{}", e.topic, e.kind));
             tracing::error!(
                 %error,

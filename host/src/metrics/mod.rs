@@ -77,6 +77,11 @@ struct SourceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: &'static str,
 }
@@ -112,6 +117,7 @@ struct Instruments {
     container_start: Histogram,
     log_bytes: Family<SourceLabel, Counter>,
     output_bytes: Counter,
+    events: Family<OutcomeLabel, Counter>,
 }
 
 static INSTRUMENTS: LazyLock<Instruments> = LazyLock::new(Instruments::new);
@@ -137,6 +143,7 @@ impl Instruments {
             container_start: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
             log_bytes: Family::default(),
             output_bytes: Counter::default(),
+            events: Family::default(),
         };
         let mut r = i.registry;
         let seconds = || Unit::Seconds;
@@ -225,6 +232,11 @@ impl Instruments {
             "Bytes of task output files stored by this replica",
             Unit::Bytes,
             i.output_bytes.clone(),
+        );
+        r.register(
+            "events_recorded",
+            "Events this replica wrote for the event stream, by outcome (lost: the write failed, the events never reach /v1/events)",
+            i.events.clone(),
         );
         Instruments { registry: r, ..i }
     }
@@ -373,6 +385,19 @@ pub fn result_log_stored(bytes: usize) {
 /// An output file stored.
 pub fn output_file_stored(bytes: u64) {
     INSTRUMENTS.output_bytes.inc_by(bytes);
+}
+
+/// One write of `count` events for the event stream, `recorded` or lost (the write failed).
+pub fn events_written(count: usize, recorded: bool) {
+    let outcome = if recorded { "recorded" } else { "lost" };
+    for series in ["recorded", "lost"] {
+        // Both series exist from the first write, so that `rate()` sees a loss from its start.
+        let n = if series == outcome { count as u64 } else { 0 };
+        INSTRUMENTS
+            .events
+            .get_or_create(&OutcomeLabel { outcome: series })
+            .inc_by(n);
+    }
 }
 
 /// The whole exposition: this process's instruments, then the cluster gauges of `cluster`.
@@ -566,7 +591,7 @@ mod tests {
     }
 
     #[test]
-    fn repairs_and_container_starts_are_counted() {
+    fn repairs_container_starts_and_lost_events_are_counted() {
         let before = encode(&sample()).unwrap();
         let series = "cloudai_reconciler_repairs_total{kind=\"drift_repaired\"}";
         let count = "cloudai_container_start_duration_seconds_count";
@@ -575,11 +600,16 @@ mod tests {
             ..Repairs::default()
         });
         container_started(Duration::from_millis(300));
+        events_written(3, false);
         let after = encode(&sample()).unwrap();
         let grew =
             |series: &str| value(&after, series).unwrap() - value(&before, series).unwrap_or(0.0);
         // At least: other tests of this process may count too.
         assert!(grew(series) >= 2.0, "{after}");
         assert!(grew(count) >= 1.0, "{after}");
+        assert!(
+            grew("cloudai_events_recorded_total{outcome=\"lost\"}") >= 3.0,
+            "{after}"
+        );
     }
 }
