@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cloudai::events::{EventHub, EventedStore};
 use cloudai::model::{Resources, Task, TaskStatus, Worker};
 use cloudai::policy::{EngineSettings, PolicyEngine, PolicyRuntime, RuntimeSettings};
 use cloudai::scheduler::{Scheduler, SchedulerConfig, Wakeup};
@@ -131,6 +132,18 @@ async fn sqlite_store() -> (Arc<dyn Store>, tempfile::TempDir) {
     (Arc::new(store), dir)
 }
 
+/// The store as `cloudai serve` runs it: every state change also records an event (written
+/// in batches by the hub's writer, tailed back by its tailer). Keep the hub alive.
+async fn with_events(plain: Arc<dyn Store>) -> (Arc<dyn Store>, Arc<EventHub>) {
+    let (hub, sink) = EventHub::start(
+        plain.clone(),
+        Duration::from_secs(3600),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+    (Arc::new(EventedStore::new(plain, sink)), hub)
+}
+
 async fn mongo_store(uri: &str) -> Arc<dyn Store> {
     let database = format!("cloudai_bench_{}", uuid::Uuid::now_v7().simple());
     Arc::new(MongoStore::connect(uri, &database).await.unwrap())
@@ -143,6 +156,38 @@ fn peak_rss_mb() -> f64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Milliseconds from each insert to its task running, one task at a time, with a running
+/// scheduler woken as the API wakes it.
+async fn idle_latencies(store: Arc<dyn Store>, samples: usize) -> Vec<f64> {
+    let wakeup = Wakeup::new();
+    let scheduler = Scheduler::new(store.clone(), runtime(None), wakeup.clone(), config());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(scheduler.run(async {
+        let _ = stopped.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut latencies = Vec::new();
+    for i in 0..samples {
+        let mut task = queued_task(i);
+        // Tiny, so that the 10 workers hold every sample (none is ever released).
+        (task.req_cpu, task.req_memory) = (0.001, 0.001);
+        let submitted = Instant::now();
+        let id = store.insert_task(&task, None).await.unwrap().task.task_id;
+        wakeup.wake();
+        while store.get_task(&id).await.unwrap().status != TaskStatus::Running {
+            assert!(
+                submitted.elapsed() < Duration::from_secs(10),
+                "sample {i} not placed within 10 s"
+            );
+            tokio::task::yield_now().await;
+        }
+        latencies.push(submitted.elapsed().as_secs_f64() * 1000.0);
+    }
+    let _ = stop.send(());
+    running.await.unwrap();
+    latencies
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -172,9 +217,19 @@ async fn main() {
     println!(
         "scheduler bench: placements per second, median of {runs} runs ({mongo_runs} on MongoDB)"
     );
-    println!("  store     workers   tasks  policy          placements/s   (runs)");
-    for (store_name, count) in [("sqlite", tasks), ("mongodb", mongo_tasks)] {
-        if store_name == "mongodb" && mongo_uri.is_none() {
+    println!("  store            workers   tasks  policy          placements/s   (runs)");
+    // `+events`: with the event stream on, as `cloudai serve` runs.
+    for (store_name, count) in [
+        ("sqlite", tasks),
+        ("sqlite+events", tasks),
+        ("mongodb", mongo_tasks),
+        ("mongodb+events", mongo_tasks),
+    ] {
+        let on_mongo = store_name.starts_with("mongodb");
+        if on_mongo && mongo_uri.is_none() {
+            if store_name.ends_with("events") {
+                continue;
+            }
             println!(
                 "  mongodb: skipped (set CLOUDAI_BENCH_MONGODB_URI or CLOUDAI_TEST_MONGODB_URI)"
             );
@@ -189,26 +244,26 @@ async fn main() {
                     continue;
                 }
                 let mut rates = Vec::new();
-                let runs = if store_name == "mongodb" {
-                    mongo_runs
-                } else {
-                    runs
-                };
+                let runs = if on_mongo { mongo_runs } else { runs };
                 for _ in 0..runs {
-                    let (store, _dir): (Arc<dyn Store>, Option<tempfile::TempDir>) =
-                        match store_name {
-                            "sqlite" => {
-                                let (s, d) = sqlite_store().await;
-                                (s, Some(d))
-                            }
-                            _ => (mongo_store(mongo_uri.as_deref().unwrap()).await, None),
-                        };
-                    fill(&*store, workers, count).await;
+                    let (plain, _dir): (Arc<dyn Store>, Option<tempfile::TempDir>) = if on_mongo {
+                        (mongo_store(mongo_uri.as_deref().unwrap()).await, None)
+                    } else {
+                        let (s, d) = sqlite_store().await;
+                        (s, Some(d))
+                    };
+                    fill(&*plain, workers, count).await;
+                    let (store, _hub) = if store_name.ends_with("events") {
+                        let (store, hub) = with_events(plain).await;
+                        (store, Some(hub))
+                    } else {
+                        (plain, None)
+                    };
                     rates.push(place_all(store, runtime(bytes), count).await);
                 }
                 let shown: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
                 println!(
-                    "  {store_name:<8} {workers:>8} {count:>7}  {policy_name:<15} {:>12.0}   ({})",
+                    "  {store_name:<15} {workers:>8} {count:>7}  {policy_name:<15} {:>12.0}   ({})",
                     median(rates.clone()),
                     shown.join(", ")
                 );
@@ -218,39 +273,23 @@ async fn main() {
 
     // Submit-to-assigned on an idle cluster: a running scheduler, woken as the API wakes it.
     let samples = env_usize("BENCH_LATENCY_SAMPLES", 200).max(1);
-    let (store, _dir) = sqlite_store().await;
-    fill(&*store, 10, 0).await;
-    let wakeup = Wakeup::new();
-    let scheduler = Scheduler::new(store.clone(), runtime(None), wakeup.clone(), config());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(scheduler.run(async {
-        let _ = stopped.await;
-    }));
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut latencies = Vec::new();
-    for i in 0..samples {
-        let mut task = queued_task(i);
-        // Tiny, so that the 10 workers hold every sample (none is ever released).
-        (task.req_cpu, task.req_memory) = (0.001, 0.001);
-        let submitted = Instant::now();
-        let id = store.insert_task(&task, None).await.unwrap().task.task_id;
-        wakeup.wake();
-        while store.get_task(&id).await.unwrap().status != TaskStatus::Running {
-            assert!(
-                submitted.elapsed() < Duration::from_secs(10),
-                "sample {i} not placed within 10 s"
-            );
-            tokio::task::yield_now().await;
-        }
-        latencies.push(submitted.elapsed().as_secs_f64() * 1000.0);
+    for events in [false, true] {
+        let (plain, _dir) = sqlite_store().await;
+        fill(&*plain, 10, 0).await;
+        let (store, _hub) = if events {
+            let (store, hub) = with_events(plain).await;
+            (store, Some(hub))
+        } else {
+            (plain, None)
+        };
+        let latencies = idle_latencies(store, samples).await;
+        println!(
+            "submit -> assigned, idle cluster (sqlite{}, 10 workers, {samples} tasks one at a time): p50 {:.2} ms, p99 {:.2} ms",
+            if events { "+events" } else { "" },
+            percentile(latencies.clone(), 0.5),
+            percentile(latencies, 0.99)
+        );
     }
-    let _ = stop.send(());
-    running.await.unwrap();
-    println!(
-        "submit -> assigned, idle cluster (sqlite, 10 workers, {samples} tasks one at a time): p50 {:.2} ms, p99 {:.2} ms",
-        percentile(latencies.clone(), 0.5),
-        percentile(latencies, 0.99)
-    );
 
     // Peak RSS with a large store: 1,000 workers, 100,000 queued tasks, one placement cycle.
     let rss_tasks = env_usize("BENCH_RSS_TASKS", 100_000);
