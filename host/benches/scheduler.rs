@@ -9,8 +9,10 @@
 //! Run with: `cargo bench -p cloudai --bench scheduler`
 //! Options (env): BENCH_RUNS (default 3), BENCH_TASKS (default 10000), BENCH_MONGO_TASKS and
 //! BENCH_MONGO_RUNS (default 2000 and 1: FerretDB, the test server, is far slower than
-//! MongoDB), BENCH_RSS_TASKS
-//! (default 100000), BENCH_LATENCY_SAMPLES (default 200).
+//! MongoDB), BENCH_RSS_TASKS (default 100000), BENCH_LATENCY_SAMPLES (default 200),
+//! BENCH_STORES (the throughput rows to run, comma-separated among `sqlite`, `sqlite+events`,
+//! `mongodb`, `mongodb+events`; default all; empty: none, e.g. to measure the peak RSS in a
+//! process that ran nothing else), BENCH_WORKERS (default `100,1000`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -196,6 +198,14 @@ async fn main() {
     let tasks = env_usize("BENCH_TASKS", 10_000).max(1);
     let mongo_tasks = env_usize("BENCH_MONGO_TASKS", 2_000).max(1);
     let mongo_runs = env_usize("BENCH_MONGO_RUNS", 1).max(1);
+    let stores = std::env::var("BENCH_STORES")
+        .unwrap_or_else(|_| "sqlite,sqlite+events,mongodb,mongodb+events".into());
+    let stores: Vec<&str> = stores.split(',').map(str::trim).collect();
+    let worker_counts: Vec<usize> = std::env::var("BENCH_WORKERS")
+        .unwrap_or_else(|_| "100,1000".into())
+        .split(',')
+        .map(|w| w.trim().parse().expect("BENCH_WORKERS: numbers"))
+        .collect();
     let wasm_dir = std::env::var_os("CLOUDAI_POLICY_WASM_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -225,6 +235,9 @@ async fn main() {
         ("mongodb", mongo_tasks),
         ("mongodb+events", mongo_tasks),
     ] {
+        if !stores.contains(&store_name) {
+            continue;
+        }
         let on_mongo = store_name.starts_with("mongodb");
         if on_mongo && mongo_uri.is_none() {
             if store_name.ends_with("events") {
@@ -235,7 +248,7 @@ async fn main() {
             );
             continue;
         }
-        for workers in [100, 1000] {
+        for &workers in &worker_counts {
             for (policy_name, bytes) in [
                 ("native best-fit", None),
                 ("wasm best-fit", wasm.as_deref()),
