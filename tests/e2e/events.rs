@@ -126,21 +126,9 @@ async fn submit(url: &str, token: &str) -> String {
 async fn run_task(host: &TestHost, worker: &str, token: &str, task_id: &str) {
     let started = Instant::now();
     let ass_id = loop {
-        let path = format!("/v1/workers/{worker}/heartbeat");
-        let (status, body) = host
-            .call(Method::POST, &path, Some(token), Some("{}"), &[])
-            .await;
-        assert_eq!(status, 200, "{body}");
-        let path = format!("/v1/workers/{worker}/work?wait_ms=500");
-        let (status, list) = host.call(Method::GET, &path, Some(token), None, &[]).await;
-        assert_eq!(status, 200, "{list}");
-        let found = list["work"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|w| w["task_id"] == task_id)
-            .map(|w| w["ass_id"].as_str().unwrap().to_string());
-        if let Some(ass_id) = found {
+        crate::harness::heartbeat(host, worker, token).await;
+        let work = crate::harness::work_list(host, worker, token, 500).await;
+        if let Some((ass_id, _)) = work.into_iter().find(|(_, task)| task == task_id) {
             break ass_id;
         }
         assert!(
@@ -341,4 +329,120 @@ async fn a_position_older_than_the_retention_window_gets_a_reset_first() {
     // A position still retained gets no reset.
     let mut stream = open(&host.url, &host.admin_token, "", next.id.map(|id| id - 1)).await;
     assert_eq!(stream.next(WAIT).await.unwrap().id, next.id);
+}
+
+/// A worker that falls silent: `worker.lost` and the reconciler's repairs (the worker, its
+/// re-queued task) reach a client of the worker and reconciler topics; then a policy upload
+/// and activation reach it on the policy topic, and a client of other topics sees none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_worker_its_repairs_and_a_policy_change_reach_a_client() {
+    let host = TestHost::start_with(
+        StoreKind::Embedded,
+        &[
+            "--no-local-worker",
+            "--heartbeat-staleness-s=2",
+            "--reconcile-settle-s=0",
+        ],
+    )
+    .unwrap();
+    let mut stream = open(
+        &host.url,
+        &host.admin_token,
+        "topics=worker,reconciler,policy",
+        None,
+    )
+    .await;
+    let mut tasks_only = open(&host.url, &host.admin_token, "topics=task", None).await;
+    let token = register_worker(&host, "w-silent", 2.0, 4.0).await;
+    let task_id = submit(&host.url, ALICE_TOKEN).await;
+    crate::harness::wait_until_running(&host, &task_id).await;
+    drop(token);
+
+    // No more heartbeats: lost after 2 s, its task re-queued (no other worker to take it).
+    let frames = stream
+        .until(Duration::from_secs(30), |f| {
+            f.event == "reconciler.repair" && f.data["data"]["repair"] == "task_requeued"
+        })
+        .await;
+    let kinds: Vec<&str> = frames.iter().map(|f| f.event.as_str()).collect();
+    let position = |kind: &str| kinds.iter().position(|k| *k == kind);
+    let joined = position("worker.joined").unwrap_or_else(|| panic!("{frames:#?}"));
+    let lost = position("worker.lost").unwrap_or_else(|| panic!("{frames:#?}"));
+    assert!(joined < lost, "{frames:#?}");
+    assert_eq!(frames[lost].data["worker_id"], "w-silent", "{frames:#?}");
+    assert!(
+        frames.iter().any(|f| f.event == "reconciler.repair"
+            && f.data["data"]["repair"] == "worker_lost"
+            && f.data["worker_id"] == "w-silent"),
+        "{frames:#?}"
+    );
+    let requeued = frames.last().unwrap();
+    assert_eq!(requeued.data["task_id"], task_id.as_str(), "{requeued:?}");
+    assert_eq!(
+        requeued.data["data"]["worker_id"], "w-silent",
+        "{requeued:?}"
+    );
+    assert!(
+        frames.iter().all(|f| !f.event.starts_with("task.")),
+        "{frames:#?}"
+    );
+    assert_increasing(&frames);
+    let (_, task) = host
+        .call(
+            Method::GET,
+            &format!("/v1/tasks/{task_id}"),
+            Some(&host.admin_token),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(task["status"], "queued", "{task}");
+
+    // The task topic saw the task's life, and nothing of the other topics.
+    let frames = tasks_only
+        .until(WAIT, |f| {
+            is_state(f, "queued") && f.data["data"]["attempts"] == 1
+        })
+        .await;
+    assert!(
+        frames.iter().all(|f| f.event.starts_with("task.")),
+        "{frames:#?}"
+    );
+    assert!(frames.iter().any(|f| is_state(f, "running")), "{frames:#?}");
+
+    let Some(dir) = std::env::var_os("CLOUDAI_POLICY_WASM_DIR") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must set CLOUDAI_POLICY_WASM_DIR (scripts/build-policies.sh DIR)"
+        );
+        eprintln!("CLOUDAI_POLICY_WASM_DIR is not set: skipping the policy events");
+        return;
+    };
+    let file = std::path::PathBuf::from(dir).join("first-fit.wasm");
+    let output = host.cli(
+        &host.admin_token,
+        &[
+            "policy",
+            "upload",
+            file.to_str().unwrap(),
+            "--name",
+            "ff",
+            "--version",
+            "1",
+            "--kind",
+            "placement",
+            "--activate",
+        ],
+    );
+    assert!(output.status.success(), "{output:?}\n{}", host.log());
+    let frames = stream.until(WAIT, |f| f.event == "policy.activated").await;
+    let uploaded = frames
+        .iter()
+        .find(|f| f.event == "policy.uploaded")
+        .unwrap_or_else(|| panic!("{frames:#?}"));
+    for frame in [uploaded, frames.last().unwrap()] {
+        assert_eq!(frame.data["data"]["name"], "ff", "{frame:?}");
+        assert_eq!(frame.data["data"]["version"], "1", "{frame:?}");
+        assert_eq!(frame.data["data"]["kind"], "placement", "{frame:?}");
+    }
 }

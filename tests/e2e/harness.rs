@@ -261,6 +261,48 @@ pub async fn register_worker(host: &TestHost, id: &str, cpu: f64, memory: f64) -
     body["token"].as_str().expect("worker token").to_string()
 }
 
+/// Sends a simulated worker's heartbeat; returns the host's answer (which carries the worker).
+pub async fn heartbeat(host: &TestHost, id: &str, token: &str) -> Value {
+    let (status, body) = host
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/workers/{id}/heartbeat"),
+            Some(token),
+            Some("{}"),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// A simulated worker's work list, long-polled for up to `wait_ms`: (assignment id, task id)
+/// pairs in the host's order.
+pub async fn work_list(
+    host: &TestHost,
+    id: &str,
+    token: &str,
+    wait_ms: u64,
+) -> Vec<(String, String)> {
+    let (status, list) = host
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/workers/{id}/work?wait_ms={wait_ms}"),
+            Some(token),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{list}");
+    let field = |w: &Value, name: &str| w[name].as_str().expect(name).to_string();
+    list["work"]
+        .as_array()
+        .expect("a work list")
+        .iter()
+        .map(|w| (field(w, "ass_id"), field(w, "task_id")))
+        .collect()
+}
+
 /// Waits until the task is `running` (placed), failing after 30 s with the host's log.
 pub async fn wait_until_running(host: &TestHost, task_id: &str) {
     let started = std::time::Instant::now();

@@ -31,7 +31,7 @@ mod store;
 #[cfg(test)]
 mod tests;
 
-pub use store::{EventedStore, as_rollback, reconciling};
+pub use store::{EventedStore, as_rollback, reconciling, repairing_worker};
 
 /// The topics a client may ask for.
 pub const TOPICS: [&str; 4] = ["task", "worker", "policy", "reconciler"];

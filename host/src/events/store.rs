@@ -22,6 +22,7 @@ use crate::store::{
 tokio::task_local! {
     static ROLLBACK: ();
     static RECONCILING: ();
+    static REPAIRED_WORKER: String;
 }
 
 /// Runs `f` as an operator's rollback: its activation is published as `policy.rolled_back`.
@@ -32,6 +33,19 @@ pub async fn as_rollback<F: Future>(f: F) -> F::Output {
 /// Runs `f` as a reconciler pass: its changes are published as `reconciler.repair` too.
 pub async fn reconciling<F: Future>(f: F) -> F::Output {
     RECONCILING.scope((), f).await
+}
+
+/// Runs `f` as the reconciler's repair of work that ran on `worker_id` (a lost worker's
+/// task): the repair events of its task changes name that worker (empty: none).
+pub async fn repairing_worker<F: Future>(worker_id: &str, f: F) -> F::Output {
+    REPAIRED_WORKER.scope(worker_id.to_string(), f).await
+}
+
+fn repaired_worker() -> Option<String> {
+    REPAIRED_WORKER
+        .try_with(String::clone)
+        .ok()
+        .filter(|w| !w.is_empty())
 }
 
 fn in_rollback() -> bool {
@@ -88,6 +102,9 @@ impl EventedStore {
                 TaskStatus::Failed => "task_failed",
                 _ => "task_changed",
             };
+            // The task's event names where it now runs; the repair names what was repaired.
+            let repaired = repaired_worker();
+            let worker_id = worker_id.or(repaired.as_deref());
             self.publish(repair(kind, Some(&task.task_id), worker_id));
         }
     }

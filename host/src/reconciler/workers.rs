@@ -115,7 +115,7 @@ pub(super) async fn lose_assignment(
     };
     if let Some(task) = task.filter(|t| t.status == TaskStatus::Running && t.attempts == attempt) {
         let why = format!("worker {worker_id} was lost");
-        requeue_or_fail(store, &task, &why, Some(ass_id), repairs).await?;
+        requeue_or_fail(store, &task, &why, Some(assignment), repairs).await?;
     }
     if store.release(ass_id).await? {
         repairs.reservations_released += 1;
@@ -132,16 +132,24 @@ pub(super) async fn lose_assignment(
 /// Takes a task that is running at its current attempt off its (lost) execution: back to the
 /// queue with `attempts` kept, or failed with [`WORKER_LOST`] when no attempt is left. One
 /// conditional update on that attempt: a task that finished or moved meanwhile is left alone.
-#[tracing::instrument(name = "requeue", skip_all, fields(task_id = %task.task_id, ass_id = ass_id.unwrap_or_default(), why = why))]
+/// `lost` is the assignment it ran under, when known: its worker is named in the logs and the
+/// repair events.
+#[tracing::instrument(name = "requeue", skip_all, fields(
+    task_id = %task.task_id,
+    ass_id = lost.map(|a| a.ass_id.as_str()).unwrap_or_default(),
+    worker_id = lost.map(|a| a.worker_id.as_str()).unwrap_or_default(),
+    why = why,
+))]
 pub(super) async fn requeue_or_fail(
     store: &dyn Store,
     task: &Task,
     why: &str,
-    ass_id: Option<&str>,
+    lost: Option<&Assignment>,
     repairs: &mut Repairs,
 ) -> Result<(), StoreError> {
     let (task_id, attempt) = (task.task_id.as_str(), task.attempts);
-    let ass_id = ass_id.unwrap_or("");
+    let ass_id = lost.map_or("", |a| a.ass_id.as_str());
+    let worker_id = lost.map_or("", |a| a.worker_id.as_str());
     let requeue = attempt < task.max_attempts;
     let (to, update) = if requeue {
         (
@@ -170,19 +178,28 @@ pub(super) async fn requeue_or_fail(
             },
         )
     };
-    match store
-        .transition_attempt(task_id, attempt, &[TaskStatus::Running], to, &update)
-        .await
-    {
+    let moved = crate::events::repairing_worker(
+        worker_id,
+        store.transition_attempt(task_id, attempt, &[TaskStatus::Running], to, &update),
+    );
+    match moved.await {
         Ok(_) if requeue => {
             repairs.tasks_requeued += 1;
-            tracing::warn!(task_id, ass_id, attempt, why, "lost task queued again");
+            tracing::warn!(
+                task_id,
+                ass_id,
+                worker_id,
+                attempt,
+                why,
+                "lost task queued again"
+            );
         }
         Ok(_) => {
             repairs.tasks_failed_lost += 1;
             tracing::warn!(
                 task_id,
                 ass_id,
+                worker_id,
                 attempt,
                 why,
                 "lost task failed: no attempt left"
