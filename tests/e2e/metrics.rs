@@ -231,19 +231,6 @@ async fn submit(host: &TestHost, spec: Value) -> String {
     crate::harness::submit_task(host, ALICE_TOKEN, &spec).await
 }
 
-async fn heartbeat(host: &TestHost, id: &str, token: &str) {
-    let (status, body) = host
-        .call(
-            Method::POST,
-            &format!("/v1/workers/{id}/heartbeat"),
-            Some(token),
-            Some("{}"),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-}
-
 /// The worker's assignments not seen before: (assignment id, task id).
 async fn new_work(
     host: &TestHost,
@@ -251,27 +238,10 @@ async fn new_work(
     token: &str,
     seen: &mut HashSet<String>,
 ) -> Vec<(String, String)> {
-    let (status, list) = host
-        .call(
-            Method::GET,
-            &format!("/v1/workers/{id}/work?wait_ms=300"),
-            Some(token),
-            None,
-            &[],
-        )
-        .await;
-    assert_eq!(status, 200, "{list}");
-    list["work"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|w| seen.insert(w["ass_id"].as_str().unwrap().to_string()))
-        .map(|w| {
-            (
-                w["ass_id"].as_str().unwrap().to_string(),
-                w["task_id"].as_str().unwrap().to_string(),
-            )
-        })
+    crate::harness::work_list(host, id, token, 300)
+        .await
+        .into_iter()
+        .filter(|(ass_id, _)| seen.insert(ass_id.clone()))
         .collect()
 }
 
@@ -358,7 +328,7 @@ async fn counters_move_as_tasks_run(store: StoreKind) {
     let mut done = 0;
     let started = Instant::now();
     while done < tasks.len() {
-        heartbeat(&host, id, &token).await;
+        crate::harness::heartbeat(&host, id, &token).await;
         for (ass, task) in new_work(&host, id, &token, &mut seen).await {
             assert!(tasks.contains(&task), "unexpected work {task}");
             complete(&host, id, &token, &ass, "hello metrics\n").await;

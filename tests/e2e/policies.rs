@@ -247,16 +247,7 @@ async fn place_one(host: &TestHost, workers: &[(&str, &str)]) -> String {
     let mut before = Vec::new();
     for (id, token) in workers {
         // A heartbeat keeps the worker a candidate, however slow the machine.
-        let (status, body) = host
-            .call(
-                Method::POST,
-                &format!("/v1/workers/{id}/heartbeat"),
-                Some(token),
-                Some("{}"),
-                &[],
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
+        let body = crate::harness::heartbeat(host, id, token).await;
         before.push(allocated(&body));
     }
     let spec = r#"{"docker_image": "busybox", "req_cpu": 1, "req_memory": 1}"#;

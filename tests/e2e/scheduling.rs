@@ -5,7 +5,6 @@
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use reqwest::Method;
 use serde_json::json;
 
 use crate::harness::{ALICE_TOKEN, BOB_TOKEN, StoreKind, TestHost, mongo_uri, register_worker};
@@ -28,33 +27,11 @@ async fn next_work(
 ) -> (String, String) {
     let started = Instant::now();
     loop {
-        let (status, body) = host
-            .call(
-                Method::POST,
-                &format!("/v1/workers/{id}/heartbeat"),
-                Some(token),
-                Some("{}"),
-                &[],
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
-        let (status, list) = host
-            .call(
-                Method::GET,
-                &format!("/v1/workers/{id}/work?wait_ms=500"),
-                Some(token),
-                None,
-                &[],
-            )
-            .await;
-        assert_eq!(status, 200, "{list}");
-        let work = list["work"].as_array().unwrap();
+        crate::harness::heartbeat(host, id, token).await;
+        let work = crate::harness::work_list(host, id, token, 500).await;
         assert!(work.len() <= 2, "a two-core worker got {work:?}");
-        for work in work {
-            let ass = work["ass_id"].as_str().unwrap().to_string();
-            if seen.insert(ass.clone()) {
-                return (ass, work["task_id"].as_str().unwrap().to_string());
-            }
+        if let Some(new) = work.into_iter().find(|(ass, _)| seen.insert(ass.clone())) {
+            return new;
         }
         assert!(
             started.elapsed() < Duration::from_secs(20),
