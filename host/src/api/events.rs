@@ -274,6 +274,7 @@ async fn produce(
             }
             Ok(_) => {}
             Err(broadcast::error::RecvError::Lagged(missed)) => {
+                crate::metrics::event_client_lagged();
                 tracing::debug!(
                     missed,
                     "an event stream client lagged; reading from the store"

@@ -1345,3 +1345,79 @@ async fn the_dashboard_is_served_with_its_types_an_etag_and_a_strict_csp() {
         (StatusCode::NOT_FOUND, "asset_not_found")
     );
 }
+
+/// A client that stops reading while far more events happen than the live fan-out holds:
+/// once it reads again it gets every event, in order, none twice (the missed ones from the
+/// store), and the lag is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_client_that_falls_behind_loses_no_event() {
+    use crate::events::{EventHub, event};
+    const EVENTS: u64 = 6_000; // > the fan-out's 4,096 + the client's 256 frames
+
+    let api = TestApi::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (hub, sink) = EventHub::start(
+        api.store.clone(),
+        std::time::Duration::from_secs(3600),
+        stop.clone(),
+    )
+    .await;
+    let app = api.app.clone().layer(axum::Extension(hub.clone()));
+    let request = Request::get("/v1/events?topics=worker")
+        .header(header::AUTHORIZATION, format!("Bearer {ADMIN}"))
+        .body(Body::empty())
+        .unwrap();
+    let response = app.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let lags_before = crate::metrics::event_client_lags();
+
+    // Nobody reads the body meanwhile.
+    for i in 0..EVENTS {
+        let id = format!("w-{i}");
+        sink.publish(event("worker", "joined", None, Some(&id), None, json!({})));
+    }
+    let waited = std::time::Instant::now();
+    while hub.watermark() < EVENTS {
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(60),
+            "events not recorded: watermark {}",
+            hub.watermark()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let mut body = response.into_body();
+    let mut text = String::new();
+    let mut ids: Vec<u64> = Vec::new();
+    // One deadline for the whole read: keep-alive comments come every 15 s.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while ids.len() < EVENTS as usize {
+        let frame = tokio::time::timeout_at(deadline, body.frame())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {EVENTS} events within 30 s", ids.len()))
+            .expect("the stream goes on")
+            .unwrap();
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        text.push_str(std::str::from_utf8(&data).unwrap());
+        while let Some(end) = text.find("\n\n") {
+            let block: String = text.drain(..end + 2).collect();
+            if let Some(id) = block.lines().find_map(|l| l.strip_prefix("id:")) {
+                ids.push(id.trim().parse().unwrap());
+            }
+        }
+    }
+    let expected: Vec<u64> = (1..=EVENTS).collect();
+    assert!(ids == expected, "ids out of order, missing or twice");
+    // The producer meets the lag when it next reads the fan-out, after the last frame.
+    let waited = std::time::Instant::now();
+    while crate::metrics::event_client_lags() == lags_before {
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(10),
+            "the client never lagged: the test did not exercise the fan-out's overflow"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+}

@@ -118,6 +118,7 @@ struct Instruments {
     log_bytes: Family<SourceLabel, Counter>,
     output_bytes: Counter,
     events: Family<OutcomeLabel, Counter>,
+    event_client_lags: Counter,
 }
 
 static INSTRUMENTS: LazyLock<Instruments> = LazyLock::new(Instruments::new);
@@ -144,6 +145,7 @@ impl Instruments {
             log_bytes: Family::default(),
             output_bytes: Counter::default(),
             events: Family::default(),
+            event_client_lags: Counter::default(),
         };
         let mut r = i.registry;
         let seconds = || Unit::Seconds;
@@ -237,6 +239,11 @@ impl Instruments {
             "events_recorded",
             "Events this replica wrote for the event stream, by outcome (lost: the write failed, the events never reach /v1/events)",
             i.events.clone(),
+        );
+        r.register(
+            "event_stream_client_lags",
+            "Times a /v1/events client of this replica fell behind the live fan-out and re-read what it missed from the store",
+            i.event_client_lags.clone(),
         );
         Instruments { registry: r, ..i }
     }
@@ -398,6 +405,18 @@ pub fn events_written(count: usize, recorded: bool) {
             .get_or_create(&OutcomeLabel { outcome: series })
             .inc_by(n);
     }
+}
+
+/// An event stream client fell behind the live fan-out (it reads the missed events from the
+/// store: nothing is lost, but a client this slow is worth knowing about).
+pub fn event_client_lagged() {
+    INSTRUMENTS.event_client_lags.inc();
+}
+
+/// Lags counted so far in this process (tests).
+#[cfg(test)]
+pub(crate) fn event_client_lags() -> u64 {
+    INSTRUMENTS.event_client_lags.get()
 }
 
 /// The whole exposition: this process's instruments, then the cluster gauges of `cluster`.
