@@ -9,7 +9,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -50,111 +49,25 @@ fn ms(from: &Value, to: &Value) -> f64 {
     (at(to) - at(from)).num_microseconds().unwrap() as f64 / 1000.0
 }
 
-struct Host {
-    child: std::process::Child,
-    url: String,
-    token: String,
-    http: reqwest::Client,
-    _dir: tempfile::TempDir,
+#[path = "common/serve.rs"]
+#[allow(dead_code)] // shared with the scheduler bench, which uses all of it
+mod serve;
+use serve::Host;
+
+/// `true` asking for `cpu` cores and 256 MB.
+fn spec(cpu: f64) -> Value {
+    json!({"docker_image": IMAGE, "command": "true", "req_cpu": cpu, "req_memory": 0.25})
 }
 
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Host {
-    fn start() -> Host {
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cloudai"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path())
-            .env("RUST_LOG", "warn,cloudai::serve=info")
-            .env_remove("CLOUDAI_ADMIN_TOKEN")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("starting cloudai serve");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let address: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
-                    let _ = tx.send(address);
-                }
-            }
-        });
-        let address = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the host listens");
-        let token = std::fs::read_to_string(dir.path().join("admin.token"))
-            .unwrap()
-            .trim()
-            .to_string();
-        Host {
-            child,
-            url: format!("http://{address}"),
-            token,
-            http: reqwest::Client::new(),
-            _dir: dir,
-        }
-    }
-
-    async fn get(&self, path: &str) -> Value {
-        self.http
-            .get(format!("{}{path}", self.url))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-
-    /// Submits `true` asking for `cpu` cores and 256 MB.
-    async fn submit(&self, cpu: f64) -> String {
-        let spec = json!({"docker_image": IMAGE, "command": "true", "req_cpu": cpu,
-            "req_memory": 0.25});
-        let body: Value = self
-            .http
-            .post(format!("{}/v1/tasks", self.url))
-            .bearer_auth(&self.token)
-            .json(&spec)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        body["task_id"]
-            .as_str()
-            .unwrap_or_else(|| panic!("submit: {body}"))
-            .to_string()
-    }
-
-    /// Polls until the task is final; returns it.
-    async fn finished(&self, id: &str) -> Value {
-        let started = Instant::now();
-        loop {
-            let task = self.get(&format!("/v1/tasks/{id}")).await;
-            if ["completed", "failed", "cancelled"].contains(&task["status"].as_str().unwrap_or(""))
-            {
-                assert_eq!(task["status"], "completed", "{task}");
-                return task;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "stuck: {task}"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
+/// Polls until the task is final; it must have completed.
+async fn finished(host: &Host, id: &str) -> Value {
+    let task = host
+        .wait_for(id, Duration::from_millis(2), |task| {
+            ["completed", "failed", "cancelled"].contains(&task["status"].as_str().unwrap_or(""))
+        })
+        .await;
+    assert_eq!(task["status"], "completed", "{task}");
+    task
 }
 
 #[tokio::main]
@@ -166,7 +79,7 @@ async fn main() {
     cloudai::executor::testimage::ensure_busybox_image(&docker, IMAGE)
         .await
         .expect("building the test image");
-    let host = Host::start();
+    let host = Host::start(&[]);
     let joined = Instant::now();
     while host.get("/v1/workers").await["workers"]
         .as_array()
@@ -179,8 +92,8 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for _ in 0..3 {
-        let id = host.submit(1.0).await;
-        host.finished(&id).await; // warm-up
+        let id = host.submit(&spec(1.0)).await;
+        finished(&host, &id).await; // warm-up
     }
 
     println!("execution bench: `true` in {IMAGE}, {runs} runs, interleaved with bare docker run");
@@ -188,8 +101,8 @@ async fn main() {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
         let submitted = Instant::now();
-        let id = host.submit(1.0).await;
-        let task = host.finished(&id).await;
+        let id = host.submit(&spec(1.0)).await;
+        let task = finished(&host, &id).await;
         client_seen.push(submitted.elapsed().as_secs_f64() * 1000.0);
         to_started.push(ms(&task["created_at"], &task["started_at"]));
         to_completed.push(ms(&task["created_at"], &task["completed_at"]));
@@ -234,7 +147,7 @@ async fn main() {
     let (mut submitted, mut done) = (0, 0);
     while done < tasks {
         while in_flight.len() < concurrency && submitted < tasks {
-            in_flight.push(host.submit(0.05).await);
+            in_flight.push(host.submit(&spec(0.05)).await);
             submitted += 1;
         }
         let mut still = Vec::new();

@@ -21,6 +21,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "common/serve.rs"]
+mod serve;
+
 use cloudai::events::{EventHub, EventedStore};
 use cloudai::model::{Resources, Task, TaskStatus, Worker};
 use cloudai::policy::{EngineSettings, PolicyEngine, PolicyRuntime, RuntimeSettings};
@@ -192,6 +195,72 @@ async fn idle_latencies(store: Arc<dyn Store>, samples: usize) -> Vec<f64> {
     latencies
 }
 
+/// Submit -> assigned through a real `cloudai serve` (embedded store, events on, no local
+/// worker) and one simulated worker registered over HTTP: the host's own timestamps (the
+/// task's `created_at` to its assignment's `assigned_at`, stored to the millisecond), and
+/// what a client polling
+/// `GET /v1/tasks/{id}` every millisecond sees from the start of its POST.
+async fn api_latency(samples: usize) {
+    let host = serve::Host::start(&["--no-local-worker"]);
+    let worker = serde_json::json!({
+        "worker_id": "bench-worker", "worker_ip": "127.0.0.1:50052",
+        "total_cpu": 4096.0, "total_memory": 4096.0, "total_storage": 100.0, "total_gpu": 0.0
+    });
+    let join = host.join_token.clone();
+    let registered = host.post("/v1/workers", &join, &worker).await;
+    // Heartbeats keep the worker a candidate however many samples are asked for.
+    let heartbeats = {
+        let (http, url) = (host.http.clone(), host.url.clone());
+        let token = registered["token"].as_str().unwrap().to_string();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let _ = http
+                    .post(format!("{url}/v1/workers/bench-worker/heartbeat"))
+                    .bearer_auth(&token)
+                    .json(&serde_json::json!({}))
+                    .send()
+                    .await;
+            }
+        })
+    };
+    let spec = serde_json::json!({"docker_image": "busybox", "command": "true",
+        "req_cpu": 1, "req_memory": 1});
+    let (mut host_side, mut client_seen) = (Vec::new(), Vec::new());
+    for i in 0..samples + 5 {
+        let submitted = Instant::now();
+        let id = host.submit(&spec).await;
+        let task = host
+            .wait_for(&id, Duration::from_millis(1), |t| t["status"] == "running")
+            .await;
+        let seen = submitted.elapsed().as_secs_f64() * 1000.0;
+        let assignments = host.get(&format!("/v1/tasks/{id}/assignments")).await;
+        let at = |v: &serde_json::Value| {
+            v.as_str()
+                .unwrap()
+                .parse::<chrono::DateTime<chrono::Utc>>()
+                .unwrap()
+        };
+        let assigned = at(&assignments["assignments"][0]["assigned_at"]);
+        let micros = (assigned - at(&task["created_at"]))
+            .num_microseconds()
+            .unwrap();
+        if i >= 5 {
+            // The first few warm the connection and the host's caches.
+            host_side.push(micros as f64 / 1000.0);
+            client_seen.push(seen);
+        }
+    }
+    heartbeats.abort();
+    println!(
+        "submit -> assigned through `cloudai serve` (HTTP, embedded store, events on, 1 simulated worker, {samples} tasks one at a time): host timestamps (1 ms resolution) p50 {:.0} ms, p99 {:.0} ms; seen by a client polling every 1 ms p50 {:.2} ms, p99 {:.2} ms",
+        percentile(host_side.clone(), 0.5),
+        percentile(host_side, 0.99),
+        percentile(client_seen.clone(), 0.5),
+        percentile(client_seen, 0.99)
+    );
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let runs = env_usize("BENCH_RUNS", 3).max(1);
@@ -303,6 +372,8 @@ async fn main() {
             percentile(latencies, 0.99)
         );
     }
+
+    api_latency(samples).await;
 
     // Peak RSS with a large store: 1,000 workers, 100,000 queued tasks, one placement cycle.
     let rss_tasks = env_usize("BENCH_RSS_TASKS", 100_000);

@@ -1,0 +1,129 @@
+//! A real `cloudai serve` process for the benches that go through the HTTP API.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Host {
+    child: std::process::Child,
+    pub url: String,
+    pub token: String,
+    pub join_token: String,
+    pub http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Host {
+    /// `cloudai serve` on a loopback port and a fresh data dir, with `extra` flags.
+    pub fn start(extra: &[&str]) -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cloudai"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .args(extra)
+            .env("RUST_LOG", "warn,cloudai::serve=info")
+            .env_remove("CLOUDAI_ADMIN_TOKEN")
+            .env_remove("CLOUDAI_JOIN_TOKEN")
+            .env_remove("CLOUDAI_MONGODB_URI")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting cloudai serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let address: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                    let _ = tx.send(address);
+                }
+            }
+        });
+        let address = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the host listens");
+        let secret = |name: &str| {
+            std::fs::read_to_string(dir.path().join(name))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        Host {
+            child,
+            url: format!("http://{address}"),
+            token: secret("admin.token"),
+            join_token: secret("join.token"),
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        self.http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// POSTs `body` with `token`; returns the answer, which must be a success.
+    pub async fn post(&self, path: &str, token: &str, body: &Value) -> Value {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert!(status.is_success(), "POST {path}: {status} {body}");
+        body
+    }
+
+    /// Submits `spec` as the admin; returns the task id.
+    pub async fn submit(&self, spec: &Value) -> String {
+        let body = self.post("/v1/tasks", &self.token.clone(), spec).await;
+        body["task_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("submit: {body}"))
+            .to_string()
+    }
+
+    /// Polls (every `every`) until `done` holds for the task; returns it.
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        every: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let started = Instant::now();
+        loop {
+            let task = self.get(&format!("/v1/tasks/{id}")).await;
+            if done(&task) {
+                return task;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "stuck: {task}"
+            );
+            tokio::time::sleep(every).await;
+        }
+    }
+}
