@@ -364,6 +364,7 @@ async fn counters_move_as_tasks_run(store: StoreKind) {
         ("cloudai_log_stored_bytes_total", "counter"),
         ("cloudai_output_files_stored_bytes_total", "counter"),
         ("cloudai_events_recorded_total", "counter"),
+        ("cloudai_event_stream_client_lags_total", "counter"),
         ("cloudai_tasks", "gauge"),
         ("cloudai_queue_depth", "gauge"),
         ("cloudai_workers", "gauge"),
