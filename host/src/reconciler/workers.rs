@@ -183,27 +183,15 @@ pub(super) async fn requeue_or_fail(
         store.transition_attempt(task_id, attempt, &[TaskStatus::Running], to, &update),
     );
     match moved.await {
-        Ok(_) if requeue => {
-            repairs.tasks_requeued += 1;
-            tracing::warn!(
-                task_id,
-                ass_id,
-                worker_id,
-                attempt,
-                why,
-                "lost task queued again"
-            );
-        }
         Ok(_) => {
-            repairs.tasks_failed_lost += 1;
-            tracing::warn!(
-                task_id,
-                ass_id,
-                worker_id,
-                attempt,
-                why,
+            let outcome = if requeue {
+                repairs.tasks_requeued += 1;
+                "lost task queued again"
+            } else {
+                repairs.tasks_failed_lost += 1;
                 "lost task failed: no attempt left"
-            );
+            };
+            tracing::warn!(task_id, ass_id, worker_id, attempt, why, "{outcome}");
         }
         // Finished (or moved) meanwhile.
         Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {}
