@@ -10,15 +10,19 @@
 //!   event never waits for it, and a failed write is logged and counted
 //!   (`cloudai_events_recorded_total{outcome="lost"}`), never returned;
 //! - [`EventHub`] tails the store (every [`POLL`], at once after a local write) and fans the
-//!   new events out to the subscribers of this replica; it also prunes what is older than
-//!   the retention window.
+//!   new events out to the subscribers of this replica, in id order; the events its own
+//!   writer recorded it takes from memory and asks the store only for the other ids (on
+//!   MongoDB each id is one lookup: this took the event stream's cost on FerretDB from
+//!   +43–50% to about +30% of the time of 800 task changes). It also prunes what is older
+//!   than the retention window.
 //!
 //! Ids are given by the store. On MongoDB an id can be given before its event is visible (ids
 //! are taken in blocks, then inserted): the tailer delivers ids in order and waits up to
 //! [`GAP_WAIT`] at a missing one before it gives up on it (a write that failed).
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -53,6 +57,14 @@ const LINGER: Duration = Duration::from_millis(10);
 
 /// Most events one write records.
 const WRITE_BATCH: usize = 512;
+
+/// Most own events held for the tailer; past it the oldest are dropped (and read back from
+/// the store like any other).
+const MAX_OWN: usize = 65_536;
+
+/// How far past the watermark the tailer tells the store which ids it holds (a MongoDB read
+/// walks at most 16 ranges of 256 ids).
+const KNOWN_WINDOW: u64 = 4096;
 
 /// How many events a subscriber may fall behind before it reads them from the store again.
 const FANOUT_CAPACITY: usize = 4096;
@@ -118,6 +130,10 @@ pub struct EventHub {
     /// The last id the tailer delivered: every event up to it is in the store.
     watermark: AtomicU64,
     wake: Notify,
+    /// This replica's own recorded events not delivered yet: the tailer takes them from here
+    /// and reads only the other replicas' ids from the store (on MongoDB a read is one
+    /// lookup per id).
+    own: Mutex<BTreeMap<u64, Arc<StoredEvent>>>,
 }
 
 impl EventHub {
@@ -142,6 +158,7 @@ impl EventHub {
             fanout,
             watermark: AtomicU64::new(head),
             wake: Notify::new(),
+            own: Mutex::default(),
         });
         let (queue, pending) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(store, pending, Arc::downgrade(&hub)));
@@ -163,19 +180,60 @@ impl EventHub {
         &self.store
     }
 
+    /// Remembers events this replica recorded (the writer's), for the tailer.
+    fn recorded(&self, ids: &[u64], events: &[NewEvent]) {
+        let mut own = self.own.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, event) in ids.iter().zip(events) {
+            let stored = StoredEvent {
+                id: *id,
+                event: event.clone(),
+            };
+            own.insert(*id, Arc::new(stored));
+        }
+        while own.len() > MAX_OWN {
+            own.pop_first();
+        }
+    }
+
     /// Reads what is new since the watermark and fans it out; `true` when it should read
     /// again at once (a full batch).
     async fn tail_once(&self, gap_since: &mut Option<Instant>) -> bool {
         let mut watermark = self.watermark();
-        let page = match self.store.events_after(watermark, TAIL_BATCH).await {
-            Ok(page) => page,
+        // The own events the read may reach, held here: the map may drop its oldest meanwhile.
+        let mut page: BTreeMap<u64, Arc<StoredEvent>> = {
+            let mut own = self.own.lock().unwrap_or_else(|e| e.into_inner());
+            *own = own.split_off(&(watermark + 1));
+            own.range(..=watermark.saturating_add(KNOWN_WINDOW))
+                .map(|(id, e)| (*id, e.clone()))
+                .collect()
+        };
+        let known: BTreeSet<u64> = page.keys().copied().collect();
+        let read = match self
+            .store
+            .events_after_except(watermark, TAIL_BATCH, &known)
+            .await
+        {
+            Ok(read) => read,
             Err(error) => {
                 tracing::warn!(%error, "tailing the event stream; retrying");
                 return false;
             }
         };
-        let full = page.len() == TAIL_BATCH as usize;
-        for event in page {
+        let full = read.covered_to.is_some();
+        // Own events only up to where the read went (later ones may follow ids not read yet);
+        // one recorded since `known` was taken may come from the read as well.
+        let upto = read.covered_to.unwrap_or(u64::MAX);
+        page.retain(|id, _| *id <= upto);
+        {
+            let own = self.own.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, event) in own.range(watermark + 1..=upto) {
+                page.entry(*id).or_insert_with(|| event.clone());
+            }
+        }
+        for event in read.events {
+            page.entry(event.id).or_insert_with(|| Arc::new(event));
+        }
+        for (_, event) in page {
             if event.id != watermark + 1 {
                 let since = *gap_since.get_or_insert_with(Instant::now);
                 if since.elapsed() < GAP_WAIT {
@@ -193,7 +251,7 @@ impl EventHub {
             // The watermark moves first: a subscriber that missed this send reads the event
             // from the store.
             self.watermark.store(watermark, Ordering::Release);
-            let _ = self.fanout.send(Arc::new(event));
+            let _ = self.fanout.send(event);
         }
         full
     }
@@ -249,6 +307,9 @@ async fn write_loop(
         }
         let written = store.append_events(&batch).await;
         crate::metrics::events_written(batch.len(), written.is_ok());
+        if let (Ok(ids), Some(hub)) = (&written, hub.upgrade()) {
+            hub.recorded(ids, &batch);
+        }
         if let Err(error) = written {
             let first = batch.first().map(|e| format!("{}.{}", e.topic, e.kind));
             tracing::error!(

@@ -542,6 +542,15 @@ impl Store for EventedStore {
         self.inner.events_after(after, limit).await
     }
 
+    async fn events_after_except(
+        &self,
+        after: u64,
+        limit: u32,
+        known: &std::collections::BTreeSet<u64>,
+    ) -> Result<crate::store::EventRead> {
+        self.inner.events_after_except(after, limit, known).await
+    }
+
     async fn event_bounds(&self) -> Result<EventBounds> {
         self.inner.event_bounds().await
     }

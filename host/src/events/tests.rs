@@ -146,3 +146,64 @@ async fn events_cost_of_task_transitions() {
         }
     }
 }
+
+/// Two replicas (two hubs on one store) write interleaved: a subscriber of each gets every
+/// event of both, in id order, once — its own taken from memory, the other's read from the
+/// store. On SQLite, and on MongoDB when a test server is set (where a replica reads only the
+/// other's ids).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_replica_delivers_its_own_and_the_others_events_in_order_once() {
+    let (sqlite_store, _dir) = sqlite().await;
+    let mongo = crate::store::mongo::testing::connect_test_store().await;
+    let mut stores: Vec<(&str, Arc<dyn Store>)> = vec![("sqlite", sqlite_store)];
+    if let Some((store, _)) = &mongo {
+        stores.push(("mongodb", Arc::new(store.clone())));
+    }
+    const PER_REPLICA: usize = 300;
+    for (name, store) in stores {
+        let stop = CancellationToken::new();
+        let mut replicas = Vec::new();
+        for _ in 0..2 {
+            let (hub, sink) =
+                EventHub::start(store.clone(), super::DEFAULT_RETENTION, stop.clone()).await;
+            let live = hub.subscribe();
+            replicas.push((hub, sink, live));
+        }
+        for i in 0..PER_REPLICA {
+            for (r, (_, sink, _)) in replicas.iter().enumerate() {
+                let worker = format!("r{r}-{i}");
+                sink.publish(super::event(
+                    "worker",
+                    "joined",
+                    None,
+                    Some(&worker),
+                    None,
+                    serde_json::json!({}),
+                ));
+            }
+            if i % 50 == 0 {
+                // Several write batches, so that the replicas' ids interleave.
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        }
+        for (r, (_, _, live)) in replicas.iter_mut().enumerate() {
+            let mut ids = Vec::new();
+            let mut workers = std::collections::HashSet::new();
+            while ids.len() < 2 * PER_REPLICA {
+                let e = tokio::time::timeout(Duration::from_secs(30), live.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("{name}: replica {r} got {} events", ids.len()))
+                    .unwrap();
+                ids.push(e.id);
+                workers.insert(e.event.worker_id.clone().unwrap());
+            }
+            assert!(
+                ids.windows(2).all(|w| w[0] + 1 == w[1]),
+                "{name}: replica {r} got ids out of order, twice or with a gap: {ids:?}"
+            );
+            assert_eq!(workers.len(), 2 * PER_REPLICA, "{name}: replica {r}");
+            assert!(workers.contains("r0-0") && workers.contains("r1-0"));
+        }
+        stop.cancel();
+    }
+}

@@ -192,6 +192,7 @@ macro_rules! store_conformance_tests {
             log_chunks_are_stored_once_and_listed_in_order_after_a_position,
             output_files_round_trip_in_chunks_and_are_replaced_by_path,
             events_get_increasing_ids_and_read_back_in_order,
+            events_read_except_known_ids_covers_the_rest,
             pruning_removes_old_events_as_a_prefix,
             task_counts_count_every_status_and_follow_transitions,
             count_assignments_since_counts_only_assignments_at_or_after_the_instant,
@@ -3025,6 +3026,49 @@ pub async fn events_get_increasing_ids_and_read_back_in_order(store: &dyn Store)
     let bounds = store.event_bounds().await.unwrap();
     assert_eq!(bounds.head, ids[4]);
     assert!(bounds.oldest <= ids[0], "{bounds:?}");
+}
+
+/// A read that leaves out ids the reader holds: none of them comes back, every other id up to
+/// where the read says it went does, in order.
+pub async fn events_read_except_known_ids_covers_the_rest(store: &dyn Store) {
+    let at = now();
+    let batch: Vec<NewEvent> = (0..10).map(|n| sample_event("state", at, n)).collect();
+    let ids = store.append_events(&batch).await.unwrap();
+    let known: std::collections::BTreeSet<u64> = [ids[1], ids[2], ids[4], ids[9]].into();
+    let check = |read: &crate::store::EventRead, after: u64| {
+        let got: Vec<u64> = read.events.iter().map(|e| e.id).collect();
+        let upto = read.covered_to.unwrap_or(u64::MAX);
+        let want: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| *id > after && *id <= upto && !known.contains(id))
+            .collect();
+        assert_eq!(got, want, "covered to {:?}", read.covered_to);
+    };
+    let all = store.events_after_except(0, 100, &known).await.unwrap();
+    assert_eq!(all.covered_to, None, "everything was read");
+    check(&all, 0);
+    // A limit stops the read somewhere; it says where, and nothing before it is missing.
+    let mut after = 0;
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        let read = store.events_after_except(after, 2, &known).await.unwrap();
+        check(&read, after);
+        seen.extend(read.events.iter().map(|e| e.id));
+        match read.covered_to {
+            Some(to) => {
+                assert!(to > after, "the read made no progress");
+                after = to;
+            }
+            None => break,
+        }
+    }
+    let others: Vec<u64> = ids
+        .iter()
+        .copied()
+        .filter(|id| !known.contains(id))
+        .collect();
+    assert_eq!(seen, others);
 }
 
 pub async fn pruning_removes_old_events_as_a_prefix(store: &dyn Store) {

@@ -26,6 +26,16 @@ pub struct StoredEvent {
     pub event: NewEvent,
 }
 
+/// What [`super::Store::events_after_except`] read.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct EventRead {
+    /// The events found, by id.
+    pub events: Vec<StoredEvent>,
+    /// `Some(id)`: the read stopped at `id` (a limit), more may follow; `None`: it covered
+    /// every id given when it ran.
+    pub covered_to: Option<u64>,
+}
+
 /// What [`super::Store::event_bounds`] answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventBounds {

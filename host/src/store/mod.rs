@@ -8,7 +8,7 @@
 //! release happens once per assignment. Nothing relies on in-memory state, so several host
 //! replicas can share one store (optimistic concurrency).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -19,7 +19,7 @@ use crate::model::{
     Worker, WorkerUsage,
 };
 use crate::policy::snapshot::Usage;
-pub use events::{EventBounds, NewEvent, StoredEvent};
+pub use events::{EventBounds, EventRead, NewEvent, StoredEvent};
 
 pub mod conformance;
 pub mod events;
@@ -584,6 +584,26 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `limit` recorded events with an id above `after`, by id. Ids may have gaps (a
     /// write that failed, or one still in flight on another replica).
     async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<StoredEvent>>;
+
+    /// Like [`Self::events_after`], leaving out the ids in `known` (a replica's own events,
+    /// which it holds already): a store that reads ids one by one skips them. Up to `limit`
+    /// events; [`EventRead::covered_to`] says how far the read went.
+    async fn events_after_except(
+        &self,
+        after: u64,
+        limit: u32,
+        known: &BTreeSet<u64>,
+    ) -> Result<EventRead> {
+        let page = self.events_after(after, limit).await?;
+        let covered_to = (page.len() >= limit as usize)
+            .then(|| page.last().map(|e| e.id))
+            .flatten();
+        let events = page
+            .into_iter()
+            .filter(|e| !known.contains(&e.id))
+            .collect();
+        Ok(EventRead { events, covered_to })
+    }
 
     /// The oldest id that may still be stored, and the largest id given so far.
     async fn event_bounds(&self) -> Result<EventBounds>;

@@ -2243,6 +2243,15 @@ impl Store for MongoStore {
         self.events_after_impl(after, limit).await
     }
 
+    async fn events_after_except(
+        &self,
+        after: u64,
+        limit: u32,
+        known: &std::collections::BTreeSet<u64>,
+    ) -> Result<crate::store::EventRead> {
+        self.events_after_except_impl(after, limit, known).await
+    }
+
     async fn event_bounds(&self) -> Result<EventBounds> {
         self.event_bounds_impl().await
     }

@@ -9,13 +9,15 @@
 //! Every read is by `_id` equality over a bounded range below the counter's head, never a scan
 //! and never a server-side sort: FerretDB 1.x pushes down nothing else.
 
+use std::collections::BTreeSet;
+
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use mongodb::bson::{Document, doc};
 use mongodb::options::ReturnDocument;
 
 use super::{MongoStore, Reader, lock_key, to_bson_date, u64_to_bson};
-use crate::store::{EventBounds, NewEvent, Result, StoreError, StoredEvent};
+use crate::store::{EventBounds, EventRead, NewEvent, Result, StoreError, StoredEvent};
 
 pub const EVENTS: &str = "EVENTS";
 pub const COUNTERS: &str = "COUNTERS";
@@ -100,8 +102,14 @@ impl MongoStore {
     /// `$gt` on `_id` scan the whole collection (measured: 1.3 s for 10 events among 10,000,
     /// see the `timing` test), an equality lookup stays ~1 ms at any size.
     async fn events_in(&self, from: u64, to: u64) -> Result<Vec<StoredEvent>> {
+        self.events_with_ids((from..=to).collect()).await
+    }
+
+    /// The events `ids` that exist, in the order of `ids` (see [`Self::events_in`]).
+    async fn events_with_ids(&self, ids: Vec<u64>) -> Result<Vec<StoredEvent>> {
         let collection = self.events_collection();
-        let lookups: Vec<_> = (from..=to)
+        let lookups: Vec<_> = ids
+            .into_iter()
             .map(|id| {
                 let collection = collection.clone();
                 async move {
@@ -154,20 +162,36 @@ impl MongoStore {
         after: u64,
         limit: u32,
     ) -> Result<Vec<StoredEvent>> {
+        Ok(self
+            .events_after_except_impl(after, limit, &BTreeSet::new())
+            .await?
+            .events)
+    }
+
+    /// Walks the ids above `after` up to the counter's head, range by range, looking up only
+    /// those not in `known`: a replica's own events cost it no read.
+    pub(super) async fn events_after_except_impl(
+        &self,
+        after: u64,
+        limit: u32,
+        known: &BTreeSet<u64>,
+    ) -> Result<EventRead> {
         let bounds = self.event_bounds_impl().await?;
         let limit = u64::from(limit);
         let mut from = after.max(bounds.oldest.saturating_sub(1));
-        let mut out: Vec<StoredEvent> = Vec::new();
+        let mut events: Vec<StoredEvent> = Vec::new();
         for _ in 0..MAX_RANGES {
-            let wanted = limit.saturating_sub(out.len() as u64);
+            let wanted = limit.saturating_sub(events.len() as u64);
             if from >= bounds.head || wanted == 0 {
                 break;
             }
             let to = bounds.head.min(from + wanted.min(RANGE));
-            out.extend(self.events_in(from + 1, to).await?);
+            let ids = (from + 1..=to).filter(|id| !known.contains(id)).collect();
+            events.extend(self.events_with_ids(ids).await?);
             from = to;
         }
-        Ok(out)
+        let covered_to = (from < bounds.head).then_some(from);
+        Ok(EventRead { events, covered_to })
     }
 
     pub(super) async fn prune_events_impl(&self, before: DateTime<Utc>) -> Result<u64> {
