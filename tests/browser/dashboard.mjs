@@ -158,8 +158,12 @@ test('the tasks list filters by state, and a task submitted elsewhere appears li
   await page.selectOption('#filter-status', 'completed');
   await page.click('#task-filters button[type=submit]');
   await page.waitForURL(/status=completed/);
-  await page.waitForSelector(`tr[data-task-id="${firstTask}"]`);
-  assert.equal(await page.locator('[data-testid=task-rows] tr').count(), 1);
+  // The page is rebuilt for the new hash and lists again: wait for that listing (the old
+  // page's rows may still be on screen right after the URL changes).
+  await page.waitForFunction((id) => {
+    const rows = document.querySelectorAll('[data-testid=task-rows] tr');
+    return rows.length === 1 && rows[0].dataset.taskId === id;
+  }, firstTask, { timeout: 10000 });
   await page.selectOption('#filter-status', '');
   await page.click('#task-filters button[type=submit]');
   await page.waitForURL(/#\/tasks$/);
