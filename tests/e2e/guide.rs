@@ -180,24 +180,8 @@ impl Session {
         }
         assert!(workers.len() >= 2, "the guide starts two workers");
         // Heartbeats keep the simulated workers candidates through minutes of compiling.
-        let heartbeats = {
-            let (url, workers) = (host.url.clone(), workers.clone());
-            tokio::spawn(async move {
-                let client = reqwest::Client::new();
-                loop {
-                    for (id, token) in &workers {
-                        let _ = client
-                            .post(format!("{url}/v1/workers/{id}/heartbeat"))
-                            .bearer_auth(token)
-                            .header("content-type", "application/json")
-                            .body("{}")
-                            .send()
-                            .await;
-                    }
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
-            })
-        };
+        let heartbeats =
+            crate::harness::keep_beating(&host, workers.clone(), Duration::from_secs(2));
         let next = blocks
             .iter()
             .position(|b| b.mark == Mark::Run(first.to_string()))

@@ -276,6 +276,31 @@ pub async fn heartbeat(host: &TestHost, id: &str, token: &str) -> Value {
     body
 }
 
+/// Sends every `(worker id, token)`'s heartbeat every `every` until the handle is aborted, so
+/// that simulated workers stay placement candidates however slow the test is.
+pub fn keep_beating(
+    host: &TestHost,
+    workers: Vec<(String, String)>,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let url = host.url.clone();
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        loop {
+            for (id, token) in &workers {
+                let _ = client
+                    .post(format!("{url}/v1/workers/{id}/heartbeat"))
+                    .bearer_auth(token)
+                    .header("content-type", "application/json")
+                    .body("{}")
+                    .send()
+                    .await;
+            }
+            tokio::time::sleep(every).await;
+        }
+    })
+}
+
 /// A simulated worker's work list, long-polled for up to `wait_ms`: (assignment id, task id)
 /// pairs in the host's order.
 pub async fn work_list(

@@ -528,24 +528,7 @@ async fn overview_reports_a_known_cluster(store: StoreKind) {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    let beating = {
-        let (url, live) = (host.url.clone(), live.clone());
-        tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            loop {
-                for (id, token) in &live {
-                    let _ = client
-                        .post(format!("{url}/v1/workers/{id}/heartbeat"))
-                        .bearer_auth(token)
-                        .header("content-type", "application/json")
-                        .body("{}")
-                        .send()
-                        .await;
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        })
-    };
+    let beating = crate::harness::keep_beating(&host, live.clone(), Duration::from_millis(250));
 
     // The silent worker is lost before any task is submitted, so that none is placed on it.
     let started = Instant::now();

@@ -65,7 +65,8 @@ pub struct ActivePolicies {
     pub admission: Option<ActivePolicyRef>,
 }
 
-/// The cluster at a glance. Counts are at most one second old.
+/// The cluster at a glance. Counts are at most 250 ms old (one store sample shared with
+/// `/metrics`).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Overview {
     pub tasks_by_state: TasksByState,
@@ -156,7 +157,7 @@ pub async fn overview(
     Ok(Json(Overview::from(&*sample)))
 }
 
-/// Prometheus metrics in the text exposition format 0.0.4 (admin); see docs/operations.md
+/// Prometheus metrics in the text exposition format 0.0.4 (admin); see docs/monitoring.md
 /// for the list.
 #[utoipa::path(get, path = "/metrics", tag = "overview",
     security(("bearer" = [])),
