@@ -51,6 +51,7 @@ fn assignment(ass_id: String, task_id: String, worker_id: &str, req: &Resources)
         attempt: 1,
         released: false,
         released_at: None,
+        placed_by: None,
     }
 }
 

@@ -173,6 +173,10 @@ pub struct Task {
     /// Host replica that holds the placement claim on this task, and until when.
     pub owner: Option<String>,
     pub lease_expires_at: Option<DateTime<Utc>>,
+    /// The claim of the placement that started the current attempt; its assignment carries
+    /// the same (see [`Assignment::is_attempt_of`]). Unset before the first placement.
+    #[serde(default)]
+    pub placed_by: Option<String>,
     /// The client's `Idempotency-Key`, when it gave one.
     pub idempotency_key: Option<String>,
     pub updated_at: DateTime<Utc>,
@@ -225,6 +229,7 @@ impl Task {
             cancel_requested: false,
             owner: None,
             lease_expires_at: None,
+            placed_by: None,
             idempotency_key: None,
             updated_at: now,
         }
@@ -394,9 +399,32 @@ pub struct Assignment {
     /// Set exactly once, by the release that returned the reservation.
     pub released: bool,
     pub released_at: Option<DateTime<Utc>>,
+    /// The claim of the placement that made this assignment (the task records it when that
+    /// placement marks it running).
+    #[serde(default)]
+    pub placed_by: Option<String>,
 }
 
 impl Assignment {
+    /// True when this assignment is the one `task`'s current attempt was placed with: same
+    /// attempt number, made by the placement that started it. A placement that died after
+    /// inserting its assignment leaves one with the same attempt number behind, which a later
+    /// placement of the task supersedes: that one is not the task's. (Records written before
+    /// placements were recorded match on the attempt alone.)
+    pub fn is_attempt_of(&self, task: &Task) -> bool {
+        self.task_id == task.task_id
+            && self.attempt == task.attempts
+            && match (&self.placed_by, &task.placed_by) {
+                (Some(ours), Some(theirs)) => ours == theirs,
+                _ => true,
+            }
+    }
+
+    /// True while `task` runs under this assignment: running, at this attempt.
+    pub fn holds(&self, task: &Task) -> bool {
+        task.status == TaskStatus::Running && self.is_attempt_of(task)
+    }
+
     pub fn request(&self) -> Resources {
         Resources::new(
             self.req_cpu,

@@ -220,8 +220,10 @@ async fn work_of(state: &AppState, worker_id: &str) -> ApiResult<WorkList> {
             Err(StoreError::NotFound { .. }) => continue,
             Err(other) => return Err(other.into()),
         };
-        if task.status != TaskStatus::Running || task.attempts != a.attempt {
-            continue; // finished, or re-queued: the reconciler returns the reservation
+        if !a.holds(&task) {
+            // Finished, re-queued, or placed again by a later placement: the reconciler
+            // returns the reservation.
+            continue;
         }
         work.push(work_item(a, task));
     }
@@ -398,7 +400,7 @@ pub async fn report_result(
     require_self(&principal, &worker_id)?;
     let assignment = own_assignment(&state, &worker_id, &ass_id).await?;
     let task = state.store.get_task(&assignment.task_id).await?;
-    let ours = task.attempts == assignment.attempt;
+    let ours = assignment.is_attempt_of(&task);
     if assignment.released || task.status != TaskStatus::Running || !ours {
         // Our own earlier report, retried after its answer was lost?
         if ours
@@ -581,10 +583,7 @@ async fn live_assignment(
 ) -> ApiResult<(Assignment, Task)> {
     let assignment = own_assignment(state, worker_id, ass_id).await?;
     let task = state.store.get_task(&assignment.task_id).await?;
-    if assignment.released
-        || task.status != TaskStatus::Running
-        || task.attempts != assignment.attempt
-    {
+    if assignment.released || !assignment.holds(&task) {
         return Err(superseded(
             ass_id,
             &format!("the task is {} at attempt {}", task.status, task.attempts),

@@ -950,6 +950,7 @@ async fn worker_lifecycle_with_its_own_token() {
             attempt: 1,
             released: false,
             released_at: None,
+            placed_by: None,
         })
         .await
         .unwrap();
@@ -1261,6 +1262,7 @@ async fn a_tasks_assignments_are_listed_oldest_first_to_its_owner_and_admins_onl
                 attempt,
                 released: attempt == 1,
                 released_at: None,
+                placed_by: None,
             })
             .await
             .unwrap();

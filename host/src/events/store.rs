@@ -1,8 +1,8 @@
 //! [`EventedStore`]: the store that publishes an event after each successful state change.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -15,8 +15,9 @@ use crate::model::{
 };
 use crate::policy::snapshot::Usage;
 use crate::store::{
-    AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, Result, RuntimeSample,
-    Store, StoredEvent, SubmitOutcome, TaskCounts, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate,
+    AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, Result, RoundOutcome,
+    RoundPlan, RuntimeSample, Store, StoredEvent, SubmitOutcome, TaskCounts, TaskLogChunk,
+    TaskPage, TaskQuery, TaskUpdate,
 };
 
 tokio::task_local! {
@@ -56,26 +57,16 @@ fn in_reconciler() -> bool {
     RECONCILING.try_with(|()| ()).is_ok()
 }
 
-/// Most placements remembered between an assignment and its `mark_running`.
-const MAX_PLACING: usize = 10_000;
-
 /// Delegates every call to `inner` and publishes the events of the state changes that
 /// succeeded (see the module docs of [`crate::events`]).
 pub struct EventedStore {
     inner: Arc<dyn Store>,
     sink: EventSink,
-    /// task_id -> worker_id of assignments not yet marked running: `task.state running`
-    /// names its worker.
-    placing: Mutex<HashMap<String, String>>,
 }
 
 impl EventedStore {
     pub fn new(inner: Arc<dyn Store>, sink: EventSink) -> Self {
-        EventedStore {
-            inner,
-            sink,
-            placing: Mutex::new(HashMap::new()),
-        }
+        EventedStore { inner, sink }
     }
 
     fn publish(&self, event: NewEvent) {
@@ -205,24 +196,17 @@ impl Store for EventedStore {
         Ok(task)
     }
 
-    async fn insert_assignment(&self, assignment: &Assignment) -> Result<()> {
-        self.inner.insert_assignment(assignment).await?;
-        let mut placing = self.placing.lock().unwrap_or_else(|e| e.into_inner());
-        if placing.len() >= MAX_PLACING {
-            placing.clear();
+    async fn place_round(&self, plan: &RoundPlan) -> Result<RoundOutcome> {
+        let outcome = self.inner.place_round(plan).await?;
+        for (task, assignment) in &outcome.placed {
+            self.task_state(task, Some(&assignment.worker_id));
         }
-        placing.insert(assignment.task_id.clone(), assignment.worker_id.clone());
-        Ok(())
+        Ok(outcome)
     }
 
     async fn mark_running(&self, task_id: &str, owner: &str, attempts: u32) -> Result<Task> {
         let task = self.inner.mark_running(task_id, owner, attempts).await?;
-        let worker_id = self
-            .placing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(task_id);
-        self.task_state(&task, worker_id.as_deref());
+        self.task_state(&task, None);
         Ok(task)
     }
 
@@ -400,6 +384,10 @@ impl Store for EventedStore {
 
     async fn reserve(&self, worker_id: &str, request: &Resources) -> Result<bool> {
         self.inner.reserve(worker_id, request).await
+    }
+
+    async fn insert_assignment(&self, assignment: &Assignment) -> Result<()> {
+        self.inner.insert_assignment(assignment).await
     }
 
     async fn get_assignment(&self, ass_id: &str) -> Result<Assignment> {

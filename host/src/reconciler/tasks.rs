@@ -47,7 +47,7 @@ pub(super) async fn repair_assignments(
             continue;
         }
         match running.get(&assignment.task_id) {
-            Some(task) if task.attempts == assignment.attempt => {
+            Some(task) if assignment.is_attempt_of(task) => {
                 let Some(timeout_s) = task.timeout_s else {
                     continue;
                 };
@@ -93,9 +93,7 @@ pub(super) async fn repair_assignments(
     // while it ran, e.g. by an orphan release racing a stalled placement): no worker
     // accounts for them, so they run again. Left alone while young, for the same reason.
     for task in running.values() {
-        let held = active
-            .iter()
-            .any(|a| a.task_id == task.task_id && a.attempt == task.attempts);
+        let held = active.iter().any(|a| a.is_attempt_of(task));
         if held || task.updated_at >= settled_before {
             continue;
         }
@@ -106,7 +104,7 @@ pub(super) async fn repair_assignments(
                 ..AssignmentFilter::default()
             })
             .await?;
-        if current.iter().any(|a| a.attempt == task.attempts) {
+        if current.iter().any(|a| a.is_attempt_of(task)) {
             continue; // placed again since the listing
         }
         let why = "its assignment was released while it ran";
@@ -141,13 +139,19 @@ async fn release_orphan(
     repairs: &mut Repairs,
 ) -> Result<(), StoreError> {
     let status = match store.get_task(&assignment.task_id).await {
-        Ok(task) if task.status == TaskStatus::Running && task.attempts == assignment.attempt => {
+        Ok(task) if assignment.holds(&task) => {
             return Ok(());
         }
-        // Claimed: a placement may still be between its insert and `mark_running`, however
-        // slow the store. Once its lease expires the claim is cleared (below), which also makes
-        // that placement's `mark_running` fail, and a later pass releases the assignment.
-        Ok(task) if task.status == TaskStatus::Queued && task.owner.is_some() => {
+        // Claimed by the placement that made this assignment: it may still be between its
+        // insert and `mark_running`, however slow the store. Once its lease expires the claim
+        // is cleared (below), which also makes that placement's `mark_running` fail, and a
+        // later pass releases the assignment. (Claimed by another placement: that one makes
+        // an assignment of its own, so this one is an orphan.)
+        Ok(task)
+            if task.status == TaskStatus::Queued
+                && task.owner.is_some()
+                && (assignment.placed_by.is_none() || task.owner == assignment.placed_by) =>
+        {
             return Ok(());
         }
         Ok(task) => format!("{} at attempt {}", task.status, task.attempts),

@@ -860,3 +860,183 @@ async fn a_lost_worker_heartbeating_through_the_api_is_active_again() {
     assert_eq!((again.worker_id.as_str(), again.attempt), ("w1", 2));
     assert_accounting(&*store).await;
 }
+
+// ------------------------------------------------------------------------------------------
+// A replica that dies in the middle of writing a placement round (the crash points listed in
+// store/placement.rs): the store is left exactly as that crash leaves it, by running the
+// round's steps by hand up to the crash; then the survivors (a reconciler and a scheduler)
+// must place every task exactly once, with the accounting exact.
+
+/// Where the dead replica's round stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Crash {
+    /// Its tasks claimed, nothing reserved.
+    AfterClaims,
+    /// Claimed and reserved on the workers, no assignment.
+    AfterReserves,
+    /// Assignments inserted, the tasks still queued and claimed.
+    AfterAssignments,
+    /// Half of the tasks marked running.
+    DuringMarks,
+}
+
+macro_rules! on_both_stores_with_steps {
+    ($($name:ident: $crash:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use std::sync::Arc;
+                use crate::store::placement::{PlacementSteps, TaskByTask};
+                use crate::store::Store;
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn sqlite() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store = crate::store::sqlite::SqliteStore::open_in_dir(dir.path()).unwrap();
+                    let steps: Arc<dyn PlacementSteps> = Arc::new(store.clone());
+                    super::survivors_repair_a_round_that_crashed(Arc::new(store), steps, super::Crash::$crash)
+                        .await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn mongo() {
+                    let Some((store, _guard)) = crate::scheduler::tests::mongo().await else {
+                        return;
+                    };
+                    let steps: Arc<dyn PlacementSteps> = Arc::new(TaskByTask(store.clone()));
+                    let store: Arc<dyn Store> = store;
+                    super::survivors_repair_a_round_that_crashed(store, steps, super::Crash::$crash).await;
+                }
+            }
+        )*
+    };
+}
+
+on_both_stores_with_steps!(
+    a_round_that_crashed_after_its_claims_is_repaired: AfterClaims,
+    a_round_that_crashed_after_its_reserves_is_repaired: AfterReserves,
+    a_round_that_crashed_after_its_assignments_is_repaired: AfterAssignments,
+    a_round_that_crashed_while_marking_its_tasks_running_is_repaired: DuringMarks,
+);
+
+async fn survivors_repair_a_round_that_crashed(
+    store: Arc<dyn Store>,
+    steps: Arc<dyn crate::store::placement::PlacementSteps>,
+    crash: Crash,
+) {
+    use crate::store::placement::assignment_for;
+
+    let wakeup = Wakeup::new();
+    let w1 = add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    let w2 = add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    let beating = [
+        keep_beating(&store, &wakeup, &w1.worker_id),
+        keep_beating(&store, &wakeup, &w2.worker_id),
+    ];
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        tasks.push(queued(&*store, 1.0, 3, None).await);
+    }
+    let worker_of = |i: usize| if i < 3 { &w1.worker_id } else { &w2.worker_id };
+
+    // The dead replica's round, up to its crash. Its claims last `lease`.
+    let lease = Duration::from_millis(800);
+    let claim = "host-dead/round-1";
+    let now = model::now();
+    let ids: Vec<(String, u32)> = tasks.iter().map(|t| (t.task_id.clone(), 0)).collect();
+    let claimed = steps
+        .claim_tasks(&ids, claim, now + chrono_duration(lease), now)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 6);
+    let assignments: Vec<Assignment> = tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| assignment_for(t, worker_of(i), claim, now))
+        .collect();
+    if crash != Crash::AfterClaims {
+        let three = Resources::new(3.0, 3.0, 0.0, 0.0);
+        assert!(store.reserve(&w1.worker_id, &three).await.unwrap());
+        assert!(store.reserve(&w2.worker_id, &three).await.unwrap());
+    }
+    if matches!(crash, Crash::AfterAssignments | Crash::DuringMarks) {
+        steps.insert_assignments(&assignments).await.unwrap();
+    }
+    let mut marked = std::collections::BTreeSet::new();
+    if crash == Crash::DuringMarks {
+        marked = steps
+            .mark_claimed_running(claim, &assignments[..3], model::now())
+            .await
+            .unwrap();
+        assert_eq!(marked.len(), 3);
+    }
+
+    // The survivors: the reconciler (drift repaired after `settle` + the claim lease) and a
+    // scheduler placing what it can, until every task runs under exactly one assignment.
+    let settle = Duration::from_millis(300);
+    let mut r = reconciler_with_claim_lease(&store, &wakeup, settle, lease);
+    let s = scheduler(&store, &wakeup);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        r.tick().await.unwrap();
+        s.cycle().await;
+        let mut settled = true;
+        let mut state = Vec::new();
+        for task in &tasks {
+            let now = store.get_task(&task.task_id).await.unwrap();
+            let active = active_assignments(
+                &*store,
+                AssignmentFilter {
+                    task_id: Some(task.task_id.clone()),
+                    ..AssignmentFilter::default()
+                },
+            )
+            .await;
+            let held = active.len() == 1 && active[0].holds(&now);
+            settled &= held;
+            state.push(format!(
+                "{} {} at attempt {} with {} active assignment(s)",
+                task.task_id,
+                now.status,
+                now.attempts,
+                active.len()
+            ));
+        }
+        let workers = store.list_workers().await.unwrap();
+        let workers_exact = workers.iter().all(|w| w.invariant_violations().is_empty())
+            && workers.iter().map(|w| w.allocated_cpu).sum::<f64>() == 6.0;
+        if settled && workers_exact {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{crash:?}: not repaired within 30 s: {state:#?}, workers {:#?}",
+            store.list_workers().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_accounting(&*store).await;
+    for (i, task) in tasks.iter().enumerate() {
+        let now = store.get_task(&task.task_id).await.unwrap();
+        assert_eq!(now.status, TaskStatus::Running);
+        if marked.contains(&task.task_id) {
+            // Placed by the dead replica before it died: kept as it was.
+            assert_eq!(now.placed_by.as_deref(), Some(claim));
+            assert_eq!(active_of(&*store, &task.task_id).await, {
+                let mut a = assignments[i].clone();
+                a.released = false;
+                a
+            });
+        } else {
+            assert_ne!(now.placed_by.as_deref(), Some(claim), "{crash:?}");
+            // Whatever the dead round inserted for it was released, exactly once.
+            for a in assignments_of(&*store, &task.task_id).await {
+                if a.placed_by.as_deref() == Some(claim) {
+                    assert!(a.released, "{crash:?}: {a:?}");
+                }
+            }
+        }
+    }
+    for flag in beating {
+        flag.store(false, Ordering::Relaxed);
+    }
+}

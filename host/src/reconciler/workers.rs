@@ -107,13 +107,12 @@ pub(super) async fn lose_assignment(
         assignment.worker_id.as_str(),
         assignment.ass_id.as_str(),
     );
-    let attempt = assignment.attempt;
     let task = match store.get_task(task_id).await {
         Ok(task) => Some(task),
         Err(StoreError::NotFound { .. }) => None,
         Err(error) => return Err(error),
     };
-    if let Some(task) = task.filter(|t| t.status == TaskStatus::Running && t.attempts == attempt) {
+    if let Some(task) = task.filter(|t| assignment.holds(t)) {
         let why = format!("worker {worker_id} was lost");
         requeue_or_fail(store, &task, &why, Some(assignment), repairs).await?;
     }

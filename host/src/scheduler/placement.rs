@@ -1,26 +1,21 @@
 //! Placement rounds: a fair batch of claimable queued tasks, the candidate workers, ONE policy
-//! call for the batch, then for each assignment the write protocol of DESIGN.md section 4:
-//! claim the task (owner + lease) -> reserve on the worker (the one conditional update) ->
-//! insert the ASSIGNMENT -> mark the task running (conditional on our claim).
+//! call for the batch, then the round's assignments written together by the store
+//! ([`Store::place_round`](crate::store::Store::place_round)): claim the tasks -> reserve on
+//! each worker (one conditional update per worker) -> insert the ASSIGNMENTS -> mark the
+//! tasks running (conditional on the round's claim), DESIGN.md section 4.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
-use futures::StreamExt;
-use tracing::Instrument;
-
 use super::{Scheduler, chrono_duration, source_label};
-use crate::model::{self, Assignment, Task, TaskStatus, Worker};
+use crate::model::{self, Task, TaskStatus, Worker};
 use crate::policy::snapshot::queue_order;
 use crate::policy::{Decision, PlacementInput, PolicyKind};
-use crate::store::{StoreError, TaskUpdate};
+use crate::store::{PlannedPlacement, RoundPlan, StoreError, TaskUpdate};
 
 /// Most store queries one batch takes to be fair (each leaves out the users that already
 /// have their share): bounds a round's reads whatever the queue looks like.
 const MAX_BATCH_QUERIES: usize = 4;
-
-/// Placements of one round written at the same time.
-const PLACEMENTS_IN_FLIGHT: usize = 16;
 
 /// What one placement round did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -42,13 +37,6 @@ impl RoundStats {
     pub(super) fn wants_another(&self) -> bool {
         self.lost > 0 || (self.placed > 0 && self.placed + self.failed == self.batch)
     }
-}
-
-/// What happened to one assignment.
-enum Placement {
-    Placed,
-    Lost,
-    Failed,
 }
 
 /// The batch in queue order with per-user fairness: higher priority first; within a priority,
@@ -187,29 +175,45 @@ impl Scheduler {
                 }
             }
         }
-        // The policy already planned the whole batch within the capacity it saw, so the
-        // placements are written side by side: each is independent (its own claim, one
-        // conditional reserve), a lost race is re-planned, and the store's round trips
-        // overlap (SQLite commits concurrent writes together; MongoDB serves them in parallel).
-        let mut writes = Vec::with_capacity(assigned.len());
-        for (task, worker_id) in assigned {
-            let span = tracing::info_span!(
-                "place",
-                task_id = %task.task_id,
-                worker_id,
-                policy = %source_label(&outcome.source),
-            );
-            writes.push(self.place(task, worker_id).instrument(span));
-        }
-        let placements: Vec<Placement> = futures::stream::iter(writes)
-            .buffer_unordered(PLACEMENTS_IN_FLIGHT)
-            .collect()
-            .await;
-        for placement in placements {
-            match placement {
-                Placement::Placed => stats.placed += 1,
-                Placement::Lost => stats.lost += 1,
-                Placement::Failed => {}
+        // The policy planned the whole batch within the capacity it saw, so the round's
+        // placements are written together (DESIGN.md section 4, per round): a few store
+        // commands for the round, or one transaction, whatever its size. A lost race is
+        // re-planned next round with fresh data.
+        if !assigned.is_empty() {
+            let plan = RoundPlan {
+                claim: self.new_claim(),
+                lease_until: now + chrono_duration(self.config.claim_lease),
+                now: model::now(),
+                placements: assigned
+                    .into_iter()
+                    .map(|(task, worker_id)| PlannedPlacement {
+                        task: task.clone(),
+                        worker_id: worker_id.to_string(),
+                    })
+                    .collect(),
+            };
+            match self.store.place_round(&plan).await {
+                Ok(written) => {
+                    let policy = source_label(&outcome.source);
+                    for (task, assignment) in &written.placed {
+                        tracing::info!(
+                            task_id = %task.task_id,
+                            worker_id = %assignment.worker_id,
+                            ass_id = %assignment.ass_id,
+                            attempt = assignment.attempt,
+                            policy = %policy,
+                            "task placed"
+                        );
+                    }
+                    for (task_id, error) in &written.failed {
+                        tracing::warn!(task_id = %task_id, %error, "placing a task failed; a later round retries it");
+                    }
+                    stats.placed += written.placed.len();
+                    stats.lost += written.lost.len();
+                }
+                Err(error) => {
+                    tracing::warn!(%error, tasks = plan.placements.len(), "writing a placement round failed; a later round retries it");
+                }
             }
         }
         if stats.placed > 0 {
@@ -231,122 +235,8 @@ impl Scheduler {
         Ok(stats)
     }
 
-    /// Places one task on one worker: claim -> reserve -> assignment -> running. Every step
-    /// after the reserve undoes what came before when it fails, so no capacity leaks. A crash
-    /// between two steps leaves a claim that expires with its lease and, at worst, a
-    /// reservation without an active assignment: the reconciler's to return.
-    async fn place(&self, task: &Task, worker_id: &str) -> Placement {
-        let store = &*self.store;
-        let task_id = task.task_id.as_str();
-        let now = model::now();
-        let lease_until = now + chrono_duration(self.config.claim_lease);
-        // A claim of its own for this one placement: a placement that stalls past its lease
-        // (its claim cleared, its assignment released as an orphan) can then never mark the
-        // task running under a later claim of this same replica.
-        let claim = self.new_claim();
-        match store.claim_task(task_id, &claim, lease_until, now).await {
-            Ok(_) => {}
-            // Claimed by another replica, cancelled, or already placed: not ours to place.
-            Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
-                return Placement::Lost;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "claiming a task");
-                return Placement::Failed;
-            }
-        }
-        let request = task.request();
-        match store.reserve(worker_id, &request).await {
-            Ok(true) => {}
-            // The capacity was taken (or the worker left) since the round read it: re-plan.
-            Ok(false) | Err(StoreError::NotFound { .. }) => {
-                self.unclaim(task_id, &claim).await;
-                return Placement::Lost;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "reserving on a worker");
-                self.unclaim(task_id, &claim).await;
-                return Placement::Failed;
-            }
-        }
-        if model::now() >= lease_until {
-            // The claim lapsed while the reserve was in flight (a very slow store): the
-            // reconciler may by now count this reservation as drift and return it, so it is
-            // returned here instead and the task left for a later round.
-            tracing::warn!(
-                worker_id,
-                "the claim expired before the reservation was recorded; reservation returned"
-            );
-            if let Err(error) = store.unreserve(worker_id, &request).await {
-                tracing::error!(%error, "returning a reservation failed; left for the reconciler");
-            }
-            self.unclaim(task_id, &claim).await;
-            return Placement::Failed;
-        }
-        let attempt = task.attempts.saturating_add(1);
-        let assignment = Assignment {
-            ass_id: format!("ass-{}", uuid::Uuid::now_v7().simple()),
-            task_id: task_id.to_string(),
-            worker_id: worker_id.to_string(),
-            assigned_at: model::now(),
-            req_cpu: request.cpu,
-            req_memory: request.memory,
-            req_storage: request.storage,
-            req_gpu: request.gpu,
-            attempt,
-            released: false,
-            released_at: None,
-        };
-        if let Err(error) = store.insert_assignment(&assignment).await {
-            tracing::warn!(%error, ass_id = %assignment.ass_id, "inserting an assignment");
-            self.undo_reservation(&assignment).await;
-            self.unclaim(task_id, &claim).await;
-            return Placement::Failed;
-        }
-        match store.mark_running(task_id, &claim, attempt).await {
-            Ok(_) => {
-                tracing::info!(ass_id = %assignment.ass_id, attempt, "task placed");
-                Placement::Placed
-            }
-            Err(error) => {
-                // Cancelled meanwhile, or our lease expired and another replica took the task:
-                // give the capacity back through the assignment (released exactly once).
-                let lost = matches!(error, StoreError::Conflict { .. });
-                if !lost {
-                    tracing::warn!(%error, ass_id = %assignment.ass_id, "marking a task running");
-                }
-                if let Err(error) = store.release(&assignment.ass_id).await {
-                    tracing::error!(%error, ass_id = %assignment.ass_id, "releasing an unused assignment failed; left for the reconciler");
-                }
-                self.unclaim(task_id, &claim).await;
-                if lost {
-                    Placement::Lost
-                } else {
-                    Placement::Failed
-                }
-            }
-        }
-    }
-
-    /// Returns the reservation of an assignment whose insert failed: through the assignment
-    /// when the insert did apply after all (an ambiguous failure), else directly.
-    async fn undo_reservation(&self, assignment: &Assignment) {
-        let store = &*self.store;
-        let undone = match store.get_assignment(&assignment.ass_id).await {
-            Ok(_) => store.release(&assignment.ass_id).await,
-            Err(StoreError::NotFound { .. }) => {
-                store
-                    .unreserve(&assignment.worker_id, &assignment.request())
-                    .await
-            }
-            Err(error) => Err(error),
-        };
-        if let Err(error) = undone {
-            tracing::error!(%error, ass_id = %assignment.ass_id, "returning a reservation failed; left for the reconciler");
-        }
-    }
-
-    /// A claim token of its own for one placement: `<replica owner>/<uuid>`.
+    /// A claim token of its own for one round (or one unschedulable task): `<replica
+    /// owner>/<uuid>`.
     fn new_claim(&self) -> String {
         format!("{}/{}", self.owner, uuid::Uuid::now_v7().simple())
     }

@@ -27,6 +27,9 @@ use crate::model::{
     TaskResult, TaskStatus, Worker, WorkerUsage, now, quantize,
 };
 
+mod placement;
+pub use placement::*;
+
 // ------------------------------------------------------------------------------------------
 // Harness
 // ------------------------------------------------------------------------------------------
@@ -196,6 +199,11 @@ macro_rules! store_conformance_tests {
             pruning_removes_old_events_as_a_prefix,
             task_counts_count_every_status_and_follow_transitions,
             count_assignments_since_counts_only_assignments_at_or_after_the_instant,
+            place_round_places_every_task_with_its_assignment_and_reservation,
+            place_round_loses_tasks_claimed_moved_or_stale_and_leaves_them_as_they_were,
+            place_round_reserves_task_by_task_when_a_worker_refuses_the_sum,
+            place_round_loses_the_tasks_of_a_draining_inactive_or_unknown_worker,
+            place_round_of_nothing_does_nothing,
         );
         $crate::store_conformance_tests!(@shared $make;
             reserve_race_50_requests_for_room_for_7,
@@ -205,6 +213,7 @@ macro_rules! store_conformance_tests {
             concurrent_activations_have_exactly_one_winner,
             concurrent_lease_takers_have_exactly_one_winner,
             concurrent_event_appends_get_distinct_ids,
+            concurrent_rounds_on_the_same_workers_never_overcommit_or_place_twice,
         );
     };
     (@borrowed $make:expr; $($name:ident),* $(,)?) => {
@@ -311,6 +320,7 @@ pub fn sample_assignment(
         attempt: 1,
         released: false,
         released_at: None,
+        placed_by: None,
     }
 }
 

@@ -24,7 +24,10 @@ pub use events::{EventBounds, EventRead, NewEvent, StoredEvent};
 pub mod conformance;
 pub mod events;
 pub mod mongo;
+pub mod placement;
 pub mod sqlite;
+
+pub use placement::{PlannedPlacement, RoundOutcome, RoundPlan};
 
 /// Size of one stored chunk of a policy component's bytes: far below MongoDB's 16 MiB
 /// document limit, so that a component of any size (a Python guest is ~20 MB) fits.
@@ -483,6 +486,20 @@ pub trait Store: Send + Sync + 'static {
     /// the worker sets it when the container starts). `Conflict` when the task is not queued
     /// or not claimed by `owner`; `NotFound` when there is no such task.
     async fn mark_running(&self, task_id: &str, owner: &str, attempts: u32) -> Result<Task>;
+
+    /// Writes a placement round's decisions: claims the tasks under `plan.claim`, reserves on
+    /// each worker, inserts the assignments and marks the tasks running, so that every task of
+    /// the plan ends placed (running, with its assignment and reservation), lost (another actor
+    /// got there first: unclaimed, nothing of it reserved) or failed (a write failed; what it
+    /// left behind is returned here or repaired by the reconciler). Never overcommits a worker.
+    /// `Err` only when the round could not start.
+    ///
+    /// The default writes task by task with the single-record methods above; a backend
+    /// overrides it to write a round in a few commands ([`placement::place_in_steps`]) or in
+    /// one transaction.
+    async fn place_round(&self, plan: &RoundPlan) -> Result<RoundOutcome> {
+        placement::place_in_steps(self, &placement::TaskByTask(self), plan).await
+    }
 
     /// Gives up `owner`'s claim on a queued task. `Ok(false)` when the task is not queued or
     /// not claimed by `owner` (nothing to give up).

@@ -1772,6 +1772,7 @@ impl Store for MongoStore {
                                 "status": TaskStatus::Running.as_str(),
                                 "attempts": i64::from(attempts),
                                 "updated_at": to_bson_date(model::now()),
+                                "placed_by": owner,
                             },
                             "$unset": { "owner": "", "lease_expires_at": "", "status_reason": "" },
                         },
@@ -2385,6 +2386,7 @@ fn task_to_document(t: &Task) -> Result<Document> {
     );
     insert_opt(&mut d, "idempotency_key", t.idempotency_key.as_deref());
     d.insert("updated_at", to_bson_date(t.updated_at));
+    insert_opt(&mut d, "placed_by", t.placed_by.as_deref());
     Ok(d)
 }
 
@@ -2417,6 +2419,7 @@ fn task_from_document(d: &Document) -> Result<Task> {
         owner: r.opt_string("owner")?,
         lease_expires_at: r.opt_date("lease_expires_at")?,
         idempotency_key: r.opt_string("idempotency_key")?,
+        placed_by: r.opt_string("placed_by")?,
         // Documents written by other tools may lack our addition: fall back to creation.
         updated_at: match r.opt_date("updated_at")? {
             Some(at) => at,
@@ -2514,6 +2517,7 @@ fn assignment_to_document(a: &Assignment) -> Document {
         "released": a.released,
     };
     insert_opt(&mut d, "released_at", a.released_at.map(to_bson_date));
+    insert_opt(&mut d, "placed_by", a.placed_by.as_deref());
     d
 }
 
@@ -2531,6 +2535,7 @@ fn assignment_from_document(d: &Document) -> Result<Assignment> {
         attempt: r.opt_int("attempt")?.unwrap_or(1),
         released: r.opt_bool("released")?.unwrap_or(false),
         released_at: r.opt_date("released_at")?,
+        placed_by: r.opt_string("placed_by")?,
     })
 }
 

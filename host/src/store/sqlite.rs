@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -39,9 +40,10 @@ use crate::model::{
 };
 use crate::policy::snapshot::Usage;
 
-/// File name of the database inside the data directory.
 mod events;
+mod placement;
 
+/// File name of the database inside the data directory.
 pub const DB_FILE_NAME: &str = "cloudai.db";
 
 /// How long a statement waits for another process's write lock before failing.
@@ -242,7 +244,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS TASK_OUTPUT_CHUNKS_task_path_n
 const TASK_COLUMNS: &str = "task_id, user_id, docker_image, command, req_cpu, req_memory, \
     req_storage, req_gpu, status, created_at, started_at, completed_at, priority, labels, env, \
     timeout_s, max_attempts, attempts, exit_code, error, status_reason, cancel_requested, owner, \
-    lease_expires_at, idempotency_key, updated_at";
+    lease_expires_at, idempotency_key, updated_at, placed_by";
 
 const WORKER_COLUMNS: &str = "worker_id, worker_ip, total_cpu, total_memory, total_storage, \
     total_gpu, allocated_cpu, allocated_memory, allocated_storage, allocated_gpu, available_cpu, \
@@ -250,7 +252,7 @@ const WORKER_COLUMNS: &str = "worker_id, worker_ip, total_cpu, total_memory, tot
     registered_at, updated_at, draining, labels, usage, token_sha256";
 
 const ASSIGNMENT_COLUMNS: &str = "ass_id, task_id, worker_id, assigned_at, req_cpu, req_memory, \
-    req_storage, req_gpu, attempt, released, released_at";
+    req_storage, req_gpu, attempt, released, released_at, placed_by";
 
 const POLICY_COLUMNS: &str = "name, version, kind, sha256, size_bytes, config, uploaded_at, \
     uploaded_by, memory_bytes, deadline_ms";
@@ -266,6 +268,8 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("RESULTS", "attempt", "INTEGER NOT NULL DEFAULT 0"),
     ("RESULTS", "runtime_s", "REAL"),
     ("RESULTS", "task_type", "TEXT"),
+    ("TASKS", "placed_by", "TEXT"),
+    ("ASSIGNMENTS", "placed_by", "TEXT"),
 ];
 
 /// Adds the [`ADDED_COLUMNS`] a database lacks.
@@ -303,6 +307,9 @@ struct Inner {
     requests: Option<mpsc::Sender<Box<dyn Request>>>,
     writer: Option<JoinHandle<()>>,
     path: PathBuf,
+    /// Transactions the writer thread committed (what a placement round costs, in the
+    /// scheduler bench).
+    transactions: Arc<AtomicU64>,
 }
 
 impl Drop for Inner {
@@ -372,7 +379,11 @@ where
 }
 
 /// The writer thread: batches until every handle (and so the channel) is gone.
-fn writer_loop(conn: Connection, requests: mpsc::Receiver<Box<dyn Request>>) {
+fn writer_loop(
+    conn: Connection,
+    requests: mpsc::Receiver<Box<dyn Request>>,
+    transactions: Arc<AtomicU64>,
+) {
     let mut batch: Vec<Box<dyn Request>> = Vec::with_capacity(MAX_BATCH);
     while let Ok(first) = requests.recv() {
         batch.push(first);
@@ -383,6 +394,7 @@ fn writer_loop(conn: Connection, requests: mpsc::Receiver<Box<dyn Request>>) {
             }
         }
         let failure = run_batch(&conn, &mut batch).err();
+        transactions.fetch_add(1, Ordering::Relaxed);
         for request in batch.drain(..) {
             request.reply(failure.as_deref());
         }
@@ -497,15 +509,18 @@ impl SqliteStore {
             .map_err(|e| StoreError::backend(what("recording the schema version"), e))?;
         conn.set_prepared_statement_cache_capacity(64);
         let (requests, queue) = mpsc::channel();
+        let transactions = Arc::new(AtomicU64::new(0));
+        let counted = transactions.clone();
         let writer = std::thread::Builder::new()
             .name("cloudai-sqlite".to_string())
-            .spawn(move || writer_loop(conn, queue))
+            .spawn(move || writer_loop(conn, queue, counted))
             .map_err(|e| StoreError::backend(what("starting the writer thread"), e))?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 requests: Some(requests),
                 writer: Some(writer),
                 path: path.to_path_buf(),
+                transactions,
             }),
         })
     }
@@ -518,6 +533,12 @@ impl SqliteStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// How many transactions this store has run so far (each answers one or more requests:
+    /// the writer commits the requests queued at the same time together).
+    pub fn transactions(&self) -> u64 {
+        self.inner.transactions.load(Ordering::Relaxed)
     }
 
     /// Runs `f` on the writer thread, inside its batch's transaction and its own savepoint:
@@ -672,6 +693,7 @@ fn task_from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
         lease_expires_at: get_opt_date(row, 23)?,
         idempotency_key: row.get(24)?,
         updated_at: get_date(row, 25)?,
+        placed_by: row.get(26)?,
     })
 }
 
@@ -715,6 +737,7 @@ fn assignment_from_row(row: &Row<'_>) -> rusqlite::Result<Assignment> {
         attempt: get_u32(row, 8)?,
         released: row.get(9)?,
         released_at: get_opt_date(row, 10)?,
+        placed_by: row.get(11)?,
     })
 }
 
@@ -809,7 +832,7 @@ fn insert_task_row(conn: &Connection, task: &Task) -> Result<()> {
     conn.prepare_cached(&format!(
         "INSERT INTO TASKS ({TASK_COLUMNS}) VALUES \
          (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
-          ?20, ?21, ?22, ?23, ?24, ?25, ?26)"
+          ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)"
     ))
     .and_then(|mut stmt| {
         stmt.execute(params![
@@ -839,6 +862,7 @@ fn insert_task_row(conn: &Connection, task: &Task) -> Result<()> {
             opt_date_text(&task.lease_expires_at),
             task.idempotency_key,
             date_text(&task.updated_at),
+            task.placed_by,
         ])
     })
     .map(drop)
@@ -1224,7 +1248,7 @@ fn delete_worker_sync(conn: &Connection, worker_id: &str) -> Result<()> {
 fn insert_assignment_sync(conn: &Connection, a: &Assignment) -> Result<()> {
     conn.prepare_cached(&format!(
         "INSERT INTO ASSIGNMENTS ({ASSIGNMENT_COLUMNS}) VALUES \
-         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
     ))
     .and_then(|mut stmt| {
         stmt.execute(params![
@@ -1239,6 +1263,7 @@ fn insert_assignment_sync(conn: &Connection, a: &Assignment) -> Result<()> {
             a.attempt,
             a.released,
             opt_date_text(&a.released_at),
+            a.placed_by,
         ])
     })
     .map(drop)
@@ -1424,7 +1449,7 @@ fn mark_running_sync(conn: &Connection, task_id: &str, owner: &str, attempts: u3
     let changed = conn
         .prepare_cached(
             "UPDATE TASKS SET status = 'running', attempts = ?3, owner = NULL, \
-                 lease_expires_at = NULL, status_reason = NULL, updated_at = ?4 \
+                 lease_expires_at = NULL, status_reason = NULL, updated_at = ?4, placed_by = ?2 \
              WHERE task_id = ?1 AND status = 'queued' AND owner = ?2",
         )
         .and_then(|mut stmt| stmt.execute(params![task_id, owner, attempts, date_text(&now())]))
@@ -2354,6 +2379,10 @@ impl Store for SqliteStore {
             mark_running_sync(conn, &task_id, &owner, attempts)
         })
         .await
+    }
+
+    async fn place_round(&self, plan: &super::RoundPlan) -> Result<super::RoundOutcome> {
+        self.place_round_impl(plan).await
     }
 
     async fn unclaim_task(&self, task_id: &str, owner: &str) -> Result<bool> {
