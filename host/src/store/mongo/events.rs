@@ -16,7 +16,9 @@ use futures::{StreamExt, TryStreamExt};
 use mongodb::bson::{Document, doc};
 use mongodb::options::ReturnDocument;
 
-use super::{MongoStore, Reader, lock_key, to_bson_date, u64_to_bson};
+use super::MongoStore;
+use super::codec::{Reader, insert_opt, to_bson_date, u64_to_bson};
+use super::compat::lock_key;
 use crate::store::{EventBounds, EventRead, NewEvent, Result, StoreError, StoredEvent};
 
 pub const EVENTS: &str = "EVENTS";
@@ -249,9 +251,9 @@ fn event_to_document(id: u64, e: &NewEvent) -> Result<Document> {
         "at": to_bson_date(e.at),
         "data": e.data.to_string(),
     };
-    super::insert_opt(&mut d, "task_id", e.task_id.clone());
-    super::insert_opt(&mut d, "worker_id", e.worker_id.clone());
-    super::insert_opt(&mut d, "user_id", e.user_id.clone());
+    insert_opt(&mut d, "task_id", e.task_id.clone());
+    insert_opt(&mut d, "worker_id", e.worker_id.clone());
+    insert_opt(&mut d, "user_id", e.user_id.clone());
     Ok(d)
 }
 
