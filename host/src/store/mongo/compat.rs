@@ -1,6 +1,18 @@
-//! What exists only for FerretDB 1.x, the server the tests run against: detecting it, and the
-//! per-document write lock that makes its conditional writes as atomic as MongoDB makes them.
-//! MongoDB never takes these paths.
+//! What exists only for FerretDB 1.x, the server the tests run against. [`detect`] reads the
+//! server's kind from `buildInfo` at connect; where it is [`ServerKind::FerretDb1`], the paths
+//! here replace the native ones, each for a behaviour of FerretDB 1.24 named where it is:
+//! - every conditional write runs under a per-document lock ([`MongoStore::atomic`]): its
+//!   updates are not atomic;
+//! - the event stream is read and pruned id by id ([`MongoStore::events_after_except_ferretdb1`],
+//!   [`MongoStore::prune_events_ferretdb1`]): it pushes down only `_id` equality;
+//! - a user's running requests are summed here ([`MongoStore::user_usage_ferretdb1`]): its
+//!   `$group` feeds its first accumulator only;
+//! - indexes are created one per command ([`create_indexes_one_by_one`]): it panics on a
+//!   `createIndexes` naming two existing indexes.
+//!
+//! MongoDB never takes these paths, and they never change the native ones.
+//!
+//! ## The write lock
 //!
 //! FerretDB 1.x applies an update as read, change, write back by `_id`, without re-checking the
 //! filter, so two conditional updates that run at the same time can both apply (see
@@ -9,22 +21,29 @@
 //! holding it means having inserted the document whose `_id` names it (collection and natural
 //! key, see [`lock_key`]) in [`LOCK_COLLECTION`]; releasing it means deleting that document (by
 //! `_id` and the holder's token). Every conditional write of every host replica runs under the
-//! lock of the document it changes ([`MongoStore::atomic`]), which gives each of them the
-//! atomicity that MongoDB gives a single-document write, and nothing more.
+//! lock of the document it changes, which gives each of them the atomicity that MongoDB gives a
+//! single-document write, and nothing more.
 //!
 //! A holder that dies keeps the lock until [`LOCK_TTL`] has passed; then a waiter removes it.
 //! That removal is itself not atomic on FerretDB (a slow holder and a remover can race), which
 //! is acceptable for what this is: a way to run several replicas against the test server.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use chrono::Utc;
-use mongodb::Collection;
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
 use mongodb::bson::{self, Bson, Document, doc};
+use mongodb::{Collection, Database, IndexModel};
 use rand::Rng;
 
-use super::{MongoStore, is_duplicate_key};
-use crate::store::{Result, StoreError};
+use super::codec::{Reader, u64_to_bson};
+use super::events::event_from_document;
+use super::tasks::add_open_count;
+use super::{MongoStore, ServerKind, TASKS, is_duplicate_key};
+use crate::model::TaskStatus;
+use crate::policy::snapshot::Usage;
+use crate::store::{EventRead, Result, StoreError, StoredEvent};
 
 /// Our addition, used only on FerretDB 1.x: one document per lock held.
 pub const LOCK_COLLECTION: &str = "FERRETDB_WRITE_LOCK";
@@ -146,6 +165,41 @@ pub(super) fn lock_key(collection: &str, id: &str) -> String {
     format!("{collection}/{id}")
 }
 
+/// The server's kind, from `buildInfo`: FerretDB adds a `ferretdbVersion` field. FerretDB 1.x
+/// (or older) takes the paths of this module; MongoDB and FerretDB 2, which runs on PostgreSQL
+/// with DocumentDB and whose updates are atomic, take the native ones.
+pub(super) async fn detect(db: &Database) -> Result<ServerKind> {
+    let info = db
+        .run_command(doc! { "buildInfo": 1 })
+        .await
+        .map_err(|e| StoreError::backend("reading the server's buildInfo", e))?;
+    Ok(match info.get("ferretdbVersion") {
+        Some(Bson::String(version))
+            if version.trim_start_matches('v').starts_with("1.")
+                || version.trim_start_matches('v').starts_with("0.") =>
+        {
+            ServerKind::FerretDb1 {
+                version: version.clone(),
+            }
+        }
+        _ => ServerKind::MongoDb,
+    })
+}
+
+/// Creates `models` on `collection` one `createIndexes` command each: FerretDB 1.24 panics
+/// (and drops the connection) when one `createIndexes` names two or more indexes that already
+/// exist (its `validateIndexesForCreation` deletes from a shrinking slice by the original
+/// position). Runs only at start-up.
+pub(super) async fn create_indexes_one_by_one(
+    collection: &Collection<Document>,
+    models: Vec<IndexModel>,
+) -> mongodb::error::Result<()> {
+    for model in models {
+        collection.create_index(model).await?;
+    }
+    Ok(())
+}
+
 impl MongoStore {
     /// True when the server is FerretDB 1.x, whose `update` and `findAndModify` are not atomic:
     /// they read the matching document, apply the change in FerretDB's own process, and write
@@ -161,47 +215,217 @@ impl MongoStore {
     /// sequence of writes is never made atomic this way), at the cost of two more round trips
     /// per write. Inserts are not locked.
     pub fn serializes_writes(&self) -> bool {
-        self.ferretdb_version.is_some()
-    }
-
-    /// The version of FerretDB 1.x (or older), from the `ferretdbVersion` field its `buildInfo`
-    /// adds; `None` for MongoDB and for FerretDB 2, which runs on PostgreSQL with DocumentDB
-    /// and whose updates are atomic.
-    pub(super) async fn detect_ferretdb(&self) -> Result<Option<String>> {
-        let info = self
-            .db
-            .run_command(doc! { "buildInfo": 1 })
-            .await
-            .map_err(|e| StoreError::backend("reading the server's buildInfo", e))?;
-        Ok(match info.get("ferretdbVersion") {
-            Some(Bson::String(version))
-                if version.trim_start_matches('v').starts_with("1.")
-                    || version.trim_start_matches('v').starts_with("0.") =>
-            {
-                Some(version.clone())
-            }
-            _ => None,
-        })
+        matches!(self.server, ServerKind::FerretDb1 { .. })
     }
 
     /// Runs one single-document write on the document that `key` names (see [`lock_key`]).
-    /// On FerretDB 1.x it runs under that document's store-wide lock (see [`acquire`]), shared by
-    /// every replica, which makes it as atomic as MongoDB makes it; writes to different
-    /// documents still run side by side.
+    /// On MongoDB that is the write itself. On FerretDB 1.x it runs under that document's
+    /// store-wide lock (see [`acquire`]), shared by every replica, which makes it as atomic as
+    /// MongoDB makes it; writes to different documents still run side by side.
     pub(super) async fn atomic<T, F>(&self, key: String, write: F) -> mongodb::error::Result<T>
     where
         F: IntoFuture<Output = mongodb::error::Result<T>>,
     {
-        if self.ferretdb_version.is_none() {
-            return write.await;
+        match self.server {
+            ServerKind::MongoDb => write.await,
+            ServerKind::FerretDb1 { .. } => {
+                let held = acquire(&self.db.collection(LOCK_COLLECTION), key).await?;
+                let outcome = write.await;
+                if let Err(e) = held.release().await {
+                    // The write itself is done; the lock expires on its own.
+                    tracing::warn!(error = %e, "releasing a FerretDB write lock");
+                }
+                outcome
+            }
         }
-        let held = acquire(&self.write_lock, key).await?;
-        let outcome = write.await;
-        if let Err(e) = held.release().await {
-            // The write itself is done; the lock expires on its own.
-            tracing::warn!(error = %e, "releasing a FerretDB write lock");
+    }
+
+    /// [`Store::user_usage`] on FerretDB 1.x: the counts from the aggregation, the requests
+    /// summed here. FerretDB 1.24 hands a group's documents to the first accumulator of a
+    /// `$group` only (its `group.Process` shares one iterator between them), so every further
+    /// accumulator, such as the `$sum` of a field beside the count, answers 0. A user's running
+    /// tasks are bounded by the cluster's size.
+    pub(super) async fn user_usage_ferretdb1(&self, user_id: &str) -> Result<Usage> {
+        let mut usage = Usage::default();
+        for group in &self.open_task_groups(user_id, Document::new()).await? {
+            add_open_count(&mut usage, group)?;
         }
-        outcome
+        if usage.running_tasks == 0 {
+            return Ok(usage);
+        }
+        let what = || format!("reading the usage of user '{user_id}'");
+        let mut running = self
+            .tasks
+            .find(doc! { "user_id": user_id, "status": TaskStatus::Running.as_str() })
+            .projection(doc! { "req_cpu": 1, "req_memory": 1, "req_storage": 1, "req_gpu": 1 })
+            .await
+            .map_err(|e| StoreError::backend(what(), e))?;
+        while let Some(d) = running
+            .try_next()
+            .await
+            .map_err(|e| StoreError::backend(what(), e))?
+        {
+            let r = Reader::new(&d, TASKS);
+            usage.reserved.cpu += r.f64("req_cpu")?;
+            usage.reserved.memory += r.f64("req_memory")?;
+            usage.reserved.storage += r.f64("req_storage")?;
+            usage.reserved.gpu += r.f64("req_gpu")?;
+        }
+        Ok(usage)
+    }
+}
+
+// ----- events on FerretDB 1.x -----
+//
+// FerretDB 1.x pushes down only `_id` equality: `$in` and `$gt` on `_id` scan the whole
+// collection (measured: 1.3 s for 10 events among 10,000, see the `timing` test), an equality
+// lookup stays ~1 ms at any size. So every read here is by `_id` equality over a bounded range
+// below the counter's head, never a scan and never a server-side sort, and a replica's own
+// events (which it holds already) cost it no lookup at all.
+
+/// Most ids one read asks for.
+const RANGE: u64 = 256;
+/// Most ranges one prune walks over (a minute's worth at ~270 events/s).
+const MAX_PRUNE_RANGES: usize = 64;
+/// Equality lookups one read keeps in flight.
+const LOOKUPS_IN_FLIGHT: usize = 16;
+/// Most ranges one call walks over (ids may be missing in whole ranges after failures).
+const MAX_RANGES: usize = 16;
+
+impl MongoStore {
+    /// The events whose ids are in `from..=to`, by id: one `_id` equality lookup per id,
+    /// [`LOOKUPS_IN_FLIGHT`] at a time.
+    async fn events_in(&self, from: u64, to: u64) -> Result<Vec<StoredEvent>> {
+        self.events_with_ids((from..=to).collect()).await
+    }
+
+    /// The events `ids` that exist, in the order of `ids` (see [`Self::events_in`]).
+    async fn events_with_ids(&self, ids: Vec<u64>) -> Result<Vec<StoredEvent>> {
+        let collection = self.events_collection();
+        let lookups: Vec<_> = ids
+            .into_iter()
+            .map(|id| {
+                let collection = collection.clone();
+                async move {
+                    let id = u64_to_bson(id, "_id")?;
+                    collection
+                        .find_one(doc! { "_id": id })
+                        .await
+                        .map_err(|e| StoreError::backend("reading events", e))
+                }
+            })
+            .collect();
+        let documents: Vec<Option<Document>> = futures::stream::iter(lookups)
+            .buffered(LOOKUPS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        documents
+            .iter()
+            .flatten()
+            .map(event_from_document)
+            .collect()
+    }
+
+    /// Deletes the events `ids`, by `_id` equality (see [`Self::events_in`]).
+    async fn delete_events(&self, ids: &[u64]) -> Result<u64> {
+        let collection = self.events_collection();
+        let deletes: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                let collection = collection.clone();
+                let id = *id;
+                async move {
+                    let id = u64_to_bson(id, "_id")?;
+                    collection
+                        .delete_one(doc! { "_id": id })
+                        .await
+                        .map(|outcome| outcome.deleted_count)
+                        .map_err(|e| StoreError::backend("pruning events", e))
+                }
+            })
+            .collect();
+        let counts: Vec<u64> = futures::stream::iter(deletes)
+            .buffered(LOOKUPS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        Ok(counts.iter().sum())
+    }
+
+    /// [`Store::events_after`] on FerretDB 1.x: see [`Self::events_after_except_ferretdb1`].
+    pub(super) async fn events_after_ferretdb1(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>> {
+        Ok(self
+            .events_after_except_ferretdb1(after, limit, &BTreeSet::new())
+            .await?
+            .events)
+    }
+
+    /// [`Store::events_after_except`] on FerretDB 1.x: walks the ids above `after` up to the
+    /// counter's head, range by range, looking up only those not in `known`.
+    pub(super) async fn events_after_except_ferretdb1(
+        &self,
+        after: u64,
+        limit: u32,
+        known: &BTreeSet<u64>,
+    ) -> Result<EventRead> {
+        let bounds = self.event_bounds_impl().await?;
+        let limit = u64::from(limit);
+        let mut from = after.max(bounds.oldest.saturating_sub(1));
+        let mut events: Vec<StoredEvent> = Vec::new();
+        for _ in 0..MAX_RANGES {
+            let wanted = limit.saturating_sub(events.len() as u64);
+            if from >= bounds.head || wanted == 0 {
+                break;
+            }
+            let to = bounds.head.min(from + wanted.min(RANGE));
+            let ids = (from + 1..=to).filter(|id| !known.contains(id)).collect();
+            events.extend(self.events_with_ids(ids).await?);
+            from = to;
+        }
+        let covered_to = (from < bounds.head).then_some(from);
+        Ok(EventRead { events, covered_to })
+    }
+
+    /// [`Store::prune_events`] on FerretDB 1.x: walks the ids from the floor range by range,
+    /// deleting the old ones one by one up to the first recent one.
+    pub(super) async fn prune_events_ferretdb1(&self, before: DateTime<Utc>) -> Result<u64> {
+        let bounds = self.event_bounds_impl().await?;
+        let mut floor = bounds.oldest;
+        let mut removed = 0;
+        for _ in 0..MAX_PRUNE_RANGES {
+            if floor > bounds.head {
+                break;
+            }
+            let to = bounds.head.min(floor + RANGE - 1);
+            let events = self.events_in(floor, to).await?;
+            let stop = events.iter().find(|e| e.event.at >= before).map(|e| e.id);
+            let old: Vec<u64> = events
+                .iter()
+                .take_while(|e| Some(e.id) != stop)
+                .map(|e| e.id)
+                .collect();
+            removed += self.delete_events(&old).await?;
+            match (stop, events.last()) {
+                (Some(id), _) => {
+                    floor = id;
+                    break;
+                }
+                // Ids missing at the end may be events still being written: not passed.
+                (None, Some(last)) if to == bounds.head => {
+                    floor = last.id + 1;
+                    break;
+                }
+                (None, _) if to == bounds.head => break,
+                (None, _) => floor = to + 1,
+            }
+        }
+        if floor > bounds.oldest {
+            self.raise_event_floor(floor).await?;
+        }
+        Ok(removed)
     }
 }
 
@@ -231,6 +455,13 @@ mod tests {
             Some(Bson::String(v)) if v.trim_start_matches('v').starts_with("1.")
         );
         assert_eq!(store.serializes_writes(), is_ferretdb_1, "{info:?}");
+        match store.server_kind() {
+            ServerKind::FerretDb1 { version } => {
+                assert!(is_ferretdb_1);
+                assert_eq!(info.get_str("ferretdbVersion").ok(), Some(version.as_str()));
+            }
+            ServerKind::MongoDb => assert!(!is_ferretdb_1, "{info:?}"),
+        }
     }
 
     /// Two stores with their own connection pools (as two host replicas) race 40 reservations
@@ -278,8 +509,8 @@ mod tests {
             .await
             .unwrap();
         let expired = model::now() - chrono::Duration::seconds(1);
-        store
-            .write_lock
+        let write_lock = store.db.collection::<Document>(LOCK_COLLECTION);
+        write_lock
             .insert_one(doc! {
                 "_id": lock_key(WORKER_REGISTRY, "w-lock"),
                 "holder": "a-dead-replica",
@@ -295,7 +526,105 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
-        let left = store.write_lock.count_documents(doc! {}).await.unwrap();
+        let left = write_lock.count_documents(doc! {}).await.unwrap();
         assert_eq!(left, 0, "the write released its lock");
+    }
+}
+/// How the tail reads scale with the size of the collection (run by hand:
+/// `cargo test -p cloudai --lib tail_reads_stay_cheap -- --ignored --nocapture`).
+#[cfg(test)]
+mod timing {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Instant;
+
+    use futures::TryStreamExt;
+    use mongodb::bson::{Document, doc};
+
+    use crate::store::Store;
+    use crate::store::conformance::unique_id;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, not a check"]
+    async fn tail_reads_stay_cheap() {
+        let Some((store, _drop)) = super::super::testing::connect_test_store().await else {
+            return;
+        };
+        let batch: Vec<_> = (0..500)
+            .map(|_| {
+                crate::events::event(
+                    "task",
+                    "state",
+                    Some(&unique_id("t")),
+                    None,
+                    None,
+                    doc_data(),
+                )
+            })
+            .collect();
+        let started = Instant::now();
+        for _ in 0..20 {
+            store.append_events(&batch).await.unwrap();
+        }
+        println!(
+            "10,000 events appended in batches of 500: {:?}",
+            started.elapsed()
+        );
+        let head = store.event_bounds().await.unwrap().head;
+        let started = Instant::now();
+        let tail = store.events_after(head - 10, 512).await.unwrap();
+        println!(
+            "events_after(head - 10) -> {}: {:?}",
+            tail.len(),
+            started.elapsed()
+        );
+        let started = Instant::now();
+        let page = store.events_after(head - 5000, 256).await.unwrap();
+        println!(
+            "events_after(head - 5000, 256) -> {}: {:?}",
+            page.len(),
+            started.elapsed()
+        );
+        for id in [head - 3, head - 2, head - 1] {
+            let started = Instant::now();
+            let found = store
+                .events_collection()
+                .find_one(doc! { "_id": i64::try_from(id).unwrap() })
+                .await
+                .unwrap();
+            println!(
+                "find_one _id = {id} -> {}: {:?}",
+                found.is_some(),
+                started.elapsed()
+            );
+        }
+        let started = Instant::now();
+        let found = store
+            .counters()
+            .find_one(doc! { "_id": "events" })
+            .await
+            .unwrap();
+        println!("counter -> {}: {:?}", found.is_some(), started.elapsed());
+        let started = Instant::now();
+        let gt: Vec<Document> = store
+            .events_collection()
+            .find(doc! { "_id": { "$gt": i64::try_from(head - 10).unwrap() } })
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        println!(
+            "find _id $gt head - 10 -> {}: {:?}",
+            gt.len(),
+            started.elapsed()
+        );
+        let started = Instant::now();
+        let one = store.append_events(&batch[..1]).await.unwrap();
+        println!("append one event: {:?} ({one:?})", started.elapsed());
+    }
+
+    fn doc_data() -> serde_json::Value {
+        serde_json::json!({"status": "queued", "reason": null, "attempts": 0, "worker_id": null})
     }
 }

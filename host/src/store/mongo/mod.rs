@@ -89,16 +89,27 @@ const DUPLICATE_KEY: i32 = 11000;
 /// `NamespaceExists`: a collection created concurrently by another replica.
 const NAMESPACE_EXISTS: i32 = 48;
 
-/// [`Store`] on MongoDB 7.0+ (tested against FerretDB, which speaks the same protocol).
+/// Which server a [`MongoStore`] talks to, read from `buildInfo` once at connect: the one switch
+/// between the native path, written for MongoDB, and the workarounds FerretDB 1.x needs, which
+/// live in [`compat`]. Every place that behaves differently matches on it, and the native path
+/// never changes for FerretDB's sake.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerKind {
+    /// MongoDB 7.0+, or FerretDB 2.x (whose updates are atomic): the native path.
+    MongoDb,
+    /// FerretDB 1.x, the test server: the native path with the overrides in [`compat`].
+    FerretDb1 { version: String },
+}
+
+/// [`Store`] on MongoDB 7.0+ (tested against FerretDB 1.24, which speaks the same protocol:
+/// see [`ServerKind`]).
 ///
 /// Cheap to clone: the driver's [`Client`] is one shared connection pool.
 #[derive(Clone, Debug)]
 pub struct MongoStore {
     db: Database,
-    /// The server is FerretDB 1.x: see [`MongoStore::serializes_writes`].
-    ferretdb_version: Option<String>,
-    /// The FerretDB 1.x write lock shared by every replica: see [`compat`].
-    write_lock: Collection<Document>,
+    /// The path this store takes: see [`ServerKind`].
+    server: ServerKind,
     tasks: Collection<Document>,
     workers: Collection<Document>,
     assignments: Collection<Document>,
@@ -114,8 +125,9 @@ pub struct MongoStore {
 }
 
 impl MongoStore {
-    /// Connects to `uri`, uses `database`, and creates the collections and indexes that are
-    /// missing (idempotent: safe to run on every start-up, by several replicas at once).
+    /// Connects to `uri`, uses `database`, tells MongoDB from FerretDB 1.x (see
+    /// [`ServerKind`]), and creates the collections and indexes that are missing (idempotent:
+    /// safe to run on every start-up, by several replicas at once).
     ///
     /// Production defaults, each applied **only when the URI does not set it**:
     /// - write concern `majority` with journaling (`w=majority&journal=true`) and retryable
@@ -134,22 +146,68 @@ impl MongoStore {
     /// (`serverSelectionTimeoutMS` in the URI overrides it), so an unreachable server fails
     /// here with a clear error.
     pub async fn connect(uri: &str, database: &str) -> Result<Self, StoreError> {
+        Self::open(uri, database, None, |_| {}).await
+    }
+
+    /// [`Self::connect`], taking the path of `server` whatever `buildInfo` says, with the
+    /// client's options adjusted by `configure` (e.g. a command monitor). For tests only: the
+    /// native path on FerretDB 1.x is not atomic (see [`compat`]), so only tests that run one
+    /// write at a time may use it, each on a fresh database (FerretDB 1.24 cannot repeat the
+    /// native `createIndexes` on existing indexes).
+    #[cfg(test)]
+    pub(crate) async fn connect_as(
+        uri: &str,
+        database: &str,
+        server: ServerKind,
+        configure: impl FnOnce(&mut ClientOptions),
+    ) -> Result<Self, StoreError> {
+        Self::open(uri, database, Some(server), configure).await
+    }
+
+    async fn open(
+        uri: &str,
+        database: &str,
+        forced: Option<ServerKind>,
+        configure: impl FnOnce(&mut ClientOptions),
+    ) -> Result<Self, StoreError> {
         let mut options = ClientOptions::parse(uri)
             .await
             .map_err(|e| StoreError::backend("parsing the MongoDB URI", e))?;
         apply_production_defaults(&mut options);
+        configure(&mut options);
         let hosts = options
             .hosts
             .iter()
             .map(|h| h.to_string())
             .collect::<Vec<_>>()
             .join(",");
+        let unreachable = |e: StoreError| match e {
+            StoreError::Backend { context, source } => StoreError::Backend {
+                context: format!(
+                    "{context} (MongoDB at {hosts}, database '{database}': is the server running and reachable?)"
+                ),
+                source,
+            },
+            other => other,
+        };
         let client = Client::with_options(options)
             .map_err(|e| StoreError::backend("creating the MongoDB client", e))?;
         let db = client.database(database);
-        let mut store = MongoStore {
-            ferretdb_version: None,
-            write_lock: db.collection(compat::LOCK_COLLECTION),
+        // First, because the schema itself is created differently on FerretDB 1.x.
+        let server = match forced {
+            Some(server) => server,
+            None => compat::detect(&db).await.map_err(unreachable)?,
+        };
+        if let ServerKind::FerretDb1 { version } = &server {
+            tracing::warn!(
+                ferretdb_version = %version,
+                "the MongoDB server is FerretDB 1.x, whose updates are not atomic: every \
+                 conditional write takes a lock on its document (slower; meant for tests). Use \
+                 MongoDB 7+ in production"
+            );
+        }
+        let store = MongoStore {
+            server,
             tasks: db.collection(TASKS),
             workers: db.collection(WORKER_REGISTRY),
             assignments: db.collection(ASSIGNMENTS),
@@ -164,28 +222,13 @@ impl MongoStore {
             task_output_chunks: db.collection(TASK_OUTPUT_CHUNKS),
             db,
         };
-        store
-            .ensure_schema()
-            .await
-            .map_err(|e| match e {
-                StoreError::Backend { context, source } => StoreError::Backend {
-                    context: format!(
-                        "{context} (MongoDB at {hosts}, database '{database}': is the server running and reachable?)"
-                    ),
-                    source,
-                },
-                other => other,
-            })?;
-        store.ferretdb_version = store.detect_ferretdb().await?;
-        if let Some(version) = &store.ferretdb_version {
-            tracing::warn!(
-                ferretdb_version = %version,
-                "the MongoDB server is FerretDB 1.x, whose updates are not atomic: every \
-                 conditional write takes a lock on its document (slower; meant for tests). Use \
-                 MongoDB 7+ in production"
-            );
-        }
+        store.ensure_schema().await.map_err(unreachable)?;
         Ok(store)
+    }
+
+    /// The server this store talks to, as detected at connect.
+    pub fn server_kind(&self) -> &ServerKind {
+        &self.server
     }
 
     /// The database this store uses.
@@ -387,7 +430,10 @@ impl Store for MongoStore {
     }
 
     async fn user_usage(&self, user_id: &str) -> Result<Usage> {
-        self.user_usage_impl(user_id).await
+        match self.server {
+            ServerKind::MongoDb => self.user_usage_impl(user_id).await,
+            ServerKind::FerretDb1 { .. } => self.user_usage_ferretdb1(user_id).await,
+        }
     }
 
     async fn admission_batch(&self, limit: u32, due_before: DateTime<Utc>) -> Result<Vec<Task>> {
@@ -503,7 +549,10 @@ impl Store for MongoStore {
     }
 
     async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<StoredEvent>> {
-        self.events_after_impl(after, limit).await
+        match self.server {
+            ServerKind::MongoDb => self.events_after_impl(after, limit).await,
+            ServerKind::FerretDb1 { .. } => self.events_after_ferretdb1(after, limit).await,
+        }
     }
 
     async fn events_after_except(
@@ -512,7 +561,13 @@ impl Store for MongoStore {
         limit: u32,
         known: &std::collections::BTreeSet<u64>,
     ) -> Result<crate::store::EventRead> {
-        self.events_after_except_impl(after, limit, known).await
+        match self.server {
+            ServerKind::MongoDb => self.events_after_except_impl(after, limit, known).await,
+            ServerKind::FerretDb1 { .. } => {
+                self.events_after_except_ferretdb1(after, limit, known)
+                    .await
+            }
+        }
     }
 
     async fn event_bounds(&self) -> Result<EventBounds> {
@@ -520,7 +575,10 @@ impl Store for MongoStore {
     }
 
     async fn prune_events(&self, before: DateTime<Utc>) -> Result<u64> {
-        self.prune_events_impl(before).await
+        match self.server {
+            ServerKind::MongoDb => self.prune_events_impl(before).await,
+            ServerKind::FerretDb1 { .. } => self.prune_events_ferretdb1(before).await,
+        }
     }
 
     async fn task_counts(&self) -> Result<TaskCounts> {
@@ -555,17 +613,147 @@ pub(super) fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
     error_code(e) == Some(DUPLICATE_KEY)
 }
 
-/// The shared store conformance suite, on a fresh database per test.
+/// The shared store conformance suite, on a fresh database per test, on the path the server
+/// calls for (on FerretDB 1.x, with the overrides of [`compat`]).
 #[cfg(test)]
 mod conformance {
     crate::store_conformance_tests!(super::testing::connect_test_store());
 }
+
+/// Runs the conformance cases that write one at a time on the native path whatever the server
+/// is ([`testing::connect_native_test_store`]): against FerretDB 1.x, that is how the code
+/// written for MongoDB is tested here. `CASES` lists them for the check below.
+#[cfg(test)]
+macro_rules! native_conformance_cases {
+    ($($name:ident),* $(,)?) => {
+        mod conformance_native {
+            crate::store_conformance_tests!(@borrowed super::testing::connect_native_test_store(); $($name),*);
+            pub(super) const CASES: &[&str] = &[$(stringify!($name)),*];
+        }
+    };
+}
+
+#[cfg(test)]
+native_conformance_cases!(
+    ping_answers,
+    insert_and_get_task_round_trips_every_field,
+    get_task_unknown_is_not_found,
+    insert_task_with_taken_id_is_already_exists,
+    list_tasks_is_newest_first_with_task_id_tie_break,
+    list_tasks_filters_by_status_and_user,
+    list_tasks_pages_visit_every_task_exactly_once,
+    list_tasks_pages_with_status_filter_visit_every_match_once,
+    idempotent_insert_with_same_digest_returns_first_task,
+    idempotent_insert_with_other_digest_is_mismatch,
+    idempotency_keys_are_independent_per_user,
+    idempotent_insert_with_taken_task_id_records_no_key,
+    task_lifecycle_pending_queued_running_completed,
+    task_lifecycle_running_to_failed,
+    pending_and_queued_tasks_can_be_cancelled,
+    transition_from_wrong_state_is_conflict_and_not_applied,
+    transition_unknown_task_is_not_found,
+    transition_applies_task_update_fields,
+    claim_task_follows_owner_and_lease_rules,
+    request_cancel_applies_only_to_running_tasks,
+    insert_get_list_workers,
+    heartbeat_records_time_and_usage_without_reactivating,
+    set_draining_and_set_worker_active,
+    delete_worker_refused_while_an_assignment_is_active,
+    reserve_moves_allocated_and_available_together,
+    reserve_refuses_when_any_resource_is_short,
+    reserve_refuses_inactive_and_draining_workers,
+    reserve_unknown_worker_is_not_found,
+    reserve_and_release_of_inexact_decimals_restore_exact_values,
+    release_applies_exactly_once,
+    insert_get_list_assignments,
+    insert_and_get_results_one_per_task,
+    recent_runtimes_are_successful_runs_newest_first,
+    policy_bytes_round_trip_in_chunks_and_empty,
+    policy_bytes_with_wrong_sha256_are_refused,
+    insert_policy_version_with_taken_name_and_version_is_already_exists,
+    list_policy_versions_by_name_then_upload_time,
+    activate_policy_is_a_compare_and_swap,
+    activate_policy_refuses_a_version_of_another_kind_or_unknown,
+    delete_policy_version_refused_while_active,
+    policy_version_limits_round_trip_and_default_to_none,
+    clear_active_policy_is_a_compare_and_swap,
+    running_counts_count_only_running_tasks_of_the_users_asked,
+    admission_batch_is_due_pending_tasks_least_recently_updated_first,
+    claimable_tasks_are_in_queue_order_without_claimed_or_excluded_users,
+    active_assignment_counts_count_unreleased_assignments_per_worker,
+    mark_running_requires_the_owners_claim,
+    unclaim_task_gives_up_only_the_owners_claim,
+    unreserve_returns_an_unassigned_reservation_and_never_goes_below_zero,
+    lease_is_renewed_by_its_holder_and_taken_by_another_only_after_expiry,
+    mark_worker_lost_applies_only_to_an_active_worker_with_a_stale_heartbeat,
+    transition_attempt_applies_only_at_that_attempt,
+    clear_expired_claims_clears_only_expired_claims_of_queued_tasks,
+    repair_allocation_applies_only_to_the_observed_values,
+    log_chunks_are_stored_once_and_listed_in_order_after_a_position,
+    output_files_round_trip_in_chunks_and_are_replaced_by_path,
+    events_get_increasing_ids_and_read_back_in_order,
+    events_read_except_known_ids_covers_the_rest,
+    pruning_removes_old_events_as_a_prefix,
+    task_counts_count_every_status_and_follow_transitions,
+    count_assignments_since_counts_only_assignments_at_or_after_the_instant,
+);
+
+/// The suite's serial cases that [`native_conformance_cases`] leaves out, and why.
+#[cfg(test)]
+const NOT_NATIVE_ON_FERRETDB: &[(&str, &str)] = &[(
+    "user_usage_counts_open_tasks_and_sums_running_requests",
+    "FerretDB 1.24 answers 0 for every accumulator of a $group but the first (see \
+     compat::MongoStore::user_usage_ferretdb1); the native decoding is tested in tasks.rs",
+)];
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    /// Every serial case of the suite runs on the native path too, or is listed with a reason:
+    /// a case added to the suite and not here fails this test.
+    #[test]
+    fn every_serial_conformance_case_runs_natively_or_says_why_not() {
+        let suite = include_str!("../conformance.rs");
+        let macro_at = suite
+            .find("macro_rules! store_conformance_tests")
+            .expect("conformance.rs defines store_conformance_tests!");
+        let list_at = macro_at
+            + suite[macro_at..].find("(@borrowed $make;").expect(
+                "store_conformance_tests! lists its serial cases after `(@borrowed $make;`",
+            )
+            + "(@borrowed $make;".len();
+        let list_end = list_at
+            + suite[list_at..]
+                .find(");")
+                .expect("the list ends with `);`");
+        let serial: Vec<&str> = suite[list_at..list_end]
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .collect();
+        assert!(serial.len() > 50, "parsed {serial:?}");
+        let missing: Vec<&&str> = serial
+            .iter()
+            .filter(|name| {
+                !conformance_native::CASES.contains(name)
+                    && !NOT_NATIVE_ON_FERRETDB.iter().any(|(n, _)| n == *name)
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "add these conformance cases to native_conformance_cases! in store/mongo/mod.rs \
+             (or to NOT_NATIVE_ON_FERRETDB, with the reason): {missing:?}"
+        );
+        for name in conformance_native::CASES {
+            assert!(
+                serial.contains(name),
+                "{name} is not a serial case of the suite"
+            );
+        }
+    }
 
     #[tokio::test]
     async fn production_defaults_fill_only_what_the_uri_left_unset() {

@@ -6,8 +6,8 @@ use mongodb::{Collection, IndexModel};
 
 use super::{
     ACTIVE_POLICIES, ASSIGNMENTS, COUNTERS, EVENTS, IDEMPOTENCY_KEYS, LEASES, MongoStore,
-    NAMESPACE_EXISTS, POLICIES, POLICY_CHUNKS, RESULTS, TASK_LOGS, TASK_OUTPUT_CHUNKS,
-    TASK_OUTPUTS, TASKS, WORKER_REGISTRY, error_code,
+    NAMESPACE_EXISTS, POLICIES, POLICY_CHUNKS, RESULTS, ServerKind, TASK_LOGS, TASK_OUTPUT_CHUNKS,
+    TASK_OUTPUTS, TASKS, WORKER_REGISTRY, compat, error_code,
 };
 use crate::store::{Result, StoreError};
 
@@ -134,16 +134,15 @@ impl MongoStore {
             ),
         ];
         for (collection, name, models) in indexes {
-            // One index per command: FerretDB 1.24 panics (and drops the connection) when one
-            // `createIndexes` names two or more indexes that already exist (its
-            // `validateIndexesForCreation` deletes from a shrinking slice by the original
-            // position). One at a time is equally idempotent on MongoDB, and runs only at
-            // start-up.
-            for model in models {
-                collection.create_index(model).await.map_err(|e| {
-                    StoreError::backend(format!("creating the indexes of {name}"), e)
-                })?;
-            }
+            // One command per collection; already existing indexes are left as they are.
+            let created = match self.server {
+                ServerKind::MongoDb => collection.create_indexes(models).await.map(drop),
+                ServerKind::FerretDb1 { .. } => {
+                    compat::create_indexes_one_by_one(collection, models).await
+                }
+            };
+            created
+                .map_err(|e| StoreError::backend(format!("creating the indexes of {name}"), e))?;
         }
         Ok(())
     }
@@ -155,9 +154,32 @@ mod tests {
 
     use mongodb::bson::doc;
 
-    use super::super::testing::connect_test_store;
-    use super::super::{MongoStore, is_duplicate_key};
+    use super::super::testing::{connect_native_logged_test_store, connect_test_store};
+    use super::super::{MongoStore, TASKS, is_duplicate_key};
     use crate::store::Store;
+
+    /// On MongoDB each collection's indexes are created by one `createIndexes` command. Run on
+    /// the native path against FerretDB, which accepts it on a fresh database (not a second
+    /// time: see `compat::create_indexes_one_by_one`).
+    #[tokio::test]
+    async fn native_schema_is_one_create_indexes_per_collection() {
+        let Some((store, log, _db)) = connect_native_logged_test_store().await else {
+            return;
+        };
+        let creates: Vec<String> = log
+            .take()
+            .iter()
+            .filter_map(|command| {
+                let indexes = command.get_array("indexes").ok()?;
+                let collection = command.get_str("createIndexes").ok()?;
+                Some(format!("{collection}:{}", indexes.len()))
+            })
+            .collect();
+        assert_eq!(creates.len(), 9, "one command per collection: {creates:?}");
+        assert!(creates.contains(&format!("{TASKS}:8")), "{creates:?}");
+        let names = store.tasks.list_index_names().await.unwrap();
+        assert_eq!(names.len(), 9, "8 and _id: {names:?}");
+    }
 
     #[tokio::test]
     async fn connect_is_idempotent_and_creates_the_seed_indexes() {

@@ -11,7 +11,7 @@ use mongodb::options::ReturnDocument;
 use super::codec::{Reader, task_from_document, task_to_document, to_bson_date};
 use super::compat::lock_key;
 use super::{IDEMPOTENCY_KEYS, MongoStore, TASKS, is_duplicate_key, not_found};
-use crate::model::{self, Task, TaskStatus};
+use crate::model::{self, Resources, Task, TaskStatus};
 use crate::policy::snapshot::Usage;
 use crate::store::{
     IdempotencyKey, Result, Store, StoreError, SubmitOutcome, TaskCounts, TaskPage, TaskQuery,
@@ -401,55 +401,51 @@ impl MongoStore {
         }
     }
 
+    /// [`Store::user_usage`] in one aggregation: the user's open tasks grouped by status,
+    /// counted, and the requests of each group summed by the server.
     pub(super) async fn user_usage_impl(&self, user_id: &str) -> Result<Usage> {
+        let groups = self
+            .open_task_groups(
+                user_id,
+                doc! {
+                    "cpu": { "$sum": "$req_cpu" },
+                    "memory": { "$sum": "$req_memory" },
+                    "storage": { "$sum": "$req_storage" },
+                    "gpu": { "$sum": "$req_gpu" },
+                },
+            )
+            .await?;
+        usage_from_groups(&groups)
+    }
+
+    /// The user's pending, queued and running tasks grouped by status (`_id`), each group with
+    /// its `count` and the `accumulators` asked for.
+    pub(super) async fn open_task_groups(
+        &self,
+        user_id: &str,
+        accumulators: Document,
+    ) -> Result<Vec<Document>> {
+        let mut group = doc! { "_id": "$status", "count": { "$sum": 1_i64 } };
+        group.extend(accumulators);
         let pipeline = vec![
             doc! { "$match": {
                 "user_id": user_id,
-                "status": { "$in": ["pending", "queued", "running"] },
+                "status": { "$in": [
+                    TaskStatus::Pending.as_str(),
+                    TaskStatus::Queued.as_str(),
+                    TaskStatus::Running.as_str(),
+                ] },
             } },
-            doc! { "$group": { "_id": "$status", "count": { "$sum": 1_i64 } } },
+            doc! { "$group": group },
         ];
         let what = || format!("reading the usage of user '{user_id}'");
-        let groups: Vec<Document> = self
-            .tasks
+        self.tasks
             .aggregate(pipeline)
             .await
             .map_err(|e| StoreError::backend(what(), e))?
             .try_collect()
             .await
-            .map_err(|e| StoreError::backend(what(), e))?;
-        let mut usage = Usage::default();
-        for group in &groups {
-            let r = Reader::new(group, TASKS);
-            let count: u32 = r.int("count")?;
-            match r.string("_id")?.as_str() {
-                "pending" => usage.pending_tasks = count,
-                "queued" => usage.queued_tasks = count,
-                _ => usage.running_tasks = count,
-            }
-        }
-        if usage.running_tasks > 0 {
-            // Summed here rather than with `$sum` in the `$group`: FerretDB 1.x answers 0 for
-            // a `$sum` of a field. A user's running tasks are bounded by the cluster's size.
-            let mut running = self
-                .tasks
-                .find(doc! { "user_id": user_id, "status": TaskStatus::Running.as_str() })
-                .projection(doc! { "req_cpu": 1, "req_memory": 1, "req_storage": 1, "req_gpu": 1 })
-                .await
-                .map_err(|e| StoreError::backend(what(), e))?;
-            while let Some(d) = running
-                .try_next()
-                .await
-                .map_err(|e| StoreError::backend(what(), e))?
-            {
-                let r = Reader::new(&d, TASKS);
-                usage.reserved.cpu += r.f64("req_cpu")?;
-                usage.reserved.memory += r.f64("req_memory")?;
-                usage.reserved.storage += r.f64("req_storage")?;
-                usage.reserved.gpu += r.f64("req_gpu")?;
-            }
-        }
-        Ok(usage)
+            .map_err(|e| StoreError::backend(what(), e))
     }
 
     pub(super) async fn admission_batch_impl(
@@ -688,6 +684,42 @@ impl MongoStore {
     }
 }
 
+/// The usage that [`MongoStore::user_usage_impl`]'s groups add up to: their counts, and the
+/// summed requests of the running group.
+fn usage_from_groups(groups: &[Document]) -> Result<Usage> {
+    let mut usage = Usage::default();
+    for group in groups {
+        if add_open_count(&mut usage, group)? == TaskStatus::Running {
+            let r = Reader::new(group, TASKS);
+            usage.reserved = Resources::new(
+                r.f64("cpu")?,
+                r.f64("memory")?,
+                r.f64("storage")?,
+                r.f64("gpu")?,
+            );
+        }
+    }
+    Ok(usage)
+}
+
+/// Adds the `count` of one group of [`MongoStore::open_task_groups`] to `usage`; returns the
+/// group's status.
+pub(super) fn add_open_count(usage: &mut Usage, group: &Document) -> Result<TaskStatus> {
+    let r = Reader::new(group, TASKS);
+    let count: u32 = r.int("count")?;
+    let status: TaskStatus = r
+        .string("_id")?
+        .parse()
+        .map_err(|e: String| r.invalid("_id", e))?;
+    match status {
+        TaskStatus::Pending => usage.pending_tasks = count,
+        TaskStatus::Queued => usage.queued_tasks = count,
+        TaskStatus::Running => usage.running_tasks = count,
+        other => return Err(r.invalid("_id", format!("{other} is not an open status"))),
+    }
+    Ok(status)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -696,6 +728,33 @@ mod tests {
 
     use super::super::testing::{connect_test_store, task};
     use super::*;
+
+    /// The answer MongoDB gives the native usage aggregation (one group per open status, the
+    /// running group with its sums; FerretDB 1.24 cannot give it, see
+    /// `compat::MongoStore::user_usage_ferretdb1`) reads back as the usage.
+    #[test]
+    fn usage_is_read_from_the_groups_of_one_aggregation() {
+        let groups = [
+            doc! { "_id": "queued", "count": 2_i64, "cpu": 4.0, "memory": 8.0, "storage": 0.0, "gpu": 0.0 },
+            doc! { "_id": "running", "count": 3_i64, "cpu": 1.75, "memory": 6.5, "storage": 3_i32, "gpu": 1_i64 },
+            doc! { "_id": "pending", "count": 1_i32, "cpu": 1.0, "memory": 1.0, "storage": 1.0, "gpu": 0.0 },
+        ];
+        let usage = usage_from_groups(&groups).unwrap();
+        assert_eq!(
+            (usage.pending_tasks, usage.queued_tasks, usage.running_tasks),
+            (1, 2, 3)
+        );
+        assert_eq!(usage.reserved, Resources::new(1.75, 6.5, 3.0, 1.0));
+        assert_eq!(
+            usage_from_groups(&[]).unwrap().reserved,
+            Resources::default()
+        );
+        let missing_sum = [doc! { "_id": "running", "count": 1_i64, "cpu": 1.0 }];
+        let message = usage_from_groups(&missing_sum).unwrap_err().to_string();
+        assert!(message.contains("'memory'"), "{message}");
+        let closed = [doc! { "_id": "completed", "count": 1_i64 }];
+        assert!(usage_from_groups(&closed).is_err());
+    }
 
     #[tokio::test]
     async fn idempotent_submit_finishes_a_submission_that_crashed_after_its_key() {

@@ -2,9 +2,15 @@
 //! `CLOUDAI_TEST_MONGODB_URI`, a guard that drops that database, and sample documents.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
-use super::MongoStore;
+use mongodb::bson::Document;
+use mongodb::event::EventHandler;
+use mongodb::event::command::CommandEvent;
+
+use super::{MongoStore, ServerKind};
 use crate::model::{Assignment, Resources, Task};
+use crate::store::StoreError;
 use crate::store::conformance::sample_assignment;
 
 /// The environment variable naming the test server.
@@ -62,13 +68,90 @@ impl Drop for DropDatabase {
 /// Panics (the test fails) when a server is configured but cannot be reached.
 pub async fn connect_test_store() -> Option<(MongoStore, DropDatabase)> {
     let uri = test_uri()?;
-    let database = format!("cloudai_test_{}", uuid::Uuid::now_v7().simple());
-    let store = match MongoStore::connect(&uri, &database).await {
+    let database = fresh_database();
+    let store = MongoStore::connect(&uri, &database).await;
+    Some((connected(store), DropDatabase { uri, database }))
+}
+
+/// Like [`connect_test_store`], on the native path whatever the server is (see
+/// [`MongoStore::connect_as`]): how the tests run the code written for MongoDB against
+/// FerretDB 1.x. Only for tests that write one at a time: on FerretDB 1.x that path is not
+/// atomic.
+pub async fn connect_native_test_store() -> Option<(MongoStore, DropDatabase)> {
+    connect_native_logged_test_store()
+        .await
+        .map(|(store, _, guard)| (store, guard))
+}
+
+/// [`connect_native_test_store`], with a log of the commands its client sends.
+pub async fn connect_native_logged_test_store() -> Option<(MongoStore, CommandLog, DropDatabase)> {
+    let uri = test_uri()?;
+    let database = fresh_database();
+    let log = CommandLog::default();
+    let handler = log.handler();
+    let store = MongoStore::connect_as(&uri, &database, ServerKind::MongoDb, |options| {
+        options.command_event_handler = Some(handler);
+    })
+    .await;
+    Some((connected(store), log, DropDatabase { uri, database }))
+}
+
+fn fresh_database() -> String {
+    format!("cloudai_test_{}", uuid::Uuid::now_v7().simple())
+}
+
+fn connected(store: Result<MongoStore, StoreError>) -> MongoStore {
+    match store {
         Ok(store) => store,
         // The URI is not printed: it may carry credentials.
         Err(e) => panic!("{URI_VAR} is set but the store cannot connect: {e}"),
-    };
-    Some((store, DropDatabase { uri, database }))
+    }
+}
+
+/// The commands a client sent, in order: how tests check what an operation costs.
+#[derive(Clone, Debug, Default)]
+pub struct CommandLog(Arc<Mutex<Vec<Document>>>);
+
+impl CommandLog {
+    fn handler(&self) -> EventHandler<CommandEvent> {
+        let log = Arc::clone(&self.0);
+        EventHandler::callback(move |event| {
+            if let CommandEvent::Started(started) = event
+                && let Ok(mut log) = log.lock()
+            {
+                log.push(started.command);
+            }
+        })
+    }
+
+    /// The commands sent since the last call, leaving out the driver's own (`hello`,
+    /// `endSessions`, ...): those whose first field names a collection.
+    pub fn take(&self) -> Vec<Document> {
+        let taken = match self.0.lock() {
+            Ok(mut log) => std::mem::take(&mut *log),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        };
+        taken
+            .into_iter()
+            .filter(|command| {
+                command
+                    .iter()
+                    .next()
+                    .is_some_and(|(_, target)| target.as_str().is_some())
+            })
+            .collect()
+    }
+
+    /// [`Self::take`], as `(command name, collection)`.
+    pub fn take_names(&self) -> Vec<(String, String)> {
+        self.take()
+            .iter()
+            .filter_map(|command| {
+                let (name, target) = command.iter().next()?;
+                Some((name.clone(), target.as_str()?.to_owned()))
+            })
+            .collect()
+    }
 }
 
 pub use crate::store::conformance::sample_worker as worker;
