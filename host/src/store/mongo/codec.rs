@@ -22,10 +22,18 @@ pub(super) fn to_bson_date(at: DateTime<Utc>) -> bson::DateTime {
     bson::DateTime::from_millis(at.timestamp_millis())
 }
 
-pub(super) fn map_to_document(map: &BTreeMap<String, String>) -> Document {
-    map.iter()
-        .map(|(k, v)| (k.clone(), Bson::String(v.clone())))
-        .collect()
+/// A string-to-string map (labels, env), stored as an array of `{k, v}` documents sorted by
+/// `k`: any key is then a value, which every MongoDB-protocol server accepts (FerretDB 1.x
+/// refuses field names with a `.` or a leading `$`, and MongoDB cannot query such names by
+/// path), and `labels.k` / `labels.v` can be indexed. Schema version 1 stored the map as a
+/// sub-document keyed by its keys: [`Reader::map`] still reads that shape, and
+/// [`super::schema`] converts it at start-up.
+pub(super) fn map_to_pairs(map: &BTreeMap<String, String>) -> Bson {
+    Bson::Array(
+        map.iter()
+            .map(|(k, v)| Bson::Document(doc! { "k": k, "v": v }))
+            .collect(),
+    )
 }
 
 /// Stored as Int64: every u32 and every realistic u64 fits, and it reads back unchanged.
@@ -57,8 +65,8 @@ pub(super) fn task_to_document(t: &Task) -> Result<Document> {
     insert_opt(&mut d, "started_at", t.started_at.map(to_bson_date));
     insert_opt(&mut d, "completed_at", t.completed_at.map(to_bson_date));
     d.insert("priority", t.priority);
-    d.insert("labels", map_to_document(&t.labels));
-    d.insert("env", map_to_document(&t.env));
+    d.insert("labels", map_to_pairs(&t.labels));
+    d.insert("env", map_to_pairs(&t.env));
     if let Some(timeout) = t.timeout_s {
         d.insert("timeout_s", u64_to_bson(timeout, "timeout_s")?);
     }
@@ -145,7 +153,7 @@ pub(super) fn worker_to_document(w: &Worker) -> Document {
         "registered_at": to_bson_date(w.registered_at),
         "updated_at": to_bson_date(w.updated_at),
         "draining": w.draining,
-        "labels": map_to_document(&w.labels),
+        "labels": map_to_pairs(&w.labels),
         "token_sha256": &w.token_sha256,
     };
     insert_opt(&mut d, "usage", w.usage.as_ref().map(usage_to_document));
@@ -485,23 +493,48 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// A string-to-string map; absent reads as empty.
+    /// A string-to-string map (see [`map_to_pairs`]): an array of `{k, v}` documents, or a
+    /// sub-document keyed by the map's keys as schema version 1 stored it (so that reads never
+    /// fail while a start-up converts them); absent reads as empty.
     pub(super) fn map(&self, key: &str) -> Result<BTreeMap<String, String>> {
-        let Some(d) = self.opt_document(key)? else {
-            return Ok(BTreeMap::new());
-        };
-        d.iter()
-            .map(|(k, v)| match v {
-                Bson::String(s) => Ok((k.clone(), s.clone())),
-                other => Err(self.invalid(
-                    key,
-                    format!(
-                        "entry '{k}': expected a string, found {:?}",
-                        other.element_type()
-                    ),
-                )),
-            })
-            .collect()
+        match self.present(key) {
+            None => Ok(BTreeMap::new()),
+            Some(Bson::Array(pairs)) => {
+                let mut map = BTreeMap::new();
+                for pair in pairs {
+                    let (k, v) = match pair {
+                        Bson::Document(d) => match (d.get("k"), d.get("v")) {
+                            (Some(Bson::String(k)), Some(Bson::String(v))) => (k, v),
+                            _ => {
+                                return Err(self.invalid(
+                                    key,
+                                    format!("entry {d}: expected {{k: string, v: string}}"),
+                                ));
+                            }
+                        },
+                        other => return Err(self.wrong_type(key, "{k, v} entries", other)),
+                    };
+                    if map.insert(k.clone(), v.clone()).is_some() {
+                        return Err(self.invalid(key, format!("key '{k}' appears twice")));
+                    }
+                }
+                Ok(map)
+            }
+            Some(Bson::Document(d)) => d
+                .iter()
+                .map(|(k, v)| match v {
+                    Bson::String(s) => Ok((k.clone(), s.clone())),
+                    other => Err(self.invalid(
+                        key,
+                        format!(
+                            "entry '{k}': expected a string, found {:?}",
+                            other.element_type()
+                        ),
+                    )),
+                })
+                .collect(),
+            Some(other) => Err(self.wrong_type(key, "an array of {k, v}", other)),
+        }
     }
 }
 
@@ -514,7 +547,99 @@ mod tests {
     use super::super::testing::{assignment, connect_test_store, task, worker};
     use super::*;
     use crate::model::Resources;
-    use crate::store::Store;
+    use crate::store::{Store, TaskQuery};
+
+    fn map(entries: &[(&str, &str)]) -> BTreeMap<String, String> {
+        entries
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    /// Keys FerretDB 1.x refuses as field names (a `.`, a leading `$`) and MongoDB cannot query
+    /// by path are stored as values of `{k, v}` pairs, sorted by key, and read back unchanged.
+    /// (The API allows `.` in label keys, `cloudai.local` is the local worker's; it allows
+    /// neither in env keys, nor `$` anywhere: the store does not depend on that.)
+    #[tokio::test]
+    async fn labels_and_env_with_any_key_are_stored_as_pairs_and_read_back() {
+        let Some((store, _db)) = connect_test_store().await else {
+            return;
+        };
+        let labels = map(&[
+            ("app.kubernetes.io/name", "web"),
+            ("$dollar", "d"),
+            ("team", "ml"),
+            ("a.b.c", ""),
+        ]);
+        let env = map(&[("dotted.NAME", "1"), ("$X", "$Y"), ("PATH", "/bin")]);
+        let mut t = task("t-keys", "u-keys");
+        t.labels = labels.clone();
+        t.env = env.clone();
+        store.insert_task(&t, None).await.unwrap();
+        let read = store.get_task("t-keys").await.unwrap();
+        assert_eq!((&read.labels, &read.env), (&labels, &env));
+        let listed = store
+            .list_tasks(&TaskQuery {
+                user_id: Some("u-keys".to_owned()),
+                limit: 10,
+                ..TaskQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(listed.tasks, [read]);
+
+        let mut w = worker("w-keys", Resources::new(4.0, 4.0, 4.0, 0.0));
+        w.labels = map(&[
+            ("cloudai.local", "true"),
+            ("app.kubernetes.io/name", "web"),
+            ("$x", "y"),
+        ]);
+        store.insert_worker(&w).await.unwrap();
+        assert_eq!(store.get_worker("w-keys").await.unwrap().labels, w.labels);
+        let listed = store.list_workers().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].labels, w.labels);
+
+        let raw = store
+            .tasks
+            .find_one(doc! { "task_id": "t-keys" })
+            .await
+            .unwrap()
+            .unwrap();
+        let keys: Vec<&str> = raw
+            .get_array("labels")
+            .unwrap()
+            .iter()
+            .map(|pair| pair.as_document().unwrap().get_str("k").unwrap())
+            .collect();
+        assert_eq!(keys, ["$dollar", "a.b.c", "app.kubernetes.io/name", "team"]);
+    }
+
+    #[test]
+    fn maps_read_both_shapes_and_refuse_malformed_pairs() {
+        let d = doc! {
+            "pairs": [{ "k": "a.b", "v": "1" }, { "k": "c", "v": "2" }],
+            "old": { "a": "1", "c": "2" },
+            "bad_entry": [{ "k": "a" }],
+            "twice": [{ "k": "a", "v": "1" }, { "k": "a", "v": "2" }],
+            "number": 3,
+        };
+        let r = Reader::new(&d, TASKS);
+        assert_eq!(r.map("pairs").unwrap(), map(&[("a.b", "1"), ("c", "2")]));
+        assert_eq!(r.map("old").unwrap(), map(&[("a", "1"), ("c", "2")]));
+        assert_eq!(r.map("absent").unwrap(), BTreeMap::new());
+        for field in ["bad_entry", "twice", "number"] {
+            let message = r.map(field).unwrap_err().to_string();
+            assert!(message.contains(&format!("'{field}'")), "{message}");
+        }
+        assert_eq!(
+            map_to_pairs(&map(&[("z", "1"), ("a", "2")])),
+            Bson::Array(vec![
+                doc! { "k": "a", "v": "2" }.into(),
+                doc! { "k": "z", "v": "1" }.into(),
+            ])
+        );
+    }
 
     #[tokio::test]
     async fn documents_have_the_seed_field_types() {
@@ -552,6 +677,11 @@ mod tests {
             t.get("started_at").is_none(),
             "absent optional fields are not stored"
         );
+        assert_eq!(
+            t.get("labels"),
+            Some(&Bson::Array(vec![doc! { "k": "team", "v": "ml" }.into()]))
+        );
+        assert_eq!(t.get("env"), Some(&Bson::Array(Vec::new())));
 
         let w = store
             .workers
@@ -563,6 +693,12 @@ mod tests {
         assert!(matches!(w.get("registered_at"), Some(Bson::DateTime(_))));
         assert!(matches!(w.get("total_cpu"), Some(Bson::Double(_))));
         assert!(matches!(w.get("is_active"), Some(Bson::Boolean(true))));
+        assert_eq!(
+            w.get("labels"),
+            Some(&Bson::Array(vec![
+                doc! { "k": "zone", "v": "local" }.into()
+            ]))
+        );
 
         let a = store
             .assignments

@@ -83,6 +83,7 @@ pub mod testing;
 mod workers;
 
 pub use events::{COUNTERS, EVENTS};
+pub use schema::{META, SCHEMA_VERSION};
 
 /// MongoDB's duplicate-key error code.
 const DUPLICATE_KEY: i32 = 11000;
@@ -126,8 +127,10 @@ pub struct MongoStore {
 
 impl MongoStore {
     /// Connects to `uri`, uses `database`, tells MongoDB from FerretDB 1.x (see
-    /// [`ServerKind`]), and creates the collections and indexes that are missing (idempotent:
-    /// safe to run on every start-up, by several replicas at once).
+    /// [`ServerKind`]), refuses a database whose [`SCHEMA_VERSION`] is newer than this code's,
+    /// creates the collections and indexes that are missing, and converts what an older
+    /// release wrote (all idempotent: safe to run on every start-up, by several replicas at
+    /// once).
     ///
     /// Production defaults, each applied **only when the URI does not set it**:
     /// - write concern `majority` with journaling (`w=majority&journal=true`) and retryable
@@ -222,7 +225,12 @@ impl MongoStore {
             task_output_chunks: db.collection(TASK_OUTPUT_CHUNKS),
             db,
         };
+        let found = store.stored_schema_version().await.map_err(unreachable)?;
+        schema::check_schema_version(found, database)?;
         store.ensure_schema().await.map_err(unreachable)?;
+        if found < SCHEMA_VERSION {
+            store.migrate_from(found).await?;
+        }
         Ok(store)
     }
 
