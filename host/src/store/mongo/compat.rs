@@ -240,7 +240,7 @@ impl MongoStore {
         }
     }
 
-    /// [`Store::user_usage`] on FerretDB 1.x: the counts from the aggregation, the requests
+    /// [`Store::user_usage`](crate::store::Store::user_usage) on FerretDB 1.x: the counts from the aggregation, the requests
     /// summed here. FerretDB 1.24 hands a group's documents to the first accumulator of a
     /// `$group` only (its `group.Process` shares one iterator between them), so every further
     /// accumulator, such as the `$sum` of a field beside the count, answers 0. A user's running
@@ -351,7 +351,7 @@ impl MongoStore {
         Ok(counts.iter().sum())
     }
 
-    /// [`Store::events_after`] on FerretDB 1.x: see [`Self::events_after_except_ferretdb1`].
+    /// [`Store::events_after`](crate::store::Store::events_after) on FerretDB 1.x: see [`Self::events_after_except_ferretdb1`].
     pub(super) async fn events_after_ferretdb1(
         &self,
         after: u64,
@@ -363,7 +363,7 @@ impl MongoStore {
             .events)
     }
 
-    /// [`Store::events_after_except`] on FerretDB 1.x: walks the ids above `after` up to the
+    /// [`Store::events_after_except`](crate::store::Store::events_after_except) on FerretDB 1.x: walks the ids above `after` up to the
     /// counter's head, range by range, looking up only those not in `known`.
     pub(super) async fn events_after_except_ferretdb1(
         &self,
@@ -389,7 +389,7 @@ impl MongoStore {
         Ok(EventRead { events, covered_to })
     }
 
-    /// [`Store::prune_events`] on FerretDB 1.x: walks the ids from the floor range by range,
+    /// [`Store::prune_events`](crate::store::Store::prune_events) on FerretDB 1.x: walks the ids from the floor range by range,
     /// deleting the old ones one by one up to the first recent one.
     pub(super) async fn prune_events_ferretdb1(&self, before: DateTime<Utc>) -> Result<u64> {
         let bounds = self.event_bounds_impl().await?;

@@ -91,7 +91,7 @@ impl MongoStore {
         })
     }
 
-    /// [`Store::events_after`]: one `find` on the `_id` range, sorted by `_id`, with a batch as
+    /// [`Store::events_after`](crate::store::Store::events_after): one `find` on the `_id` range, sorted by `_id`, with a batch as
     /// large as the limit so that the first reply carries every event (no `getMore`).
     pub(super) async fn events_after_impl(
         &self,
@@ -118,7 +118,7 @@ impl MongoStore {
         documents.iter().map(event_from_document).collect()
     }
 
-    /// [`Store::events_after_except`]: the range read, less the `known` ids (the trait's
+    /// [`Store::events_after_except`](crate::store::Store::events_after_except): the range read, less the `known` ids (the trait's
     /// default, which an override cannot call): on MongoDB skipping them saves nothing.
     pub(super) async fn events_after_except_impl(
         &self,
@@ -137,7 +137,7 @@ impl MongoStore {
         Ok(EventRead { events, covered_to })
     }
 
-    /// [`Store::prune_events`]: finds the first event recorded at or after `before` (or, when
+    /// [`Store::prune_events`](crate::store::Store::prune_events): finds the first event recorded at or after `before` (or, when
     /// there is none, the newest), then removes every older event below it with one
     /// `deleteMany`, and raises the counter's floor to it. An event below it that is recent
     /// (one whose insert was still in flight when the first was found) is left alone, so only

@@ -4,11 +4,12 @@
 //!
 //! This file connects and holds the one `impl Store for MongoStore`, which delegates to the
 //! modules by concern:
-//! - [`schema`]: collections and indexes at start-up;
-//! - [`codec`]: documents <-> model types, and the [`Reader`] of stored fields;
+//! - [`schema`]: collections, indexes and the schema version at start-up;
+//! - [`codec`]: documents <-> model types, and the [`codec::Reader`] of stored fields;
 //! - [`tasks`], [`workers`], [`assignments`] (reserve and release), [`results`], [`leases`],
 //!   [`logs`], [`blobs`] (policy versions and output files), [`events`];
-//! - [`compat`]: what exists only for FerretDB 1.x, the test server.
+//! - [`compat`]: what exists only for FerretDB 1.x, the test server, taken where
+//!   [`ServerKind`] says so.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
