@@ -1,42 +1,36 @@
 //! The `EVENTS` collection of the event stream, written by every replica.
 //!
 //! Ids come from one counter document (`COUNTERS/events`): a batch takes a block of ids with
-//! one `$inc` (under the FerretDB write lock, as every conditional write), then inserts its
-//! events with `_id` = id in one `insert_many`. So an id can be given before its event is
-//! visible, and a failed insert leaves a gap: readers must expect both (see
-//! [`crate::events`]). The counter also keeps `floor`, below which everything was pruned.
+//! one `$inc` (a conditional write, see [`MongoStore::atomic`]), then inserts its events with
+//! `_id` = id in one `insert_many`. So an id can be given before its event is visible, and a
+//! failed insert leaves a gap: readers must expect both (see [`crate::events`]). The counter
+//! also keeps `floor`, below which everything was pruned.
 //!
-//! Every read is by `_id` equality over a bounded range below the counter's head, never a scan
-//! and never a server-side sort: FerretDB 1.x pushes down nothing else.
+//! On MongoDB a read is one `find` on an `_id` range and a prune one `deleteMany` below the
+//! first event to keep; FerretDB 1.x, which cannot push either down, walks ids one by one
+//! instead (see [`super::compat`]).
 
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use mongodb::bson::{Document, doc};
 use mongodb::options::ReturnDocument;
 
-use super::{MongoStore, Reader, lock_key, to_bson_date, u64_to_bson};
+use super::MongoStore;
+use super::codec::{Reader, insert_opt, to_bson_date, u64_to_bson};
+use super::compat::lock_key;
 use crate::store::{EventBounds, EventRead, NewEvent, Result, StoreError, StoredEvent};
 
 pub const EVENTS: &str = "EVENTS";
 pub const COUNTERS: &str = "COUNTERS";
 const EVENTS_COUNTER: &str = "events";
-/// Most ids one read asks for.
-const RANGE: u64 = 256;
-/// Most ranges one prune walks over (a minute's worth at ~270 events/s).
-const MAX_PRUNE_RANGES: usize = 64;
-/// Equality lookups one read keeps in flight.
-const LOOKUPS_IN_FLIGHT: usize = 16;
-/// Most ranges one call walks over (ids may be missing in whole ranges after failures).
-const MAX_RANGES: usize = 16;
-
 impl MongoStore {
-    fn events_collection(&self) -> mongodb::Collection<Document> {
+    pub(super) fn events_collection(&self) -> mongodb::Collection<Document> {
         self.db.collection(EVENTS)
     }
 
-    fn counters(&self) -> mongodb::Collection<Document> {
+    pub(super) fn counters(&self) -> mongodb::Collection<Document> {
         self.db.collection(COUNTERS)
     }
 
@@ -97,147 +91,108 @@ impl MongoStore {
         })
     }
 
-    /// The events whose ids are in `from..=to`, by id: one `_id` equality lookup per id,
-    /// [`LOOKUPS_IN_FLIGHT`] at a time. FerretDB 1.x pushes down only equality: `$in` and
-    /// `$gt` on `_id` scan the whole collection (measured: 1.3 s for 10 events among 10,000,
-    /// see the `timing` test), an equality lookup stays ~1 ms at any size.
-    async fn events_in(&self, from: u64, to: u64) -> Result<Vec<StoredEvent>> {
-        self.events_with_ids((from..=to).collect()).await
-    }
-
-    /// The events `ids` that exist, in the order of `ids` (see [`Self::events_in`]).
-    async fn events_with_ids(&self, ids: Vec<u64>) -> Result<Vec<StoredEvent>> {
-        let collection = self.events_collection();
-        let lookups: Vec<_> = ids
-            .into_iter()
-            .map(|id| {
-                let collection = collection.clone();
-                async move {
-                    let id = u64_to_bson(id, "_id")?;
-                    collection
-                        .find_one(doc! { "_id": id })
-                        .await
-                        .map_err(|e| StoreError::backend("reading events", e))
-                }
-            })
-            .collect();
-        let documents: Vec<Option<Document>> = futures::stream::iter(lookups)
-            .buffered(LOOKUPS_IN_FLIGHT)
-            .try_collect()
-            .await?;
-        documents
-            .iter()
-            .flatten()
-            .map(event_from_document)
-            .collect()
-    }
-
-    /// Deletes the events `ids`, by `_id` equality (see [`Self::events_in`]).
-    async fn delete_events(&self, ids: &[u64]) -> Result<u64> {
-        let collection = self.events_collection();
-        let deletes: Vec<_> = ids
-            .iter()
-            .map(|id| {
-                let collection = collection.clone();
-                let id = *id;
-                async move {
-                    let id = u64_to_bson(id, "_id")?;
-                    collection
-                        .delete_one(doc! { "_id": id })
-                        .await
-                        .map(|outcome| outcome.deleted_count)
-                        .map_err(|e| StoreError::backend("pruning events", e))
-                }
-            })
-            .collect();
-        let counts: Vec<u64> = futures::stream::iter(deletes)
-            .buffered(LOOKUPS_IN_FLIGHT)
-            .try_collect()
-            .await?;
-        Ok(counts.iter().sum())
-    }
-
+    /// [`Store::events_after`](crate::store::Store::events_after): one `find` on the `_id` range, sorted by `_id`, with a batch as
+    /// large as the limit so that the first reply carries every event (no `getMore`).
     pub(super) async fn events_after_impl(
         &self,
         after: u64,
         limit: u32,
     ) -> Result<Vec<StoredEvent>> {
-        Ok(self
-            .events_after_except_impl(after, limit, &BTreeSet::new())
-            .await?
-            .events)
+        if limit == 0 {
+            // A `find` limit of 0 means no limit.
+            return Ok(Vec::new());
+        }
+        // Ids never exceed i64::MAX (see `u64_to_bson`): beyond it there is nothing to read.
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let documents: Vec<Document> = self
+            .events_collection()
+            .find(doc! { "_id": { "$gt": after } })
+            .sort(doc! { "_id": 1 })
+            .limit(i64::from(limit))
+            .batch_size(limit)
+            .await
+            .map_err(|e| StoreError::backend("reading events", e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend("reading events", e))?;
+        documents.iter().map(event_from_document).collect()
     }
 
-    /// Walks the ids above `after` up to the counter's head, range by range, looking up only
-    /// those not in `known`: a replica's own events cost it no read.
+    /// [`Store::events_after_except`](crate::store::Store::events_after_except): the range read, less the `known` ids (the trait's
+    /// default, which an override cannot call): on MongoDB skipping them saves nothing.
     pub(super) async fn events_after_except_impl(
         &self,
         after: u64,
         limit: u32,
         known: &BTreeSet<u64>,
     ) -> Result<EventRead> {
-        let bounds = self.event_bounds_impl().await?;
-        let limit = u64::from(limit);
-        let mut from = after.max(bounds.oldest.saturating_sub(1));
-        let mut events: Vec<StoredEvent> = Vec::new();
-        for _ in 0..MAX_RANGES {
-            let wanted = limit.saturating_sub(events.len() as u64);
-            if from >= bounds.head || wanted == 0 {
-                break;
-            }
-            let to = bounds.head.min(from + wanted.min(RANGE));
-            let ids = (from + 1..=to).filter(|id| !known.contains(id)).collect();
-            events.extend(self.events_with_ids(ids).await?);
-            from = to;
-        }
-        let covered_to = (from < bounds.head).then_some(from);
+        let page = self.events_after_impl(after, limit).await?;
+        let covered_to = (page.len() >= limit as usize)
+            .then(|| page.last().map(|e| e.id))
+            .flatten();
+        let events = page
+            .into_iter()
+            .filter(|e| !known.contains(&e.id))
+            .collect();
         Ok(EventRead { events, covered_to })
     }
 
+    /// [`Store::prune_events`](crate::store::Store::prune_events): finds the first event recorded at or after `before` (or, when
+    /// there is none, the newest), then removes every older event below it with one
+    /// `deleteMany`, and raises the counter's floor to it. An event below it that is recent
+    /// (one whose insert was still in flight when the first was found) is left alone, so only
+    /// events recorded before `before` are ever removed.
     pub(super) async fn prune_events_impl(&self, before: DateTime<Utc>) -> Result<u64> {
-        let bounds = self.event_bounds_impl().await?;
-        let mut floor = bounds.oldest;
-        let mut removed = 0;
-        for _ in 0..MAX_PRUNE_RANGES {
-            if floor > bounds.head {
-                break;
-            }
-            let to = bounds.head.min(floor + RANGE - 1);
-            let events = self.events_in(floor, to).await?;
-            let stop = events.iter().find(|e| e.event.at >= before).map(|e| e.id);
-            let old: Vec<u64> = events
-                .iter()
-                .take_while(|e| Some(e.id) != stop)
-                .map(|e| e.id)
-                .collect();
-            removed += self.delete_events(&old).await?;
-            match (stop, events.last()) {
-                (Some(id), _) => {
-                    floor = id;
-                    break;
-                }
-                // Ids missing at the end may be events still being written: not passed.
-                (None, Some(last)) if to == bounds.head => {
-                    floor = last.id + 1;
-                    break;
-                }
-                (None, _) if to == bounds.head => break,
-                (None, _) => floor = to + 1,
-            }
-        }
-        if floor > bounds.oldest {
-            let counters = self.counters();
-            self.atomic(
-                lock_key(COUNTERS, EVENTS_COUNTER),
-                counters.update_one(
-                    doc! { "_id": EVENTS_COUNTER },
-                    doc! { "$max": { "floor": u64_to_bson(floor, "floor")? } },
-                ),
-            )
+        let events = self.events_collection();
+        let what = "pruning events";
+        let first_kept = events
+            .find_one(doc! { "at": { "$gte": to_bson_date(before) } })
+            .sort(doc! { "_id": 1 })
+            .projection(doc! { "_id": 1 })
             .await
-            .map_err(|e| StoreError::backend("recording the pruned event floor", e))?;
-        }
+            .map_err(|e| StoreError::backend(what, e))?;
+        let floor: u64 = match first_kept {
+            Some(d) => Reader::new(&d, EVENTS).int("_id")?,
+            None => {
+                let newest = events
+                    .find_one(doc! {})
+                    .sort(doc! { "_id": -1 })
+                    .projection(doc! { "_id": 1 })
+                    .await
+                    .map_err(|e| StoreError::backend(what, e))?;
+                match newest {
+                    Some(d) => Reader::new(&d, EVENTS).int::<u64>("_id")? + 1,
+                    None => return Ok(0),
+                }
+            }
+        };
+        let removed = events
+            .delete_many(doc! {
+                "_id": { "$lt": u64_to_bson(floor, "_id")? },
+                "at": { "$lt": to_bson_date(before) },
+            })
+            .await
+            .map_err(|e| StoreError::backend(what, e))?
+            .deleted_count;
+        // Raised even when nothing was removed: it repairs a floor that a prune interrupted
+        // between its two writes left behind.
+        self.raise_event_floor(floor).await?;
         Ok(removed)
+    }
+
+    /// Records that every event below `floor` is pruned (never lowering it).
+    pub(super) async fn raise_event_floor(&self, floor: u64) -> Result<()> {
+        let counters = self.counters();
+        self.atomic(
+            lock_key(COUNTERS, EVENTS_COUNTER),
+            counters.update_one(
+                doc! { "_id": EVENTS_COUNTER },
+                doc! { "$max": { "floor": u64_to_bson(floor, "floor")? } },
+            ),
+        )
+        .await
+        .map_err(|e| StoreError::backend("recording the pruned event floor", e))?;
+        Ok(())
     }
 }
 
@@ -249,13 +204,13 @@ fn event_to_document(id: u64, e: &NewEvent) -> Result<Document> {
         "at": to_bson_date(e.at),
         "data": e.data.to_string(),
     };
-    super::insert_opt(&mut d, "task_id", e.task_id.clone());
-    super::insert_opt(&mut d, "worker_id", e.worker_id.clone());
-    super::insert_opt(&mut d, "user_id", e.user_id.clone());
+    insert_opt(&mut d, "task_id", e.task_id.clone());
+    insert_opt(&mut d, "worker_id", e.worker_id.clone());
+    insert_opt(&mut d, "user_id", e.user_id.clone());
     Ok(d)
 }
 
-fn event_from_document(d: &Document) -> Result<StoredEvent> {
+pub(super) fn event_from_document(d: &Document) -> Result<StoredEvent> {
     let r = Reader::new(d, EVENTS);
     let data = r.string("data")?;
     Ok(StoredEvent {
@@ -273,101 +228,88 @@ fn event_from_document(d: &Document) -> Result<StoredEvent> {
     })
 }
 
-/// How the tail reads scale with the size of the collection (run by hand:
-/// `cargo test -p cloudai --lib tail_reads_stay_cheap -- --ignored --nocapture`).
 #[cfg(test)]
-mod timing {
+mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use std::time::Instant;
+    use mongodb::bson::Bson;
 
-    use futures::TryStreamExt;
-    use mongodb::bson::{Document, doc};
-
+    use super::super::testing::connect_native_logged_test_store;
     use crate::store::Store;
     use crate::store::conformance::unique_id;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "a measurement, not a check"]
-    async fn tail_reads_stay_cheap() {
-        let Some((store, _drop)) = super::super::testing::connect_test_store().await else {
+    /// On MongoDB a read is one `find` that asks for every event in its first batch (no
+    /// `getMore`), and a prune one `deleteMany`. Run on the native path against FerretDB,
+    /// which executes both correctly (slowly: see `compat`).
+    #[tokio::test]
+    async fn native_read_is_one_find_and_prune_is_one_delete_many() {
+        let Some((store, log, _db)) = connect_native_logged_test_store().await else {
             return;
         };
-        let batch: Vec<_> = (0..500)
-            .map(|_| {
-                crate::events::event(
+        let recent = crate::model::now();
+        let old = recent - chrono::Duration::hours(2);
+        // More than the server's default first batch (101 documents).
+        let batch: Vec<_> = (0..155)
+            .map(|n| {
+                let at = if n < 150 { old } else { recent };
+                let mut event = crate::events::event(
                     "task",
                     "state",
                     Some(&unique_id("t")),
                     None,
                     None,
-                    doc_data(),
-                )
+                    serde_json::json!({ "n": n }),
+                );
+                event.at = at;
+                event
             })
             .collect();
-        let started = Instant::now();
-        for _ in 0..20 {
-            store.append_events(&batch).await.unwrap();
-        }
-        println!(
-            "10,000 events appended in batches of 500: {:?}",
-            started.elapsed()
-        );
-        let head = store.event_bounds().await.unwrap().head;
-        let started = Instant::now();
-        let tail = store.events_after(head - 10, 512).await.unwrap();
-        println!(
-            "events_after(head - 10) -> {}: {:?}",
-            tail.len(),
-            started.elapsed()
-        );
-        let started = Instant::now();
-        let page = store.events_after(head - 5000, 256).await.unwrap();
-        println!(
-            "events_after(head - 5000, 256) -> {}: {:?}",
-            page.len(),
-            started.elapsed()
-        );
-        for id in [head - 3, head - 2, head - 1] {
-            let started = Instant::now();
-            let found = store
-                .events_collection()
-                .find_one(doc! { "_id": i64::try_from(id).unwrap() })
-                .await
-                .unwrap();
-            println!(
-                "find_one _id = {id} -> {}: {:?}",
-                found.is_some(),
-                started.elapsed()
-            );
-        }
-        let started = Instant::now();
-        let found = store
-            .counters()
-            .find_one(doc! { "_id": "events" })
-            .await
-            .unwrap();
-        println!("counter -> {}: {:?}", found.is_some(), started.elapsed());
-        let started = Instant::now();
-        let gt: Vec<Document> = store
-            .events_collection()
-            .find(doc! { "_id": { "$gt": i64::try_from(head - 10).unwrap() } })
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
-        println!(
-            "find _id $gt head - 10 -> {}: {:?}",
-            gt.len(),
-            started.elapsed()
-        );
-        let started = Instant::now();
-        let one = store.append_events(&batch[..1]).await.unwrap();
-        println!("append one event: {:?} ({one:?})", started.elapsed());
-    }
+        let ids = store.append_events(&batch).await.unwrap();
+        log.take();
 
-    fn doc_data() -> serde_json::Value {
-        serde_json::json!({"status": "queued", "reason": null, "attempts": 0, "worker_id": null})
+        let page = store.events_after(ids[1], 150).await.unwrap();
+        assert_eq!(
+            page.iter().map(|e| e.id).collect::<Vec<_>>(),
+            ids[2..152],
+            "150 events after the second, by id"
+        );
+        let commands = log.take();
+        assert_eq!(commands.len(), 1, "{commands:?}");
+        assert_eq!(commands[0].get_str("find").ok(), Some(super::EVENTS));
+        // The driver asks for one more than the limit, so that the cursor closes at once.
+        let batch_size = match commands[0].get("batchSize") {
+            Some(Bson::Int32(n)) => i64::from(*n),
+            Some(Bson::Int64(n)) => *n,
+            other => panic!("batchSize {other:?} in {commands:?}"),
+        };
+        assert!(batch_size >= 150, "{commands:?}");
+
+        let known = [ids[3], ids[4]].into();
+        let read = store.events_after_except(ids[1], 10, &known).await.unwrap();
+        assert_eq!(read.events.len(), 8);
+        assert_eq!(read.covered_to, Some(ids[11]));
+        assert_eq!(
+            log.take_names(),
+            [("find".to_owned(), super::EVENTS.to_owned())]
+        );
+        assert!(store.events_after(ids[154], 10).await.unwrap().is_empty());
+        assert!(store.events_after(0, 0).await.unwrap().is_empty());
+        log.take();
+
+        let removed = store
+            .prune_events(recent - chrono::Duration::hours(1))
+            .await
+            .unwrap();
+        assert_eq!(removed, 150);
+        let deletes: Vec<_> = log
+            .take_names()
+            .into_iter()
+            .filter(|(name, _)| name == "delete")
+            .collect();
+        assert_eq!(deletes, [("delete".to_owned(), super::EVENTS.to_owned())]);
+        let bounds = store.event_bounds().await.unwrap();
+        assert_eq!((bounds.oldest, bounds.head), (ids[150], ids[154]));
+        let left = store.events_after(0, 500).await.unwrap();
+        assert_eq!(left.iter().map(|e| e.id).collect::<Vec<_>>(), ids[150..]);
     }
 }

@@ -1,0 +1,352 @@
+//! Reservations and assignments: the conditional `$inc` that reserves capacity on a worker
+//! (and its mirror), the ASSIGNMENTS collection, and the once-only release.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use mongodb::bson::{Document, doc};
+use mongodb::options::ReturnDocument;
+
+use super::codec::{Reader, assignment_from_document, assignment_to_document, to_bson_date};
+use super::compat::lock_key;
+use super::{ASSIGNMENTS, MongoStore, WORKER_REGISTRY, is_duplicate_key, not_found};
+use crate::model::{self, Assignment, Resources};
+use crate::store::{AssignmentFilter, Result, Store, StoreError};
+
+impl MongoStore {
+    /// [`Store::release`]'s two steps: the once-only guard on the assignment, then the
+    /// amounts back to the worker.
+    async fn release_in_two_steps(&self, ass_id: &str) -> Result<bool> {
+        // Step 1, the once-only guard: exactly one caller flips `released`.
+        let guard = self
+            .assignments
+            .find_one_and_update(
+                doc! { "ass_id": ass_id, "released": { "$ne": true } },
+                doc! { "$set": { "released": true, "released_at": to_bson_date(model::now()) } },
+            )
+            .return_document(ReturnDocument::Before);
+        let before = self
+            .atomic(lock_key(ASSIGNMENTS, ass_id), guard)
+            .await
+            .map_err(|e| StoreError::backend(format!("releasing assignment '{ass_id}'"), e))?;
+        let Some(before) = before else {
+            // Already released, or no such assignment.
+            self.get_assignment(ass_id).await?;
+            return Ok(false);
+        };
+        let assignment = assignment_from_document(&before)?;
+        let amount = assignment.request();
+        // Step 2: give the amounts back. A crash between the two steps leaves the capacity
+        // held (under-used, never overcommitted); the reconciler recomputes `allocated_*` from
+        // the active assignments and repairs that drift.
+        let outcome = self
+            .atomic(
+                lock_key(WORKER_REGISTRY, &assignment.worker_id),
+                self.workers.update_one(
+                    doc! { "worker_id": &assignment.worker_id },
+                    doc! {
+                        "$inc": {
+                            "allocated_cpu": -amount.cpu,
+                            "allocated_memory": -amount.memory,
+                            "allocated_storage": -amount.storage,
+                            "allocated_gpu": -amount.gpu,
+                            "available_cpu": amount.cpu,
+                            "available_memory": amount.memory,
+                            "available_storage": amount.storage,
+                            "available_gpu": amount.gpu,
+                        },
+                        "$set": { "updated_at": to_bson_date(model::now()) },
+                    },
+                ),
+            )
+            .await
+            .map_err(|e| {
+                StoreError::backend(
+                    format!(
+                        "returning the reservation of assignment '{ass_id}' to worker '{}'",
+                        assignment.worker_id
+                    ),
+                    e,
+                )
+            })?;
+        if outcome.matched_count == 0 {
+            tracing::warn!(
+                ass_id,
+                worker_id = %assignment.worker_id,
+                "released an assignment whose worker no longer exists"
+            );
+        }
+        Ok(true)
+    }
+
+    pub(super) async fn reserve_impl(&self, worker_id: &str, request: &Resources) -> Result<bool> {
+        // The whole check-and-take is this one conditional update: the server evaluates the
+        // filter and applies the `$inc` atomically on the one document, so concurrent
+        // reservations (from any number of host replicas) can never overcommit.
+        let filter = doc! {
+            "worker_id": worker_id,
+            "is_active": true,
+            "draining": { "$ne": true },
+            "available_cpu": { "$gte": request.cpu },
+            "available_memory": { "$gte": request.memory },
+            "available_storage": { "$gte": request.storage },
+            "available_gpu": { "$gte": request.gpu },
+        };
+        let update = doc! {
+            "$inc": {
+                "allocated_cpu": request.cpu,
+                "allocated_memory": request.memory,
+                "allocated_storage": request.storage,
+                "allocated_gpu": request.gpu,
+                "available_cpu": -request.cpu,
+                "available_memory": -request.memory,
+                "available_storage": -request.storage,
+                "available_gpu": -request.gpu,
+            },
+            "$set": { "updated_at": to_bson_date(model::now()) },
+        };
+        let outcome = self
+            .atomic(
+                lock_key(WORKER_REGISTRY, worker_id),
+                self.workers.update_one(filter, update),
+            )
+            .await
+            .map_err(|e| StoreError::backend(format!("reserving on worker '{worker_id}'"), e))?;
+        if outcome.matched_count == 1 {
+            return Ok(true);
+        }
+        let exists = self
+            .workers
+            .find_one(doc! { "worker_id": worker_id })
+            .projection(doc! { "_id": 1 })
+            .await
+            .map_err(|e| StoreError::backend(format!("reading worker '{worker_id}'"), e))?;
+        match exists {
+            Some(_) => Ok(false),
+            None => Err(not_found("worker", worker_id)),
+        }
+    }
+
+    pub(super) async fn insert_assignment_impl(&self, assignment: &Assignment) -> Result<()> {
+        self.assignments
+            .insert_one(assignment_to_document(assignment))
+            .await
+            .map_err(|e| {
+                if is_duplicate_key(&e) {
+                    StoreError::AlreadyExists {
+                        kind: "assignment",
+                        id: assignment.ass_id.clone(),
+                    }
+                } else {
+                    StoreError::backend(format!("inserting assignment '{}'", assignment.ass_id), e)
+                }
+            })?;
+        Ok(())
+    }
+
+    pub(super) async fn get_assignment_impl(&self, ass_id: &str) -> Result<Assignment> {
+        self.assignments
+            .find_one(doc! { "ass_id": ass_id })
+            .await
+            .map_err(|e| StoreError::backend(format!("reading assignment '{ass_id}'"), e))?
+            .map(|d| assignment_from_document(&d))
+            .transpose()?
+            .ok_or_else(|| not_found("assignment", ass_id))
+    }
+
+    pub(super) async fn list_assignments_impl(
+        &self,
+        filter: &AssignmentFilter,
+    ) -> Result<Vec<Assignment>> {
+        let mut query = Document::new();
+        if let Some(task_id) = &filter.task_id {
+            query.insert("task_id", task_id.as_str());
+        }
+        if let Some(worker_id) = &filter.worker_id {
+            query.insert("worker_id", worker_id.as_str());
+        }
+        if filter.active_only {
+            query.insert("released", doc! { "$ne": true });
+        }
+        let documents: Vec<Document> = self
+            .assignments
+            .find(query)
+            .sort(doc! { "assigned_at": 1, "ass_id": 1 })
+            .await
+            .map_err(|e| StoreError::backend("listing assignments", e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend("reading the assignment listing", e))?;
+        documents.iter().map(assignment_from_document).collect()
+    }
+
+    pub(super) async fn release_impl(&self, ass_id: &str) -> Result<bool> {
+        // The two steps run in a task of their own: a caller dropped between them (an HTTP
+        // handler whose client gave up) must not leave the reservation held with the
+        // assignment already released, which no retry would then return.
+        let store = self.clone();
+        let ass_id = ass_id.to_owned();
+        tokio::spawn(async move { store.release_in_two_steps(&ass_id).await })
+            .await
+            .map_err(|e| StoreError::backend("releasing an assignment", e.to_string()))?
+    }
+
+    pub(super) async fn active_assignment_counts_impl(&self) -> Result<BTreeMap<String, u32>> {
+        let pipeline = vec![
+            doc! { "$match": { "released": { "$ne": true } } },
+            doc! { "$group": { "_id": "$worker_id", "count": { "$sum": 1_i64 } } },
+        ];
+        let groups: Vec<Document> = self
+            .assignments
+            .aggregate(pipeline)
+            .await
+            .map_err(|e| StoreError::backend("counting active assignments", e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend("counting active assignments", e))?;
+        groups
+            .iter()
+            .map(|group| {
+                let r = Reader::new(group, ASSIGNMENTS);
+                Ok((r.string("_id")?, r.int("count")?))
+            })
+            .collect()
+    }
+
+    pub(super) async fn unreserve_impl(
+        &self,
+        worker_id: &str,
+        request: &Resources,
+    ) -> Result<bool> {
+        // The mirror of `reserve`: one conditional update, which never takes `allocated_*`
+        // below zero.
+        let filter = doc! {
+            "worker_id": worker_id,
+            "allocated_cpu": { "$gte": request.cpu },
+            "allocated_memory": { "$gte": request.memory },
+            "allocated_storage": { "$gte": request.storage },
+            "allocated_gpu": { "$gte": request.gpu },
+        };
+        let update = doc! {
+            "$inc": {
+                "allocated_cpu": -request.cpu,
+                "allocated_memory": -request.memory,
+                "allocated_storage": -request.storage,
+                "allocated_gpu": -request.gpu,
+                "available_cpu": request.cpu,
+                "available_memory": request.memory,
+                "available_storage": request.storage,
+                "available_gpu": request.gpu,
+            },
+            "$set": { "updated_at": to_bson_date(model::now()) },
+        };
+        let outcome = self
+            .atomic(
+                lock_key(WORKER_REGISTRY, worker_id),
+                self.workers.update_one(filter, update),
+            )
+            .await
+            .map_err(|e| {
+                StoreError::backend(
+                    format!("returning a reservation to worker '{worker_id}'"),
+                    e,
+                )
+            })?;
+        if outcome.matched_count == 1 {
+            return Ok(true);
+        }
+        match self.find_worker(worker_id).await? {
+            Some(_) => Ok(false),
+            None => Err(not_found("worker", worker_id)),
+        }
+    }
+
+    pub(super) async fn count_assignments_since_impl(&self, since: DateTime<Utc>) -> Result<u64> {
+        self.assignments
+            .count_documents(doc! { "assigned_at": { "$gte": to_bson_date(since) } })
+            .await
+            .map_err(|e| StoreError::backend("counting recent assignments", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Arc;
+
+    use super::super::testing::{assignment, connect_test_store, worker};
+    use crate::model::Resources;
+    use crate::store::{Store, StoreError};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn reserve_race_50_for_room_for_7_has_exactly_7_winners() {
+        let Some((store, _db)) = connect_test_store().await else {
+            return;
+        };
+        let store = Arc::new(store);
+        let request = Resources::new(1.0, 2.0, 1.0, 0.0);
+        store
+            .insert_worker(&worker("w-race", Resources::new(7.5, 64.0, 64.0, 0.0)))
+            .await
+            .unwrap();
+        // Spawn all before awaiting any (a lazy iterator would run them one after another).
+        let attempts: Vec<_> = (0..50)
+            .map(|_| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move { store.reserve("w-race", &request).await })
+            })
+            .collect();
+        let mut wins = 0;
+        for attempt in attempts {
+            if attempt.await.unwrap().unwrap() {
+                wins += 1;
+            }
+        }
+        assert_eq!(wins, 7, "exactly 7 reservations fit");
+        let after = store.get_worker("w-race").await.unwrap();
+        assert_eq!(after.allocated_cpu, 7.0);
+        assert_eq!(after.available_cpu, 0.5);
+        assert_eq!(after.allocated_memory, 14.0);
+        assert!(after.invariant_violations().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn release_returns_the_reservation_exactly_once() {
+        let Some((store, _db)) = connect_test_store().await else {
+            return;
+        };
+        let store = Arc::new(store);
+        let request = Resources::new(1.5, 2.0, 0.25, 1.0);
+        let total = Resources::new(4.0, 8.0, 10.0, 1.0);
+        store.insert_worker(&worker("w-rel", total)).await.unwrap();
+        assert!(store.reserve("w-rel", &request).await.unwrap());
+        store
+            .insert_assignment(&assignment("a-rel", "w-rel", request))
+            .await
+            .unwrap();
+        let releases: Vec<_> = (0..10)
+            .map(|_| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move { store.release("a-rel").await })
+            })
+            .collect();
+        let mut applied = 0;
+        for release in releases {
+            if release.await.unwrap().unwrap() {
+                applied += 1;
+            }
+        }
+        assert_eq!(applied, 1);
+        let after = store.get_worker("w-rel").await.unwrap();
+        assert_eq!(after.available(), total);
+        assert_eq!(after.allocated(), Resources::default());
+        let released = store.get_assignment("a-rel").await.unwrap();
+        assert!(released.released && released.released_at.is_some());
+        assert!(matches!(
+            store.release("missing").await,
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+}
