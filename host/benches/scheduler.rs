@@ -102,39 +102,150 @@ fn config() -> SchedulerConfig {
 }
 
 async fn queued_count(store: &dyn Store) -> usize {
-    store
-        .list_tasks(&TaskQuery {
-            status: Some(TaskStatus::Queued),
-            limit: 1,
-            ..TaskQuery::default()
-        })
-        .await
-        .unwrap()
-        .tasks
-        .len()
+    store.task_counts().await.unwrap().queued as usize
 }
 
-/// Places the whole queue; returns placements per second.
-async fn place_all(store: Arc<dyn Store>, policies: Arc<PolicyRuntime>, tasks: usize) -> f64 {
+/// Keeps every worker of `store` fresh, as agents would, one heartbeat each per 2 s.
+fn heartbeats(store: Arc<dyn Store>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let started = Instant::now();
+            for w in store.list_workers().await.unwrap_or_default() {
+                let _ = store
+                    .heartbeat(&w.worker_id, chrono::Utc::now().timestamp(), None)
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_secs(2).saturating_sub(started.elapsed())).await;
+        }
+    })
+}
+
+/// What placing a queue measured.
+struct Placed {
+    per_second: f64,
+    /// Store commands (MongoDB) or transactions (SQLite) of the scheduler's own handle per
+    /// placement; `None` when the store does not count them.
+    cost: Option<f64>,
+    /// Set when nothing moved for [`STALL`]: what the bench saw then.
+    stalled: Option<String>,
+}
+
+/// How long the queue may stay unchanged before the bench gives up and reports what it saw.
+const STALL: Duration = Duration::from_secs(60);
+
+/// Places the whole queue with the scheduler on `store` (its own handle, whose commands are
+/// counted by `count`); `watch` is another handle on the same data, for progress and
+/// heartbeats, so that neither is counted.
+async fn place_all(
+    store: Arc<dyn Store>,
+    count: &(dyn Fn() -> Option<u64> + Sync),
+    watch: Arc<dyn Store>,
+    policies: Arc<PolicyRuntime>,
+    tasks: usize,
+) -> Placed {
     let scheduler = Scheduler::new(store.clone(), policies, Wakeup::new(), config());
+    let beating = heartbeats(watch.clone());
     let started = Instant::now();
+    let before = count();
+    let (mut last_queued, mut last_change, mut last_report) =
+        (tasks, Instant::now(), Instant::now());
+    let mut stalled = None;
     loop {
         scheduler.cycle().await;
-        if queued_count(&*store).await == 0 {
+        let queued = queued_count(&*watch).await;
+        if queued == 0 {
             break;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(1800),
-            "placement stalled"
-        );
+        if queued != last_queued {
+            (last_queued, last_change) = (queued, Instant::now());
+        }
+        if last_report.elapsed() >= Duration::from_secs(10) {
+            let placed = tasks - queued;
+            eprintln!(
+                "  ... {placed} of {tasks} placed in {:.0} s ({:.0}/s)",
+                started.elapsed().as_secs_f64(),
+                placed as f64 / started.elapsed().as_secs_f64()
+            );
+            last_report = Instant::now();
+        }
+        if last_change.elapsed() >= STALL {
+            let workers = watch.list_workers().await.unwrap_or_default();
+            let free_cpu: f64 = workers.iter().map(|w| w.available_cpu).sum();
+            let fresh = workers
+                .iter()
+                .filter(|w| w.last_heartbeat >= chrono::Utc::now().timestamp() - 15)
+                .count();
+            let sample = watch
+                .list_tasks(&TaskQuery {
+                    status: Some(TaskStatus::Queued),
+                    limit: 1,
+                    ..TaskQuery::default()
+                })
+                .await
+                .ok()
+                .and_then(|p| p.tasks.into_iter().next())
+                .and_then(|t| t.status_reason)
+                .unwrap_or_default();
+            stalled = Some(format!(
+                "nothing placed for {} s with {queued} tasks queued; {} workers ({fresh} with a fresh heartbeat), {free_cpu:.1} cores free; a queued task says: {sample:?}",
+                STALL.as_secs(),
+                workers.len()
+            ));
+            break;
+        }
     }
-    tasks as f64 / started.elapsed().as_secs_f64()
+    let elapsed = started.elapsed().as_secs_f64();
+    beating.abort();
+    let placed = tasks - queued_count(&*watch).await;
+    let cost = match (before, count()) {
+        (Some(b), Some(a)) if placed > 0 => Some((a - b) as f64 / placed as f64),
+        _ => None,
+    };
+    Placed {
+        per_second: placed as f64 / elapsed,
+        cost,
+        stalled,
+    }
 }
 
 async fn sqlite_store() -> (Arc<dyn Store>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open_in_dir(dir.path()).unwrap();
     (Arc::new(store), dir)
+}
+
+/// A store under measurement: the scheduler's handle, how to read its command (or
+/// transaction) count, and a second handle on the same data for filling, watching and
+/// heartbeats (not counted).
+struct Measured {
+    store: Arc<dyn Store>,
+    count: Box<dyn Fn() -> Option<u64> + Sync>,
+    watch: Arc<dyn Store>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn measured_sqlite() -> Measured {
+    let dir = tempfile::tempdir().unwrap();
+    let counted = SqliteStore::open_in_dir(dir.path()).unwrap();
+    let watch = SqliteStore::open_in_dir(dir.path()).unwrap();
+    Measured {
+        store: Arc::new(counted.clone()),
+        count: Box::new(move || Some(counted.transactions())),
+        watch: Arc::new(watch),
+        _dir: Some(dir),
+    }
+}
+
+async fn measured_mongo(uri: &str) -> Measured {
+    let database = format!("cloudai_bench_{}", uuid::Uuid::now_v7().simple());
+    let counted = MongoStore::connect(uri, &database).await.unwrap();
+    let watch = MongoStore::connect(uri, &database).await.unwrap();
+    Measured {
+        store: Arc::new(counted.clone()),
+        count: Box::new(move || Some(counted.commands_started())),
+        watch: Arc::new(watch),
+        _dir: None,
+    }
 }
 
 /// The store as `cloudai serve` runs it: every state change also records an event (written
@@ -147,11 +258,6 @@ async fn with_events(plain: Arc<dyn Store>) -> (Arc<dyn Store>, Arc<EventHub>) {
     )
     .await;
     (Arc::new(EventedStore::new(plain, sink)), hub)
-}
-
-async fn mongo_store(uri: &str) -> Arc<dyn Store> {
-    let database = format!("cloudai_bench_{}", uuid::Uuid::now_v7().simple());
-    Arc::new(MongoStore::connect(uri, &database).await.unwrap())
 }
 
 fn peak_rss_mb() -> f64 {
@@ -296,7 +402,10 @@ async fn main() {
     println!(
         "scheduler bench: placements per second, median of {runs} runs ({mongo_runs} on MongoDB)"
     );
-    println!("  store            workers   tasks  policy          placements/s   (runs)");
+    println!(
+        "  store            workers   tasks  policy          placements/s  cost/placement   (runs)"
+    );
+    println!("  (cost: the scheduler's MongoDB commands, or SQLite transactions, per placement)");
     // `+events`: with the event stream on, as `cloudai serve` runs.
     for (store_name, count) in [
         ("sqlite", tasks),
@@ -325,27 +434,43 @@ async fn main() {
                 if policy_name.starts_with("wasm") && bytes.is_none() {
                     continue;
                 }
-                let mut rates = Vec::new();
+                let (mut rates, mut costs) = (Vec::new(), Vec::new());
                 let runs = if on_mongo { mongo_runs } else { runs };
                 for _ in 0..runs {
-                    let (plain, _dir): (Arc<dyn Store>, Option<tempfile::TempDir>) = if on_mongo {
-                        (mongo_store(mongo_uri.as_deref().unwrap()).await, None)
+                    let measured = if on_mongo {
+                        measured_mongo(mongo_uri.as_deref().unwrap()).await
                     } else {
-                        let (s, d) = sqlite_store().await;
-                        (s, Some(d))
+                        measured_sqlite().await
                     };
-                    fill(&*plain, workers, count).await;
+                    fill(&*measured.watch, workers, count).await;
                     let (store, _hub) = if store_name.ends_with("events") {
-                        let (store, hub) = with_events(plain).await;
+                        let (store, hub) = with_events(measured.store.clone()).await;
                         (store, Some(hub))
                     } else {
-                        (plain, None)
+                        (measured.store.clone(), None)
                     };
-                    rates.push(place_all(store, runtime(bytes), count).await);
+                    let placed = place_all(
+                        store,
+                        &*measured.count,
+                        measured.watch.clone(),
+                        runtime(bytes),
+                        count,
+                    )
+                    .await;
+                    if let Some(why) = &placed.stalled {
+                        println!("  {store_name} {workers} workers {policy_name}: STALLED: {why}");
+                    }
+                    rates.push(placed.per_second);
+                    costs.extend(placed.cost);
                 }
                 let shown: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+                let cost = if costs.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{:.3}", median(costs.clone()))
+                };
                 println!(
-                    "  {store_name:<15} {workers:>8} {count:>7}  {policy_name:<15} {:>12.0}   ({})",
+                    "  {store_name:<15} {workers:>8} {count:>7}  {policy_name:<15} {:>12.0}  {cost:>13}   ({})",
                     median(rates.clone()),
                     shown.join(", ")
                 );

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
@@ -249,22 +250,41 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         .context("serving HTTP")?;
     if let Some((stop, worker)) = local_worker {
         stop.cancel();
-        if let Err(error) = worker.await {
-            tracing::error!(%error, "the local worker task ended abnormally");
-        }
+        join_within(worker, LOCAL_WORKER_GRACE, "the local worker").await;
     }
     let _ = stop_scheduler.send(());
-    if let Err(error) = scheduler.await {
-        tracing::error!(%error, "the scheduler task ended abnormally");
-    }
+    join_within(scheduler, PART_GRACE, "the scheduler").await;
     // Gives its lease up, so that another replica reconciles at once.
     let _ = stop_reconciler.send(());
-    if let Err(error) = reconciler.await {
-        tracing::error!(%error, "the reconciler task ended abnormally");
-    }
+    join_within(reconciler, PART_GRACE, "the reconciler").await;
     stop_events.cancel();
     tracing::info!("cloudai host stopped");
     Ok(())
+}
+
+/// How long the local worker may take to stop after the shutdown signal: it stops the
+/// containers it runs (each gets Docker's stop grace) and flushes their logs.
+const LOCAL_WORKER_GRACE: Duration = Duration::from_secs(30);
+
+/// How long the scheduler or the reconciler may take to finish its round after the shutdown
+/// signal (a round in flight against a store that stopped answering is abandoned: its claims
+/// expire and the next replica's reconciler repairs what it left).
+const PART_GRACE: Duration = Duration::from_secs(10);
+
+/// Waits for a part of the host to end, at most `grace`; then aborts it, so that a stopping
+/// process ends in bounded time whatever state that part is in.
+async fn join_within(mut part: tokio::task::JoinHandle<()>, grace: Duration, name: &str) {
+    match tokio::time::timeout(grace, &mut part).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::error!(%error, "{name} ended abnormally"),
+        Err(_) => {
+            part.abort();
+            tracing::error!(
+                grace_s = grace.as_secs(),
+                "{name} did not stop within its grace period after the shutdown signal; abandoned"
+            );
+        }
+    }
 }
 
 /// Starts the local worker against this host's own address. A machine without a Docker engine

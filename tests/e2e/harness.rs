@@ -66,7 +66,12 @@ impl TestHost {
         Self::start_in(store, extra, data_dir)
     }
 
-    fn start_in(store: StoreKind, extra: &[&str], data_dir: TempDir) -> anyhow::Result<TestHost> {
+    /// [`Self::start_with`] on a data dir the test prepared.
+    pub fn start_in(
+        store: StoreKind,
+        extra: &[&str],
+        data_dir: TempDir,
+    ) -> anyhow::Result<TestHost> {
         let tokens_file = data_dir.path().join("tokens.json");
         let tokens = json!({"tokens": [
             {"user_id": "alice", "role": "user", "token_sha256": sha256_hex(ALICE_TOKEN)},
@@ -148,6 +153,54 @@ impl TestHost {
     /// The host's log so far.
     pub fn log(&self) -> String {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Waits until the host's log contains `needle`, at most `within`; fails with the log.
+    pub async fn wait_for_log(&self, needle: &str, within: Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + within;
+        while !self.log().contains(needle) {
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "the host did not log {needle:?} within {} s; its log:\n{}",
+                    within.as_secs(),
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// Sends SIGTERM (what a service manager's stop sends) and waits for the process to exit,
+    /// at most `within`: its exit status and how long it took. A process still running then
+    /// is killed and reported with its log.
+    pub fn terminate(
+        &mut self,
+        within: Duration,
+    ) -> anyhow::Result<(std::process::ExitStatus, Duration)> {
+        let sent = std::time::Instant::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .context("running kill -TERM")?;
+        if !status.success() {
+            bail!("kill -TERM {} failed: {status}", self.child.id());
+        }
+        loop {
+            if let Some(exit) = self.child.try_wait().context("waiting for cloudai serve")? {
+                return Ok((exit, sent.elapsed()));
+            }
+            if sent.elapsed() >= within {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!(
+                    "cloudai serve did not exit within {} s of SIGTERM; killed. Its log:\n{}",
+                    within.as_secs(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Runs `cloudai ARGS...` as a client of this host with the given token.

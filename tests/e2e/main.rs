@@ -14,6 +14,7 @@ mod policies;
 mod policy_tools;
 mod replicas;
 mod scheduling;
+mod shutdown;
 mod telemetry;
 mod tour;
 mod worker_process;

@@ -192,7 +192,11 @@ impl Agent {
             .retry(backoff())
             .when(transient)
             .notify(|error, wait| {
-                tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "registering: host not available");
+                let why = match error {
+                    ClientError::Unreachable { .. } => "host not reachable",
+                    _ => "the host failed to take the registration",
+                };
+                tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "registering: {why}; trying again");
             })
             .await
             .map_err(|e| match e {
@@ -263,7 +267,10 @@ impl Agent {
                 }
                 Err(e) if refused(&e) => {
                     tracing::warn!(worker_id = %self.identity.worker_id, error = %e, "heartbeat refused: registering again");
-                    self.register().await?;
+                    tokio::select! {
+                        registered = self.register() => registered?,
+                        () = &mut shutdown => return Ok(()),
+                    }
                 }
                 Err(e) => {
                     failing_since.get_or_insert_with(tokio::time::Instant::now);

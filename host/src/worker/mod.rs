@@ -49,7 +49,17 @@ pub async fn run(
     }
     let state_dir = config.state_dir.clone();
     let host = config.host.clone();
-    let mut agent = Agent::connect(config).await?;
+    tokio::pin!(shutdown);
+    // Joining waits as long as the host cannot take the registration: the shutdown signal
+    // must end that wait too (a host that refuses every registration must not keep a
+    // stopping process alive).
+    let mut agent = tokio::select! {
+        agent = Agent::connect(config) => agent?,
+        () = &mut shutdown => {
+            tracing::info!("shutdown before this worker joined the host");
+            return Ok(());
+        }
+    };
     let runner = Runner::new(
         RunnerConfig {
             host,
@@ -82,7 +92,7 @@ pub async fn run(
     };
     let signal = async {
         tokio::select! {
-            () = shutdown => stop.cancel(),
+            () = &mut shutdown => stop.cancel(),
             () = stop.cancelled() => {}
         }
     };

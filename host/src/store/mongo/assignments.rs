@@ -200,6 +200,7 @@ impl MongoStore {
         let groups: Vec<Document> = self
             .assignments
             .aggregate(pipeline)
+            .batch_size(super::LISTING_BATCH)
             .await
             .map_err(|e| StoreError::backend("counting active assignments", e))?
             .try_collect()

@@ -8,7 +8,10 @@
 //! - a user's running requests are summed here ([`MongoStore::user_usage_ferretdb1`]): its
 //!   `$group` feeds its first accumulator only;
 //! - indexes are created one per command ([`create_indexes_one_by_one`]): it panics on a
-//!   `createIndexes` naming two existing indexes.
+//!   `createIndexes` naming two existing indexes;
+//! - a placement round is written task by task, each write under its document's lock
+//!   ([`MongoStore::place_round_ferretdb1`]): a multi-document update is as little conditional
+//!   there as a single-document one.
 //!
 //! MongoDB never takes these paths, and they never change the native ones.
 //!
@@ -626,5 +629,19 @@ mod timing {
 
     fn doc_data() -> serde_json::Value {
         serde_json::json!({"status": "queued", "reason": null, "attempts": 0, "worker_id": null})
+    }
+}
+
+impl MongoStore {
+    /// A placement round written task by task with the single-document writes (each under its
+    /// document's lock): FerretDB 1.x's `updateMany` reads, changes and writes back each
+    /// document without re-checking the filter, so the native round's claim could be won by
+    /// two replicas at once.
+    pub(super) async fn place_round_ferretdb1(
+        &self,
+        plan: &crate::store::RoundPlan,
+    ) -> Result<crate::store::RoundOutcome> {
+        use crate::store::placement::{TaskByTask, place_in_steps};
+        place_in_steps(self, &TaskByTask(self), plan).await
     }
 }

@@ -12,12 +12,16 @@
 //!   [`ServerKind`] says so.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use mongodb::bson::{Document, doc};
 use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::event::EventHandler;
+use mongodb::event::command::CommandEvent;
 use mongodb::options::{
     Acknowledgment, ClientOptions, ReadConcern, ReadPreference, SelectionCriteria,
 };
@@ -69,6 +73,11 @@ pub const TASK_OUTPUT_CHUNKS: &str = "TASK_OUTPUT_CHUNKS";
 /// clearly at start-up instead of after the driver's 30 s default.
 pub const DEFAULT_SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The batch size of the reads every placement round makes over whole collections (the
+/// worker registry, the active assignments per worker): one reply instead of a `getMore` per
+/// 101 documents; the server still caps a reply at 16 MiB.
+const LISTING_BATCH: u32 = 100_000;
+
 mod assignments;
 mod blobs;
 mod codec;
@@ -76,6 +85,7 @@ mod compat;
 mod events;
 mod leases;
 mod logs;
+mod placement;
 mod results;
 mod schema;
 mod tasks;
@@ -110,6 +120,9 @@ pub enum ServerKind {
 #[derive(Clone, Debug)]
 pub struct MongoStore {
     db: Database,
+    /// Commands this store's client has sent (the driver's command monitoring): what the
+    /// scheduler bench reports per placement.
+    commands: Arc<AtomicU64>,
     /// The path this store takes: see [`ServerKind`].
     server: ServerKind,
     tasks: Collection<Document>,
@@ -178,6 +191,13 @@ impl MongoStore {
             .await
             .map_err(|e| StoreError::backend("parsing the MongoDB URI", e))?;
         apply_production_defaults(&mut options);
+        let commands = Arc::new(AtomicU64::new(0));
+        let counted = commands.clone();
+        options.command_event_handler = Some(EventHandler::callback(move |event| {
+            if matches!(event, CommandEvent::Started(_)) {
+                counted.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
         configure(&mut options);
         let hosts = options
             .hosts
@@ -211,6 +231,7 @@ impl MongoStore {
             );
         }
         let store = MongoStore {
+            commands,
             server,
             tasks: db.collection(TASKS),
             workers: db.collection(WORKER_REGISTRY),
@@ -243,6 +264,12 @@ impl MongoStore {
     /// The database this store uses.
     pub fn database(&self) -> &Database {
         &self.db
+    }
+
+    /// How many commands this store has sent to the server so far (every `find`, `getMore`,
+    /// `update`, ... of its client, including those of its FerretDB write locks).
+    pub fn commands_started(&self) -> u64 {
+        self.commands.load(Ordering::Relaxed)
     }
 }
 
@@ -468,6 +495,13 @@ impl Store for MongoStore {
 
     async fn mark_running(&self, task_id: &str, owner: &str, attempts: u32) -> Result<Task> {
         self.mark_running_impl(task_id, owner, attempts).await
+    }
+
+    async fn place_round(
+        &self,
+        plan: &crate::store::RoundPlan,
+    ) -> Result<crate::store::RoundOutcome> {
+        self.place_round_impl(plan).await
     }
 
     async fn unclaim_task(&self, task_id: &str, owner: &str) -> Result<bool> {

@@ -7,7 +7,7 @@ use mongodb::options::ReturnDocument;
 
 use super::codec::{to_bson_date, usage_to_document, worker_from_document, worker_to_document};
 use super::compat::lock_key;
-use super::{MongoStore, WORKER_REGISTRY, is_duplicate_key, not_found};
+use super::{LISTING_BATCH, MongoStore, WORKER_REGISTRY, is_duplicate_key, not_found};
 use crate::model::{self, Resources, Worker, WorkerUsage};
 use crate::store::{Result, Store, StoreError};
 
@@ -66,6 +66,9 @@ impl MongoStore {
             .workers
             .find(doc! {})
             .sort(doc! { "worker_id": 1 })
+            // The whole registry in one reply (up to the server's 16 MiB per batch): the
+            // scheduler reads it every round.
+            .batch_size(LISTING_BATCH)
             .await
             .map_err(|e| StoreError::backend("listing workers", e))?
             .try_collect()

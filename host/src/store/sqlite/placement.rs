@@ -1,5 +1,6 @@
 //! A placement round on SQLite: the whole round in ONE transaction (the writer thread's call),
-//! so it has no crash point at all: either every write of the round is kept or none is. The
+//! so it has no crash point at all: either every write of the round is kept or none is. Inside
+//! it a task needs no claim: it moves from claimable to running in one update. The
 //! batched steps of [`PlacementSteps`] are here too, each one transaction, for the tests that
 //! leave a store as a crash between two steps of [`place_in_steps`] would.
 //!
@@ -70,49 +71,97 @@ fn sum(requests: impl IntoIterator<Item = Resources>) -> Resources {
     })
 }
 
-/// The round in the caller's transaction: claim, reserve per worker (the sum, else task by
-/// task), insert the assignments, mark running. A statement that fails fails the round, whose
-/// savepoint is then rolled back whole.
+/// Moves one task straight from claimable `queued` (at `attempts`, unclaimed or with an
+/// expired claim) to `running` under `claim`: inside one transaction the claim and the mark
+/// are one update.
+fn start_sync(
+    conn: &Connection,
+    task_id: &str,
+    attempts: u32,
+    claim: &str,
+    now: &str,
+) -> Result<bool> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE TASKS SET status = 'running', attempts = ?3, owner = NULL, \
+                 lease_expires_at = NULL, status_reason = NULL, updated_at = ?4, placed_by = ?5 \
+             WHERE task_id = ?1 AND status = 'queued' AND attempts = ?2 \
+               AND (owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at < ?4)",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                task_id,
+                attempts,
+                attempts.saturating_add(1),
+                now,
+                claim
+            ])
+        })
+        .map_err(sql_err("starting a task"))?;
+    Ok(changed == 1)
+}
+
+fn savepoint(conn: &Connection, sql: &'static str) -> Result<()> {
+    conn.prepare_cached(sql)
+        .and_then(|mut stmt| stmt.execute([]))
+        .map(drop)
+        .map_err(sql_err("delimiting a worker's placements"))
+}
+
+/// The round in the caller's transaction. Per worker, inside a savepoint: its claimable tasks
+/// move to running and the sum of their requests is reserved at once; when the worker refuses
+/// the sum, the savepoint is rolled back and its tasks go one by one, each in a savepoint of
+/// its own, until the worker is full. Then one assignment per placed task. A statement that
+/// fails fails the round, whose own savepoint is then rolled back whole: all or nothing.
 fn place_round_sync(conn: &Connection, plan: &RoundPlan) -> Result<RoundOutcome> {
     let mut outcome = RoundOutcome::default();
     let now = date_text(&plan.now);
-    let lease_until = date_text(&plan.lease_until);
     let mut by_worker: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, p) in plan.placements.iter().enumerate() {
-        if claim_sync(
-            conn,
-            &p.task.task_id,
-            p.task.attempts,
-            &plan.claim,
-            &lease_until,
-            &now,
-        )? {
-            by_worker.entry(p.worker_id.as_str()).or_default().push(i);
-        } else {
-            outcome.lost.push(p.task.task_id.clone());
-        }
+        by_worker.entry(p.worker_id.as_str()).or_default().push(i);
     }
     let mut won = Vec::with_capacity(plan.placements.len());
     for (worker_id, indices) in by_worker {
-        let total = sum(indices.iter().map(|&i| plan.placements[i].task.request()));
-        let grouped = match reserve_sync(conn, worker_id, &total) {
-            Ok(applied) => applied,
-            Err(StoreError::NotFound { .. }) => false,
-            Err(error) => return Err(error),
-        };
+        savepoint(conn, "SAVEPOINT worker")?;
+        let mut started = Vec::with_capacity(indices.len());
+        for i in indices {
+            let task = &plan.placements[i].task;
+            if start_sync(conn, &task.task_id, task.attempts, &plan.claim, &now)? {
+                started.push(i);
+            } else {
+                outcome.lost.push(task.task_id.clone());
+            }
+        }
+        let total = sum(started.iter().map(|&i| plan.placements[i].task.request()));
+        let grouped = started.is_empty()
+            || match reserve_sync(conn, worker_id, &total) {
+                Ok(applied) => applied,
+                Err(StoreError::NotFound { .. }) => false,
+                Err(error) => return Err(error),
+            };
         if grouped {
-            won.extend(indices);
+            savepoint(conn, "RELEASE worker")?;
+            won.extend(started);
             continue;
         }
-        for i in indices {
-            let p = &plan.placements[i];
-            match reserve_sync(conn, worker_id, &p.task.request()) {
-                Ok(true) => won.push(i),
-                Ok(false) | Err(StoreError::NotFound { .. }) => {
-                    release_claim(conn, &p.task.task_id, &plan.claim)?;
-                    outcome.lost.push(p.task.task_id.clone());
-                }
-                Err(error) => return Err(error),
+        savepoint(conn, "ROLLBACK TO worker")?;
+        savepoint(conn, "RELEASE worker")?;
+        for i in started {
+            let task = &plan.placements[i].task;
+            savepoint(conn, "SAVEPOINT task")?;
+            let placed = start_sync(conn, &task.task_id, task.attempts, &plan.claim, &now)?
+                && match reserve_sync(conn, worker_id, &task.request()) {
+                    Ok(applied) => applied,
+                    Err(StoreError::NotFound { .. }) => false,
+                    Err(error) => return Err(error),
+                };
+            if placed {
+                savepoint(conn, "RELEASE task")?;
+                won.push(i);
+            } else {
+                savepoint(conn, "ROLLBACK TO task")?;
+                savepoint(conn, "RELEASE task")?;
+                outcome.lost.push(task.task_id.clone());
             }
         }
     }
@@ -121,33 +170,12 @@ fn place_round_sync(conn: &Connection, plan: &RoundPlan) -> Result<RoundOutcome>
         let p = &plan.placements[i];
         let assignment = assignment_for(&p.task, &p.worker_id, &plan.claim, plan.now);
         insert_assignment_sync(conn, &assignment)?;
-        if !mark_sync(conn, &assignment, &plan.claim, &now)? {
-            // Claimed above in this same transaction: nothing can have moved it.
-            return Err(StoreError::backend(
-                "placing a round",
-                format!(
-                    "task {} changed inside the round's transaction",
-                    p.task.task_id
-                ),
-            ));
-        }
         outcome.placed.push((
             running_copy(&p.task, assignment.attempt, &plan.claim, plan.now),
             assignment,
         ));
     }
     Ok(outcome)
-}
-
-/// Gives up a claim taken earlier in the same transaction.
-fn release_claim(conn: &Connection, task_id: &str, owner: &str) -> Result<()> {
-    conn.prepare_cached(
-        "UPDATE TASKS SET owner = NULL, lease_expires_at = NULL \
-         WHERE task_id = ?1 AND status = 'queued' AND owner = ?2",
-    )
-    .and_then(|mut stmt| stmt.execute(params![task_id, owner]))
-    .map(drop)
-    .map_err(sql_err("giving up a claim"))
 }
 
 impl SqliteStore {
