@@ -23,7 +23,7 @@ use super::extract::{ValidJson, Validate, truncate_for_message, validate_id};
 use super::{AppState, Limits};
 use crate::model::{self, Assignment, ResultStatus, Task, TaskResult, TaskStatus};
 use crate::scheduler::{Finish, finish_attempt};
-use crate::store::{AssignmentFilter, OutputFileInfo, StoreError, TaskLogChunk, TaskUpdate};
+use crate::store::{OutputFileInfo, StoreError, TaskLogChunk, TaskUpdate};
 
 /// Longest long poll an agent may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -90,7 +90,9 @@ pub struct Work {
 /// given to another worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct WorkList {
-    /// Changes whenever the list does: pass it back as `known` to wait for the next change.
+    /// Changes whenever the host changes this worker's work (an assignment added or gone, a
+    /// cancellation asked), not on the worker's own start reports: pass it back as `known` to
+    /// wait for the next change.
     pub version: String,
     pub work: Vec<Work>,
 }
@@ -203,35 +205,21 @@ fn superseded(ass_id: &str, why: &str) -> ApiError {
     )
 }
 
-/// The work of one worker now: its unreleased assignments whose task runs at their attempt.
+/// The work of one worker now: its unreleased assignments whose task runs under them (one
+/// store query). The version changes only when the host changes this work: an assignment
+/// added or gone, a cancellation asked; not when the worker itself reports a start.
 async fn work_of(state: &AppState, worker_id: &str) -> ApiResult<WorkList> {
-    let assignments = state
+    let work: Vec<Work> = state
         .store
-        .list_assignments(&AssignmentFilter {
-            worker_id: Some(worker_id.to_string()),
-            active_only: true,
-            ..AssignmentFilter::default()
-        })
-        .await?;
-    let mut work = Vec::with_capacity(assignments.len());
-    for a in assignments {
-        let task = match state.store.get_task(&a.task_id).await {
-            Ok(task) => task,
-            Err(StoreError::NotFound { .. }) => continue,
-            Err(other) => return Err(other.into()),
-        };
-        if !a.holds(&task) {
-            // Finished, re-queued, or placed again by a later placement: the reconciler
-            // returns the reservation.
-            continue;
-        }
-        work.push(work_item(a, task));
-    }
-    work.sort_by(|x, y| x.ass_id.cmp(&y.ass_id));
+        .worker_work(worker_id)
+        .await?
+        .into_iter()
+        .map(|(a, task)| work_item(a, task))
+        .collect();
     let mut digest = Sha256::new();
     for w in &work {
         digest.update(w.ass_id.as_bytes());
-        digest.update([u8::from(w.cancel), u8::from(w.started_at.is_some())]);
+        digest.update([u8::from(w.cancel)]);
     }
     Ok(WorkList {
         version: hex::encode(&digest.finalize()[..12]),

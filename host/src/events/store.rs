@@ -394,6 +394,10 @@ impl Store for EventedStore {
         self.inner.get_assignment(ass_id).await
     }
 
+    async fn worker_work(&self, worker_id: &str) -> Result<Vec<(Assignment, Task)>> {
+        self.inner.worker_work(worker_id).await
+    }
+
     async fn list_assignments(&self, filter: &AssignmentFilter) -> Result<Vec<Assignment>> {
         self.inner.list_assignments(filter).await
     }

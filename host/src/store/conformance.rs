@@ -28,7 +28,9 @@ use crate::model::{
 };
 
 mod placement;
+mod work;
 pub use placement::*;
+pub use work::*;
 
 // ------------------------------------------------------------------------------------------
 // Harness
@@ -204,6 +206,7 @@ macro_rules! store_conformance_tests {
             place_round_reserves_task_by_task_when_a_worker_refuses_the_sum,
             place_round_loses_the_tasks_of_a_draining_inactive_or_unknown_worker,
             place_round_of_nothing_does_nothing,
+            worker_work_lists_the_assignments_that_hold_their_running_task,
         );
         $crate::store_conformance_tests!(@shared $make;
             reserve_race_50_requests_for_room_for_7,

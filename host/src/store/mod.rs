@@ -383,6 +383,30 @@ pub trait Store: Send + Sync + 'static {
     /// Oldest first.
     async fn list_assignments(&self, filter: &AssignmentFilter) -> Result<Vec<Assignment>>;
 
+    /// The work of one worker now: its unreleased assignments that hold their task
+    /// ([`Assignment::holds`]: running at that attempt, placed by that placement), each with
+    /// its task, by `ass_id`. What a worker's long poll answers, so a backend answers it with
+    /// one query. The default reads the assignments, then each task.
+    async fn worker_work(&self, worker_id: &str) -> Result<Vec<(Assignment, Task)>> {
+        let assignments = self
+            .list_assignments(&AssignmentFilter {
+                worker_id: Some(worker_id.to_string()),
+                active_only: true,
+                ..AssignmentFilter::default()
+            })
+            .await?;
+        let mut work = Vec::with_capacity(assignments.len());
+        for a in assignments {
+            match self.get_task(&a.task_id).await {
+                Ok(task) if a.holds(&task) => work.push((a, task)),
+                Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        work.sort_by(|(x, _), (y, _)| x.ass_id.cmp(&y.ass_id));
+        Ok(work)
+    }
+
     /// Returns an assignment's reservation to its worker, exactly once: the first call marks
     /// the assignment released and gives the amounts back (`Ok(true)`); every later call does
     /// nothing (`Ok(false)`). `NotFound` when there is no such assignment.

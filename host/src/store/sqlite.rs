@@ -663,37 +663,42 @@ fn to_json<T: serde::Serialize>(value: &T, what: &'static str) -> Result<String>
 }
 
 fn task_from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
-    let timeout_s: Option<i64> = row.get(15)?;
+    task_at(row, 0)
+}
+
+/// A task from the columns [`TASK_COLUMNS`] starting at column `at` of `row`.
+fn task_at(row: &Row<'_>, at: usize) -> rusqlite::Result<Task> {
+    let timeout_s: Option<i64> = row.get(at + 15)?;
     Ok(Task {
-        task_id: row.get(0)?,
-        user_id: row.get(1)?,
-        docker_image: row.get(2)?,
-        command: row.get(3)?,
-        req_cpu: row.get(4)?,
-        req_memory: row.get(5)?,
-        req_storage: row.get(6)?,
-        req_gpu: row.get(7)?,
-        status: get_parsed(row, 8)?,
-        created_at: get_date(row, 9)?,
-        started_at: get_opt_date(row, 10)?,
-        completed_at: get_opt_date(row, 11)?,
-        priority: row.get(12)?,
-        labels: get_json(row, 13)?,
-        env: get_json(row, 14)?,
+        task_id: row.get(at)?,
+        user_id: row.get(at + 1)?,
+        docker_image: row.get(at + 2)?,
+        command: row.get(at + 3)?,
+        req_cpu: row.get(at + 4)?,
+        req_memory: row.get(at + 5)?,
+        req_storage: row.get(at + 6)?,
+        req_gpu: row.get(at + 7)?,
+        status: get_parsed(row, at + 8)?,
+        created_at: get_date(row, at + 9)?,
+        started_at: get_opt_date(row, at + 10)?,
+        completed_at: get_opt_date(row, at + 11)?,
+        priority: row.get(at + 12)?,
+        labels: get_json(row, at + 13)?,
+        env: get_json(row, at + 14)?,
         timeout_s: timeout_s
-            .map(|t| u64::try_from(t).map_err(|e| conversion(15, e)))
+            .map(|t| u64::try_from(t).map_err(|e| conversion(at + 15, e)))
             .transpose()?,
-        max_attempts: get_u32(row, 16)?,
-        attempts: get_u32(row, 17)?,
-        exit_code: row.get(18)?,
-        error: row.get(19)?,
-        status_reason: row.get(20)?,
-        cancel_requested: row.get(21)?,
-        owner: row.get(22)?,
-        lease_expires_at: get_opt_date(row, 23)?,
-        idempotency_key: row.get(24)?,
-        updated_at: get_date(row, 25)?,
-        placed_by: row.get(26)?,
+        max_attempts: get_u32(row, at + 16)?,
+        attempts: get_u32(row, at + 17)?,
+        exit_code: row.get(at + 18)?,
+        error: row.get(at + 19)?,
+        status_reason: row.get(at + 20)?,
+        cancel_requested: row.get(at + 21)?,
+        owner: row.get(at + 22)?,
+        lease_expires_at: get_opt_date(row, at + 23)?,
+        idempotency_key: row.get(at + 24)?,
+        updated_at: get_date(row, at + 25)?,
+        placed_by: row.get(at + 26)?,
     })
 }
 
@@ -725,19 +730,24 @@ fn worker_from_row(row: &Row<'_>) -> rusqlite::Result<Worker> {
 }
 
 fn assignment_from_row(row: &Row<'_>) -> rusqlite::Result<Assignment> {
+    assignment_at(row, 0)
+}
+
+/// An assignment from the columns [`ASSIGNMENT_COLUMNS`] starting at column `at` of `row`.
+fn assignment_at(row: &Row<'_>, at: usize) -> rusqlite::Result<Assignment> {
     Ok(Assignment {
-        ass_id: row.get(0)?,
-        task_id: row.get(1)?,
-        worker_id: row.get(2)?,
-        assigned_at: get_date(row, 3)?,
-        req_cpu: row.get(4)?,
-        req_memory: row.get(5)?,
-        req_storage: row.get(6)?,
-        req_gpu: row.get(7)?,
-        attempt: get_u32(row, 8)?,
-        released: row.get(9)?,
-        released_at: get_opt_date(row, 10)?,
-        placed_by: row.get(11)?,
+        ass_id: row.get(at)?,
+        task_id: row.get(at + 1)?,
+        worker_id: row.get(at + 2)?,
+        assigned_at: get_date(row, at + 3)?,
+        req_cpu: row.get(at + 4)?,
+        req_memory: row.get(at + 5)?,
+        req_storage: row.get(at + 6)?,
+        req_gpu: row.get(at + 7)?,
+        attempt: get_u32(row, at + 8)?,
+        released: row.get(at + 9)?,
+        released_at: get_opt_date(row, at + 10)?,
+        placed_by: row.get(at + 11)?,
     })
 }
 
@@ -1272,6 +1282,36 @@ fn insert_assignment_sync(conn: &Connection, a: &Assignment) -> Result<()> {
         &a.ass_id,
         "inserting an assignment",
     ))
+}
+
+/// A worker's active assignments that hold their running task, with the task, in ONE query.
+fn worker_work_sync(conn: &Connection, worker_id: &str) -> Result<Vec<(Assignment, Task)>> {
+    let prefixed = |columns: &str, table: &str| {
+        columns
+            .split(',')
+            .map(|c| format!("{table}.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let sql = format!(
+        "SELECT {}, {} FROM ASSIGNMENTS a JOIN TASKS t ON t.task_id = a.task_id \
+         WHERE a.released = 0 AND a.worker_id = ?1 AND t.status = 'running' \
+           AND t.attempts = a.attempt \
+         ORDER BY a.ass_id",
+        prefixed(ASSIGNMENT_COLUMNS, "a"),
+        prefixed(TASK_COLUMNS, "t"),
+    );
+    let assignment_columns = ASSIGNMENT_COLUMNS.split(',').count();
+    let rows: Vec<(Assignment, Task)> = conn
+        .prepare_cached(&sql)
+        .and_then(|mut stmt| {
+            stmt.query_map([worker_id], |row| {
+                Ok((assignment_at(row, 0)?, task_at(row, assignment_columns)?))
+            })?
+            .collect()
+        })
+        .map_err(sql_err("reading a worker's work"))?;
+    Ok(rows.into_iter().filter(|(a, t)| a.holds(t)).collect())
 }
 
 fn list_assignments_sync(conn: &Connection, filter: &AssignmentFilter) -> Result<Vec<Assignment>> {
@@ -2383,6 +2423,14 @@ impl Store for SqliteStore {
 
     async fn place_round(&self, plan: &super::RoundPlan) -> Result<super::RoundOutcome> {
         self.place_round_impl(plan).await
+    }
+
+    async fn worker_work(&self, worker_id: &str) -> Result<Vec<(Assignment, Task)>> {
+        let worker_id = worker_id.to_string();
+        self.call("reading a worker's work", move |conn| {
+            worker_work_sync(conn, &worker_id)
+        })
+        .await
     }
 
     async fn unclaim_task(&self, task_id: &str, owner: &str) -> Result<bool> {

@@ -8,10 +8,14 @@ use futures::TryStreamExt;
 use mongodb::bson::{Document, doc};
 use mongodb::options::ReturnDocument;
 
-use super::codec::{Reader, assignment_from_document, assignment_to_document, to_bson_date};
+use super::codec::{
+    Reader, assignment_from_document, assignment_to_document, task_from_document, to_bson_date,
+};
 use super::compat::lock_key;
-use super::{ASSIGNMENTS, MongoStore, WORKER_REGISTRY, is_duplicate_key, not_found};
-use crate::model::{self, Assignment, Resources};
+use super::{
+    ASSIGNMENTS, MongoStore, ServerKind, TASKS, WORKER_REGISTRY, is_duplicate_key, not_found,
+};
+use crate::model::{self, Assignment, Resources, Task, TaskStatus};
 use crate::store::{AssignmentFilter, Result, Store, StoreError};
 
 impl MongoStore {
@@ -179,6 +183,45 @@ impl MongoStore {
             .await
             .map_err(|e| StoreError::backend("reading the assignment listing", e))?;
         documents.iter().map(assignment_from_document).collect()
+    }
+
+    /// [`Store::worker_work`]: one aggregation, the worker's active assignments joined with
+    /// their tasks by `task_id` (served by the unique `task_id` index). FerretDB 1.x has no
+    /// `$lookup`: [`Self::worker_work_ferretdb1`].
+    pub(super) async fn worker_work_impl(
+        &self,
+        worker_id: &str,
+    ) -> Result<Vec<(Assignment, Task)>> {
+        if let ServerKind::FerretDb1 { .. } = self.server {
+            return self.worker_work_ferretdb1(worker_id).await;
+        }
+        let what = || format!("reading the work of worker '{worker_id}'");
+        let pipeline = vec![
+            doc! { "$match": { "worker_id": worker_id, "released": { "$ne": true } } },
+            doc! { "$lookup": {
+                "from": TASKS,
+                "localField": "task_id",
+                "foreignField": "task_id",
+                "as": "task",
+            } },
+            doc! { "$unwind": "$task" },
+            doc! { "$match": { "task.status": TaskStatus::Running.as_str() } },
+            doc! { "$sort": { "ass_id": 1 } },
+        ];
+        let documents: Vec<Document> = self
+            .assignments
+            .aggregate(pipeline)
+            .batch_size(super::LISTING_BATCH)
+            .await
+            .map_err(|e| StoreError::backend(what(), e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend(what(), e))?;
+        documents
+            .iter()
+            .map(work_from_joined)
+            .collect::<Result<Vec<_>>>()
+            .map(|work| work.into_iter().filter(|(a, t)| a.holds(t)).collect())
     }
 
     pub(super) async fn release_impl(&self, ass_id: &str) -> Result<bool> {
@@ -349,5 +392,46 @@ mod tests {
             store.release("missing").await,
             Err(StoreError::NotFound { .. })
         ));
+    }
+}
+
+/// An assignment and its task from one document of [`MongoStore::worker_work_impl`]'s join:
+/// the assignment's fields with the task's under `task`.
+pub(super) fn work_from_joined(d: &Document) -> Result<(Assignment, Task)> {
+    let task = d.get_document("task").map_err(|e| {
+        StoreError::backend("reading a worker's work", format!("no joined task: {e}"))
+    })?;
+    Ok((assignment_from_document(d)?, task_from_document(task)?))
+}
+
+#[cfg(test)]
+mod work_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::store::conformance::{sample_assignment, sample_task};
+
+    /// What MongoDB's `$lookup` + `$unwind` answers for one assignment (FerretDB 1.x, the test
+    /// server, has no `$lookup`): the assignment's fields, its task under `task`.
+    #[test]
+    fn a_joined_work_document_decodes_to_the_assignment_and_its_task() {
+        let mut task = sample_task("task-j", "alice");
+        task.status = crate::model::TaskStatus::Running;
+        task.attempts = 1;
+        let assignment =
+            sample_assignment("ass-j", "task-j", "w-j", Resources::new(1.0, 2.0, 0.0, 0.0));
+        let mut joined = assignment_to_document(&assignment);
+        joined.insert("_id", mongodb::bson::oid::ObjectId::new());
+        joined.insert(
+            "task",
+            super::super::codec::task_to_document(&task).unwrap(),
+        );
+        let (a, t) = work_from_joined(&joined).unwrap();
+        assert_eq!((a, t), (assignment, task));
+        joined.remove("task");
+        assert!(
+            work_from_joined(&joined).is_err(),
+            "a document without its task is refused"
+        );
     }
 }

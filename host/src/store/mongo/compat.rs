@@ -9,6 +9,8 @@
 //!   `$group` feeds its first accumulator only;
 //! - indexes are created one per command ([`create_indexes_one_by_one`]): it panics on a
 //!   `createIndexes` naming two existing indexes;
+//! - a worker's work is read with two queries ([`MongoStore::worker_work_ferretdb1`]): it
+//!   has no `$lookup`;
 //! - a placement round is written task by task, each write under its document's lock
 //!   ([`MongoStore::place_round_ferretdb1`]): a multi-document update is as little conditional
 //!   there as a single-document one.
@@ -643,5 +645,50 @@ impl MongoStore {
     ) -> Result<crate::store::RoundOutcome> {
         use crate::store::placement::{TaskByTask, place_in_steps};
         place_in_steps(self, &TaskByTask(self), plan).await
+    }
+}
+
+impl MongoStore {
+    /// [`crate::store::Store::worker_work`] without `$lookup`, which FerretDB 1.x lacks: the
+    /// worker's active assignments, then their tasks in one `$in` read.
+    pub(super) async fn worker_work_ferretdb1(
+        &self,
+        worker_id: &str,
+    ) -> Result<Vec<(crate::model::Assignment, crate::model::Task)>> {
+        use super::codec::task_from_document;
+        let assignments = self
+            .list_assignments_impl(&crate::store::AssignmentFilter {
+                worker_id: Some(worker_id.to_string()),
+                active_only: true,
+                ..crate::store::AssignmentFilter::default()
+            })
+            .await?;
+        if assignments.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = assignments.iter().map(|a| a.task_id.as_str()).collect();
+        let what = || format!("reading the tasks of worker '{worker_id}'");
+        let documents: Vec<Document> = self
+            .tasks
+            .find(doc! { "task_id": { "$in": ids }, "status": TaskStatus::Running.as_str() })
+            .await
+            .map_err(|e| StoreError::backend(what(), e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend(what(), e))?;
+        let mut tasks = std::collections::HashMap::new();
+        for d in &documents {
+            let task = task_from_document(d)?;
+            tasks.insert(task.task_id.clone(), task);
+        }
+        let mut work: Vec<_> = assignments
+            .into_iter()
+            .filter_map(|a| {
+                let task = tasks.get(&a.task_id)?.clone();
+                a.holds(&task).then_some((a, task))
+            })
+            .collect();
+        work.sort_by(|(x, _), (y, _)| x.ass_id.cmp(&y.ass_id));
+        Ok(work)
     }
 }

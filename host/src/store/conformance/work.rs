@@ -1,0 +1,97 @@
+//! Conformance of [`Store::worker_work`]: what a worker's long poll answers.
+
+use chrono::Duration;
+
+use super::{insert, sample_task, unique_id, worker_with};
+use crate::model::{Resources, Task, TaskStatus, now};
+use crate::store::{PlannedPlacement, RoundPlan, Store, TaskUpdate};
+
+async fn place(store: &dyn Store, worker_id: &str, user: &str) -> (Task, crate::model::Assignment) {
+    let mut task = sample_task(&unique_id("task"), user);
+    task.status = TaskStatus::Queued;
+    (
+        task.req_cpu,
+        task.req_memory,
+        task.req_storage,
+        task.req_gpu,
+    ) = (1.0, 1.0, 0.0, 0.0);
+    let task = insert(store, &task).await;
+    let at = now();
+    let plan = RoundPlan {
+        claim: unique_id("host-test/round"),
+        lease_until: at + Duration::seconds(30),
+        now: at,
+        placements: vec![PlannedPlacement {
+            task,
+            worker_id: worker_id.to_string(),
+        }],
+    };
+    let mut outcome = store.place_round(&plan).await.unwrap();
+    assert_eq!(outcome.placed.len(), 1, "{outcome:?}");
+    outcome.placed.remove(0)
+}
+
+pub async fn worker_work_lists_the_assignments_that_hold_their_running_task(store: &dyn Store) {
+    let w = worker_with(store, "w", Resources::new(16.0, 64.0, 10.0, 0.0)).await;
+    let other = worker_with(store, "w", Resources::new(16.0, 64.0, 10.0, 0.0)).await;
+    let user = unique_id("user");
+    let (running, a_running) = place(store, &w.worker_id, &user).await;
+    let (cancelling, a_cancelling) = place(store, &w.worker_id, &user).await;
+    store.request_cancel(&cancelling.task_id).await.unwrap();
+    let (finished, a_finished) = place(store, &w.worker_id, &user).await;
+    // Finished, its assignment not yet released (a finish in flight).
+    store
+        .transition_task(
+            &finished.task_id,
+            &[TaskStatus::Running],
+            TaskStatus::Completed,
+            &TaskUpdate::default(),
+        )
+        .await
+        .unwrap();
+    let (released, a_released) = place(store, &w.worker_id, &user).await;
+    assert!(store.release(&a_released.ass_id).await.unwrap());
+    // Another placement's assignment left behind at the same attempt (its placement died
+    // after inserting it): not the task's.
+    let mut stale = a_running.clone();
+    stale.ass_id = unique_id("ass-stale");
+    stale.placed_by = Some("host-dead/round".into());
+    store.insert_assignment(&stale).await.unwrap();
+    place(store, &other.worker_id, &user).await;
+
+    let work = store.worker_work(&w.worker_id).await.unwrap();
+    let mut expected = vec![a_running.ass_id.clone(), a_cancelling.ass_id.clone()];
+    expected.sort();
+    let listed: Vec<String> = work.iter().map(|(a, _)| a.ass_id.clone()).collect();
+    assert_eq!(
+        listed, expected,
+        "by ass_id, only the work that holds its task"
+    );
+    for (a, task) in &work {
+        assert_eq!(a.task_id, task.task_id);
+        assert!(a.holds(task));
+        assert_eq!(a.worker_id, w.worker_id);
+    }
+    let (_, cancel) = work
+        .iter()
+        .find(|(a, _)| a.ass_id == a_cancelling.ass_id)
+        .unwrap();
+    assert!(cancel.cancel_requested, "the cancellation is in the work");
+    let (_, run) = work
+        .iter()
+        .find(|(a, _)| a.ass_id == a_running.ass_id)
+        .unwrap();
+    assert_eq!((run.status, run.attempts), (TaskStatus::Running, 1));
+    assert_eq!(run.task_id, running.task_id);
+    for absent in [&a_finished, &a_released] {
+        assert!(!listed.contains(&absent.ass_id));
+    }
+    assert!(
+        store
+            .worker_work(&unique_id("w-nobody"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let _ = (finished, released);
+}
