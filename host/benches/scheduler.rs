@@ -11,8 +11,14 @@
 //! BENCH_MONGO_RUNS (default 2000 and 1: FerretDB, the test server, is far slower than
 //! MongoDB), BENCH_RSS_TASKS (default 100000), BENCH_LATENCY_SAMPLES (default 200),
 //! BENCH_STORES (the throughput rows to run, comma-separated among `sqlite`, `sqlite+events`,
-//! `mongodb`, `mongodb+events`; default all; empty: none, e.g. to measure the peak RSS in a
-//! process that ran nothing else), BENCH_WORKERS (default `100,1000`).
+//! `mongodb`, `mongodb+events`, `mongodb-path`; default all; empty: none, e.g. to measure the
+//! peak RSS in a process that ran nothing else), BENCH_WORKERS (default `100,1000`).
+//!
+//! `mongodb` is the store as it connects (on FerretDB 1.x: its compatibility path, task by
+//! task under document locks); `mongodb-path` takes the MongoDB path whatever the server is,
+//! which is how its commands per placement are counted on FerretDB 1.x (one scheduler, and no
+//! heartbeats during the run: FerretDB 1.x's updates are not atomic). The cost column counts
+//! the commands (MongoDB) or transactions (SQLite) of the scheduler's own store handle.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -22,13 +28,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[path = "common/serve.rs"]
+#[allow(dead_code)] // shared with the HTTP bench, which uses all of it
 mod serve;
 
 use cloudai::events::{EventHub, EventedStore};
 use cloudai::model::{Resources, Task, TaskStatus, Worker};
 use cloudai::policy::{EngineSettings, PolicyEngine, PolicyRuntime, RuntimeSettings};
 use cloudai::scheduler::{Scheduler, SchedulerConfig, Wakeup};
-use cloudai::store::mongo::MongoStore;
+use cloudai::store::mongo::{MongoStore, ServerKind};
 use cloudai::store::sqlite::SqliteStore;
 use cloudai::store::{Store, TaskQuery};
 
@@ -101,6 +108,14 @@ fn config() -> SchedulerConfig {
     }
 }
 
+/// [`config`] for workers that never heartbeat: fresh for an hour.
+fn config_without_heartbeats() -> SchedulerConfig {
+    SchedulerConfig {
+        heartbeat_staleness: Duration::from_secs(3600),
+        ..config()
+    }
+}
+
 async fn queued_count(store: &dyn Store) -> usize {
     store.task_counts().await.unwrap().queued as usize
 }
@@ -142,9 +157,15 @@ async fn place_all(
     watch: Arc<dyn Store>,
     policies: Arc<PolicyRuntime>,
     tasks: usize,
+    beat: bool,
 ) -> Placed {
-    let scheduler = Scheduler::new(store.clone(), policies, Wakeup::new(), config());
-    let beating = heartbeats(watch.clone());
+    let config = if beat {
+        config()
+    } else {
+        config_without_heartbeats()
+    };
+    let scheduler = Scheduler::new(store.clone(), policies, Wakeup::new(), config);
+    let beating = beat.then(|| heartbeats(watch.clone()));
     let started = Instant::now();
     let before = count();
     let (mut last_queued, mut last_change, mut last_report) =
@@ -195,7 +216,9 @@ async fn place_all(
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    beating.abort();
+    if let Some(beating) = beating {
+        beating.abort();
+    }
     let placed = tasks - queued_count(&*watch).await;
     let cost = match (before, count()) {
         (Some(b), Some(a)) if placed > 0 => Some((a - b) as f64 / placed as f64),
@@ -221,6 +244,9 @@ struct Measured {
     store: Arc<dyn Store>,
     count: Box<dyn Fn() -> Option<u64> + Sync>,
     watch: Arc<dyn Store>,
+    /// Whether the simulated workers heartbeat during the run (not on the MongoDB path forced
+    /// onto FerretDB 1.x, whose updates race: its workers are kept fresh by a long staleness).
+    heartbeats: bool,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -232,20 +258,42 @@ async fn measured_sqlite() -> Measured {
         store: Arc::new(counted.clone()),
         count: Box::new(move || Some(counted.transactions())),
         watch: Arc::new(watch),
+        heartbeats: true,
         _dir: Some(dir),
     }
 }
 
-async fn measured_mongo(uri: &str) -> Measured {
+/// On MongoDB as detected; with `native`, the MongoDB path whatever the server is (on
+/// FerretDB 1.x: how its commands per placement are counted here, one writer only).
+async fn measured_mongo(uri: &str, native: bool) -> Measured {
     let database = format!("cloudai_bench_{}", uuid::Uuid::now_v7().simple());
-    let counted = MongoStore::connect(uri, &database).await.unwrap();
-    let watch = MongoStore::connect(uri, &database).await.unwrap();
+    let connect = || async {
+        if native {
+            MongoStore::connect_as_server(uri, &database, ServerKind::MongoDb).await
+        } else {
+            MongoStore::connect(uri, &database).await
+        }
+    };
+    let counted = connect().await.unwrap();
+    let watch = connect().await.unwrap();
+    let heartbeats = !(native && forced_on_ferretdb(&watch).await);
     Measured {
         store: Arc::new(counted.clone()),
         count: Box::new(move || Some(counted.commands_started())),
         watch: Arc::new(watch),
+        heartbeats,
         _dir: None,
     }
+}
+
+/// Whether the server behind `store` is FerretDB 1.x (whatever path the store takes).
+async fn forced_on_ferretdb(store: &MongoStore) -> bool {
+    store
+        .database()
+        .run_command(mongodb::bson::doc! { "buildInfo": 1 })
+        .await
+        .map(|info| info.contains_key("ferretdbVersion"))
+        .unwrap_or(false)
 }
 
 /// The store as `cloudai serve` runs it: every state change also records an event (written
@@ -374,7 +422,7 @@ async fn main() {
     let mongo_tasks = env_usize("BENCH_MONGO_TASKS", 2_000).max(1);
     let mongo_runs = env_usize("BENCH_MONGO_RUNS", 1).max(1);
     let stores = std::env::var("BENCH_STORES")
-        .unwrap_or_else(|_| "sqlite,sqlite+events,mongodb,mongodb+events".into());
+        .unwrap_or_else(|_| "sqlite,sqlite+events,mongodb,mongodb+events,mongodb-path".into());
     let stores: Vec<&str> = stores.split(',').map(str::trim).collect();
     let worker_counts: Vec<usize> = std::env::var("BENCH_WORKERS")
         .unwrap_or_else(|_| "100,1000".into())
@@ -411,6 +459,7 @@ async fn main() {
         ("sqlite", tasks),
         ("sqlite+events", tasks),
         ("mongodb", mongo_tasks),
+        ("mongodb-path", mongo_tasks),
         ("mongodb+events", mongo_tasks),
     ] {
         if !stores.contains(&store_name) {
@@ -438,7 +487,8 @@ async fn main() {
                 let runs = if on_mongo { mongo_runs } else { runs };
                 for _ in 0..runs {
                     let measured = if on_mongo {
-                        measured_mongo(mongo_uri.as_deref().unwrap()).await
+                        let native = store_name == "mongodb-path";
+                        measured_mongo(mongo_uri.as_deref().unwrap(), native).await
                     } else {
                         measured_sqlite().await
                     };
@@ -455,6 +505,7 @@ async fn main() {
                         measured.watch.clone(),
                         runtime(bytes),
                         count,
+                        measured.heartbeats,
                     )
                     .await;
                     if let Some(why) = &placed.stalled {

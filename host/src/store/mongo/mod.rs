@@ -166,6 +166,19 @@ impl MongoStore {
         Self::open(uri, database, None, |_| {}).await
     }
 
+    /// [`Self::connect`], taking the path of `server` whatever `buildInfo` says. For
+    /// measurements: the scheduler bench counts the commands of the MongoDB path on FerretDB
+    /// 1.x, the only MongoDB-protocol server installable where it was built. Never run
+    /// [`ServerKind::MongoDb`]'s path against FerretDB 1.x with more than one writer: its
+    /// updates are not atomic there (see [`compat`]).
+    pub async fn connect_as_server(
+        uri: &str,
+        database: &str,
+        server: ServerKind,
+    ) -> Result<Self, StoreError> {
+        Self::open(uri, database, Some(server), |_| {}).await
+    }
+
     /// [`Self::connect`], taking the path of `server` whatever `buildInfo` says, with the
     /// client's options adjusted by `configure` (e.g. a command monitor). For tests only: the
     /// native path on FerretDB 1.x is not atomic (see [`compat`]), so only tests that run one
