@@ -12,7 +12,8 @@
 //!
 //! Run with: `cargo bench -p cloudai --bench http`
 //! Options (env): BENCH_HTTP_TASKS (default 10000), BENCH_HTTP_WORKERS (100),
-//! BENCH_HTTP_CPUS (10 per worker), BENCH_HTTP_SUBMITTERS (8), BENCH_RUNS (3).
+//! BENCH_HTTP_CPUS (10 per worker), BENCH_HTTP_SUBMITTERS (8), BENCH_RUNS (3),
+//! BENCH_HTTP_REPORTS (`batch`, `single`, default both).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -79,8 +80,11 @@ async fn call(http: &reqwest::Client, url: String, token: &str, body: Option<&Va
 }
 
 /// One simulated worker: long-polls its work and reports each new task started, then
-/// completed, until `stop`.
+/// completed, until `stop`: with `batched`, all the tasks of an answer in one request
+/// (`POST /v1/workers/{id}/reports`); else two requests per task, as the one-report endpoints
+/// take them.
 async fn worker(
+    batched: bool,
     host: Arc<serve::Host>,
     id: String,
     token: String,
@@ -107,15 +111,45 @@ async fn worker(
             continue;
         }
         known = list["version"].as_str().unwrap_or_default().to_string();
-        let mut reports = Vec::new();
+        let mut fresh = Vec::new();
         for work in list["work"].as_array().into_iter().flatten() {
             let ass_id = work["ass_id"].as_str().unwrap_or_default().to_string();
-            if !handled.insert(ass_id.clone()) {
-                continue;
+            if handled.insert(ass_id.clone()) {
+                seen.allocated.fetch_add(1, Ordering::Relaxed);
+                seen.last_allocation_us
+                    .fetch_max(phase.elapsed().as_micros() as u64, Ordering::Relaxed);
+                fresh.push(ass_id);
             }
-            seen.allocated.fetch_add(1, Ordering::Relaxed);
-            seen.last_allocation_us
-                .fetch_max(phase.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        if fresh.is_empty() {
+            continue;
+        }
+        if batched {
+            // One request for every task of this answer: each started, then completed.
+            let reports: Vec<Value> = fresh
+                .iter()
+                .map(|ass_id| {
+                    json!({"ass_id": ass_id, "started": true,
+                    "result": {"outcome": "completed", "exit_code": 0}})
+                })
+                .collect();
+            let url = format!("{}/v1/workers/{id}/reports", host.url);
+            let answer = call(&http, url, &token, Some(&json!({"reports": reports}))).await;
+            for ack in answer["acks"].as_array().into_iter().flatten() {
+                if ack["error"].is_null() {
+                    seen.completed.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    seen.refused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if answer.get("refused").is_some() {
+                seen.refused
+                    .fetch_add(fresh.len() as u64, Ordering::Relaxed);
+            }
+            continue;
+        }
+        let mut reports = Vec::new();
+        for ass_id in fresh {
             let (http, url, token, id, seen) = (
                 http.clone(),
                 host.url.clone(),
@@ -176,7 +210,7 @@ struct Run {
     stalled: Option<String>,
 }
 
-async fn run(tasks: usize, workers: usize, cpus: f64, submitters: usize) -> Run {
+async fn run(tasks: usize, workers: usize, cpus: f64, submitters: usize, batched: bool) -> Run {
     let host = Arc::new(serve::Host::start(&["--no-local-worker"]));
 
     // Phase 1: the backlog, with no worker registered.
@@ -213,6 +247,7 @@ async fn run(tasks: usize, workers: usize, cpus: f64, submitters: usize) -> Run 
         let answer = host.post("/v1/workers", &host.join_token, &body).await;
         let token = answer["token"].as_str().unwrap().to_string();
         tokio::spawn(worker(
+            batched,
             host.clone(),
             id.clone(),
             token.clone(),
@@ -277,38 +312,53 @@ async fn main() {
     let cpus = env_usize("BENCH_HTTP_CPUS", 10).max(1) as f64;
     let submitters = env_usize("BENCH_HTTP_SUBMITTERS", 8).max(1);
     let runs = env_usize("BENCH_RUNS", 3).max(1);
+    let modes: Vec<bool> = match std::env::var("BENCH_HTTP_REPORTS").as_deref() {
+        Ok("batch") => vec![true],
+        Ok("single") => vec![false],
+        _ => vec![true, false],
+    };
     println!(
         "end to end over HTTP: `cloudai serve` (embedded store, events on), {workers} simulated workers x {cpus} cores, {tasks} one-core tasks from {submitters} clients; median of {runs} runs"
     );
-    let mut results = Vec::new();
-    for _ in 0..runs {
-        let r = run(tasks, workers, cpus, submitters).await;
-        if let Some(why) = &r.stalled {
-            println!("  STALLED: {why}");
-        }
-        results.push(r);
-    }
-    let row = |name: &str, unit: &str, f: &dyn Fn(&Run) -> f64| {
-        let xs: Vec<f64> = results.iter().map(f).collect();
-        let shown: Vec<String> = xs.iter().map(|x| format!("{x:.1}")).collect();
+    for batched in modes {
         println!(
-            "  {name:<42} {:>10.1} {unit}   ({})",
-            median(xs.clone()),
-            shown.join(", ")
+            "  reports {}:",
+            if batched {
+                "in batches (POST /v1/workers/{id}/reports, one per poll answer)"
+            } else {
+                "one request per start and per result"
+            }
         );
-    };
-    row("submitted (no worker registered)", "tasks/s", &|r| {
-        r.submitted_per_s
-    });
-    row("allocated from the backlog", "tasks/s", &|r| {
-        r.allocated_per_s
-    });
-    row("completed from the backlog", "tasks/s", &|r| {
-        r.completed_per_s
-    });
-    row("long polls per task", "", &|r| r.polls_per_task);
-    row("host CPU per task (backlog phase)", "ms", &|r| {
-        r.host_cpu_ms
-    });
-    row("simulated workers' CPU per task", "ms", &|r| r.bench_cpu_ms);
+        let mut results = Vec::new();
+        for _ in 0..runs {
+            let r = run(tasks, workers, cpus, submitters, batched).await;
+            if let Some(why) = &r.stalled {
+                println!("    STALLED: {why}");
+            }
+            results.push(r);
+        }
+        let row = |name: &str, unit: &str, f: &dyn Fn(&Run) -> f64| {
+            let xs: Vec<f64> = results.iter().map(f).collect();
+            let shown: Vec<String> = xs.iter().map(|x| format!("{x:.2}")).collect();
+            println!(
+                "    {name:<40} {:>10.2} {unit}   ({})",
+                median(xs.clone()),
+                shown.join(", ")
+            );
+        };
+        row("submitted (no worker registered)", "tasks/s", &|r| {
+            r.submitted_per_s
+        });
+        row("allocated from the backlog", "tasks/s", &|r| {
+            r.allocated_per_s
+        });
+        row("completed from the backlog", "tasks/s", &|r| {
+            r.completed_per_s
+        });
+        row("long polls per task", "", &|r| r.polls_per_task);
+        row("host CPU per task (backlog phase)", "ms", &|r| {
+            r.host_cpu_ms
+        });
+        row("simulated workers' CPU per task", "ms", &|r| r.bench_cpu_ms);
+    }
 }

@@ -13,6 +13,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, ToSchema};
@@ -46,6 +47,10 @@ pub fn router(limits: &Limits) -> Router<AppState> {
             )),
         )
         .route(
+            "/v1/workers/{worker_id}/reports",
+            post(report_batch).layer(DefaultBodyLimit::max(MAX_REPORT_BATCH_BODY)),
+        )
+        .route(
             "/v1/workers/{worker_id}/assignments/{ass_id}/logs",
             // A worker's batch holds at most 128 KiB of text, JSON-escaped.
             post(report_logs).layer(DefaultBodyLimit::max(MAX_LOG_BATCH_BODY)),
@@ -55,6 +60,13 @@ pub fn router(limits: &Limits) -> Router<AppState> {
             post(upload_output).layer(DefaultBodyLimit::max(limits.max_output_bytes)),
         )
 }
+
+/// Most reports in one batch (`POST /v1/workers/{id}/reports`).
+pub const MAX_BATCH_REPORTS: usize = 1000;
+/// Largest body of a batch of reports: results with large logs go one by one.
+const MAX_REPORT_BATCH_BODY: usize = 8 << 20;
+/// Reports of one batch applied at the same time (their store writes share commits).
+const REPORTS_IN_FLIGHT: usize = 32;
 
 /// Largest body of a batch of live output.
 const MAX_LOG_BATCH_BODY: usize = 2 << 20;
@@ -304,9 +316,14 @@ pub async fn report_started(
 ) -> ApiResult<Json<ReportAck>> {
     ids(&worker_id, &ass_id)?;
     require_self(&principal, &worker_id)?;
-    let assignment = own_assignment(&state, &worker_id, &ass_id).await?;
+    record_started(&state, &worker_id, &ass_id).await.map(Json)
+}
+
+/// A start report of this worker's (checked to be its own).
+async fn record_started(state: &AppState, worker_id: &str, ass_id: &str) -> ApiResult<ReportAck> {
+    let assignment = own_assignment(state, worker_id, ass_id).await?;
     if assignment.released {
-        return Err(superseded(&ass_id, "its reservation was returned"));
+        return Err(superseded(ass_id, "its reservation was returned"));
     }
     let task = state.store.get_task(&assignment.task_id).await?;
     if task
@@ -314,10 +331,10 @@ pub async fn report_started(
         .is_some_and(|at| at >= assignment.assigned_at)
     {
         // A repeated report: keep the first time.
-        return Ok(Json(ReportAck {
+        return Ok(ReportAck {
             task_id: task.task_id,
             status: task.status,
-        }));
+        });
     }
     let task = state
         .store
@@ -334,15 +351,163 @@ pub async fn report_started(
         .await
         .map_err(|e| match e {
             StoreError::Conflict { .. } => {
-                superseded(&ass_id, "the task is no longer running this attempt")
+                superseded(ass_id, "the task is no longer running this attempt")
             }
             other => other.into(),
         })?;
     tracing::info!(task_id = %task.task_id, worker_id, ass_id, "container started");
-    Ok(Json(ReportAck {
+    Ok(ReportAck {
         task_id: task.task_id,
         status: task.status,
-    }))
+    })
+}
+
+/// One report of a batch: an assignment's container started, its attempt ended, or both (a
+/// short task that started and ended before the worker sent anything).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkReport {
+    pub ass_id: String,
+    /// The container started, as `POST .../assignments/{ass_id}/started` records it.
+    #[serde(default)]
+    pub started: bool,
+    /// The attempt ended, as `POST .../assignments/{ass_id}/result` records it (after the
+    /// start when both are given).
+    pub result: Option<ResultReport>,
+}
+
+/// Several reports of one worker at once: one request for many tasks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportBatch {
+    /// 1 to 1000 reports, each of another assignment.
+    #[schema(min_items = 1, max_items = 1000)]
+    pub reports: Vec<WorkReport>,
+}
+
+impl Validate for ReportBatch {
+    fn validate(&self, limits: &Limits) -> Result<(), ApiError> {
+        if self.reports.is_empty() || self.reports.len() > MAX_BATCH_REPORTS {
+            return Err(ApiError::validation(format!(
+                "reports must hold 1..={MAX_BATCH_REPORTS} reports, got {}",
+                self.reports.len()
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, report) in self.reports.iter().enumerate() {
+            validate_id(&report.ass_id)
+                .map_err(|why| ApiError::validation(format!("reports[{i}].ass_id: {why}")))?;
+            if !seen.insert(report.ass_id.as_str()) {
+                return Err(ApiError::validation(format!(
+                    "reports[{i}]: assignment {} appears twice; give its start and its result in one report",
+                    report.ass_id
+                )));
+            }
+            match &report.result {
+                Some(result) => result.validate(limits).map_err(|e| {
+                    ApiError::validation(format!("reports[{i}].result: {}", e.message))
+                })?,
+                None if !report.started => {
+                    return Err(ApiError::validation(format!(
+                        "reports[{i}] says nothing: give started, a result, or both"
+                    )));
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What became of one report of a batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct WorkReportAck {
+    pub ass_id: String,
+    /// Applied: the task, and its status after the report.
+    pub task_id: Option<String>,
+    pub status: Option<TaskStatus>,
+    /// Refused, with the code the one-report endpoints answer: `assignment_superseded` (stop
+    /// the container, drop the report), `assignment_not_found`, or `internal` (send it again).
+    pub error: Option<ReportError>,
+}
+
+/// Why a report of a batch was refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ReportError {
+    pub code: String,
+    pub message: String,
+}
+
+/// The answer to a batch: one acknowledgement per report, in the order of the request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ReportBatchAck {
+    pub acks: Vec<WorkReportAck>,
+}
+
+/// Several start and result reports of this worker at once (its own token), each applied as
+/// the one-report endpoints apply it; one refused report does not stop the others. What a
+/// worker running many short tasks sends instead of two requests per task.
+#[utoipa::path(post, path = "/v1/workers/{worker_id}/reports", tag = "agents",
+    security(("bearer" = [])),
+    params(("worker_id" = String, Path, description = "Worker id")),
+    request_body = ReportBatch,
+    responses(
+        (status = 200, description = "Each report's outcome, in order", body = ReportBatchAck),
+        (status = 400, description = "Invalid id or JSON", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not this worker's token", body = ErrorBody),
+        (status = 413, description = "Body over 8 MiB: send large results one by one", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "Invalid batch (empty, over 1000, an assignment twice, an invalid report)", body = ErrorBody),
+    ))]
+pub async fn report_batch(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(worker_id): Path<String>,
+    ValidJson(batch): ValidJson<ReportBatch>,
+) -> ApiResult<Json<ReportBatchAck>> {
+    validate_id(&worker_id)
+        .map_err(|why| ApiError::bad_request("invalid_id", format!("invalid id: {why}")))?;
+    require_self(&principal, &worker_id)?;
+    let mut pending = Vec::with_capacity(batch.reports.len());
+    for report in batch.reports {
+        pending.push(apply_report(&state, &worker_id, report));
+    }
+    let acks = futures::stream::iter(pending)
+        .buffered(REPORTS_IN_FLIGHT)
+        .collect()
+        .await;
+    Ok(Json(ReportBatchAck { acks }))
+}
+
+async fn apply_report(state: &AppState, worker_id: &str, report: WorkReport) -> WorkReportAck {
+    let ass_id = report.ass_id;
+    let mut outcome = Err(ApiError::validation("an empty report"));
+    if report.started {
+        outcome = record_started(state, worker_id, &ass_id).await;
+    }
+    // The result decides the report's outcome: a start refused because the attempt ended
+    // already is what a retried batch sees, and its result is then acknowledged again.
+    if let Some(result) = report.result {
+        outcome = record_result(state, worker_id, &ass_id, result).await;
+    }
+    match outcome {
+        Ok(ack) => WorkReportAck {
+            ass_id,
+            task_id: Some(ack.task_id),
+            status: Some(ack.status),
+            error: None,
+        },
+        Err(error) => WorkReportAck {
+            ass_id,
+            task_id: None,
+            status: None,
+            error: Some(ReportError {
+                code: error.code.to_string(),
+                message: error.message,
+            }),
+        },
+    }
 }
 
 /// Cuts `text` to at most `max` bytes on a character boundary, with a marker.
@@ -386,7 +551,19 @@ pub async fn report_result(
 ) -> ApiResult<Json<ReportAck>> {
     ids(&worker_id, &ass_id)?;
     require_self(&principal, &worker_id)?;
-    let assignment = own_assignment(&state, &worker_id, &ass_id).await?;
+    record_result(&state, &worker_id, &ass_id, report)
+        .await
+        .map(Json)
+}
+
+/// The end of an attempt of this worker's (checked to be its own).
+async fn record_result(
+    state: &AppState,
+    worker_id: &str,
+    ass_id: &str,
+    report: ResultReport,
+) -> ApiResult<ReportAck> {
+    let assignment = own_assignment(state, worker_id, ass_id).await?;
     let task = state.store.get_task(&assignment.task_id).await?;
     let ours = assignment.is_attempt_of(&task);
     if assignment.released || task.status != TaskStatus::Running || !ours {
@@ -397,13 +574,13 @@ pub async fn report_result(
             && result.attempt == assignment.attempt
             && result.worker_id == worker_id
         {
-            return Ok(Json(ReportAck {
+            return Ok(ReportAck {
                 task_id: task.task_id,
                 status: task.status,
-            }));
+            });
         }
         return Err(superseded(
-            &ass_id,
+            ass_id,
             &format!("the task is {} at attempt {}", task.status, task.attempts),
         ));
     }
@@ -464,7 +641,7 @@ pub async fn report_result(
         .map(|at| (completed_at - at).num_milliseconds().max(0) as f64 / 1000.0);
     let result = TaskResult {
         task_id: task.task_id.clone(),
-        worker_id: worker_id.clone(),
+        worker_id: worker_id.to_string(),
         status,
         logs,
         completed_at,
@@ -484,20 +661,20 @@ pub async fn report_result(
         Err(StoreError::AlreadyExists { .. }) => {}
         Err(other) => return Err(other.into()),
     }
-    let task = finish_attempt(&*state.store, &state.wakeup, &ass_id, finish)
+    let task = finish_attempt(&*state.store, &state.wakeup, ass_id, finish)
         .await
         .map_err(|e| match e {
-            StoreError::Conflict { .. } => superseded(&ass_id, "it was finished meanwhile"),
+            StoreError::Conflict { .. } => superseded(ass_id, "it was finished meanwhile"),
             other => other.into(),
         })?;
     tracing::info!(
         task_id = %task.task_id, worker_id, ass_id, status = %task.status,
         exit_code = ?report.exit_code, "attempt finished"
     );
-    Ok(Json(ReportAck {
+    Ok(ReportAck {
         task_id: task.task_id,
         status: task.status,
-    }))
+    })
 }
 
 /// Which stream a piece of output came from.

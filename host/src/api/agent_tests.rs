@@ -884,3 +884,190 @@ async fn a_waiting_submission_answers_with_the_result_when_the_task_ends_in_time
         );
     }
 }
+
+/// The version of a worker's work list changes when the host changes its work, not when the
+/// worker reports a start: a worker long-polling from the version it has is not woken by its
+/// own report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_work_version_changes_with_the_hosts_changes_not_with_the_workers_start_report() {
+    let api = Api::new(Limits::default());
+    let (task_id, token, ass) = api.running_task("true").await;
+    let before = api.work("w1", &token, "").await.body["version"].clone();
+    let started = api.report("w1", &token, &ass, "started", json!({})).await;
+    assert_eq!(started.status, StatusCode::OK, "{}", started.body);
+    let after_start = api.work("w1", &token, "").await.body;
+    assert_eq!(
+        after_start["version"], before,
+        "a start report is the worker's own news"
+    );
+    assert!(after_start["work"][0]["started_at"].is_string());
+    let cancel = api
+        .call(
+            Method::POST,
+            &format!("/v1/tasks/{task_id}/cancel"),
+            ALICE,
+            None,
+        )
+        .await;
+    assert!(cancel.status.is_success(), "{}", cancel.body);
+    let after_cancel = api.work("w1", &token, "").await.body;
+    assert_ne!(
+        after_cancel["version"], before,
+        "a cancellation is the host's"
+    );
+    assert_eq!(after_cancel["work"][0]["cancel"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_reports_applies_each_as_the_one_report_endpoints_do() {
+    let api = Api::new(Limits::default());
+    let token = api.register("w1", 8.0).await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        tasks.push(
+            api.submit_and_place(json!({"docker_image": "busybox", "command": "true"}))
+                .await,
+        );
+    }
+    let work = api.work("w1", &token, "").await.body["work"].clone();
+    let ass: Vec<String> = work
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["ass_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ass.len(), 4, "{work}");
+    let reports = json!({"reports": [
+        // Started and ended in one report.
+        {"ass_id": ass[0], "started": true,
+         "result": {"outcome": "completed", "exit_code": 0, "stdout": "ok\n"}},
+        // Started only.
+        {"ass_id": ass[1], "started": true},
+        // Ended with a failure, its start never reported.
+        {"ass_id": ass[2], "result": {"outcome": "failed", "exit_code": 3}},
+        // Not this worker's: refused alone.
+        {"ass_id": "ass-nobody", "started": true},
+    ]});
+    let reply = api
+        .call(
+            Method::POST,
+            "/v1/workers/w1/reports",
+            &token,
+            Some(reports.clone()),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let acks = reply.body["acks"].as_array().unwrap();
+    assert_eq!(acks.len(), 4);
+    let order: Vec<&str> = acks.iter().map(|a| a["ass_id"].as_str().unwrap()).collect();
+    assert_eq!(
+        order,
+        vec![&*ass[0], &*ass[1], &*ass[2], "ass-nobody"],
+        "in request order"
+    );
+    assert_eq!(acks[0]["status"], "completed");
+    assert_eq!(acks[1]["status"], "running");
+    assert_eq!(acks[2]["status"], "failed");
+    assert_eq!(
+        acks[3]["error"]["code"], "assignment_not_found",
+        "{}",
+        acks[3]
+    );
+    for ack in &acks[..3] {
+        assert!(ack["error"].is_null(), "{ack}");
+    }
+    let first = api.store.get_task(&tasks[0]).await.unwrap();
+    assert_eq!(first.status, TaskStatus::Completed);
+    assert!(first.started_at.is_some());
+    let result = api
+        .call(
+            Method::GET,
+            &format!("/v1/tasks/{}/result", tasks[0]),
+            ALICE,
+            None,
+        )
+        .await;
+    assert_eq!(result.body["logs"], "ok\n", "{}", result.body);
+    let second = api.store.get_task(&tasks[1]).await.unwrap();
+    assert_eq!(
+        (second.status, second.started_at.is_some()),
+        (TaskStatus::Running, true)
+    );
+    assert_eq!(
+        api.store.get_task(&tasks[2]).await.unwrap().exit_code,
+        Some(3)
+    );
+    // Two tasks still hold their reservation (started, and untouched).
+    assert_eq!(api.allocated_cpu("w1").await, 2.0);
+
+    // The same batch again (its answer was lost): the same outcomes, nothing released twice.
+    let again = api
+        .call(
+            Method::POST,
+            "/v1/workers/w1/reports",
+            &token,
+            Some(reports),
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+    assert_eq!(again.body["acks"][0]["status"], "completed");
+    assert_eq!(again.body["acks"][2]["status"], "failed");
+    assert_eq!(api.allocated_cpu("w1").await, 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_or_foreign_batch_of_reports_is_refused_whole() {
+    let api = Api::new(Limits::default());
+    let (task_id, token, ass) = api.running_task("true").await;
+    let other = api.register("w2", 4.0).await;
+    let post = |token: String, body: Value| {
+        let api = &api;
+        async move {
+            api.call(Method::POST, "/v1/workers/w1/reports", &token, Some(body))
+                .await
+        }
+    };
+    let too_many: Vec<Value> = (0..1001)
+        .map(|i| json!({"ass_id": format!("ass-{i}"), "started": true}))
+        .collect();
+    for (body, why) in [
+        (json!({"reports": []}), "empty"),
+        (json!({"reports": too_many}), "over 1000"),
+        (
+            json!({"reports": [{"ass_id": ass, "started": true}, {"ass_id": ass, "started": true}]}),
+            "an assignment twice",
+        ),
+        (
+            json!({"reports": [{"ass_id": ass}]}),
+            "a report that says nothing",
+        ),
+        (
+            json!({"reports": [{"ass_id": ass, "result": {"outcome": "failed"}}]}),
+            "a failed result without its exit code",
+        ),
+        (
+            json!({"reports": [{"ass_id": ass, "started": true, "extra": 1}]}),
+            "an unknown field",
+        ),
+    ] {
+        let reply = post(token.clone(), body).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{why}: {}",
+            reply.body
+        );
+    }
+    let foreign = post(
+        other,
+        json!({"reports": [{"ass_id": ass, "started": true}]}),
+    )
+    .await;
+    assert_eq!(foreign.status, StatusCode::FORBIDDEN, "{}", foreign.body);
+    let task = api.store.get_task(&task_id).await.unwrap();
+    assert_eq!(
+        (task.status, task.started_at),
+        (TaskStatus::Running, None),
+        "nothing applied"
+    );
+}
