@@ -23,7 +23,7 @@ use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{ValidJson, Validate, truncate_for_message, validate_id};
 use super::{AppState, Limits};
 use crate::model::{self, Assignment, ResultStatus, Task, TaskResult, TaskStatus};
-use crate::scheduler::{Finish, finish_attempt};
+use crate::scheduler::{Finish, finish_assignment};
 use crate::store::{OutputFileInfo, StoreError, TaskLogChunk, TaskUpdate};
 
 /// Longest long poll an agent may ask for.
@@ -482,15 +482,12 @@ pub async fn report_batch(
 
 async fn apply_report(state: &AppState, worker_id: &str, report: WorkReport) -> WorkReportAck {
     let ass_id = report.ass_id;
-    let mut outcome = Err(ApiError::validation("an empty report"));
-    if report.started {
-        outcome = record_started(state, worker_id, &ass_id).await;
-    }
-    // The result decides the report's outcome: a start refused because the attempt ended
-    // already is what a retried batch sees, and its result is then acknowledged again.
-    if let Some(result) = report.result {
-        outcome = record_result(state, worker_id, &ass_id, result).await;
-    }
+    let outcome = match report.result {
+        // The start goes with the result, in the same writes.
+        Some(result) => record_result(state, worker_id, &ass_id, result, report.started).await,
+        None if report.started => record_started(state, worker_id, &ass_id).await,
+        None => Err(ApiError::validation("an empty report")),
+    };
     match outcome {
         Ok(ack) => WorkReportAck {
             ass_id,
@@ -551,17 +548,20 @@ pub async fn report_result(
 ) -> ApiResult<Json<ReportAck>> {
     ids(&worker_id, &ass_id)?;
     require_self(&principal, &worker_id)?;
-    record_result(&state, &worker_id, &ass_id, report)
+    record_result(&state, &worker_id, &ass_id, report, false)
         .await
         .map(Json)
 }
 
-/// The end of an attempt of this worker's (checked to be its own).
+/// The end of an attempt of this worker's (checked to be its own). With `started`, the
+/// container's start is recorded with it (when it was not already): one write for a task that
+/// started and ended before the worker reported either.
 async fn record_result(
     state: &AppState,
     worker_id: &str,
     ass_id: &str,
     report: ResultReport,
+    started: bool,
 ) -> ApiResult<ReportAck> {
     let assignment = own_assignment(state, worker_id, ass_id).await?;
     let task = state.store.get_task(&assignment.task_id).await?;
@@ -633,11 +633,12 @@ async fn record_result(
         _ => None,
     };
     let completed_at = report.finished_at.unwrap_or_else(model::now);
-    // This attempt's run time, when its start was reported (a start older than the assignment
-    // is an earlier attempt's).
-    let runtime_s = task
-        .started_at
-        .filter(|at| *at >= assignment.assigned_at)
+    // A start older than the assignment is an earlier attempt's.
+    let reported_start = task.started_at.filter(|at| *at >= assignment.assigned_at);
+    let new_start = (started && reported_start.is_none()).then(|| completed_at.min(model::now()));
+    // This attempt's run time, when its start was reported.
+    let runtime_s = reported_start
+        .or(new_start)
         .map(|at| (completed_at - at).num_milliseconds().max(0) as f64 / 1000.0);
     let result = TaskResult {
         task_id: task.task_id.clone(),
@@ -661,7 +662,7 @@ async fn record_result(
         Err(StoreError::AlreadyExists { .. }) => {}
         Err(other) => return Err(other.into()),
     }
-    let task = finish_attempt(&*state.store, &state.wakeup, ass_id, finish)
+    let task = finish_assignment(&*state.store, &state.wakeup, &assignment, finish, new_start)
         .await
         .map_err(|e| match e {
             StoreError::Conflict { .. } => superseded(ass_id, "it was finished meanwhile"),

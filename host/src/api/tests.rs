@@ -1200,6 +1200,7 @@ async fn openapi_lists_every_route_and_the_bearer_scheme() {
             "post",
             "/v1/workers/{worker_id}/assignments/{ass_id}/outputs",
         ),
+        ("post", "/v1/workers/{worker_id}/reports"),
         ("post", "/v1/policies"),
         ("get", "/v1/policies"),
         ("get", "/v1/policies/{name}"),

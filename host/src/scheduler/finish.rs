@@ -32,7 +32,7 @@ pub async fn finish_task(
     task_id: &str,
     finish: Finish,
 ) -> Result<Task, StoreError> {
-    finish_inner(store, wakeup, task_id, None, finish).await
+    finish_inner(store, wakeup, task_id, None, finish, None).await
 }
 
 /// [`finish_task`] on behalf of one assignment (a worker's report, or the reconciler's
@@ -47,10 +47,22 @@ pub async fn finish_attempt(
     finish: Finish,
 ) -> Result<Task, StoreError> {
     let assignment = store.get_assignment(ass_id).await?;
+    finish_assignment(store, wakeup, &assignment, finish, None).await
+}
+
+/// [`finish_attempt`] with the assignment the caller has read, recording `started_at` too
+/// when given (a worker that reports a task's start and end together).
+pub async fn finish_assignment(
+    store: &dyn Store,
+    wakeup: &Wakeup,
+    assignment: &crate::model::Assignment,
+    finish: Finish,
+    started_at: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<Task, StoreError> {
     if assignment.released {
         return Err(StoreError::Conflict {
             kind: "assignment",
-            id: ass_id.to_string(),
+            id: assignment.ass_id.clone(),
             expected: "active".to_string(),
             actual: "released".to_string(),
         });
@@ -61,6 +73,7 @@ pub async fn finish_attempt(
         &assignment.task_id,
         Some(assignment.attempt),
         finish,
+        started_at,
     )
     .await
 }
@@ -72,6 +85,7 @@ async fn finish_inner(
     task_id: &str,
     attempt: Option<u32>,
     finish: Finish,
+    started_at: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Result<Task, StoreError> {
     let span = tracing::Span::current();
     span.record("task_id", task_id);
@@ -105,6 +119,7 @@ async fn finish_inner(
         ),
     };
     let update = TaskUpdate {
+        started_at,
         completed_at: Some(model::now()),
         clear_claim: true,
         ..update

@@ -25,7 +25,7 @@ mod runtimes;
 pub(crate) mod tests;
 
 pub use admission::{Admitted, admit_task};
-pub use finish::{Finish, finish_attempt, finish_task};
+pub use finish::{Finish, finish_assignment, finish_attempt, finish_task};
 pub use placement::RoundStats;
 
 /// Wakes the scheduler when something it waits for happened (a task submitted, capacity

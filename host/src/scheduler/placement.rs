@@ -196,14 +196,21 @@ impl Scheduler {
                 Ok(written) => {
                     let policy = source_label(&outcome.source);
                     for (task, assignment) in &written.placed {
-                        tracing::info!(
+                        // The task's lifecycle span of its placement (as `submit` and `admit`
+                        // are), for logs and traces that follow one task.
+                        tracing::info_span!(
+                            "place",
                             task_id = %task.task_id,
                             worker_id = %assignment.worker_id,
-                            ass_id = %assignment.ass_id,
-                            attempt = assignment.attempt,
                             policy = %policy,
-                            "task placed"
-                        );
+                        )
+                        .in_scope(|| {
+                            tracing::info!(
+                                ass_id = %assignment.ass_id,
+                                attempt = assignment.attempt,
+                                "task placed"
+                            );
+                        });
                     }
                     for (task_id, error) in &written.failed {
                         tracing::warn!(task_id = %task_id, %error, "placing a task failed; a later round retries it");
