@@ -131,6 +131,54 @@ async fn submit_wait_returns_the_result_in_one_call_with_the_tasks_exit_code() {
     );
     assert_eq!(out.status.code(), Some(124), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("logs -f"));
+
+    // The two sleepers are cancelled, so that the host stopped at the end of the test leaves
+    // no container behind.
+    let (_, running) = host
+        .call(
+            Method::GET,
+            "/v1/tasks?status=running",
+            Some(ALICE_TOKEN),
+            None,
+            &[],
+        )
+        .await;
+    let (_, queued) = host
+        .call(
+            Method::GET,
+            "/v1/tasks?status=queued",
+            Some(ALICE_TOKEN),
+            None,
+            &[],
+        )
+        .await;
+    for task in [&running, &queued]
+        .into_iter()
+        .flat_map(|list| list["tasks"].as_array().into_iter().flatten())
+    {
+        let id = task["task_id"].as_str().unwrap();
+        host.call(
+            Method::POST,
+            &format!("/v1/tasks/{id}/cancel"),
+            Some(ALICE_TOKEN),
+            None,
+            &[],
+        )
+        .await;
+        host.eventually(
+            format!("the container of {id} to be removed"),
+            Duration::from_secs(30),
+        )
+        .until(async || {
+            let left = crate::execution::containers_of(id);
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("containers {left:?}"))
+            }
+        })
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
