@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::execution::{Cluster, IMAGE, docker_ready};
-use crate::harness::ALICE_TOKEN;
+use crate::harness::{ALICE_TOKEN, run_within};
 
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -27,10 +27,12 @@ fn chromium() -> PathBuf {
 
 /// Node.js, Chromium and the policy components are here; `false` (skip) outside CI.
 fn tools_ready() -> bool {
-    let node = Command::new("node")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let node = run_within(
+        "node --version",
+        Command::new("node").arg("--version"),
+        Duration::from_secs(60),
+    )
+    .is_ok_and(|o| o.status.success());
     let missing: Vec<String> = [
         (!node).then(|| "node".to_string()),
         (!chromium().exists()).then(|| chromium().display().to_string()),
@@ -57,11 +59,14 @@ fn npm_ci_if_needed(dir: &Path) {
     if dir.join("node_modules/playwright-core").exists() {
         return;
     }
-    let out = Command::new("npm")
-        .args(["ci", "--no-audit", "--no-fund"])
-        .current_dir(dir)
-        .output()
-        .expect("running npm ci");
+    let out = run_within(
+        "npm ci",
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(dir),
+        Duration::from_secs(600),
+    )
+    .unwrap_or_else(|e| panic!("in {}: {e}", dir.display()));
     assert!(
         out.status.success(),
         "npm ci in {}: {}\n{}",

@@ -10,7 +10,8 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::harness::{
-    ALICE_TOKEN, BOB_TOKEN, StoreKind, TestHost, mongo_uri, register_worker, unique_database,
+    ALICE_TOKEN, BOB_TOKEN, REQUEST_TIMEOUT, StoreKind, TestHost, mongo_uri, register_worker,
+    unique_database, within,
 };
 
 /// One frame of the stream.
@@ -28,13 +29,17 @@ struct Stream {
 }
 
 async fn open(url: &str, token: &str, query: &str, last_event_id: Option<u64>) -> Stream {
-    let mut request = reqwest::Client::new()
+    // The stream stays open: only its opening is bounded here, each read by `Stream::next`.
+    let mut request = crate::harness::stream_client()
         .get(format!("{url}/v1/events?{query}"))
         .bearer_auth(token);
     if let Some(id) = last_event_id {
         request = request.header("Last-Event-ID", id.to_string());
     }
-    let response = request.send().await.unwrap();
+    let what = format!("the answer to GET /v1/events?{query}");
+    let response = within(&what, REQUEST_TIMEOUT, request.send())
+        .await
+        .unwrap_or_else(|e| panic!("GET /v1/events?{query}: {e}"));
     assert_eq!(response.status(), 200, "GET /v1/events?{query}");
     let content_type = response.headers()["content-type"].to_str().unwrap();
     assert!(
@@ -66,6 +71,13 @@ impl Stream {
                 Err(_) => return None,
             }
         }
+    }
+
+    /// The next event frame; fails naming `what` it waited for when none came within `wait`.
+    async fn expect_next(&mut self, what: &str, wait: Duration) -> Frame {
+        self.next(wait)
+            .await
+            .unwrap_or_else(|| panic!("gave up waiting for {what}: no event frame within {wait:?}"))
     }
 
     /// Frames until one satisfies `done` (included); panics after `wait`.
@@ -110,13 +122,13 @@ fn is_state(frame: &Frame, status: &str) -> bool {
 
 async fn submit(url: &str, token: &str) -> String {
     let spec = json!({"docker_image": "busybox", "command": "true", "req_cpu": 1, "req_memory": 1});
-    let response = reqwest::Client::new()
+    let response = crate::harness::client()
         .post(format!("{url}/v1/tasks"))
         .bearer_auth(token)
         .json(&spec)
         .send()
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("POST {url}/v1/tasks: {e}"));
     assert_eq!(response.status(), 201);
     let body: Value = response.json().await.unwrap();
     body["task_id"].as_str().unwrap().to_string()
@@ -124,19 +136,22 @@ async fn submit(url: &str, token: &str) -> String {
 
 /// Plays a one-task worker: waits for the task's assignment, reports it started and completed.
 async fn run_task(host: &TestHost, worker: &str, token: &str, task_id: &str) {
-    let started = Instant::now();
-    let ass_id = loop {
-        crate::harness::heartbeat(host, worker, token).await;
-        let work = crate::harness::work_list(host, worker, token, 500).await;
-        if let Some((ass_id, _)) = work.into_iter().find(|(_, task)| task == task_id) {
-            break ass_id;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "task {task_id} not assigned within 20 s\n{}",
-            host.log()
-        );
-    };
+    let ass_id = host
+        .eventually(
+            format!("task {task_id} to be assigned to {worker}"),
+            Duration::from_secs(20),
+        )
+        // Each check long-polls the work list.
+        .every(Duration::ZERO)
+        .until(async || {
+            crate::harness::heartbeat(host, worker, token).await;
+            let work = crate::harness::work_list(host, worker, token, 500).await;
+            match work.iter().find(|(_, task)| task == task_id) {
+                Some((ass_id, _)) => Ok(ass_id.clone()),
+                None => Err(format!("its work list: {work:?}")),
+            }
+        })
+        .await;
     crate::harness::report_completed(host, worker, token, &ass_id, "").await;
 }
 
@@ -207,7 +222,7 @@ async fn task_life_and_resume(store: StoreKind) {
         None,
     )
     .await;
-    let first = stream.next(WAIT).await.expect("the first frame");
+    let first = stream.expect_next("the first frame", WAIT).await;
     assert_eq!(first.event, "task.submitted");
     drop(stream);
     run_task(&host, "w-events", &token, &task).await;
@@ -222,11 +237,11 @@ async fn task_life_and_resume(store: StoreKind) {
 
     // 3. Visibility: bob sees worker events, and of the task events only his own.
     let mut bob = open(&host.url, BOB_TOKEN, "after=0", None).await;
-    let joined = bob.next(WAIT).await.unwrap();
+    let joined = bob.expect_next("bob's worker.joined", WAIT).await;
     assert_eq!(joined.event, "worker.joined", "{joined:?}");
     assert_eq!(joined.data["worker_id"], "w-events");
     let bobs = submit(&host.url, BOB_TOKEN).await;
-    let next = bob.next(WAIT).await.unwrap();
+    let next = bob.expect_next("bob's task.submitted", WAIT).await;
     assert_eq!(next.event, "task.submitted", "{next:?}");
     assert_eq!(
         next.data["task_id"],
@@ -235,7 +250,9 @@ async fn task_life_and_resume(store: StoreKind) {
     );
     // The admin sees alice's too.
     let mut admin = open(&host.url, &host.admin_token, "topics=task&after=0", None).await;
-    let first = admin.next(WAIT).await.unwrap();
+    let first = admin
+        .expect_next("the admin's first task event", WAIT)
+        .await;
     assert_eq!(first.data["user_id"], "alice", "{first:?}");
 
     // 4. Validation: 422 `validation_failed`, nothing streamed.
@@ -319,16 +336,24 @@ async fn a_position_older_than_the_retention_window_gets_a_reset_first() {
     tokio::time::sleep(Duration::from_millis(3500)).await;
     register_worker(&host, "w-kept", 1.0, 1.0).await;
     let mut stream = open(&host.url, &host.admin_token, "after=0", None).await;
-    let reset = stream.next(WAIT).await.unwrap();
+    let reset = stream.expect_next("the reset frame", WAIT).await;
     assert_eq!(reset.event, "reset", "{reset:?}");
     assert!(reset.id.is_none());
     assert!(reset.data["reason"].is_string(), "{reset:?}");
-    let next = stream.next(WAIT).await.unwrap();
+    let next = stream
+        .expect_next("the worker.joined of w-kept", WAIT)
+        .await;
     assert_eq!(next.event, "worker.joined", "{next:?}");
     assert_eq!(next.data["worker_id"], "w-kept");
     // A position still retained gets no reset.
     let mut stream = open(&host.url, &host.admin_token, "", next.id.map(|id| id - 1)).await;
-    assert_eq!(stream.next(WAIT).await.unwrap().id, next.id);
+    assert_eq!(
+        stream
+            .expect_next("the retained frame after the position", WAIT)
+            .await
+            .id,
+        next.id
+    );
 }
 
 /// A worker that falls silent: `worker.lost` and the reconciler's repairs (the worker, its

@@ -8,17 +8,27 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{ALICE_TOKEN, StoreKind, TestHost};
+use crate::harness::{ALICE_TOKEN, StoreKind, TestHost, run_within, within};
 
 pub(crate) const IMAGE: &str = "cloudai-test/busybox:1";
 
 /// Builds the test image; `None` (skip) when no Docker engine answers outside CI.
 pub(crate) async fn docker_ready() -> Option<()> {
-    match cloudai::executor::connect().await {
+    let connected = within(
+        "a connection to the Docker engine",
+        Duration::from_secs(30),
+        cloudai::executor::connect(),
+    )
+    .await;
+    match connected {
         Ok(docker) => {
-            cloudai::executor::testimage::ensure_busybox_image(&docker, IMAGE)
-                .await
-                .expect("building the busybox test image");
+            within(
+                "the busybox test image to be built",
+                Duration::from_secs(120),
+                cloudai::executor::testimage::ensure_busybox_image(&docker, IMAGE),
+            )
+            .await
+            .expect("building the busybox test image");
             Some(())
         }
         Err(error) => {
@@ -26,28 +36,41 @@ pub(crate) async fn docker_ready() -> Option<()> {
                 std::env::var_os("CI").is_none(),
                 "CI needs a Docker engine: {error}"
             );
-            eprintln!("no Docker engine ({error}): skipping the execution e2e tests");
+            eprintln!("no Docker engine ({error}): skipping this Docker test");
             None
         }
     }
 }
 
+/// Runs `docker ARGS...` (at most 30 s); its stdout.
+pub(crate) fn docker(args: &[&str]) -> String {
+    let out = run_within(
+        &format!("docker {args:?}"),
+        Command::new("docker").args(args),
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// `docker ps -a` of the containers of one task.
-fn containers_of(task_id: &str) -> Vec<String> {
-    let out = Command::new("docker")
-        .args([
-            "ps",
-            "-a",
-            "-q",
-            "--filter",
-            &format!("label=cloudai.task_id={task_id}"),
-        ])
-        .output()
-        .expect("running docker ps");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_string)
-        .collect()
+pub(crate) fn containers_of(task_id: &str) -> Vec<String> {
+    docker(&[
+        "ps",
+        "-a",
+        "-q",
+        "--filter",
+        &format!("label=cloudai.task_id={task_id}"),
+    ])
+    .split_whitespace()
+    .map(str::to_string)
+    .collect()
 }
 
 pub(crate) struct Cluster {
@@ -59,28 +82,27 @@ impl Cluster {
     pub(crate) async fn start() -> Cluster {
         let host = TestHost::start_with(StoreKind::Embedded, &["--stop-grace-s", "1"])
             .expect("host starts");
-        let started = Instant::now();
-        loop {
-            let (_, body) = host
-                .call(
-                    Method::GET,
-                    "/v1/workers",
-                    Some(&host.admin_token),
-                    None,
-                    &[],
-                )
-                .await;
-            if body["workers"].as_array().is_some_and(|w| w.len() == 1) {
-                assert_eq!(body["workers"][0]["labels"]["cloudai.local"], "true");
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "the local worker did not join: {body}\n{}",
-                host.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let workers = host
+            .eventually("the local worker to join", Duration::from_secs(30))
+            .every(Duration::from_millis(50))
+            .until(async || {
+                let (_, body) = host
+                    .call(
+                        Method::GET,
+                        "/v1/workers",
+                        Some(&host.admin_token),
+                        None,
+                        &[],
+                    )
+                    .await;
+                if body["workers"].as_array().is_some_and(|w| w.len() == 1) {
+                    Ok(body)
+                } else {
+                    Err(body.to_string())
+                }
+            })
+            .await;
+        assert_eq!(workers["workers"][0]["labels"]["cloudai.local"], "true");
         Cluster { host }
     }
 
@@ -101,21 +123,20 @@ impl Cluster {
             .1
     }
 
-    /// Polls until the task is in a final state (or `until` holds); fails after `within`.
+    /// Polls until `until` holds of the task; fails after `within`.
     async fn wait_for(&self, id: &str, within: Duration, until: impl Fn(&Value) -> bool) -> Value {
-        let started = Instant::now();
-        loop {
-            let task = self.task(id).await;
-            if until(&task) {
-                return task;
-            }
-            assert!(
-                started.elapsed() < within,
-                "task {id} not there within {within:?}: {task}\nhost log:\n{}",
-                self.host.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.host
+            .eventually(format!("task {id}"), within)
+            .every(Duration::from_millis(50))
+            .until(async || {
+                let task = self.task(id).await;
+                if until(&task) {
+                    Ok(task)
+                } else {
+                    Err(task.to_string())
+                }
+            })
+            .await
     }
 
     async fn finished(&self, id: &str, within: Duration) -> Value {
@@ -230,19 +251,13 @@ async fn tasks_run_as_containers_on_the_local_worker() {
     .await;
     let ids = containers_of(&sleeper);
     assert_eq!(ids.len(), 1, "{ids:?}");
-    let inspect = Command::new("docker")
-        .args([
-            "inspect",
-            "-f",
-            "{{.HostConfig.NanoCpus}} {{.HostConfig.NetworkMode}}",
-            &ids[0],
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&inspect.stdout).trim(),
-        "500000000 none"
-    );
+    let inspect = docker(&[
+        "inspect",
+        "-f",
+        "{{.HostConfig.NanoCpus}} {{.HostConfig.NetworkMode}}",
+        &ids[0],
+    ]);
+    assert_eq!(inspect.trim(), "500000000 none");
     let cancelled_at = Instant::now();
     let (status, body) = c
         .host
@@ -279,22 +294,32 @@ async fn tasks_run_as_containers_on_the_local_worker() {
         task["error"].as_str().unwrap().starts_with("timeout"),
         "{task}"
     );
-    let started = Instant::now();
-    while !containers_of(&slow).is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the container is removed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    c.host
+        .eventually(
+            format!("the container of {slow} to be removed"),
+            Duration::from_secs(10),
+        )
+        .until(async || {
+            let left = containers_of(&slow);
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("containers {left:?}"))
+            }
+        })
+        .await;
 
     // Every reservation came back.
-    let started = Instant::now();
-    while c.allocated_cpu().await != 0.0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "reservations not returned"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    c.host
+        .eventually("every reservation to come back", Duration::from_secs(10))
+        .every(Duration::from_millis(50))
+        .until(async || {
+            let cpu = c.allocated_cpu().await;
+            if cpu == 0.0 {
+                Ok(())
+            } else {
+                Err(format!("allocated_cpu {cpu}"))
+            }
+        })
+        .await;
 }

@@ -22,9 +22,14 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{StoreKind, TestHost, binary};
+use crate::harness::{Background, StoreKind, TestHost, binary, run_within};
 
 const GUIDE: &str = "docs/writing-policies.md";
+
+/// The longest one block of the guide may run: a first build of a guest (crates, npm or PyPI
+/// packages from the caches, a Rust, JavaScript or Python toolchain on two shared cores) takes
+/// minutes; a block still running after this is stuck.
+const BLOCK_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
 fn repo_root() -> PathBuf {
     crate::policy_tools::repo_file("")
@@ -129,10 +134,12 @@ fn toolchain(language: &str, present: bool, install: &str) -> bool {
 }
 
 fn succeeds(program: &str, args: &[&str]) -> bool {
-    std::process::Command::new(program)
-        .args(args)
-        .output()
-        .is_ok_and(|o| o.status.success())
+    run_within(
+        &format!("{program} {args:?}"),
+        std::process::Command::new(program).args(args),
+        Duration::from_secs(60),
+    )
+    .is_ok_and(|o| o.status.success())
 }
 
 /// A section of the guide being run against one host.
@@ -146,13 +153,8 @@ struct Session {
     _scratch: tempfile::TempDir,
     /// The simulated workers, id and token.
     workers: Vec<(String, String)>,
-    heartbeats: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.heartbeats.abort();
-    }
+    /// Their heartbeats, stopped when the session is dropped.
+    _heartbeats: Background,
 }
 
 impl Session {
@@ -200,7 +202,7 @@ impl Session {
             bin,
             _scratch: scratch,
             workers,
-            heartbeats,
+            _heartbeats: heartbeats,
         }
     }
 
@@ -257,7 +259,7 @@ impl Session {
             std::env::var("PATH").unwrap_or_default()
         );
         let started = Instant::now();
-        let output = tokio::process::Command::new("bash")
+        let child = tokio::process::Command::new("bash")
             .arg("-c")
             .arg(&script)
             .env("PATH", path)
@@ -273,10 +275,29 @@ impl Session {
             .env("npm_config_prefer_offline", "true")
             .env("PIP_CACHE_DIR", cache.join("pip"))
             .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            // Its own process group, so that a block that runs too long is killed with every
+            // process it started (cargo, npm, pip), not only bash.
+            .process_group(0)
             .kill_on_drop(true)
-            .output()
-            .await
-            .expect("running bash");
+            .spawn()
+            .expect("starting bash");
+        let group = child.id().expect("bash's pid");
+        let output = match tokio::time::timeout(BLOCK_TIMEOUT, child.wait_with_output()).await {
+            Ok(output) => output.expect("running bash"),
+            Err(_) => {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{group}")])
+                    .status();
+                panic!(
+                    "guide block `{id}` did not finish within {BLOCK_TIMEOUT:?}: killed (with its \
+                     process group).\n{body}\nhost log:\n{}",
+                    self.host.log()
+                );
+            }
+        };
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(
@@ -300,22 +321,23 @@ impl Session {
             .collect();
         assert_eq!(tasks.len(), 1, "`{id}` submits one task:\n{stdout}");
         let path = format!("/v1/tasks/{}", tasks[0]);
-        let started = Instant::now();
-        loop {
-            let (_, task) = self
-                .host
-                .call(Method::GET, &path, Some(&self.host.admin_token), None, &[])
+        let host = &self.host;
+        host.eventually(
+            format!("the task `{id}` submitted to be placed (running)"),
+            Duration::from_secs(60),
+        )
+        .every(Duration::from_millis(50))
+        .until(async || {
+            let (_, task) = host
+                .call(Method::GET, &path, Some(&host.admin_token), None, &[])
                 .await;
             if task["status"] == "running" {
-                break;
+                Ok(())
+            } else {
+                Err(task.to_string())
             }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "`{id}`: its task is not placed within 60 s: {task}\nhost log:\n{}",
-                self.host.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
         let after = self.allocated().await;
         let grew = after
             .iter()
@@ -519,11 +541,13 @@ async fn run_section(session: &mut Session, lang: &str, component: &str, name: &
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_guide_s_rust_policy_builds_tests_deploys_and_rolls_back_as_written() {
-    let sysroot = std::process::Command::new("rustc")
-        .args(["--print", "sysroot"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let sysroot = run_within(
+        "rustc --print sysroot",
+        std::process::Command::new("rustc").args(["--print", "sysroot"]),
+        Duration::from_secs(60),
+    )
+    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    .unwrap_or_default();
     let present = Path::new(&sysroot)
         .join("lib/rustlib/wasm32-wasip2")
         .is_dir();

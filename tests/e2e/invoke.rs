@@ -8,56 +8,37 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{ALICE_TOKEN, BOB_TOKEN, StoreKind, TestHost};
-
-const IMAGE: &str = "cloudai-test/busybox:1";
-
-/// Builds the test image; `None` (skip) when no Docker engine answers outside CI.
-async fn docker_ready() -> Option<()> {
-    match cloudai::executor::connect().await {
-        Ok(docker) => {
-            cloudai::executor::testimage::ensure_busybox_image(&docker, IMAGE)
-                .await
-                .expect("building the busybox test image");
-            Some(())
-        }
-        Err(error) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI needs a Docker engine: {error}"
-            );
-            eprintln!("no Docker engine ({error}): skipping the invoke e2e tests");
-            None
-        }
-    }
-}
+use crate::execution::{IMAGE, docker_ready};
+use crate::harness::{ALICE_TOKEN, BOB_TOKEN, REQUEST_TIMEOUT, StoreKind, TestHost, within};
 
 /// A host with its local worker, once the worker has joined.
 async fn host_with_worker() -> TestHost {
     let host =
         TestHost::start_with(StoreKind::Embedded, &["--stop-grace-s", "1"]).expect("host starts");
-    let started = Instant::now();
-    loop {
-        let (_, body) = host
-            .call(
-                Method::GET,
-                "/v1/workers",
-                Some(&host.admin_token),
-                None,
-                &[],
-            )
-            .await;
-        if body["workers"].as_array().is_some_and(|w| w.len() == 1) {
-            return host;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the local worker did not join: {body}\n{}",
-            host.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    host.eventually("the local worker to join", Duration::from_secs(30))
+        .every(Duration::from_millis(50))
+        .until(async || {
+            let (_, body) = host
+                .call(
+                    Method::GET,
+                    "/v1/workers",
+                    Some(&host.admin_token),
+                    None,
+                    &[],
+                )
+                .await;
+            if body["workers"].as_array().is_some_and(|w| w.len() == 1) {
+                Ok(())
+            } else {
+                Err(body.to_string())
+            }
+        })
+        .await;
+    host
 }
+
+/// A request that waits up to 60 s on purpose (`?wait=60s`) may take that long, and a little.
+const WAITING_CALL: Duration = Duration::from_secs(90);
 
 fn small(command: &str) -> Value {
     json!({"docker_image": IMAGE, "command": command, "req_cpu": 0.25, "req_memory": 0.25})
@@ -107,7 +88,8 @@ async fn submit_wait_returns_the_result_in_one_call_with_the_tasks_exit_code() {
 
     // Over HTTP: 200 with the result inline.
     let (status, body) = host
-        .call(
+        .call_within(
+            WAITING_CALL,
             Method::POST,
             "/v1/tasks?wait=60s",
             Some(ALICE_TOKEN),
@@ -149,6 +131,54 @@ async fn submit_wait_returns_the_result_in_one_call_with_the_tasks_exit_code() {
     );
     assert_eq!(out.status.code(), Some(124), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("logs -f"));
+
+    // The two sleepers are cancelled, so that the host stopped at the end of the test leaves
+    // no container behind.
+    let (_, running) = host
+        .call(
+            Method::GET,
+            "/v1/tasks?status=running",
+            Some(ALICE_TOKEN),
+            None,
+            &[],
+        )
+        .await;
+    let (_, queued) = host
+        .call(
+            Method::GET,
+            "/v1/tasks?status=queued",
+            Some(ALICE_TOKEN),
+            None,
+            &[],
+        )
+        .await;
+    for task in [&running, &queued]
+        .into_iter()
+        .flat_map(|list| list["tasks"].as_array().into_iter().flatten())
+    {
+        let id = task["task_id"].as_str().unwrap();
+        host.call(
+            Method::POST,
+            &format!("/v1/tasks/{id}/cancel"),
+            Some(ALICE_TOKEN),
+            None,
+            &[],
+        )
+        .await;
+        host.eventually(
+            format!("the container of {id} to be removed"),
+            Duration::from_secs(30),
+        )
+        .until(async || {
+            let left = crate::execution::containers_of(id);
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("containers {left:?}"))
+            }
+        })
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,24 +189,34 @@ async fn following_logs_shows_each_line_while_the_task_runs_then_ends() {
     let host = host_with_worker().await;
     let task_id = submit(&host, small("sh -c 'echo a; sleep 3; echo b'")).await;
 
-    let response = reqwest::Client::new()
+    // The stream stays open while the task runs: its opening and the whole follow are bounded.
+    let request = crate::harness::stream_client()
         .get(format!("{}/v1/tasks/{task_id}/logs?follow=true", host.url))
         .bearer_auth(ALICE_TOKEN)
-        .send()
+        .send();
+    let response = within("the answer to logs?follow=true", REQUEST_TIMEOUT, request)
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("GET logs?follow=true: {e}\n{}", host.log()));
     assert_eq!(response.status(), 200);
     let mut response = response;
     let started = Instant::now();
+    // The task runs ~3 s once its container starts; the stream ends with it.
+    let deadline = started + Duration::from_secs(60);
     let mut text = String::new();
     let mut status_when_a = None;
     let mut a_at = None;
     let mut b_at = None;
     loop {
-        let chunk = tokio::time::timeout(Duration::from_secs(60), response.chunk())
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = tokio::time::timeout(left, response.chunk())
             .await
-            .unwrap_or_else(|_| panic!("no event within 60 s: {text}\n{}", host.log()))
-            .unwrap();
+            .unwrap_or_else(|_| {
+                panic!(
+                    "gave up waiting for the followed logs to end: not within 60 s; so far:\n{text}\nhost log:\n{}",
+                    host.log()
+                )
+            })
+            .unwrap_or_else(|e| panic!("reading the followed logs: {e}; so far:\n{text}"));
         let Some(chunk) = chunk else { break };
         text.push_str(&String::from_utf8_lossy(&chunk));
         if a_at.is_none() && text.contains(r#""text":"a\n""#) {
@@ -220,7 +260,8 @@ async fn output_files_are_listed_and_downloaded_by_their_owner_only() {
     }
     let host = host_with_worker().await;
     let (status, body) = host
-        .call(
+        .call_within(
+            WAITING_CALL,
             Method::POST,
             "/v1/tasks?wait=60s",
             Some(ALICE_TOKEN),

@@ -9,6 +9,7 @@ mod execution;
 mod guide;
 mod harness;
 mod invoke;
+mod labels;
 mod metrics;
 mod policies;
 mod policy_tools;

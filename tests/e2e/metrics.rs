@@ -3,7 +3,7 @@
 //! overview reports the exact numbers of a cluster built to be known, on both stores.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -185,11 +185,14 @@ fn the_parser_reads_labels_escapes_and_special_values() {
 
 /// `GET /metrics` with `token`: the status, the content type and the body.
 async fn get_metrics(host: &TestHost, token: Option<&str>) -> (u16, String, String) {
-    let mut request = reqwest::Client::new().get(format!("{}/metrics", host.url));
+    let mut request = crate::harness::client().get(format!("{}/metrics", host.url));
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
-    let response = request.send().await.unwrap();
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET /metrics: {e}\nhost log:\n{}", host.log()));
     let status = response.status().as_u16();
     let content_type = response
         .headers()
@@ -211,20 +214,17 @@ async fn scrape(host: &TestHost) -> Scrape {
 
 /// Scrapes until `done` holds (the cluster gauges are sampled at most once a second).
 async fn scrape_until(host: &TestHost, what: &str, done: impl Fn(&Scrape) -> bool) -> Scrape {
-    let started = Instant::now();
-    loop {
-        let scrape = scrape(host).await;
-        if done(&scrape) {
-            return scrape;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{what}: not seen within 30 s; last scrape: {:#?}\nhost log:\n{}",
-            scrape.samples,
-            host.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    host.eventually(what, Duration::from_secs(30))
+        .every(Duration::from_millis(200))
+        .until(async || {
+            let scrape = scrape(host).await;
+            if done(&scrape) {
+                Ok(scrape)
+            } else {
+                Err(format!("the last scrape: {:#?}", scrape.samples))
+            }
+        })
+        .await
 }
 
 async fn submit(host: &TestHost, spec: Value) -> String {
@@ -265,19 +265,19 @@ async fn task_status(host: &TestHost, task_id: &str) -> String {
 }
 
 async fn wait_for_status(host: &TestHost, task_id: &str, wanted: &str) {
-    let started = Instant::now();
-    loop {
+    host.eventually(
+        format!("task {task_id} to be {wanted}"),
+        Duration::from_secs(30),
+    )
+    .until(async || {
         let status = task_status(host, task_id).await;
         if status == wanted {
-            return;
+            Ok(())
+        } else {
+            Err(format!("it is {status}"))
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "task {task_id} is {status}, not {wanted}, after 30 s\nhost log:\n{}",
-            host.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }
 
 // ------------------------------------------------------------------------------------------
@@ -326,20 +326,26 @@ async fn counters_move_as_tasks_run(store: StoreKind) {
     // The simulated agent runs them to completion, two at a time.
     let mut seen = HashSet::new();
     let mut done = 0;
-    let started = Instant::now();
-    while done < tasks.len() {
+    host.eventually(
+        "the simulated agent to run the 3 tasks",
+        Duration::from_secs(30),
+    )
+    // Each check long-polls the work list.
+    .every(Duration::ZERO)
+    .until(async || {
         crate::harness::heartbeat(&host, id, &token).await;
         for (ass, task) in new_work(&host, id, &token, &mut seen).await {
             assert!(tasks.contains(&task), "unexpected work {task}");
             complete(&host, id, &token, &ass, "hello metrics\n").await;
             done += 1;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "only {done} tasks done within 30 s\nhost log:\n{}",
-            host.log()
-        );
-    }
+        if done >= tasks.len() {
+            Ok(())
+        } else {
+            Err(format!("{done} of them done"))
+        }
+    })
+    .await;
     wait_for_status(&host, &huge, "failed").await;
 
     let after = scrape_until(&host, "3 completed tasks and 1 failed", |s| {
@@ -531,15 +537,17 @@ async fn overview_reports_a_known_cluster(store: StoreKind) {
     let beating = crate::harness::keep_beating(&host, live.clone(), Duration::from_millis(250));
 
     // The silent worker is lost before any task is submitted, so that none is placed on it.
-    let started = Instant::now();
-    while overview(&host).await["workers"]["lost"] != 1 {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "ov-lost never lost\nhost log:\n{}",
-            host.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    host.eventually("ov-lost to be marked lost", Duration::from_secs(30))
+        .every(Duration::from_millis(200))
+        .until(async || {
+            let body = overview(&host).await;
+            if body["workers"]["lost"] == 1 {
+                Ok(())
+            } else {
+                Err(body.to_string())
+            }
+        })
+        .await;
 
     // Tasks in known states: one completed, one running, one failed (no worker could ever
     // hold it), one queued (only the draining worker could), one cancelled.
@@ -565,40 +573,39 @@ async fn overview_reports_a_known_cluster(store: StoreKind) {
     wait_for_status(&host, &cancelled, "cancelled").await;
     // The first task completes on whichever worker it was placed on.
     let mut seen = HashSet::new();
-    let started = Instant::now();
-    'find: loop {
-        for (id, token) in &live {
-            for (ass, task) in new_work(&host, id, token, &mut seen).await {
-                if task == first {
-                    complete(&host, id, token, &ass, "").await;
-                    break 'find;
+    host.eventually(format!("an assignment of {first}"), Duration::from_secs(30))
+        // Each check long-polls the work lists.
+        .every(Duration::ZERO)
+        .until(async || {
+            for (id, token) in &live {
+                for (ass, task) in new_work(&host, id, token, &mut seen).await {
+                    if task == first {
+                        complete(&host, id, token, &ass, "").await;
+                        return Ok(());
+                    }
                 }
             }
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no work for {first}"
-        );
-    }
+            Err(format!("assignments seen: {seen:?}"))
+        })
+        .await;
     wait_for_status(&host, &first, "completed").await;
     assert_eq!(task_status(&host, &queued).await, "queued");
     assert_eq!(task_status(&host, &second).await, "running");
 
     // The overview, once the lost worker is marked and the sample is fresh.
-    let started = Instant::now();
-    let body = loop {
-        let body = overview(&host).await;
-        if body["workers"]["lost"] == 1 && body["tasks_by_state"]["completed"] == 1 {
-            break body;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "overview never settled: {body}\nhost log:\n{}",
-            host.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    beating.abort();
+    let body = host
+        .eventually("the overview to settle", Duration::from_secs(30))
+        .every(Duration::from_millis(200))
+        .until(async || {
+            let body = overview(&host).await;
+            if body["workers"]["lost"] == 1 && body["tasks_by_state"]["completed"] == 1 {
+                Ok(body)
+            } else {
+                Err(body.to_string())
+            }
+        })
+        .await;
+    beating.stop(Duration::from_secs(10)).await;
     let generated_at = body["generated_at"].as_str().unwrap().to_string();
     assert!(
         chrono::DateTime::parse_from_rfc3339(&generated_at).is_ok(),

@@ -16,6 +16,9 @@ use crate::harness::{
     StoreKind, TestHost, mongo_uri, register_worker, unique_database, wait_until_running,
 };
 
+/// The longest a CLI upload (which compiles the component) may take.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// The guests' directory; `None` skips locally, CI must set it.
 fn wasm_dir() -> Option<PathBuf> {
     match std::env::var_os("CLOUDAI_POLICY_WASM_DIR") {
@@ -41,7 +44,12 @@ fn text(output: &Output) -> String {
 }
 
 fn ok(host: &TestHost, args: &[&str]) -> String {
-    let output = host.cli(&host.admin_token, args);
+    ok_within(host, crate::harness::CLI_TIMEOUT, args)
+}
+
+/// [`ok`] for a command that may take up to `within`.
+fn ok_within(host: &TestHost, within: Duration, args: &[&str]) -> String {
+    let output = host.cli_within(within, &host.admin_token, args);
     assert!(
         output.status.success(),
         "cloudai {args:?} failed: {}\nhost log:\n{}",
@@ -56,7 +64,9 @@ fn upload(host: &TestHost, dir: &std::path::Path, guest: &str, extra: &[&str]) -
     let file = file.to_str().expect("utf-8 path");
     let mut args = vec!["policy", "upload", file, "--name", guest, "--version", "1"];
     args.extend_from_slice(extra);
-    ok(host, &args)
+    // The host compiles the component before it answers: seconds for a Rust guest, more for
+    // the Python and JavaScript ones on a loaded machine.
+    ok_within(host, UPLOAD_TIMEOUT, &args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,37 +199,37 @@ async fn two_hosts_on_one_mongodb_database_switch_policies_within_a_second() {
             .unwrap_or(Value::Null);
         (v["loaded"] == true, v["active"] == true)
     };
-    let started = Instant::now();
-    loop {
-        let body = policies_on_b().await;
-        if state(&body, "best-fit") == (true, true) && state(&body, "spread").0 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "B did not load the uploads: {body}\nB's log:\n{}",
-            b.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    b.eventually("B to load the uploads", Duration::from_secs(20))
+        .every(Duration::from_millis(50))
+        .until(async || {
+            let body = policies_on_b().await;
+            if state(&body, "best-fit") == (true, true) && state(&body, "spread").0 {
+                Ok(())
+            } else {
+                Err(body.to_string())
+            }
+        })
+        .await;
 
     activate_over_http(&a, "spread", "1").await;
     let switched = Instant::now();
-    loop {
+    b.eventually(
+        "B to run spread within 1 s of its activation through A",
+        Duration::from_secs(1),
+    )
+    .every(Duration::from_millis(20))
+    .until(async || {
         let body = policies_on_b().await;
         if state(&body, "spread") == (true, true)
             && state(&body, "best-fit") == (true, false)
             && body["active"]["placement"]["name"] == "spread"
         {
-            break;
+            Ok(())
+        } else {
+            Err(body.to_string())
         }
-        assert!(
-            switched.elapsed() <= Duration::from_secs(1),
-            "B does not run spread within 1 s of its activation through A: {body}\nB's log:\n{}",
-            b.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     eprintln!(
         "B reported spread active {:?} after the activation through A",
         switched.elapsed()
@@ -466,7 +476,8 @@ async fn uploading_a_python_policy_through_the_cli_shows_each_stage_then_the_sto
     let file = dir.join("py-spread.wasm");
     let size = std::fs::metadata(&file).expect("py-spread.wasm").len();
     let started = Instant::now();
-    let output = host.cli(
+    let output = host.cli_within(
+        UPLOAD_TIMEOUT,
         &host.admin_token,
         &[
             "policy",
@@ -560,7 +571,7 @@ async fn a_python_policy_uploaded_on_one_replica_activates_on_the_other_within_a
         let host_url = host.url.clone();
         let token = host.admin_token.clone();
         async move {
-            let body: Value = reqwest::Client::new()
+            let body: Value = crate::harness::client()
                 .get(format!("{host_url}/v1/policies"))
                 .bearer_auth(token)
                 .send()
@@ -588,55 +599,41 @@ async fn a_python_policy_uploaded_on_one_replica_activates_on_the_other_within_a
     let uploaded = Instant::now();
     upload(&a, &dir, "py-spread", &["--deadline-ms", "1000"]);
     let upload_took = uploaded.elapsed();
-    loop {
-        let (loaded, _, body) = py_spread_on(&b).await;
-        if loaded {
-            break;
-        }
-        assert!(
-            uploaded.elapsed() < Duration::from_secs(300),
-            "B did not load py-spread: {body}\nB's log:\n{}",
-            b.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    b.eventually("B to load py-spread", Duration::from_secs(300))
+        .until(async || match py_spread_on(&b).await {
+            (true, _, _) => Ok(()),
+            (_, _, body) => Err(body.to_string()),
+        })
+        .await;
     let compiled_on_b = sync_load_ms(&b.log(), "py-spread").expect("B logged its load");
 
     activate_over_http(&a, "py-spread", "1").await;
     let switched = Instant::now();
     // B's policy sync interval (`--policy-sync-interval-ms`, 250 by default).
-    let within = Duration::from_secs(1) + Duration::from_millis(250);
-    loop {
-        let (_, active, body) = py_spread_on(&b).await;
-        if active {
-            break;
-        }
-        assert!(
-            switched.elapsed() <= within,
-            "B does not run py-spread within {within:?} of its activation through A: {body}\n\
-             B's log:\n{}",
-            b.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let limit = Duration::from_secs(1) + Duration::from_millis(250);
+    b.eventually(
+        format!("B to run py-spread within {limit:?} of its activation through A"),
+        limit,
+    )
+    .every(Duration::from_millis(20))
+    .until(async || match py_spread_on(&b).await {
+        (_, true, _) => Ok(()),
+        (_, _, body) => Err(body.to_string()),
+    })
+    .await;
     let activation = switched.elapsed();
 
     let b = b
         .restart(shared(), &["--no-local-worker"])
         .expect("host B restarts");
     let restarted = Instant::now();
-    loop {
-        let (loaded, active, body) = py_spread_on(&b).await;
-        if loaded && active {
-            break;
-        }
-        assert!(
-            restarted.elapsed() < Duration::from_secs(120),
-            "B restarted does not run py-spread: {body}\nB's log:\n{}",
-            b.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    b.eventually("B restarted to run py-spread", Duration::from_secs(120))
+        .every(Duration::from_millis(20))
+        .until(async || match py_spread_on(&b).await {
+            (true, true, _) => Ok(()),
+            (_, _, body) => Err(body.to_string()),
+        })
+        .await;
     let running_again = restarted.elapsed();
     let reloaded = sync_load_ms(&b.log(), "py-spread").expect("B logged its load");
     assert!(

@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-use crate::harness::binary;
+use crate::harness::{CLI_TIMEOUT, binary, run_within};
 
 /// The built guests (`scripts/build-policies.sh DIR`), from `CLOUDAI_POLICY_WASM_DIR`. Unset:
 /// skipped locally, a failure under CI.
@@ -30,12 +30,15 @@ pub(crate) fn repo_file(path: &str) -> PathBuf {
 }
 
 fn policy_test(args: &[&std::ffi::OsStr]) -> Output {
-    Command::new(binary())
-        .args(["policy", "test"])
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("running cloudai policy test")
+    run_within(
+        &format!("cloudai policy test {args:?}"),
+        Command::new(binary())
+            .args(["policy", "test"])
+            .args(args)
+            .env("RUST_LOG", "warn"),
+        CLI_TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn text(bytes: &[u8]) -> String {

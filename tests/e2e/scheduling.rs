@@ -3,7 +3,7 @@
 //! (the worker API, no containers) is given the queued tasks as it finishes them one by one.
 
 use std::collections::{HashSet, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -25,20 +25,22 @@ async fn next_work(
     token: &str,
     seen: &mut HashSet<String>,
 ) -> (String, String) {
-    let started = Instant::now();
-    loop {
-        crate::harness::heartbeat(host, id, token).await;
-        let work = crate::harness::work_list(host, id, token, 500).await;
-        assert!(work.len() <= 2, "a two-core worker got {work:?}");
-        if let Some(new) = work.into_iter().find(|(ass, _)| seen.insert(ass.clone())) {
-            return new;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "no new work within 20 s\nhost log:\n{}",
-            host.log()
-        );
-    }
+    host.eventually(format!("new work for {id}"), Duration::from_secs(20))
+        // Each check long-polls the work list.
+        .every(Duration::ZERO)
+        .until(async || {
+            crate::harness::heartbeat(host, id, token).await;
+            let work = crate::harness::work_list(host, id, token, 500).await;
+            assert!(work.len() <= 2, "a two-core worker got {work:?}");
+            match work.iter().find(|(ass, _)| !seen.contains(ass)) {
+                Some(new) => {
+                    seen.insert(new.0.clone());
+                    Ok(new.clone())
+                }
+                None => Err(format!("only work it has seen: {work:?}")),
+            }
+        })
+        .await
 }
 
 /// Reports the assignment started and completed, which frees the worker's one core.

@@ -9,89 +9,103 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use crate::execution::{IMAGE, containers_of, docker_ready};
 use crate::harness::{ALICE_TOKEN, StoreKind, TestHost, binary};
 
-const IMAGE: &str = "cloudai-test/busybox:1";
-
-fn start_worker(host: &TestHost, state_dir: &std::path::Path) -> Child {
-    Command::new(binary())
-        .args([
-            "worker",
-            "--host",
-            &host.url,
-            "--state-dir",
-            state_dir.to_str().unwrap(),
-            "--storage-path",
-            "/",
-            "--heartbeat-interval-s",
-            "1",
-            "--stop-grace-s",
-            "1",
-            "--cpu",
-            "2",
-            "--memory-gb",
-            "2",
-        ])
-        .env("CLOUDAI_JOIN_TOKEN", &host.join_token)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting cloudai worker")
+/// A `cloudai worker` process: its log goes to a file (shown by failure messages), and it is
+/// killed when dropped, so that a failed test leaves no agent behind.
+struct WorkerProcess {
+    child: Child,
+    log: tempfile::NamedTempFile,
 }
 
-fn containers_of(task_id: &str) -> Vec<String> {
-    let out = Command::new("docker")
-        .args([
-            "ps",
-            "-a",
-            "-q",
-            "--filter",
-            &format!("label=cloudai.task_id={task_id}"),
-        ])
-        .output()
-        .expect("running docker ps");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_string)
-        .collect()
+impl WorkerProcess {
+    fn start(host: &TestHost, state_dir: &std::path::Path) -> WorkerProcess {
+        let log = tempfile::NamedTempFile::new().expect("a log file");
+        let child = Command::new(binary())
+            .args([
+                "worker",
+                "--host",
+                &host.url,
+                "--state-dir",
+                state_dir.to_str().unwrap(),
+                "--storage-path",
+                "/",
+                "--heartbeat-interval-s",
+                "1",
+                "--stop-grace-s",
+                "1",
+                "--cpu",
+                "2",
+                "--memory-gb",
+                "2",
+            ])
+            .env("CLOUDAI_JOIN_TOKEN", &host.join_token)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log.reopen().expect("the log file"))
+            .spawn()
+            .expect("starting cloudai worker");
+        WorkerProcess { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a machine that dies.
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM; fails unless it exits within `within`.
+    fn terminate(&mut self, within: Duration) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let stopped = Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                stopped.elapsed() < within,
+                "the worker did not stop within {within:?} of SIGTERM; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 async fn get(host: &TestHost, path: &str, token: &str) -> Value {
     host.call(Method::GET, path, Some(token), None, &[]).await.1
 }
 
+/// [`crate::harness::eventually`] with the host's and the worker's logs.
 async fn eventually<T>(
     what: &str,
     within: Duration,
     host: &TestHost,
-    mut probe: impl AsyncFnMut() -> Option<T>,
+    worker: &WorkerProcess,
+    probe: impl AsyncFnMut() -> Result<T, String>,
 ) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(
-            started.elapsed() < within,
-            "{what}: not within {within:?}\nhost log:\n{}",
-            host.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    host.eventually(what, within)
+        .log("worker log", || worker.log())
+        .until(probe)
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_process_runs_tasks_and_a_killed_one_gives_its_task_back() {
-    match cloudai::executor::connect().await {
-        Ok(docker) => cloudai::executor::testimage::ensure_busybox_image(&docker, IMAGE)
-            .await
-            .expect("building the test image"),
-        Err(error) => {
-            assert!(std::env::var_os("CI").is_none(), "CI needs Docker: {error}");
-            eprintln!("no Docker engine ({error}): skipping");
-            return;
-        }
+    if docker_ready().await.is_none() {
+        return;
     }
     let host = TestHost::start_with(
         StoreKind::Embedded,
@@ -107,15 +121,19 @@ async fn a_worker_process_runs_tasks_and_a_killed_one_gives_its_task_back() {
     )
     .expect("host starts");
     let state = tempfile::tempdir().unwrap();
-    let mut worker = start_worker(&host, state.path());
+    let mut worker = WorkerProcess::start(&host, state.path());
     let admin = host.admin_token.clone();
     let worker_id = eventually(
         "the worker joins",
         Duration::from_secs(30),
         &host,
+        &worker,
         async || {
             let body = get(&host, "/v1/workers", &admin).await;
-            body["workers"][0]["worker_id"].as_str().map(str::to_string)
+            body["workers"][0]["worker_id"]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| body.to_string())
         },
     )
     .await;
@@ -144,9 +162,14 @@ async fn a_worker_process_runs_tasks_and_a_killed_one_gives_its_task_back() {
         "echo completes",
         Duration::from_secs(60),
         &host,
+        &worker,
         async || {
             let body = get(&host, &path, ALICE_TOKEN).await;
-            body["logs"].is_string().then_some(body)
+            if body["logs"].is_string() {
+                Ok(body)
+            } else {
+                Err(body.to_string())
+            }
         },
     )
     .await;
@@ -160,18 +183,23 @@ async fn a_worker_process_runs_tasks_and_a_killed_one_gives_its_task_back() {
     )
     .await;
     let task_path = format!("/v1/tasks/{sleeper}");
+    let task_is = async |done: &dyn Fn(&Value) -> bool| {
+        let task = get(&host, &task_path, ALICE_TOKEN).await;
+        if done(&task) {
+            Ok(task)
+        } else {
+            Err(task.to_string())
+        }
+    };
     eventually(
         "the sleeper starts",
         Duration::from_secs(60),
         &host,
-        async || {
-            let task = get(&host, &task_path, ALICE_TOKEN).await;
-            task["started_at"].is_string().then_some(())
-        },
+        &worker,
+        async || task_is(&|t| t["started_at"].is_string()).await,
     )
     .await;
-    worker.kill().unwrap();
-    worker.wait().unwrap();
+    worker.kill();
     let killed_at = Instant::now();
     assert_eq!(
         containers_of(&sleeper).len(),
@@ -182,25 +210,21 @@ async fn a_worker_process_runs_tasks_and_a_killed_one_gives_its_task_back() {
         "the task is re-queued",
         Duration::from_secs(15),
         &host,
-        async || {
-            let task = get(&host, &task_path, ALICE_TOKEN).await;
-            (task["status"] == "queued").then_some(task)
-        },
+        &worker,
+        async || task_is(&|t| t["status"] == "queued").await,
     )
     .await;
     eprintln!("re-queued {:?} after the kill", killed_at.elapsed());
     assert_eq!(task["attempts"], 1, "{task}");
 
     // Back with the same identity: the old container is removed, the task runs again.
-    let mut worker = start_worker(&host, state.path());
+    let mut worker = WorkerProcess::start(&host, state.path());
     let task = eventually(
         "attempt 2 starts",
         Duration::from_secs(60),
         &host,
-        async || {
-            let task = get(&host, &task_path, ALICE_TOKEN).await;
-            (task["attempts"] == 2 && task["started_at"].is_string()).then_some(task)
-        },
+        &worker,
+        async || task_is(&|t| t["attempts"] == 2 && t["started_at"].is_string()).await,
     )
     .await;
     assert_eq!(task["status"], "running", "{task}");
@@ -216,7 +240,15 @@ async fn a_worker_process_runs_tasks_and_a_killed_one_gives_its_task_back() {
         "one container for the task",
         Duration::from_secs(20),
         &host,
-        async || (containers_of(&sleeper).len() == 1).then_some(()),
+        &worker,
+        async || {
+            let containers = containers_of(&sleeper);
+            if containers.len() == 1 {
+                Ok(())
+            } else {
+                Err(format!("containers {containers:?}"))
+            }
+        },
     )
     .await;
 
@@ -231,27 +263,17 @@ async fn a_worker_process_runs_tasks_and_a_killed_one_gives_its_task_back() {
         )
         .await;
     assert_eq!(status, 202, "{body}");
-    eventually("cancelled", Duration::from_secs(20), &host, async || {
-        let task = get(&host, &task_path, ALICE_TOKEN).await;
-        (task["status"] == "cancelled").then_some(())
-    })
+    eventually(
+        "cancelled",
+        Duration::from_secs(20),
+        &host,
+        &worker,
+        async || task_is(&|t| t["status"] == "cancelled").await,
+    )
     .await;
     assert!(
         containers_of(&sleeper).is_empty(),
         "no container left behind"
     );
-    let _ = Command::new("kill")
-        .args(["-TERM", &worker.id().to_string()])
-        .status();
-    let stopped = Instant::now();
-    loop {
-        if worker.try_wait().unwrap().is_some() {
-            break;
-        }
-        assert!(
-            stopped.elapsed() < Duration::from_secs(15),
-            "the worker stops on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    worker.terminate(Duration::from_secs(15));
 }

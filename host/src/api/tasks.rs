@@ -16,6 +16,7 @@ use chrono::DateTime;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
+use utoipa::openapi::schema::{Object, ObjectBuilder, Type};
 
 use super::AppState;
 use super::Limits;
@@ -74,7 +75,9 @@ pub struct TaskSpec {
     /// -1000..=1000, higher runs first (default 0).
     #[serde(default)]
     pub priority: i32,
+    /// Key/value labels, for placement policies and people (stored and returned as given).
     #[serde(default)]
+    #[schema(schema_with = labels_schema)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -224,8 +227,41 @@ fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The characters of a label key ([`check_labels`]), as a regular-expression class.
+const LABEL_KEY_CLASS: &str = "A-Za-z0-9._/-";
+
+/// The labels of a task or a worker as the OpenAPI document states them: the rules
+/// [`check_labels`] enforces (a key pattern, lengths, a count), so that a client generated
+/// from the document knows them. The value pattern refuses the control characters (Unicode
+/// category Cc, what `char::is_control` is true of). `e2e/labels.rs` checks the served
+/// document against what the API accepts.
+pub(crate) fn labels_schema() -> Object {
+    let key = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(MAX_LABEL_KEY_LEN))
+        .pattern(Some(format!(
+            "^[{LABEL_KEY_CLASS}]{{1,{MAX_LABEL_KEY_LEN}}}$"
+        )));
+    let value = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .max_length(Some(MAX_LABEL_VALUE_LEN))
+        .pattern(Some(r"^[^\u0000-\u001F\u007F-\u009F]*$"));
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .description(Some(format!(
+            "At most {MAX_LABELS} labels. A key is 1..={MAX_LABEL_KEY_LEN} characters of \
+             A-Z a-z 0-9 . _ / - (`app.kubernetes.io/name` is one); a value is at most \
+             {MAX_LABEL_VALUE_LEN} characters, any but control characters."
+        )))
+        .max_properties(Some(MAX_LABELS))
+        .property_names(Some(key))
+        .additional_properties(Some(value))
+        .build()
+}
+
 /// Labels: at most 64; keys 1..=128 of `[A-Za-z0-9._/-]`; values at most 256 characters
-/// without control characters.
+/// without control characters. The OpenAPI document states the same ([`labels_schema`]).
 pub(crate) fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if labels.len() > MAX_LABELS {
         return Err(ApiError::validation(format!(

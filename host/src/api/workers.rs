@@ -17,7 +17,7 @@ use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{
     IdPath, OptionalJson, ValidJson, Validate, truncate_for_message, validate_id,
 };
-use super::tasks::{check_amount, check_labels};
+use super::tasks::{check_amount, check_labels, labels_schema};
 use super::{AppState, Limits};
 use crate::model::{self, Resources, Worker, WorkerUsage};
 use crate::reconciler;
@@ -43,7 +43,9 @@ pub struct RegisterWorker {
     pub total_storage: f64,
     /// Whole devices, >= 0.
     pub total_gpu: f64,
+    /// Key/value labels placement policies read (e.g. a zone, a GPU model).
     #[serde(default)]
+    #[schema(schema_with = labels_schema)]
     pub labels: BTreeMap<String, String>,
 }
 
