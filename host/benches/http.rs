@@ -198,6 +198,8 @@ async fn heartbeats(
 }
 
 struct Run {
+    /// Placements per placement round of the host's scheduler (all phases).
+    placements_per_round: f64,
     /// CPU milliseconds per task of the host process, and of this process (the simulated
     /// clients and workers), in the backlog phase: what bounds the rate on a machine this
     /// small, whatever else it runs.
@@ -291,10 +293,14 @@ async fn run(tasks: usize, workers: usize, cpus: f64, submitters: usize, batched
     let host_cpu = host.cpu_seconds() - host_cpu;
     let bench_cpu = serve::cpu_seconds("/proc/self/stat") - bench_cpu;
     stop.cancel();
+    let metrics = host.metrics().await;
+    let rounds = serve::metric(&metrics, "cloudai_scheduler_round_batch_size_count");
+    let placements = serve::metric(&metrics, "cloudai_scheduler_placements_total");
     let allocated = seen.allocated.load(Ordering::Relaxed);
     let allocated_in = seen.last_allocation_us.load(Ordering::Relaxed) as f64 / 1e6;
     let done = seen.completed.load(Ordering::Relaxed).max(1) as f64;
     Run {
+        placements_per_round: placements / rounds.max(1.0),
         host_cpu_ms: host_cpu * 1000.0 / done,
         bench_cpu_ms: bench_cpu * 1000.0 / done,
         submitted_per_s,
@@ -356,6 +362,9 @@ async fn main() {
             r.completed_per_s
         });
         row("long polls per task", "", &|r| r.polls_per_task);
+        row("placements per scheduler round", "", &|r| {
+            r.placements_per_round
+        });
         row("host CPU per task (backlog phase)", "ms", &|r| {
             r.host_cpu_ms
         });

@@ -74,6 +74,19 @@ impl Host {
         cpu_seconds(&format!("/proc/{}/stat", self.child.id()))
     }
 
+    /// The host's Prometheus text exposition (`/metrics`).
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn get(&self, path: &str) -> Value {
         self.http
             .get(format!("{}{path}", self.url))
@@ -148,4 +161,16 @@ pub fn cpu_seconds(path: &str) -> f64 {
         .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
         .sum();
     ticks / 100.0
+}
+
+/// The value of the sample `name` (a full sample name, labels included) in a Prometheus text
+/// exposition, 0 when absent.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (sample, value) = l.rsplit_once(' ')?;
+            (sample == name).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
 }

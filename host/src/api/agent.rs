@@ -656,18 +656,21 @@ async fn record_result(
         runtime_s,
         task_type: Some(task.task_type().to_string()),
     };
-    match state.store.insert_result(&result).await {
-        Ok(()) => crate::metrics::result_log_stored(result.logs.len() + result.stderr.len()),
-        // Written by our own earlier try that failed before the transition.
-        Err(StoreError::AlreadyExists { .. }) => {}
-        Err(other) => return Err(other.into()),
-    }
-    let task = finish_assignment(&*state.store, &state.wakeup, &assignment, finish, new_start)
-        .await
-        .map_err(|e| match e {
-            StoreError::Conflict { .. } => superseded(ass_id, "it was finished meanwhile"),
-            other => other.into(),
-        })?;
+    let stored_bytes = result.logs.len() + result.stderr.len();
+    let task = finish_assignment(
+        &*state.store,
+        &state.wakeup,
+        &assignment,
+        finish,
+        new_start,
+        Some(result),
+    )
+    .await
+    .map_err(|e| match e {
+        StoreError::Conflict { .. } => superseded(ass_id, "it was finished meanwhile"),
+        other => other.into(),
+    })?;
+    crate::metrics::result_log_stored(stored_bytes);
     tracing::info!(
         task_id = %task.task_id, worker_id, ass_id, status = %task.status,
         exit_code = ?report.exit_code, "attempt finished"

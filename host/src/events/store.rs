@@ -15,9 +15,9 @@ use crate::model::{
 };
 use crate::policy::snapshot::Usage;
 use crate::store::{
-    AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, Result, RoundOutcome,
-    RoundPlan, RuntimeSample, Store, StoredEvent, SubmitOutcome, TaskCounts, TaskLogChunk,
-    TaskPage, TaskQuery, TaskUpdate,
+    AssignmentFilter, EndedAttempt, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, Result,
+    RoundOutcome, RoundPlan, RuntimeSample, Store, StoredEvent, SubmitOutcome, TaskCounts,
+    TaskLogChunk, TaskPage, TaskQuery, TaskUpdate,
 };
 
 tokio::task_local! {
@@ -208,6 +208,29 @@ impl Store for EventedStore {
         let task = self.inner.mark_running(task_id, owner, attempts).await?;
         self.task_state(&task, None);
         Ok(task)
+    }
+
+    async fn end_attempt(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        result: Option<&TaskResult>,
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<EndedAttempt> {
+        let ended = self
+            .inner
+            .end_attempt(task_id, attempt, result, to, update)
+            .await?;
+        self.after_transition(&[TaskStatus::Running], to, &ended.task);
+        if in_reconciler() {
+            for a in &ended.released {
+                let mut event = repair("assignment_released", None, None);
+                event.data["ass_id"] = json!(a.ass_id);
+                self.publish(event);
+            }
+        }
+        Ok(ended)
     }
 
     async fn clear_expired_claims(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Task>> {

@@ -2,7 +2,7 @@
 //! the scheduler woken for the capacity freed.
 
 use super::Wakeup;
-use crate::model::{self, Task, TaskStatus};
+use crate::model::{self, Task, TaskResult, TaskStatus};
 use crate::store::{AssignmentFilter, Store, StoreError, TaskUpdate};
 
 /// How a running task ended.
@@ -32,7 +32,7 @@ pub async fn finish_task(
     task_id: &str,
     finish: Finish,
 ) -> Result<Task, StoreError> {
-    finish_inner(store, wakeup, task_id, None, finish, None).await
+    finish_inner(store, wakeup, task_id, None, finish, None, None).await
 }
 
 /// [`finish_task`] on behalf of one assignment (a worker's report, or the reconciler's
@@ -47,17 +47,19 @@ pub async fn finish_attempt(
     finish: Finish,
 ) -> Result<Task, StoreError> {
     let assignment = store.get_assignment(ass_id).await?;
-    finish_assignment(store, wakeup, &assignment, finish, None).await
+    finish_assignment(store, wakeup, &assignment, finish, None, None).await
 }
 
-/// [`finish_attempt`] with the assignment the caller has read, recording `started_at` too
-/// when given (a worker that reports a task's start and end together).
+/// [`finish_attempt`] with the assignment the caller has read, recording with the end the
+/// attempt's `result` (a worker's report; a result the task has already is kept) and its
+/// `started_at` (a worker that reports a task's start and end together), when given.
 pub async fn finish_assignment(
     store: &dyn Store,
     wakeup: &Wakeup,
     assignment: &crate::model::Assignment,
     finish: Finish,
     started_at: Option<chrono::DateTime<chrono::Utc>>,
+    result: Option<TaskResult>,
 ) -> Result<Task, StoreError> {
     if assignment.released {
         return Err(StoreError::Conflict {
@@ -74,6 +76,7 @@ pub async fn finish_assignment(
         Some(assignment.attempt),
         finish,
         started_at,
+        result,
     )
     .await
 }
@@ -86,6 +89,7 @@ async fn finish_inner(
     attempt: Option<u32>,
     finish: Finish,
     started_at: Option<chrono::DateTime<chrono::Utc>>,
+    result: Option<TaskResult>,
 ) -> Result<Task, StoreError> {
     let span = tracing::Span::current();
     span.record("task_id", task_id);
@@ -125,11 +129,21 @@ async fn finish_inner(
         ..update
     };
     let finished = match attempt {
-        Some(attempt) => {
-            store
-                .transition_attempt(task_id, attempt, &[TaskStatus::Running], to, &update)
-                .await
-        }
+        // The result, the end state and the release together (one transaction where the
+        // store has them).
+        Some(attempt) => store
+            .end_attempt(task_id, attempt, result.as_ref(), to, &update)
+            .await
+            .map(|ended| {
+                for a in &ended.released {
+                    tracing::info!(task_id, ass_id = %a.ass_id, worker_id = %a.worker_id, "reservation released");
+                }
+                if !ended.released.is_empty() {
+                    wakeup.wake();
+                }
+                wakeup.usage_changed(&ended.task.user_id);
+                ended.task
+            }),
         None => {
             store
                 .transition_task(task_id, &[TaskStatus::Running], to, &update)
@@ -137,6 +151,8 @@ async fn finish_inner(
         }
     };
     match &finished {
+        // Released above.
+        Ok(_) if attempt.is_some() => return finished,
         Ok(task) => wakeup.usage_changed(&task.user_id),
         Err(StoreError::Conflict { .. }) => {
             let task = store.get_task(task_id).await?;

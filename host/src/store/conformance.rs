@@ -207,6 +207,7 @@ macro_rules! store_conformance_tests {
             place_round_loses_the_tasks_of_a_draining_inactive_or_unknown_worker,
             place_round_of_nothing_does_nothing,
             worker_work_lists_the_assignments_that_hold_their_running_task,
+            end_attempt_records_the_result_ends_the_task_and_releases_once,
         );
         $crate::store_conformance_tests!(@shared $make;
             reserve_race_50_requests_for_room_for_7,

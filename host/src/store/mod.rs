@@ -180,6 +180,15 @@ impl TaskPage {
     }
 }
 
+/// What [`Store::end_attempt`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndedAttempt {
+    /// The task in its end state.
+    pub task: Task,
+    /// The assignments whose reservation this call returned (as they were before).
+    pub released: Vec<Assignment>,
+}
+
 /// Fields a transition sets besides `status` and `updated_at`. `None` leaves a field alone.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TaskUpdate {
@@ -411,6 +420,49 @@ pub trait Store: Send + Sync + 'static {
     /// the assignment released and gives the amounts back (`Ok(true)`); every later call does
     /// nothing (`Ok(false)`). `NotFound` when there is no such assignment.
     async fn release(&self, ass_id: &str) -> Result<bool>;
+
+    /// Ends a running task's attempt: records `result` when given (a result the task has
+    /// already, from an earlier try of the same report, is kept), moves the task from
+    /// `running` at `attempt` to `to` with `update` ([`Self::transition_attempt`]), and
+    /// releases every active assignment of the task, each exactly once. `Conflict` when the
+    /// task is not running at `attempt`; `NotFound` when there is no such task.
+    ///
+    /// The default does these one after another: a crash between them leaves a running task
+    /// with its result (the report is sent again and finishes it), or a finished task whose
+    /// reservation is still held (the reconciler releases an assignment whose task is not
+    /// running). A backend with transactions does them at once.
+    async fn end_attempt(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        result: Option<&TaskResult>,
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<EndedAttempt> {
+        if let Some(result) = result {
+            match self.insert_result(result).await {
+                Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        let task = self
+            .transition_attempt(task_id, attempt, &[TaskStatus::Running], to, update)
+            .await?;
+        let active = self
+            .list_assignments(&AssignmentFilter {
+                task_id: Some(task_id.to_string()),
+                active_only: true,
+                ..AssignmentFilter::default()
+            })
+            .await?;
+        let mut released = Vec::with_capacity(active.len());
+        for assignment in active {
+            if self.release(&assignment.ass_id).await? {
+                released.push(assignment);
+            }
+        }
+        Ok(EndedAttempt { task, released })
+    }
 
     // ----- results -----
 

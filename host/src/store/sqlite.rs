@@ -2441,6 +2441,50 @@ impl Store for SqliteStore {
         self.place_round_impl(plan).await
     }
 
+    async fn end_attempt(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        result: Option<&TaskResult>,
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<super::EndedAttempt> {
+        let (task_id, result, update) = (task_id.to_string(), result.cloned(), update.clone());
+        // One transaction: a conflict leaves no result behind either.
+        self.call("ending an attempt", move |conn| {
+            if let Some(result) = &result {
+                match insert_result_sync(conn, result) {
+                    Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+            let task = transition_sync(
+                conn,
+                &task_id,
+                Some(attempt),
+                &[TaskStatus::Running],
+                to,
+                &update,
+            )?;
+            let active = list_assignments_sync(
+                conn,
+                &AssignmentFilter {
+                    task_id: Some(task_id.clone()),
+                    active_only: true,
+                    ..AssignmentFilter::default()
+                },
+            )?;
+            let mut released = Vec::with_capacity(active.len());
+            for assignment in active {
+                if release_sync(conn, &assignment.ass_id)? {
+                    released.push(assignment);
+                }
+            }
+            Ok(super::EndedAttempt { task, released })
+        })
+        .await
+    }
+
     async fn worker_work(&self, worker_id: &str) -> Result<Vec<(Assignment, Task)>> {
         let worker_id = worker_id.to_string();
         self.call("reading a worker's work", move |conn| {

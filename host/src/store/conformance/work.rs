@@ -95,3 +95,83 @@ pub async fn worker_work_lists_the_assignments_that_hold_their_running_task(stor
     );
     let _ = (finished, released);
 }
+
+pub async fn end_attempt_records_the_result_ends_the_task_and_releases_once(store: &dyn Store) {
+    let w = worker_with(store, "w", Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    let user = unique_id("user");
+    let (task, assignment) = place(store, &w.worker_id, &user).await;
+    assert_eq!(store.get_worker(&w.worker_id).await.unwrap().allocated_cpu, 1.0);
+    let mut result = super::sample_result(&task.task_id, &w.worker_id);
+    result.attempt = 1;
+    let update = TaskUpdate {
+        exit_code: Some(0),
+        completed_at: Some(now()),
+        ..TaskUpdate::default()
+    };
+    // At another attempt: nothing changes.
+    let wrong = store
+        .end_attempt(&task.task_id, 2, Some(&result), TaskStatus::Completed, &update)
+        .await;
+    assert!(
+        matches!(wrong, Err(crate::store::StoreError::Conflict { .. })),
+        "{wrong:?}"
+    );
+    assert_eq!(
+        store.get_task(&task.task_id).await.unwrap().status,
+        TaskStatus::Running
+    );
+    assert_eq!(store.get_worker(&w.worker_id).await.unwrap().allocated_cpu, 1.0);
+
+    let ended = store
+        .end_attempt(&task.task_id, 1, Some(&result), TaskStatus::Completed, &update)
+        .await
+        .unwrap();
+    assert_eq!(ended.task.status, TaskStatus::Completed);
+    assert_eq!(ended.task.exit_code, Some(0));
+    assert_eq!(ended.released.len(), 1);
+    assert_eq!(ended.released[0].ass_id, assignment.ass_id);
+    let stored = store.get_task(&task.task_id).await.unwrap();
+    assert_eq!((stored.status, stored.exit_code), (TaskStatus::Completed, Some(0)));
+    assert_eq!(store.get_result(&task.task_id).await.unwrap(), result);
+    assert!(store.get_assignment(&assignment.ass_id).await.unwrap().released);
+    let worker = store.get_worker(&w.worker_id).await.unwrap();
+    assert_eq!((worker.allocated_cpu, worker.available_cpu), (0.0, 4.0));
+
+    // Again (a report retried): refused, nothing released twice, the result kept.
+    let again = store
+        .end_attempt(&task.task_id, 1, Some(&result), TaskStatus::Completed, &update)
+        .await;
+    assert!(
+        matches!(again, Err(crate::store::StoreError::Conflict { .. })),
+        "{again:?}"
+    );
+    let worker = store.get_worker(&w.worker_id).await.unwrap();
+    assert_eq!((worker.allocated_cpu, worker.available_cpu), (0.0, 4.0));
+    assert_eq!(store.get_result(&task.task_id).await.unwrap(), result);
+
+    // Without a result (the reconciler's timeout).
+    let (other, _) = place(store, &w.worker_id, &user).await;
+    let failed = store
+        .end_attempt(
+            &other.task_id,
+            1,
+            None,
+            TaskStatus::Failed,
+            &TaskUpdate {
+                error: Some("timeout".into()),
+                ..TaskUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (failed.task.status, failed.task.error.as_deref()),
+        (TaskStatus::Failed, Some("timeout"))
+    );
+    assert_eq!(failed.released.len(), 1);
+    assert!(matches!(
+        store.get_result(&other.task_id).await,
+        Err(crate::store::StoreError::NotFound { .. })
+    ));
+    assert_eq!(store.get_worker(&w.worker_id).await.unwrap().allocated_cpu, 0.0);
+}

@@ -761,6 +761,7 @@ native_conformance_cases!(
     place_round_reserves_task_by_task_when_a_worker_refuses_the_sum,
     place_round_loses_the_tasks_of_a_draining_inactive_or_unknown_worker,
     place_round_of_nothing_does_nothing,
+    end_attempt_records_the_result_ends_the_task_and_releases_once,
 );
 
 /// The suite's serial cases that [`native_conformance_cases`] leaves out, and why.
