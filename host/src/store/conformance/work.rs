@@ -100,7 +100,10 @@ pub async fn end_attempt_records_the_result_ends_the_task_and_releases_once(stor
     let w = worker_with(store, "w", Resources::new(4.0, 8.0, 10.0, 0.0)).await;
     let user = unique_id("user");
     let (task, assignment) = place(store, &w.worker_id, &user).await;
-    assert_eq!(store.get_worker(&w.worker_id).await.unwrap().allocated_cpu, 1.0);
+    assert_eq!(
+        store.get_worker(&w.worker_id).await.unwrap().allocated_cpu,
+        1.0
+    );
     let mut result = super::sample_result(&task.task_id, &w.worker_id);
     result.attempt = 1;
     let update = TaskUpdate {
@@ -110,7 +113,13 @@ pub async fn end_attempt_records_the_result_ends_the_task_and_releases_once(stor
     };
     // At another attempt: nothing changes.
     let wrong = store
-        .end_attempt(&task.task_id, 2, Some(&result), TaskStatus::Completed, &update)
+        .end_attempt(
+            &task.task_id,
+            2,
+            Some(&result),
+            TaskStatus::Completed,
+            &update,
+        )
         .await;
     assert!(
         matches!(wrong, Err(crate::store::StoreError::Conflict { .. })),
@@ -120,10 +129,19 @@ pub async fn end_attempt_records_the_result_ends_the_task_and_releases_once(stor
         store.get_task(&task.task_id).await.unwrap().status,
         TaskStatus::Running
     );
-    assert_eq!(store.get_worker(&w.worker_id).await.unwrap().allocated_cpu, 1.0);
+    assert_eq!(
+        store.get_worker(&w.worker_id).await.unwrap().allocated_cpu,
+        1.0
+    );
 
     let ended = store
-        .end_attempt(&task.task_id, 1, Some(&result), TaskStatus::Completed, &update)
+        .end_attempt(
+            &task.task_id,
+            1,
+            Some(&result),
+            TaskStatus::Completed,
+            &update,
+        )
         .await
         .unwrap();
     assert_eq!(ended.task.status, TaskStatus::Completed);
@@ -131,15 +149,30 @@ pub async fn end_attempt_records_the_result_ends_the_task_and_releases_once(stor
     assert_eq!(ended.released.len(), 1);
     assert_eq!(ended.released[0].ass_id, assignment.ass_id);
     let stored = store.get_task(&task.task_id).await.unwrap();
-    assert_eq!((stored.status, stored.exit_code), (TaskStatus::Completed, Some(0)));
+    assert_eq!(
+        (stored.status, stored.exit_code),
+        (TaskStatus::Completed, Some(0))
+    );
     assert_eq!(store.get_result(&task.task_id).await.unwrap(), result);
-    assert!(store.get_assignment(&assignment.ass_id).await.unwrap().released);
+    assert!(
+        store
+            .get_assignment(&assignment.ass_id)
+            .await
+            .unwrap()
+            .released
+    );
     let worker = store.get_worker(&w.worker_id).await.unwrap();
     assert_eq!((worker.allocated_cpu, worker.available_cpu), (0.0, 4.0));
 
     // Again (a report retried): refused, nothing released twice, the result kept.
     let again = store
-        .end_attempt(&task.task_id, 1, Some(&result), TaskStatus::Completed, &update)
+        .end_attempt(
+            &task.task_id,
+            1,
+            Some(&result),
+            TaskStatus::Completed,
+            &update,
+        )
         .await;
     assert!(
         matches!(again, Err(crate::store::StoreError::Conflict { .. })),
@@ -173,5 +206,8 @@ pub async fn end_attempt_records_the_result_ends_the_task_and_releases_once(stor
         store.get_result(&other.task_id).await,
         Err(crate::store::StoreError::NotFound { .. })
     ));
-    assert_eq!(store.get_worker(&w.worker_id).await.unwrap().allocated_cpu, 0.0);
+    assert_eq!(
+        store.get_worker(&w.worker_id).await.unwrap().allocated_cpu,
+        0.0
+    );
 }
