@@ -32,7 +32,12 @@ impl Host {
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path())
             .args(extra)
-            .env("RUST_LOG", "warn,cloudai::serve=info")
+            // BENCH_HOST_LOG: the host's RUST_LOG, its log appended to BENCH_HOST_LOG_FILE.
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_HOST_LOG")
+                    .unwrap_or_else(|_| "warn,cloudai::serve=info".into()),
+            )
             .env_remove("CLOUDAI_ADMIN_TOKEN")
             .env_remove("CLOUDAI_JOIN_TOKEN")
             .env_remove("CLOUDAI_MONGODB_URI")
@@ -42,8 +47,19 @@ impl Host {
             .expect("starting cloudai serve");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let mut keep = std::env::var_os("BENCH_HOST_LOG_FILE").and_then(|path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .ok()
+        });
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(file) = keep.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(file, "{line}");
+                }
                 if let Some(rest) = line.split("listening on http://").nth(1) {
                     let address: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
                     let _ = tx.send(address);

@@ -136,6 +136,7 @@ impl Scheduler {
             input = input.with_runtime_history(tasks.iter().map(Task::task_type), &history);
         }
         let policies = self.policies.clone();
+        let read = started.elapsed();
         let (input, outcome) = tokio::task::spawn_blocking(move || {
             let outcome = policies.place(&input);
             (input, outcome)
@@ -179,6 +180,7 @@ impl Scheduler {
         // placements are written together (DESIGN.md section 4, per round): a few store
         // commands for the round, or one transaction, whatever its size. A lost race is
         // re-planned next round with fresh data.
+        let mut write_ms = 0.0;
         if !assigned.is_empty() {
             let plan = RoundPlan {
                 claim: self.new_claim(),
@@ -192,7 +194,10 @@ impl Scheduler {
                     })
                     .collect(),
             };
-            match self.store.place_round(&plan).await {
+            let writing = Instant::now();
+            let written = self.store.place_round(&plan).await;
+            write_ms = writing.elapsed().as_secs_f64() * 1000.0;
+            match written {
                 Ok(written) => {
                     let policy = source_label(&outcome.source);
                     for (task, assignment) in &written.placed {
@@ -235,6 +240,8 @@ impl Scheduler {
             workers = input.worker_count(),
             policy = %source_label(&outcome.source),
             policy_ms = outcome.elapsed.as_secs_f64() * 1000.0,
+            read_ms = read.as_secs_f64() * 1000.0,
+            write_ms,
             latency_ms = started.elapsed().as_secs_f64() * 1000.0,
             "placement round"
         );

@@ -101,8 +101,13 @@ CREATE INDEX IF NOT EXISTS TASKS_created_at ON TASKS (created_at DESC, task_id D
 CREATE INDEX IF NOT EXISTS TASKS_user_id ON TASKS (user_id, created_at DESC, task_id DESC);
 -- The scheduler's: a user's usage, the admission batch, the placement queue.
 CREATE INDEX IF NOT EXISTS TASKS_user_status ON TASKS (user_id, status);
-CREATE INDEX IF NOT EXISTS TASKS_status_updated ON TASKS (status, updated_at, task_id);
-CREATE INDEX IF NOT EXISTS TASKS_queue ON TASKS (status, priority DESC, created_at, task_id);
+-- Partial: only the tasks in the state each serves (the admission batch, the placement
+-- queue), so that placing and finishing a task, which most writes do, maintains neither.
+CREATE INDEX IF NOT EXISTS TASKS_pending ON TASKS (updated_at, task_id) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS TASKS_queued ON TASKS (priority DESC, created_at, task_id)
+    WHERE status = 'queued';
+DROP INDEX IF EXISTS TASKS_status_updated;
+DROP INDEX IF EXISTS TASKS_queue;
 -- The reconciler's expired claims, every second: only claimed tasks are in it (without it,
 -- each pass read every queued task).
 CREATE INDEX IF NOT EXISTS TASKS_claims ON TASKS (lease_expires_at, task_id)
@@ -152,7 +157,10 @@ CREATE TABLE IF NOT EXISTS ASSIGNMENTS (
 CREATE UNIQUE INDEX IF NOT EXISTS ASSIGNMENTS_ass_id ON ASSIGNMENTS (ass_id);
 CREATE INDEX IF NOT EXISTS ASSIGNMENTS_task_id ON ASSIGNMENTS (task_id);
 CREATE INDEX IF NOT EXISTS ASSIGNMENTS_worker_id ON ASSIGNMENTS (worker_id);
-CREATE INDEX IF NOT EXISTS ASSIGNMENTS_active ON ASSIGNMENTS (released, worker_id);
+-- The active assignments only (a release takes its assignment out).
+CREATE INDEX IF NOT EXISTS ASSIGNMENTS_active_by_worker ON ASSIGNMENTS (worker_id)
+    WHERE released = 0;
+DROP INDEX IF EXISTS ASSIGNMENTS_active;
 -- The overview's placements of the last minute.
 CREATE INDEX IF NOT EXISTS ASSIGNMENTS_assigned_at ON ASSIGNMENTS (assigned_at);
 
@@ -1331,7 +1339,14 @@ fn worker_work_sync(conn: &Connection, worker_id: &str) -> Result<Vec<(Assignmen
 }
 
 fn list_assignments_sync(conn: &Connection, filter: &AssignmentFilter) -> Result<Vec<Assignment>> {
-    let mut sql = format!("SELECT {ASSIGNMENT_COLUMNS} FROM ASSIGNMENTS WHERE 1 = 1");
+    // Every active assignment (the reconciler's, every second): from the partial index of
+    // active ones, not a walk of every assignment ever made.
+    let index = if filter.active_only && filter.task_id.is_none() {
+        " INDEXED BY ASSIGNMENTS_active_by_worker"
+    } else {
+        ""
+    };
+    let mut sql = format!("SELECT {ASSIGNMENT_COLUMNS} FROM ASSIGNMENTS{index} WHERE 1 = 1");
     let mut args: Vec<Value> = Vec::new();
     if let Some(task_id) = &filter.task_id {
         args.push(Value::Text(task_id.clone()));
@@ -1488,7 +1503,7 @@ fn claimable_tasks_sync(
         .collect::<Vec<_>>()
         .join(", ");
     let sql = format!(
-        "SELECT {TASK_COLUMNS} FROM TASKS WHERE status = 'queued' \
+        "SELECT {TASK_COLUMNS} FROM TASKS INDEXED BY TASKS_queued WHERE status = 'queued' \
            AND (owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at < ?1) \
            AND user_id NOT IN ({excluded}) \
          ORDER BY priority DESC, created_at, task_id LIMIT ?2"
@@ -2390,7 +2405,8 @@ impl Store for SqliteStore {
     async fn admission_batch(&self, limit: u32, due_before: DateTime<Utc>) -> Result<Vec<Task>> {
         self.call("reading the admission batch", move |conn| {
             conn.prepare_cached(&format!(
-                "SELECT {TASK_COLUMNS} FROM TASKS WHERE status = 'pending' AND updated_at <= ?1 \
+                "SELECT {TASK_COLUMNS} FROM TASKS INDEXED BY TASKS_pending \
+                 WHERE status = 'pending' AND updated_at <= ?1 \
                  ORDER BY updated_at, task_id LIMIT ?2"
             ))
             .and_then(|mut stmt| {
