@@ -219,7 +219,7 @@ pub async fn register_worker(
         auth::sha256_hex(&token),
     );
     state.store.insert_worker(&worker).await?;
-    state.wakeup.wake();
+    state.wakeup.capacity_changed();
     tracing::info!(worker_id = %worker.worker_id, worker_ip = %worker.worker_ip, "worker registered");
     Ok((StatusCode::CREATED, Json(Registered { worker, token })).into_response())
 }
@@ -352,7 +352,7 @@ pub async fn undrain_worker(
 ) -> ApiResult<Json<Worker>> {
     let admin = principal.require_admin()?;
     let worker = state.store.set_draining(&worker_id, false).await?;
-    state.wakeup.wake();
+    state.wakeup.capacity_changed();
     tracing::info!(worker_id, by = admin, "worker undrained");
     Ok(Json(worker))
 }

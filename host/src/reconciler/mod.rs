@@ -266,7 +266,7 @@ impl Reconciler {
         self.counters.record(&repairs);
         crate::metrics::reconciler_repairs(&repairs);
         if repairs.frees_capacity() {
-            self.wakeup.wake();
+            self.wakeup.capacity_changed();
         }
         if repairs != Repairs::default() {
             tracing::info!(

@@ -62,7 +62,7 @@ pub async fn worker_returned(
     let mut repairs = Repairs::default();
     let worker = return_worker(store, worker_id, model::now(), &mut repairs).await?;
     crate::metrics::reconciler_repairs(&repairs);
-    wakeup.wake();
+    wakeup.capacity_changed();
     Ok(worker)
 }
 

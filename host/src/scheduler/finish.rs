@@ -139,7 +139,7 @@ async fn finish_inner(
                     tracing::info!(task_id, ass_id = %a.ass_id, worker_id = %a.worker_id, "reservation released");
                 }
                 if !ended.released.is_empty() {
-                    wakeup.wake();
+                    wakeup.capacity_changed();
                 }
                 wakeup.usage_changed(&ended.task.user_id);
                 ended.task
@@ -178,7 +178,7 @@ async fn finish_inner(
         }
     }
     if released > 0 {
-        wakeup.wake();
+        wakeup.capacity_changed();
     }
     finished
 }

@@ -23,6 +23,7 @@ mod placement;
 mod runtimes;
 #[cfg(test)]
 pub(crate) mod tests;
+mod view;
 
 pub use admission::{Admitted, admit_task};
 pub use finish::{Finish, finish_assignment, finish_attempt, finish_task};
@@ -37,6 +38,8 @@ pub struct Wakeup {
     /// Users whose usage went down since the last admission pass: their deferred tasks are
     /// checked again at once rather than after the back-off.
     usage_changed: Arc<std::sync::Mutex<HashSet<String>>>,
+    /// Capacity was freed or added since the last round: its view of the workers is stale.
+    capacity_changed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Wakeup {
@@ -58,6 +61,20 @@ impl Wakeup {
             .unwrap_or_else(|e| e.into_inner())
             .insert(user_id.to_string());
         self.wake();
+    }
+
+    /// Capacity was freed (a reservation returned) or added (a worker joined, returned or was
+    /// undrained): wakes the scheduler, whose next round reads the workers afresh.
+    pub fn capacity_changed(&self) {
+        self.capacity_changed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.wake();
+    }
+
+    /// Whether capacity changed since the last call.
+    pub(crate) fn take_capacity_changed(&self) -> bool {
+        self.capacity_changed
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 
     /// The users whose usage changed since the last call.
@@ -149,6 +166,8 @@ pub struct Scheduler {
     /// Notified after a round placed tasks: the agents' long polls answer at once.
     work: WorkSignal,
     runtimes: Arc<runtimes::RuntimeHistoryCache>,
+    /// The workers as the last round left them (see [`view`]).
+    view: Arc<view::WorkerView>,
 }
 
 impl Scheduler {
@@ -166,6 +185,7 @@ impl Scheduler {
             owner: format!("host-{}", uuid::Uuid::new_v4().simple()),
             work: WorkSignal::new(),
             runtimes: Arc::default(),
+            view: Arc::default(),
         }
     }
 

@@ -122,15 +122,20 @@ impl Scheduler {
         if tasks.is_empty() {
             return Ok(stats);
         }
-        let workers = self.store.list_workers().await?;
         let stale_before = now.timestamp() - self.config.heartbeat_staleness.as_secs() as i64;
-        let candidates: Vec<Worker> = workers
-            .iter()
-            .filter(|w| w.last_heartbeat >= stale_before)
-            .cloned()
-            .collect();
-        let counts = self.store.active_assignment_counts().await?;
-        let mut input = PlacementInput::build(&tasks, &candidates, now).with_running_tasks(&counts);
+        let changed = self.wakeup.take_capacity_changed();
+        let view = self.view.get(&*self.store, changed, stale_before).await?;
+        let workers = &view.workers;
+        let fresh = |w: &Worker| w.last_heartbeat >= stale_before;
+        let stale: Vec<Worker>;
+        let candidates: &[Worker] = if workers.iter().all(fresh) {
+            workers
+        } else {
+            stale = workers.iter().filter(|w| fresh(w)).cloned().collect();
+            &stale
+        };
+        let mut input =
+            PlacementInput::build(&tasks, candidates, now).with_running_tasks(&view.counts);
         if self.policies.has_active(PolicyKind::Placement) {
             let history = self.runtimes.get(&*self.store).await;
             input = input.with_runtime_history(tasks.iter().map(Task::task_type), &history);
@@ -180,6 +185,8 @@ impl Scheduler {
         // placements are written together (DESIGN.md section 4, per round): a few store
         // commands for the round, or one transaction, whatever its size. A lost race is
         // re-planned next round with fresh data.
+        // Its workers are written to next: this round's copy must not hold the view.
+        drop(view);
         let mut write_ms = 0.0;
         if !assigned.is_empty() {
             let plan = RoundPlan {
@@ -222,8 +229,17 @@ impl Scheduler {
                     }
                     stats.placed += written.placed.len();
                     stats.lost += written.lost.len();
+                    if written.lost.is_empty() && written.failed.is_empty() {
+                        let placed: Vec<_> = written.placed.into_iter().map(|(_, a)| a).collect();
+                        self.view.record(&placed);
+                    } else {
+                        // Someone else changed the workers (or a write failed): read them
+                        // again rather than plan on what this round believed.
+                        self.view.invalidate();
+                    }
                 }
                 Err(error) => {
+                    self.view.invalidate();
                     tracing::warn!(%error, tasks = plan.placements.len(), "writing a placement round failed; a later round retries it");
                 }
             }

@@ -783,3 +783,59 @@ fn config_defaults_are_the_documented_ones() {
     assert_eq!(c.claim_lease, Duration::from_secs(30));
     assert_eq!(c.heartbeat_staleness, Duration::from_secs(15));
 }
+
+/// Back-to-back rounds plan on the scheduler's view of the workers, which its own placements
+/// keep current: a worker filled by the first round is not planned on again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rounds_view_of_the_workers_includes_its_own_placements() {
+    let (store, _guard) = sqlite();
+    let w = add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    for _ in 0..3 {
+        queued(&*store, "alice", 1.0, 0, 0).await;
+    }
+    let s = scheduler(&store, 100);
+    let first = s.placement_round().await.unwrap();
+    assert_eq!((first.placed, first.lost), (3, 0));
+    for _ in 0..2 {
+        queued(&*store, "alice", 1.0, 0, 0).await;
+    }
+    let second = s.placement_round().await.unwrap();
+    assert_eq!(
+        (second.placed, second.waited, second.lost),
+        (1, 1, 0),
+        "planned on the 1 core left, not on a view from before the first round: {second:?}"
+    );
+    assert_eq!(store.get_worker(&w.worker_id).await.unwrap().available_cpu, 0.0);
+    assert_accounting(&*store).await;
+}
+
+/// A view that another replica made stale costs one lost race, never an overcommit: the
+/// round that lost reads the workers again, and the next one plans on what is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_view_made_stale_by_another_replica_is_read_again_after_a_lost_race() {
+    let (store, _guard) = sqlite();
+    add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+    queued(&*store, "alice", 1.0, 0, 0).await;
+    let a = scheduler(&store, 100);
+    assert_eq!(a.placement_round().await.unwrap().placed, 1);
+    // Another replica fills the worker meanwhile.
+    for _ in 0..3 {
+        queued(&*store, "bob", 1.0, 0, 0).await;
+    }
+    let b = scheduler(&store, 100);
+    assert_eq!(b.placement_round().await.unwrap().placed, 3);
+    queued(&*store, "carol", 1.0, 0, 0).await;
+    let stale = a.placement_round().await.unwrap();
+    assert_eq!(
+        (stale.placed, stale.lost),
+        (0, 1),
+        "planned on the stale view, refused by the store: {stale:?}"
+    );
+    let fresh = a.placement_round().await.unwrap();
+    assert_eq!(
+        (fresh.placed, fresh.waited, fresh.lost),
+        (0, 1, 0),
+        "the view was read again: {fresh:?}"
+    );
+    assert_accounting(&*store).await;
+}
