@@ -73,7 +73,13 @@ fn queued_task(i: usize) -> Task {
 
 /// `workers` workers with room for all of `tasks` (about 1.2 cores and 3 GB asked per task).
 async fn fill(store: &dyn Store, workers: usize, tasks: usize) {
-    let cpu = ((tasks as f64 * 1.3) / workers as f64).ceil() + 2.0;
+    fill_sized(store, workers, tasks, tasks).await
+}
+
+/// `workers` workers with room for `room_for` tasks (about 1.2 cores and 3 GB each), and
+/// `tasks` queued tasks.
+async fn fill_sized(store: &dyn Store, workers: usize, tasks: usize, room_for: usize) {
+    let cpu = ((room_for as f64 * 1.3) / workers as f64).ceil() + 2.0;
     for w in 0..workers {
         let worker = Worker::new(
             format!("worker-{w:05}-{}", uuid::Uuid::now_v7().simple()),
@@ -494,7 +500,10 @@ async fn main() {
                     } else {
                         measured_sqlite().await
                     };
-                    fill(&*measured.watch, workers, count).await;
+                    // One cluster shape for every store (workers with room for BENCH_TASKS),
+                    // whatever the queue's length: a MongoDB row places fewer tasks on the
+                    // same cluster.
+                    fill_sized(&*measured.watch, workers, count, tasks.max(count)).await;
                     let (store, _hub) = if store_name.ends_with("events") {
                         let (store, hub) = with_events(measured.store.clone()).await;
                         (store, Some(hub))
