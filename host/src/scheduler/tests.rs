@@ -805,7 +805,10 @@ async fn a_rounds_view_of_the_workers_includes_its_own_placements() {
         (1, 1, 0),
         "planned on the 1 core left, not on a view from before the first round: {second:?}"
     );
-    assert_eq!(store.get_worker(&w.worker_id).await.unwrap().available_cpu, 0.0);
+    assert_eq!(
+        store.get_worker(&w.worker_id).await.unwrap().available_cpu,
+        0.0
+    );
     assert_accounting(&*store).await;
 }
 

@@ -58,6 +58,39 @@ impl MongoStore {
     }
 }
 
+impl MongoStore {
+    /// One `updateMany` per group of task ids (`update(n, ids)` gives its filter and change):
+    /// the ids it applied to. All of a group when the update matched as many tasks as it
+    /// names; else those that match `applied` afterwards (one `find`).
+    async fn update_groups<F>(
+        &self,
+        groups: BTreeMap<u32, Vec<&str>>,
+        update: F,
+        applied: Document,
+        what: &str,
+    ) -> Result<BTreeSet<String>>
+    where
+        F: Fn(u32, Vec<&str>) -> (Document, Document) + Send + Sync,
+    {
+        let mut done = BTreeSet::new();
+        for (n, ids) in groups {
+            let (filter, change) = update(n, ids.clone());
+            let outcome = self
+                .tasks
+                .update_many(filter, change)
+                .await
+                .map_err(|e| StoreError::backend(format!("{what} ({} tasks)", ids.len()), e))?;
+            if outcome.matched_count == ids.len() as u64 {
+                done.extend(ids.iter().map(|id| id.to_string()));
+            } else {
+                let read = format!("reading which tasks applied after {what}");
+                done.extend(self.task_ids_where(&ids, applied.clone(), &read).await?);
+            }
+        }
+        Ok(done)
+    }
+}
+
 /// Groups `(task_id, n)` pairs by `n`.
 fn by_count<'a>(pairs: impl IntoIterator<Item = (&'a str, u32)>) -> BTreeMap<u32, Vec<&'a str>> {
     let mut groups: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
@@ -76,13 +109,13 @@ impl PlacementSteps for MongoStore {
         lease_until: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<BTreeSet<String>> {
-        let mut claimed = BTreeSet::new();
-        for (attempts, ids) in by_count(tasks.iter().map(|(id, n)| (id.as_str(), *n))) {
-            let outcome = self
-                .tasks
-                .update_many(
+        let groups = by_count(tasks.iter().map(|(id, n)| (id.as_str(), *n)));
+        self.update_groups(
+            groups,
+            |attempts, ids| {
+                (
                     doc! {
-                        "task_id": { "$in": ids.clone() },
+                        "task_id": { "$in": ids },
                         "status": TaskStatus::Queued.as_str(),
                         "attempts": i64::from(attempts),
                         "$or": [
@@ -98,24 +131,11 @@ impl PlacementSteps for MongoStore {
                         "updated_at": to_bson_date(now),
                     } },
                 )
-                .await
-                .map_err(|e| {
-                    StoreError::backend(format!("claiming a round of {} tasks", ids.len()), e)
-                })?;
-            if outcome.matched_count == ids.len() as u64 {
-                claimed.extend(ids.iter().map(|id| id.to_string()));
-            } else {
-                claimed.extend(
-                    self.task_ids_where(
-                        &ids,
-                        doc! { "owner": owner },
-                        "reading which tasks a round claimed",
-                    )
-                    .await?,
-                );
-            }
-        }
-        Ok(claimed)
+            },
+            doc! { "owner": owner },
+            "claiming a round's tasks",
+        )
+        .await
     }
 
     async fn insert_assignments(&self, assignments: &[Assignment]) -> Result<()> {
@@ -141,14 +161,13 @@ impl PlacementSteps for MongoStore {
         assignments: &[Assignment],
         at: DateTime<Utc>,
     ) -> Result<BTreeSet<String>> {
-        let mut moved = BTreeSet::new();
-        for (attempt, ids) in by_count(assignments.iter().map(|a| (a.task_id.as_str(), a.attempt)))
-        {
-            let outcome = self
-                .tasks
-                .update_many(
+        let groups = by_count(assignments.iter().map(|a| (a.task_id.as_str(), a.attempt)));
+        self.update_groups(
+            groups,
+            |attempt, ids| {
+                (
                     doc! {
-                        "task_id": { "$in": ids.clone() },
+                        "task_id": { "$in": ids },
                         "status": TaskStatus::Queued.as_str(),
                         "owner": owner,
                         "attempts": i64::from(attempt.saturating_sub(1)),
@@ -163,24 +182,11 @@ impl PlacementSteps for MongoStore {
                         "$unset": { "owner": "", "lease_expires_at": "", "status_reason": "" },
                     },
                 )
-                .await
-                .map_err(|e| {
-                    StoreError::backend(format!("marking a round's {} tasks running", ids.len()), e)
-                })?;
-            if outcome.matched_count == ids.len() as u64 {
-                moved.extend(ids.iter().map(|id| id.to_string()));
-            } else {
-                // `placed_by` stays with the attempt, whatever happened to the task since.
-                moved.extend(
-                    self.task_ids_where(
-                        &ids,
-                        doc! { "placed_by": owner },
-                        "reading which tasks a round marked running",
-                    )
-                    .await?,
-                );
-            }
-        }
-        Ok(moved)
+            },
+            // `placed_by` stays with the attempt, whatever happened to the task since.
+            doc! { "placed_by": owner },
+            "marking a round's tasks running",
+        )
+        .await
     }
 }
