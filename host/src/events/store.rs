@@ -16,8 +16,8 @@ use crate::model::{
 use crate::policy::snapshot::Usage;
 use crate::store::{
     AssignmentFilter, EndedAttempt, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, Result,
-    RoundOutcome, RoundPlan, RuntimeSample, Store, StoredEvent, SubmitOutcome, TaskCounts,
-    TaskLogChunk, TaskPage, TaskQuery, TaskUpdate,
+    RoundOutcome, RoundPlan, RoundReadPlan, RoundReads, RuntimeSample, Store, StoredEvent,
+    SubmitOutcome, TaskCounts, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate,
 };
 
 tokio::task_local! {
@@ -488,6 +488,10 @@ impl Store for EventedStore {
 
     async fn running_counts(&self, users: &[String]) -> Result<BTreeMap<String, u32>> {
         self.inner.running_counts(users).await
+    }
+
+    async fn round_reads(&self, plan: &RoundReadPlan) -> Result<RoundReads> {
+        self.inner.round_reads(plan).await
     }
 
     async fn unclaim_task(&self, task_id: &str, owner: &str) -> Result<bool> {

@@ -4,18 +4,14 @@
 //! each worker (one conditional update per worker) -> insert the ASSIGNMENTS -> mark the
 //! tasks running (conditional on the round's claim), DESIGN.md section 4.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use super::{Scheduler, chrono_duration, source_label};
 use crate::model::{self, Task, TaskStatus, Worker};
 use crate::policy::snapshot::queue_order;
 use crate::policy::{Decision, PlacementInput, PolicyKind};
-use crate::store::{PlannedPlacement, RoundPlan, StoreError, TaskUpdate};
-
-/// Most store queries one batch takes to be fair (each leaves out the users that already
-/// have their share): bounds a round's reads whatever the queue looks like.
-const MAX_BATCH_QUERIES: usize = 4;
+use crate::store::{PlannedPlacement, RoundPlan, RoundReadPlan, StoreError, TaskUpdate};
 
 /// What one placement round did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -72,41 +68,23 @@ pub(super) fn fair_order(
 }
 
 impl Scheduler {
-    /// Reads a fair batch: the queue's head, then (while one user fills more than its share)
-    /// the queue without the users that have theirs, at most [`MAX_BATCH_QUERIES`] bounded
-    /// queries in all.
+    /// Reads a fair batch (the queue's head, then the queue without the users that have their
+    /// share: [`Store::round_reads`](crate::store::Store::round_reads)) in fair order.
+    #[cfg(test)]
     pub(super) async fn fair_batch(
         &self,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<Vec<Task>, StoreError> {
         let limit = self.config.batch_size.max(1);
-        let share = (limit as usize).div_ceil(4).max(1);
-        let mut fetched: Vec<Task> = Vec::new();
-        let mut seen: HashSet<String> = HashSet::new();
-        let mut per_user: HashMap<String, usize> = HashMap::new();
-        let mut excluded: Vec<String> = Vec::new();
-        for _ in 0..MAX_BATCH_QUERIES {
-            let page = self.store.claimable_tasks(limit, now, &excluded).await?;
-            let exhausted = page.len() < limit as usize;
-            for task in page {
-                if seen.insert(task.task_id.clone()) {
-                    *per_user.entry(task.user_id.clone()).or_default() += 1;
-                    fetched.push(task);
-                }
-            }
-            let before = excluded.len();
-            for (user, count) in &per_user {
-                if *count >= share && !excluded.contains(user) {
-                    excluded.push(user.clone());
-                }
-            }
-            if exhausted || excluded.len() == before {
-                break;
-            }
-        }
-        let users: Vec<String> = per_user.into_keys().collect();
-        let running = self.store.running_counts(&users).await?;
-        Ok(fair_order(fetched, limit as usize, &running))
+        let reads = self
+            .store
+            .round_reads(&RoundReadPlan {
+                limit,
+                now,
+                workers: false,
+            })
+            .await?;
+        Ok(fair_order(reads.tasks, limit as usize, &reads.running))
     }
 
     /// One placement round. `Err` only when the round could not start (reading the queue or
@@ -114,17 +92,39 @@ impl Scheduler {
     pub async fn placement_round(&self) -> Result<RoundStats, StoreError> {
         let started = Instant::now();
         let now = model::now();
-        let tasks = self.fair_batch(now).await?;
+        let stale_before = now.timestamp() - self.config.heartbeat_staleness.as_secs() as i64;
+        let changed = self.wakeup.take_capacity_changed();
+        // The round's reads in one store call: the fair batch and, when the view of the
+        // workers is stale, the workers.
+        let cached = self.view.current(changed, stale_before);
+        let limit = self.config.batch_size.max(1);
+        let reads = self
+            .store
+            .round_reads(&RoundReadPlan {
+                limit,
+                now,
+                workers: cached.is_none(),
+            })
+            .await?;
+        if reads.tasks.is_empty() {
+            // Nothing to place (and no workers read).
+            return Ok(RoundStats::default());
+        }
+        let view = match (reads.workers, cached) {
+            (Some(read), _) => self.view.replace(read, started),
+            (None, Some(cached)) => cached,
+            (None, None) => {
+                return Err(StoreError::backend(
+                    "reading a placement round",
+                    "the store read a batch but not the workers it was asked for",
+                ));
+            }
+        };
+        let tasks = fair_order(reads.tasks, limit as usize, &reads.running);
         let mut stats = RoundStats {
             batch: tasks.len(),
             ..RoundStats::default()
         };
-        if tasks.is_empty() {
-            return Ok(stats);
-        }
-        let stale_before = now.timestamp() - self.config.heartbeat_staleness.as_secs() as i64;
-        let changed = self.wakeup.take_capacity_changed();
-        let view = self.view.get(&*self.store, changed, stale_before).await?;
         let workers = &view.workers;
         let fresh = |w: &Worker| w.last_heartbeat >= stale_before;
         let stale: Vec<Worker>;

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::model::{Assignment, Worker};
-use crate::store::{Store, StoreError};
+use crate::store::WorkerReads;
 
 /// How long the view is trusted without a change of its own.
 pub(super) const MAX_AGE: Duration = Duration::from_millis(500);
@@ -37,35 +37,35 @@ pub(super) struct WorkerView {
 }
 
 impl WorkerView {
-    /// The view, read again from `store` when it is missing, old, `changed`, or holds a
-    /// worker whose heartbeat is older than `stale_before` (Unix seconds): such a worker is no
-    /// candidate until its next heartbeat, which the view would not see.
-    pub(super) async fn get(
-        &self,
-        store: &dyn Store,
-        changed: bool,
-        stale_before: i64,
-    ) -> Result<Snapshot, StoreError> {
-        if !changed
-            && let Some(snapshot) = self.lock().as_ref()
-            && snapshot.read_at.elapsed() < MAX_AGE
-            && snapshot
-                .workers
-                .iter()
-                .all(|w| w.last_heartbeat >= stale_before)
-        {
-            return Ok(snapshot.clone());
+    /// The view while it can be trusted: `None` (and forgotten) when it is missing, old,
+    /// `changed`, or holds a worker whose heartbeat is older than `stale_before` (Unix
+    /// seconds): such a worker is no candidate until its next heartbeat, which the view would
+    /// not see. The round then reads the workers ([`Self::replace`]).
+    pub(super) fn current(&self, changed: bool, stale_before: i64) -> Option<Snapshot> {
+        let mut current = self.lock();
+        let trusted = !changed
+            && current.as_ref().is_some_and(|snapshot| {
+                snapshot.read_at.elapsed() < MAX_AGE
+                    && snapshot
+                        .workers
+                        .iter()
+                        .all(|w| w.last_heartbeat >= stale_before)
+            });
+        if !trusted {
+            *current = None;
         }
-        let read_at = Instant::now();
-        let workers = store.list_workers().await?;
-        let counts = store.active_assignment_counts().await?;
+        current.clone()
+    }
+
+    /// Takes the workers as read from the store, the read having started at `read_at`.
+    pub(super) fn replace(&self, read: WorkerReads, read_at: Instant) -> Snapshot {
         let snapshot = Snapshot {
-            workers: Arc::new(workers),
-            counts: Arc::new(counts),
+            workers: Arc::new(read.workers),
+            counts: Arc::new(read.active_assignments),
             read_at,
         };
         *self.lock() = Some(snapshot.clone());
-        Ok(snapshot)
+        snapshot
     }
 
     /// Adds this scheduler's `placed` assignments to the view (what the store now holds).

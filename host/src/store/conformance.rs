@@ -206,6 +206,7 @@ macro_rules! store_conformance_tests {
             place_round_reserves_task_by_task_when_a_worker_refuses_the_sum,
             place_round_loses_the_tasks_of_a_draining_inactive_or_unknown_worker,
             place_round_of_nothing_does_nothing,
+            round_reads_take_the_fair_batch_and_the_workers_only_when_there_is_work,
             worker_work_lists_the_assignments_that_hold_their_running_task,
             end_attempt_records_the_result_ends_the_task_and_releases_once,
         );

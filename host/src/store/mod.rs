@@ -25,9 +25,11 @@ pub mod conformance;
 pub mod events;
 pub mod mongo;
 pub mod placement;
+pub mod round_reads;
 pub mod sqlite;
 
 pub use placement::{PlannedPlacement, RoundOutcome, RoundPlan};
+pub use round_reads::{RoundReadPlan, RoundReads, WorkerReads};
 
 /// Size of one stored chunk of a policy component's bytes: far below MongoDB's 16 MiB
 /// document limit, so that a component of any size (a Python guest is ~20 MB) fits.
@@ -556,6 +558,15 @@ pub trait Store: Send + Sync + 'static {
     /// How many `running` tasks each of `users` has (users with none are absent): the
     /// placement round's fair share. One query for all of them.
     async fn running_counts(&self, users: &[String]) -> Result<BTreeMap<String, u32>>;
+
+    /// A placement round's reads ([`round_reads`]): the fair batch of claimable tasks, the
+    /// running counts of its users and, with `plan.workers`, the workers with their active
+    /// assignment counts. The default takes them with the reads above (the queue and the
+    /// workers side by side); the embedded store takes them in one call on its one connection,
+    /// so that a round waits once behind the requests queued before it, not once per read.
+    async fn round_reads(&self, plan: &RoundReadPlan) -> Result<RoundReads> {
+        round_reads::round_reads_by_parts(self, plan).await
+    }
 
     /// Moves a `queued` task claimed by `owner` to `running` in one conditional update:
     /// records `attempts`, clears the claim and the status reason (`started_at` stays unset:

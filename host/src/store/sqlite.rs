@@ -1516,6 +1516,44 @@ fn claimable_tasks_sync(
         .map_err(sql_err("reading the placement queue"))
 }
 
+fn list_workers_sync(conn: &Connection) -> Result<Vec<Worker>> {
+    conn.prepare_cached(&format!(
+        "SELECT {WORKER_COLUMNS} FROM WORKER_REGISTRY ORDER BY worker_id"
+    ))
+    .and_then(|mut stmt| stmt.query_map([], worker_from_row)?.collect())
+    .map_err(sql_err("listing workers"))
+}
+
+fn active_assignment_counts_sync(conn: &Connection) -> Result<BTreeMap<String, u32>> {
+    conn.prepare_cached(
+        "SELECT worker_id, COUNT(*) FROM ASSIGNMENTS WHERE released = 0 GROUP BY worker_id",
+    )
+    .and_then(|mut stmt| {
+        stmt.query_map([], |row| Ok((row.get(0)?, get_u32(row, 1)?)))?
+            .collect()
+    })
+    .map_err(sql_err("counting active assignments"))
+}
+
+fn running_counts_sync(conn: &Connection, users: &[String]) -> Result<BTreeMap<String, u32>> {
+    if users.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let marks = vec!["?"; users.len()].join(", ");
+    let sql = format!(
+        "SELECT user_id, COUNT(*) FROM TASKS \
+         WHERE status = 'running' AND user_id IN ({marks}) GROUP BY user_id"
+    );
+    let mut stmt = conn
+        .prepare(&sql)
+        .map_err(sql_err("counting users' running tasks"))?;
+    stmt.query_map(rusqlite::params_from_iter(users.iter()), |row| {
+        Ok((row.get::<_, String>(0)?, get_u32(row, 1)?))
+    })
+    .and_then(|rows| rows.collect::<rusqlite::Result<BTreeMap<_, _>>>())
+    .map_err(sql_err("counting users' running tasks"))
+}
+
 fn mark_running_sync(conn: &Connection, task_id: &str, owner: &str, attempts: u32) -> Result<Task> {
     let changed = conn
         .prepare_cached(
@@ -2124,14 +2162,7 @@ impl Store for SqliteStore {
     }
 
     async fn list_workers(&self) -> Result<Vec<Worker>> {
-        self.call("listing workers", |conn| {
-            conn.prepare_cached(&format!(
-                "SELECT {WORKER_COLUMNS} FROM WORKER_REGISTRY ORDER BY worker_id"
-            ))
-            .and_then(|mut stmt| stmt.query_map([], worker_from_row)?.collect())
-            .map_err(sql_err("listing workers"))
-        })
-        .await
+        self.call("listing workers", list_workers_sync).await
     }
 
     async fn heartbeat(
@@ -2383,21 +2414,36 @@ impl Store for SqliteStore {
         }
         let users = users.to_vec();
         self.call("counting users' running tasks", move |conn| {
-            let marks = vec!["?"; users.len()].join(", ");
-            let sql = format!(
-                "SELECT user_id, COUNT(*) FROM TASKS \
-                 WHERE status = 'running' AND user_id IN ({marks}) GROUP BY user_id"
-            );
-            let mut stmt = conn
-                .prepare(&sql)
-                .map_err(sql_err("counting users' running tasks"))?;
-            let rows = stmt
-                .query_map(rusqlite::params_from_iter(users.iter()), |row| {
-                    Ok((row.get::<_, String>(0)?, get_u32(row, 1)?))
+            running_counts_sync(conn, &users)
+        })
+        .await
+    }
+
+    async fn round_reads(&self, plan: &super::RoundReadPlan) -> Result<super::RoundReads> {
+        let plan = *plan;
+        // One call on the one connection: a round waits once behind the requests queued
+        // before it, and reads one snapshot.
+        self.call("reading a placement round", move |conn| {
+            let mut reads = super::round_reads::QueueReads::new(plan.limit);
+            while let Some(exclude) = reads.next_query() {
+                let page = claimable_tasks_sync(conn, plan.limit, &plan.now, exclude)?;
+                reads.add(page);
+            }
+            let (tasks, users) = reads.finish();
+            let running = running_counts_sync(conn, &users)?;
+            let workers = if plan.workers && !tasks.is_empty() {
+                Some(super::WorkerReads {
+                    workers: list_workers_sync(conn)?,
+                    active_assignments: active_assignment_counts_sync(conn)?,
                 })
-                .and_then(|rows| rows.collect::<rusqlite::Result<BTreeMap<_, _>>>())
-                .map_err(sql_err("counting users' running tasks"))?;
-            Ok(rows)
+            } else {
+                None
+            };
+            Ok(super::RoundReads {
+                tasks,
+                running,
+                workers,
+            })
         })
         .await
     }
@@ -2432,17 +2478,8 @@ impl Store for SqliteStore {
     }
 
     async fn active_assignment_counts(&self) -> Result<BTreeMap<String, u32>> {
-        self.call("counting active assignments", |conn| {
-            conn.prepare_cached(
-                "SELECT worker_id, COUNT(*) FROM ASSIGNMENTS WHERE released = 0 GROUP BY worker_id",
-            )
-            .and_then(|mut stmt| {
-                stmt.query_map([], |row| Ok((row.get(0)?, get_u32(row, 1)?)))?
-                    .collect()
-            })
-            .map_err(sql_err("counting active assignments"))
-        })
-        .await
+        self.call("counting active assignments", active_assignment_counts_sync)
+            .await
     }
 
     async fn mark_running(&self, task_id: &str, owner: &str, attempts: u32) -> Result<Task> {

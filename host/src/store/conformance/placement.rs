@@ -7,7 +7,9 @@ use chrono::Duration;
 
 use super::{assert_allocated_matches_assignments, insert, sample_task, unique_id, worker_with};
 use crate::model::{Resources, Task, TaskStatus, now};
-use crate::store::{AssignmentFilter, PlannedPlacement, RoundPlan, Store, TaskUpdate};
+use crate::store::{
+    AssignmentFilter, PlannedPlacement, RoundPlan, RoundReadPlan, Store, TaskUpdate,
+};
 
 /// A queued task of `user` asking for `cpu` cores and 1 GB.
 async fn queued_task(store: &dyn Store, user: &str, cpu: f64) -> Task {
@@ -358,4 +360,76 @@ pub async fn concurrent_rounds_on_the_same_workers_never_overcommit_or_place_twi
             assert!(active.is_empty());
         }
     }
+}
+
+pub async fn round_reads_take_the_fair_batch_and_the_workers_only_when_there_is_work(
+    store: &dyn Store,
+) {
+    let read = |workers: bool| async move {
+        let plan = RoundReadPlan {
+            limit: 4,
+            now: now(),
+            workers,
+        };
+        store.round_reads(&plan).await
+    };
+    let w1 = worker_with(store, "w", Resources::new(8.0, 8.0, 8.0, 0.0)).await;
+    let w2 = worker_with(store, "w", Resources::new(8.0, 8.0, 8.0, 0.0)).await;
+    // Nothing queued: no tasks, and no workers read even when asked.
+    let empty = read(true).await.unwrap();
+    assert!(empty.tasks.is_empty());
+    assert!(empty.workers.is_none(), "an empty batch reads no workers");
+
+    let (alice, bob) = (unique_id("alice"), unique_id("bob"));
+    let queued_at = |user: &str, at: i64| {
+        let mut task = sample_task(&unique_id("task"), user);
+        task.status = TaskStatus::Queued;
+        task.created_at = super::at_ms(at);
+        task
+    };
+    let mut alices = Vec::new();
+    for at in 0..5 {
+        alices.push(insert(store, &queued_at(&alice, at)).await);
+    }
+    let bobs = insert(store, &queued_at(&bob, 10)).await;
+    let mut running = sample_task(&unique_id("task"), &alice);
+    running.status = TaskStatus::Running;
+    insert(store, &running).await;
+    let req = Resources::new(1.0, 1.0, 0.0, 0.0);
+    assert!(store.reserve(&w1.worker_id, &req).await.unwrap());
+    let a = super::sample_assignment(&unique_id("ass"), &running.task_id, &w1.worker_id, req);
+    store.insert_assignment(&a).await.unwrap();
+
+    let reads = read(false).await.unwrap();
+    // The head (alice's four oldest: she filled more than her share of a batch of 4), then
+    // the queue without alice (bob's one task).
+    let got: Vec<&str> = reads.tasks.iter().map(|t| t.task_id.as_str()).collect();
+    let mut want: Vec<&str> = alices[..4].iter().map(|t| t.task_id.as_str()).collect();
+    want.push(&bobs.task_id);
+    assert_eq!(got, want);
+    assert_eq!(reads.running.get(&alice), Some(&1));
+    assert_eq!(reads.running.get(&bob), None);
+    assert!(reads.workers.is_none(), "not asked for");
+
+    let reads = read(true).await.unwrap();
+    assert_eq!(reads.tasks.len(), 5);
+    let workers = reads.workers.expect("asked for, with work");
+    let mut ids = vec![w1.worker_id.clone(), w2.worker_id.clone()];
+    ids.sort();
+    let listed: Vec<String> = workers
+        .workers
+        .iter()
+        .map(|w| w.worker_id.clone())
+        .collect();
+    assert_eq!(listed, ids, "every worker, by worker_id");
+    let w1_read = workers
+        .workers
+        .iter()
+        .find(|w| w.worker_id == w1.worker_id)
+        .unwrap();
+    assert_eq!(w1_read.allocated_cpu, 1.0);
+    assert_eq!(
+        workers.active_assignments,
+        [(w1.worker_id.clone(), 1)].into_iter().collect()
+    );
 }
