@@ -9,6 +9,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/figures.rs"]
+#[allow(dead_code)] // each bench uses some of it
+mod figures;
+use figures::{env_usize, percentile};
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -30,19 +35,6 @@ const LIMITS: [&str; 10] = [
     "--pids-limit",
     "512",
 ];
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(mut xs: Vec<f64>, p: f64) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let rank = ((p * xs.len() as f64).ceil() as usize).clamp(1, xs.len());
-    xs[rank - 1]
-}
 
 fn ms(from: &Value, to: &Value) -> f64 {
     let at = |v: &Value| v.as_str().unwrap().parse::<DateTime<Utc>>().unwrap();

@@ -17,6 +17,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/figures.rs"]
+#[allow(dead_code)] // each bench uses some of it
+mod figures;
+use figures::{env_usize, median};
+
 #[path = "common/serve.rs"]
 #[allow(dead_code)] // shared with the scheduler bench, which uses all of it
 mod serve;
@@ -27,18 +32,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
 
 /// How long nothing may move before a phase gives up and reports what it saw.
 const STALL: Duration = Duration::from_secs(60);

@@ -9,6 +9,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/figures.rs"]
+#[allow(dead_code)] // each bench uses some of it
+mod figures;
+use figures::env_usize;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -16,13 +21,6 @@ use cloudai::policy::{
     EngineSettings, PlacementInput, PolicyEngine, PolicyRuntime, PolicySource, RuntimeSettings,
     native,
 };
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn median(mut xs: Vec<Duration>) -> Duration {
     xs.sort();

@@ -22,6 +22,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/figures.rs"]
+#[allow(dead_code)] // each bench uses some of it
+mod figures;
+use figures::{env_usize, median, percentile};
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,24 +43,6 @@ use cloudai::scheduler::{Scheduler, SchedulerConfig, Wakeup};
 use cloudai::store::mongo::{MongoStore, ServerKind};
 use cloudai::store::sqlite::SqliteStore;
 use cloudai::store::{Store, TaskQuery};
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
-fn percentile(mut xs: Vec<f64>, p: f64) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let rank = ((p * xs.len() as f64).ceil() as usize).clamp(1, xs.len());
-    xs[rank - 1]
-}
 
 /// A queued task of one of 20 users, 0.5–2 cores, 1–4 GB, some with priority.
 fn queued_task(i: usize) -> Task {

@@ -9,6 +9,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/figures.rs"]
+#[allow(dead_code)] // each bench uses some of it
+mod figures;
+use figures::{env_usize, median};
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -18,13 +23,6 @@ use cloudai::model::{self, Assignment, Resources, Task, Worker};
 use cloudai::store::Store;
 use cloudai::store::mongo::MongoStore;
 use cloudai::store::sqlite::SqliteStore;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn task(task_id: String) -> Task {
     Task {
@@ -78,11 +76,6 @@ where
         client.await.expect("bench client panicked");
     }
     ops as f64 / start.elapsed().as_secs_f64()
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 async fn bench_store(
