@@ -145,9 +145,18 @@ async fn swapping_under_load_places_every_task_exactly_once(store: Arc<dyn Store
             swaps
         })
     };
-    let ids = submitting.await.unwrap();
+    let mut ids = submitting.await.unwrap();
+    let decided = |name: &str| {
+        replicas.iter().any(|r| {
+            r.policies
+                .versions()
+                .iter()
+                .any(|info| info.name == name && info.evaluations > 0)
+        })
+    };
 
-    // Every task ends up running, exactly once.
+    // Every task ends up running, exactly once; while one version has not decided a round yet
+    // (the placements outran the swaps), another burst is submitted under the swaps.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let page = store
@@ -158,17 +167,30 @@ async fn swapping_under_load_places_every_task_exactly_once(store: Arc<dyn Store
             })
             .await
             .unwrap();
-        if page.tasks.len() == tasks {
-            break;
-        }
+        let placed = page.tasks.len();
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{} of {tasks} placed",
-            page.tasks.len()
+            "{placed} of {} placed; best-fit decided a round: {}, spread: {}",
+            ids.len(),
+            decided("best-fit"),
+            decided("spread")
         );
+        if placed == ids.len() {
+            if decided("best-fit") && decided("spread") {
+                break;
+            }
+            for i in 0..BURST {
+                ids.push(
+                    queued(&*store, &format!("user-{i}"), 1.0, 0, 0)
+                        .await
+                        .task_id,
+                );
+            }
+        }
         replicas.iter().for_each(|r| r.wakeup.wake());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let tasks = ids.len();
     swapping_done.send(true).unwrap();
     let swaps = swapping.await.unwrap();
     assert!(swaps >= 4, "only {swaps} swaps during the run");
