@@ -12,9 +12,7 @@ use super::codec::{
     Reader, assignment_from_document, assignment_to_document, task_from_document, to_bson_date,
 };
 use super::compat::lock_key;
-use super::{
-    ASSIGNMENTS, MongoStore, ServerKind, TASKS, WORKER_REGISTRY, is_duplicate_key, not_found,
-};
+use super::{ASSIGNMENTS, MongoStore, ServerKind, TASKS, WORKER_REGISTRY, insert_error, not_found};
 use crate::model::{self, Assignment, Resources, Task, TaskStatus};
 use crate::store::{AssignmentFilter, Result, Store, StoreError};
 
@@ -136,16 +134,7 @@ impl MongoStore {
         self.assignments
             .insert_one(assignment_to_document(assignment))
             .await
-            .map_err(|e| {
-                if is_duplicate_key(&e) {
-                    StoreError::AlreadyExists {
-                        kind: "assignment",
-                        id: assignment.ass_id.clone(),
-                    }
-                } else {
-                    StoreError::backend(format!("inserting assignment '{}'", assignment.ass_id), e)
-                }
-            })?;
+            .map_err(|e| insert_error(e, "assignment", &assignment.ass_id))?;
         Ok(())
     }
 

@@ -673,6 +673,19 @@ pub(super) fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
     error_code(e) == Some(DUPLICATE_KEY)
 }
 
+/// The error of inserting the `kind` record `id`: `AlreadyExists` when its unique key is
+/// taken, else a backend error saying what was inserted.
+pub(super) fn insert_error(e: mongodb::error::Error, kind: &'static str, id: &str) -> StoreError {
+    if is_duplicate_key(&e) {
+        StoreError::AlreadyExists {
+            kind,
+            id: id.to_string(),
+        }
+    } else {
+        StoreError::backend(format!("inserting {kind} '{id}'"), e)
+    }
+}
+
 /// The shared store conformance suite, on a fresh database per test, on the path the server
 /// calls for (on FerretDB 1.x, with the overrides of [`compat`]).
 #[cfg(test)]

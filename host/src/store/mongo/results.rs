@@ -4,7 +4,7 @@ use futures::TryStreamExt;
 use mongodb::bson::{Document, doc};
 
 use super::codec::{Reader, result_from_document, result_to_document};
-use super::{MongoStore, RESULTS, is_duplicate_key, not_found};
+use super::{MongoStore, RESULTS, insert_error, not_found};
 use crate::model::{ResultStatus, TaskResult};
 use crate::store::{Result, RuntimeSample, StoreError};
 
@@ -13,16 +13,7 @@ impl MongoStore {
         self.results
             .insert_one(result_to_document(result))
             .await
-            .map_err(|e| {
-                if is_duplicate_key(&e) {
-                    StoreError::AlreadyExists {
-                        kind: "result",
-                        id: result.task_id.clone(),
-                    }
-                } else {
-                    StoreError::backend(format!("inserting the result of '{}'", result.task_id), e)
-                }
-            })?;
+            .map_err(|e| insert_error(e, "result", &result.task_id))?;
         Ok(())
     }
 

@@ -10,7 +10,7 @@ use mongodb::options::ReturnDocument;
 
 use super::codec::{Reader, task_from_document, task_to_document, to_bson_date};
 use super::compat::lock_key;
-use super::{IDEMPOTENCY_KEYS, MongoStore, TASKS, is_duplicate_key, not_found};
+use super::{IDEMPOTENCY_KEYS, MongoStore, TASKS, insert_error, is_duplicate_key, not_found};
 use crate::model::{self, Resources, Task, TaskStatus};
 use crate::policy::snapshot::Usage;
 use crate::store::{
@@ -126,16 +126,10 @@ impl MongoStore {
     /// Inserts `task`; `AlreadyExists` on a duplicate `task_id`.
     async fn insert_task_document(&self, task: &Task) -> Result<()> {
         let document = task_to_document(task)?;
-        self.tasks.insert_one(document).await.map_err(|e| {
-            if is_duplicate_key(&e) {
-                StoreError::AlreadyExists {
-                    kind: "task",
-                    id: task.task_id.clone(),
-                }
-            } else {
-                StoreError::backend(format!("inserting task '{}'", task.task_id), e)
-            }
-        })?;
+        self.tasks
+            .insert_one(document)
+            .await
+            .map_err(|e| insert_error(e, "task", &task.task_id))?;
         Ok(())
     }
 

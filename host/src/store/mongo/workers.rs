@@ -7,7 +7,7 @@ use mongodb::options::ReturnDocument;
 
 use super::codec::{to_bson_date, usage_to_document, worker_from_document, worker_to_document};
 use super::compat::lock_key;
-use super::{LISTING_BATCH, MongoStore, WORKER_REGISTRY, is_duplicate_key, not_found};
+use super::{LISTING_BATCH, MongoStore, WORKER_REGISTRY, insert_error, not_found};
 use crate::model::{self, Resources, Worker, WorkerUsage};
 use crate::store::{Result, Store, StoreError};
 
@@ -42,16 +42,7 @@ impl MongoStore {
         self.workers
             .insert_one(worker_to_document(worker))
             .await
-            .map_err(|e| {
-                if is_duplicate_key(&e) {
-                    StoreError::AlreadyExists {
-                        kind: "worker",
-                        id: worker.worker_id.clone(),
-                    }
-                } else {
-                    StoreError::backend(format!("inserting worker '{}'", worker.worker_id), e)
-                }
-            })?;
+            .map_err(|e| insert_error(e, "worker", &worker.worker_id))?;
         Ok(())
     }
 
