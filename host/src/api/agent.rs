@@ -20,7 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Principal;
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::extract::{ValidJson, Validate, truncate_for_message, validate_id};
+use super::extract::{IdPath, ValidJson, Validate, truncate_for_message, validate_id};
 use super::{AppState, Limits};
 use crate::model::{self, Assignment, ResultStatus, Task, TaskResult, TaskStatus};
 use crate::scheduler::{Finish, finish_assignment};
@@ -463,11 +463,9 @@ pub struct ReportBatchAck {
 pub async fn report_batch(
     State(state): State<AppState>,
     principal: Principal,
-    Path(worker_id): Path<String>,
+    IdPath(worker_id): IdPath,
     ValidJson(batch): ValidJson<ReportBatch>,
 ) -> ApiResult<Json<ReportBatchAck>> {
-    validate_id(&worker_id)
-        .map_err(|why| ApiError::bad_request("invalid_id", format!("invalid id: {why}")))?;
     require_self(&principal, &worker_id)?;
     let mut pending = Vec::with_capacity(batch.reports.len());
     for report in batch.reports {

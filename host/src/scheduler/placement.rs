@@ -11,7 +11,9 @@ use super::{Scheduler, chrono_duration, source_label};
 use crate::model::{self, Task, TaskStatus, Worker};
 use crate::policy::snapshot::queue_order;
 use crate::policy::{Decision, PlacementInput, PolicyKind};
-use crate::store::{PlannedPlacement, RoundPlan, RoundReadPlan, StoreError, TaskUpdate};
+use crate::store::{
+    PlannedPlacement, RoundPlan, RoundReadPlan, RoundReads, StoreError, TaskUpdate,
+};
 
 /// What one placement round did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -75,16 +77,27 @@ impl Scheduler {
         &self,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<Vec<Task>, StoreError> {
-        let limit = self.config.batch_size.max(1);
-        let reads = self
-            .store
-            .round_reads(&RoundReadPlan {
-                limit,
-                now,
-                workers: false,
-            })
-            .await?;
-        Ok(fair_order(reads.tasks, limit as usize, &reads.running))
+        let reads = self.read_round(now, false).await?;
+        Ok(fair_order(reads.tasks, self.batch_limit(), &reads.running))
+    }
+
+    /// Most tasks per round.
+    fn batch_limit(&self) -> usize {
+        self.config.batch_size.max(1) as usize
+    }
+
+    /// The round's reads in one store call: the fair batch and, with `workers`, the workers.
+    async fn read_round(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+        workers: bool,
+    ) -> Result<RoundReads, StoreError> {
+        let plan = RoundReadPlan {
+            limit: self.config.batch_size.max(1),
+            now,
+            workers,
+        };
+        self.store.round_reads(&plan).await
     }
 
     /// One placement round. `Err` only when the round could not start (reading the queue or
@@ -94,18 +107,9 @@ impl Scheduler {
         let now = model::now();
         let stale_before = now.timestamp() - self.config.heartbeat_staleness.as_secs() as i64;
         let changed = self.wakeup.take_capacity_changed();
-        // The round's reads in one store call: the fair batch and, when the view of the
-        // workers is stale, the workers.
+        // The workers are read with the batch only when the view of them is stale.
         let cached = self.view.current(changed, stale_before);
-        let limit = self.config.batch_size.max(1);
-        let reads = self
-            .store
-            .round_reads(&RoundReadPlan {
-                limit,
-                now,
-                workers: cached.is_none(),
-            })
-            .await?;
+        let reads = self.read_round(now, cached.is_none()).await?;
         if reads.tasks.is_empty() {
             // Nothing to place (and no workers read).
             return Ok(RoundStats::default());
@@ -120,7 +124,7 @@ impl Scheduler {
                 ));
             }
         };
-        let tasks = fair_order(reads.tasks, limit as usize, &reads.running);
+        let tasks = fair_order(reads.tasks, self.batch_limit(), &reads.running);
         let mut stats = RoundStats {
             batch: tasks.len(),
             ..RoundStats::default()

@@ -111,16 +111,17 @@ pub async fn end_attempt_records_the_result_ends_the_task_and_releases_once(stor
         completed_at: Some(now()),
         ..TaskUpdate::default()
     };
-    // At another attempt: nothing changes.
-    let wrong = store
-        .end_attempt(
+    let end_at = |attempt: u32| {
+        store.end_attempt(
             &task.task_id,
-            2,
+            attempt,
             Some(&result),
             TaskStatus::Completed,
             &update,
         )
-        .await;
+    };
+    // At another attempt: nothing changes.
+    let wrong = end_at(2).await;
     assert!(
         matches!(wrong, Err(crate::store::StoreError::Conflict { .. })),
         "{wrong:?}"
@@ -134,16 +135,7 @@ pub async fn end_attempt_records_the_result_ends_the_task_and_releases_once(stor
         1.0
     );
 
-    let ended = store
-        .end_attempt(
-            &task.task_id,
-            1,
-            Some(&result),
-            TaskStatus::Completed,
-            &update,
-        )
-        .await
-        .unwrap();
+    let ended = end_at(1).await.unwrap();
     assert_eq!(ended.task.status, TaskStatus::Completed);
     assert_eq!(ended.task.exit_code, Some(0));
     assert_eq!(ended.released.len(), 1);
@@ -165,15 +157,7 @@ pub async fn end_attempt_records_the_result_ends_the_task_and_releases_once(stor
     assert_eq!((worker.allocated_cpu, worker.available_cpu), (0.0, 4.0));
 
     // Again (a report retried): refused, nothing released twice, the result kept.
-    let again = store
-        .end_attempt(
-            &task.task_id,
-            1,
-            Some(&result),
-            TaskStatus::Completed,
-            &update,
-        )
-        .await;
+    let again = end_at(1).await;
     assert!(
         matches!(again, Err(crate::store::StoreError::Conflict { .. })),
         "{again:?}"
