@@ -40,6 +40,7 @@ use crate::model::{
 };
 use crate::policy::snapshot::Usage;
 
+mod checkpoint;
 mod events;
 mod placement;
 
@@ -106,12 +107,45 @@ CREATE INDEX IF NOT EXISTS TASKS_user_status ON TASKS (user_id, status);
 CREATE INDEX IF NOT EXISTS TASKS_pending ON TASKS (updated_at, task_id) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS TASKS_queued ON TASKS (priority DESC, created_at, task_id)
     WHERE status = 'queued';
+-- The same queue per user: which users have tasks queued (one seek each) and each one's head,
+-- so that a batch that leaves out a user with thousands of queued tasks does not walk them.
+CREATE INDEX IF NOT EXISTS TASKS_queued_by_user
+    ON TASKS (user_id, priority DESC, created_at, task_id) WHERE status = 'queued';
 DROP INDEX IF EXISTS TASKS_status_updated;
 DROP INDEX IF EXISTS TASKS_queue;
 -- The reconciler's expired claims, every second: only claimed tasks are in it (without it,
 -- each pass read every queued task).
 CREATE INDEX IF NOT EXISTS TASKS_claims ON TASKS (lease_expires_at, task_id)
     WHERE owner IS NOT NULL;
+-- How many tasks each user has running, kept by the triggers below in the transaction that
+-- moves a task: a placement round reads the counts of its batch's users by key, not by walking
+-- every running task of theirs (USER_RUNNING_REBUILD recounts it at open).
+CREATE TABLE IF NOT EXISTS USER_RUNNING (
+    user_id TEXT PRIMARY KEY,
+    running INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS TASKS_running_insert AFTER INSERT ON TASKS
+    WHEN new.status = 'running'
+BEGIN
+    INSERT INTO USER_RUNNING (user_id, running) VALUES (new.user_id, 1)
+        ON CONFLICT (user_id) DO UPDATE SET running = running + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS TASKS_running_enter AFTER UPDATE OF status ON TASKS
+    WHEN new.status = 'running' AND old.status <> 'running'
+BEGIN
+    INSERT INTO USER_RUNNING (user_id, running) VALUES (new.user_id, 1)
+        ON CONFLICT (user_id) DO UPDATE SET running = running + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS TASKS_running_leave AFTER UPDATE OF status ON TASKS
+    WHEN old.status = 'running' AND new.status <> 'running'
+BEGIN
+    UPDATE USER_RUNNING SET running = running - 1 WHERE user_id = old.user_id;
+END;
+CREATE TRIGGER IF NOT EXISTS TASKS_running_delete AFTER DELETE ON TASKS
+    WHEN old.status = 'running'
+BEGIN
+    UPDATE USER_RUNNING SET running = running - 1 WHERE user_id = old.user_id;
+END;
 
 CREATE TABLE IF NOT EXISTS WORKER_REGISTRY (
     worker_id         TEXT NOT NULL,
@@ -260,6 +294,14 @@ CREATE UNIQUE INDEX IF NOT EXISTS TASK_OUTPUT_CHUNKS_task_path_n
     ON TASK_OUTPUT_CHUNKS (task_id, path, n);
 "#;
 
+/// Recounts USER_RUNNING from TASKS (at open, in a transaction of its own): whatever an older
+/// version or a crash left, the counts start right.
+const USER_RUNNING_REBUILD: &str = "BEGIN IMMEDIATE; \
+    DELETE FROM USER_RUNNING; \
+    INSERT INTO USER_RUNNING (user_id, running) \
+        SELECT user_id, COUNT(*) FROM TASKS WHERE status = 'running' GROUP BY user_id; \
+    COMMIT;";
+
 const TASK_COLUMNS: &str = "task_id, user_id, docker_image, command, req_cpu, req_memory, \
     req_storage, req_gpu, status, created_at, started_at, completed_at, priority, labels, env, \
     timeout_s, max_attempts, attempts, exit_code, error, status_reason, cancel_requested, owner, \
@@ -325,6 +367,8 @@ struct Inner {
     /// `None` only while dropping: closing the channel is what ends the writer thread.
     requests: Option<mpsc::Sender<Box<dyn Request>>>,
     writer: Option<JoinHandle<()>>,
+    /// Ends after the writer (which holds its stop handle).
+    checkpointer: Option<JoinHandle<()>>,
     path: PathBuf,
     /// Transactions the writer thread committed (what a placement round costs, in the
     /// scheduler bench).
@@ -340,6 +384,12 @@ impl Drop for Inner {
             if writer.thread().id() != std::thread::current().id() && writer.join().is_err() {
                 tracing::error!(path = %self.path.display(), "the SQLite writer thread panicked");
             }
+        }
+        if let Some(checkpointer) = self.checkpointer.take()
+            && checkpointer.thread().id() != std::thread::current().id()
+            && checkpointer.join().is_err()
+        {
+            tracing::error!(path = %self.path.display(), "the SQLite checkpoint thread panicked");
         }
     }
 }
@@ -512,6 +562,12 @@ impl SqliteStore {
         // up to this.
         conn.pragma_update(None, "cache_size", -PAGE_CACHE_KIB)
             .map_err(|e| StoreError::backend(what("setting the page cache size"), e))?;
+        // Every request of a batch runs in a savepoint, whose undo pages SQLite keeps in a
+        // statement journal: a temporary file by default, one write call per page (a sixth of
+        // the writer's time under load). In memory it is a copy; it holds at most the pages
+        // one transaction changes.
+        conn.pragma_update(None, "temp_store", "MEMORY")
+            .map_err(|e| StoreError::backend(what("keeping temporary data in memory"), e))?;
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .map_err(|e| StoreError::backend(what("reading the schema version"), e))?;
@@ -529,20 +585,31 @@ impl SqliteStore {
             .map_err(|e| StoreError::backend(what("adding new columns to the schema"), e))?;
         events::create_schema(&conn)
             .map_err(|e| StoreError::backend(what("creating the events table"), e))?;
+        conn.execute_batch(USER_RUNNING_REBUILD)
+            .map_err(|e| StoreError::backend(what("counting the users' running tasks"), e))?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(|e| StoreError::backend(what("recording the schema version"), e))?;
         conn.set_prepared_statement_cache_capacity(64);
+        // Checkpoints run on a thread of their own (checkpoint.rs), never inside a commit.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(|e| StoreError::backend(what("turning automatic checkpoints off"), e))?;
+        let (checkpoints, checkpointer) = checkpoint::start(path)
+            .map_err(|e| StoreError::backend(what("starting the checkpoint thread"), e))?;
         let (requests, queue) = mpsc::channel();
         let transactions = Arc::new(AtomicU64::new(0));
         let counted = transactions.clone();
         let writer = std::thread::Builder::new()
             .name("cloudai-sqlite".to_string())
-            .spawn(move || writer_loop(conn, queue, counted))
+            .spawn(move || {
+                writer_loop(conn, queue, counted);
+                drop(checkpoints);
+            })
             .map_err(|e| StoreError::backend(what("starting the writer thread"), e))?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 requests: Some(requests),
                 writer: Some(writer),
+                checkpointer: Some(checkpointer),
                 path: path.to_path_buf(),
                 transactions,
             }),
@@ -1487,7 +1554,91 @@ fn user_usage_sync(conn: &Connection, user_id: &str) -> Result<Usage> {
     Ok(usage)
 }
 
+/// Most users, other than the ones left out, whose heads of queue a batch reads one by one;
+/// with more, the queue is walked instead (other users' tasks are then dense in it).
+const MAX_USERS_READ_BY_HEAD: usize = 16;
+
+/// The first `limit` claimable queued tasks in queue order, leaving out `exclude_users`.
 fn claimable_tasks_sync(
+    conn: &Connection,
+    limit: u32,
+    at: &DateTime<Utc>,
+    exclude_users: &[String],
+) -> Result<Vec<Task>> {
+    if exclude_users.is_empty() {
+        return claimable_in_queue_order(conn, limit, at, exclude_users);
+    }
+    // Left-out users hold the head of the queue (they had their share of the batch's first
+    // read): walking the queue past their tasks costs the length of their backlog, every round.
+    // Instead: the other users with tasks queued, then the head of each one's queue.
+    let Some(others) = other_queued_users(conn, exclude_users)? else {
+        return claimable_in_queue_order(conn, limit, at, exclude_users);
+    };
+    let mut tasks = Vec::new();
+    for user in others {
+        tasks.extend(claimable_of_user(conn, &user, limit, at)?);
+    }
+    tasks.sort_by(crate::policy::snapshot::queue_order);
+    tasks.truncate(limit as usize);
+    Ok(tasks)
+}
+
+/// The users with tasks queued other than `exclude_users` (one index seek per user), or
+/// `None` when there are more than [`MAX_USERS_READ_BY_HEAD`].
+fn other_queued_users(conn: &Connection, exclude_users: &[String]) -> Result<Option<Vec<String>>> {
+    let what = "listing the users with queued tasks";
+    let first: Option<String> = conn
+        .prepare_cached(
+            "SELECT user_id FROM TASKS INDEXED BY TASKS_queued_by_user \
+             WHERE status = 'queued' ORDER BY user_id LIMIT 1",
+        )
+        .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)).optional())
+        .map_err(sql_err(what))?;
+    let mut next = conn
+        .prepare_cached(
+            "SELECT user_id FROM TASKS INDEXED BY TASKS_queued_by_user \
+             WHERE status = 'queued' AND user_id > ?1 ORDER BY user_id LIMIT 1",
+        )
+        .map_err(sql_err(what))?;
+    let mut users = Vec::new();
+    let mut user = first;
+    while let Some(found) = user {
+        if !exclude_users.contains(&found) {
+            if users.len() == MAX_USERS_READ_BY_HEAD {
+                return Ok(None);
+            }
+            users.push(found.clone());
+        }
+        user = next
+            .query_row([&found], |row| row.get(0))
+            .optional()
+            .map_err(sql_err(what))?;
+    }
+    Ok(Some(users))
+}
+
+/// The first `limit` claimable queued tasks of `user`, in queue order.
+fn claimable_of_user(
+    conn: &Connection,
+    user: &str,
+    limit: u32,
+    at: &DateTime<Utc>,
+) -> Result<Vec<Task>> {
+    conn.prepare_cached(&format!(
+        "SELECT {TASK_COLUMNS} FROM TASKS INDEXED BY TASKS_queued_by_user \
+         WHERE status = 'queued' AND user_id = ?1 \
+           AND (owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at < ?2) \
+         ORDER BY priority DESC, created_at, task_id LIMIT ?3"
+    ))
+    .and_then(|mut stmt| {
+        stmt.query_map(params![user, date_text(at), limit], task_from_row)?
+            .collect()
+    })
+    .map_err(sql_err("reading a user's queue"))
+}
+
+/// The first `limit` claimable queued tasks in queue order, walking the whole queue.
+fn claimable_in_queue_order(
     conn: &Connection,
     limit: u32,
     at: &DateTime<Utc>,
@@ -1541,8 +1692,7 @@ fn running_counts_sync(conn: &Connection, users: &[String]) -> Result<BTreeMap<S
     }
     let marks = vec!["?"; users.len()].join(", ");
     let sql = format!(
-        "SELECT user_id, COUNT(*) FROM TASKS \
-         WHERE status = 'running' AND user_id IN ({marks}) GROUP BY user_id"
+        "SELECT user_id, running FROM USER_RUNNING WHERE running > 0 AND user_id IN ({marks})"
     );
     let mut stmt = conn
         .prepare(&sql)
@@ -2877,6 +3027,189 @@ mod tests {
         let store = SqliteStore::open(&path).unwrap();
         let old = store.get_policy_version("old", "1").await.unwrap();
         assert_eq!((old.memory_bytes, old.deadline_ms), (None, None));
+    }
+
+    type PerUser = Vec<(String, i64)>;
+
+    /// USER_RUNNING as the triggers keep it, against a count of the tasks themselves.
+    fn counted_and_kept(path: &Path) -> (PerUser, PerUser) {
+        let conn = Connection::open(path).unwrap();
+        let read = |sql: &str| -> PerUser {
+            let mut stmt = conn.prepare(sql).unwrap();
+            stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        (
+            read(
+                "SELECT user_id, COUNT(*) FROM TASKS WHERE status = 'running' \
+                 GROUP BY user_id ORDER BY user_id",
+            ),
+            read("SELECT user_id, running FROM USER_RUNNING WHERE running > 0 ORDER BY user_id"),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_running_counts_follow_every_move_of_a_task_and_are_recounted_at_open() {
+        use crate::store::conformance::sample_task_at;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE_NAME);
+        let store = SqliteStore::open(&path).unwrap();
+        let (alice, bob) = (unique_id("alice"), unique_id("bob"));
+        let mut ids = Vec::new();
+        for (user, status) in [
+            (&alice, TaskStatus::Running),
+            (&alice, TaskStatus::Queued),
+            (&alice, TaskStatus::Queued),
+            (&bob, TaskStatus::Queued),
+            (&bob, TaskStatus::Completed),
+        ] {
+            let task = sample_task_at(&unique_id("task"), user, status, now());
+            store.insert_task(&task, None).await.unwrap();
+            ids.push(task.task_id);
+        }
+        let moves = [
+            (1, TaskStatus::Queued, TaskStatus::Running),
+            (2, TaskStatus::Queued, TaskStatus::Running),
+            (3, TaskStatus::Queued, TaskStatus::Running),
+            // Running to running (a field update) counts nothing.
+            (3, TaskStatus::Running, TaskStatus::Running),
+            (0, TaskStatus::Running, TaskStatus::Completed),
+            (1, TaskStatus::Running, TaskStatus::Queued),
+            (3, TaskStatus::Running, TaskStatus::Failed),
+        ];
+        let mut expected = vec![
+            vec![(alice.clone(), 2)],
+            vec![(alice.clone(), 3)],
+            vec![(alice.clone(), 3), (bob.clone(), 1)],
+            vec![(alice.clone(), 3), (bob.clone(), 1)],
+            vec![(alice.clone(), 2), (bob.clone(), 1)],
+            vec![(alice.clone(), 1), (bob.clone(), 1)],
+            vec![(alice.clone(), 1)],
+        ]
+        .into_iter();
+        let (counted, kept) = counted_and_kept(&path);
+        assert_eq!(counted, vec![(alice.clone(), 1)]);
+        assert_eq!(kept, counted, "a task inserted running is counted");
+        for (i, from, to) in moves {
+            store
+                .transition_task(&ids[i], &[from], to, &TaskUpdate::default())
+                .await
+                .unwrap();
+            let (counted, kept) = counted_and_kept(&path);
+            let mut want = expected.next().unwrap();
+            want.sort();
+            assert_eq!(counted, want, "after moving task {i} from {from} to {to}");
+            assert_eq!(kept, counted, "after moving task {i} from {from} to {to}");
+            let asked = store
+                .running_counts(&[alice.clone(), bob.clone()])
+                .await
+                .unwrap();
+            assert_eq!(
+                asked,
+                want.iter().map(|(u, n)| (u.clone(), *n as u32)).collect(),
+                "after moving task {i} from {from} to {to}"
+            );
+        }
+        drop(store);
+        // Counts an older version (or a hand) left wrong are recounted at open.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "DELETE FROM USER_RUNNING; \
+                 INSERT INTO USER_RUNNING VALUES ('nobody', 7);",
+            )
+            .unwrap();
+        let store = SqliteStore::open(&path).unwrap();
+        let (counted, kept) = counted_and_kept(&path);
+        assert_eq!(kept, counted);
+        assert_eq!(counted, vec![(alice.clone(), 1)]);
+        assert!(
+            store
+                .running_counts(&["nobody".to_string()])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    /// A queue where `bulk` holds the head with `backlog` tasks and `others` users each have a
+    /// few tasks behind it (various priorities and ages, one of them claimed).
+    async fn queue_behind_a_backlog(store: &SqliteStore, others: usize, backlog: usize) -> String {
+        use crate::store::conformance::sample_task_at;
+        let bulk = unique_id("bulk");
+        let start = now() - chrono::Duration::hours(1);
+        for i in 0..backlog {
+            let mut task = sample_task_at(
+                &unique_id("task"),
+                &bulk,
+                TaskStatus::Queued,
+                start + chrono::Duration::milliseconds(i as i64),
+            );
+            task.priority = 5;
+            store.insert_task(&task, None).await.unwrap();
+        }
+        for u in 0..others {
+            let user = format!("{}-{u:02}", unique_id("other"));
+            for t in 0..3 {
+                let mut task = sample_task_at(
+                    &unique_id("task"),
+                    &user,
+                    TaskStatus::Queued,
+                    start + chrono::Duration::seconds((7 * u + 3 * t) as i64 % 11),
+                );
+                task.priority = [0, 5, 9][(u + t) % 3];
+                store.insert_task(&task, None).await.unwrap();
+                if u == 1 && t == 0 {
+                    let until = now() + chrono::Duration::minutes(5);
+                    store
+                        .claim_task(&task.task_id, "someone/else", until, now())
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+        bulk
+    }
+
+    #[tokio::test]
+    async fn a_batch_without_the_user_holding_the_queue_reads_the_other_users_heads_as_a_walk_would()
+     {
+        // Few other users: their heads are read one by one; many: the queue is walked. Both
+        // give what walking the queue gives.
+        for others in [0, 1, 3, MAX_USERS_READ_BY_HEAD, MAX_USERS_READ_BY_HEAD + 1] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SqliteStore::open_in_dir(dir.path()).unwrap();
+            let bulk = queue_behind_a_backlog(&store, others, 300).await;
+            for limit in [1, 5, 100] {
+                let exclude = vec![bulk.clone()];
+                let (read, walked) = store
+                    .call("reading the queue both ways", move |conn| {
+                        let at = now();
+                        Ok((
+                            claimable_tasks_sync(conn, limit, &at, &exclude)?,
+                            claimable_in_queue_order(conn, limit, &at, &exclude)?,
+                        ))
+                    })
+                    .await
+                    .unwrap();
+                let ids =
+                    |tasks: &[Task]| tasks.iter().map(|t| t.task_id.clone()).collect::<Vec<_>>();
+                assert_eq!(
+                    ids(&read),
+                    ids(&walked),
+                    "{others} other users, limit {limit}"
+                );
+                let expected = (others * 3).saturating_sub(usize::from(others > 1));
+                assert_eq!(
+                    read.len(),
+                    expected.min(limit as usize),
+                    "{others} other users, limit {limit}"
+                );
+                assert!(read.iter().all(|t| t.user_id != bulk));
+            }
+        }
     }
 
     #[tokio::test]
