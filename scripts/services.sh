@@ -92,6 +92,7 @@ start_ferretdb() {
   log "starting FerretDB on 127.0.0.1:$PORT (data in $data)"
   nohup "$FERRETDB_BIN" "${handler[@]}" \
     --listen-addr="127.0.0.1:$PORT" --debug-addr=- --telemetry=disable \
+    --state-dir="$data" \
     --test-telemetry-url=http://127.0.0.1:9/ \
     >"$data/ferretdb.log" 2>&1 &
   for _ in $(seq 1 100); do
