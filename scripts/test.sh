@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: brings up the services the tests need (FerretDB, Docker) when
+# Runs the whole test suite: installs what the tests need when absent (scripts/setup.sh: apt
+# packages as root, rustup targets and components), brings up the services the tests need (FerretDB, Docker) when
 # absent, builds the policy components the policy tests load (the Rust guests, then the
 # JavaScript and Python examples), installs the browser tests' packages, then formatting, lints,
 # and every test of the workspace (host, end-to-end with the dashboard in Chromium, and the
@@ -8,29 +9,45 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/cloudai-target}"
+started=$(date +%s)
+stage_started=
+# Each stage's heading, after how long the one before it took.
+stage() {
+  local now
+  now=$(date +%s)
+  [ -z "$stage_started" ] || echo "   (took $(( now - stage_started )) s)"
+  stage_started=$now
+  echo "== $*"
+}
+
+stage "set-up (what the tests need and this machine lacks)"
+scripts/setup.sh
+stage "services (FerretDB, Docker)"
 eval "$(scripts/services.sh)"
 export CLOUDAI_TEST_MONGODB_URI
 
-echo "== policy components (wasm32-wasip2)"
+stage "policy components (wasm32-wasip2)"
 export CLOUDAI_POLICY_WASM_DIR="$CARGO_TARGET_DIR/policies"
 scripts/build-policies.sh "$CLOUDAI_POLICY_WASM_DIR"
 
-echo "== example policies in JavaScript and Python (the conformance kit runs on them in cargo test)"
+stage "example policies in JavaScript and Python (the conformance kit runs on them in cargo test)"
 export CLOUDAI_EXAMPLE_POLICY_WASM_DIR="$CARGO_TARGET_DIR/example-policies"
 scripts/build-example-policies.sh "$CLOUDAI_EXAMPLE_POLICY_WASM_DIR"
 
-echo "== browser tests' packages (tests/browser: playwright-core, driving the system's Chromium)"
+stage "browser tests' packages (tests/browser: playwright-core, driving the system's Chromium)"
 if [ ! -f tests/browser/node_modules/.package-lock.json ] ||
    [ tests/browser/package-lock.json -nt tests/browser/node_modules/.package-lock.json ]; then
   (cd tests/browser && npm ci --no-audit --no-fund)
 fi
 
-echo "== cargo fmt --check"
+stage "cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy --all-targets -- -D warnings"
+stage "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "== cargo test (MongoDB tests against $CLOUDAI_TEST_MONGODB_URI)"
+stage "cargo test (MongoDB tests against $CLOUDAI_TEST_MONGODB_URI)"
 cargo test --workspace --locked
-echo "== the otlp feature: lints, and spans exported to a collector on loopback"
+stage "the otlp feature: lints, and spans exported to a collector on loopback"
 cargo clippy -p cloudai --features otlp --all-targets --locked -- -D warnings
 cargo test -p cloudai --features otlp --lib --locked telemetry
+stage "all tests passed"
+echo "   (in $(( $(date +%s) - started )) s)"
