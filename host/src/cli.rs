@@ -809,31 +809,37 @@ async fn tasks(args: TasksArgs) -> anyhow::Result<()> {
             println!("no tasks");
             return;
         }
-        let mut table = new_table(&[
-            "TASK", "USER", "STATUS", "IMAGE", "CPU", "MEM GB", "GPU", "CREATED",
-        ]);
-        for task in page
-            .get("tasks")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            table.add_row(vec![
-                str_field(task, "task_id"),
-                str_field(task, "user_id"),
-                str_field(task, "status"),
-                str_field(task, "docker_image"),
-                num_field(task, "req_cpu"),
-                num_field(task, "req_memory"),
-                num_field(task, "req_gpu"),
-                str_field(task, "created_at"),
-            ]);
-        }
-        println!("{table}");
+        println!("{}", tasks_table(page));
         if let Some(next) = page.get("next_cursor").and_then(Value::as_str) {
             println!("more: cloudai tasks --cursor {next}");
         }
     })
+}
+
+/// A page of `GET /v1/tasks` as people read it: amounts rounded (the JSON output keeps them
+/// exact).
+fn tasks_table(page: &Value) -> Table {
+    let mut table = new_table(&[
+        "TASK", "USER", "STATUS", "IMAGE", "CPU", "MEM GB", "GPU", "CREATED",
+    ]);
+    for task in page
+        .get("tasks")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        table.add_row(vec![
+            str_field(task, "task_id"),
+            str_field(task, "user_id"),
+            str_field(task, "status"),
+            str_field(task, "docker_image"),
+            amount_field(task, "req_cpu"),
+            amount_field(task, "req_memory"),
+            amount_field(task, "req_gpu"),
+            str_field(task, "created_at"),
+        ]);
+    }
+    table
 }
 
 async fn policy(command: PolicyCommand) -> anyhow::Result<()> {
@@ -1198,6 +1204,11 @@ fn print_workers(answer: &Value) {
         println!("no workers registered (a worker joins with the host's join token)");
         return;
     }
+    println!("{}", workers_table(answer, chrono::Utc::now().timestamp()));
+}
+
+/// `GET /v1/workers` as people read it at `now` (Unix seconds): amounts rounded.
+fn workers_table(answer: &Value, now: i64) -> Table {
     let mut table = new_table(&[
         "WORKER",
         "ADDRESS",
@@ -1221,7 +1232,8 @@ fn print_workers(answer: &Value) {
             (Some(true), _) => "active",
             _ => "inactive",
         };
-        let pair = |a: &str, t: &str| format!("{}/{}", num_field(worker, a), num_field(worker, t));
+        let pair =
+            |a: &str, t: &str| format!("{}/{}", amount_field(worker, a), amount_field(worker, t));
         table.add_row(vec![
             str_field(worker, "worker_id"),
             str_field(worker, "worker_ip"),
@@ -1232,14 +1244,11 @@ fn print_workers(answer: &Value) {
             worker
                 .get("last_heartbeat")
                 .and_then(Value::as_i64)
-                .map(|t| {
-                    let age = chrono::Utc::now().timestamp() - t;
-                    format!("{age}s ago")
-                })
+                .map(|t| format!("{}s ago", now - t))
                 .unwrap_or_default(),
         ]);
     }
-    println!("{table}");
+    table
 }
 
 fn is_empty_list(value: &Value, field: &str) -> bool {
@@ -1263,6 +1272,29 @@ fn str_field(value: &Value, name: &str) -> String {
         Some(Value::Null) | None => String::new(),
         Some(other) => other.to_string(),
     }
+}
+
+/// An amount (cores, GB, devices) as people read it: at most two decimals, no trailing zeros
+/// (a request of 0.1 GB is stored as 0.099609375: 102 MiB), and "<0.01" for a positive amount
+/// that would read as 0.
+fn amount(n: f64) -> String {
+    if !n.is_finite() {
+        return n.to_string();
+    }
+    if n > 0.0 && n < 0.005 {
+        return "<0.01".to_string();
+    }
+    let text = format!("{:.2}", (n * 100.0).round() / 100.0);
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    if text == "-0" { "0" } else { text }.to_string()
+}
+
+fn amount_field(value: &Value, name: &str) -> String {
+    value
+        .get(name)
+        .and_then(Value::as_f64)
+        .map(amount)
+        .unwrap_or_default()
 }
 
 fn num_field(value: &Value, name: &str) -> String {
@@ -1588,6 +1620,45 @@ async fn outputs(args: OutputsArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn amounts_read_as_people_write_them() {
+        for (stored, shown) in [
+            (0.099609375, "0.1"),
+            (23.5400390625, "23.54"),
+            (4.0, "4"),
+            (0.0, "0"),
+            (-0.0001, "0"),
+            (0.5, "0.5"),
+            (1.005, "1"),
+            (0.004, "<0.01"),
+            (1234.567, "1234.57"),
+        ] {
+            assert_eq!(amount(stored), shown, "{stored}");
+        }
+    }
+
+    #[test]
+    fn the_tables_show_amounts_rounded_and_the_json_keeps_them_exact() {
+        let page = serde_json::json!({"tasks": [{
+            "task_id": "t1", "user_id": "u", "status": "queued", "docker_image": "busybox:1.36",
+            "req_cpu": 0.5, "req_memory": 0.099609375, "req_gpu": 0.0,
+            "created_at": "2026-12-06T10:00:00.000Z"
+        }]});
+        let table = tasks_table(&page).to_string();
+        assert!(table.contains(" 0.1 "), "{table}");
+        assert!(!table.contains("0.0996"), "{table}");
+        let workers = serde_json::json!({"workers": [{
+            "worker_id": "w1", "worker_ip": "10.0.0.1", "is_active": true, "draining": false,
+            "allocated_cpu": 1.0, "total_cpu": 8.0,
+            "allocated_memory": 0.099609375, "total_memory": 23.5400390625,
+            "allocated_gpu": 0.0, "total_gpu": 1.0, "last_heartbeat": 100
+        }]});
+        let table = workers_table(&workers, 103).to_string();
+        for shown in ["1/8", "0.1/23.54", "0/1", "3s ago", "active"] {
+            assert!(table.contains(shown), "{shown} in {table}");
+        }
+    }
 
     #[test]
     fn event_retention_takes_a_number_and_a_unit() {

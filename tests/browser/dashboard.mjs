@@ -168,9 +168,12 @@ test('the tasks list filters by state, and a task submitted elsewhere appears li
   await page.click('#task-filters button[type=submit]');
   await page.waitForURL(/#\/tasks$/);
   await page.waitForSelector(`tr[data-task-id="${firstTask}"]`);
-  const { status, body } = await api('POST', '/v1/tasks', { docker_image: IMAGE, command: 'true', req_cpu: 0.5, req_memory: 0.25 }, USER);
+  // 0.1 GB is stored as 102 MiB (0.099609375 GB): the API keeps that, the page reads 0.1.
+  const { status, body } = await api('POST', '/v1/tasks', { docker_image: IMAGE, command: 'true', req_cpu: 0.5, req_memory: 0.1 }, USER);
   assert.equal(status, 201, JSON.stringify(body));
+  assert.equal(body.req_memory, 0.099609375, JSON.stringify(body));
   await page.waitForSelector(`tr[data-task-id="${body.task_id}"]`, { timeout: 5000 });
+  assert.equal(await page.textContent(`tr[data-task-id="${body.task_id}"] [data-testid=req-memory]`), '0.1');
   await page.waitForSelector(`tr[data-task-id="${body.task_id}"] [data-status=completed]`, { timeout: 30000 });
   await shot('tasks');
 });

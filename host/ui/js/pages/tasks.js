@@ -57,7 +57,7 @@ export function tasksPage(ctx, params) {
       h('td', { class: 'state' }, statusBadge(task.status)),
       h('td', {}, task.priority),
       h('td', {}, num(task.req_cpu)),
-      h('td', {}, num(task.req_memory)),
+      h('td', { 'data-testid': 'req-memory' }, num(task.req_memory)),
       h('td', {}, num(task.req_gpu, 0)),
       h('td', { class: 'attempts' }, `${task.attempts}/${task.max_attempts}`),
       h('td', {}, time(task.created_at)));
