@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use serde_json::{Map, Value, json};
 
@@ -73,6 +73,18 @@ pub enum Command {
     Policy(PolicyCommand),
     /// Run a worker agent: join a host, offer this machine's resources, heartbeat.
     Worker(WorkerArgs),
+    /// Print a completion script for SHELL: `cloudai completions bash >
+    /// /etc/bash_completion.d/cloudai` (zsh, fish, elvish, powershell too).
+    Completions(CompletionsArgs),
+    /// Print the man page (roff): `cloudai man > /usr/local/share/man/man1/cloudai.1`, or
+    /// `cloudai man | man -l -`.
+    Man,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell the script is for.
+    pub shell: clap_complete::Shell,
 }
 
 /// How task containers run (a task can relax none of it).
@@ -624,7 +636,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Policy(command) => policy(command).await,
         Command::Worker(args) => worker(args).await,
+        Command::Completions(args) => {
+            print!("{}", completions(args.shell));
+            Ok(())
+        }
+        Command::Man => {
+            std::io::Write::write_all(&mut std::io::stdout(), &man_page()?)?;
+            Ok(())
+        }
     }
+}
+
+/// The completion script of `shell` for this CLI.
+fn completions(shell: clap_complete::Shell) -> String {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "cloudai", &mut script);
+    String::from_utf8_lossy(&script).into_owned()
+}
+
+/// The man page of this CLI, in roff.
+fn man_page() -> anyhow::Result<Vec<u8>> {
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Cli::command())
+        .render(&mut page)
+        .context("rendering the man page")?;
+    Ok(page)
 }
 
 async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
@@ -1619,7 +1655,21 @@ async fn outputs(args: OutputsArgs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use super::*;
+
+    #[test]
+    fn completions_and_the_man_page_come_from_the_cli_definition() {
+        let bash = completions(clap_complete::Shell::Bash);
+        for expected in ["_cloudai()", "submit", "--mongodb-uri", "completions"] {
+            assert!(bash.contains(expected), "{expected} in the bash script");
+        }
+        assert!(completions(clap_complete::Shell::Zsh).contains("#compdef cloudai"));
+        let man = String::from_utf8(man_page().unwrap()).unwrap();
+        assert!(man.contains(".TH cloudai"));
+        assert!(man.contains("serve"));
+    }
 
     #[test]
     fn amounts_read_as_people_write_them() {
@@ -1679,8 +1729,6 @@ mod tests {
             assert!(parse_retention(bad).is_err(), "{bad}");
         }
     }
-    use clap::CommandFactory;
-
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
