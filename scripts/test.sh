@@ -46,8 +46,8 @@ stage "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 stage "cargo test (MongoDB tests against $CLOUDAI_TEST_MONGODB_URI)"
 cargo test --workspace --locked
-stage "systemd units (deploy/): systemd-analyze verify, against the binary the tests built"
-scripts/check-units.sh "$CARGO_TARGET_DIR/debug/cloudai"
+stage "systemd units (deploy/): systemd-analyze verify, against the binary the e2e tests built"
+scripts/check-units.sh "$CARGO_TARGET_DIR/debug/cloudai-under-test"
 stage "the otlp feature: lints, and spans exported to a collector on loopback"
 cargo clippy -p cloudai --features otlp --all-targets --locked -- -D warnings
 cargo test -p cloudai --features otlp --lib --locked telemetry
