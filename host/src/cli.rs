@@ -858,12 +858,7 @@ fn tasks_table(page: &Value) -> Table {
     let mut table = new_table(&[
         "TASK", "USER", "STATUS", "IMAGE", "CPU", "MEM GB", "GPU", "CREATED",
     ]);
-    for task in page
-        .get("tasks")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for task in list_items(page, "tasks") {
         table.add_row(vec![
             str_field(task, "task_id"),
             str_field(task, "user_id"),
@@ -1105,12 +1100,7 @@ fn print_policies(answer: &Value) {
         let mut table = new_table(&[
             "NAME", "VERSION", "KIND", "SIZE", "ACTIVE", "HERE", "FAILURES", "UPLOADED",
         ]);
-        for v in answer
-            .get("versions")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for v in list_items(answer, "versions") {
             let kind = str_field(v, "kind");
             let active = active_of(&kind) == (str_field(v, "name"), str_field(v, "version"));
             let here = if v["deactivated"] == true {
@@ -1254,12 +1244,7 @@ fn workers_table(answer: &Value, now: i64) -> Table {
         "GPU alloc/total",
         "HEARTBEAT",
     ]);
-    for worker in answer
-        .get("workers")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for worker in list_items(answer, "workers") {
         let state = match (
             worker.get("is_active").and_then(Value::as_bool),
             worker.get("draining").and_then(Value::as_bool),
@@ -1288,10 +1273,16 @@ fn workers_table(answer: &Value, now: i64) -> Table {
 }
 
 fn is_empty_list(value: &Value, field: &str) -> bool {
+    list_items(value, field).next().is_none()
+}
+
+/// The items of the array `value[field]` (none when it is absent or not an array).
+fn list_items<'a>(value: &'a Value, field: &str) -> impl Iterator<Item = &'a Value> {
     value
         .get(field)
         .and_then(Value::as_array)
-        .is_none_or(Vec::is_empty)
+        .into_iter()
+        .flatten()
 }
 
 pub(crate) fn new_table(header: &[&str]) -> Table {
