@@ -19,6 +19,6 @@ said=$(systemd-analyze verify "$tmp"/*.service 2>&1) || { echo "$said" >&2; exit
 [ -z "$said" ] || { echo "[units] systemd-analyze verify: $said" >&2; exit 1; }
 help="$("$bin" serve --help) $("$bin" worker --help)"
 for var in $(grep -ho 'Environment=CLOUDAI_[A-Z_]*' deploy/*.service | cut -d= -f2 | sort -u); do
-  grep -q "$var" <<<"$help" || { echo "[units] $var is not read by cloudai" >&2; exit 1; }
+  grep -qw -- "$var" <<<"$help" || { echo "[units] $var is not read by cloudai" >&2; exit 1; }
 done
 echo "[units] deploy/*.service verified"
