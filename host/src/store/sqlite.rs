@@ -563,8 +563,8 @@ impl SqliteStore {
         conn.pragma_update(None, "cache_size", -PAGE_CACHE_KIB)
             .map_err(|e| StoreError::backend(what("setting the page cache size"), e))?;
         // Every request of a batch runs in a savepoint, whose undo pages SQLite keeps in a
-        // statement journal: a temporary file by default, one write call per page (a sixth of
-        // the writer's time under load). In memory it is a copy; it holds at most the pages
+        // statement journal: a temporary file by default, one write call per page (16% of the
+        // host's CPU in the HTTP bench's allocation phase). In memory it is a copy; it holds at most the pages
         // one transaction changes.
         conn.pragma_update(None, "temp_store", "MEMORY")
             .map_err(|e| StoreError::backend(what("keeping temporary data in memory"), e))?;
