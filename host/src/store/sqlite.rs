@@ -294,8 +294,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS TASK_OUTPUT_CHUNKS_task_path_n
     ON TASK_OUTPUT_CHUNKS (task_id, path, n);
 "#;
 
-/// Recounts USER_RUNNING from TASKS (at open, in a transaction of its own): whatever an older
-/// version or a crash left, the counts start right.
+/// Recounts USER_RUNNING from TASKS (at open, in a transaction of its own): a database written
+/// before the table existed (or changed by hand) starts with the right counts; the triggers keep
+/// them in every transaction after that.
 const USER_RUNNING_REBUILD: &str = "BEGIN IMMEDIATE; \
     DELETE FROM USER_RUNNING; \
     INSERT INTO USER_RUNNING (user_id, running) \
