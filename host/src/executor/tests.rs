@@ -186,12 +186,13 @@ async fn a_run_outlasts_the_clients_request_timeout() {
         return;
     };
     // Logs and wait last as long as the task: they must not be cut at the client's request
-    // timeout (bollard's default is 2 minutes; 2 s here). The engine answers their headers at
-    // once, so it is the streams that must run on.
-    let executor = Executor::new(docker.with_timeout(Duration::from_secs(2)), config())
+    // timeout (bollard's default is 2 minutes; 5 s here, which the create and start requests
+    // must fit in: on a loaded CI machine a create once took over 2 s). The engine answers the
+    // streams' headers at once, so it is the streams that must run on.
+    let executor = Executor::new(docker.with_timeout(Duration::from_secs(5)), config())
         .await
         .unwrap();
-    let outcome = run(&executor, spec("outlast", "sh -c 'sleep 4; echo done'")).await;
+    let outcome = run(&executor, spec("outlast", "sh -c 'sleep 8; echo done'")).await;
     assert_eq!(outcome.status, RunStatus::Completed, "{outcome:?}");
     assert_eq!(outcome.stdout, "done\n");
 }
