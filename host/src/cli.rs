@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 
 use crate::api::Limits;
 use crate::api::auth;
-use crate::client::Client;
+use crate::client::{Client, ClientTls};
 use crate::executor::ExecutorConfig;
 use crate::reconciler::ReconcilerConfig;
 use crate::scheduler::SchedulerConfig;
@@ -140,6 +140,8 @@ pub struct WorkerArgs {
     /// The cluster's join token (the host's DATA_DIR/join.token).
     #[arg(long, env = "CLOUDAI_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: String,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     /// The id to register under (the host generates one when absent; kept across restarts).
     #[arg(long, env = "CLOUDAI_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -186,9 +188,26 @@ pub struct WorkerArgs {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address to listen on.
+    /// Address to listen on. An address other machines reach needs --tls-cert/--tls-key, or
+    /// --allow-plain-http.
     #[arg(long, env = "CLOUDAI_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Serve HTTPS with this certificate (PEM; the server's certificate first, then any
+    /// intermediates). Read at start-up: restart the host to take a renewed one.
+    #[arg(long, env = "CLOUDAI_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "CLOUDAI_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require every client (users and workers) to present a certificate issued by one of the
+    /// CAs in this PEM file (mutual TLS), besides its token.
+    #[arg(long, env = "CLOUDAI_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve plain HTTP on an address other machines reach (when a TLS-terminating proxy on a
+    /// private network is in front of this host). Without TLS, only loopback is served
+    /// otherwise.
+    #[arg(long, env = "CLOUDAI_ALLOW_PLAIN_HTTP", conflicts_with = "tls_cert")]
+    pub allow_plain_http: bool,
     /// Directory for the embedded store and generated tokens.
     #[arg(long, env = "CLOUDAI_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -317,6 +336,31 @@ pub struct TokenArgs {
     pub admin: bool,
 }
 
+/// What a client of the host trusts and presents over HTTPS.
+#[derive(Debug, Clone, Args)]
+pub struct ClientTlsArgs {
+    /// Trust the CAs in this PEM file for an https:// host (besides the public web PKI's
+    /// roots): a cluster's private CA.
+    #[arg(long, env = "CLOUDAI_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Present this certificate (PEM) to a host that requires client certificates.
+    #[arg(long, env = "CLOUDAI_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// The private key of --client-cert (PEM).
+    #[arg(long, env = "CLOUDAI_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    fn load(&self) -> anyhow::Result<ClientTls> {
+        ClientTls::load(
+            self.ca_cert.as_deref(),
+            self.client_cert.as_deref(),
+            self.client_key.as_deref(),
+        )
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ClientArgs {
     /// URL of the CloudAI host.
@@ -325,6 +369,8 @@ pub struct ClientArgs {
     /// API token.
     #[arg(long, env = "CLOUDAI_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -401,6 +447,8 @@ pub struct OutputsArgs {
     /// API token.
     #[arg(long, env = "CLOUDAI_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     pub task_id: String,
     /// The file to download (its path under /output); lists the files when absent.
     pub path: Option<String>,
@@ -665,6 +713,7 @@ fn man_page() -> anyhow::Result<Vec<u8>> {
 
 async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let config = AgentConfig {
+        tls: args.tls.load()?,
         host: args.host,
         join_token: args.join_token,
         worker_id: args.worker_id,
@@ -739,6 +788,15 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         },
         local_worker,
         event_retention: args.event_retention,
+        tls: args
+            .tls_cert
+            .zip(args.tls_key)
+            .map(|(cert, key)| crate::tls::ServerTls {
+                cert,
+                key,
+                client_ca: args.tls_client_ca,
+            }),
+        allow_plain_http: args.allow_plain_http,
     })
 }
 
@@ -759,7 +817,11 @@ fn client(args: &ClientArgs) -> anyhow::Result<Client> {
             "no API token: pass --token or set CLOUDAI_TOKEN (an admin's is in the host's DATA_DIR/admin.token)"
         );
     }
-    Ok(Client::new(&args.host, args.token.clone())?)
+    Ok(Client::new(
+        &args.host,
+        &args.tls.load()?,
+        args.token.clone(),
+    )?)
 }
 
 async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
@@ -1597,6 +1659,7 @@ async fn outputs(args: OutputsArgs) -> anyhow::Result<()> {
     let client = client(&ClientArgs {
         host: args.host,
         token: args.token,
+        tls: args.tls,
         output: Output::Table,
     })?;
     let Some(path) = args.path else {

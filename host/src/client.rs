@@ -1,6 +1,9 @@
 //! HTTP client for the `/v1` API, used by the CLI's client commands.
 
+use std::path::Path;
 use std::time::Duration;
+
+use anyhow::{Context, bail};
 
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
@@ -25,6 +28,77 @@ pub enum ClientError {
     Protocol(String),
 }
 
+/// What a client trusts and presents over HTTPS (`--ca-cert`, `--client-cert`,
+/// `--client-key`), read and checked once, when the command starts.
+#[derive(Clone, Default)]
+pub struct ClientTls {
+    /// Trusted besides the public web PKI's roots (a private CA).
+    roots: Vec<reqwest::Certificate>,
+    /// Presented to a host that asks for client certificates (mutual TLS).
+    identity: Option<reqwest::Identity>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("roots", &self.roots.len())
+            .field("identity", &self.identity.is_some())
+            .finish()
+    }
+}
+
+impl ClientTls {
+    /// Reads the PEM files; an unreadable or empty file is an error naming it.
+    pub fn load(
+        ca_cert: Option<&Path>,
+        client_cert: Option<&Path>,
+        client_key: Option<&Path>,
+    ) -> anyhow::Result<ClientTls> {
+        let read = |flag: &str, path: &Path| {
+            std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))
+        };
+        let mut tls = ClientTls::default();
+        if let Some(path) = ca_cert {
+            tls.roots = reqwest::Certificate::from_pem_bundle(&read("--ca-cert", path)?)
+                .with_context(|| format!("--ca-cert {}: not PEM certificates", path.display()))?;
+            if tls.roots.is_empty() {
+                bail!(
+                    "--ca-cert {}: no certificate in it (expected PEM \"BEGIN CERTIFICATE\" blocks)",
+                    path.display()
+                );
+            }
+        }
+        match (client_cert, client_key) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                // reqwest reads the key and the chain from one PEM buffer.
+                let mut pem = read("--client-cert", cert)?;
+                pem.push(b'\n');
+                pem.extend(read("--client-key", key)?);
+                tls.identity = Some(reqwest::Identity::from_pem(&pem).with_context(|| {
+                    format!(
+                        "--client-cert {} with --client-key {}: expected PEM certificates and a PEM private key",
+                        cert.display(),
+                        key.display()
+                    )
+                })?);
+            }
+            _ => bail!("--client-cert and --client-key go together"),
+        }
+        Ok(tls)
+    }
+
+    fn apply(&self, mut builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
+        for root in &self.roots {
+            builder = builder.add_root_certificate(root.clone());
+        }
+        if let Some(identity) = &self.identity {
+            builder = builder.identity(identity.clone());
+        }
+        builder
+    }
+}
+
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
@@ -33,8 +107,9 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(host: &str, token: Option<String>) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder()
+    pub fn new(host: &str, tls: &ClientTls, token: Option<String>) -> Result<Self, ClientError> {
+        let http = tls
+            .apply(reqwest::Client::builder())
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(60))
             .build()

@@ -19,5 +19,6 @@ pub mod scheduler;
 pub mod serve;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod tooling;
 pub mod worker;

@@ -19,6 +19,7 @@ use crate::scheduler::{Scheduler, SchedulerConfig, Wakeup, WorkSignal};
 use crate::store::Store;
 use crate::store::mongo::MongoStore;
 use crate::store::sqlite::SqliteStore;
+use crate::tls::{ServerTls, TlsListener};
 use crate::worker::{AgentConfig, Overrides};
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +43,11 @@ pub struct ServeConfig {
     pub local_worker: Option<LocalWorker>,
     /// How long events stay available to `GET /v1/events` resumptions.
     pub event_retention: std::time::Duration,
+    /// HTTPS instead of plain HTTP.
+    pub tls: Option<ServerTls>,
+    /// Serve plain HTTP on an address other machines can reach (behind a TLS-terminating
+    /// proxy on a private network); refused without it.
+    pub allow_plain_http: bool,
 }
 
 /// The in-process worker of `cloudai serve`: a worker agent like `cloudai worker`, joined to
@@ -181,6 +187,12 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 
 /// Runs the host until Ctrl-C or SIGTERM.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    // Checked before anything is opened: a refused start changes nothing.
+    check_plain_http(&config)?;
+    let tls = match &config.tls {
+        Some(tls) => Some(tls.server_config()?),
+        None => None,
+    };
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let plain_store = open_store(&config).await?;
@@ -235,19 +247,83 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let local = listener.local_addr().context("reading the bound address")?;
-    tracing::info!(
-        address = %local,
-        store = store.backend_name(),
-        "cloudai host listening on http://{local}"
-    );
+    let stop_serving = CancellationToken::new();
+    tokio::spawn({
+        let stop_serving = stop_serving.clone();
+        async move {
+            shutdown_signal().await;
+            stop_serving.cancel();
+        }
+    });
+    let serve = |listener: TcpListener| {
+        tokio::spawn(
+            axum::serve(listener, app.clone())
+                .with_graceful_shutdown(stop_serving.clone().cancelled_owned())
+                .into_future(),
+        )
+    };
+    // The local worker reaches this host at `local` unless TLS gives it a listener of its own.
+    let mut local_worker_address = local;
+    let mut internal = None;
+    let public = match tls {
+        Some(tls) => {
+            tracing::info!(
+                address = %local,
+                store = store.backend_name(),
+                client_certificates = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+                "cloudai host listening on https://{local}"
+            );
+            if config.local_worker.is_some() {
+                // The local worker cannot count on the certificate naming this machine's
+                // loopback address (nor hold a client certificate): it talks to this host
+                // over a listener of its own, plain HTTP on loopback, with its token as any
+                // worker.
+                let loopback = TcpListener::bind(SocketAddr::new(loopback_of(local), 0))
+                    .await
+                    .context("binding the local worker's loopback listener")?;
+                local_worker_address = loopback
+                    .local_addr()
+                    .context("reading the local worker's loopback address")?;
+                internal = Some(serve(loopback));
+            }
+            let listener = TlsListener::new(listener, tls).context("starting TLS")?;
+            tokio::spawn(
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop_serving.clone().cancelled_owned())
+                    .into_future(),
+            )
+        }
+        None => {
+            if local.ip().is_loopback() {
+                tracing::info!(
+                    address = %local,
+                    store = store.backend_name(),
+                    "cloudai host listening on http://{local} (plain HTTP on loopback: reachable from this machine only; --tls-cert/--tls-key serve HTTPS)"
+                );
+            } else {
+                tracing::warn!(
+                    address = %local,
+                    store = store.backend_name(),
+                    "cloudai host listening on http://{local} (plain HTTP on a reachable address, as --allow-plain-http asks: tokens travel unencrypted unless a TLS proxy is in front)"
+                );
+            }
+            serve(listener)
+        }
+    };
     let local_worker = match &config.local_worker {
-        Some(local_worker) => Some(spawn_local_worker(&config, local_worker, local)?),
+        Some(local_worker) => Some(spawn_local_worker(
+            &config,
+            local_worker,
+            local_worker_address,
+        )?),
         None => None,
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    let served = public.await.context("the HTTP server task failed")?;
+    if let Some(internal) = internal {
+        // Stopped by the same signal; it has nothing of its own to finish.
+        internal.abort();
+    }
+    served.context("serving HTTP")?;
     if let Some((stop, worker)) = local_worker {
         stop.cancel();
         join_within(worker, LOCAL_WORKER_GRACE, "the local worker").await;
@@ -260,6 +336,29 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     stop_events.cancel();
     tracing::info!("cloudai host stopped");
     Ok(())
+}
+
+/// Refuses plain HTTP on an address other machines reach unless the operator asked for it:
+/// tokens and task data would cross the network unencrypted.
+fn check_plain_http(config: &ServeConfig) -> anyhow::Result<()> {
+    if config.tls.is_none() && !config.listen.ip().is_loopback() && !config.allow_plain_http {
+        bail!(
+            "refusing to serve plain HTTP on {}, which other machines can reach: give a certificate \
+             (--tls-cert and --tls-key), or pass --allow-plain-http when a TLS-terminating proxy \
+             on a private network is in front of this host",
+            config.listen
+        );
+    }
+    Ok(())
+}
+
+/// The loopback address of the family `address` is in.
+fn loopback_of(address: SocketAddr) -> std::net::IpAddr {
+    if address.is_ipv4() {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    } else {
+        std::net::Ipv6Addr::LOCALHOST.into()
+    }
 }
 
 /// How long the local worker may take to stop after the shutdown signal: it stops the
@@ -302,6 +401,8 @@ fn spawn_local_worker(
     let host = format!("http://{}", SocketAddr::new(ip, listening.port()));
     let agent = AgentConfig {
         host,
+        // Plain HTTP on loopback (see `run`).
+        tls: crate::client::ClientTls::default(),
         join_token: join_token(config)?,
         worker_id: None,
         advertise: Some(SocketAddr::new(ip, 0).to_string()),
@@ -383,6 +484,36 @@ mod tests {
             reconciler: ReconcilerConfig::default(),
             local_worker: None,
             event_retention: crate::events::DEFAULT_RETENTION,
+            tls: None,
+            allow_plain_http: false,
+        }
+    }
+
+    #[test]
+    fn plain_http_is_served_on_loopback_and_elsewhere_only_when_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |listen: &str, allow: bool, tls: bool| {
+            let mut config = config(dir.path());
+            config.listen = listen.parse().unwrap();
+            config.allow_plain_http = allow;
+            config.tls = tls.then(|| ServerTls {
+                cert: "cert.pem".into(),
+                key: "key.pem".into(),
+                client_ca: None,
+            });
+            check_plain_http(&config).map_err(|e| e.to_string())
+        };
+        assert_eq!(at("127.0.0.1:8080", false, false), Ok(()));
+        assert_eq!(at("[::1]:8080", false, false), Ok(()));
+        for reachable in ["0.0.0.0:8080", "10.0.0.11:8080", "[::]:8080"] {
+            let refused = at(reachable, false, false).unwrap_err();
+            assert!(
+                refused.contains("refusing to serve plain HTTP")
+                    && refused.contains("--allow-plain-http"),
+                "{refused}"
+            );
+            assert_eq!(at(reachable, true, false), Ok(()));
+            assert_eq!(at(reachable, false, true), Ok(()));
         }
     }
 

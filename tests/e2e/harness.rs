@@ -156,13 +156,15 @@ impl TestHost {
         let log_writer = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    // Text or JSON logs: the address ends at a space or at the closing quote.
-                    let address: String = rest
+                if let Some(rest) = line.split("listening on ").nth(1)
+                    && (rest.starts_with("http://") || rest.starts_with("https://"))
+                {
+                    // Text or JSON logs: the URL ends at a space or at the closing quote.
+                    let url: String = rest
                         .chars()
                         .take_while(|c| !c.is_whitespace() && *c != '"')
                         .collect();
-                    let _ = tx.send(address);
+                    let _ = tx.send(url);
                 }
                 if let Ok(mut log) = log_writer.lock() {
                     log.push_str(&line);
@@ -172,9 +174,9 @@ impl TestHost {
         });
         // Listening within 60 s, or the reason it is not: it exited, or it is stuck.
         let started = Instant::now();
-        let address = loop {
+        let url = loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(address) => break address,
+                Ok(url) => break url,
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     // Its stderr closed: it exited (or is about to).
@@ -202,13 +204,19 @@ impl TestHost {
         let join_token = read_secret(data_dir.path().join("join.token"))?;
         Ok(TestHost {
             child,
-            url: format!("http://{address}"),
+            url,
             _data_dir: data_dir,
             admin_token,
             join_token,
             log,
             client: client(),
         })
+    }
+
+    /// Sends this host's requests ([`Self::call`]) through `client` (one that trusts an
+    /// HTTPS host's CA, say).
+    pub fn use_client(&mut self, client: reqwest::Client) {
+        self.client = client;
     }
 
     /// The host's log so far.

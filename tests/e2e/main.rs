@@ -17,5 +17,6 @@ mod replicas;
 mod scheduling;
 mod shutdown;
 mod telemetry;
+mod tls;
 mod tour;
 mod worker_process;

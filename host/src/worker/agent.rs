@@ -15,14 +15,16 @@ use serde_json::{Value, json};
 
 use super::identity::{self, Identity};
 use super::resources::{Detected, Overrides, UsageSampler};
-use crate::client::{Client, ClientError};
+use crate::client::{Client, ClientError, ClientTls};
 use crate::model::Resources;
 
 /// How the agent joins its host.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// The host's base URL, e.g. `http://10.0.0.1:8080`.
+    /// The host's base URL, e.g. `https://10.0.0.1:8080`.
     pub host: String,
+    /// What this agent trusts and presents over HTTPS.
+    pub tls: ClientTls,
     /// The cluster's join token (only used to register).
     pub join_token: String,
     /// The id to register under; the host picks `worker-<uuid>` when absent.
@@ -187,7 +189,11 @@ impl Agent {
             "total_gpu": self.offer.gpu,
             "labels": self.config.labels,
         });
-        let client = Client::new(&self.config.host, Some(self.config.join_token.clone()))?;
+        let client = Client::new(
+            &self.config.host,
+            &self.config.tls,
+            Some(self.config.join_token.clone()),
+        )?;
         let answer: Value = (|| client.post("/v1/workers", &body))
             .retry(backoff())
             .when(transient)
@@ -231,7 +237,11 @@ impl Agent {
 
     async fn heartbeat(&self, sampler: &mut UsageSampler) -> Result<Value, ClientError> {
         let usage = sampler.sample(self.running.load(Ordering::Relaxed));
-        let client = Client::new(&self.config.host, Some(self.identity.token.clone()))?;
+        let client = Client::new(
+            &self.config.host,
+            &self.config.tls,
+            Some(self.identity.token.clone()),
+        )?;
         client
             .post(
                 &format!("/v1/workers/{}/heartbeat", self.identity.worker_id),

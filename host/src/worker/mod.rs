@@ -49,6 +49,7 @@ pub async fn run(
     }
     let state_dir = config.state_dir.clone();
     let host = config.host.clone();
+    let tls = config.tls.clone();
     tokio::pin!(shutdown);
     // Joining waits as long as the host cannot take the registration: the shutdown signal
     // must end that wait too (a host that refuses every registration must not keep a
@@ -63,6 +64,7 @@ pub async fn run(
     let runner = Runner::new(
         RunnerConfig {
             host,
+            tls,
             worker_id: agent.worker_id().to_string(),
             token: agent.token().to_string(),
             spool_dir: state_dir.join("spool"),

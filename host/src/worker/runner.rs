@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use super::gpus::GpuPool;
 use crate::api::agent::{LiveChunk, LiveLogs, Outcome, ResultReport, StreamName, Work, WorkList};
-use crate::client::{Client, ClientError};
+use crate::client::{Client, ClientError, ClientTls};
 use crate::executor::{
     ExecError, Executor, LogChunk, LogStream, ManagedState, OutputFile, RunOutcome, RunSpec,
     RunStatus,
@@ -51,6 +51,7 @@ const OUTPUT_UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
     pub host: String,
+    pub tls: ClientTls,
     pub worker_id: String,
     pub token: String,
     /// Where unacknowledged results wait (`<state dir>/spool`).
@@ -86,7 +87,7 @@ impl Runner {
         executor: Arc<Executor>,
         running_count: Arc<AtomicU32>,
     ) -> anyhow::Result<Runner> {
-        let client = Client::new(&config.host, Some(config.token.clone()))?;
+        let client = Client::new(&config.host, &config.tls, Some(config.token.clone()))?;
         std::fs::create_dir_all(&config.spool_dir)
             .with_context(|| format!("creating the result spool {}", config.spool_dir.display()))?;
         Ok(Runner {
@@ -965,7 +966,12 @@ mod tests {
     #[tokio::test]
     async fn live_output_to_a_host_that_is_down_never_holds_up_the_end_of_a_run() {
         // Nothing listens on port 1: every send fails at once.
-        let client = Client::new("http://127.0.0.1:1", Some("t".into())).unwrap();
+        let client = Client::new(
+            "http://127.0.0.1:1",
+            &ClientTls::default(),
+            Some("t".into()),
+        )
+        .unwrap();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let forwarding = tokio::spawn(forward_logs(client, "w".into(), "a".into(), rx));
         for _ in 0..1000 {
