@@ -168,6 +168,8 @@ impl axum::serve::Listener for TlsListener {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use super::*;
 
     fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
