@@ -73,6 +73,11 @@ pub enum Command {
     Policy(PolicyCommand),
     /// Run a worker agent: join a host, offer this machine's resources, heartbeat.
     Worker(WorkerArgs),
+    /// Back up the store while the host runs: the embedded store to one file, a MongoDB
+    /// database to a directory (mongodump's layout).
+    Backup(crate::store::backup::BackupArgs),
+    /// Restore a backup into a stopped host's data directory, or into an empty MongoDB database.
+    Restore(crate::store::backup::RestoreArgs),
     /// Print a completion script for SHELL: `cloudai completions bash >
     /// /etc/bash_completion.d/cloudai` (zsh, fish, elvish, powershell too).
     Completions(CompletionsArgs),
@@ -684,6 +689,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Policy(command) => policy(command).await,
         Command::Worker(args) => worker(args).await,
+        Command::Backup(args) => crate::store::backup::backup(args).await,
+        Command::Restore(args) => crate::store::backup::restore(args).await,
         Command::Completions(args) => {
             print!("{}", completions(args.shell));
             Ok(())
@@ -801,7 +808,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
 }
 
 /// `$XDG_DATA_HOME/cloudai`, else `~/.local/share/cloudai`, else `./cloudai-data`.
-fn default_data_dir() -> PathBuf {
+pub(crate) fn default_data_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("cloudai");
     }
@@ -1126,7 +1133,7 @@ async fn policy_upload(args: PolicyUploadArgs) -> anyhow::Result<()> {
     })
 }
 
-fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     match n {
         0..1_000 => format!("{n} B"),
         1_000..1_000_000 => format!("{:.1} KB", n as f64 / 1e3),

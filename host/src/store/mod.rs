@@ -21,6 +21,7 @@ use crate::model::{
 use crate::policy::snapshot::Usage;
 pub use events::{EventBounds, EventRead, NewEvent, StoredEvent};
 
+pub mod backup;
 pub mod conformance;
 pub mod events;
 pub mod mongo;

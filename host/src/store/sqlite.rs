@@ -55,7 +55,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Recorded in `PRAGMA user_version`, so that a later release can migrate and an older one
 /// refuses a database it does not understand.
-const SCHEMA_VERSION: i64 = 1;
+pub(crate) const SCHEMA_VERSION: i64 = 1;
 
 /// The most requests one transaction commits together: bounds how long the write lock is held
 /// and how long the first request of a batch waits for the last one.

@@ -93,6 +93,7 @@ mod tasks;
 pub mod testing;
 mod workers;
 
+pub use compat::LOCK_COLLECTION;
 pub use events::{COUNTERS, EVENTS};
 pub use schema::{META, SCHEMA_VERSION};
 
@@ -287,7 +288,7 @@ impl MongoStore {
 }
 
 /// Fills in the production defaults the URI left unset (see [`MongoStore::connect`]).
-fn apply_production_defaults(options: &mut ClientOptions) {
+pub(crate) fn apply_production_defaults(options: &mut ClientOptions) {
     let mut write_concern = options.write_concern.take().unwrap_or_default();
     if write_concern.w.is_none() {
         write_concern.w = Some(Acknowledgment::Majority);
