@@ -73,7 +73,7 @@ const MAX_LOG_BATCH_BODY: usize = 2 << 20;
 /// Most chunks in one batch.
 const MAX_LOG_BATCH_CHUNKS: usize = 4096;
 /// Longest output file path, in bytes.
-const MAX_OUTPUT_PATH: usize = 1024;
+pub(crate) const MAX_OUTPUT_PATH: usize = 1024;
 
 /// One task this worker should be running.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -110,11 +110,14 @@ pub struct WorkList {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct WorkQuery {
-    /// The `version` the agent has: the answer waits until the list differs from it.
+    /// The `version` of the previous answer this agent holds: the answer waits (up to
+    /// `wait_ms`) until the work list differs from that one. Absent: answer at once.
     pub known: Option<String>,
-    /// How long to wait for a change, ms (default 0: answer at once; at most 60000).
+    /// How long to wait for a change, ms (default 0: answer at once).
+    #[param(minimum = 0, maximum = 60000)]
     pub wait_ms: Option<u64>,
 }
 
@@ -137,6 +140,9 @@ pub enum Outcome {
     Error,
 }
 
+/// Longest `error` of a result report.
+const MAX_ERROR_CHARS: usize = 4096;
+
 /// The end of an attempt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -153,6 +159,7 @@ pub struct ResultReport {
     #[serde(default)]
     pub stderr_truncated: bool,
     /// A stable code and message for `error` outcomes, e.g. `image_pull_failed: ...`.
+    #[schema(max_length = 4096)]
     pub error: Option<String>,
     /// When the container stopped (default: when the report arrives).
     pub finished_at: Option<DateTime<Utc>>,
@@ -160,14 +167,16 @@ pub struct ResultReport {
 
 impl Validate for ResultReport {
     fn validate(&self, _limits: &Limits) -> Result<(), ApiError> {
-        if self.outcome == Outcome::Failed && self.exit_code.is_none() {
-            return Err(ApiError::validation("a failed outcome needs its exit_code"));
-        }
-        if self.outcome == Outcome::Error && self.error.as_deref().is_none_or(str::is_empty) {
-            return Err(ApiError::validation("an error outcome needs its error"));
-        }
-        if self.error.as_ref().is_some_and(|e| e.len() > 4096) {
-            return Err(ApiError::validation("error is longer than 4096 bytes"));
+        // A failed outcome without its exit code, or an error without its reason, is still
+        // the end of the attempt: the task's error then says what is known.
+        if self
+            .error
+            .as_ref()
+            .is_some_and(|e| e.chars().count() > MAX_ERROR_CHARS)
+        {
+            return Err(ApiError::validation(format!(
+                "error is longer than {MAX_ERROR_CHARS} characters"
+            )));
         }
         Ok(())
     }
@@ -273,10 +282,17 @@ pub async fn get_work(
     State(state): State<AppState>,
     principal: Principal,
     Path(worker_id): Path<String>,
-    Query(query): Query<WorkQuery>,
+    query: Result<Query<WorkQuery>, QueryRejection>,
 ) -> ApiResult<Json<WorkList>> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     require_self(&principal, &worker_id)?;
-    let wait = Duration::from_millis(query.wait_ms.unwrap_or(0)).min(MAX_WAIT);
+    let wait = Duration::from_millis(query.wait_ms.unwrap_or(0));
+    if wait > MAX_WAIT {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("wait_ms must be at most {}", MAX_WAIT.as_millis()),
+        ));
+    }
     let deadline = tokio::time::Instant::now() + wait;
     // Subscribed before the first read, so that a placement between the read and the wait
     // is not missed.
@@ -367,6 +383,7 @@ async fn record_started(state: &AppState, worker_id: &str, ass_id: &str) -> ApiR
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkReport {
+    #[schema(min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._-]{1,128}$")]
     pub ass_id: String,
     /// The container started, as `POST .../assignments/{ass_id}/started` records it.
     #[serde(default)]
@@ -601,9 +618,10 @@ async fn record_result(
         ),
         other => {
             let error = match other {
-                Outcome::Failed => {
-                    format!("exited with code {}", report.exit_code.unwrap_or_default())
-                }
+                Outcome::Failed => match report.exit_code {
+                    Some(code) => format!("exited with code {code}"),
+                    None => "exited with a non-zero code the worker did not report".into(),
+                },
                 Outcome::OomKilled => format!(
                     "oom_killed: went over its memory limit of {} GB",
                     assignment.req_memory
@@ -832,10 +850,10 @@ pub async fn report_logs(
 }
 
 /// Where an output file is named: relative to `/output`, `/`-separated, no empty, `.` or
-/// `..` segment, no control characters, at most 1024 bytes.
+/// `..` segment, no control characters, at most 1024 characters.
 pub fn validate_output_path(path: &str) -> Result<(), String> {
-    if path.is_empty() || path.len() > MAX_OUTPUT_PATH {
-        return Err(format!("must be 1..={MAX_OUTPUT_PATH} bytes"));
+    if path.is_empty() || path.chars().count() > MAX_OUTPUT_PATH {
+        return Err(format!("must be 1..={MAX_OUTPUT_PATH} characters"));
     }
     if path.chars().any(|c| c.is_control() || c == '\\') {
         return Err("must not contain control characters or backslashes".into());
@@ -850,6 +868,7 @@ pub fn validate_output_path(path: &str) -> Result<(), String> {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct OutputQuery {
     /// The file's path under `/output`, e.g. `d/f.txt`.

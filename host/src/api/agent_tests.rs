@@ -448,9 +448,9 @@ async fn late_foreign_and_malformed_reports_change_nothing() {
         (StatusCode::NOT_FOUND, "assignment_not_found")
     );
 
-    // Malformed: a failure without its exit code, an unknown field, an unknown outcome.
+    // Malformed: an exit code that is not a number, an unknown field, an unknown outcome.
     for bad in [
-        json!({"outcome": "failed"}),
+        json!({"outcome": "failed", "exit_code": 1.5}),
         json!({"outcome": "completed", "exit_code": 0, "surprise": 1}),
         json!({"outcome": "exploded"}),
     ] {
@@ -1042,8 +1042,8 @@ async fn an_invalid_or_foreign_batch_of_reports_is_refused_whole() {
             "a report that says nothing",
         ),
         (
-            json!({"reports": [{"ass_id": ass, "result": {"outcome": "failed"}}]}),
-            "a failed result without its exit code",
+            json!({"reports": [{"ass_id": ass, "result": {"outcome": "failed", "exit_code": "x"}}]}),
+            "a failed result with an exit code that is not a number",
         ),
         (
             json!({"reports": [{"ass_id": ass, "started": true, "extra": 1}]}),
@@ -1070,4 +1070,29 @@ async fn an_invalid_or_foreign_batch_of_reports_is_refused_whole() {
         (TaskStatus::Running, None),
         "nothing applied"
     );
+}
+
+/// A failure reported without its exit code, or an error without its reason, still ends the
+/// attempt; the task's error says what is known.
+#[tokio::test]
+async fn an_ending_reported_without_its_details_still_ends_the_attempt() {
+    for (report, error) in [
+        (
+            json!({"outcome": "failed"}),
+            "exited with a non-zero code the worker did not report",
+        ),
+        (json!({"outcome": "error"}), "the worker could not run it"),
+    ] {
+        let api = Api::new(Limits::default());
+        let (task_id, token, ass) = api.running_task("true").await;
+        let reply = api
+            .report("w1", &token, &ass, "result", report.clone())
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{report}: {}", reply.body);
+        let task = api
+            .call(Method::GET, &format!("/v1/tasks/{task_id}"), ALICE, None)
+            .await;
+        assert_eq!(task.body["status"], "failed", "{report}: {}", task.body);
+        assert_eq!(task.body["status_reason"], error, "{report}: {}", task.body);
+    }
 }

@@ -17,9 +17,11 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
-use chrono::SecondsFormat;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{broadcast, mpsc};
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::auth::Principal;
@@ -71,13 +73,18 @@ impl Filter {
     }
 }
 
+/// An event id: a whole number up to 2^63 - 1 (the document's `int64`).
 fn parse_position(what: &str, raw: &str) -> ApiResult<u64> {
-    raw.trim().parse::<u64>().map_err(|_| {
-        ApiError::validation(format!(
-            "{what} '{}' must be an event id (a whole number)",
-            truncate_for_message(raw)
-        ))
-    })
+    raw.trim()
+        .parse::<i64>()
+        .ok()
+        .and_then(|id| u64::try_from(id).ok())
+        .ok_or_else(|| {
+            ApiError::validation(format!(
+                "{what} '{}' must be an event id (a whole number, at most 2^63 - 1)",
+                truncate_for_message(raw)
+            ))
+        })
 }
 
 /// The stream of events: every retained event after `Last-Event-ID` (or `after`), then the
@@ -86,11 +93,16 @@ fn parse_position(what: &str, raw: &str) -> ApiResult<u64> {
 #[utoipa::path(get, path = "/v1/events", tag = "events",
     security(("bearer" = [])),
     params(
-        ("topics" = Option<String>, Query, description = "Comma list of task, worker, policy, reconciler (default all)"),
-        ("task_id" = Option<String>, Query, description = "Only the events of this task"),
-        ("worker_id" = Option<String>, Query, description = "Only the events of this worker"),
-        ("after" = Option<u64>, Query, description = "Start after this event id (the `Last-Event-ID` header wins)"),
-        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event id"),
+        ("topics" = Option<String>, Query, description = "Comma list of task, worker, policy, reconciler, without spaces (default all)",
+            pattern = "^(task|worker|policy|reconciler)(,(task|worker|policy|reconciler))*$"),
+        ("task_id" = Option<String>, Query, description = "Only the events of this task",
+            min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._-]{1,128}$"),
+        ("worker_id" = Option<String>, Query, description = "Only the events of this worker",
+            min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._-]{1,128}$"),
+        ("after" = Option<u64>, Query, description = "Start after this event id (the `Last-Event-ID` header wins)",
+            minimum = 0, maximum = 9223372036854775807_u64),
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event id",
+            minimum = 0, maximum = 9223372036854775807_u64),
     ),
     responses(
         (status = 200, description = "Server-Sent Events", content_type = "text/event-stream", body = String),
@@ -120,7 +132,7 @@ pub async fn stream_events(
     let topics = match params.get("topics") {
         None => TOPICS.iter().map(|t| t.to_string()).collect(),
         Some(list) => {
-            let topics: Vec<String> = list.split(',').map(|t| t.trim().to_string()).collect();
+            let topics: Vec<String> = list.split(',').map(str::to_string).collect();
             if let Some(bad) = topics.iter().find(|t| !TOPICS.contains(&t.as_str())) {
                 return Err(ApiError::validation(format!(
                     "unknown topic '{}' (expected a comma list of {})",
@@ -180,6 +192,32 @@ pub async fn stream_events(
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE).text("keep-alive"))
         .into_response())
+}
+
+/// The data of an event of `GET /v1/events` (documentation of [`frame`]'s JSON).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventFrame {
+    /// The event's id, as in the frame's `id` (a decimal number).
+    #[schema(pattern = "^[0-9]+$")]
+    pub id: String,
+    #[schema(pattern = "^(?:task|worker|policy|reconciler)$")]
+    pub topic: String,
+    /// What happened: `submitted`, `state`, `registered`, `activated`, ... (the frame's `event`
+    /// is `<topic>.<kind>`).
+    pub kind: String,
+    pub at: DateTime<Utc>,
+    pub task_id: Option<String>,
+    pub worker_id: Option<String>,
+    /// The owner of the task, for task events.
+    pub user_id: Option<String>,
+    /// The event's details, by kind.
+    pub data: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The data of a `reset` event: the position asked for was pruned.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ResetFrame {
+    pub reason: String,
 }
 
 fn frame(e: &StoredEvent) -> Event {

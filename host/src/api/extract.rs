@@ -60,7 +60,9 @@ where
         let has_content_type = req.headers().contains_key(header::CONTENT_TYPE);
         let json = is_json_content_type(req.headers());
         let bytes = read_body(req, state).await?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
+        let text = bytes.trim_ascii();
+        // No body, or JSON `null`, is the default body.
+        if text.is_empty() || (json && text == b"null") {
             return Ok(OptionalJson(T::default()));
         }
         if !json {
@@ -148,12 +150,54 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value: T = match serde_path_to_error::deserialize(&mut de) {
         Ok(value) => value,
+        // JSON has one number type: `3.0` is the integer 3 to a client (and to JSON Schema's
+        // `integer`), so integer fields take it. Only such a failure pays for a second parse.
+        Err(err)
+            if err
+                .inner()
+                .to_string()
+                .starts_with("invalid type: floating point") =>
+        {
+            let mut document: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+                // Not a document after all (trailing garbage, a number beyond f64).
+                if e.is_data() || e.to_string().starts_with("number out of range") {
+                    classify(err)
+                } else {
+                    ApiError::bad_request("invalid_json", format!("invalid JSON: {e}"))
+                }
+            })?;
+            whole_floats_to_integers(&mut document);
+            return serde_path_to_error::deserialize(document).map_err(classify);
+        }
         Err(err) => return Err(classify(err)),
     };
     // Trailing garbage after the document is a syntax error too.
     de.end()
         .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON: {e}")))?;
     Ok(value)
+}
+
+/// Turns every number with no fractional part that an f64 holds exactly (|x| <= 2^53) into an
+/// integer; float fields still take integers, so nothing else changes meaning.
+fn whole_floats_to_integers(value: &mut serde_json::Value) {
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    match value {
+        serde_json::Value::Number(number) => {
+            if let Some(float) = number.as_f64()
+                && number.is_f64()
+                && float.fract() == 0.0
+                && float.abs() <= EXACT
+            {
+                // In range by the check above: the cast is exact.
+                #[allow(clippy::cast_possible_truncation)]
+                let whole = float as i64;
+                *number = serde_json::Number::from(whole);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(whole_floats_to_integers),
+        serde_json::Value::Object(fields) => fields.values_mut().for_each(whole_floats_to_integers),
+        _ => {}
+    }
 }
 
 fn classify(err: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
@@ -281,6 +325,67 @@ mod tests {
         let e = parse_json::<Body>(br#"{}"#).unwrap_err();
         assert_eq!(e.code, "invalid_field");
         assert!(parse_json::<Body>(br#"{"a": 1}"#).is_ok());
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Counts {
+        n: u32,
+        signed: i64,
+        #[serde(default)]
+        inner: Vec<Inner>,
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Inner {
+        seq: u64,
+        x: f64,
+    }
+
+    /// JSON has one number type: an integer field takes `3.0` (as JSON Schema's `integer`
+    /// does), and still refuses `3.5`, a number beyond its type, or an unknown field.
+    #[test]
+    fn integer_fields_take_whole_numbers_written_as_floats() {
+        let parsed: Counts =
+            parse_json(br#"{"n": 3.0, "signed": -2.0, "inner": [{"seq": 4588785.0, "x": 1.0}]}"#)
+                .unwrap();
+        assert_eq!(
+            parsed,
+            Counts {
+                n: 3,
+                signed: -2,
+                inner: vec![Inner {
+                    seq: 4_588_785,
+                    x: 1.0
+                }],
+            }
+        );
+        for (bad, code, at) in [
+            (&br#"{"n": 3.5, "signed": 0}"#[..], "invalid_field", "n"),
+            (br#"{"n": 5e9, "signed": 0}"#, "invalid_field", "n"),
+            (
+                br#"{"n": 1.0, "signed": 0, "inner": [{"seq": 1.5, "x": 0}]}"#,
+                "invalid_field",
+                "inner[0].seq",
+            ),
+            (
+                br#"{"n": 1.0, "signed": 0, "zz": 1}"#,
+                "unknown_field",
+                "zz",
+            ),
+            (br#"{"n": 1.0, "signed": 0} x"#, "invalid_json", ""),
+        ] {
+            let e = parse_json::<Counts>(bad).unwrap_err();
+            assert_eq!(
+                e.code,
+                code,
+                "{}: {}",
+                String::from_utf8_lossy(bad),
+                e.message
+            );
+            assert!(e.message.contains(at), "{}", e.message);
+        }
     }
 
     #[test]

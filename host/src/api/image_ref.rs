@@ -13,6 +13,36 @@ use std::fmt;
 /// Maximum length of a whole reference.
 pub const MAX_REFERENCE_LEN: usize = 255;
 
+/// A host name label of a registry.
+macro_rules! label {
+    () => {
+        "[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    };
+}
+/// A path component: lowercase alphanumerics joined by `.`, `_`, `__` or runs of `-`.
+macro_rules! component {
+    () => {
+        "[a-z0-9]+(?:(?:\\.|_{1,2}|-+)[a-z0-9]+)*"
+    };
+}
+
+/// What [`parse`] accepts (with [`MAX_REFERENCE_LEN`]), as the OpenAPI document states it. The
+/// first of several components is a registry when it has a `.` or a `:` (or is `localhost`),
+/// and must then be a valid one; otherwise it is a path component without a `.`.
+pub const REFERENCE_PATTERN: &str = concat!(
+    "^(?:(?:",
+    label!(),
+    "(?:\\.",
+    label!(),
+    ")+(?::[0-9]{1,5})?|",
+    label!(),
+    ":[0-9]{1,5}|[a-z0-9]+(?:(?:_{1,2}|-+)[a-z0-9]+)*)/(?:",
+    component!(),
+    "/)*)?",
+    component!(),
+    "(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"
+);
+
 /// A parsed image reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageRef {
@@ -198,6 +228,59 @@ fn parse_digest(digest: &str) -> Result<(), String> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    /// The document's pattern accepts exactly what [`parse`] accepts: strings drawn from the
+    /// characters that matter, and the cases below.
+    #[test]
+    fn the_documented_pattern_is_the_parser() {
+        let pattern = regex_automata::dfa::regex::Regex::new(REFERENCE_PATTERN).unwrap();
+        let alphabet: Vec<char> = "ab0Z.-_:/@".chars().collect();
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut samples: Vec<String> = (0..200_000)
+            .map(|_| {
+                let len = 1 + (next() % 12) as usize;
+                (0..len)
+                    .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                    .collect()
+            })
+            .collect();
+        let digest = format!("@sha256:{}", "a".repeat(64));
+        for base in [
+            "localhost",
+            "a.b",
+            "a:1",
+            "a_b.c",
+            "A.b",
+            "ab",
+            "a__b",
+            "a--b",
+        ] {
+            for rest in ["/c", "/c:t", "/c/d", ":t", "", "/C"] {
+                samples.push(format!("{base}{rest}"));
+                samples.push(format!("{base}{rest}{digest}"));
+            }
+        }
+        let mut accepted = 0;
+        for sample in &samples {
+            let parsed = parse(sample).is_ok();
+            accepted += usize::from(parsed);
+            assert_eq!(
+                pattern.is_match(sample),
+                parsed,
+                "{sample:?}: the pattern and the parser disagree"
+            );
+        }
+        assert!(
+            accepted > 1000,
+            "too few valid samples ({accepted}) to mean anything"
+        );
+    }
 
     #[test]
     fn accepts_common_references() {

@@ -3,7 +3,11 @@
 
 use axum::routing::get;
 use axum::{Json, Router};
+use serde_json::json;
+use utoipa::openapi::path::{Operation, ParameterIn};
+use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder, Schema};
 use utoipa::{Modify, OpenApi};
 
 use super::AppState;
@@ -94,6 +98,8 @@ use super::{agent, events, health, overview, policies, task_io, tasks, workers};
         task_io::TaskWithResult,
         task_io::LogEvent,
         task_io::EndEvent,
+        events::EventFrame,
+        events::ResetFrame,
         task_io::OutputList,
         health::Health,
         health::Ready,
@@ -122,7 +128,7 @@ use super::{agent, events, health, overview, policies, task_io, tasks, workers};
         overview::ActivePolicies,
         overview::ActivePolicyRef,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &Contract),
     tags(
         (name = "tasks", description = "Submit, read, list and cancel tasks"),
         (name = "workers", description = "Worker registration, heartbeats and administration"),
@@ -147,13 +153,553 @@ impl Modify for BearerAuth {
     }
 }
 
+/// What every operation shares, stated once rather than on each handler: the rules of the
+/// path parameters (the same as the extractors' checks) and the error answers the extractors,
+/// the authentication layer and the store can give any operation that has those parts.
+struct Contract;
+
+/// Ids of tasks, workers and assignments ([`super::extract::validate_id`]).
+pub(crate) const ID_PATTERN: &str = "^[A-Za-z0-9._-]{1,128}$";
+/// Policy names ([`super::policies::check_name`]).
+pub(crate) const POLICY_NAME_PATTERN: &str = "^[a-z0-9][a-z0-9._-]{0,62}$";
+/// Policy versions ([`super::policies::check_version`]).
+pub(crate) const POLICY_VERSION_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$";
+
+/// An output file's path ([`super::agent::validate_output_path`]): `/`-separated segments of
+/// any characters but `/`, `\\` and controls (Unicode Cc), none of them `.` or `..`.
+pub(crate) fn output_path_pattern() -> String {
+    let any = r"[^/\\\u0000-\u001F\u007F-\u009F]";
+    let not_dot = r"[^/\\.\u0000-\u001F\u007F-\u009F]";
+    let segment = format!(r"(?:{not_dot}{any}*|\.{not_dot}{any}*|\.\.{any}+)");
+    format!("^{segment}(?:/{segment})*$")
+}
+
+fn string_schema(pattern: String, max_length: usize, description: &str) -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(max_length))
+        .pattern(Some(pattern))
+        .description(Some(description))
+        .into()
+}
+
+fn path_parameter_schema(name: &str) -> Option<RefOr<Schema>> {
+    let id = |what: &str| {
+        string_schema(
+            ID_PATTERN.into(),
+            super::extract::MAX_ID_LEN,
+            &format!("{what}: 1..=128 characters of A-Z a-z 0-9 . _ -"),
+        )
+    };
+    Some(match name {
+        "task_id" => id("Task id"),
+        "worker_id" => id("Worker id"),
+        "ass_id" => id("Assignment id"),
+        "name" => string_schema(POLICY_NAME_PATTERN.into(), 63, "Policy name"),
+        "version" => string_schema(POLICY_VERSION_PATTERN.into(), 64, "Policy version"),
+        "path" => string_schema(
+            output_path_pattern(),
+            super::agent::MAX_OUTPUT_PATH,
+            "The file's path under /output, e.g. d/f.txt: `/`-separated, no empty, `.` or `..` \
+             segment, no control character or backslash",
+        ),
+        _ => return None,
+    })
+}
+
+/// Raw bodies and downloads are bytes (`format: binary`), which client generators turn into
+/// a byte stream; a component upload may also come as `application/octet-stream` or as the
+/// `component` part of multipart/form-data, as the handler takes it.
+fn binary_bodies(operation: &mut Operation) {
+    let binary = || -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                utoipa::openapi::KnownFormat::Binary,
+            )))
+            .into()
+    };
+    if let Some(body) = operation.request_body.as_mut() {
+        if body.content.contains_key("application/wasm") {
+            body.content.insert(
+                "application/octet-stream".to_string(),
+                ContentBuilder::new().schema(Some(binary())).build(),
+            );
+            let form = ObjectBuilder::new()
+                .schema_type(Type::Object)
+                .property("component", binary())
+                .required("component");
+            body.content.insert(
+                "multipart/form-data".to_string(),
+                ContentBuilder::new().schema(Some(form)).build(),
+            );
+        }
+        for (media, content) in body.content.iter_mut() {
+            if media == "application/wasm" || media == "application/octet-stream" {
+                content.schema = Some(binary());
+            }
+        }
+    }
+    for response in operation.responses.responses.values_mut() {
+        if let RefOr::T(response) = response
+            && let Some(content) = response.content.get_mut("application/octet-stream")
+        {
+            content.schema = Some(binary());
+        }
+    }
+}
+
+/// The error answers an operation can give by its shape, added where its own annotation does
+/// not already describe them.
+fn shared_errors(operation: &Operation) -> Vec<(&'static str, &'static str)> {
+    let parameters = operation.parameters.as_deref().unwrap_or_default();
+    let has_path = parameters
+        .iter()
+        .any(|p| p.parameter_in == ParameterIn::Path);
+    let has_query = parameters
+        .iter()
+        .any(|p| p.parameter_in == ParameterIn::Query);
+    let json_body = operation.request_body.as_ref().is_some_and(|body| {
+        body.content
+            .keys()
+            .any(|media| media.starts_with("application/json"))
+    });
+    let other_body = operation.request_body.is_some() && !json_body;
+    let secured = operation
+        .security
+        .as_ref()
+        .is_some_and(|requirements| !requirements.is_empty());
+    let mut errors = Vec::new();
+    if has_path || has_query || operation.request_body.is_some() {
+        errors.push((
+            "400",
+            "A malformed request: an invalid id or path (`invalid_id`, `invalid_path`), query \
+             (`invalid_query`, `invalid_limit`) or JSON syntax (`invalid_json`), or an unreadable body",
+        ));
+    }
+    if secured {
+        errors.push(("401", "No valid token (`unauthorized`)"));
+        errors.push((
+            "403",
+            "The token's role or owner may not do this (`forbidden`)",
+        ));
+    }
+    if operation.request_body.is_some() {
+        errors.push((
+            "413",
+            "The body is larger than the host accepts (`payload_too_large`)",
+        ));
+        errors.push((
+            "415",
+            if other_body {
+                "The body's Content-Type is not the one stated (`unsupported_media_type`)"
+            } else {
+                "The body is not `Content-Type: application/json` (`unsupported_media_type`)"
+            },
+        ));
+    }
+    if json_body || has_query {
+        errors.push((
+            "422",
+            "The request is well-formed but breaks a rule: a field of the wrong type, unknown \
+             or out of range (`invalid_field`, `unknown_field`, `validation_failed`)",
+        ));
+    }
+    errors.push((
+        "500",
+        "The host failed (`internal`; the details are in its log); the request changed nothing",
+    ));
+    errors
+}
+
+impl Modify for Contract {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for operation in operations.into_iter().flatten() {
+                for parameter in operation.parameters.iter_mut().flatten() {
+                    // An output upload names its file in the query, with the rules of a path.
+                    let named = parameter.parameter_in == ParameterIn::Path
+                        || (parameter.parameter_in == ParameterIn::Query
+                            && parameter.name == "path");
+                    if named && let Some(schema) = path_parameter_schema(&parameter.name) {
+                        parameter.schema = Some(schema);
+                    }
+                }
+                binary_bodies(operation);
+                for (status, description) in shared_errors(operation) {
+                    operation
+                        .responses
+                        .responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| {
+                            ResponseBuilder::new()
+                                .description(description)
+                                .content(
+                                    "application/json",
+                                    ContentBuilder::new()
+                                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                                        .build(),
+                                )
+                                .into()
+                        });
+                }
+            }
+        }
+    }
+}
+
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/openapi.json", get(openapi_json))
 }
 
-/// This document.
+/// This document, with this host's limits on a task's request.
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "health",
     responses((status = 200, description = "The OpenAPI 3 document", content_type = "application/json")))]
-pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+pub async fn openapi_json(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> Json<serde_json::Value> {
+    Json(document(&state.limits, state.policies.limit_caps()))
+}
+
+/// The document as a host with these limits serves it.
+pub fn document(
+    limits: &super::Limits,
+    (max_memory_mb, max_deadline_ms): (u64, u64),
+) -> serde_json::Value {
+    let mut openapi = ApiDoc::openapi();
+    let task_spec = openapi
+        .components
+        .as_mut()
+        .and_then(|components| components.schemas.get_mut("TaskSpec"));
+    if let Some(RefOr::T(Schema::Object(spec))) = task_spec {
+        for (field, cap) in [
+            ("req_cpu", limits.max_task_cpu),
+            ("req_memory", limits.max_task_memory),
+            ("req_storage", limits.max_task_storage),
+            ("req_gpu", limits.max_task_gpu),
+        ] {
+            if let Some(RefOr::T(Schema::Object(amount))) = spec.properties.get_mut(field) {
+                amount.maximum = Some(utoipa::Number::Float(cap));
+            }
+        }
+    }
+    let mut document = match serde_json::to_value(&openapi) {
+        Ok(document) => document,
+        // Not reachable: the document is maps with string keys; said loudly if it ever is.
+        Err(error) => {
+            tracing::error!(%error, "serializing the OpenAPI document");
+            return json!({"error": {"code": "internal", "message": "the OpenAPI document could not be built"}});
+        }
+    };
+    patch_document(&mut document);
+    for parameter in document["paths"]["/v1/policies"]["post"]["parameters"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+    {
+        let cap = match parameter["name"].as_str() {
+            Some("memory_mb") => max_memory_mb,
+            Some("deadline_ms") => max_deadline_ms,
+            _ => continue,
+        };
+        parameter["schema"]["minimum"] = json!(1);
+        parameter["schema"]["maximum"] = json!(cap);
+    }
+    document
+}
+
+/// What the typed document cannot say: the shape of each Server-Sent Event, a pattern built
+/// from the parser's grammar, and parameters that are absent rather than `null` on the wire.
+fn patch_document(document: &mut serde_json::Value) {
+    document["components"]["schemas"]["TaskSpec"]["properties"]["docker_image"]["pattern"] =
+        json!(super::image_ref::REFERENCE_PATTERN);
+    // A query or header parameter is text or absent: `Option` does not make it nullable.
+    if let Some(paths) = document["paths"].as_object_mut() {
+        for item in paths.values_mut() {
+            // (`get_mut`: indexing a missing key would insert a `null`.)
+            let parameters = item
+                .as_object_mut()
+                .into_iter()
+                .flat_map(|o| o.values_mut())
+                .filter_map(|operation| operation.get_mut("parameters"))
+                .filter_map(serde_json::Value::as_array_mut)
+                .flatten();
+            for parameter in parameters {
+                if let Some(schema) = parameter.get_mut("schema")
+                    && let Some(types) = schema.get("type").and_then(|t| t.as_array())
+                {
+                    let types: Vec<_> = types.iter().filter(|t| *t != "null").cloned().collect();
+                    schema["type"] = match types.as_slice() {
+                        [one] => one.clone(),
+                        _ => json!(types),
+                    };
+                }
+            }
+        }
+    }
+    // A report says something: that the container started, or how the attempt ended.
+    let report = document["components"]["schemas"]["WorkReport"].take();
+    document["components"]["schemas"]["WorkReport"] = json!({
+        "allOf": [report, {"anyOf": [
+            {"required": ["started"], "properties": {"started": {"const": true}}},
+            {"required": ["result"], "properties": {"result": {"type": "object"}}},
+        ]}],
+    });
+    // A component's configuration is JSON text: a client sends any JSON value.
+    for parameter in document["paths"]["/v1/policies"]["post"]["parameters"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+    {
+        if parameter["name"] == "config"
+            && let Some(fields) = parameter.as_object_mut()
+        {
+            fields.remove("schema");
+            fields.insert(
+                "content".into(),
+                json!({"application/json": {"schema": {}}}),
+            );
+        }
+    }
+    // Links: what a creation answers feeds the operations on what it created (clients and
+    // stateful testers follow them).
+    let links: [(&str, &[&str], &[(&str, &str)], &[&str]); 3] = [
+        (
+            "/v1/tasks",
+            &["201", "202"],
+            &[("task_id", "$response.body#/task_id")],
+            &["get_task", "get_result", "cancel_task", "list_task_assignments", "get_logs", "list_outputs"],
+        ),
+        (
+            "/v1/workers",
+            &["201"],
+            &[("worker_id", "$response.body#/worker/worker_id")],
+            &["get_worker", "drain_worker", "undrain_worker", "delete_worker"],
+        ),
+        (
+            "/v1/policies",
+            &["201"],
+            &[("name", "$response.body#/policy/name"), ("version", "$response.body#/policy/version")],
+            &["get_policy", "delete_policy_version"],
+        ),
+    ];
+    for (path, statuses, parameters, operations) in links {
+        for status in statuses {
+            let Some(response) = document["paths"][path]["post"]["responses"].get_mut(*status)
+            else {
+                continue;
+            };
+            let mut map = serde_json::Map::new();
+            for operation in operations {
+                let wanted: serde_json::Map<_, _> = parameters
+                    .iter()
+                    .filter(|(name, _)| *name != "version" || *operation == "delete_policy_version")
+                    .map(|(name, from)| (name.to_string(), json!(from)))
+                    .collect();
+                map.insert(
+                    operation.to_string(),
+                    json!({"operationId": operation, "parameters": wanted}),
+                );
+            }
+            response["links"] = serde_json::Value::Object(map);
+        }
+    }
+    let schema = |name: &str| json!({"$ref": format!("#/components/schemas/{name}")});
+    let streams = [
+        (
+            "/v1/events",
+            "get",
+            json!({"type": "string", "pattern": "^(?:reset|(?:task|worker|policy|reconciler)\\.[a-z_]+)$"}),
+            vec![schema("EventFrame"), schema("ResetFrame")],
+        ),
+        (
+            "/v1/tasks/{task_id}/logs",
+            "get",
+            json!({"type": "string", "enum": ["log", "end", "error"]}),
+            vec![schema("LogEvent"), schema("EndEvent"), schema("ErrorBody")],
+        ),
+        (
+            "/v1/policies",
+            "post",
+            json!({"type": "string", "enum": ["progress", "stored", "failed"]}),
+            vec![
+                schema("UploadProgress"),
+                schema("UploadedPolicy"),
+                schema("ErrorBody"),
+            ],
+        ),
+    ];
+    for (path, method, event, data) in streams {
+        let frame = json!({
+            "type": "object",
+            "description": "One Server-Sent Event: its name, its id where the stream is resumable, and its data (JSON text)",
+            "required": ["event", "data"],
+            "properties": {
+                "event": event,
+                "id": {"type": "string", "pattern": "^[0-9]+$"},
+                "retry": {"type": "integer", "minimum": 0},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"anyOf": data},
+                },
+            },
+        });
+        document["paths"][path][method]["responses"]["200"]["content"]["text/event-stream"] =
+            json!({"schema": frame});
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use regex_automata::dfa::regex::Regex;
+
+    /// Strings over `alphabet` up to `max_len` long, from a fixed seed.
+    fn samples(alphabet: &str, max_len: usize, count: usize) -> Vec<String> {
+        let alphabet: Vec<char> = alphabet.chars().collect();
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        (0..count)
+            .map(|_| {
+                let len = (next() % (max_len as u64 + 1)) as usize;
+                (0..len)
+                    .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Asserts the pattern matches exactly what `accepts` accepts, over `samples`.
+    fn agree(pattern: &str, samples: &[String], accepts: impl Fn(&str) -> bool) {
+        let regex = Regex::new(pattern).unwrap();
+        let mut accepted = 0;
+        for sample in samples {
+            let ok = accepts(sample);
+            accepted += usize::from(ok);
+            assert_eq!(regex.is_match(sample), ok, "{sample:?} against {pattern}");
+        }
+        assert!(
+            accepted > 0 && accepted < samples.len(),
+            "{pattern}: one-sided samples"
+        );
+    }
+
+    #[test]
+    fn the_documented_patterns_are_the_validation() {
+        let ids = samples("aZ9._-/ é", 6, 20_000);
+        agree(ID_PATTERN, &ids, |s| {
+            super::super::extract::validate_id(s).is_ok()
+        });
+        let names = samples("aZ9._-+", 5, 20_000);
+        agree(POLICY_NAME_PATTERN, &names, |s| {
+            super::super::policies::check_name(s).is_ok()
+        });
+        agree(POLICY_VERSION_PATTERN, &names, |s| {
+            super::super::policies::check_version(s).is_ok()
+        });
+        let paths = samples("a./\\\u{1}\u{85}é", 7, 50_000);
+        agree(&output_path_pattern(), &paths, |s| {
+            super::super::agent::validate_output_path(s).is_ok()
+        });
+        let mut waits = samples("0123.ms", 7, 50_000);
+        waits.extend(
+            [
+                "300", "300.0", "300.001", "299.999s", "300000ms", "300001ms",
+            ]
+            .map(String::from),
+        );
+        agree(super::super::task_io::WAIT_PATTERN, &waits, |s| {
+            super::super::task_io::parse_wait(s).is_ok()
+        });
+        let cursors = samples("019.-a ", 8, 50_000);
+        let cursor = "^-?[0-9]{1,15}\\.[A-Za-z0-9._-]{1,128}$";
+        agree(cursor, &cursors, |s| {
+            super::super::tasks::decode_cursor(s).is_ok()
+        });
+    }
+
+    /// The constants the attributes repeat (a `#[utoipa::path]` takes literals only).
+    #[test]
+    fn the_documented_literals_are_the_code_constants() {
+        let document = document(&crate::api::Limits::default(), (64, 1000));
+        let text = document.to_string();
+        for (what, pattern) in [
+            ("the id pattern", ID_PATTERN),
+            ("the policy name pattern", POLICY_NAME_PATTERN),
+            ("the policy version pattern", POLICY_VERSION_PATTERN),
+            ("the wait pattern", super::super::task_io::WAIT_PATTERN),
+        ] {
+            let quoted = serde_json::to_string(pattern).unwrap();
+            assert!(text.contains(&quoted), "the document lost {what}");
+        }
+        let spec = &document["components"]["schemas"]["TaskSpec"]["properties"];
+        assert_eq!(spec["req_cpu"]["maximum"].as_f64(), Some(256.0));
+        assert_eq!(
+            spec["docker_image"]["pattern"],
+            json!(super::super::image_ref::REFERENCE_PATTERN)
+        );
+    }
+
+    /// Every operation documents the errors its shape can produce, each with the error body,
+    /// and no query or header parameter is nullable.
+    #[test]
+    fn every_operation_states_its_shared_errors() {
+        let document = document(&crate::api::Limits::default(), (64, 1000));
+        let paths = document["paths"].as_object().unwrap();
+        assert!(paths.len() > 20);
+        for (path, item) in paths {
+            for (method, operation) in item.as_object().unwrap() {
+                let responses = &operation["responses"];
+                assert!(responses["500"].is_object(), "{method} {path}: no 500");
+                let secured = operation["security"]
+                    .as_array()
+                    .is_some_and(|s| !s.is_empty());
+                if secured {
+                    assert!(responses["401"].is_object(), "{method} {path}: no 401");
+                }
+                if operation["requestBody"].is_object() {
+                    for status in ["413", "415"] {
+                        assert!(
+                            responses[status].is_object(),
+                            "{method} {path}: no {status}"
+                        );
+                    }
+                }
+                for parameter in operation["parameters"].as_array().into_iter().flatten() {
+                    assert!(
+                        parameter["schema"]["type"] != json!(["string", "null"])
+                            && parameter["schema"]["type"] != json!(["integer", "null"]),
+                        "{method} {path}: {parameter}"
+                    );
+                    if parameter["in"] == "path" {
+                        assert!(
+                            parameter["schema"]["pattern"].is_string(),
+                            "{method} {path}: path parameter without its rule: {parameter}"
+                        );
+                    }
+                }
+            }
+        }
+        let events = &document["paths"]["/v1/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]
+            ["schema"];
+        assert_eq!(
+            events["properties"]["data"]["contentMediaType"],
+            "application/json"
+        );
+    }
 }

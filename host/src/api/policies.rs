@@ -217,7 +217,7 @@ impl UploadFields {
 fn parse_number(field: &str, value: Option<&str>) -> ApiResult<Option<u64>> {
     value
         .map(|v| {
-            v.trim().parse::<u64>().map_err(|_| {
+            v.parse::<u64>().map_err(|_| {
                 ApiError::validation(format!(
                     "{field} must be a positive whole number, got '{}'",
                     truncate_for_message(v)
@@ -242,9 +242,11 @@ fn parse_number(field: &str, value: Option<&str>) -> ApiResult<Option<u64>> {
 #[utoipa::path(post, path = "/v1/policies", tag = "policies",
     security(("bearer" = [])),
     params(
-        ("name" = String, Query, description = "`[a-z0-9][a-z0-9._-]{0,62}`"),
-        ("version" = String, Query, description = "`[A-Za-z0-9][A-Za-z0-9._+-]{0,63}`; versions are immutable"),
-        ("kind" = Option<String>, Query, description = "`placement` or `admission`: must be the component's world"),
+        ("name" = String, Query, description = "The policy's name",
+            min_length = 1, max_length = 63, pattern = "^[a-z0-9][a-z0-9._-]{0,62}$"),
+        ("version" = String, Query, description = "The version; versions are immutable",
+            min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"),
+        ("kind" = Option<crate::model::PolicyKind>, Query, description = "Must be the component's world (default: the component's)"),
         ("config" = Option<String>, Query, description = "JSON text passed to the policy's `configure` (`{}` when absent)"),
         ("memory_mb" = Option<u64>, Query, description = "The version's memory limit, MiB (within the host's cap)"),
         ("deadline_ms" = Option<u64>, Query, description = "The version's deadline per evaluation, ms (within the host's cap)"),
@@ -799,7 +801,17 @@ pub async fn get_policy(
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyRef {
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = "^[a-z0-9][a-z0-9._-]{0,62}$"
+    )]
     pub name: String,
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
+    )]
     pub version: String,
 }
 
@@ -813,6 +825,11 @@ fn explicit_null<'de, D: Deserializer<'de>>(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ActivateRequest {
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
+    )]
     pub version: String,
     /// The version expected to be active now (`null`: none); absent: whatever is active when
     /// the request is handled. The activation applies only if it still is.
@@ -1044,9 +1061,15 @@ pub async fn delete_policy_version(
 pub struct DryRunRequest {
     /// The version to try; the newest uploaded when absent.
     #[serde(default)]
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
+    )]
     pub version: Option<String>,
-    /// Most tasks to decide (1..=1000, default 100).
+    /// Most tasks to decide (default 100).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
@@ -1325,7 +1348,7 @@ fn dry_run_admission(
 /// replays offline.
 #[utoipa::path(get, path = "/v1/cluster/snapshot", tag = "policies",
     security(("bearer" = [])),
-    params(("limit" = Option<usize>, Query, description = "Most queued and most pending tasks (1..=10000, default 1000)")),
+    params(("limit" = Option<usize>, Query, description = "Most queued and most pending tasks (default 1000)", minimum = 1, maximum = 10000)),
     responses(
         (status = 200, description = "The snapshot", body = ClusterSnapshot),
         (status = 400, description = "Invalid query", body = ErrorBody),

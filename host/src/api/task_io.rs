@@ -44,32 +44,49 @@ pub fn router() -> Router<AppState> {
         .route("/v1/tasks/{task_id}/outputs/{*path}", get(get_output))
 }
 
+/// What [`parse_wait`] accepts, as the OpenAPI document states it: seconds (no leading
+/// zero, up to 3 decimals, an optional `s`) or whole milliseconds with `ms`, at most 300 s.
+pub const WAIT_PATTERN: &str = "^(?:(?:(?:[0-9]|[1-9][0-9]|[12][0-9]{2})(?:\\.[0-9]{1,3})?|300(?:\\.0{1,3})?)s?|(?:[0-9]|[1-9][0-9]{1,4}|[12][0-9]{5}|300000)ms)$";
+
 /// A submission's `wait`: `30s`, `500ms`, or a bare number of seconds (`2`, `0.5`), at most
-/// [`MAX_WAIT`].
+/// [`MAX_WAIT`] ([`WAIT_PATTERN`]).
 pub fn parse_wait(raw: &str) -> Result<Duration, String> {
     let bad = || {
         format!(
-            "wait '{}' must be a duration like 30s, 500ms or 2 (seconds), at most {} s",
+            "wait '{}' must be a duration like 30s, 500ms or 2 (seconds, up to 3 decimals), at most {} s",
             truncate_for_message(raw),
             MAX_WAIT.as_secs()
         )
     };
-    let (number, scale) = if let Some(ms) = raw.strip_suffix("ms") {
-        (ms, 0.001)
-    } else if let Some(s) = raw.strip_suffix('s') {
-        (s, 1.0)
-    } else {
-        (raw, 1.0)
+    let whole = |digits: &str| {
+        !digits.is_empty()
+            && digits.len() <= 6
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && (digits == "0" || !digits.starts_with('0'))
     };
-    if number.is_empty() || !number.chars().all(|c| c.is_ascii_digit() || c == '.') {
+    let duration = if let Some(ms) = raw.strip_suffix("ms") {
+        if !whole(ms) {
+            return Err(bad());
+        }
+        Duration::from_millis(ms.parse().map_err(|_| bad())?)
+    } else {
+        let number = raw.strip_suffix('s').unwrap_or(raw);
+        let (int, fraction) = number.split_once('.').unwrap_or((number, ""));
+        if !whole(int)
+            || (number.contains('.')
+                && (fraction.is_empty()
+                    || fraction.len() > 3
+                    || !fraction.bytes().all(|b| b.is_ascii_digit())))
+        {
+            return Err(bad());
+        }
+        let millis: u64 = format!("{int}{fraction:0<3}").parse().map_err(|_| bad())?;
+        Duration::from_millis(millis)
+    };
+    if duration > MAX_WAIT {
         return Err(bad());
     }
-    let value: f64 = number.parse().map_err(|_| bad())?;
-    let seconds = value * scale;
-    if !seconds.is_finite() || seconds > MAX_WAIT.as_secs_f64() {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs_f64(seconds))
+    Ok(duration)
 }
 
 /// Waits up to `wait` for a task to reach a final state; returns it as last read. The task
@@ -110,6 +127,7 @@ pub async fn result_if_any(state: &AppState, task_id: &str) -> ApiResult<Option<
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LogsQuery {
     /// Stream the output as Server-Sent Events until the task ends.
@@ -213,8 +231,14 @@ pub async fn get_logs(
 pub(super) fn event(name: &str, payload: &impl Serialize) -> Event {
     match serde_json::to_string(payload) {
         Ok(data) => Event::default().event(name).data(data),
-        Err(error) => Event::default().event("error").data(error.to_string()),
+        Err(error) => event_error(&error.to_string()),
     }
+}
+
+/// An `error` event: an [`ErrorBody`] as data, as every JSON error of the API.
+fn event_error(message: &str) -> Event {
+    let body = serde_json::json!({"error": {"code": "internal", "message": message}});
+    Event::default().event("error").data(body.to_string())
 }
 
 fn log_event(stream: &str, text: String, attempt: u32) -> Event {
@@ -306,7 +330,10 @@ fn follow(
             Err(error) => {
                 tracing::warn!(task_id = %f.task_id, code = error.code, "following a task's logs failed");
                 f.done = true;
-                vec![Event::default().event("error").data(error.message)]
+                vec![event(
+                    "error",
+                    &serde_json::json!({"error": {"code": error.code, "message": error.message}}),
+                )]
             }
         };
         Some((futures::stream::iter(events), f))
@@ -423,7 +450,13 @@ mod tests {
         assert_eq!(parse_wait("2").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_wait("0.5").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_wait("300").unwrap(), MAX_WAIT);
-        for bad in ["", "s", "301s", "-1", "1h", "abc", "1e3", "NaN", "1..2"] {
+        assert_eq!(parse_wait("0.125s").unwrap(), Duration::from_millis(125));
+        assert_eq!(parse_wait("300000ms").unwrap(), MAX_WAIT);
+        assert_eq!(parse_wait("0").unwrap(), Duration::ZERO);
+        for bad in [
+            "", "s", "301s", "-1", "1h", "abc", "1e3", "NaN", "1..2", "300.001", "300001ms", "05",
+            "1.", ".5", "0.1234", "1.5ms", "+1",
+        ] {
             let why = parse_wait(bad).unwrap_err();
             assert!(why.contains("must be a duration"), "{bad}: {why}");
         }

@@ -10,8 +10,6 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::DateTime;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -36,7 +34,7 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 /// Header set to `true` on a response that returns an earlier submission.
 pub const IDEMPOTENCY_REPLAYED: HeaderName = HeaderName::from_static("idempotency-replayed");
 
-const MAX_COMMAND_BYTES: usize = 16 * 1024;
+const MAX_COMMAND_CHARS: usize = 16 * 1024;
 const MAX_ENV_ENTRIES: usize = 256;
 const MAX_ENV_KEY_LEN: usize = 256;
 const MAX_ENV_TOTAL_BYTES: usize = 64 * 1024;
@@ -52,42 +50,51 @@ const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
-    /// Docker reference: `[registry[:port]/]name[:tag][@sha256:<64 hex>]`.
-    #[schema(example = "busybox:1.36")]
+    /// Docker reference: `[registry[:port]/]name[:tag][@sha256:<64 hex>]`, at most 255
+    /// characters.
+    /// The pattern is [`image_ref::REFERENCE_PATTERN`], set by the document's `Contract`.
+    #[schema(example = "busybox:1.36", min_length = 1, max_length = 255)]
     pub docker_image: String,
-    /// Shell command run in the container (`sh -c`); the image's default when absent.
+    /// Shell command run in the container (`sh -c`); the image's default when absent. At most
+    /// 16384 characters, no NUL.
     #[serde(default)]
+    #[schema(max_length = 16384, pattern = "^[^\\u0000]*$")]
     pub command: Option<String>,
-    /// Cores (default 1), > 0.
+    /// Cores (default 1), at least 1/1024, at most the host's `--max-cpu`.
     #[serde(default = "one")]
-    #[schema(default = 1.0)]
+    #[schema(default = 1.0, minimum = 0.0009765625)]
     pub req_cpu: f64,
-    /// GB (default 1), > 0.
+    /// GB (default 1), at least 1/1024, at most the host's `--max-memory`.
     #[serde(default = "one")]
-    #[schema(default = 1.0)]
+    #[schema(default = 1.0, minimum = 0.0009765625)]
     pub req_memory: f64,
-    /// GB (default 0), >= 0.
+    /// GB (default 0), at most the host's `--max-storage`.
     #[serde(default)]
+    #[schema(minimum = 0.0)]
     pub req_storage: f64,
-    /// Whole devices (default 0).
+    /// Whole devices (default 0), at most the host's `--max-gpu`.
     #[serde(default)]
+    #[schema(minimum = 0.0, multiple_of = 1.0)]
     pub req_gpu: f64,
-    /// -1000..=1000, higher runs first (default 0).
+    /// Higher runs first (default 0).
     #[serde(default)]
+    #[schema(minimum = -1000, maximum = 1000)]
     pub priority: i32,
     /// Key/value labels, for placement policies and people (stored and returned as given).
     #[serde(default)]
     #[schema(schema_with = labels_schema)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
+    #[schema(schema_with = env_schema)]
     pub env: BTreeMap<String, String>,
-    /// Wall-clock limit of one attempt, 1..=604800 seconds.
+    /// Wall-clock limit of one attempt, in seconds (at most 7 days).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 604800)]
     pub timeout_s: Option<u64>,
-    /// 1..=20 (default 3). Execution is at-least-once: a task whose worker is lost is run
+    /// Attempts (default 3). Execution is at-least-once: a task whose worker is lost is run
     /// again, up to this many attempts; `1` never re-runs.
     #[serde(default = "three")]
-    #[schema(default = 3)]
+    #[schema(default = 3, minimum = 1, maximum = 20)]
     pub max_attempts: u32,
 }
 
@@ -108,9 +115,9 @@ impl Validate for TaskSpec {
             ))
         })?;
         if let Some(command) = &self.command {
-            if command.len() > MAX_COMMAND_BYTES {
+            if command.chars().count() > MAX_COMMAND_CHARS {
                 return Err(ApiError::validation(format!(
-                    "command must be at most {MAX_COMMAND_BYTES} bytes"
+                    "command must be at most {MAX_COMMAND_CHARS} characters"
                 )));
             }
             if command.contains('\0') {
@@ -168,9 +175,10 @@ pub(crate) fn check_amount(
     if !value.is_finite() {
         return Err(ApiError::validation(format!("{field} must be finite")));
     }
-    if positive && value <= 0.0 {
+    // Amounts are kept in 1/1024ths: a positive one below that would round to nothing.
+    if positive && value < RESOURCE_QUANTUM {
         return Err(ApiError::validation(format!(
-            "{field} must be greater than 0, got {value}"
+            "{field} must be at least 1/1024 (0.0009765625), got {value}"
         )));
     }
     if value < 0.0 {
@@ -181,11 +189,6 @@ pub(crate) fn check_amount(
     if value > cap {
         return Err(ApiError::validation(format!(
             "{field} must be at most {cap}, got {value}"
-        )));
-    }
-    if positive && model::quantize(value) < RESOURCE_QUANTUM {
-        return Err(ApiError::validation(format!(
-            "{field} must be at least 1/1024 (0.0009765625), got {value}"
         )));
     }
     Ok(())
@@ -225,6 +228,30 @@ fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
         )));
     }
     Ok(())
+}
+
+/// The environment of a task as the OpenAPI document states it ([`check_env`]); the total
+/// size of keys and values (64 KiB) is stated in words.
+pub(crate) fn env_schema() -> Object {
+    let key = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(MAX_ENV_KEY_LEN))
+        .pattern(Some("^[A-Za-z_][A-Za-z0-9_]*$"));
+    let value = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(r"^[^\u0000]*$"));
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .description(Some(format!(
+            "Environment variables: at most {MAX_ENV_ENTRIES}; a name matches \
+             `[A-Za-z_][A-Za-z0-9_]*` (at most {MAX_ENV_KEY_LEN} characters); values have no \
+             NUL; names and values total at most {MAX_ENV_TOTAL_BYTES} bytes."
+        )))
+        .max_properties(Some(MAX_ENV_ENTRIES))
+        .property_names(Some(key))
+        .additional_properties(Some(value))
+        .build()
 }
 
 /// The characters of a label key ([`check_labels`]), as a regular-expression class.
@@ -333,9 +360,11 @@ pub fn router() -> Router<AppState> {
 #[utoipa::path(post, path = "/v1/tasks", tag = "tasks",
     security(("bearer" = [])),
     params(("Idempotency-Key" = Option<String>, Header,
-        description = "1..=255 printable ASCII characters; makes the submission idempotent"),
+        description = "1..=255 printable ASCII characters (inner spaces allowed); makes the submission idempotent",
+        min_length = 1, max_length = 255, pattern = "^[\\x21-\\x7E](?:[\\x20-\\x7E]*[\\x21-\\x7E])?$"),
         ("wait" = Option<String>, Query,
-        description = "Wait for the task to finish: `30s`, `500ms` or seconds, at most 300 s. 200 with the result inline when it finished in time, else 202")),
+        description = "Wait for the task to finish: `30s`, `500ms` or seconds (up to 3 decimals), at most 300 s. 200 with the result inline when it finished in time, else 202",
+        pattern = "^(?:(?:(?:[0-9]|[1-9][0-9]|[12][0-9]{2})(?:\\.[0-9]{1,3})?|300(?:\\.0{1,3})?)s?|(?:[0-9]|[1-9][0-9]{1,4}|[12][0-9]{5}|300000)ms)$")),
     request_body = TaskSpec,
     responses(
         (status = 201, description = "Created and admitted: the task is queued", body = Task,
@@ -544,9 +573,11 @@ pub async fn get_task(
     security(("bearer" = [])),
     params(
         ("status" = Option<TaskStatus>, Query, description = "Only tasks in this state"),
-        ("user_id" = Option<String>, Query, description = "Only this user's tasks (users may only name themselves)"),
-        ("limit" = Option<u32>, Query, description = "Page size, 1..=max (default 50)"),
-        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+        ("user_id" = Option<String>, Query, description = "Only this user's tasks (users may only name themselves)",
+            min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._-]{1,128}$"),
+        ("limit" = Option<u32>, Query, description = "Page size (default 50)", minimum = 1, maximum = 500),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page: `<ms>.<task_id>`",
+            pattern = "^-?[0-9]{1,15}\\.[A-Za-z0-9._-]{1,128}$"),
     ),
     responses(
         (status = 200, description = "One page", body = TaskList),
@@ -620,20 +651,29 @@ pub async fn list_tasks(
     }))
 }
 
-/// The opaque cursor: base64url of `<created_at ms>:<task_id>`.
+/// The cursor: `<created_at ms>.<task_id>` (15 digits at most stay in chrono's range). Every string of that form is
+/// a position in the listing (a page starts after it), so a cursor the document allows is
+/// never refused.
 pub fn encode_cursor(cursor: &TaskCursor) -> String {
-    URL_SAFE_NO_PAD.encode(format!(
-        "{}:{}",
+    format!(
+        "{}.{}",
         cursor.created_at.timestamp_millis(),
         cursor.task_id
-    ))
+    )
 }
 
 pub fn decode_cursor(raw: &str) -> ApiResult<TaskCursor> {
-    let bad = || ApiError::bad_request("invalid_cursor", "cursor is not one this API returned");
-    let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| bad())?;
-    let text = String::from_utf8(bytes).map_err(|_| bad())?;
-    let (millis, task_id) = text.split_once(':').ok_or_else(bad)?;
+    let bad = || {
+        ApiError::bad_request(
+            "invalid_cursor",
+            "cursor is not one this API returned (`<ms>.<task_id>`)",
+        )
+    };
+    let (millis, task_id) = raw.split_once('.').ok_or_else(bad)?;
+    let digits = millis.strip_prefix('-').unwrap_or(millis);
+    if digits.is_empty() || digits.len() > 15 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
     let millis: i64 = millis.parse().map_err(|_| bad())?;
     let created_at = DateTime::from_timestamp_millis(millis).ok_or_else(bad)?;
     validate_id(task_id).map_err(|_| bad())?;
@@ -873,11 +913,21 @@ mod tests {
             task_id: "task-abc".into(),
         };
         assert_eq!(decode_cursor(&encode_cursor(&cursor)).unwrap(), cursor);
+        // Task ids may contain dots: the first one ends the milliseconds.
+        let dotted = TaskCursor {
+            created_at: DateTime::from_timestamp_millis(-5).unwrap(),
+            task_id: "a.b.c".into(),
+        };
+        assert_eq!(decode_cursor(&encode_cursor(&dotted)).unwrap(), dotted);
         for bad in [
             "",
             "!!!",
             "bm90LWEtY3Vyc29y",
-            &URL_SAFE_NO_PAD.encode("12:bad id"),
+            "12.bad id",
+            "+12.t",
+            "1234567890123456.t",
+            "12.",
+            ".t",
         ] {
             assert_eq!(
                 decode_cursor(bad).unwrap_err().code,

@@ -29,19 +29,31 @@ const MAX_WORKER_IP_LEN: usize = 255;
 #[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterWorker {
-    /// `[A-Za-z0-9._-]{1,128}`; `worker-<uuid v7>` when absent.
+    /// `worker-<uuid v7>` when absent.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._-]{1,128}$")]
     pub worker_id: Option<String>,
-    /// The address the agent reports, `host:port` (recorded; the host never connects to it).
-    #[schema(example = "10.0.0.7:7070")]
+    /// Where people find the machine, e.g. `host:port`: recorded and shown, never connected
+    /// to (the agent polls the host). At most 255 characters, no control characters; empty
+    /// when absent.
+    #[serde(default)]
+    #[schema(
+        example = "10.0.0.7:7070",
+        max_length = 255,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub worker_ip: String,
-    /// Cores, > 0.
+    /// Cores, at least 1/1024.
+    #[schema(minimum = 0.0009765625, maximum = 4096.0)]
     pub total_cpu: f64,
-    /// GB, > 0.
+    /// GB, at least 1/1024.
+    #[schema(minimum = 0.0009765625, maximum = 65536.0)]
     pub total_memory: f64,
-    /// GB, >= 0.
+    /// GB.
+    #[schema(minimum = 0.0, maximum = 1048576.0)]
     pub total_storage: f64,
-    /// Whole devices, >= 0.
+    /// Whole devices.
+    #[schema(minimum = 0.0, maximum = 1024.0, multiple_of = 1.0)]
     pub total_gpu: f64,
     /// Key/value labels placement policies read (e.g. a zone, a GPU model).
     #[serde(default)]
@@ -54,7 +66,7 @@ impl Validate for RegisterWorker {
         if let Some(id) = &self.worker_id {
             validate_id(id).map_err(|why| ApiError::validation(format!("worker_id {why}")))?;
         }
-        check_host_port(&self.worker_ip)?;
+        check_worker_ip(&self.worker_ip)?;
         check_amount("total_cpu", self.total_cpu, true, limits.max_worker_cpu)?;
         check_amount(
             "total_memory",
@@ -80,34 +92,12 @@ impl Validate for RegisterWorker {
 }
 
 /// `host:port` where host is an IPv4 address, a `[IPv6]` address or a DNS name.
-fn check_host_port(addr: &str) -> Result<(), ApiError> {
-    let bad = || {
-        ApiError::validation(format!(
-            "worker_ip '{}' must be host:port (at most {MAX_WORKER_IP_LEN} characters)",
+fn check_worker_ip(addr: &str) -> Result<(), ApiError> {
+    if addr.chars().count() > MAX_WORKER_IP_LEN || addr.chars().any(char::is_control) {
+        return Err(ApiError::validation(format!(
+            "worker_ip '{}' must be at most {MAX_WORKER_IP_LEN} characters without control characters",
             truncate_for_message(addr)
-        ))
-    };
-    if addr.len() > MAX_WORKER_IP_LEN {
-        return Err(bad());
-    }
-    if addr.parse::<std::net::SocketAddr>().is_ok() {
-        return Ok(());
-    }
-    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
-    if port.parse::<u16>().is_err() {
-        return Err(bad());
-    }
-    let label_ok = |label: &str| {
-        !label.is_empty()
-            && label.len() <= 63
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            && !label.starts_with('-')
-            && !label.ends_with('-')
-    };
-    if host.is_empty() || !host.split('.').all(label_ok) {
-        return Err(bad());
+        )));
     }
     Ok(())
 }
@@ -116,9 +106,10 @@ fn check_host_port(addr: &str) -> Result<(), ApiError> {
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatUsage {
-    /// Percent of one core, summed over cores (so up to 100 × cores); finite, >= 0.
+    /// Percent of one core, summed over cores (so up to 100 × cores).
+    #[schema(minimum = 0.0)]
     pub cpu_percent: f64,
-    /// 0..=100.
+    #[schema(minimum = 0.0, maximum = 100.0)]
     pub memory_percent: f64,
     pub running_tasks: u32,
 }
@@ -396,25 +387,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn worker_addresses_are_host_port() {
+    fn a_worker_address_is_any_text_people_can_read() {
         for ok in [
             "127.0.0.1:7070",
             "[::1]:80",
             "node-1.cluster.local:65535",
-            "localhost:1",
-        ] {
-            assert!(check_host_port(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "127.0.0.1",
-            "host:",
-            "host:70000",
-            ":80",
-            "bad host:1",
-            "-a:1",
             "",
+            "rack 4, slot 2",
         ] {
-            assert!(check_host_port(bad).is_err(), "{bad}");
+            assert!(check_worker_ip(ok).is_ok(), "{ok}");
+        }
+        let long = "a".repeat(MAX_WORKER_IP_LEN + 1);
+        for bad in ["a\nb", "tab\there", "\u{85}", long.as_str()] {
+            assert!(check_worker_ip(bad).is_err(), "{bad:?}");
         }
     }
 }

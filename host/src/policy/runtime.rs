@@ -242,6 +242,15 @@ impl PolicyRuntime {
         &self.settings
     }
 
+    /// The largest memory limit (MiB) and deadline (ms) a version may ask for.
+    pub fn limit_caps(&self) -> (u64, u64) {
+        let caps = self.engine.settings();
+        (
+            (caps.max_memory_bytes as u64) >> 20,
+            u64::try_from(caps.max_deadline.as_millis()).unwrap_or(u64::MAX),
+        )
+    }
+
     /// A version's own limits from its stored fields (`None`: the defaults), each unset one
     /// taken from [`RuntimeSettings::default_limits`]; `Err` names a limit over the engine's
     /// caps ([`EngineSettings::max_memory_bytes`](super::EngineSettings), `max_deadline`).
