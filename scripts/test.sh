@@ -3,8 +3,8 @@
 # packages as root, rustup targets and components), brings up the services the tests need (FerretDB, Docker) when
 # absent, builds the policy components the policy tests load (the Rust guests, then the
 # JavaScript and Python examples), installs the browser tests' packages, then formatting, lints,
-# and every test of the workspace (host, end-to-end with the dashboard in Chromium, and the
-# policies' native unit tests) against the real services.
+# every test of the workspace (host, end-to-end with the dashboard in Chromium, and the
+# policies' native unit tests) against the real services, and schemathesis on the API.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,6 +48,8 @@ stage "cargo test (MongoDB tests against $CLOUDAI_TEST_MONGODB_URI)"
 cargo test --workspace --locked
 stage "systemd units (deploy/): systemd-analyze verify, against the binary the e2e tests built"
 scripts/check-units.sh "$CARGO_TARGET_DIR/debug/cloudai-under-test"
+stage "the API's contract: schemathesis, every check and phase, against a real cloudai serve"
+scripts/schemathesis.sh "$CARGO_TARGET_DIR/debug/cloudai-under-test"
 stage "the otlp feature: lints, and spans exported to a collector on loopback"
 cargo clippy -p cloudai --features otlp --all-targets --locked -- -D warnings
 cargo test -p cloudai --features otlp --lib --locked telemetry
