@@ -416,6 +416,16 @@ pub fn document(
     document
 }
 
+/// The operations a creation's answer feeds (OpenAPI links), from the `POST` on `path`.
+struct Links {
+    path: &'static str,
+    statuses: &'static [&'static str],
+    /// Path parameter and where in the answer it is.
+    parameters: &'static [(&'static str, &'static str)],
+    /// `operationId`s.
+    operations: &'static [&'static str],
+}
+
 /// What the typed document cannot say: the shape of each Server-Sent Event, a pattern built
 /// from the parser's grammar, and parameters that are absent rather than `null` on the wire.
 fn patch_document(document: &mut serde_json::Value) {
@@ -471,35 +481,51 @@ fn patch_document(document: &mut serde_json::Value) {
     }
     // Links: what a creation answers feeds the operations on what it created (clients and
     // stateful testers follow them).
-    let links: [(&str, &[&str], &[(&str, &str)], &[&str]); 3] = [
-        (
-            "/v1/tasks",
-            &["201", "202"],
-            &[("task_id", "$response.body#/task_id")],
-            &["get_task", "get_result", "cancel_task", "list_task_assignments", "get_logs", "list_outputs"],
-        ),
-        (
-            "/v1/workers",
-            &["201"],
-            &[("worker_id", "$response.body#/worker/worker_id")],
-            &["get_worker", "drain_worker", "undrain_worker", "delete_worker"],
-        ),
-        (
-            "/v1/policies",
-            &["201"],
-            &[("name", "$response.body#/policy/name"), ("version", "$response.body#/policy/version")],
-            &["get_policy", "delete_policy_version"],
-        ),
+    let links = [
+        Links {
+            path: "/v1/tasks",
+            statuses: &["201", "202"],
+            parameters: &[("task_id", "$response.body#/task_id")],
+            operations: &[
+                "get_task",
+                "get_result",
+                "cancel_task",
+                "list_task_assignments",
+                "get_logs",
+                "list_outputs",
+            ],
+        },
+        Links {
+            path: "/v1/workers",
+            statuses: &["201"],
+            parameters: &[("worker_id", "$response.body#/worker/worker_id")],
+            operations: &[
+                "get_worker",
+                "drain_worker",
+                "undrain_worker",
+                "delete_worker",
+            ],
+        },
+        Links {
+            path: "/v1/policies",
+            statuses: &["201"],
+            parameters: &[
+                ("name", "$response.body#/policy/name"),
+                ("version", "$response.body#/policy/version"),
+            ],
+            operations: &["get_policy", "delete_policy_version"],
+        },
     ];
-    for (path, statuses, parameters, operations) in links {
-        for status in statuses {
-            let Some(response) = document["paths"][path]["post"]["responses"].get_mut(*status)
+    for link in links {
+        for status in link.statuses {
+            let Some(response) = document["paths"][link.path]["post"]["responses"].get_mut(*status)
             else {
                 continue;
             };
             let mut map = serde_json::Map::new();
-            for operation in operations {
-                let wanted: serde_json::Map<_, _> = parameters
+            for operation in link.operations {
+                let wanted: serde_json::Map<_, _> = link
+                    .parameters
                     .iter()
                     .filter(|(name, _)| *name != "version" || *operation == "delete_policy_version")
                     .map(|(name, from)| (name.to_string(), json!(from)))
@@ -701,5 +727,36 @@ mod tests {
             events["properties"]["data"]["contentMediaType"],
             "application/json"
         );
+        let link = &document["paths"]["/v1/tasks"]["post"]["responses"]["201"]["links"]["get_task"];
+        assert_eq!(
+            link["parameters"]["task_id"], "$response.body#/task_id",
+            "{link}"
+        );
+        let operations = || {
+            paths
+                .values()
+                .flat_map(|item| item.as_object().unwrap().values())
+        };
+        let operation_ids: Vec<&str> = operations()
+            .filter_map(|operation| operation["operationId"].as_str())
+            .collect();
+        let mut links = 0;
+        for operation in operations() {
+            for response in operation["responses"].as_object().unwrap().values() {
+                for link in response["links"]
+                    .as_object()
+                    .into_iter()
+                    .flat_map(|l| l.values())
+                {
+                    let target = link["operationId"].as_str().unwrap();
+                    assert!(
+                        operation_ids.contains(&target),
+                        "a link to no operation: {target}"
+                    );
+                    links += 1;
+                }
+            }
+        }
+        assert!(links >= 12, "{links} links");
     }
 }
