@@ -367,9 +367,9 @@ pub fn router() -> Router<AppState> {
         pattern = "^(?:(?:(?:[0-9]|[1-9][0-9]|[12][0-9]{2})(?:\\.[0-9]{1,3})?|300(?:\\.0{1,3})?)s?|(?:[0-9]|[1-9][0-9]{1,4}|[12][0-9]{5}|300000)ms)$")),
     request_body = TaskSpec,
     responses(
-        (status = 201, description = "Created and admitted: the task is queued", body = Task,
+        (status = 201, description = "Created and admitted: the task is queued (or already further along, when an admission pass admitted it first)", body = Task,
             headers(("Location" = String, description = "/v1/tasks/{task_id}"))),
-        (status = 202, description = "Created, still pending: admission deferred it (the reason is in `status_reason`) or will check it shortly", body = Task,
+        (status = 202, description = "Created, not admitted yet: admission deferred it (the reason is in `status_reason`) or will check it shortly; or, rarely, it was decided elsewhere before this request's check applied (cancelled by its owner, or failed by an admission pass): the body is the task as it is", body = Task,
             headers(("Location" = String, description = "/v1/tasks/{task_id}"))),
         (status = 200, description = "Replay of an earlier submission with the same key (a Task); with `wait`, the task finished in time (a TaskWithResult)", body = TaskWithResult,
             headers(("Idempotency-Replayed" = String, description = "true on a replay"))),
@@ -451,16 +451,17 @@ pub async fn submit_task(
                 (StatusCode::CREATED, task)
             }
             Ok(Admitted::Rejected { task, reason }) => {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "admission_rejected",
-                    format!(
-                        "task {} was rejected by the admission policy and is stored as failed: {reason}",
-                        task.task_id
-                    ),
-                ));
+                return Err(admission_rejected(&task, &reason));
             }
             Ok(Admitted::Deferred { task, .. }) => (StatusCode::ACCEPTED, task),
+            // Moved on before this check could apply: an admission pass took it (only after
+            // the back-off, so when this check was slow), or its owner cancelled it. The
+            // answer is the task as it is: 201 once admitted, 202 otherwise (the body says).
+            Err(StoreError::Conflict { .. }) => {
+                let task = state.store.get_task(&outcome.task.task_id).await?;
+                tracing::debug!(task_id = %task.task_id, status = %task.status, "the task was decided before its inline admission applied");
+                (answer_for_decided(&task), task)
+            }
             Err(error) => {
                 tracing::warn!(task_id = %outcome.task.task_id, %error, "inline admission did not finish; the scheduler will check the task");
                 state.wakeup.wake();
@@ -531,6 +532,26 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
     }
     let key = value.to_str().map_err(|_| bad())?;
     Ok(Some(key.to_string()))
+}
+
+/// The submission's answer for a task decided before its inline admission applied: 201 once
+/// admitted (queued, or further along), 202 otherwise (the body says what became of it).
+fn answer_for_decided(task: &Task) -> StatusCode {
+    match task.status {
+        TaskStatus::Queued | TaskStatus::Running | TaskStatus::Completed => StatusCode::CREATED,
+        TaskStatus::Pending | TaskStatus::Failed | TaskStatus::Cancelled => StatusCode::ACCEPTED,
+    }
+}
+
+fn admission_rejected(task: &Task, reason: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "admission_rejected",
+        format!(
+            "task {} was rejected by the admission policy and is stored as failed: {reason}",
+            task.task_id
+        ),
+    )
 }
 
 /// Reads a task the caller may see: 404 when absent, 403 when another user's.
@@ -903,6 +924,28 @@ mod tests {
             let err = s.validate(&limits).unwrap_err();
             assert_eq!(err.code, "validation_failed");
             assert!(err.message.contains(field), "{field}: {}", err.message);
+        }
+    }
+
+    /// A task decided before its submission's check applied is answered by what it became:
+    /// 201 only once admitted, never the undocumented "202 with a queued task".
+    #[test]
+    fn a_task_decided_elsewhere_is_answered_by_its_state() {
+        for status in TaskStatus::ALL {
+            let mut task = Task::new_pending(
+                "t".into(),
+                "alice".into(),
+                "busybox".into(),
+                Resources::new(1.0, 1.0, 0.0, 0.0),
+            );
+            task.status = status;
+            let expected = match status {
+                TaskStatus::Queued | TaskStatus::Running | TaskStatus::Completed => {
+                    StatusCode::CREATED
+                }
+                _ => StatusCode::ACCEPTED,
+            };
+            assert_eq!(answer_for_decided(&task), expected, "{status}");
         }
     }
 

@@ -199,7 +199,11 @@ impl Scheduler {
                 })
                 .await?;
             for task in page.tasks {
-                if !tasks.iter().any(|t| t.task_id == task.task_id) {
+                // Only tasks a check deferred (they carry its reason): a task never checked is
+                // its submission's to admit inline, and deciding it here too would race that
+                // answer (the back-off path takes it if the submission could not).
+                if task.status_reason.is_some() && !tasks.iter().any(|t| t.task_id == task.task_id)
+                {
                     tasks.push(task);
                 }
             }

@@ -583,6 +583,50 @@ async fn a_deferred_task_stays_pending_with_its_reason_until_the_backoff_then_is
     assert_eq!(queued.status_reason, None);
 }
 
+/// When a user's usage goes down, the pass checks that user's deferred tasks at once, but not
+/// the ones never checked: those are their submissions' to admit inline (deciding them here
+/// too raced the submission's answer).
+#[tokio::test]
+async fn a_usage_change_brings_deferred_tasks_forward_not_the_ones_being_submitted() {
+    let (store, _guard) = sqlite();
+    let fresh = store
+        .insert_task(&sample_task(&unique_id("task"), "alice"), None)
+        .await
+        .unwrap()
+        .task;
+    let deferred = store
+        .insert_task(&sample_task(&unique_id("task"), "alice"), None)
+        .await
+        .unwrap()
+        .task;
+    admission::apply(
+        &*store,
+        &deferred,
+        AdmissionDecision::Defer("quota full".into()),
+    )
+    .await
+    .unwrap();
+    let wakeup = Wakeup::new();
+    let patient = Scheduler::new(
+        store.clone(),
+        policies(),
+        wakeup.clone(),
+        SchedulerConfig {
+            admission_backoff: Duration::from_secs(3600),
+            ..config(100)
+        },
+    );
+    wakeup.usage_changed("alice");
+    let stats = patient.admission_pass().await.unwrap();
+    assert_eq!((stats.checked, stats.queued), (1, 1), "{stats:?}");
+    let status = |id: String| {
+        let store = store.clone();
+        async move { store.get_task(&id).await.unwrap().status }
+    };
+    assert_eq!(status(deferred.task_id.clone()).await, TaskStatus::Queued);
+    assert_eq!(status(fresh.task_id.clone()).await, TaskStatus::Pending);
+}
+
 /// A deferral lasts until the back-off, unless one of the user's tasks ends first: then the
 /// deferred task is checked again in the next pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
