@@ -198,7 +198,7 @@ pub struct ServeArgs {
     #[arg(long, env = "CLOUDAI_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Serve HTTPS with this certificate (PEM; the server's certificate first, then any
-    /// intermediates). Read at start-up: restart the host to take a renewed one.
+    /// intermediates). Read at start-up and again on SIGHUP (a renewed certificate).
     #[arg(long, env = "CLOUDAI_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).

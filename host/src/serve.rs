@@ -189,9 +189,12 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     // Checked before anything is opened: a refused start changes nothing.
     check_plain_http(&config)?;
-    let tls = match &config.tls {
-        Some(tls) => Some(tls.server_config()?),
-        None => None,
+    let (tls, certificate) = match &config.tls {
+        Some(tls) => {
+            let (server_config, certificate) = tls.server_config()?;
+            (Some(server_config), Some(certificate))
+        }
+        None => (None, None),
     };
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
@@ -247,6 +250,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let local = listener.local_addr().context("reading the bound address")?;
+    reload_on_sighup(certificate);
     let stop_serving = CancellationToken::new();
     tokio::spawn({
         let stop_serving = stop_serving.clone();
@@ -336,6 +340,39 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     stop_events.cancel();
     tracing::info!("cloudai host stopped");
     Ok(())
+}
+
+/// Reads the certificate and key files again on each SIGHUP (what `systemctl reload` and
+/// certificate renewal hooks send): new connections get the renewed certificate; a file that
+/// does not load leaves the current one, and says why. Without TLS a SIGHUP changes nothing
+/// (rather than ending the process, its default).
+fn reload_on_sighup(certificate: Option<Arc<crate::tls::ServerCertificate>>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGHUP: the TLS certificate is read at start-up only");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            let Some(certificate) = &certificate else {
+                tracing::info!("SIGHUP: nothing to reload (no --tls-cert)");
+                continue;
+            };
+            match certificate.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Err(error) => tracing::error!(
+                    error = format!("{error:#}"),
+                    "SIGHUP: the TLS certificate did not load; still serving the previous one"
+                ),
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    drop(certificate);
 }
 
 /// Refuses plain HTTP on an address other machines reach unless the operator asked for it:

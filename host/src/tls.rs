@@ -5,12 +5,14 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use rustls::RootCertStore;
-use rustls::server::WebPkiClientVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
@@ -36,18 +38,71 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in flight at once; further connections wait in the kernel's backlog.
 const MAX_HANDSHAKES: usize = 256;
 
-impl ServerTls {
-    /// Reads and checks the files (the key must match the certificate), so that a mistake is
-    /// reported at start-up, naming the file, rather than at the first connection.
-    pub fn server_config(&self) -> anyhow::Result<rustls::ServerConfig> {
-        let chain = read_certificates(&self.cert, "--tls-cert")?;
-        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| {
+/// The certificate the server presents, replaced while it runs by [`Self::reload`] (on
+/// SIGHUP): renewed certificates are taken without a restart, by new connections.
+#[derive(Debug)]
+pub struct ServerCertificate {
+    cert: PathBuf,
+    key: PathBuf,
+    provider: Arc<CryptoProvider>,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ServerCertificate {
+    fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> anyhow::Result<CertifiedKey> {
+        let chain = read_certificates(cert, "--tls-cert")?;
+        let private = PrivateKeyDer::from_pem_file(key).map_err(|e| {
             anyhow::anyhow!(
                 "--tls-key {}: no private key read ({e}); expected a PEM file with a PKCS#8, PKCS#1 or SEC1 key",
-                self.key.display()
+                key.display()
             )
         })?;
+        CertifiedKey::from_der(chain, private, provider).with_context(|| {
+            format!(
+                "--tls-cert {} with --tls-key {}",
+                cert.display(),
+                key.display()
+            )
+        })
+    }
+
+    /// Reads the files again; a mistake leaves the current certificate in place.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let loaded = Self::load(&self.cert, &self.key, &self.provider)?;
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *current = Arc::new(loaded);
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for ServerCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        )
+    }
+}
+
+impl ServerTls {
+    /// Reads and checks the files (the key must match the certificate), so that a mistake is
+    /// reported at start-up, naming the file, rather than at the first connection. The
+    /// certificate handle reloads the certificate and key files.
+    pub fn server_config(&self) -> anyhow::Result<(rustls::ServerConfig, Arc<ServerCertificate>)> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certificate = Arc::new(ServerCertificate {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            current: RwLock::new(Arc::new(ServerCertificate::load(
+                &self.cert, &self.key, &provider,
+            )?)),
+            provider: provider.clone(),
+        });
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .context("choosing the TLS protocol versions")?;
@@ -69,16 +124,10 @@ impl ServerTls {
                 builder.with_client_cert_verifier(verifier)
             }
         };
-        let mut config = builder.with_single_cert(chain, key).with_context(|| {
-            format!(
-                "--tls-cert {} with --tls-key {}",
-                self.cert.display(),
-                self.key.display()
-            )
-        })?;
+        let mut config = builder.with_cert_resolver(certificate.clone());
         // axum serves HTTP/1.1 (its http2 feature is off).
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(config)
+        Ok((config, certificate))
     }
 }
 
@@ -194,7 +243,7 @@ mod tests {
             client_ca: client_ca.map(Path::to_path_buf),
         }
         .server_config()
-        .map(|_| ())
+        .map(drop)
     }
 
     #[test]

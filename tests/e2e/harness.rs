@@ -253,6 +253,20 @@ impl TestHost {
         Ok(())
     }
 
+    /// Sends `signal` (`HUP`, ...) to the host process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("running kill");
+        assert!(
+            status.success(),
+            "kill -{signal} {} failed",
+            self.child.id()
+        );
+    }
+
     /// Sends SIGTERM (what a service manager's stop sends) and waits for the process to exit,
     /// at most `within`: its exit status and how long it took. A process still running then
     /// is killed and reported with its log.

@@ -421,6 +421,62 @@ async fn workers_join_an_https_host_and_run_its_tasks() {
     let _ = worker.wait();
 }
 
+/// A renewed certificate is taken on SIGHUP, without a restart; files that do not load leave
+/// the current one in place. A host without TLS lives through a SIGHUP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_after_sighup() {
+    let first = Pki::generate();
+    let renewed = Pki::generate();
+    let flags = [
+        "--no-local-worker".to_string(),
+        "--tls-cert".into(),
+        first.arg("server.pem"),
+        "--tls-key".into(),
+        first.arg("server.key"),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let host = TestHost::start_with(StoreKind::Embedded, &flags).expect("host starts");
+    let health = format!("{}/healthz", host.url);
+    let served = async |client: reqwest::Client| client.get(&health).send().await;
+    assert!(served(first.client(Some("ca.pem"), None)).await.is_ok());
+
+    // A broken file: refused, and the current certificate still served.
+    std::fs::write(first.path("server.pem"), "not a certificate").unwrap();
+    host.signal("HUP");
+    host.wait_for_log(
+        "did not load; still serving the previous one",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert!(served(first.client(Some("ca.pem"), None)).await.is_ok());
+
+    // The renewed certificate (another CA here, so that the two are told apart).
+    std::fs::copy(renewed.path("server.pem"), first.path("server.pem")).unwrap();
+    std::fs::copy(renewed.path("server.key"), first.path("server.key")).unwrap();
+    host.signal("HUP");
+    host.wait_for_log("TLS certificate reloaded", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let answer = served(renewed.client(Some("ca.pem"), None)).await;
+    assert!(
+        answer.is_ok(),
+        "the renewed certificate is not served: {answer:?}"
+    );
+    let old = served(first.client(Some("ca.pem"), None)).await;
+    assert!(old.is_err(), "the old certificate is still served: {old:?}");
+
+    // Without TLS, SIGHUP changes nothing (its default would end the process).
+    let plain = TestHost::start(StoreKind::Embedded).expect("host starts");
+    plain.signal("HUP");
+    plain
+        .wait_for_log("SIGHUP: nothing to reload", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let (status, _) = plain.call(Method::GET, "/healthz", None, None, &[]).await;
+    assert_eq!(status, 200);
+}
+
 /// Plain HTTP on an address other machines reach is refused at start-up, before anything is
 /// opened, and says how to serve it; nothing is bound (the check runs before the bind).
 #[test]
