@@ -109,7 +109,7 @@ test('the submit form shows the API\'s validation message beside the form', asyn
   await page.fill('#f-req_cpu', '-1');
   await page.click('#submit-form button[type=submit]');
   await page.waitForSelector('[data-testid=submit-error]:not([hidden])');
-  assert.match(await page.textContent('[data-testid=submit-error]'), /req_cpu must be greater than 0.*validation_failed/);
+  assert.match(await page.textContent('[data-testid=submit-error]'), /req_cpu must be at least 1\/1024.*validation_failed/);
   assert.equal(await page.getAttribute('#f-req_cpu', 'aria-invalid'), 'true');
   await shot('submit-invalid');
 });
