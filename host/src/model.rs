@@ -510,7 +510,8 @@ pub struct RuntimeSample {
     pub runtime_s: f64,
 }
 
-/// Which decision a policy component makes (DESIGN §5): one active version per kind.
+/// Which decision a policy component makes (docs/consistency.md, "Policies"): one active
+/// version per kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PolicyKind {

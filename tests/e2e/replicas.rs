@@ -1,6 +1,6 @@
 //! Several `cloudai serve` replicas on one MongoDB-protocol database, driven by simulated
 //! workers (tokio tasks speaking the worker API; no containers): every task completes exactly
-//! once and no worker is ever overcommitted (DESIGN §4), also while replicas are SIGKILLed.
+//! once and no worker is ever overcommitted (docs/consistency.md), also while replicas are SIGKILLed.
 //!
 //! Sizes (CI runs the small defaults): `CLOUDAI_E2E_REPLICA_TASKS` (default 200) tasks on
 //! `CLOUDAI_E2E_REPLICA_WORKERS` (default 30) workers; the full run is
@@ -367,7 +367,7 @@ async fn worker(
     Ok(())
 }
 
-/// DESIGN §4 on every worker: allocated == sum of active assignments, available == total −
+/// The invariant of docs/consistency.md on every worker: allocated == sum of active assignments, available == total −
 /// allocated, 0 ≤ allocated ≤ total. The first violation, if any.
 async fn invariant_violation(store: &MongoStore) -> Option<String> {
     for w in store.list_workers().await.unwrap() {

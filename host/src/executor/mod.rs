@@ -1,5 +1,5 @@
-//! The container executor: runs one task as one Docker container through bollard (DESIGN.md
-//! section 6) and hands back its result. A library with no store or HTTP in it: the worker
+//! The container executor: runs one task as one Docker container through bollard and hands
+//! back its result. A library with no store or HTTP in it: the worker
 //! agent calls [`Executor::run`] for each assignment and [`Executor::reconcile`] on restart.
 //!
 //! One run: pull the image when absent (bounded in time), create a labelled, limited and
@@ -8,7 +8,7 @@
 //! timeout (grace period, then kill), collect `/output`, and remove the container. The
 //! container is removed on every path, including errors and a dropped `run` future.
 //!
-//! Units are the task's (DESIGN.md section 2): cpu in cores, memory and storage in GB, where a
+//! Units are the task's (docs/consistency.md, "Units"): cpu in cores, memory and storage in GB, where a
 //! GB is 2^30 bytes so that the quantized requests (multiples of 1/1024) are whole MiB.
 
 use std::collections::{BTreeMap, HashMap};

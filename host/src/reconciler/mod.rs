@@ -1,5 +1,5 @@
-//! The reconciler: repairs what crashes, lost workers and races leave behind (DESIGN.md
-//! section 4), on one host replica at a time.
+//! The reconciler: repairs what crashes, lost workers and races leave behind
+//! (docs/consistency.md), on one host replica at a time.
 //!
 //! Every replica runs a [`Reconciler`]; only the one holding the store's `reconciler` lease
 //! acts ([`lease`]). The lease saves work, it does not make the repairs safe: every repair is

@@ -1,5 +1,5 @@
 //! The scheduler: admission (pending -> queued | failed) and placement rounds (queued ->
-//! running) over the store and the policy runtime, following DESIGN.md section 4.
+//! running) over the store and the policy runtime, following docs/consistency.md.
 //!
 //! Nothing here is shared between host replicas except through the store: a task is placed
 //! only by the replica whose claim (owner + lease) it holds, a reservation is the store's one

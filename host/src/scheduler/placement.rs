@@ -2,7 +2,7 @@
 //! call for the batch, then the round's assignments written together by the store
 //! ([`Store::place_round`](crate::store::Store::place_round)): claim the tasks -> reserve on
 //! each worker (one conditional update per worker) -> insert the ASSIGNMENTS -> mark the
-//! tasks running (conditional on the round's claim), DESIGN.md section 4.
+//! tasks running (conditional on the round's claim), as docs/consistency.md describes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -186,7 +186,7 @@ impl Scheduler {
             }
         }
         // The policy planned the whole batch within the capacity it saw, so the round's
-        // placements are written together (DESIGN.md section 4, per round): a few store
+        // placements are written together (docs/consistency.md, per round): a few store
         // commands for the round, or one transaction, whatever its size. A lost race is
         // re-planned next round with fresh data.
         // Its workers are written to next: this round's copy must not hold the view.

@@ -100,7 +100,7 @@ pub(crate) async fn active_assignments(
         .unwrap()
 }
 
-/// DESIGN §4's invariant on every worker, exactly: `0 <= allocated <= total`,
+/// The invariant of docs/consistency.md on every worker, exactly: `0 <= allocated <= total`,
 /// `available = total - allocated`, `allocated` = the sum of its active assignments.
 pub(crate) async fn assert_accounting(store: &dyn Store) {
     for worker in store.list_workers().await.unwrap() {

@@ -412,7 +412,7 @@ fn assert_invariant(worker: &Worker, when: &str) {
     );
 }
 
-/// DESIGN §4: a worker's `allocated_*` equals the sum of its active assignments' requests
+/// The invariant (docs/consistency.md): a worker's `allocated_*` equals the sum of its active assignments' requests
 /// (exactly: quantized amounts add exactly in any order).
 async fn assert_allocated_matches_assignments(store: &dyn Store, worker_id: &str, when: &str) {
     let worker = store.get_worker(worker_id).await.unwrap();

@@ -1,4 +1,4 @@
-//! Writing a placement round: the protocol of DESIGN.md section 4, applied to a whole round's
+//! Writing a placement round: the protocol of docs/consistency.md, applied to a whole round's
 //! decisions at once rather than task by task.
 //!
 //! [`place_in_steps`] is the protocol for a store whose writes are separate commands (MongoDB):
