@@ -634,7 +634,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let entry = json!({
                 "user_id": args.user,
                 "role": if args.admin { "admin" } else { "user" },
-                "token_sha256": auth::sha256_hex(&token),
+                "token_sha256": auth::token_sha256_hex(&token),
             });
             println!("token: {token}");
             println!(

@@ -108,7 +108,7 @@ pub fn build_authenticator(config: &ServeConfig) -> anyhow::Result<Authenticator
         tokens.push(TokenEntry {
             user_id: "admin".to_string(),
             role: Role::Admin,
-            token_sha256: auth::sha256_hex(token),
+            token_sha256: auth::token_sha256_hex(token),
         });
     }
     if !tokens.iter().any(|t| t.role == Role::Admin) {
@@ -122,13 +122,13 @@ pub fn build_authenticator(config: &ServeConfig) -> anyhow::Result<Authenticator
         tokens.push(TokenEntry {
             user_id: "admin".to_string(),
             role: Role::Admin,
-            token_sha256: auth::sha256_hex(&token),
+            token_sha256: auth::token_sha256_hex(&token),
         });
     }
     let join_token = join_token(config)?;
     Ok(Authenticator::new(
         tokens,
-        Some(auth::sha256_hex(&join_token)),
+        Some(auth::token_sha256_hex(&join_token)),
     ))
 }
 

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use cloudai::api::auth::sha256_hex;
+use cloudai::api::auth::token_sha256_hex;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
@@ -114,7 +114,7 @@ impl TestHost {
     ) -> anyhow::Result<TestHost> {
         let tokens_file = data_dir.path().join("tokens.json");
         let tokens = json!({"tokens": [
-            {"user_id": "alice", "role": "user", "token_sha256": sha256_hex(ALICE_TOKEN)},
+            {"user_id": "alice", "role": "user", "token_sha256": token_sha256_hex(ALICE_TOKEN)},
             {"user_id": "bob", "role": "user", "token": BOB_TOKEN},
         ]});
         std::fs::write(&tokens_file, tokens.to_string())?;

@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use crate::api::auth::{Authenticator, Role, TokenEntry, sha256_hex};
+use crate::api::auth::{Authenticator, Role, TokenEntry, token_sha256_hex};
 use crate::api::{AppState, Limits, router};
 use crate::model::TaskStatus;
 use crate::policy::{EngineSettings, PolicyEngine, PolicyRuntime, RuntimeSettings};
@@ -61,15 +61,15 @@ impl Api {
                     TokenEntry {
                         user_id: "alice".into(),
                         role: Role::User,
-                        token_sha256: sha256_hex(ALICE),
+                        token_sha256: token_sha256_hex(ALICE),
                     },
                     TokenEntry {
                         user_id: "bob".into(),
                         role: Role::User,
-                        token_sha256: sha256_hex(BOB),
+                        token_sha256: token_sha256_hex(BOB),
                     },
                 ],
-                Some(sha256_hex(JOIN)),
+                Some(token_sha256_hex(JOIN)),
             )),
             limits: Arc::new(limits),
             policies: policies.clone(),

@@ -138,7 +138,7 @@ impl Authenticator {
         store: &dyn crate::store::Store,
     ) -> Result<Principal, ApiError> {
         let token = bearer_token(headers)?;
-        let hash = sha256_hex(token);
+        let hash = token_sha256_hex(token);
 
         // Every configured entry is compared, so the time taken does not tell which matched.
         let mut found: Option<&TokenEntry> = None;
@@ -225,7 +225,7 @@ pub fn generate_worker_token(worker_id: &str) -> String {
 }
 
 /// SHA-256 of `token`, lowercase hex.
-pub fn sha256_hex(token: &str) -> String {
+pub fn token_sha256_hex(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
@@ -324,7 +324,7 @@ pub fn load_tokens_file(path: &Path) -> Result<Vec<TokenEntry>, TokensFileError>
                         "token must be at least 16 characters, without whitespace".into(),
                     ));
                 }
-                sha256_hex(token)
+                token_sha256_hex(token)
             }
             _ => {
                 return Err(invalid("give exactly one of token_sha256 or token".into()));
@@ -361,7 +361,7 @@ mod tests {
     #[test]
     fn tokens_file_loads_hashes_and_plaintext() {
         let dir = tempfile::tempdir().unwrap();
-        let hash = sha256_hex("cai_u_alice_secret_token");
+        let hash = token_sha256_hex("cai_u_alice_secret_token");
         let path = write(
             &dir,
             &format!(
@@ -374,7 +374,10 @@ mod tests {
         assert_eq!(tokens.len(), 2);
         assert_eq!(tokens[0].token_sha256, hash);
         assert_eq!(tokens[1].role, Role::Admin);
-        assert_eq!(tokens[1].token_sha256, sha256_hex("cai_u_ops_secret_token"));
+        assert_eq!(
+            tokens[1].token_sha256,
+            token_sha256_hex("cai_u_ops_secret_token")
+        );
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::policy::bindings::types::AdmissionDecision;
 use crate::policy::snapshot::ClusterSnapshot;
 use crate::policy::sync::{LoadFromStoreError, load_from_store};
 use crate::policy::{Decision, LoadOptions, PolicyError, PolicyRuntime, native};
-use crate::store::{StoreError, policy_sha256};
+use crate::store::{StoreError, sha256_hex};
 
 /// Largest `config` of a policy, in bytes.
 const MAX_CONFIG_BYTES: usize = 64 * 1024;
@@ -495,7 +495,7 @@ async fn run_upload(
         name: name.clone(),
         version: version.clone(),
         kind: loaded_kind,
-        sha256: policy_sha256(&bytes),
+        sha256: sha256_hex(&bytes),
         size_bytes: bytes.len() as u64,
         config,
         uploaded_at: model::now(),

@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use crate::api::auth::{Authenticator, Role, TokenEntry, sha256_hex};
+use crate::api::auth::{Authenticator, Role, TokenEntry, token_sha256_hex};
 use crate::api::{AppState, Limits, router};
 use crate::model::{Resources, TaskStatus};
 use crate::policy::guest_tests::{guest, wasm_dir};
@@ -66,7 +66,7 @@ impl Api {
         let entry = |user: &str, role, token: &str| TokenEntry {
             user_id: user.into(),
             role,
-            token_sha256: sha256_hex(token),
+            token_sha256: token_sha256_hex(token),
         };
         let state = AppState {
             store: store.clone(),
@@ -244,7 +244,7 @@ async fn uploads_raw_and_multipart_are_validated_stored_and_listed() {
     assert_eq!(raw["policy"]["uploaded_by"], "ops");
     assert_eq!(
         raw["policy"]["sha256"],
-        crate::store::policy_sha256(&api.guest("best-fit"))
+        crate::store::sha256_hex(&api.guest("best-fit"))
     );
     assert!(raw["compile_ms"].as_f64().unwrap() >= 0.0);
     assert!(raw["validate_ms"].as_f64().unwrap() > 0.0);
@@ -544,7 +544,7 @@ async fn a_taken_version_is_409_and_users_get_403_everywhere() {
     let kept = api.store.get_policy_version("best-fit", "1").await.unwrap();
     assert_eq!(
         kept.sha256,
-        crate::store::policy_sha256(&api.guest("best-fit"))
+        crate::store::sha256_hex(&api.guest("best-fit"))
     );
 
     let routes = [

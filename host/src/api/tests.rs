@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use super::auth::{Authenticator, Role, TokenEntry, sha256_hex};
+use super::auth::{Authenticator, Role, TokenEntry, token_sha256_hex};
 use super::{AppState, Limits, router};
 use crate::model::{self, Assignment, ResultStatus, TaskResult, TaskStatus};
 use crate::store::sqlite::SqliteStore;
@@ -58,7 +58,7 @@ impl TestApi {
         ];
         let state = AppState {
             store: store.clone(),
-            auth: Arc::new(Authenticator::new(tokens, Some(sha256_hex(JOIN)))),
+            auth: Arc::new(Authenticator::new(tokens, Some(token_sha256_hex(JOIN)))),
             limits: Arc::new(Limits::default()),
             policies: Arc::new(crate::policy::PolicyRuntime::new(
                 crate::policy::PolicyEngine::new(crate::policy::EngineSettings::default()).unwrap(),
@@ -160,7 +160,7 @@ fn entry(user_id: &str, role: Role, token: &str) -> TokenEntry {
     TokenEntry {
         user_id: user_id.into(),
         role,
-        token_sha256: sha256_hex(token),
+        token_sha256: token_sha256_hex(token),
     }
 }
 
@@ -825,7 +825,7 @@ async fn worker_lifecycle_with_its_own_token() {
     );
     assert_eq!(
         api.store.get_worker("w1").await.unwrap().token_sha256,
-        sha256_hex(&token)
+        token_sha256_hex(&token)
     );
 
     let taken = api.register(ADMIN, worker_body("w1")).await;

@@ -207,7 +207,7 @@ pub async fn register_worker(
             body.total_gpu,
         ),
         body.labels,
-        auth::sha256_hex(&token),
+        auth::token_sha256_hex(&token),
     );
     state.store.insert_worker(&worker).await?;
     state.wakeup.capacity_changed();

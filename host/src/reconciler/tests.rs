@@ -791,7 +791,7 @@ async fn a_lost_worker_heartbeating_through_the_api_is_active_again() {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
-    use crate::api::auth::{Authenticator, sha256_hex};
+    use crate::api::auth::{Authenticator, token_sha256_hex};
     use crate::api::{AppState, Limits};
 
     const JOIN: &str = "cai_j_reconciler_test_join_token";
@@ -799,7 +799,7 @@ async fn a_lost_worker_heartbeating_through_the_api_is_active_again() {
     let wakeup = Wakeup::new();
     let app = crate::api::router(AppState {
         store: store.clone(),
-        auth: Arc::new(Authenticator::new(Vec::new(), Some(sha256_hex(JOIN)))),
+        auth: Arc::new(Authenticator::new(Vec::new(), Some(token_sha256_hex(JOIN)))),
         limits: Arc::new(Limits::default()),
         policies: policies(),
         wakeup: wakeup.clone(),

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use super::*;
-use crate::api::auth::{Authenticator, Role, TokenEntry, sha256_hex};
+use crate::api::auth::{Authenticator, Role, TokenEntry, token_sha256_hex};
 use crate::api::{AppState, Limits};
 use crate::model::{Resources, Task, TaskStatus, Worker};
 use crate::policy::bindings::types::AdmissionDecision;
@@ -413,7 +413,7 @@ fn api() -> Api {
             vec![TokenEntry {
                 user_id: "alice".into(),
                 role: Role::User,
-                token_sha256: sha256_hex(ALICE),
+                token_sha256: token_sha256_hex(ALICE),
             }],
             None,
         )),

@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use super::{
     AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, POLICY_CHUNK_BYTES, Result,
     RuntimeSample, Store, StoreError, TaskCounts, TaskCursor, TaskLogChunk, TaskQuery, TaskUpdate,
-    policy_sha256,
+    sha256_hex,
 };
 use crate::model::{
     Assignment, PolicyKind, PolicyVersion, RESOURCE_QUANTUM, Resources, ResultStatus, Task,
@@ -361,7 +361,7 @@ pub fn sample_policy(
         name: name.to_string(),
         version: version.to_string(),
         kind,
-        sha256: policy_sha256(bytes),
+        sha256: sha256_hex(bytes),
         size_bytes: bytes.len() as u64,
         config: r#"{"threshold":0.8}"#.to_string(),
         uploaded_at,
@@ -1777,7 +1777,7 @@ pub async fn policy_bytes_round_trip_in_chunks_and_empty(store: &dyn Store) {
         back == big,
         "the reassembled bytes differ from the uploaded ones"
     );
-    assert_eq!(policy_sha256(&back), v1.sha256);
+    assert_eq!(sha256_hex(&back), v1.sha256);
 
     let empty = policy_with(store, &name, "2.0.0", PolicyKind::Placement, &[]).await;
     assert_eq!(empty.size_bytes, 0);
@@ -1805,7 +1805,7 @@ pub async fn policy_bytes_with_wrong_sha256_are_refused(store: &dyn Store) {
     let name = unique_id("pol");
     let bytes = sample_policy_bytes(1000);
     let mut v = sample_policy(&name, "1", PolicyKind::Admission, &bytes, now());
-    v.sha256 = policy_sha256(b"something else");
+    v.sha256 = sha256_hex(b"something else");
     store.insert_policy_version(&v, &bytes).await.unwrap();
     match store.get_policy_bytes(&name, "1").await {
         Err(e @ StoreError::Backend { .. }) => {
@@ -2934,7 +2934,7 @@ pub async fn output_files_round_trip_in_chunks_and_are_replaced_by_path(store: &
         .await
         .unwrap();
     assert_eq!(info.size_bytes, big.len() as u64);
-    assert_eq!(info.sha256, policy_sha256(&big));
+    assert_eq!(info.sha256, sha256_hex(&big));
     store
         .put_output_file(&task_id, 1, "a.txt", b"first")
         .await

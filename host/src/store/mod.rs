@@ -36,8 +36,9 @@ pub use round_reads::{RoundReadPlan, RoundReads, WorkerReads};
 /// document limit, so that a component of any size (a Python guest is ~20 MB) fits.
 pub const POLICY_CHUNK_BYTES: usize = 1024 * 1024;
 
-/// SHA-256 (hex, lowercase) of `bytes`: the digest [`PolicyVersion::sha256`] records.
-pub fn policy_sha256(bytes: &[u8]) -> String {
+/// SHA-256 (hex, lowercase) of `bytes`: the digest [`PolicyVersion::sha256`] and an output
+/// file's `sha256` record.
+pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
 }
@@ -70,7 +71,7 @@ pub(crate) fn verify_policy_bytes(version: &PolicyVersion, bytes: &[u8]) -> Resu
             ),
         ));
     }
-    let actual = policy_sha256(bytes);
+    let actual = sha256_hex(bytes);
     if actual != version.sha256 {
         return Err(StoreError::backend(
             what(),
@@ -291,7 +292,7 @@ pub struct OutputFileInfo {
 
 /// Checks reassembled output bytes against their recorded size and digest.
 pub(crate) fn verify_output_bytes(info: &OutputFileInfo, bytes: &[u8]) -> Result<()> {
-    if bytes.len() as u64 != info.size_bytes || policy_sha256(bytes) != info.sha256 {
+    if bytes.len() as u64 != info.size_bytes || sha256_hex(bytes) != info.sha256 {
         return Err(StoreError::backend(
             format!("reading output {} of task {}", info.path, info.task_id),
             format!(
@@ -482,7 +483,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores a new policy version and its component `bytes`, in chunks of
     /// [`POLICY_CHUNK_BYTES`] (a 20 MB component fits every backend). `AlreadyExists` when
-    /// (name, version) is taken. The caller computes `version.sha256` (see [`policy_sha256`])
+    /// (name, version) is taken. The caller computes `version.sha256` (see [`sha256_hex`])
     /// and `size_bytes`; the store records them as given. A version is never visible without
     /// all of its bytes: an interrupted insert leaves at most unreferenced chunks behind.
     async fn insert_policy_version(&self, version: &PolicyVersion, bytes: &[u8]) -> Result<()>;

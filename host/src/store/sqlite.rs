@@ -31,8 +31,8 @@ use tokio::sync::oneshot;
 use super::{
     AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, POLICY_CHUNK_BYTES,
     Result, RuntimeSample, Store, StoreError, StoredEvent, SubmitOutcome, TaskCounts, TaskLogChunk,
-    TaskPage, TaskQuery, TaskUpdate, active_label, policy_label, policy_sha256,
-    verify_output_bytes, verify_policy_bytes,
+    TaskPage, TaskQuery, TaskUpdate, active_label, policy_label, sha256_hex, verify_output_bytes,
+    verify_policy_bytes,
 };
 use crate::model::{
     ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, Task, TaskResult, TaskStatus,
@@ -2018,7 +2018,7 @@ fn put_output_sync(
         path: path.to_string(),
         attempt,
         size_bytes: bytes.len() as u64,
-        sha256: policy_sha256(bytes),
+        sha256: sha256_hex(bytes),
     };
     let size = i64::try_from(info.size_bytes)
         .map_err(|e| StoreError::backend("encoding an output's size", e))?;

@@ -17,8 +17,8 @@ use super::{
 };
 use crate::model::{self, ActivePolicy, PolicyKind, PolicyVersion};
 use crate::store::{
-    OutputFileInfo, POLICY_CHUNK_BYTES, Result, StoreError, active_label, policy_label,
-    policy_sha256, verify_output_bytes, verify_policy_bytes,
+    OutputFileInfo, POLICY_CHUNK_BYTES, Result, StoreError, active_label, policy_label, sha256_hex,
+    verify_output_bytes, verify_policy_bytes,
 };
 
 impl MongoStore {
@@ -445,7 +445,7 @@ impl MongoStore {
             path: path.to_string(),
             attempt,
             size_bytes: bytes.len() as u64,
-            sha256: policy_sha256(bytes),
+            sha256: sha256_hex(bytes),
         };
         let what = || format!("storing output {path} of '{task_id}'");
         let upload_id = uuid::Uuid::now_v7().simple().to_string();
