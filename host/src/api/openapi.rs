@@ -486,9 +486,9 @@ fn patch_document(document: &mut serde_json::Value) {
             path: "/v1/tasks",
             statuses: &["201", "202"],
             parameters: &[("task_id", "$response.body#/task_id")],
+            // Not the result: it exists only once the task has ended.
             operations: &[
                 "get_task",
-                "get_result",
                 "cancel_task",
                 "list_task_assignments",
                 "get_logs",
