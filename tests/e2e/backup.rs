@@ -26,17 +26,7 @@ const UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The policy guests' directory; `None` leaves the policy part out locally, CI must set it.
 fn wasm_dir() -> Option<PathBuf> {
-    match std::env::var_os("CLOUDAI_POLICY_WASM_DIR") {
-        Some(dir) => Some(PathBuf::from(dir)),
-        None => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI must set CLOUDAI_POLICY_WASM_DIR (scripts/build-policies.sh DIR)"
-            );
-            eprintln!("CLOUDAI_POLICY_WASM_DIR is not set: backing up no policies");
-            None
-        }
-    }
+    crate::harness::policy_wasm_dir("backing up no policies")
 }
 
 /// Where the store is, as `cloudai backup` and `cloudai restore` are told.

@@ -980,3 +980,19 @@ fn stop_all_names_the_tasks_that_ignore_their_stop_or_panic_and_joins_the_others
     );
     assert!(!message.contains("polite"), "{message}");
 }
+
+/// `CLOUDAI_POLICY_WASM_DIR`, the built policy guests (scripts/build-policies.sh DIR); `None`
+/// locally when it is not set (saying what is left out: `without`), a failure under CI.
+pub fn policy_wasm_dir(without: &str) -> Option<PathBuf> {
+    match std::env::var_os("CLOUDAI_POLICY_WASM_DIR") {
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must set CLOUDAI_POLICY_WASM_DIR (scripts/build-policies.sh DIR)"
+            );
+            eprintln!("CLOUDAI_POLICY_WASM_DIR is not set: {without}");
+            None
+        }
+    }
+}
