@@ -60,6 +60,9 @@ pub enum Command {
     Tasks(TasksArgs),
     /// Show one task.
     Task(TaskIdArgs),
+    /// Task arrays (`cloudai submit --count N`): show one, wait for it, cancel it.
+    #[command(subcommand)]
+    Array(ArrayCommand),
     /// Cancel a task (at once when pending or queued; running tasks are stopped by their worker).
     Cancel(TaskIdArgs),
     /// Print a task's logs (so far, while it runs); `-f` follows them until it ends.
@@ -244,6 +247,10 @@ pub struct ServeArgs {
     /// Largest GPU request accepted, in devices.
     #[arg(long, env = "CLOUDAI_MAX_GPU")]
     pub max_gpu: Option<f64>,
+    /// Most tasks one array (`POST /v1/arrays`, `cloudai submit --count`) may have.
+    #[arg(long, env = "CLOUDAI_MAX_ARRAY_TASKS", default_value_t = 100_000,
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_array_tasks: u32,
     /// How often this replica compares its policies with the store's, in ms: a newly
     /// activated version runs here within this interval (plus a store round trip).
     #[arg(long, env = "CLOUDAI_POLICY_SYNC_INTERVAL_MS", default_value_t = 250,
@@ -426,6 +433,10 @@ pub struct SubmitArgs {
     /// Makes a retried submission return the first task instead of creating another.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Submit an array of N tasks of this spec (one request); task i finds
+    /// CLOUDAI_ARRAY_INDEX=i in its environment. Prints the array's id.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub count: Option<u32>,
     /// Wait for the task to finish (`--wait` is 30 s; `--wait=90s`, `--wait=500ms`, at most
     /// 300 s): print its stdout (stderr to stderr) and exit with its exit code; exit 124 when
     /// it is still running after the wait.
@@ -478,6 +489,36 @@ pub struct TasksArgs {
     /// Continue after this cursor (printed after a full page).
     #[arg(long)]
     pub cursor: Option<String>,
+    /// Only the tasks of this array.
+    #[arg(long = "array", value_name = "ARRAY_ID")]
+    pub array_id: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ArrayCommand {
+    /// An array's tasks by state; `--wait` waits until every task ended (exit 0 when all
+    /// completed, 1 when some failed or were cancelled, 124 when the wait ran out).
+    Show(ArrayShowArgs),
+    /// Cancel every task of an array that has not ended.
+    Cancel(ArrayIdArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ArrayShowArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub array_id: String,
+    /// Wait until every task ended (`--wait` is 30 s; `--wait=90s`, at most 300 s).
+    #[arg(long, value_name = "DURATION", num_args = 0..=1, require_equals = true,
+        default_missing_value = "30s")]
+    pub wait: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ArrayIdArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub array_id: String,
 }
 
 #[derive(Debug, Args)]
@@ -650,6 +691,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let task = client.get(&format!("/v1/tasks/{}", args.task_id)).await?;
             print_one(args.client.output, &task, print_task_detail)
         }
+        Command::Array(ArrayCommand::Show(args)) => {
+            let client = client(&args.client)?;
+            show_array(&client, args.client.output, &args.array_id, args.wait).await
+        }
+        Command::Array(ArrayCommand::Cancel(args)) => {
+            let client = client(&args.client)?;
+            let answer = client
+                .post(&format!("/v1/arrays/{}/cancel", args.array_id), &json!({}))
+                .await?;
+            print_one(args.client.output, &answer, |a| {
+                println!(
+                    "{}: {} cancelled, {} running asked to stop; now {}",
+                    args.array_id,
+                    a["cancelled"].as_u64().unwrap_or(0),
+                    a["stopping"].as_u64().unwrap_or(0),
+                    array_states(&a["array"])
+                );
+            })
+        }
         Command::Cancel(args) => {
             let client = client(&args.client)?;
             let task = client
@@ -766,6 +826,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
             *slot = value;
         }
     }
+    limits.max_array_tasks = args.max_array_tasks;
     limits.max_log_bytes = args.executor.max_log_bytes as usize;
     limits.max_output_bytes = args.executor.max_output_bytes as usize;
     let local_worker = (!args.no_local_worker).then(|| serve::LocalWorker {
@@ -874,6 +935,24 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         .idempotency_key
         .map(|key| vec![("Idempotency-Key", key)])
         .unwrap_or_default();
+    if let Some(count) = args.count {
+        let body = json!({ "count": count, "task": Value::Object(body) });
+        let array = client
+            .post_with_headers("/v1/arrays", &body, &headers)
+            .await
+            .context("submitting the array")?;
+        let array_id = str_field(&array, "array_id");
+        if let Some(wait) = args.wait {
+            return show_array(&client, args.client.output, &array_id, Some(wait)).await;
+        }
+        return print_one(args.client.output, &array, |a| {
+            println!("{array_id}");
+            eprintln!(
+                "{}; list them with `cloudai tasks --array {array_id}`",
+                array_states(a)
+            );
+        });
+    }
     if let Some(wait) = args.wait {
         return submit_and_wait(
             &client,
@@ -907,6 +986,9 @@ async fn tasks(args: TasksArgs) -> anyhow::Result<()> {
     }
     if let Some(cursor) = args.cursor {
         query.push(("cursor", cursor));
+    }
+    if let Some(array_id) = args.array_id {
+        query.push(("array_id", array_id));
     }
     let page = client.get_query("/v1/tasks", &query).await?;
     print_one(args.client.output, &page, |page| {
@@ -1426,6 +1508,83 @@ fn task_exit(status: &str, exit_code: Option<i64>) -> anyhow::Result<()> {
         _ => 1,
     };
     Err(ExitWith(code).into())
+}
+
+/// Shows an array; with `wait`, waits until every task ended and exits as `cloudai array
+/// show --wait` says.
+async fn show_array(
+    client: &Client,
+    output: Output,
+    array_id: &str,
+    wait: Option<String>,
+) -> anyhow::Result<()> {
+    let path = format!("/v1/arrays/{array_id}");
+    let array = match &wait {
+        Some(wait) => {
+            let limit = crate::api::task_io::parse_wait(wait).map_err(anyhow::Error::msg)?;
+            client
+                .get_query_timeout(
+                    &path,
+                    &[("wait", wait.clone())],
+                    limit + Duration::from_secs(30),
+                )
+                .await?
+        }
+        None => client.get(&path).await?,
+    };
+    print_one(output, &array, |a| {
+        let mut table = new_table(&["ARRAY", "USER", "IMAGE", "TASKS", "STATES", "CREATED"]);
+        table.add_row(vec![
+            str_field(a, "array_id"),
+            str_field(a, "user_id"),
+            str_field(a, "docker_image"),
+            a["count"].as_u64().unwrap_or(0).to_string(),
+            array_states(a),
+            str_field(a, "created_at"),
+        ]);
+        println!("{table}");
+    })?;
+    if wait.is_none() {
+        return Ok(());
+    }
+    let by_state = &array["tasks_by_state"];
+    if !array["finished"].as_bool().unwrap_or(false) {
+        eprintln!(
+            "array {array_id} has not finished: {}",
+            array_states(&array)
+        );
+        return Err(ExitWith(STILL_RUNNING).into());
+    }
+    let unsuccessful =
+        by_state["failed"].as_u64().unwrap_or(0) + by_state["cancelled"].as_u64().unwrap_or(0);
+    if unsuccessful > 0 {
+        return Err(ExitWith(1).into());
+    }
+    Ok(())
+}
+
+/// An array's tasks by state, as people read it: "10 tasks: 7 completed, 3 running".
+fn array_states(array: &Value) -> String {
+    let by_state = &array["tasks_by_state"];
+    let parts: Vec<String> = [
+        "pending",
+        "queued",
+        "running",
+        "completed",
+        "failed",
+        "cancelled",
+    ]
+    .iter()
+    .filter_map(|state| {
+        let n = by_state[*state].as_u64().unwrap_or(0);
+        (n > 0).then(|| format!("{n} {state}"))
+    })
+    .collect();
+    format!(
+        "{} tasks: {}",
+        array["count"].as_u64().unwrap_or(0),
+        parts.join(", ")
+    )
 }
 
 async fn submit_and_wait(

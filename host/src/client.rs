@@ -170,6 +170,21 @@ impl Client {
             .await
     }
 
+    /// A GET with query parameters, waiting at most `timeout` (a `wait` the server holds).
+    pub async fn get_query_timeout(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        timeout: Duration,
+    ) -> Result<Value, ClientError> {
+        self.send(
+            self.request(Method::GET, path)
+                .query(query)
+                .timeout(timeout),
+        )
+        .await
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         self.send(self.request(Method::POST, path).json(body)).await
     }

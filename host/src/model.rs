@@ -180,6 +180,12 @@ pub struct Task {
     /// The client's `Idempotency-Key`, when it gave one.
     pub idempotency_key: Option<String>,
     pub updated_at: DateTime<Utc>,
+    /// The task array this task belongs to (`POST /v1/arrays`), if any.
+    #[serde(default)]
+    pub array_id: Option<String>,
+    /// The task's index in its array, `0..count` (also `CLOUDAI_ARRAY_INDEX` in its env).
+    #[serde(default)]
+    pub array_index: Option<u32>,
 }
 
 /// The task label that names a task's type: tasks of one type are expected to run about
@@ -232,6 +238,8 @@ impl Task {
             placed_by: None,
             idempotency_key: None,
             updated_at: now,
+            array_id: None,
+            array_index: None,
         }
     }
 
@@ -243,6 +251,36 @@ impl Task {
             self.req_gpu,
         )
     }
+}
+
+/// What every task of an array finds in its environment.
+pub const ARRAY_ID_ENV: &str = "CLOUDAI_ARRAY_ID";
+pub const ARRAY_INDEX_ENV: &str = "CLOUDAI_ARRAY_INDEX";
+pub const ARRAY_COUNT_ENV: &str = "CLOUDAI_ARRAY_COUNT";
+
+/// A new array's id, `array-<uuid v7>`: its tasks are `task-<the same uuid>-<index>`.
+pub fn new_array_id() -> String {
+    format!("array-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Task `index` of the array `array_id` of `count` tasks, made from `template` (every field
+/// but the id, the array fields and the array's env variables is the template's). The index
+/// in the id is zero-padded to the width of `count - 1`, so that the ids of an array sort in
+/// index order: the queue breaks ties of priority and creation time by task id.
+pub fn array_task(template: &Task, array_id: &str, index: u32, count: u32) -> Task {
+    let width = count.saturating_sub(1).max(1).to_string().len();
+    let stem = array_id.strip_prefix("array-").unwrap_or(array_id);
+    let mut task = template.clone();
+    task.task_id = format!("task-{stem}-{index:0width$}");
+    task.array_id = Some(array_id.to_string());
+    task.array_index = Some(index);
+    task.env
+        .insert(ARRAY_ID_ENV.to_string(), array_id.to_string());
+    task.env
+        .insert(ARRAY_INDEX_ENV.to_string(), index.to_string());
+    task.env
+        .insert(ARRAY_COUNT_ENV.to_string(), count.to_string());
+    task
 }
 
 /// Usage a worker reports with its heartbeat.

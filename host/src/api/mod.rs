@@ -28,6 +28,7 @@ use crate::store::Store;
 pub mod agent;
 #[cfg(test)]
 mod agent_tests;
+pub mod arrays;
 pub mod auth;
 pub mod error;
 pub mod events;
@@ -87,6 +88,8 @@ pub struct Limits {
     pub default_page_size: u32,
     /// Largest `limit` of `GET /v1/tasks` (default 500).
     pub max_page_size: u32,
+    /// Most tasks of one array, `POST /v1/arrays` (default 100,000).
+    pub max_array_tasks: u32,
     /// Largest policy component `POST /v1/policies` takes, in bytes (default 64 MiB); the
     /// other routes keep `max_body_bytes`.
     pub max_policy_bytes: usize,
@@ -112,6 +115,7 @@ impl Default for Limits {
             max_worker_gpu: 1024.0,
             default_page_size: 50,
             max_page_size: 500,
+            max_array_tasks: 100_000,
             max_policy_bytes: 64 << 20,
             max_log_bytes: 1 << 20,
             max_output_bytes: 64 << 20,
@@ -141,6 +145,7 @@ pub fn router(state: AppState) -> Router {
         .merge(health::router())
         .merge(openapi::router())
         .merge(tasks::router())
+        .merge(arrays::router())
         .merge(workers::router())
         .merge(policies::router(state.limits.max_policy_bytes))
         .merge(agent::router(&state.limits))

@@ -11,7 +11,7 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder, Schema};
 use utoipa::{Modify, OpenApi};
 
 use super::AppState;
-use super::{agent, events, health, overview, policies, task_io, tasks, workers};
+use super::{agent, arrays, events, health, overview, policies, task_io, tasks, workers};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -32,6 +32,9 @@ use super::{agent, events, health, overview, policies, task_io, tasks, workers};
         tasks::cancel_task,
         tasks::get_result,
         tasks::list_task_assignments,
+        arrays::submit_array,
+        arrays::get_array,
+        arrays::cancel_array,
         task_io::get_logs,
         task_io::list_outputs,
         task_io::get_output,
@@ -73,6 +76,9 @@ use super::{agent, events, health, overview, policies, task_io, tasks, workers};
         tasks::TaskList,
         tasks::TaskLogs,
         tasks::AssignmentList,
+        arrays::ArraySpec,
+        arrays::TaskArray,
+        arrays::ArrayCancelled,
         crate::model::Assignment,
         workers::RegisterWorker,
         workers::Heartbeat,
@@ -194,6 +200,7 @@ fn path_parameter_schema(name: &str) -> Option<RefOr<Schema>> {
     };
     Some(match name {
         "task_id" => id("Task id"),
+        "array_id" => id("Array id"),
         "worker_id" => id("Worker id"),
         "ass_id" => id("Assignment id"),
         "name" => string_schema(POLICY_NAME_PATTERN.into(), 63, "Policy name"),
@@ -400,6 +407,22 @@ pub fn document(
         }
     };
     patch_document(&mut document);
+    // An array's task spec is a task spec whose env leaves room for (and may not set) the
+    // three variables the host adds; its count is capped by the host's --max-array-tasks.
+    let schemas = &mut document["components"]["schemas"];
+    let mut array_task = schemas["TaskSpec"].clone();
+    array_task["properties"]["env"]["maxProperties"] = json!(super::tasks::MAX_ENV_ENTRIES - 3);
+    array_task["properties"]["env"]["propertyNames"]["not"] = json!({"enum": [
+        crate::model::ARRAY_ID_ENV,
+        crate::model::ARRAY_INDEX_ENV,
+        crate::model::ARRAY_COUNT_ENV,
+    ]});
+    array_task["description"] = json!(
+        "What every task of the array runs (a TaskSpec whose env may not set CLOUDAI_ARRAY_ID, \
+         CLOUDAI_ARRAY_INDEX or CLOUDAI_ARRAY_COUNT, and has at most 253 entries)"
+    );
+    schemas["ArraySpec"]["properties"]["task"] = array_task;
+    schemas["ArraySpec"]["properties"]["count"]["maximum"] = json!(limits.max_array_tasks);
     for parameter in document["paths"]["/v1/policies"]["post"]["parameters"]
         .as_array_mut()
         .into_iter()
@@ -494,6 +517,12 @@ fn patch_document(document: &mut serde_json::Value) {
                 "get_logs",
                 "list_outputs",
             ],
+        },
+        Links {
+            path: "/v1/arrays",
+            statuses: &["201", "202", "200"],
+            parameters: &[("array_id", "$response.body#/array_id")],
+            operations: &["get_array", "cancel_array"],
         },
         Links {
             path: "/v1/workers",
@@ -675,6 +704,16 @@ mod tests {
         }
         let spec = &document["components"]["schemas"]["TaskSpec"]["properties"];
         assert_eq!(spec["req_cpu"]["maximum"].as_f64(), Some(256.0));
+        let array = &document["components"]["schemas"]["ArraySpec"]["properties"];
+        assert_eq!(array["count"]["maximum"], 100_000);
+        assert_eq!(array["count"]["minimum"], 1);
+        let task = &array["task"]["properties"];
+        assert_eq!(task["req_cpu"]["maximum"].as_f64(), Some(256.0));
+        assert_eq!(task["env"]["maxProperties"], 253);
+        assert_eq!(
+            task["env"]["propertyNames"]["not"]["enum"][1],
+            "CLOUDAI_ARRAY_INDEX"
+        );
         assert_eq!(
             spec["docker_image"]["pattern"],
             json!(super::super::image_ref::REFERENCE_PATTERN)

@@ -29,7 +29,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Tasks by state.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
 pub struct TasksByState {
     pub pending: u64,
     pub queued: u64,
@@ -37,6 +37,19 @@ pub struct TasksByState {
     pub completed: u64,
     pub failed: u64,
     pub cancelled: u64,
+}
+
+impl From<crate::store::TaskCounts> for TasksByState {
+    fn from(c: crate::store::TaskCounts) -> Self {
+        TasksByState {
+            pending: c.pending,
+            queued: c.queued,
+            running: c.running,
+            completed: c.completed,
+            failed: c.failed,
+            cancelled: c.cancelled,
+        }
+    }
 }
 
 /// Registered workers by state; `active + draining + lost = total`.
@@ -93,14 +106,7 @@ impl From<&ClusterSample> for Overview {
             })
         };
         Overview {
-            tasks_by_state: TasksByState {
-                pending: s.tasks.pending,
-                queued: s.tasks.queued,
-                running: s.tasks.running,
-                completed: s.tasks.completed,
-                failed: s.tasks.failed,
-                cancelled: s.tasks.cancelled,
-            },
+            tasks_by_state: TasksByState::from(s.tasks),
             queue_depth: s.tasks.queue_depth(),
             workers: WorkersByState {
                 total: s.workers.total,

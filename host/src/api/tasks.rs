@@ -35,7 +35,7 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 pub const IDEMPOTENCY_REPLAYED: HeaderName = HeaderName::from_static("idempotency-replayed");
 
 const MAX_COMMAND_CHARS: usize = 16 * 1024;
-const MAX_ENV_ENTRIES: usize = 256;
+pub(crate) const MAX_ENV_ENTRIES: usize = 256;
 const MAX_ENV_KEY_LEN: usize = 256;
 const MAX_ENV_TOTAL_BYTES: usize = 64 * 1024;
 const MAX_LABELS: usize = 64;
@@ -400,42 +400,8 @@ pub async fn submit_task(
         .transpose()
         .map_err(ApiError::validation)?;
     let key = idempotency_key(&headers)?;
-    let idempotency = match &key {
-        Some(key) => {
-            // The digest is of the parsed spec (defaults filled, fields in declaration order,
-            // maps sorted), so whitespace and field order in the body do not matter.
-            let canonical = serde_json::to_vec(&spec).map_err(|e| {
-                tracing::error!(error = %e, "serializing a task spec");
-                ApiError::internal()
-            })?;
-            Some(IdempotencyKey {
-                key: key.clone(),
-                request_sha256: hex::encode(Sha256::digest(&canonical)),
-            })
-        }
-        None => None,
-    };
-    let request = Resources::new(
-        spec.req_cpu,
-        spec.req_memory,
-        spec.req_storage,
-        spec.req_gpu,
-    );
-    let task = Task {
-        command: spec.command,
-        priority: spec.priority,
-        labels: spec.labels,
-        env: spec.env,
-        timeout_s: spec.timeout_s,
-        max_attempts: spec.max_attempts,
-        idempotency_key: key,
-        ..Task::new_pending(
-            format!("task-{}", uuid::Uuid::now_v7().simple()),
-            user_id.to_string(),
-            spec.docker_image,
-            request,
-        )
-    };
+    let idempotency = idempotency_of(key.as_deref(), &spec)?;
+    let task = task_from_spec(spec, user_id, key);
     let outcome = state.store.insert_task(&task, idempotency.as_ref()).await?;
     span.record("task_id", outcome.task.task_id.as_str());
     let location = HeaderValue::from_str(&format!("/v1/tasks/{}", outcome.task.task_id))
@@ -503,6 +469,51 @@ pub async fn submit_task(
     Ok(response)
 }
 
+/// A new pending task of `user_id` from `spec`, with a fresh id.
+pub(crate) fn task_from_spec(spec: TaskSpec, user_id: &str, key: Option<String>) -> Task {
+    let request = Resources::new(
+        spec.req_cpu,
+        spec.req_memory,
+        spec.req_storage,
+        spec.req_gpu,
+    );
+    Task {
+        command: spec.command,
+        priority: spec.priority,
+        labels: spec.labels,
+        env: spec.env,
+        timeout_s: spec.timeout_s,
+        max_attempts: spec.max_attempts,
+        idempotency_key: key,
+        ..Task::new_pending(
+            format!("task-{}", uuid::Uuid::now_v7().simple()),
+            user_id.to_string(),
+            spec.docker_image,
+            request,
+        )
+    }
+}
+
+/// The stored form of a request's `Idempotency-Key`: the key with a digest of the parsed
+/// request (defaults filled, fields in declaration order, maps sorted), so that whitespace and
+/// field order in the body do not matter.
+pub(crate) fn idempotency_of(
+    key: Option<&str>,
+    request: &impl Serialize,
+) -> ApiResult<Option<IdempotencyKey>> {
+    let Some(key) = key else {
+        return Ok(None);
+    };
+    let canonical = serde_json::to_vec(request).map_err(|e| {
+        tracing::error!(error = %e, "serializing a request for its idempotency digest");
+        ApiError::internal()
+    })?;
+    Ok(Some(IdempotencyKey {
+        key: key.to_string(),
+        request_sha256: hex::encode(Sha256::digest(&canonical)),
+    }))
+}
+
 /// Query of `POST /v1/tasks`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -511,7 +522,7 @@ pub struct SubmitQuery {
     pub wait: Option<String>,
 }
 
-fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
     let Some(value) = headers.get(&IDEMPOTENCY_KEY) else {
         return Ok(None);
     };
@@ -596,6 +607,8 @@ pub async fn get_task(
         ("status" = Option<TaskStatus>, Query, description = "Only tasks in this state"),
         ("user_id" = Option<String>, Query, description = "Only this user's tasks (users may only name themselves)",
             min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._-]{1,128}$"),
+        ("array_id" = Option<String>, Query, description = "Only the tasks of this array (`POST /v1/arrays`)",
+            min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._-]{1,128}$"),
         ("limit" = Option<u32>, Query, description = "Page size (default 50)", minimum = 1, maximum = 500),
         ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page: `<ms>.<task_id>`",
             pattern = "^-?[0-9]{1,15}\\.[A-Za-z0-9._-]{1,128}$"),
@@ -613,14 +626,16 @@ pub async fn list_tasks(
 ) -> ApiResult<Json<TaskList>> {
     let (caller, is_admin) = principal.require_user()?;
     let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    if let Some(unknown) = params
-        .keys()
-        .find(|k| !matches!(k.as_str(), "status" | "user_id" | "limit" | "cursor"))
-    {
+    if let Some(unknown) = params.keys().find(|k| {
+        !matches!(
+            k.as_str(),
+            "status" | "user_id" | "array_id" | "limit" | "cursor"
+        )
+    }) {
         return Err(ApiError::bad_request(
             "invalid_query",
             format!(
-                "unknown query parameter '{}' (expected status, user_id, limit, cursor)",
+                "unknown query parameter '{}' (expected status, user_id, array_id, limit, cursor)",
                 truncate_for_message(unknown)
             ),
         ));
@@ -642,6 +657,14 @@ pub async fn list_tasks(
         None if is_admin => None,
         None => Some(caller.to_string()),
     };
+    let array_id = params
+        .get("array_id")
+        .map(|id| {
+            validate_id(id)
+                .map(|()| id.clone())
+                .map_err(|why| ApiError::bad_request("invalid_id", format!("array_id {why}")))
+        })
+        .transpose()?;
     let max = state.limits.max_page_size;
     let limit = match params.get("limit") {
         Some(raw) => raw
@@ -664,6 +687,7 @@ pub async fn list_tasks(
             user_id,
             limit,
             after,
+            array_id,
         })
         .await?;
     Ok(Json(TaskList {

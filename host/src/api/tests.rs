@@ -1197,6 +1197,9 @@ async fn openapi_lists_every_route_and_the_bearer_scheme() {
         ("post", "/v1/tasks/{task_id}/cancel"),
         ("get", "/v1/tasks/{task_id}/result"),
         ("get", "/v1/tasks/{task_id}/assignments"),
+        ("post", "/v1/arrays"),
+        ("get", "/v1/arrays/{array_id}"),
+        ("post", "/v1/arrays/{array_id}/cancel"),
         ("get", "/v1/tasks/{task_id}/logs"),
         ("get", "/v1/tasks/{task_id}/outputs"),
         ("get", "/v1/tasks/{task_id}/outputs/{path}"),
@@ -1444,4 +1447,320 @@ async fn an_event_stream_client_that_falls_behind_loses_no_event() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     stop.cancel();
+}
+
+#[tokio::test]
+async fn an_array_is_submitted_admitted_listed_read_and_cancelled() {
+    let api = TestApi::new();
+    let spec = json!({"count": 12, "task": {"docker_image": "busybox", "command": "echo $CLOUDAI_ARRAY_INDEX", "env": {"MODE": "fast"}}});
+    let reply = api
+        .call(Method::POST, "/v1/arrays", Some(ALICE), Some(spec))
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    let array_id = reply.body["array_id"].as_str().unwrap().to_string();
+    assert_eq!(reply.headers["location"], format!("/v1/arrays/{array_id}"));
+    assert_eq!(reply.body["count"], 12);
+    assert_eq!(reply.body["user_id"], "alice");
+    assert_eq!(
+        reply.body["tasks_by_state"]["queued"], 12,
+        "admitted together"
+    );
+    assert_eq!(reply.body["finished"], false);
+
+    // Listed as tasks of the array, each with its index; ids sort in index order.
+    let listed = api
+        .call(
+            Method::GET,
+            &format!("/v1/tasks?array_id={array_id}&limit=100"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(listed.status, StatusCode::OK, "{}", listed.body);
+    let tasks = listed.body["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 12);
+    let mut by_index: Vec<(u64, String)> = tasks
+        .iter()
+        .map(|t| {
+            assert_eq!(t["array_id"], array_id.as_str());
+            assert_eq!(t["env"]["MODE"], "fast");
+            assert_eq!(t["env"]["CLOUDAI_ARRAY_ID"], array_id.as_str());
+            assert_eq!(t["env"]["CLOUDAI_ARRAY_COUNT"], "12");
+            let index = t["array_index"].as_u64().unwrap();
+            assert_eq!(t["env"]["CLOUDAI_ARRAY_INDEX"], index.to_string());
+            (index, t["task_id"].as_str().unwrap().to_string())
+        })
+        .collect();
+    by_index.sort();
+    assert_eq!(
+        by_index.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        (0..12).collect::<Vec<_>>()
+    );
+    assert!(by_index.windows(2).all(|w| w[0].1 < w[1].1), "{by_index:?}");
+    let first = &by_index[0].1;
+    assert!(first.ends_with("-00"), "{first}");
+
+    // Read by its owner and admins only.
+    let read = api
+        .call(
+            Method::GET,
+            &format!("/v1/arrays/{array_id}"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(read.status, StatusCode::OK, "{}", read.body);
+    assert_eq!(
+        read.body["tasks_url"],
+        format!("/v1/tasks?array_id={array_id}")
+    );
+    let admin = api
+        .call(
+            Method::GET,
+            &format!("/v1/arrays/{array_id}"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(admin.status, StatusCode::OK);
+    for (token, uri, status, code) in [
+        (
+            BOB,
+            format!("/v1/arrays/{array_id}"),
+            StatusCode::FORBIDDEN,
+            "forbidden",
+        ),
+        (
+            BOB,
+            format!("/v1/arrays/{array_id}/cancel"),
+            StatusCode::FORBIDDEN,
+            "forbidden",
+        ),
+        (
+            ALICE,
+            "/v1/arrays/array-none".to_string(),
+            StatusCode::NOT_FOUND,
+            "array_not_found",
+        ),
+        (
+            ALICE,
+            "/v1/arrays/bad%20id".to_string(),
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+        ),
+        (
+            ALICE,
+            format!("/v1/arrays/{array_id}?wait=forever"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        ),
+        (
+            ALICE,
+            format!("/v1/arrays/{array_id}?nope=1"),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+    ] {
+        let method = if uri.ends_with("/cancel") {
+            Method::POST
+        } else {
+            Method::GET
+        };
+        let reply = api.call(method, &uri, Some(token), Some(json!({}))).await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (status, code),
+            "{uri}: {}",
+            reply.body
+        );
+    }
+
+    // One task runs: cancelling the array cancels the others and asks its worker to stop it.
+    let running = &by_index[4].1;
+    api.store
+        .transition_task(
+            running,
+            &[TaskStatus::Queued],
+            TaskStatus::Running,
+            &TaskUpdate::default(),
+        )
+        .await
+        .unwrap();
+    let cancel = api
+        .call(
+            Method::POST,
+            &format!("/v1/arrays/{array_id}/cancel"),
+            Some(ALICE),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(cancel.status, StatusCode::OK, "{}", cancel.body);
+    assert_eq!(cancel.body["cancelled"], 11);
+    assert_eq!(cancel.body["stopping"], 1);
+    assert_eq!(cancel.body["array"]["tasks_by_state"]["cancelled"], 11);
+    assert_eq!(cancel.body["array"]["tasks_by_state"]["running"], 1);
+    assert!(api.store.get_task(running).await.unwrap().cancel_requested);
+    let other = api.store.get_task(&by_index[0].1).await.unwrap();
+    assert_eq!(other.status, TaskStatus::Cancelled);
+    assert_eq!(
+        other.status_reason.as_deref(),
+        Some(format!("cancelled by alice (array {array_id})").as_str())
+    );
+
+    // A wait ends at its limit while a task runs, at once when every task ended.
+    let started = std::time::Instant::now();
+    let waited = api
+        .call(
+            Method::GET,
+            &format!("/v1/arrays/{array_id}?wait=300ms"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    assert_eq!(waited.body["finished"], false);
+    api.store
+        .transition_task(
+            running,
+            &[TaskStatus::Running],
+            TaskStatus::Cancelled,
+            &TaskUpdate::default(),
+        )
+        .await
+        .unwrap();
+    let waited = api
+        .call(
+            Method::GET,
+            &format!("/v1/arrays/{array_id}?wait=30s"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(waited.body["finished"], true, "{}", waited.body);
+    let again = api
+        .call(
+            Method::POST,
+            &format!("/v1/arrays/{array_id}/cancel"),
+            Some(ALICE),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (again.status, again.code()),
+        (StatusCode::CONFLICT, "array_finished")
+    );
+}
+
+#[tokio::test]
+async fn array_submissions_are_validated_replayed_by_key_and_refused_without_a_trace() {
+    let api = TestApi::new();
+    let busybox = json!({"docker_image": "busybox"});
+    let cases = [
+        (
+            json!({"count": 0, "task": busybox}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "count must be in 1..=100000",
+        ),
+        (
+            json!({"count": 100_001, "task": busybox}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "count must be in 1..=100000",
+        ),
+        (
+            json!({"count": -1, "task": busybox}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "count",
+        ),
+        (
+            json!({"count": 2}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "task",
+        ),
+        (
+            json!({"count": 2, "task": busybox, "extra": 1}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "extra",
+        ),
+        (
+            json!({"count": 2, "task": {"docker_image": "busybox", "req_cpu": 0}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "task.req_cpu",
+        ),
+        (
+            json!({"count": 2, "task": {"docker_image": "busybox", "env": {"CLOUDAI_ARRAY_INDEX": "7"}}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "must not set CLOUDAI_ARRAY_INDEX",
+        ),
+    ];
+    for (body, status, message) in cases {
+        let reply = api
+            .call(Method::POST, "/v1/arrays", Some(ALICE), Some(body.clone()))
+            .await;
+        assert_eq!(reply.status, status, "{body}: {}", reply.body);
+        assert!(reply.message().contains(message), "{body}: {}", reply.body);
+    }
+    let worker = api
+        .call(
+            Method::POST,
+            "/v1/arrays",
+            Some(JOIN),
+            Some(json!({"count": 1, "task": busybox})),
+        )
+        .await;
+    assert_eq!(worker.status, StatusCode::FORBIDDEN);
+    assert!(
+        api.all_task_ids().await.is_empty(),
+        "a refused array stores nothing"
+    );
+
+    let post = |key: &'static str, body: Value| {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri("/v1/arrays")
+            .header(header::AUTHORIZATION, format!("Bearer {ALICE}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("Idempotency-Key", key)
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap();
+        api.send(request)
+    };
+    let first = post("nightly", json!({"count": 3, "task": busybox})).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+    let replay = post(
+        "nightly",
+        json!({"task": {"docker_image": "busybox", "req_cpu": 1.0}, "count": 3}),
+    )
+    .await;
+    assert_eq!(replay.status, StatusCode::OK, "{}", replay.body);
+    assert_eq!(replay.headers["idempotency-replayed"], "true");
+    assert_eq!(replay.body["array_id"], first.body["array_id"]);
+    let changed = post("nightly", json!({"count": 4, "task": busybox})).await;
+    assert_eq!(
+        (changed.status, changed.code()),
+        (StatusCode::CONFLICT, "idempotency_key_reused")
+    );
+    // A key of a single task is not the key of an array.
+    let single = api
+        .send(
+            Request::builder()
+                .method(Method::POST)
+                .uri("/v1/tasks")
+                .header(header::AUTHORIZATION, format!("Bearer {ALICE}"))
+                .header(header::CONTENT_TYPE, "application/json")
+                .header("Idempotency-Key", "once")
+                .body(Body::from(r#"{"docker_image":"busybox"}"#))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(single.status, StatusCode::CREATED);
+    let reused = post("once", json!({"count": 2, "task": busybox})).await;
+    assert_eq!(
+        (reused.status, reused.code()),
+        (StatusCode::CONFLICT, "idempotency_key_reused")
+    );
+    assert_eq!(
+        api.all_task_ids().await.len(),
+        4,
+        "3 of the array, 1 single"
+    );
 }

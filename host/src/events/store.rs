@@ -15,9 +15,9 @@ use crate::model::{
 };
 use crate::policy::snapshot::Usage;
 use crate::store::{
-    AssignmentFilter, EndedAttempt, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, Result,
-    RoundOutcome, RoundPlan, RoundReadPlan, RoundReads, RuntimeSample, Store, StoredEvent,
-    SubmitOutcome, TaskCounts, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate,
+    ArraySummary, AssignmentFilter, EndedAttempt, EventBounds, IdempotencyKey, NewEvent,
+    OutputFileInfo, Result, RoundOutcome, RoundPlan, RoundReadPlan, RoundReads, RuntimeSample,
+    Store, StoredEvent, SubmitOutcome, TaskCounts, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate,
 };
 
 tokio::task_local! {
@@ -366,6 +366,55 @@ impl Store for EventedStore {
 
     async fn get_task(&self, task_id: &str) -> Result<Task> {
         self.inner.get_task(task_id).await
+    }
+
+    async fn insert_tasks(
+        &self,
+        tasks: &[Task],
+        idempotency: Option<&IdempotencyKey>,
+    ) -> Result<SubmitOutcome> {
+        let outcome = self.inner.insert_tasks(tasks, idempotency).await?;
+        if outcome.created {
+            // One event per task, as for single submissions: a watcher of a task sees it.
+            for t in tasks {
+                self.publish(event(
+                    "task",
+                    "submitted",
+                    Some(&t.task_id),
+                    None,
+                    Some(&t.user_id),
+                    json!({
+                        "status": t.status.as_str(),
+                        "docker_image": t.docker_image,
+                        "priority": t.priority,
+                        "array_id": t.array_id,
+                        "array_index": t.array_index,
+                    }),
+                ));
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn array_summary(&self, array_id: &str) -> Result<ArraySummary> {
+        self.inner.array_summary(array_id).await
+    }
+
+    async fn transition_tasks(
+        &self,
+        task_ids: &[String],
+        from: &[TaskStatus],
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<Vec<Task>> {
+        let moved = self
+            .inner
+            .transition_tasks(task_ids, from, to, update)
+            .await?;
+        for task in &moved {
+            self.after_transition(from, to, task);
+        }
+        Ok(moved)
     }
 
     async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage> {

@@ -42,6 +42,63 @@ pub async fn admit_task(
     }
 }
 
+/// Most tasks one batched admission decides and writes at once.
+const ADMISSION_CHUNK: usize = 1_000;
+
+/// Admits many pending tasks (an array's, or an admission pass's batch): the policy decides
+/// each in order, with the usage its user had before the chunk plus the tasks it accepted
+/// before this one; the accepted tasks of a chunk move to `queued` in one batched transition,
+/// the others are written one by one as [`admit_task`] writes them. A task that left
+/// `pending` meanwhile (cancelled, admitted elsewhere) is left alone and not counted.
+pub async fn admit_tasks(
+    store: &dyn Store,
+    policies: &Arc<PolicyRuntime>,
+    tasks: &[Task],
+) -> Result<AdmissionStats, StoreError> {
+    let mut stats = AdmissionStats {
+        checked: tasks.len(),
+        ..AdmissionStats::default()
+    };
+    for chunk in tasks.chunks(ADMISSION_CHUNK) {
+        let decisions = decide_reading_usage(store, policies, chunk.to_vec()).await?;
+        let mut accepted = Vec::new();
+        for (task, decision) in chunk.iter().zip(decisions) {
+            if decision == AdmissionDecision::Accept {
+                accepted.push(task.task_id.clone());
+                continue;
+            }
+            match apply(store, task, decision).await {
+                Ok(Admitted::Queued(_)) => stats.queued += 1,
+                Ok(Admitted::Rejected { .. }) => stats.rejected += 1,
+                Ok(Admitted::Deferred { .. }) => stats.deferred += 1,
+                Err(StoreError::Conflict { .. }) => {}
+                Err(error) => {
+                    tracing::warn!(task_id = %task.task_id, %error, "applying an admission decision");
+                }
+            }
+        }
+        if !accepted.is_empty() {
+            let update = TaskUpdate {
+                status_reason: Some(None),
+                ..TaskUpdate::default()
+            };
+            let moved = store
+                .transition_tasks(
+                    &accepted,
+                    &[TaskStatus::Pending],
+                    TaskStatus::Queued,
+                    &update,
+                )
+                .await?;
+            for task in &moved {
+                tracing::debug!(task_id = %task.task_id, user_id = %task.user_id, "task admitted");
+            }
+            stats.queued += moved.len();
+        }
+    }
+    Ok(stats)
+}
+
 /// Decides `tasks` in order, reading their users' usage from the store only when an
 /// admission policy is active: the built-in default accepts without it, and on a store
 /// without pushed-down aggregates (FerretDB) the read costs a scan of the user's tasks.
@@ -196,6 +253,7 @@ impl Scheduler {
                     user_id: Some(user_id),
                     limit: room as u32,
                     after: None,
+                    array_id: None,
                 })
                 .await?;
             for task in page.tasks {
@@ -208,26 +266,10 @@ impl Scheduler {
                 }
             }
         }
-        let mut stats = AdmissionStats {
-            checked: tasks.len(),
-            ..AdmissionStats::default()
-        };
         if tasks.is_empty() {
-            return Ok(stats);
+            return Ok(AdmissionStats::default());
         }
-        let decisions = decide_reading_usage(&*self.store, &self.policies, tasks.clone()).await?;
-        for (task, decision) in tasks.iter().zip(decisions) {
-            match apply(&*self.store, task, decision).await {
-                Ok(Admitted::Queued(_)) => stats.queued += 1,
-                Ok(Admitted::Rejected { .. }) => stats.rejected += 1,
-                Ok(Admitted::Deferred { .. }) => stats.deferred += 1,
-                // Cancelled, or admitted by another replica meanwhile.
-                Err(StoreError::Conflict { .. }) => {}
-                Err(error) => {
-                    tracing::warn!(task_id = %task.task_id, %error, "applying an admission decision");
-                }
-            }
-        }
+        let stats = admit_tasks(&*self.store, &self.policies, &tasks).await?;
         tracing::debug!(
             checked = stats.checked,
             queued = stats.queued,

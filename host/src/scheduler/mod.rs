@@ -25,7 +25,7 @@ mod runtimes;
 pub(crate) mod tests;
 mod view;
 
-pub use admission::{Admitted, admit_task};
+pub use admission::{AdmissionStats, Admitted, admit_task, admit_tasks};
 pub use finish::{Finish, finish_assignment, finish_attempt, finish_task};
 pub use placement::RoundStats;
 
@@ -223,8 +223,13 @@ impl Scheduler {
 
     /// One admission pass, then placement rounds while they make progress.
     pub async fn cycle(&self) {
-        if let Err(error) = self.admission_pass().await {
-            tracing::warn!(%error, "admission pass failed; retrying at the next tick");
+        match self.admission_pass().await {
+            // A full batch: more may be due; the next cycle follows at once.
+            Ok(stats) if stats.checked >= self.config.batch_size as usize => self.wakeup.wake(),
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, "admission pass failed; retrying at the next tick");
+            }
         }
         for _ in 0..MAX_ROUNDS_PER_CYCLE {
             match self.placement_round().await {

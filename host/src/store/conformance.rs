@@ -143,6 +143,8 @@ macro_rules! store_conformance_tests {
             insert_and_get_task_round_trips_every_field,
             get_task_unknown_is_not_found,
             insert_task_with_taken_id_is_already_exists,
+            insert_tasks_stores_an_array_counted_listed_and_replayed_by_its_key,
+            transition_tasks_moves_only_the_tasks_in_the_states_given,
             list_tasks_is_newest_first_with_task_id_tie_break,
             list_tasks_filters_by_status_and_user,
             list_tasks_pages_visit_every_task_exactly_once,
@@ -458,6 +460,7 @@ fn query(user_id: &str, status: Option<TaskStatus>, limit: u32) -> TaskQuery {
         user_id: Some(user_id.to_string()),
         limit,
         after: None,
+        array_id: None,
     }
 }
 
@@ -563,6 +566,175 @@ pub async fn insert_task_with_taken_id_is_already_exists(store: &dyn Store) {
         store.get_task(&task.task_id).await.unwrap(),
         task,
         "the first task is unchanged"
+    );
+}
+
+/// An array of `count` pending tasks of `user`.
+fn sample_array(user: &str, count: u32) -> Vec<Task> {
+    let template = sample_task(&unique_id("task"), user);
+    let array_id = crate::model::new_array_id();
+    (0..count)
+        .map(|i| crate::model::array_task(&template, &array_id, i, count))
+        .collect()
+}
+
+pub async fn insert_tasks_stores_an_array_counted_listed_and_replayed_by_its_key(
+    store: &dyn Store,
+) {
+    let user = unique_id("user");
+    let tasks = sample_array(&user, 12);
+    let array_id = tasks[0].array_id.clone().unwrap();
+    let key = IdempotencyKey {
+        key: unique_id("key"),
+        request_sha256: "a".repeat(64),
+    };
+    let outcome = store.insert_tasks(&tasks, Some(&key)).await.unwrap();
+    assert!(outcome.created);
+    assert_eq!(
+        outcome.task, tasks[0],
+        "the outcome is the array's first task"
+    );
+    for task in &tasks {
+        assert_eq!(&store.get_task(&task.task_id).await.unwrap(), task);
+    }
+    // Index order is id order (zero-padded), and the env says the index.
+    assert_eq!(tasks[3].env["CLOUDAI_ARRAY_INDEX"], "3");
+    assert!(
+        tasks[2].task_id < tasks[10].task_id,
+        "{} < {}",
+        tasks[2].task_id,
+        tasks[10].task_id
+    );
+
+    let summary = store.array_summary(&array_id).await.unwrap();
+    assert_eq!(summary.user_id, user);
+    assert_eq!(summary.docker_image, tasks[0].docker_image);
+    assert_eq!(summary.counts.pending, 12);
+    assert_eq!(summary.counts.queue_depth(), 12);
+
+    let page = store
+        .list_tasks(&TaskQuery {
+            array_id: Some(array_id.clone()),
+            limit: 5,
+            ..TaskQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.tasks.len(), 5);
+    assert!(page.next.is_some());
+    assert!(
+        page.tasks
+            .iter()
+            .all(|t| t.array_id.as_deref() == Some(array_id.as_str()))
+    );
+    // Another user's tasks and another array are not in the listing.
+    let other = sample_array(&user, 2);
+    store.insert_tasks(&other, None).await.unwrap();
+    let all = store
+        .list_tasks(&TaskQuery {
+            array_id: Some(array_id.clone()),
+            limit: 100,
+            ..TaskQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.tasks.len(), 12);
+
+    // The same key and digest: the first array, nothing new.
+    let retry = sample_array(&user, 12);
+    let replay = store.insert_tasks(&retry, Some(&key)).await.unwrap();
+    assert!(!replay.created);
+    assert_eq!(replay.task.task_id, tasks[0].task_id);
+    expect_not_found(
+        store
+            .array_summary(retry[0].array_id.as_deref().unwrap())
+            .await,
+        "the retry's array was not created",
+    );
+    // The same key with another digest is refused.
+    let other_digest = IdempotencyKey {
+        request_sha256: "b".repeat(64),
+        ..key.clone()
+    };
+    assert!(matches!(
+        store
+            .insert_tasks(&sample_array(&user, 3), Some(&other_digest))
+            .await,
+        Err(StoreError::IdempotencyMismatch { .. })
+    ));
+    expect_not_found(store.array_summary("array-none").await, "an unknown array");
+
+    // All or none: an array with a taken id stores nothing.
+    let mut clashing = sample_array(&user, 4);
+    clashing[2].task_id = tasks[5].task_id.clone();
+    expect_already_exists(
+        store.insert_tasks(&clashing, None).await,
+        "an array with a taken task id",
+    );
+    if store.backend_name() == "sqlite" {
+        expect_not_found(
+            store
+                .array_summary(clashing[0].array_id.as_deref().unwrap())
+                .await,
+            "nothing of a refused array",
+        );
+    }
+    assert_eq!(store.get_task(&tasks[5].task_id).await.unwrap(), tasks[5]);
+}
+
+pub async fn transition_tasks_moves_only_the_tasks_in_the_states_given(store: &dyn Store) {
+    let user = unique_id("user");
+    let tasks = sample_array(&user, 6);
+    let array_id = tasks[0].array_id.clone().unwrap();
+    store.insert_tasks(&tasks, None).await.unwrap();
+    // Task 0 is queued already, task 1 cancelled: only the pending ones move.
+    store
+        .transition_task(
+            &tasks[0].task_id,
+            &[TaskStatus::Pending],
+            TaskStatus::Queued,
+            &TaskUpdate::default(),
+        )
+        .await
+        .unwrap();
+    store
+        .transition_task(
+            &tasks[1].task_id,
+            &[TaskStatus::Pending],
+            TaskStatus::Cancelled,
+            &TaskUpdate::default(),
+        )
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = tasks.iter().map(|t| t.task_id.clone()).collect();
+    ids.push(unique_id("absent"));
+    let update = TaskUpdate {
+        status_reason: Some(Some("admitted together".to_string())),
+        ..TaskUpdate::default()
+    };
+    let moved = store
+        .transition_tasks(&ids, &[TaskStatus::Pending], TaskStatus::Queued, &update)
+        .await
+        .unwrap();
+    let mut moved_ids: Vec<&str> = moved.iter().map(|t| t.task_id.as_str()).collect();
+    moved_ids.sort_unstable();
+    let expected: Vec<&str> = tasks[2..].iter().map(|t| t.task_id.as_str()).collect();
+    assert_eq!(moved_ids, expected);
+    for task in &moved {
+        assert_eq!(task.status, TaskStatus::Queued);
+        assert_eq!(task.status_reason.as_deref(), Some("admitted together"));
+        assert_eq!(store.get_task(&task.task_id).await.unwrap(), *task);
+    }
+    let counts = store.array_summary(&array_id).await.unwrap().counts;
+    assert_eq!((counts.pending, counts.queued, counts.cancelled), (0, 5, 1));
+    assert_eq!(
+        store
+            .get_task(&tasks[0].task_id)
+            .await
+            .unwrap()
+            .status_reason,
+        None,
+        "a task not in `from` is left alone"
     );
 }
 
@@ -675,6 +847,7 @@ pub async fn list_tasks_filters_by_status_and_user(store: &dyn Store) {
             user_id: None,
             limit: 500,
             after: None,
+            array_id: None,
         },
     )
     .await;

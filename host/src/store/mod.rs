@@ -156,6 +156,8 @@ pub struct TaskQuery {
     pub limit: u32,
     /// Start strictly after this position.
     pub after: Option<TaskCursor>,
+    /// Only the tasks of this array.
+    pub array_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -214,6 +216,18 @@ pub struct AssignmentFilter {
     pub worker_id: Option<String>,
     /// Only assignments whose reservation has not been released.
     pub active_only: bool,
+}
+
+/// A task array as its tasks stand (see [`Store::array_summary`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArraySummary {
+    pub array_id: String,
+    /// Who submitted it (every task of an array has the same user).
+    pub user_id: String,
+    pub created_at: DateTime<Utc>,
+    pub docker_image: String,
+    /// Its tasks by status; their sum is the array's size.
+    pub counts: TaskCounts,
 }
 
 /// How many tasks are in each status, counted by the store (never by listing the tasks).
@@ -323,6 +337,41 @@ pub trait Store: Send + Sync + 'static {
         task: &Task,
         idempotency: Option<&IdempotencyKey>,
     ) -> Result<SubmitOutcome>;
+
+    /// Inserts the tasks of one array together: all or none (SQLite: one transaction;
+    /// MongoDB: one unordered `insertMany`, after the idempotency key when there is one). The
+    /// outcome's task is the array's first. With an idempotency key already used by the same
+    /// user: the first task of the earlier submission (`created: false`) when the digest
+    /// matches, else [`StoreError::IdempotencyMismatch`].
+    async fn insert_tasks(
+        &self,
+        tasks: &[Task],
+        idempotency: Option<&IdempotencyKey>,
+    ) -> Result<SubmitOutcome>;
+
+    /// The tasks of the array `array_id` counted by status; `NotFound` when it has none.
+    async fn array_summary(&self, array_id: &str) -> Result<ArraySummary>;
+
+    /// [`Store::transition_task`] for each of `task_ids`, as one batch where the backend can:
+    /// returns the tasks it moved; a task not in `from` (or absent) is left alone and not
+    /// returned. The default makes one transition per task.
+    async fn transition_tasks(
+        &self,
+        task_ids: &[String],
+        from: &[TaskStatus],
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<Vec<Task>> {
+        let mut moved = Vec::with_capacity(task_ids.len());
+        for task_id in task_ids {
+            match self.transition_task(task_id, from, to, update).await {
+                Ok(task) => moved.push(task),
+                Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {}
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(moved)
+    }
 
     async fn get_task(&self, task_id: &str) -> Result<Task>;
 

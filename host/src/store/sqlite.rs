@@ -29,10 +29,10 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, params, params_fro
 use tokio::sync::oneshot;
 
 use super::{
-    AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, POLICY_CHUNK_BYTES,
-    Result, RuntimeSample, Store, StoreError, StoredEvent, SubmitOutcome, TaskCounts, TaskLogChunk,
-    TaskPage, TaskQuery, TaskUpdate, active_label, policy_label, sha256_hex, verify_output_bytes,
-    verify_policy_bytes,
+    ArraySummary, AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo,
+    POLICY_CHUNK_BYTES, Result, RuntimeSample, Store, StoreError, StoredEvent, SubmitOutcome,
+    TaskCounts, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate, active_label, policy_label,
+    sha256_hex, verify_output_bytes, verify_policy_bytes,
 };
 use crate::model::{
     ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, Task, TaskResult, TaskStatus,
@@ -306,7 +306,7 @@ const USER_RUNNING_REBUILD: &str = "BEGIN IMMEDIATE; \
 const TASK_COLUMNS: &str = "task_id, user_id, docker_image, command, req_cpu, req_memory, \
     req_storage, req_gpu, status, created_at, started_at, completed_at, priority, labels, env, \
     timeout_s, max_attempts, attempts, exit_code, error, status_reason, cancel_requested, owner, \
-    lease_expires_at, idempotency_key, updated_at, placed_by";
+    lease_expires_at, idempotency_key, updated_at, placed_by, array_id, array_index";
 
 const WORKER_COLUMNS: &str = "worker_id, worker_ip, total_cpu, total_memory, total_storage, \
     total_gpu, allocated_cpu, allocated_memory, allocated_storage, allocated_gpu, available_cpu, \
@@ -332,7 +332,16 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("RESULTS", "task_type", "TEXT"),
     ("TASKS", "placed_by", "TEXT"),
     ("ASSIGNMENTS", "placed_by", "TEXT"),
+    ("TASKS", "array_id", "TEXT"),
+    ("TASKS", "array_index", "INTEGER"),
 ];
+
+/// Indexes on [`ADDED_COLUMNS`], created once the columns exist.
+const ADDED_INDEXES: &str = "
+-- An array's tasks in index order: its summary, listing and cancellation.
+CREATE INDEX IF NOT EXISTS TASKS_array ON TASKS (array_id, array_index)
+    WHERE array_id IS NOT NULL;
+";
 
 /// Adds the [`ADDED_COLUMNS`] a database lacks.
 fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
@@ -584,6 +593,8 @@ impl SqliteStore {
             .map_err(|e| StoreError::backend(what("creating the schema"), e))?;
         add_missing_columns(&conn)
             .map_err(|e| StoreError::backend(what("adding new columns to the schema"), e))?;
+        conn.execute_batch(ADDED_INDEXES)
+            .map_err(|e| StoreError::backend(what("indexing the new columns"), e))?;
         events::create_schema(&conn)
             .map_err(|e| StoreError::backend(what("creating the events table"), e))?;
         conn.execute_batch(USER_RUNNING_REBUILD)
@@ -791,6 +802,11 @@ fn task_at(row: &Row<'_>, at: usize) -> rusqlite::Result<Task> {
         idempotency_key: row.get(at + 24)?,
         updated_at: get_date(row, at + 25)?,
         placed_by: row.get(at + 26)?,
+        array_id: row.get(at + 27)?,
+        array_index: row
+            .get::<_, Option<i64>>(at + 28)?
+            .map(|i| u32::try_from(i).map_err(|e| conversion(at + 28, e)))
+            .transpose()?,
     })
 }
 
@@ -934,7 +950,7 @@ fn insert_task_row(conn: &Connection, task: &Task) -> Result<()> {
     conn.prepare_cached(&format!(
         "INSERT INTO TASKS ({TASK_COLUMNS}) VALUES \
          (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
-          ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)"
+          ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)"
     ))
     .and_then(|mut stmt| {
         stmt.execute(params![
@@ -965,6 +981,8 @@ fn insert_task_row(conn: &Connection, task: &Task) -> Result<()> {
             task.idempotency_key,
             date_text(&task.updated_at),
             task.placed_by,
+            task.array_id,
+            task.array_index,
         ])
     })
     .map(drop)
@@ -1032,6 +1050,68 @@ fn insert_task_sync(
     })
 }
 
+/// The tasks of one array, in the caller's transaction (see [`Store::insert_tasks`]).
+fn insert_tasks_sync(
+    conn: &Connection,
+    tasks: &[Task],
+    idempotency: Option<&IdempotencyKey>,
+) -> Result<SubmitOutcome> {
+    let Some((first, rest)) = tasks.split_first() else {
+        return Err(StoreError::backend(
+            "inserting an array's tasks",
+            "an array has at least one task",
+        ));
+    };
+    // The first task carries the key (its lookup, its record); the savepoint of this call
+    // drops every row again when one insert fails.
+    let outcome = insert_task_sync(conn, first, idempotency)?;
+    if !outcome.created {
+        return Ok(outcome);
+    }
+    for task in rest {
+        insert_task_row(conn, task)?;
+    }
+    Ok(outcome)
+}
+
+fn array_summary_sync(conn: &Connection, array_id: &str) -> Result<ArraySummary> {
+    let first = conn
+        .prepare_cached(&format!(
+            "SELECT {TASK_COLUMNS} FROM TASKS INDEXED BY TASKS_array \
+             WHERE array_id = ?1 ORDER BY array_index LIMIT 1"
+        ))
+        .and_then(|mut stmt| stmt.query_row([array_id], task_from_row).optional())
+        .map_err(sql_err("reading an array's first task"))?
+        .ok_or_else(|| StoreError::NotFound {
+            kind: "array",
+            id: array_id.to_string(),
+        })?;
+    let rows: Vec<(String, i64)> = conn
+        .prepare_cached(
+            "SELECT status, COUNT(*) FROM TASKS INDEXED BY TASKS_array \
+             WHERE array_id = ?1 GROUP BY status",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_map([array_id], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect()
+        })
+        .map_err(sql_err("counting an array's tasks by status"))?;
+    let mut counts = TaskCounts::default();
+    for (status, n) in rows {
+        let status = status
+            .parse::<TaskStatus>()
+            .map_err(|e| StoreError::backend("counting an array's tasks by status", e))?;
+        counts.add(status, u64::try_from(n).unwrap_or(0));
+    }
+    Ok(ArraySummary {
+        array_id: array_id.to_string(),
+        user_id: first.user_id,
+        created_at: first.created_at,
+        docker_image: first.docker_image,
+        counts,
+    })
+}
+
 fn list_tasks_sync(conn: &Connection, query: &TaskQuery) -> Result<TaskPage> {
     let mut sql = format!("SELECT {TASK_COLUMNS} FROM TASKS WHERE 1 = 1");
     let mut args: Vec<Value> = Vec::new();
@@ -1042,6 +1122,10 @@ fn list_tasks_sync(conn: &Connection, query: &TaskQuery) -> Result<TaskPage> {
     if let Some(user_id) = &query.user_id {
         args.push(Value::Text(user_id.clone()));
         sql.push_str(&format!(" AND user_id = ?{}", args.len()));
+    }
+    if let Some(array_id) = &query.array_id {
+        args.push(Value::Text(array_id.clone()));
+        sql.push_str(&format!(" AND array_id = ?{}", args.len()));
     }
     if let Some(after) = &query.after {
         args.push(Value::Text(date_text(&after.created_at)));
@@ -2258,6 +2342,49 @@ impl Store for SqliteStore {
         let query = query.clone();
         self.call("listing tasks", move |conn| list_tasks_sync(conn, &query))
             .await
+    }
+
+    async fn insert_tasks(
+        &self,
+        tasks: &[Task],
+        idempotency: Option<&IdempotencyKey>,
+    ) -> Result<SubmitOutcome> {
+        let (tasks, idempotency) = (tasks.to_vec(), idempotency.cloned());
+        self.call("inserting an array's tasks", move |conn| {
+            insert_tasks_sync(conn, &tasks, idempotency.as_ref())
+        })
+        .await
+    }
+
+    async fn array_summary(&self, array_id: &str) -> Result<ArraySummary> {
+        let array_id = array_id.to_string();
+        self.call("reading an array", move |conn| {
+            array_summary_sync(conn, &array_id)
+        })
+        .await
+    }
+
+    async fn transition_tasks(
+        &self,
+        task_ids: &[String],
+        from: &[TaskStatus],
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<Vec<Task>> {
+        let (task_ids, from, update) = (task_ids.to_vec(), from.to_vec(), update.clone());
+        // One transaction for the batch; a task no longer in `from` changed nothing.
+        self.call("transitioning tasks", move |conn| {
+            let mut moved = Vec::with_capacity(task_ids.len());
+            for task_id in &task_ids {
+                match transition_task_sync(conn, task_id, &from, to, &update) {
+                    Ok(task) => moved.push(task),
+                    Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {}
+                    Err(other) => return Err(other),
+                }
+            }
+            Ok(moved)
+        })
+        .await
     }
 
     async fn transition_task(

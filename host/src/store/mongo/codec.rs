@@ -85,6 +85,8 @@ pub(super) fn task_to_document(t: &Task) -> Result<Document> {
     insert_opt(&mut d, "idempotency_key", t.idempotency_key.as_deref());
     insert_opt(&mut d, "placed_by", t.placed_by.as_deref());
     d.insert("updated_at", to_bson_date(t.updated_at));
+    insert_opt(&mut d, "array_id", t.array_id.as_deref());
+    insert_opt(&mut d, "array_index", t.array_index.map(i64::from));
     Ok(d)
 }
 
@@ -118,6 +120,8 @@ pub(super) fn task_from_document(d: &Document) -> Result<Task> {
         lease_expires_at: r.opt_date("lease_expires_at")?,
         idempotency_key: r.opt_string("idempotency_key")?,
         placed_by: r.opt_string("placed_by")?,
+        array_id: r.opt_string("array_id")?,
+        array_index: r.opt_int("array_index")?,
         // Documents written by other tools may lack our addition: fall back to creation.
         updated_at: match r.opt_date("updated_at")? {
             Some(at) => at,

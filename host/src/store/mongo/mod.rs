@@ -28,9 +28,9 @@ use mongodb::options::{
 use mongodb::{Client, Collection, Database};
 
 use super::{
-    AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, Result, RuntimeSample,
-    Store, StoreError, StoredEvent, SubmitOutcome, TaskCounts, TaskLogChunk, TaskPage, TaskQuery,
-    TaskUpdate,
+    ArraySummary, AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, Result,
+    RuntimeSample, Store, StoreError, StoredEvent, SubmitOutcome, TaskCounts, TaskLogChunk,
+    TaskPage, TaskQuery, TaskUpdate,
 };
 use crate::model::{
     ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, Task, TaskResult, TaskStatus,
@@ -98,7 +98,7 @@ pub use events::{COUNTERS, EVENTS};
 pub use schema::{META, SCHEMA_VERSION};
 
 /// MongoDB's duplicate-key error code.
-const DUPLICATE_KEY: i32 = 11000;
+pub(super) const DUPLICATE_KEY: i32 = 11000;
 /// `NamespaceExists`: a collection created concurrently by another replica.
 const NAMESPACE_EXISTS: i32 = 48;
 
@@ -336,6 +336,18 @@ impl Store for MongoStore {
         idempotency: Option<&IdempotencyKey>,
     ) -> Result<SubmitOutcome> {
         self.insert_task_impl(task, idempotency).await
+    }
+
+    async fn insert_tasks(
+        &self,
+        tasks: &[Task],
+        idempotency: Option<&IdempotencyKey>,
+    ) -> Result<SubmitOutcome> {
+        self.insert_tasks_impl(tasks, idempotency).await
+    }
+
+    async fn array_summary(&self, array_id: &str) -> Result<ArraySummary> {
+        self.array_summary_impl(array_id).await
     }
 
     async fn get_task(&self, task_id: &str) -> Result<Task> {

@@ -231,6 +231,8 @@ impl MongoStore {
                     plain(doc! { "status": 1, "priority": -1, "created_at": 1, "task_id": 1 }),
                     // Label queries (`labels: {$elemMatch: {k, v}}`), any key.
                     plain(doc! { "labels.k": 1, "labels.v": 1 }),
+                    // An array's tasks in index order.
+                    plain(doc! { "array_id": 1, "array_index": 1 }),
                 ],
             ),
             (
@@ -499,7 +501,7 @@ mod tests {
             })
             .collect();
         assert_eq!(creates.len(), 9, "one command per collection: {creates:?}");
-        assert!(creates.contains(&format!("{TASKS}:9")), "{creates:?}");
+        assert!(creates.contains(&format!("{TASKS}:10")), "{creates:?}");
         let names = store.tasks.list_index_names().await.unwrap();
         assert_eq!(names.len(), 10, "9 and _id: {names:?}");
     }

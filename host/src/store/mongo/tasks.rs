@@ -14,8 +14,8 @@ use super::{IDEMPOTENCY_KEYS, MongoStore, TASKS, insert_error, is_duplicate_key,
 use crate::model::{self, Resources, Task, TaskStatus};
 use crate::policy::snapshot::Usage;
 use crate::store::{
-    IdempotencyKey, Result, Store, StoreError, SubmitOutcome, TaskCounts, TaskPage, TaskQuery,
-    TaskUpdate,
+    ArraySummary, IdempotencyKey, Result, Store, StoreError, SubmitOutcome, TaskCounts, TaskPage,
+    TaskQuery, TaskUpdate,
 };
 
 impl MongoStore {
@@ -123,8 +123,46 @@ impl MongoStore {
         })
     }
 
-    /// Inserts `task`; `AlreadyExists` on a duplicate `task_id`.
-    async fn insert_task_document(&self, task: &Task) -> Result<()> {
+    /// Inserts `tasks` (one, or the tasks of one new array): `AlreadyExists` when a `task_id`
+    /// is taken. An array is one unordered `insertMany`; when it fails, the tasks it did
+    /// insert are removed again (best effort: they are still pending, nothing ran).
+    async fn insert_task_documents(&self, tasks: &[Task]) -> Result<()> {
+        let [task] = tasks else {
+            let documents = tasks
+                .iter()
+                .map(task_to_document)
+                .collect::<Result<Vec<_>>>()?;
+            let Some(first) = tasks.first() else {
+                return Ok(());
+            };
+            let Err(e) = self.tasks.insert_many(documents).ordered(false).await else {
+                return Ok(());
+            };
+            // The array's id is new: every task that has it is one this call inserted.
+            if let Some(array_id) = &first.array_id {
+                let removed = self
+                    .tasks
+                    .delete_many(doc! {
+                        "array_id": array_id,
+                        "status": TaskStatus::Pending.as_str(),
+                    })
+                    .await;
+                if let Err(error) = removed {
+                    tracing::warn!(%array_id, %error, "removing a partly inserted array");
+                }
+            }
+            return Err(if only_duplicates(&e) {
+                StoreError::AlreadyExists {
+                    kind: "task",
+                    id: first.task_id.clone(),
+                }
+            } else {
+                StoreError::backend(
+                    format!("inserting the {} tasks of an array", tasks.len()),
+                    e,
+                )
+            });
+        };
         let document = task_to_document(task)?;
         self.tasks
             .insert_one(document)
@@ -133,15 +171,22 @@ impl MongoStore {
         Ok(())
     }
 
-    /// The idempotent submission: the key document is inserted first and is the once-only
-    /// guard; the task follows. See [`Store::insert_task`].
-    async fn insert_task_idempotent(
+    /// The idempotent submission of `tasks` (one, or one array's): the key document, naming
+    /// the first task, is inserted first and is the once-only guard; the tasks follow. See
+    /// [`Store::insert_task`].
+    async fn insert_tasks_idempotent(
         &self,
-        task: &Task,
+        tasks: &[Task],
         idem: &IdempotencyKey,
     ) -> Result<SubmitOutcome> {
+        let Some(task) = tasks.first() else {
+            return Err(StoreError::backend(
+                "inserting tasks",
+                "at least one task is needed",
+            ));
+        };
         let key_id = format!("{}/{}", task.user_id, idem.key);
-        let key_doc = doc! {
+        let mut key_doc = doc! {
             "_id": &key_id,
             "user_id": &task.user_id,
             "key": &idem.key,
@@ -149,8 +194,11 @@ impl MongoStore {
             "request_sha256": &idem.request_sha256,
             "created_at": to_bson_date(task.created_at),
         };
+        if let Some(array_id) = &task.array_id {
+            key_doc.insert("array_id", array_id);
+        }
         match self.idempotency.insert_one(key_doc).await {
-            Ok(_) => match self.insert_task_document(task).await {
+            Ok(_) => match self.insert_task_documents(tasks).await {
                 Ok(()) => Ok(SubmitOutcome {
                     task: task.clone(),
                     created: true,
@@ -203,7 +251,41 @@ impl MongoStore {
                         task_id: first_task_id,
                     });
                 }
-                if let Some(existing) = self.find_task(&first_task_id).await? {
+                // The tasks under the ids the key promised.
+                let recovered: Vec<Task> = match r.opt_string("array_id")? {
+                    Some(array_id) => {
+                        let count = u32::try_from(tasks.len()).unwrap_or(u32::MAX);
+                        tasks
+                            .iter()
+                            .map(|t| {
+                                model::array_task(t, &array_id, t.array_index.unwrap_or(0), count)
+                            })
+                            .collect()
+                    }
+                    None => {
+                        let mut one = task.clone();
+                        one.task_id = first_task_id.clone();
+                        vec![one]
+                    }
+                };
+                let existing = self.find_task(&first_task_id).await?;
+                if recovered.len() > 1 {
+                    // An array whose first submission ended part way (or before its tasks):
+                    // the retry completes it; the tasks already there are left as they are.
+                    self.complete_array(&recovered).await?;
+                    let first = match existing {
+                        Some(first) => first,
+                        None => self
+                            .find_task(&first_task_id)
+                            .await?
+                            .ok_or_else(|| not_found("task", &first_task_id))?,
+                    };
+                    return Ok(SubmitOutcome {
+                        task: first,
+                        created: false,
+                    });
+                }
+                if let Some(existing) = existing {
                     return Ok(SubmitOutcome {
                         task: existing,
                         created: false,
@@ -211,11 +293,9 @@ impl MongoStore {
                 }
                 // The first submission crashed between inserting the key and the task: finish
                 // it now, under the id the key promised.
-                let mut recovered = task.clone();
-                recovered.task_id = first_task_id.clone();
-                match self.insert_task_document(&recovered).await {
+                match self.insert_task_documents(&recovered).await {
                     Ok(()) => Ok(SubmitOutcome {
-                        task: recovered,
+                        task: recovered[0].clone(),
                         created: true,
                     }),
                     // Another retry recovered it at the same moment.
@@ -236,21 +316,90 @@ impl MongoStore {
         }
     }
 
+    /// Inserts those of an array's `tasks` that are missing (the others are duplicates).
+    async fn complete_array(&self, tasks: &[Task]) -> Result<()> {
+        let documents = tasks
+            .iter()
+            .map(task_to_document)
+            .collect::<Result<Vec<_>>>()?;
+        match self.tasks.insert_many(documents).ordered(false).await {
+            Ok(_) => Ok(()),
+            Err(e) if only_duplicates(&e) => Ok(()),
+            Err(e) => Err(StoreError::backend("completing an array's tasks", e)),
+        }
+    }
+
     pub(super) async fn insert_task_impl(
         &self,
         task: &Task,
         idempotency: Option<&IdempotencyKey>,
     ) -> Result<SubmitOutcome> {
+        self.insert_tasks_impl(std::slice::from_ref(task), idempotency)
+            .await
+    }
+
+    pub(super) async fn insert_tasks_impl(
+        &self,
+        tasks: &[Task],
+        idempotency: Option<&IdempotencyKey>,
+    ) -> Result<SubmitOutcome> {
+        let Some(first) = tasks.first() else {
+            return Err(StoreError::backend(
+                "inserting tasks",
+                "at least one task is needed",
+            ));
+        };
         match idempotency {
-            Some(idem) => self.insert_task_idempotent(task, idem).await,
+            Some(idem) => self.insert_tasks_idempotent(tasks, idem).await,
             None => {
-                self.insert_task_document(task).await?;
+                self.insert_task_documents(tasks).await?;
                 Ok(SubmitOutcome {
-                    task: task.clone(),
+                    task: first.clone(),
                     created: true,
                 })
             }
         }
+    }
+
+    pub(super) async fn array_summary_impl(&self, array_id: &str) -> Result<ArraySummary> {
+        let what = "reading an array";
+        let first = self
+            .tasks
+            .find_one(doc! { "array_id": array_id })
+            .sort(doc! { "array_id": 1, "array_index": 1 })
+            .await
+            .map_err(|e| StoreError::backend(what, e))?
+            .map(|d| task_from_document(&d))
+            .transpose()?
+            .ok_or_else(|| not_found("array", array_id))?;
+        let pipeline = vec![
+            doc! { "$match": { "array_id": array_id } },
+            doc! { "$group": { "_id": "$status", "count": { "$sum": 1_i64 } } },
+        ];
+        let groups: Vec<Document> = self
+            .tasks
+            .aggregate(pipeline)
+            .await
+            .map_err(|e| StoreError::backend(what, e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend(what, e))?;
+        let mut counts = TaskCounts::default();
+        for group in &groups {
+            let r = Reader::new(group, TASKS);
+            let status = r
+                .string("_id")?
+                .parse::<TaskStatus>()
+                .map_err(|e| StoreError::backend(what, e))?;
+            counts.add(status, r.int("count")?);
+        }
+        Ok(ArraySummary {
+            array_id: array_id.to_string(),
+            user_id: first.user_id,
+            created_at: first.created_at,
+            docker_image: first.docker_image,
+            counts,
+        })
     }
 
     pub(super) async fn get_task_impl(&self, task_id: &str) -> Result<Task> {
@@ -272,6 +421,9 @@ impl MongoStore {
         }
         if let Some(user_id) = &query.user_id {
             filter.insert("user_id", user_id.as_str());
+        }
+        if let Some(array_id) = &query.array_id {
+            filter.insert("array_id", array_id.as_str());
         }
         if let Some(after) = &query.after {
             let at = to_bson_date(after.created_at);
@@ -713,6 +865,19 @@ pub(super) fn add_open_count(usage: &mut Usage, group: &Document) -> Result<Task
         other => return Err(r.invalid("_id", format!("{other} is not an open status"))),
     }
     Ok(status)
+}
+
+/// True when every write error of an `insertMany` is a duplicate key (and nothing else failed).
+fn only_duplicates(e: &mongodb::error::Error) -> bool {
+    match e.kind.as_ref() {
+        mongodb::error::ErrorKind::InsertMany(failure) => {
+            failure.write_concern_error.is_none()
+                && failure.write_errors.as_ref().is_some_and(|errors| {
+                    !errors.is_empty() && errors.iter().all(|w| w.code == super::DUPLICATE_KEY)
+                })
+        }
+        _ => is_duplicate_key(e),
+    }
 }
 
 #[cfg(test)]
