@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod arrays;
 mod backup;
 mod dashboard;
 mod events;
