@@ -178,6 +178,24 @@ test('the tasks list filters by state, and a task submitted elsewhere appears li
   await shot('tasks');
 });
 
+test('the tasks of an array are one row in the list, which opens the array', async () => {
+  await page.click('nav a[data-page=tasks]');
+  await page.waitForSelector('[data-testid=task-rows] tr');
+  const { status, body } = await api('POST', '/v1/arrays', { count: 3, task: { docker_image: IMAGE, command: 'true', req_cpu: 0.25, req_memory: 0.25 } }, USER);
+  assert.equal(status, 201, JSON.stringify(body));
+  const group = `tr.array-group[data-array-id="${body.array_id}"]`;
+  await page.waitForSelector(group, { timeout: 10000 });
+  assert.match(await page.textContent(group), /3 tasks of this array here/);
+  await page.click(`${group} a`);
+  await page.waitForURL(new RegExp(`array=${body.array_id}`));
+  await page.waitForFunction((id) => {
+    const rows = [...document.querySelectorAll('[data-testid=task-rows] tr[data-task-id]')];
+    return rows.length === 3 && rows.every((r) => r.dataset.taskId.startsWith(id.replace('array-', 'task-')));
+  }, body.array_id, { timeout: 10000 });
+  assert.match(await page.textContent('[data-testid=array-states]'), /3 tasks: /);
+  await shot('array');
+});
+
 test('a worker is drained and undrained from the workers page', async () => {
   await page.click('nav a[data-page=workers]');
   const row = page.locator('.wrow').first();
