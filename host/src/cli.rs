@@ -433,6 +433,11 @@ pub struct SubmitArgs {
     /// Makes a retried submission return the first task instead of creating another.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Run after this task or array (`array-...`) of yours has completed; `ID:finished` runs
+    /// after it ended however (repeatable). The task waits `pending` until then, and fails
+    /// if a dependency to complete fails or is cancelled.
+    #[arg(long = "after", value_name = "ID[:completed|:finished]", value_parser = parse_dependency)]
+    pub after: Vec<Value>,
     /// Submit an array of N tasks of this spec (one request); task i finds
     /// CLOUDAI_ARRAY_INDEX=i in its environment. Prints the array's id.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -930,6 +935,9 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
             "labels".into(),
             json!(args.labels.into_iter().collect::<BTreeMap<_, _>>()),
         );
+    }
+    if !args.after.is_empty() {
+        body.insert("after".into(), Value::Array(args.after));
     }
     let headers: Vec<(&str, String)> = args
         .idempotency_key
@@ -1508,6 +1516,28 @@ fn task_exit(status: &str, exit_code: Option<i64>) -> anyhow::Result<()> {
         _ => 1,
     };
     Err(ExitWith(code).into())
+}
+
+/// `--after ID[:completed|:finished]`: a task id, or an array id (`array-...`).
+fn parse_dependency(raw: &str) -> Result<Value, String> {
+    let (id, condition) = match raw.rsplit_once(':') {
+        Some((id, condition @ ("completed" | "finished"))) => (id, condition),
+        Some((_, other)) => {
+            return Err(format!(
+                "'{other}' is not a condition: use ID, ID:completed or ID:finished"
+            ));
+        }
+        None => (raw, "completed"),
+    };
+    if id.is_empty() {
+        return Err("the dependency's id is empty".to_string());
+    }
+    let field = if id.starts_with("array-") {
+        "array_id"
+    } else {
+        "task_id"
+    };
+    Ok(json!({ field: id, "condition": condition }))
 }
 
 /// Shows an array; with `wait`, waits until every task ended and exits as `cloudai array

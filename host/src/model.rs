@@ -186,6 +186,13 @@ pub struct Task {
     /// The task's index in its array, `0..count` (also `CLOUDAI_ARRAY_INDEX` in its env).
     #[serde(default)]
     pub array_index: Option<u32>,
+    /// The tasks and arrays this task runs after (its spec's `after`).
+    #[serde(default)]
+    pub after: Vec<Dependency>,
+    /// True while some of `after` is not met: the task stays `pending` and admission does not
+    /// see it. Cleared once every dependency is met; the task fails when one can no longer be.
+    #[serde(default)]
+    pub awaiting_dependencies: bool,
 }
 
 /// The task label that names a task's type: tasks of one type are expected to run about
@@ -240,6 +247,8 @@ impl Task {
             updated_at: now,
             array_id: None,
             array_index: None,
+            after: Vec::new(),
+            awaiting_dependencies: false,
         }
     }
 
@@ -251,6 +260,41 @@ impl Task {
             self.req_gpu,
         )
     }
+}
+
+/// A task or array another task runs after: exactly one of `task_id` and `array_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Dependency {
+    /// A task of the same user, submitted before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    /// An array of the same user, submitted before: met when every one of its tasks is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub array_id: Option<String>,
+    /// `completed` (default): the dependency must complete; the task fails when it fails or
+    /// is cancelled. `finished`: it must end, however.
+    #[serde(default)]
+    pub condition: DependencyCondition,
+}
+
+impl fmt::Display for Dependency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.task_id, &self.array_id) {
+            (Some(task_id), _) => write!(f, "task {task_id}"),
+            (None, Some(array_id)) => write!(f, "array {array_id}"),
+            (None, None) => write!(f, "nothing"),
+        }
+    }
+}
+
+/// When a [`Dependency`] is met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DependencyCondition {
+    #[default]
+    Completed,
+    Finished,
 }
 
 /// What every task of an array finds in its environment.

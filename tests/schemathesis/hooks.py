@@ -14,3 +14,18 @@ def wasm(ctx, value):
     if isinstance(value, str):
         return value.encode("utf-8", "surrogatepass")
     return b""
+
+
+# A dependency (`after`) must name a task or array the caller submitted before: an id the
+# schema allows but nobody submitted is refused (422), which no schema can state. Generated
+# submissions go without dependencies; tests/e2e/dependencies.rs covers them.
+@schemathesis.hook
+def map_body(ctx, body):
+    operation = ctx.operation
+    if operation is None or operation.method.upper() != "POST" or not isinstance(body, dict):
+        return body
+    if operation.path == "/v1/tasks":
+        body.pop("after", None)
+    elif operation.path == "/v1/arrays" and isinstance(body.get("task"), dict):
+        body["task"].pop("after", None)
+    return body

@@ -29,7 +29,7 @@ use super::overview::TasksByState;
 use super::task_io;
 use super::tasks::{
     IDEMPOTENCY_REPLAYED, MAX_ENV_ENTRIES, TaskSpec, idempotency_key, idempotency_of,
-    task_from_spec,
+    resolve_after, task_from_spec,
 };
 use crate::model::{self, ARRAY_COUNT_ENV, ARRAY_ID_ENV, ARRAY_INDEX_ENV, TaskStatus};
 use crate::scheduler;
@@ -187,7 +187,8 @@ pub async fn submit_array(
     let key = idempotency_key(&headers)?;
     let idempotency = idempotency_of(key.as_deref(), &spec)?;
     let count = spec.count;
-    let template = task_from_spec(spec.task, user_id, key);
+    let gate = resolve_after(&state, &principal, &spec.task.after).await?;
+    let template = task_from_spec(spec.task, user_id, key, &gate);
     let array_id = model::new_array_id();
     let tasks: Vec<_> = (0..count)
         .map(|index| model::array_task(&template, &array_id, index, count))
@@ -219,6 +220,13 @@ pub async fn submit_array(
         return Ok(response);
     }
     tracing::info!(%array_id, user_id, count, "array submitted");
+    if template.awaiting_dependencies {
+        // Admitted once its dependencies are met (the scheduler's dependency pass).
+        let array = TaskArray::from(state.store.array_summary(&array_id).await?);
+        let mut response = (StatusCode::ACCEPTED, Json(array)).into_response();
+        response.headers_mut().insert(header::LOCATION, location);
+        return Ok(response);
+    }
     // Admitted here, as one submission's tasks are, so that the answer says what became of
     // them; what this cannot finish (store trouble) the scheduler's admission pass picks up.
     match scheduler::admit_tasks(&*state.store, &state.policies, &tasks).await {

@@ -68,6 +68,8 @@ use super::{agent, arrays, events, health, overview, policies, task_io, tasks, w
         super::error::ErrorDetail,
         crate::model::Task,
         crate::model::TaskStatus,
+        crate::model::Dependency,
+        crate::model::DependencyCondition,
         crate::model::TaskResult,
         crate::model::ResultStatus,
         crate::model::Worker,
@@ -452,6 +454,14 @@ struct Links {
 /// What the typed document cannot say: the shape of each Server-Sent Event, a pattern built
 /// from the parser's grammar, and parameters that are absent rather than `null` on the wire.
 fn patch_document(document: &mut serde_json::Value) {
+    // A dependency names exactly one task or array, by an id of the usual shape.
+    let dependency = &mut document["components"]["schemas"]["Dependency"];
+    for field in ["task_id", "array_id"] {
+        dependency["properties"][field]["pattern"] = json!(ID_PATTERN);
+        dependency["properties"][field]["minLength"] = json!(1);
+        dependency["properties"][field]["maxLength"] = json!(super::extract::MAX_ID_LEN);
+    }
+    dependency["oneOf"] = json!([{"required": ["task_id"]}, {"required": ["array_id"]}]);
     document["components"]["schemas"]["TaskSpec"]["properties"]["docker_image"]["pattern"] =
         json!(super::image_ref::REFERENCE_PATTERN);
     // A query or header parameter is text or absent: `Option` does not make it nullable.

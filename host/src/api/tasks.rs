@@ -23,7 +23,8 @@ use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{IdPath, ValidJson, Validate, truncate_for_message, validate_id};
 use super::image_ref;
 use super::task_io::{self, TaskWithResult};
-use crate::model::{self, RESOURCE_QUANTUM, Resources, Task, TaskResult, TaskStatus};
+use crate::model::{self, Dependency, RESOURCE_QUANTUM, Resources, Task, TaskResult, TaskStatus};
+use crate::scheduler::dependencies::{self, Gate};
 use crate::scheduler::{self, Admitted};
 use crate::store::{
     AssignmentFilter, IdempotencyKey, StoreError, TaskCursor, TaskQuery, TaskUpdate,
@@ -96,6 +97,13 @@ pub struct TaskSpec {
     #[serde(default = "three")]
     #[schema(default = 3, minimum = 1, maximum = 20)]
     pub max_attempts: u32,
+    /// Tasks or arrays of the same user, submitted before, that this task runs after (at most
+    /// 32): it stays `pending` (`awaiting_dependencies`, with the reason) until every one is
+    /// met, and fails when one can no longer be (a `completed` dependency failed or was
+    /// cancelled). An unknown id, or one that can already never be met, is refused.
+    #[serde(default)]
+    #[schema(max_items = 32)]
+    pub after: Vec<Dependency>,
 }
 
 fn one() -> f64 {
@@ -160,8 +168,68 @@ impl Validate for TaskSpec {
                 self.max_attempts
             )));
         }
-        Ok(())
+        check_after(&self.after)
     }
+}
+
+/// Most dependencies of one task.
+const MAX_DEPENDENCIES: usize = 32;
+
+/// The shape of `after` (whether its ids exist is [`resolve_after`]'s).
+fn check_after(after: &[Dependency]) -> Result<(), ApiError> {
+    if after.len() > MAX_DEPENDENCIES {
+        return Err(ApiError::validation(format!(
+            "after must have at most {MAX_DEPENDENCIES} dependencies, got {}",
+            after.len()
+        )));
+    }
+    for (i, dep) in after.iter().enumerate() {
+        let id = match (&dep.task_id, &dep.array_id) {
+            (Some(id), None) | (None, Some(id)) => id,
+            _ => {
+                return Err(ApiError::validation(format!(
+                    "after[{i}] must name exactly one of task_id and array_id"
+                )));
+            }
+        };
+        validate_id(id).map_err(|why| ApiError::validation(format!("after[{i}]: id {why}")))?;
+    }
+    Ok(())
+}
+
+/// Looks up what `after` names, as `caller` may see it: 422 for an id that is not one of the
+/// caller's tasks or arrays (admins: anyone's), and for a dependency that can already never
+/// be met; else whether the new task may go on at once or must wait.
+pub(crate) async fn resolve_after(
+    state: &AppState,
+    principal: &Principal,
+    after: &[Dependency],
+) -> ApiResult<Gate> {
+    let (caller, is_admin) = principal.require_user()?;
+    let mut states = Vec::with_capacity(after.len());
+    for (i, dep) in after.iter().enumerate() {
+        let (target, owner) = dependencies::target_state(&*state.store, dep).await?;
+        let visible = owner.is_some_and(|owner| is_admin || owner == caller);
+        if !visible {
+            return Err(ApiError::validation(format!(
+                "after[{i}]: there is no {dep} (a dependency is a task or array of yours, submitted before)"
+            )));
+        }
+        states.push((dep.to_string(), target));
+    }
+    let gate = dependencies::gate_all(after, |dep| {
+        let key = dep.to_string();
+        states
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or(dependencies::TargetState::Missing, |(_, s)| *s)
+    });
+    if let Gate::Broken(why) = &gate {
+        return Err(ApiError::validation(format!(
+            "after: {why}, so this task could never start"
+        )));
+    }
+    Ok(gate)
 }
 
 /// A resource amount: finite, `> 0` when `positive` (else `>= 0`), at most `cap`, and (when
@@ -401,12 +469,17 @@ pub async fn submit_task(
         .map_err(ApiError::validation)?;
     let key = idempotency_key(&headers)?;
     let idempotency = idempotency_of(key.as_deref(), &spec)?;
-    let task = task_from_spec(spec, user_id, key);
+    let gate = resolve_after(&state, &principal, &spec.after).await?;
+    let task = task_from_spec(spec, user_id, key, &gate);
     let outcome = state.store.insert_task(&task, idempotency.as_ref()).await?;
     span.record("task_id", outcome.task.task_id.as_str());
     let location = HeaderValue::from_str(&format!("/v1/tasks/{}", outcome.task.task_id))
         .map_err(|_| ApiError::internal())?;
-    let (status, task) = if outcome.created {
+    let (status, task) = if outcome.created && outcome.task.awaiting_dependencies {
+        // Admitted once its dependencies are met (the scheduler's dependency pass).
+        tracing::info!(task_id = %outcome.task.task_id, user_id, reason = ?outcome.task.status_reason, "task submitted; it waits for its dependencies");
+        (StatusCode::ACCEPTED, outcome.task)
+    } else if outcome.created {
         tracing::info!(task_id = %outcome.task.task_id, user_id, "task submitted");
         // Admission inline, so that the answer tells what became of the task. When it cannot
         // finish (store trouble) the task stays pending and the scheduler's admission pass
@@ -469,8 +542,18 @@ pub async fn submit_task(
     Ok(response)
 }
 
-/// A new pending task of `user_id` from `spec`, with a fresh id.
-pub(crate) fn task_from_spec(spec: TaskSpec, user_id: &str, key: Option<String>) -> Task {
+/// A new pending task of `user_id` from `spec`, with a fresh id; awaiting its dependencies
+/// (with the reason) when `gate` says they are not met yet.
+pub(crate) fn task_from_spec(
+    spec: TaskSpec,
+    user_id: &str,
+    key: Option<String>,
+    gate: &Gate,
+) -> Task {
+    let (awaiting_dependencies, status_reason) = match gate {
+        Gate::Waiting(why) => (true, Some(why.clone())),
+        Gate::Met | Gate::Broken(_) => (false, None),
+    };
     let request = Resources::new(
         spec.req_cpu,
         spec.req_memory,
@@ -485,6 +568,9 @@ pub(crate) fn task_from_spec(spec: TaskSpec, user_id: &str, key: Option<String>)
         timeout_s: spec.timeout_s,
         max_attempts: spec.max_attempts,
         idempotency_key: key,
+        after: spec.after,
+        awaiting_dependencies,
+        status_reason,
         ..Task::new_pending(
             format!("task-{}", uuid::Uuid::now_v7().simple()),
             user_id.to_string(),

@@ -1764,3 +1764,142 @@ async fn array_submissions_are_validated_replayed_by_key_and_refused_without_a_t
         "3 of the array, 1 single"
     );
 }
+
+#[tokio::test]
+async fn dependencies_are_checked_at_submit_and_a_waiting_task_is_not_admitted() {
+    let api = TestApi::new();
+    let first = api
+        .submit_ok(ALICE, json!({"docker_image": "busybox"}))
+        .await;
+    let bobs = api.submit_ok(BOB, json!({"docker_image": "busybox"})).await;
+    let after = |deps: Value| json!({"docker_image": "busybox", "after": deps});
+
+    // Refused, and nothing stored: unknown ids, another user's task, a bad shape.
+    let before = api.all_task_ids().await.len();
+    let cases = [
+        (
+            json!([{"task_id": "task-nobody"}]),
+            "after[0]: there is no task task-nobody",
+        ),
+        (
+            json!([{"array_id": "array-nobody"}]),
+            "there is no array array-nobody",
+        ),
+        (json!([{"task_id": bobs}]), "there is no task"),
+        (json!([{}]), "exactly one of task_id and array_id"),
+        (
+            json!([{"task_id": first, "array_id": "array-x"}]),
+            "exactly one of",
+        ),
+        (json!([{"task_id": "bad id"}]), "after[0]: id"),
+        (
+            json!([{"task_id": first, "condition": "sometime"}]),
+            "condition",
+        ),
+        (
+            json!(
+                (0..33)
+                    .map(|_| json!({"task_id": first}))
+                    .collect::<Vec<_>>()
+            ),
+            "at most 32",
+        ),
+    ];
+    for (deps, message) in cases {
+        let reply = api.submit(ALICE, after(deps.clone())).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{deps}: {}",
+            reply.body
+        );
+        assert!(
+            reply.message().contains(message),
+            "{deps}: {}",
+            reply.message()
+        );
+    }
+    assert_eq!(api.all_task_ids().await.len(), before);
+
+    // Waiting: 202, pending, not admitted, with the reason; the dependency is shown.
+    let reply = api.submit(ALICE, after(json!([{"task_id": first}]))).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    assert_eq!(reply.body["status"], "pending");
+    assert_eq!(reply.body["awaiting_dependencies"], true);
+    assert_eq!(
+        reply.body["status_reason"],
+        format!("waiting for task {first} to complete")
+    );
+    assert_eq!(
+        reply.body["after"],
+        json!([{"task_id": first, "condition": "completed"}])
+    );
+    // Admins may name anyone's task.
+    let admins = api
+        .submit(
+            ADMIN,
+            after(json!([{"task_id": bobs, "condition": "finished"}])),
+        )
+        .await;
+    assert_eq!(admins.status, StatusCode::ACCEPTED, "{}", admins.body);
+
+    // Met already (finished, however): admitted at once.
+    api.store
+        .transition_task(
+            &first,
+            &[TaskStatus::Queued],
+            TaskStatus::Failed,
+            &TaskUpdate::default(),
+        )
+        .await
+        .unwrap();
+    let met = api
+        .submit(
+            ALICE,
+            after(json!([{"task_id": first, "condition": "finished"}])),
+        )
+        .await;
+    assert_eq!(met.status, StatusCode::CREATED, "{}", met.body);
+    assert_eq!(met.body["status"], "queued");
+    assert_eq!(met.body["awaiting_dependencies"], false);
+    // Never met any more: refused with the reason.
+    let never = api.submit(ALICE, after(json!([{"task_id": first}]))).await;
+    assert_eq!(
+        never.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        never.body
+    );
+    assert!(
+        never
+            .message()
+            .contains("is failed: it can no longer complete, so this task could never start"),
+        "{}",
+        never.message()
+    );
+
+    // An array may wait too; every task of it does.
+    let array = api
+        .call(
+            Method::POST,
+            "/v1/arrays",
+            Some(ALICE),
+            Some(json!({"count": 3, "task": after(json!([{"task_id": reply.body["task_id"]}]))})),
+        )
+        .await;
+    assert_eq!(array.status, StatusCode::ACCEPTED, "{}", array.body);
+    assert_eq!(array.body["tasks_by_state"]["pending"], 3);
+    // And a task may wait for an array.
+    let on_array = api
+        .submit(ALICE, after(json!([{"array_id": array.body["array_id"]}])))
+        .await;
+    assert_eq!(on_array.status, StatusCode::ACCEPTED, "{}", on_array.body);
+    assert!(
+        on_array.body["status_reason"]
+            .as_str()
+            .unwrap()
+            .contains("3 of its tasks have not ended"),
+        "{}",
+        on_array.body
+    );
+}

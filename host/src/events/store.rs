@@ -400,6 +400,14 @@ impl Store for EventedStore {
         self.inner.array_summary(array_id).await
     }
 
+    async fn awaiting_tasks(&self, limit: u32, after: Option<&str>) -> Result<Vec<Task>> {
+        self.inner.awaiting_tasks(limit, after).await
+    }
+
+    async fn release_tasks(&self, task_ids: &[String]) -> Result<Vec<Task>> {
+        self.inner.release_tasks(task_ids).await
+    }
+
     async fn transition_tasks(
         &self,
         task_ids: &[String],

@@ -18,6 +18,7 @@ use crate::policy::{PolicyRuntime, PolicySource};
 use crate::store::Store;
 
 mod admission;
+pub mod dependencies;
 mod finish;
 mod placement;
 mod runtimes;
@@ -168,7 +169,13 @@ pub struct Scheduler {
     runtimes: Arc<runtimes::RuntimeHistoryCache>,
     /// The workers as the last round left them (see [`view`]).
     view: Arc<view::WorkerView>,
+    /// When the last dependency pass ran (see [`DEPENDENCY_PASS_EVERY`]).
+    dependencies_checked: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
+
+/// How often the dependency pass runs at most: it reads every task awaiting dependencies, so
+/// it does not run on every wake-up; a task whose dependencies are met waits this long at most.
+const DEPENDENCY_PASS_EVERY: Duration = Duration::from_millis(250);
 
 impl Scheduler {
     pub fn new(
@@ -186,6 +193,7 @@ impl Scheduler {
             work: WorkSignal::new(),
             runtimes: Arc::default(),
             view: Arc::default(),
+            dependencies_checked: Arc::default(),
         }
     }
 
@@ -221,8 +229,23 @@ impl Scheduler {
         tracing::info!(owner = %self.owner, "scheduler stopped");
     }
 
-    /// One admission pass, then placement rounds while they make progress.
+    /// One admission pass (after the dependency pass, when it is due), then placement rounds
+    /// while they make progress.
     pub async fn cycle(&self) {
+        let due = {
+            let mut last = self
+                .dependencies_checked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let due = last.is_none_or(|at| at.elapsed() >= DEPENDENCY_PASS_EVERY);
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if due && let Err(error) = self.dependency_pass().await {
+            tracing::warn!(%error, "dependency pass failed; retrying at the next tick");
+        }
         match self.admission_pass().await {
             // A full batch: more may be due; the next cycle follows at once.
             Ok(stats) if stats.checked >= self.config.batch_size as usize => self.wakeup.wake(),

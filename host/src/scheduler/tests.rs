@@ -21,7 +21,7 @@ use crate::policy::bindings::types::AdmissionDecision;
 use crate::policy::{EngineSettings, PolicyEngine, RuntimeSettings};
 use crate::store::conformance::{sample_task, sample_worker, unique_id};
 use crate::store::sqlite::SqliteStore;
-use crate::store::{AssignmentFilter, StoreError};
+use crate::store::{AssignmentFilter, StoreError, TaskUpdate};
 
 mod policies;
 
@@ -885,4 +885,94 @@ async fn a_view_made_stale_by_another_replica_is_read_again_after_a_lost_race() 
         "the view was read again: {fresh:?}"
     );
     assert_accounting(&*store).await;
+}
+
+/// The dependency pass on a real store: waiting tasks are released and admitted once their
+/// dependencies are met, failed with the reason once one can no longer be, and otherwise left
+/// waiting with a reason that says what they still wait for.
+async fn the_dependency_pass_releases_fails_and_keeps_waiting(store: Arc<dyn Store>) {
+    use crate::model::{Dependency, DependencyCondition};
+    let sched = scheduler(&store, 100);
+    let user = unique_id("user");
+    let add = async |after: Vec<Dependency>| {
+        let mut task = sample_task(&unique_id("task"), &user);
+        task.awaiting_dependencies = !after.is_empty();
+        task.after = after;
+        store.insert_task(&task, None).await.unwrap().task
+    };
+    let on = |task: &Task, condition| Dependency {
+        task_id: Some(task.task_id.clone()),
+        array_id: None,
+        condition,
+    };
+    let a = add(vec![]).await;
+    let e = add(vec![]).await;
+    let b = add(vec![on(&a, DependencyCondition::Completed)]).await;
+    let f = add(vec![on(&e, DependencyCondition::Completed)]).await;
+    let g = add(vec![on(&e, DependencyCondition::Finished)]).await;
+    let h = add(vec![
+        on(&a, DependencyCondition::Completed),
+        on(&e, DependencyCondition::Finished),
+    ])
+    .await;
+
+    // Nothing met yet: everything waits, with a reason.
+    sched.dependency_pass().await.unwrap();
+    for t in [&b, &f, &g, &h] {
+        let now = store.get_task(&t.task_id).await.unwrap();
+        assert!(now.awaiting_dependencies, "{now:?}");
+        assert!(now.status_reason.unwrap().starts_with("waiting for task"));
+    }
+
+    for (task, to) in [(&a, TaskStatus::Completed), (&e, TaskStatus::Failed)] {
+        store
+            .transition_task(
+                &task.task_id,
+                &[TaskStatus::Pending],
+                to,
+                &TaskUpdate::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let stats = sched.dependency_pass().await.unwrap();
+    assert_eq!((stats.released, stats.failed), (3, 1), "{stats:?}");
+    for t in [&b, &g, &h] {
+        let now = store.get_task(&t.task_id).await.unwrap();
+        assert_eq!(
+            now.status,
+            TaskStatus::Queued,
+            "released and admitted at once: {now:?}"
+        );
+        assert!(!now.awaiting_dependencies);
+    }
+    let failed = store.get_task(&f.task_id).await.unwrap();
+    assert_eq!(failed.status, TaskStatus::Failed);
+    assert_eq!(
+        failed.error.as_deref(),
+        Some(
+            format!(
+                "dependency task {} is failed: it can no longer complete",
+                e.task_id
+            )
+            .as_str()
+        )
+    );
+    // A second pass finds nothing to do.
+    let stats = sched.dependency_pass().await.unwrap();
+    assert_eq!((stats.released, stats.failed), (0, 0));
+}
+
+#[tokio::test]
+async fn the_dependency_pass_releases_fails_and_keeps_waiting_on_sqlite() {
+    let (store, _guard) = sqlite();
+    the_dependency_pass_releases_fails_and_keeps_waiting(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dependency_pass_releases_fails_and_keeps_waiting_on_mongodb() {
+    let Some((store, _guard)) = mongo().await else {
+        return;
+    };
+    the_dependency_pass_releases_fails_and_keeps_waiting(store).await;
 }

@@ -145,6 +145,7 @@ macro_rules! store_conformance_tests {
             insert_task_with_taken_id_is_already_exists,
             insert_tasks_stores_an_array_counted_listed_and_replayed_by_its_key,
             transition_tasks_moves_only_the_tasks_in_the_states_given,
+            tasks_awaiting_dependencies_are_kept_from_admission_until_released,
             list_tasks_is_newest_first_with_task_id_tie_break,
             list_tasks_filters_by_status_and_user,
             list_tasks_pages_visit_every_task_exactly_once,
@@ -736,6 +737,95 @@ pub async fn transition_tasks_moves_only_the_tasks_in_the_states_given(store: &d
         None,
         "a task not in `from` is left alone"
     );
+}
+
+pub async fn tasks_awaiting_dependencies_are_kept_from_admission_until_released(store: &dyn Store) {
+    let user = unique_id("user");
+    let first = insert(store, &sample_task(&unique_id("task"), &user)).await;
+    let dependency = crate::model::Dependency {
+        task_id: Some(first.task_id.clone()),
+        array_id: None,
+        condition: crate::model::DependencyCondition::Finished,
+    };
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        let mut task = sample_task(&unique_id("task"), &user);
+        task.after = vec![dependency.clone()];
+        task.awaiting_dependencies = true;
+        task.status_reason = Some("waiting for the first".to_string());
+        waiting.push(insert(store, &task).await);
+    }
+    assert_eq!(
+        store.get_task(&waiting[0].task_id).await.unwrap(),
+        waiting[0],
+        "after and awaiting round-trip"
+    );
+    waiting.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+    let due = store
+        .admission_batch(100, now() + chrono::Duration::seconds(60))
+        .await
+        .unwrap();
+    let due: Vec<&str> = due
+        .iter()
+        .filter(|t| t.user_id == user)
+        .map(|t| t.task_id.as_str())
+        .collect();
+    assert_eq!(
+        due,
+        vec![first.task_id.as_str()],
+        "only the free task is due for admission"
+    );
+
+    // Paged by task id, only this user's waiting tasks here (others' may exist in a shared store).
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.awaiting_tasks(2, after.as_deref()).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.task_id.clone());
+        seen.extend(
+            page.into_iter()
+                .filter(|t| t.user_id == user)
+                .map(|t| t.task_id),
+        );
+    }
+    let expected: Vec<String> = waiting.iter().map(|t| t.task_id.clone()).collect();
+    assert_eq!(seen, expected);
+
+    let ids = vec![
+        waiting[0].task_id.clone(),
+        waiting[1].task_id.clone(),
+        first.task_id.clone(),
+    ];
+    let released = store.release_tasks(&ids).await.unwrap();
+    let released_ids: Vec<&str> = released.iter().map(|t| t.task_id.as_str()).collect();
+    assert_eq!(
+        released_ids,
+        vec![waiting[0].task_id.as_str(), waiting[1].task_id.as_str()],
+        "the free task is not released again"
+    );
+    for task in &released {
+        assert!(!task.awaiting_dependencies);
+        assert_eq!(task.status_reason, None);
+        assert_eq!(task.status, TaskStatus::Pending);
+        assert_eq!(
+            task.after,
+            vec![dependency.clone()],
+            "the dependencies stay visible"
+        );
+    }
+    assert!(
+        store.release_tasks(&ids[..1]).await.unwrap().is_empty(),
+        "released once"
+    );
+    let due = store
+        .admission_batch(100, now() + chrono::Duration::seconds(60))
+        .await
+        .unwrap();
+    assert_eq!(due.iter().filter(|t| t.user_id == user).count(), 3);
+    let left = store.awaiting_tasks(100, None).await.unwrap();
+    assert!(left.iter().any(|t| t.task_id == waiting[2].task_id));
+    assert!(!left.iter().any(|t| t.task_id == waiting[0].task_id));
 }
 
 pub async fn list_tasks_is_newest_first_with_task_id_tie_break(store: &dyn Store) {

@@ -373,6 +373,13 @@ pub trait Store: Send + Sync + 'static {
         Ok(moved)
     }
 
+    /// Pending tasks awaiting their dependencies, by `task_id`, after `after` (a page).
+    async fn awaiting_tasks(&self, limit: u32, after: Option<&str>) -> Result<Vec<Task>>;
+
+    /// Releases pending tasks awaiting their dependencies to admission (clears
+    /// `awaiting_dependencies` and the reason); returns those it released.
+    async fn release_tasks(&self, task_ids: &[String]) -> Result<Vec<Task>>;
+
     async fn get_task(&self, task_id: &str) -> Result<Task>;
 
     async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage>;

@@ -102,9 +102,8 @@ CREATE INDEX IF NOT EXISTS TASKS_created_at ON TASKS (created_at DESC, task_id D
 CREATE INDEX IF NOT EXISTS TASKS_user_id ON TASKS (user_id, created_at DESC, task_id DESC);
 -- The scheduler's: a user's usage, the admission batch, the placement queue.
 CREATE INDEX IF NOT EXISTS TASKS_user_status ON TASKS (user_id, status);
--- Partial: only the tasks in the state each serves (the admission batch, the placement
--- queue), so that placing and finishing a task, which most writes do, maintains neither.
-CREATE INDEX IF NOT EXISTS TASKS_pending ON TASKS (updated_at, task_id) WHERE status = 'pending';
+-- Partial: only the tasks in the state each serves (the placement queue; the admission
+-- batch's is with the added columns), so that placing and finishing a task maintains neither.
 CREATE INDEX IF NOT EXISTS TASKS_queued ON TASKS (priority DESC, created_at, task_id)
     WHERE status = 'queued';
 -- The same queue per user: which users have tasks queued (one seek each) and each one's head,
@@ -306,7 +305,8 @@ const USER_RUNNING_REBUILD: &str = "BEGIN IMMEDIATE; \
 const TASK_COLUMNS: &str = "task_id, user_id, docker_image, command, req_cpu, req_memory, \
     req_storage, req_gpu, status, created_at, started_at, completed_at, priority, labels, env, \
     timeout_s, max_attempts, attempts, exit_code, error, status_reason, cancel_requested, owner, \
-    lease_expires_at, idempotency_key, updated_at, placed_by, array_id, array_index";
+    lease_expires_at, idempotency_key, updated_at, placed_by, array_id, array_index, after, \
+    awaiting_dependencies";
 
 const WORKER_COLUMNS: &str = "worker_id, worker_ip, total_cpu, total_memory, total_storage, \
     total_gpu, allocated_cpu, allocated_memory, allocated_storage, allocated_gpu, available_cpu, \
@@ -334,6 +334,12 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("ASSIGNMENTS", "placed_by", "TEXT"),
     ("TASKS", "array_id", "TEXT"),
     ("TASKS", "array_index", "INTEGER"),
+    ("TASKS", "after", "TEXT"),
+    (
+        "TASKS",
+        "awaiting_dependencies",
+        "INTEGER NOT NULL DEFAULT 0",
+    ),
 ];
 
 /// Indexes on [`ADDED_COLUMNS`], created once the columns exist.
@@ -341,6 +347,14 @@ const ADDED_INDEXES: &str = "
 -- An array's tasks in index order: its summary, listing and cancellation.
 CREATE INDEX IF NOT EXISTS TASKS_array ON TASKS (array_id, array_index)
     WHERE array_id IS NOT NULL;
+-- The admission batch: pending tasks free to be admitted (not awaiting dependencies), so that
+-- a backlog of waiting tasks is never walked.
+CREATE INDEX IF NOT EXISTS TASKS_admissible ON TASKS (updated_at, task_id)
+    WHERE status = 'pending' AND awaiting_dependencies = 0;
+-- The dependency pass: the tasks awaiting their dependencies.
+CREATE INDEX IF NOT EXISTS TASKS_awaiting ON TASKS (task_id)
+    WHERE status = 'pending' AND awaiting_dependencies = 1;
+DROP INDEX IF EXISTS TASKS_pending;
 ";
 
 /// Adds the [`ADDED_COLUMNS`] a database lacks.
@@ -807,6 +821,12 @@ fn task_at(row: &Row<'_>, at: usize) -> rusqlite::Result<Task> {
             .get::<_, Option<i64>>(at + 28)?
             .map(|i| u32::try_from(i).map_err(|e| conversion(at + 28, e)))
             .transpose()?,
+        after: row
+            .get::<_, Option<String>>(at + 29)?
+            .map(|text| serde_json::from_str(&text).map_err(|e| conversion(at + 29, e)))
+            .transpose()?
+            .unwrap_or_default(),
+        awaiting_dependencies: row.get(at + 30)?,
     })
 }
 
@@ -941,6 +961,11 @@ fn worker_exists(conn: &Connection, worker_id: &str) -> Result<bool> {
 
 fn insert_task_row(conn: &Connection, task: &Task) -> Result<()> {
     let labels = to_json(&task.labels, "encoding task labels")?;
+    let after = if task.after.is_empty() {
+        None
+    } else {
+        Some(to_json(&task.after, "encoding task dependencies")?)
+    };
     let env = to_json(&task.env, "encoding task env")?;
     let timeout_s = task
         .timeout_s
@@ -950,7 +975,7 @@ fn insert_task_row(conn: &Connection, task: &Task) -> Result<()> {
     conn.prepare_cached(&format!(
         "INSERT INTO TASKS ({TASK_COLUMNS}) VALUES \
          (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
-          ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)"
+          ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)"
     ))
     .and_then(|mut stmt| {
         stmt.execute(params![
@@ -983,6 +1008,8 @@ fn insert_task_row(conn: &Connection, task: &Task) -> Result<()> {
             task.placed_by,
             task.array_id,
             task.array_index,
+            after,
+            task.awaiting_dependencies,
         ])
     })
     .map(drop)
@@ -2344,6 +2371,45 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn awaiting_tasks(&self, limit: u32, after: Option<&str>) -> Result<Vec<Task>> {
+        let after = after.unwrap_or_default().to_string();
+        self.call("reading the tasks awaiting dependencies", move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {TASK_COLUMNS} FROM TASKS INDEXED BY TASKS_awaiting \
+                 WHERE status = 'pending' AND awaiting_dependencies = 1 AND task_id > ?1 \
+                 ORDER BY task_id LIMIT ?2"
+            ))
+            .and_then(|mut stmt| {
+                stmt.query_map(params![after, limit], task_from_row)?
+                    .collect()
+            })
+            .map_err(sql_err("reading the tasks awaiting dependencies"))
+        })
+        .await
+    }
+
+    async fn release_tasks(&self, task_ids: &[String]) -> Result<Vec<Task>> {
+        let task_ids = task_ids.to_vec();
+        self.call("releasing tasks to admission", move |conn| {
+            let mut released = Vec::with_capacity(task_ids.len());
+            for task_id in &task_ids {
+                let changed = conn
+                    .prepare_cached(
+                        "UPDATE TASKS SET awaiting_dependencies = 0, status_reason = NULL, \
+                         updated_at = ?2 \
+                         WHERE task_id = ?1 AND status = 'pending' AND awaiting_dependencies = 1",
+                    )
+                    .and_then(|mut stmt| stmt.execute(params![task_id, date_text(&now())]))
+                    .map_err(sql_err("releasing a task to admission"))?;
+                if changed > 0 {
+                    released.push(require_task(conn, task_id)?);
+                }
+            }
+            Ok(released)
+        })
+        .await
+    }
+
     async fn insert_tasks(
         &self,
         tasks: &[Task],
@@ -2729,8 +2795,8 @@ impl Store for SqliteStore {
     async fn admission_batch(&self, limit: u32, due_before: DateTime<Utc>) -> Result<Vec<Task>> {
         self.call("reading the admission batch", move |conn| {
             conn.prepare_cached(&format!(
-                "SELECT {TASK_COLUMNS} FROM TASKS INDEXED BY TASKS_pending \
-                 WHERE status = 'pending' AND updated_at <= ?1 \
+                "SELECT {TASK_COLUMNS} FROM TASKS INDEXED BY TASKS_admissible \
+                 WHERE status = 'pending' AND awaiting_dependencies = 0 AND updated_at <= ?1 \
                  ORDER BY updated_at, task_id LIMIT ?2"
             ))
             .and_then(|mut stmt| {

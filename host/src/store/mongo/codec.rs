@@ -87,6 +87,12 @@ pub(super) fn task_to_document(t: &Task) -> Result<Document> {
     d.insert("updated_at", to_bson_date(t.updated_at));
     insert_opt(&mut d, "array_id", t.array_id.as_deref());
     insert_opt(&mut d, "array_index", t.array_index.map(i64::from));
+    if !t.after.is_empty() {
+        let after = bson::serialize_to_bson(&t.after)
+            .map_err(|e| StoreError::backend("encoding task dependencies", e))?;
+        d.insert("after", after);
+    }
+    d.insert("awaiting_dependencies", t.awaiting_dependencies);
     Ok(d)
 }
 
@@ -122,6 +128,12 @@ pub(super) fn task_from_document(d: &Document) -> Result<Task> {
         placed_by: r.opt_string("placed_by")?,
         array_id: r.opt_string("array_id")?,
         array_index: r.opt_int("array_index")?,
+        after: match d.get("after") {
+            None | Some(Bson::Null) => Vec::new(),
+            Some(after) => bson::deserialize_from_bson(after.clone())
+                .map_err(|e| r.invalid("after", e.to_string()))?,
+        },
+        awaiting_dependencies: r.opt_bool("awaiting_dependencies")?.unwrap_or(false),
         // Documents written by other tools may lack our addition: fall back to creation.
         updated_at: match r.opt_date("updated_at")? {
             Some(at) => at,

@@ -350,6 +350,14 @@ impl Store for MongoStore {
         self.array_summary_impl(array_id).await
     }
 
+    async fn awaiting_tasks(&self, limit: u32, after: Option<&str>) -> Result<Vec<Task>> {
+        self.awaiting_tasks_impl(limit, after).await
+    }
+
+    async fn release_tasks(&self, task_ids: &[String]) -> Result<Vec<Task>> {
+        self.release_tasks_impl(task_ids).await
+    }
+
     async fn get_task(&self, task_id: &str) -> Result<Task> {
         self.get_task_impl(task_id).await
     }

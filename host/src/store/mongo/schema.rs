@@ -233,6 +233,8 @@ impl MongoStore {
                     plain(doc! { "labels.k": 1, "labels.v": 1 }),
                     // An array's tasks in index order.
                     plain(doc! { "array_id": 1, "array_index": 1 }),
+                    // The dependency pass: the tasks awaiting dependencies.
+                    plain(doc! { "awaiting_dependencies": 1, "status": 1, "task_id": 1 }),
                 ],
             ),
             (
@@ -501,7 +503,7 @@ mod tests {
             })
             .collect();
         assert_eq!(creates.len(), 9, "one command per collection: {creates:?}");
-        assert!(creates.contains(&format!("{TASKS}:10")), "{creates:?}");
+        assert!(creates.contains(&format!("{TASKS}:11")), "{creates:?}");
         let names = store.tasks.list_index_names().await.unwrap();
         assert_eq!(names.len(), 10, "9 and _id: {names:?}");
     }

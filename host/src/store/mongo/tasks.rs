@@ -361,6 +361,59 @@ impl MongoStore {
         }
     }
 
+    pub(super) async fn awaiting_tasks_impl(
+        &self,
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<Vec<Task>> {
+        let what = "reading the tasks awaiting dependencies";
+        let documents: Vec<Document> = self
+            .tasks
+            .find(doc! {
+                "status": TaskStatus::Pending.as_str(),
+                "awaiting_dependencies": true,
+                "task_id": { "$gt": after.unwrap_or_default() },
+            })
+            .sort(doc! { "task_id": 1 })
+            .limit(i64::from(limit))
+            .await
+            .map_err(|e| StoreError::backend(what, e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend(what, e))?;
+        documents.iter().map(task_from_document).collect()
+    }
+
+    /// One conditional update per task (under FerretDB 1.x's per-document lock): a batch is
+    /// as large as the tasks whose dependencies were just met.
+    pub(super) async fn release_tasks_impl(&self, task_ids: &[String]) -> Result<Vec<Task>> {
+        let mut released = Vec::with_capacity(task_ids.len());
+        for task_id in task_ids {
+            let update = self.tasks.find_one_and_update(
+                doc! {
+                    "task_id": task_id,
+                    "status": TaskStatus::Pending.as_str(),
+                    "awaiting_dependencies": true,
+                },
+                doc! {
+                    "$set": { "awaiting_dependencies": false, "updated_at": to_bson_date(model::now()) },
+                    "$unset": { "status_reason": "" },
+                },
+            );
+            let document = self
+                .atomic(
+                    lock_key(TASKS, task_id),
+                    update.return_document(ReturnDocument::After),
+                )
+                .await
+                .map_err(|e| StoreError::backend(format!("releasing task '{task_id}'"), e))?;
+            if let Some(document) = document {
+                released.push(task_from_document(&document)?);
+            }
+        }
+        Ok(released)
+    }
+
     pub(super) async fn array_summary_impl(&self, array_id: &str) -> Result<ArraySummary> {
         let what = "reading an array";
         let first = self
@@ -606,6 +659,7 @@ impl MongoStore {
             .tasks
             .find(doc! {
                 "status": TaskStatus::Pending.as_str(),
+                "awaiting_dependencies": { "$ne": true },
                 "updated_at": { "$lte": to_bson_date(due_before) },
             })
             .sort(doc! { "updated_at": 1, "task_id": 1 })
