@@ -6,6 +6,7 @@
 mod arrays;
 mod backup;
 mod dashboard;
+mod dependencies;
 mod events;
 mod execution;
 mod guide;

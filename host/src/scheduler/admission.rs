@@ -55,6 +55,12 @@ pub async fn admit_tasks(
     policies: &Arc<PolicyRuntime>,
     tasks: &[Task],
 ) -> Result<AdmissionStats, StoreError> {
+    // A task awaiting its dependencies is the dependency pass's to release, never admitted.
+    let tasks: Vec<Task> = tasks
+        .iter()
+        .filter(|t| !t.awaiting_dependencies)
+        .cloned()
+        .collect();
     let mut stats = AdmissionStats {
         checked: tasks.len(),
         ..AdmissionStats::default()
@@ -260,7 +266,10 @@ impl Scheduler {
                 // Only tasks a check deferred (they carry its reason): a task never checked is
                 // its submission's to admit inline, and deciding it here too would race that
                 // answer (the back-off path takes it if the submission could not).
-                if task.status_reason.is_some() && !tasks.iter().any(|t| t.task_id == task.task_id)
+                // Never one awaiting its dependencies (its reason says what it waits for).
+                if task.status_reason.is_some()
+                    && !task.awaiting_dependencies
+                    && !tasks.iter().any(|t| t.task_id == task.task_id)
                 {
                     tasks.push(task);
                 }

@@ -916,7 +916,10 @@ async fn the_dependency_pass_releases_fails_and_keeps_waiting(store: Arc<dyn Sto
     ])
     .await;
 
-    // Nothing met yet: everything waits, with a reason.
+    // Nothing met yet: everything waits, with a reason, whatever else the scheduler does
+    // (a user whose usage changed has their deferred tasks checked again: not these).
+    sched.wakeup.usage_changed(&user);
+    sched.cycle().await;
     sched.dependency_pass().await.unwrap();
     for t in [&b, &f, &g, &h] {
         let now = store.get_task(&t.task_id).await.unwrap();
@@ -928,7 +931,7 @@ async fn the_dependency_pass_releases_fails_and_keeps_waiting(store: Arc<dyn Sto
         store
             .transition_task(
                 &task.task_id,
-                &[TaskStatus::Pending],
+                &[TaskStatus::Pending, TaskStatus::Queued],
                 to,
                 &TaskUpdate::default(),
             )
