@@ -194,6 +194,12 @@ test('the tasks of an array are one row in the list, which opens the array', asy
   }, body.array_id, { timeout: 10000 });
   assert.match(await page.textContent('[data-testid=array-states]'), /3 tasks: /);
   await shot('array');
+  // A task after the array shows what it waits for, linked.
+  const after = await api('POST', '/v1/tasks', { docker_image: IMAGE, command: 'true', req_cpu: 0.25, req_memory: 0.25, after: [{ array_id: body.array_id, condition: 'finished' }] }, USER);
+  assert.ok([201, 202].includes(after.status), JSON.stringify(after.body));
+  await page.goto(`${URL_}/ui#/tasks/${after.body.task_id}`);
+  await page.waitForSelector(`[data-testid=task-after] a[href="#/tasks?array=${body.array_id}"]`);
+  assert.match(await page.textContent('[data-testid=task-after]'), /\(finished\)/);
 });
 
 test('a worker is drained and undrained from the workers page', async () => {

@@ -56,6 +56,16 @@ export function taskPage(ctx, id) {
         kv('priority', t.priority), kv('timeout', t.timeout_s ? `${t.timeout_s} s` : 'none'),
         kv('labels', Object.entries(t.labels ?? {}).map(([k, v]) => `${k}=${v}`).join(', ') || '–'),
         kv('env', Object.keys(t.env ?? {}).join(', ') || '–'),
+        kv('array', t.array_id
+          ? h('a', { class: 'mono', href: `#/tasks?array=${encodeURIComponent(t.array_id)}` }, `${t.array_id} [${t.array_index}]`)
+          : '–'),
+        kv('after', (t.after ?? []).length === 0 ? '–' : h('span', { 'data-testid': 'task-after' }, (t.after ?? []).map((d, i) => [
+          i > 0 ? ', ' : '',
+          d.task_id
+            ? h('a', { class: 'mono', href: `#/tasks/${encodeURIComponent(d.task_id)}` }, d.task_id)
+            : h('a', { class: 'mono', href: `#/tasks?array=${encodeURIComponent(d.array_id)}` }, d.array_id),
+          ` (${d.condition})`,
+        ]), t.awaiting_dependencies ? ' — waiting' : '')),
         kv('user', t.user_id))),
       h('div', { class: 'panel' }, h('h2', {}, 'Timing'), h('dl', { class: 'kv' },
         kv('created', time(t.created_at)), kv('started', time(t.started_at)), kv('finished', time(t.completed_at)),
