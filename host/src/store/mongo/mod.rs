@@ -354,6 +354,16 @@ impl Store for MongoStore {
         self.awaiting_tasks_impl(limit, after).await
     }
 
+    async fn transition_tasks(
+        &self,
+        task_ids: &[String],
+        from: &[TaskStatus],
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<Vec<Task>> {
+        self.transition_tasks_impl(task_ids, from, to, update).await
+    }
+
     async fn release_tasks(&self, task_ids: &[String]) -> Result<Vec<Task>> {
         self.release_tasks_impl(task_ids).await
     }
@@ -733,6 +743,9 @@ native_conformance_cases!(
     insert_and_get_task_round_trips_every_field,
     get_task_unknown_is_not_found,
     insert_task_with_taken_id_is_already_exists,
+    insert_tasks_stores_an_array_counted_listed_and_replayed_by_its_key,
+    transition_tasks_moves_only_the_tasks_in_the_states_given,
+    tasks_awaiting_dependencies_are_kept_from_admission_until_released,
     list_tasks_is_newest_first_with_task_id_tie_break,
     list_tasks_filters_by_status_and_user,
     list_tasks_pages_visit_every_task_exactly_once,

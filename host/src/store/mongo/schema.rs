@@ -505,7 +505,7 @@ mod tests {
         assert_eq!(creates.len(), 9, "one command per collection: {creates:?}");
         assert!(creates.contains(&format!("{TASKS}:11")), "{creates:?}");
         let names = store.tasks.list_index_names().await.unwrap();
-        assert_eq!(names.len(), 10, "9 and _id: {names:?}");
+        assert_eq!(names.len(), 12, "11 and _id: {names:?}");
     }
 
     #[tokio::test]

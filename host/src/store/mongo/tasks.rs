@@ -43,40 +43,7 @@ impl MongoStore {
         if let Some(attempt) = attempt {
             filter.insert("attempts", i64::from(attempt));
         }
-        let mut set = doc! { "status": to.as_str(), "updated_at": to_bson_date(model::now()) };
-        let mut unset = Document::new();
-        if let Some(at) = update.started_at {
-            set.insert("started_at", to_bson_date(at));
-        }
-        if let Some(at) = update.completed_at {
-            set.insert("completed_at", to_bson_date(at));
-        }
-        if let Some(code) = update.exit_code {
-            set.insert("exit_code", code);
-        }
-        if let Some(error) = &update.error {
-            set.insert("error", error.as_str());
-        }
-        match &update.status_reason {
-            Some(Some(reason)) => {
-                set.insert("status_reason", reason.as_str());
-            }
-            Some(None) => {
-                unset.insert("status_reason", "");
-            }
-            None => {}
-        }
-        if update.clear_claim {
-            unset.insert("owner", "");
-            unset.insert("lease_expires_at", "");
-        }
-        let mut changes = doc! { "$set": set };
-        if !unset.is_empty() {
-            changes.insert("$unset", unset);
-        }
-        if update.increment_attempts {
-            changes.insert("$inc", doc! { "attempts": 1_i64 });
-        }
+        let changes = transition_changes(to, update, model::now());
 
         let mut expected = if from.is_empty() {
             "(no state)".to_owned()
@@ -359,6 +326,60 @@ impl MongoStore {
                 })
             }
         }
+    }
+
+    /// [`Store::transition_tasks`]: on MongoDB one `updateMany` per 1,000 tasks, stamped with
+    /// one `updated_at`, then one read of the tasks that carry the new state and that stamp
+    /// (the ones this call moved). On FerretDB 1.x, whose updates are not atomic, and for a
+    /// transition to the state it starts from (no stamp tells it apart), one task at a time.
+    pub(super) async fn transition_tasks_impl(
+        &self,
+        task_ids: &[String],
+        from: &[TaskStatus],
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<Vec<Task>> {
+        if self.serializes_writes() || from.contains(&to) {
+            let mut moved = Vec::with_capacity(task_ids.len());
+            for task_id in task_ids {
+                match self.transition(task_id, None, from, to, update).await {
+                    Ok(task) => moved.push(task),
+                    Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {}
+                    Err(other) => return Err(other),
+                }
+            }
+            return Ok(moved);
+        }
+        let what = || format!("moving {} tasks to {to}", task_ids.len());
+        let from_names: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+        let stamp = model::now();
+        let changes = transition_changes(to, update, stamp);
+        let mut moved = Vec::with_capacity(task_ids.len());
+        for chunk in task_ids.chunks(1_000) {
+            self.tasks
+                .update_many(
+                    doc! { "task_id": { "$in": chunk }, "status": { "$in": from_names.clone() } },
+                    changes.clone(),
+                )
+                .await
+                .map_err(|e| StoreError::backend(what(), e))?;
+            let documents: Vec<Document> = self
+                .tasks
+                .find(doc! {
+                    "task_id": { "$in": chunk },
+                    "status": to.as_str(),
+                    "updated_at": to_bson_date(stamp),
+                })
+                .await
+                .map_err(|e| StoreError::backend(what(), e))?
+                .try_collect()
+                .await
+                .map_err(|e| StoreError::backend(what(), e))?;
+            for document in &documents {
+                moved.push(task_from_document(document)?);
+            }
+        }
+        Ok(moved)
     }
 
     pub(super) async fn awaiting_tasks_impl(
@@ -919,6 +940,45 @@ pub(super) fn add_open_count(usage: &mut Usage, group: &Document) -> Result<Task
         other => return Err(r.invalid("_id", format!("{other} is not an open status"))),
     }
     Ok(status)
+}
+
+/// The update of a transition to `to` with `update`'s fields, stamped `at`.
+fn transition_changes(to: TaskStatus, update: &TaskUpdate, at: DateTime<Utc>) -> Document {
+    let mut set = doc! { "status": to.as_str(), "updated_at": to_bson_date(at) };
+    let mut unset = Document::new();
+    if let Some(at) = update.started_at {
+        set.insert("started_at", to_bson_date(at));
+    }
+    if let Some(at) = update.completed_at {
+        set.insert("completed_at", to_bson_date(at));
+    }
+    if let Some(code) = update.exit_code {
+        set.insert("exit_code", code);
+    }
+    if let Some(error) = &update.error {
+        set.insert("error", error.as_str());
+    }
+    match &update.status_reason {
+        Some(Some(reason)) => {
+            set.insert("status_reason", reason.as_str());
+        }
+        Some(None) => {
+            unset.insert("status_reason", "");
+        }
+        None => {}
+    }
+    if update.clear_claim {
+        unset.insert("owner", "");
+        unset.insert("lease_expires_at", "");
+    }
+    let mut changes = doc! { "$set": set };
+    if !unset.is_empty() {
+        changes.insert("$unset", unset);
+    }
+    if update.increment_attempts {
+        changes.insert("$inc", doc! { "attempts": 1_i64 });
+    }
+    changes
 }
 
 /// True when every write error of an `insertMany` is a duplicate key (and nothing else failed).
