@@ -1,16 +1,18 @@
 //! The built-in native best-fit: decides a round when no placement policy is active, and
 //! whenever the active one fails. Deterministic: same input, same decisions.
 //!
-//! The algorithm (the shipped `best-fit` guest implements the same one, so that the two can
-//! be compared decision for decision): tasks in queue order; a worker is feasible for a task
-//! when its available capacity, minus what earlier tasks of the batch were given, covers the
-//! request in all four resources; among feasible workers the one with the least remaining
-//! capacity after placement wins, scored as the sum over resources the worker has
-//! (`total > 0`) of `(remaining - request) / total`; ties go to the lower index. With no
-//! feasible worker the task waits if some worker's total could hold it, and is unschedulable
-//! if none could (or waits when there are no workers at all: one may register).
+//! It is the shipped `best-fit` guest's own logic (`policies/best-fit`, over the policy kit),
+//! linked natively: one implementation, so that the fallback and the guest decide alike,
+//! decision for decision and reason for reason. Tasks in queue order; a worker is feasible for
+//! a task when its available capacity, minus what earlier tasks of the batch were given, covers
+//! the request in all four resources; among feasible workers the one left with the least
+//! capacity wins (the sum over the resources it has of `remaining / total`), ties to the lower
+//! index. With no feasible worker the task waits if some worker's total could hold it, and is
+//! unschedulable if none could (or waits when there are no workers at all: one may register).
 
-use super::bindings::types::{PlacementInput as WitInput, TaskColumns};
+use cloudai_policy_kit::{Decision as KitDecision, Tasks, Workers};
+
+use super::bindings::types::PlacementInput as WitInput;
 use super::input::{Decision, PlacementInput};
 
 /// Decides a whole round with the native best-fit.
@@ -22,97 +24,40 @@ pub fn best_fit(input: &PlacementInput) -> Vec<Decision> {
 pub fn best_fit_columns(input: &WitInput) -> Vec<Decision> {
     let w = &input.workers;
     let t = &input.tasks;
-    // Row-major copies with the inverse totals, as the `best-fit` guest does: one worker's
-    // numbers side by side in the hot loop, a multiply instead of a divide per resource, and
-    // the very same arithmetic as the guest, so that both decide alike to the last bit.
-    let mut rows: Vec<Row> = (0..w.total_cpu.len())
-        .map(|i| {
-            let total = [
-                w.total_cpu[i],
-                w.total_memory[i],
-                w.total_storage[i],
-                w.total_gpu[i],
-            ];
-            Row {
-                total,
-                inv_total: total.map(|t| if t > 0.0 { 1.0 / t } else { 0.0 }),
-                free: [
-                    w.available_cpu[i],
-                    w.available_memory[i],
-                    w.available_storage[i],
-                    w.available_gpu[i],
-                ],
-            }
+    let workers = Workers {
+        total: [
+            &w.total_cpu,
+            &w.total_memory,
+            &w.total_storage,
+            &w.total_gpu,
+        ],
+        available: [
+            &w.available_cpu,
+            &w.available_memory,
+            &w.available_storage,
+            &w.available_gpu,
+        ],
+    };
+    let tasks = Tasks {
+        request: [&t.req_cpu, &t.req_memory, &t.req_storage, &t.req_gpu],
+    };
+    cloudai_policy_best_fit::logic::place(&workers, &tasks)
+        .into_iter()
+        .map(|decision| match decision {
+            KitDecision::Assign(worker) => Decision::Assign { worker },
+            KitDecision::Wait(reason) => Decision::Wait { reason },
+            KitDecision::Unschedulable(reason) => Decision::Unschedulable { reason },
         })
-        .collect();
-    (0..t.req_cpu.len())
-        .map(|j| decide(request(t, j), &mut rows))
         .collect()
-}
-
-/// One worker in the round: what it has, and what is still free of it.
-struct Row {
-    total: [f64; 4],
-    inv_total: [f64; 4],
-    free: [f64; 4],
-}
-
-fn request(t: &TaskColumns, j: usize) -> [f64; 4] {
-    [
-        t.req_cpu[j],
-        t.req_memory[j],
-        t.req_storage[j],
-        t.req_gpu[j],
-    ]
-}
-
-fn covers(have: &[f64; 4], need: &[f64; 4]) -> bool {
-    have.iter().zip(need).all(|(h, n)| h >= n)
-}
-
-fn decide(req: [f64; 4], rows: &mut [Row]) -> Decision {
-    let mut best: Option<(usize, f64)> = None;
-    for (i, row) in rows.iter().enumerate() {
-        if !covers(&row.free, &req) {
-            continue;
-        }
-        // The sum over resources of remaining / total; a resource the worker lacks has an
-        // inverse total of 0 and adds nothing.
-        let score = (row.free[0] - req[0]) * row.inv_total[0]
-            + (row.free[1] - req[1]) * row.inv_total[1]
-            + (row.free[2] - req[2]) * row.inv_total[2]
-            + (row.free[3] - req[3]) * row.inv_total[3];
-        if best.is_none_or(|(_, s)| score < s) {
-            best = Some((i, score));
-        }
-    }
-    match best {
-        Some((i, _)) => {
-            for (slot, r) in rows[i].free.iter_mut().zip(req) {
-                *slot -= r;
-            }
-            Decision::Assign { worker: i as u32 }
-        }
-        None if rows.is_empty() => Decision::Wait {
-            reason: "no worker is available".to_string(),
-        },
-        None if rows.iter().any(|row| covers(&row.total, &req)) => Decision::Wait {
-            reason: "no worker has enough free capacity now".to_string(),
-        },
-        None => Decision::Unschedulable {
-            reason: format!(
-                "no worker is large enough for cpu {}, memory {} GB, storage {} GB, gpu {}",
-                req[0], req[1], req[2], req[3]
-            ),
-        },
-    }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub(crate) mod tests {
     use super::*;
-    use crate::policy::bindings::types::{LabelIndex, PlacementInput as WitInput, WorkerColumns};
+    use crate::policy::bindings::types::{
+        LabelIndex, PlacementInput as WitInput, TaskColumns, WorkerColumns,
+    };
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
     fn labels(n: usize) -> LabelIndex {
