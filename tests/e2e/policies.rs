@@ -21,17 +21,7 @@ const UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The guests' directory; `None` skips locally, CI must set it.
 fn wasm_dir() -> Option<PathBuf> {
-    match std::env::var_os("CLOUDAI_POLICY_WASM_DIR") {
-        Some(dir) => Some(PathBuf::from(dir)),
-        None => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI must set CLOUDAI_POLICY_WASM_DIR (scripts/build-policies.sh DIR)"
-            );
-            eprintln!("CLOUDAI_POLICY_WASM_DIR is not set: skipping the policy e2e tests");
-            None
-        }
-    }
+    crate::harness::policy_wasm_dir("skipping the policy e2e tests")
 }
 
 fn text(output: &Output) -> String {

@@ -12,17 +12,7 @@ use crate::harness::{CLI_TIMEOUT, binary, run_within};
 /// The built guests (`scripts/build-policies.sh DIR`), from `CLOUDAI_POLICY_WASM_DIR`. Unset:
 /// skipped locally, a failure under CI.
 fn wasm_dir() -> Option<PathBuf> {
-    match std::env::var_os("CLOUDAI_POLICY_WASM_DIR") {
-        Some(dir) => Some(PathBuf::from(dir)),
-        None => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI must set CLOUDAI_POLICY_WASM_DIR (scripts/test.sh does)"
-            );
-            eprintln!("CLOUDAI_POLICY_WASM_DIR is not set: skipping the policy tool tests");
-            None
-        }
-    }
+    crate::harness::policy_wasm_dir("skipping the policy tool tests")
 }
 
 pub(crate) fn repo_file(path: &str) -> PathBuf {
