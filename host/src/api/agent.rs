@@ -163,6 +163,11 @@ pub struct ResultReport {
     pub error: Option<String>,
     /// When the container stopped (default: when the report arrives).
     pub finished_at: Option<DateTime<Utc>>,
+    /// When the container started, by the same (the worker's) clock as `finished_at`: with
+    /// both, the attempt's run time is measured on one clock (else from the host's record of
+    /// the start report, which a clock skew between host and worker would bend).
+    #[serde(default)]
+    pub started_at: Option<DateTime<Utc>>,
 }
 
 impl Validate for ResultReport {
@@ -652,10 +657,17 @@ async fn record_result(
     // A start older than the assignment is an earlier attempt's.
     let reported_start = task.started_at.filter(|at| *at >= assignment.assigned_at);
     let new_start = (started && reported_start.is_none()).then(|| completed_at.min(model::now()));
-    // This attempt's run time, when its start was reported.
-    let runtime_s = reported_start
-        .or(new_start)
-        .map(|at| (completed_at - at).num_milliseconds().max(0) as f64 / 1000.0);
+    // This attempt's run time: by the worker's clock when it reported both ends, else from
+    // the host's record of the start.
+    let seconds = |from: DateTime<Utc>, to: DateTime<Utc>| {
+        (to - from).num_milliseconds().max(0) as f64 / 1000.0
+    };
+    let runtime_s = match (report.started_at, report.finished_at) {
+        (Some(from), Some(to)) => Some(seconds(from, to)),
+        _ => reported_start
+            .or(new_start)
+            .map(|at| seconds(at, completed_at)),
+    };
     let result = TaskResult {
         task_id: task.task_id.clone(),
         worker_id: worker_id.to_string(),

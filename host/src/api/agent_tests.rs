@@ -311,6 +311,30 @@ async fn a_placed_task_reaches_its_workers_long_poll_and_its_result_is_recorded_
     assert_eq!(api.work("w1", &token, "").await.body["work"], json!([]));
 }
 
+/// The run time a result records (and placement policies learn from) is measured on one
+/// clock: the worker's, when it reports when the container started and stopped, however far
+/// its clock is from the host's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_time_is_the_workers_own_measure_of_its_container() {
+    let api = Arc::new(Api::new(Limits::default()));
+    let token = api.register("w1", 4.0).await;
+    let task_id = api
+        .submit_and_place(json!({"docker_image": "busybox", "req_cpu": 1}))
+        .await;
+    let work = api.work("w1", &token, "").await;
+    let ass = work.body["work"][0]["ass_id"].as_str().unwrap().to_string();
+    api.report("w1", &token, &ass, "started", json!({})).await;
+    // The worker's clock is an hour behind the host's: only the difference counts.
+    let report = json!({"outcome": "completed", "exit_code": 0,
+        "started_at": "2026-01-01T10:00:00.000Z", "finished_at": "2026-01-01T10:00:02.500Z"});
+    let done = api.report("w1", &token, &ass, "result", report).await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    let result = api.store.get_result(&task_id).await.unwrap();
+    assert_eq!(result.runtime_s, Some(2.5), "{result:?}");
+    let samples = api.store.recent_runtimes(10).await.unwrap();
+    assert!(samples.iter().any(|s| s.runtime_s == 2.5), "{samples:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_oom_kills_timeouts_and_errors_fail_the_task_with_their_reason() {
     let api = Api::new(Limits::default());

@@ -769,6 +769,7 @@ fn report_of(outcome: Result<RunOutcome, ExecError>) -> ResultReport {
             stderr_truncated: o.stderr_truncated,
             error: None,
             finished_at: o.finished_at,
+            started_at: o.started_at,
         },
         Err(error) => ResultReport {
             outcome: Outcome::Error,
@@ -779,6 +780,7 @@ fn report_of(outcome: Result<RunOutcome, ExecError>) -> ResultReport {
             stderr_truncated: false,
             error: Some(format!("{}: {error}", error.code())),
             finished_at: None,
+            started_at: None,
         },
     }
 }
