@@ -10,8 +10,8 @@ use serde_json::json;
 
 use super::{EventSink, event, repair};
 use crate::model::{
-    ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, Task, TaskResult, TaskStatus,
-    Worker, WorkerUsage,
+    ActivePolicy, Assignment, Dependency, PolicyKind, PolicyVersion, Resources, Task, TaskResult,
+    TaskStatus, Worker, WorkerUsage,
 };
 use crate::policy::snapshot::Usage;
 use crate::store::{
@@ -400,8 +400,17 @@ impl Store for EventedStore {
         self.inner.array_summary(array_id).await
     }
 
-    async fn awaiting_tasks(&self, limit: u32, after: Option<&str>) -> Result<Vec<Task>> {
-        self.inner.awaiting_tasks(limit, after).await
+    async fn awaiting_dependency_sets(&self, limit: u32) -> Result<Vec<Vec<Dependency>>> {
+        self.inner.awaiting_dependency_sets(limit).await
+    }
+
+    async fn awaiting_tasks(
+        &self,
+        dependencies: &[Dependency],
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<Vec<Task>> {
+        self.inner.awaiting_tasks(dependencies, limit, after).await
     }
 
     async fn release_tasks(&self, task_ids: &[String]) -> Result<Vec<Task>> {

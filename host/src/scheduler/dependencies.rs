@@ -1,19 +1,23 @@
 //! Dependencies between tasks (`after` in a task's spec, Slurm's `--dependency=afterok`): a
 //! task whose dependencies are not all met is stored `pending` with `awaiting_dependencies`
-//! set, which keeps it out of admission. The dependency pass, on every replica, reads those
-//! tasks, looks at what they wait for, and either releases them to admission (every
-//! dependency met), fails them (one can no longer be met) or leaves them waiting. Everything
-//! it needs is in the store, so it works the same across replicas and after a restart.
+//! set, which keeps it out of admission. The dependency pass, on every replica, reads the
+//! distinct lists of dependencies waiting tasks have (100,000 tasks of an array waiting for
+//! one task are one list, read from an index), looks at what each list names, and releases
+//! its tasks to admission (every dependency met), fails them (one can no longer be met) or
+//! leaves them waiting: the tasks themselves are read only when they move. Everything it
+//! needs is in the store, so it works the same across replicas and after a restart.
 
 use std::collections::HashMap;
 
 use super::Scheduler;
 use super::admission::admit_tasks;
-use crate::model::{self, Dependency, DependencyCondition, Task, TaskStatus};
+use crate::model::{self, Dependency, DependencyCondition, TaskStatus};
 use crate::store::{Store, StoreError, TaskCounts, TaskUpdate};
 
-/// Waiting tasks read per page, and most pages one pass reads.
-const PAGE: u32 = 500;
+/// Most distinct dependency lists one pass looks at; tasks moved per page, and most pages one
+/// list's tasks take in one pass (the rest move in the next).
+const MAX_SETS: u32 = 1_000;
+const PAGE: u32 = 1_000;
 const MAX_PAGES: usize = 20;
 
 /// What a dependency points at, now.
@@ -61,13 +65,13 @@ pub fn gate(dep: &Dependency, state: TargetState) -> Gate {
                     counts.failed, counts.cancelled
                 ));
             }
-            let open = counts.pending + counts.queued + counts.running;
-            if open == 0 {
+            // The reason stays the same while the array runs (its progress is the array's
+            // own summary): a waiting task is written when what it waits for changes, not as
+            // each task of the array ends.
+            if counts.pending + counts.queued + counts.running == 0 {
                 Gate::Met
             } else {
-                Gate::Waiting(format!(
-                    "waiting for {dep} to {verb} ({open} of its tasks have not ended)"
-                ))
+                Gate::Waiting(format!("waiting for {dep} to {verb}"))
             }
         }
     }
@@ -119,73 +123,74 @@ pub struct DependencyStats {
 }
 
 impl Scheduler {
-    /// Releases the waiting tasks whose dependencies are all met (and admits them at once),
-    /// fails those with one that can no longer be met, and brings the reason of the others up
-    /// to date.
+    /// For each distinct list of dependencies that waiting tasks have: releases its tasks to
+    /// admission (and admits them at once) when every dependency is met, fails them when one
+    /// can no longer be, and otherwise brings their reason up to date.
     pub async fn dependency_pass(&self) -> Result<DependencyStats, StoreError> {
         let store = &*self.store;
         let mut stats = DependencyStats::default();
         let mut states: HashMap<String, TargetState> = HashMap::new();
-        let mut after: Option<String> = None;
-        for _ in 0..MAX_PAGES {
-            let page = store.awaiting_tasks(PAGE, after.as_deref()).await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.task_id.clone());
-            let mut ready = Vec::new();
-            for task in &page {
-                stats.checked += 1;
-                for dep in &task.after {
-                    if let std::collections::hash_map::Entry::Vacant(slot) =
-                        states.entry(dep.to_string())
-                    {
-                        slot.insert(target_state(store, dep).await?.0);
-                    }
-                }
-                let state = |dep: &Dependency| {
-                    states
-                        .get(&dep.to_string())
-                        .copied()
-                        .unwrap_or(TargetState::Missing)
-                };
-                match gate_all(&task.after, state) {
-                    Gate::Met => ready.push(task.task_id.clone()),
-                    Gate::Broken(why) => {
-                        if fail(store, task, &why).await? {
-                            stats.failed += 1;
-                        }
-                    }
-                    Gate::Waiting(why) => {
-                        if task.status_reason.as_deref() != Some(why.as_str()) {
-                            let update = TaskUpdate {
-                                status_reason: Some(Some(why)),
-                                ..TaskUpdate::default()
-                            };
-                            match store
-                                .transition_task(
-                                    &task.task_id,
-                                    &[TaskStatus::Pending],
-                                    TaskStatus::Pending,
-                                    &update,
-                                )
-                                .await
-                            {
-                                Ok(_) | Err(StoreError::Conflict { .. }) => {}
-                                Err(other) => return Err(other),
-                            }
-                        }
-                    }
+        for set in store.awaiting_dependency_sets(MAX_SETS).await? {
+            stats.checked += 1;
+            for dep in &set {
+                if let std::collections::hash_map::Entry::Vacant(slot) =
+                    states.entry(dep.to_string())
+                {
+                    slot.insert(target_state(store, dep).await?.0);
                 }
             }
-            if !ready.is_empty() {
-                let released = store.release_tasks(&ready).await?;
-                for task in &released {
-                    tracing::info!(task_id = %task.task_id, user_id = %task.user_id, "dependencies met: the task goes to admission");
+            let state = |dep: &Dependency| {
+                states
+                    .get(&dep.to_string())
+                    .copied()
+                    .unwrap_or(TargetState::Missing)
+            };
+            match gate_all(&set, state) {
+                Gate::Met => {
+                    // Released tasks leave the list: each page starts from the top.
+                    for _ in 0..MAX_PAGES {
+                        let page = store.awaiting_tasks(&set, PAGE, None).await?;
+                        if page.is_empty() {
+                            break;
+                        }
+                        let ids: Vec<String> = page.into_iter().map(|t| t.task_id).collect();
+                        let released = store.release_tasks(&ids).await?;
+                        for task in &released {
+                            tracing::info!(task_id = %task.task_id, user_id = %task.user_id, "dependencies met: the task goes to admission");
+                        }
+                        stats.released += released.len();
+                        admit_tasks(store, &self.policies, &released).await?;
+                    }
                 }
-                stats.released += released.len();
-                admit_tasks(store, &self.policies, &released).await?;
-            }
-            if page.len() < PAGE as usize {
-                break;
+                Gate::Broken(why) => {
+                    let update = TaskUpdate {
+                        completed_at: Some(model::now()),
+                        error: Some(why.clone()),
+                        status_reason: Some(Some(why.clone())),
+                        clear_claim: true,
+                        ..TaskUpdate::default()
+                    };
+                    for _ in 0..MAX_PAGES {
+                        let page = store.awaiting_tasks(&set, PAGE, None).await?;
+                        if page.is_empty() {
+                            break;
+                        }
+                        let ids: Vec<String> = page.into_iter().map(|t| t.task_id).collect();
+                        let failed = store
+                            .transition_tasks(
+                                &ids,
+                                &[TaskStatus::Pending],
+                                TaskStatus::Failed,
+                                &update,
+                            )
+                            .await?;
+                        for task in &failed {
+                            tracing::info!(task_id = %task.task_id, user_id = %task.user_id, reason = %why, "a dependency can no longer be met: task failed");
+                        }
+                        stats.failed += failed.len();
+                    }
+                }
+                Gate::Waiting(why) => update_reasons(store, &set, &why).await?,
             }
         }
         if stats.released > 0 {
@@ -195,31 +200,35 @@ impl Scheduler {
     }
 }
 
-/// Fails a waiting task whose dependency can no longer be met; false when it had moved on.
-async fn fail(store: &dyn Store, task: &Task, why: &str) -> Result<bool, StoreError> {
+/// Sets `why` as the reason of the tasks waiting for `set`, when it changed (the tasks of one
+/// list are written together, so the first one tells).
+async fn update_reasons(
+    store: &dyn Store,
+    set: &[Dependency],
+    why: &str,
+) -> Result<(), StoreError> {
+    let first = store.awaiting_tasks(set, 1, None).await?;
+    if first
+        .first()
+        .is_none_or(|t| t.status_reason.as_deref() == Some(why))
+    {
+        return Ok(());
+    }
     let update = TaskUpdate {
-        completed_at: Some(model::now()),
-        error: Some(why.to_string()),
         status_reason: Some(Some(why.to_string())),
-        clear_claim: true,
         ..TaskUpdate::default()
     };
-    match store
-        .transition_task(
-            &task.task_id,
-            &[TaskStatus::Pending],
-            TaskStatus::Failed,
-            &update,
-        )
-        .await
-    {
-        Ok(_) => {
-            tracing::info!(task_id = %task.task_id, user_id = %task.user_id, reason = why, "a dependency can no longer be met: task failed");
-            Ok(true)
-        }
-        Err(StoreError::Conflict { .. }) => Ok(false),
-        Err(other) => Err(other),
+    let mut after: Option<String> = None;
+    for _ in 0..MAX_PAGES {
+        let page = store.awaiting_tasks(set, PAGE, after.as_deref()).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.task_id.clone());
+        let ids: Vec<String> = page.iter().map(|t| t.task_id.clone()).collect();
+        store
+            .transition_tasks(&ids, &[TaskStatus::Pending], TaskStatus::Pending, &update)
+            .await?;
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -287,10 +296,10 @@ mod tests {
     fn an_array_dependency_needs_every_task() {
         use DependencyCondition::{Completed, Finished};
         assert_eq!(gate(&on_array(Completed), counts(0, 5, 0)), Gate::Met);
-        assert!(matches!(
+        assert_eq!(
             gate(&on_array(Completed), counts(2, 3, 0)),
-            Gate::Waiting(why) if why.contains("2 of its tasks")
-        ));
+            Gate::Waiting("waiting for array array-a to complete".into())
+        );
         // One failure breaks `completed` at once, even while others run.
         assert!(matches!(
             gate(&on_array(Completed), counts(2, 2, 1)),

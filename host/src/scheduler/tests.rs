@@ -979,3 +979,79 @@ async fn the_dependency_pass_releases_fails_and_keeps_waiting_on_mongodb() {
     };
     the_dependency_pass_releases_fails_and_keeps_waiting(store).await;
 }
+
+/// Thousands of tasks waiting for one task are one list to the dependency pass: while it
+/// runs, a pass writes none of them (their reason stands) and a task waiting for something
+/// else is released as soon as that is met; once it completes, one pass releases them all.
+#[tokio::test]
+async fn many_tasks_waiting_for_one_are_one_list_and_starve_nobody() {
+    use crate::model::{Dependency, DependencyCondition, array_task, new_array_id};
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteStore::open_in_dir(dir.path()).unwrap();
+    let store: Arc<dyn Store> = Arc::new(sqlite.clone());
+    let sched = scheduler(&store, 100);
+    let user = unique_id("user");
+    let train = sample_task(&unique_id("task"), &user);
+    let other = sample_task(&unique_id("task"), &user);
+    for t in [&train, &other] {
+        store.insert_task(t, None).await.unwrap();
+    }
+    let on = |task: &Task| Dependency {
+        task_id: Some(task.task_id.clone()),
+        array_id: None,
+        condition: DependencyCondition::Completed,
+    };
+    let mut template = sample_task("template", &user);
+    template.after = vec![on(&train)];
+    template.awaiting_dependencies = true;
+    template.status_reason = Some(format!("waiting for task {} to complete", train.task_id));
+    let array_id = new_array_id();
+    let waiting: Vec<Task> = (0..2_500)
+        .map(|i| array_task(&template, &array_id, i, 2_500))
+        .collect();
+    store.insert_tasks(&waiting, None).await.unwrap();
+    let mut last = sample_task(&unique_id("task"), &user);
+    last.after = vec![on(&other)];
+    last.awaiting_dependencies = true;
+    store.insert_task(&last, None).await.unwrap();
+
+    for (task, to) in [
+        (&train, TaskStatus::Running),
+        (&other, TaskStatus::Completed),
+    ] {
+        store
+            .transition_task(
+                &task.task_id,
+                &[TaskStatus::Pending],
+                to,
+                &TaskUpdate::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let before = sqlite.transactions();
+    let stats = sched.dependency_pass().await.unwrap();
+    assert_eq!((stats.checked, stats.released), (2, 1), "{stats:?}");
+    assert_eq!(
+        store.get_task(&last.task_id).await.unwrap().status,
+        TaskStatus::Queued
+    );
+    let untouched = store.get_task(&waiting[1_234].task_id).await.unwrap();
+    assert_eq!(untouched, waiting[1_234], "a waiting task is not written");
+    let spent = sqlite.transactions() - before;
+    assert!(spent < 20, "{spent} transactions for one pass");
+
+    store
+        .transition_task(
+            &train.task_id,
+            &[TaskStatus::Running],
+            TaskStatus::Completed,
+            &TaskUpdate::default(),
+        )
+        .await
+        .unwrap();
+    let stats = sched.dependency_pass().await.unwrap();
+    assert_eq!(stats.released, 2_500, "{stats:?}");
+    let counts = store.array_summary(&array_id).await.unwrap().counts;
+    assert_eq!(counts.queued, 2_500, "{counts:?}");
+}

@@ -776,21 +776,44 @@ pub async fn tasks_awaiting_dependencies_are_kept_from_admission_until_released(
         "only the free task is due for admission"
     );
 
-    // Paged by task id, only this user's waiting tasks here (others' may exist in a shared store).
+    // Another list of dependencies, awaited by one task.
+    let two = vec![
+        dependency.clone(),
+        crate::model::Dependency {
+            task_id: None,
+            array_id: Some("array-x".to_string()),
+            condition: crate::model::DependencyCondition::Completed,
+        },
+    ];
+    let mut other = sample_task(&unique_id("task"), &user);
+    other.after = two.clone();
+    other.awaiting_dependencies = true;
+    let other = insert(store, &other).await;
+    let sets = store.awaiting_dependency_sets(1_000).await.unwrap();
+    assert!(sets.contains(&vec![dependency.clone()]), "{sets:?}");
+    assert!(sets.contains(&two), "{sets:?}");
+    assert_eq!(
+        sets.iter().filter(|s| **s == two).count(),
+        1,
+        "distinct: {sets:?}"
+    );
+
+    // The tasks of one list, paged by task id.
     let mut seen = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let page = store.awaiting_tasks(2, after.as_deref()).await.unwrap();
+        let page = store
+            .awaiting_tasks(std::slice::from_ref(&dependency), 2, after.as_deref())
+            .await
+            .unwrap();
         let Some(last) = page.last() else { break };
         after = Some(last.task_id.clone());
-        seen.extend(
-            page.into_iter()
-                .filter(|t| t.user_id == user)
-                .map(|t| t.task_id),
-        );
+        seen.extend(page.into_iter().map(|t| t.task_id));
     }
     let expected: Vec<String> = waiting.iter().map(|t| t.task_id.clone()).collect();
     assert_eq!(seen, expected);
+    let of_two = store.awaiting_tasks(&two, 10, None).await.unwrap();
+    assert_eq!(of_two, vec![other.clone()]);
 
     let ids = vec![
         waiting[0].task_id.clone(),
@@ -823,9 +846,12 @@ pub async fn tasks_awaiting_dependencies_are_kept_from_admission_until_released(
         .await
         .unwrap();
     assert_eq!(due.iter().filter(|t| t.user_id == user).count(), 3);
-    let left = store.awaiting_tasks(100, None).await.unwrap();
-    assert!(left.iter().any(|t| t.task_id == waiting[2].task_id));
-    assert!(!left.iter().any(|t| t.task_id == waiting[0].task_id));
+    let left = store
+        .awaiting_tasks(std::slice::from_ref(&dependency), 100, None)
+        .await
+        .unwrap();
+    let left: Vec<&str> = left.iter().map(|t| t.task_id.as_str()).collect();
+    assert_eq!(left, vec![waiting[2].task_id.as_str()]);
 }
 
 pub async fn list_tasks_is_newest_first_with_task_id_tie_break(store: &dyn Store) {

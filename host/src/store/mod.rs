@@ -15,8 +15,8 @@ use chrono::{DateTime, Utc};
 
 pub use crate::model::RuntimeSample;
 use crate::model::{
-    ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, Task, TaskResult, TaskStatus,
-    Worker, WorkerUsage,
+    ActivePolicy, Assignment, Dependency, PolicyKind, PolicyVersion, Resources, Task, TaskResult,
+    TaskStatus, Worker, WorkerUsage,
 };
 use crate::policy::snapshot::Usage;
 pub use events::{EventBounds, EventRead, NewEvent, StoredEvent};
@@ -373,8 +373,17 @@ pub trait Store: Send + Sync + 'static {
         Ok(moved)
     }
 
-    /// Pending tasks awaiting their dependencies, by `task_id`, after `after` (a page).
-    async fn awaiting_tasks(&self, limit: u32, after: Option<&str>) -> Result<Vec<Task>>;
+    /// The distinct `after` lists of the pending tasks awaiting their dependencies (at most
+    /// `limit`): the dependency pass looks at each list once, however many tasks share it.
+    async fn awaiting_dependency_sets(&self, limit: u32) -> Result<Vec<Vec<Dependency>>>;
+
+    /// Pending tasks awaiting exactly these dependencies, by `task_id`, after `after` (a page).
+    async fn awaiting_tasks(
+        &self,
+        dependencies: &[Dependency],
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<Vec<Task>>;
 
     /// Releases pending tasks awaiting their dependencies to admission (clears
     /// `awaiting_dependencies` and the reason); returns those it released.

@@ -35,8 +35,8 @@ use super::{
     sha256_hex, verify_output_bytes, verify_policy_bytes,
 };
 use crate::model::{
-    ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, Task, TaskResult, TaskStatus,
-    Worker, WorkerUsage, now,
+    ActivePolicy, Assignment, Dependency, PolicyKind, PolicyVersion, Resources, Task, TaskResult,
+    TaskStatus, Worker, WorkerUsage, now,
 };
 use crate::policy::snapshot::Usage;
 
@@ -351,8 +351,10 @@ CREATE INDEX IF NOT EXISTS TASKS_array ON TASKS (array_id, array_index)
 -- a backlog of waiting tasks is never walked.
 CREATE INDEX IF NOT EXISTS TASKS_admissible ON TASKS (updated_at, task_id)
     WHERE status = 'pending' AND awaiting_dependencies = 0;
--- The dependency pass: the tasks awaiting their dependencies.
-CREATE INDEX IF NOT EXISTS TASKS_awaiting ON TASKS (task_id)
+-- The dependency pass: the tasks awaiting their dependencies, grouped by what they await
+-- (the distinct lists are read from the index alone).
+DROP INDEX IF EXISTS TASKS_awaiting;
+CREATE INDEX IF NOT EXISTS TASKS_awaiting_by_after ON TASKS (after, task_id)
     WHERE status = 'pending' AND awaiting_dependencies = 1;
 DROP INDEX IF EXISTS TASKS_pending;
 ";
@@ -2371,16 +2373,43 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn awaiting_tasks(&self, limit: u32, after: Option<&str>) -> Result<Vec<Task>> {
+    async fn awaiting_dependency_sets(&self, limit: u32) -> Result<Vec<Vec<Dependency>>> {
+        self.call("reading what waiting tasks await", move |conn| {
+            let texts: Vec<String> = conn
+                .prepare_cached(
+                    "SELECT DISTINCT after FROM TASKS INDEXED BY TASKS_awaiting_by_after \
+                     WHERE status = 'pending' AND awaiting_dependencies = 1 \
+                     AND after IS NOT NULL LIMIT ?1",
+                )
+                .and_then(|mut stmt| stmt.query_map([limit], |row| row.get(0))?.collect())
+                .map_err(sql_err("reading what waiting tasks await"))?;
+            texts
+                .iter()
+                .map(|text| {
+                    serde_json::from_str(text)
+                        .map_err(|e| StoreError::backend("decoding a task's dependencies", e))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn awaiting_tasks(
+        &self,
+        dependencies: &[Dependency],
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<Vec<Task>> {
+        let key = to_json(&dependencies, "encoding task dependencies")?;
         let after = after.unwrap_or_default().to_string();
         self.call("reading the tasks awaiting dependencies", move |conn| {
             conn.prepare_cached(&format!(
-                "SELECT {TASK_COLUMNS} FROM TASKS INDEXED BY TASKS_awaiting \
-                 WHERE status = 'pending' AND awaiting_dependencies = 1 AND task_id > ?1 \
-                 ORDER BY task_id LIMIT ?2"
+                "SELECT {TASK_COLUMNS} FROM TASKS INDEXED BY TASKS_awaiting_by_after \
+                 WHERE status = 'pending' AND awaiting_dependencies = 1 AND after = ?1 \
+                 AND task_id > ?2 ORDER BY task_id LIMIT ?3"
             ))
             .and_then(|mut stmt| {
-                stmt.query_map(params![after, limit], task_from_row)?
+                stmt.query_map(params![key, after, limit], task_from_row)?
                     .collect()
             })
             .map_err(sql_err("reading the tasks awaiting dependencies"))

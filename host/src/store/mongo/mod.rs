@@ -33,8 +33,8 @@ use super::{
     TaskPage, TaskQuery, TaskUpdate,
 };
 use crate::model::{
-    ActivePolicy, Assignment, PolicyKind, PolicyVersion, Resources, Task, TaskResult, TaskStatus,
-    Worker, WorkerUsage,
+    ActivePolicy, Assignment, Dependency, PolicyKind, PolicyVersion, Resources, Task, TaskResult,
+    TaskStatus, Worker, WorkerUsage,
 };
 use crate::policy::snapshot::Usage;
 
@@ -350,8 +350,17 @@ impl Store for MongoStore {
         self.array_summary_impl(array_id).await
     }
 
-    async fn awaiting_tasks(&self, limit: u32, after: Option<&str>) -> Result<Vec<Task>> {
-        self.awaiting_tasks_impl(limit, after).await
+    async fn awaiting_dependency_sets(&self, limit: u32) -> Result<Vec<Vec<Dependency>>> {
+        self.awaiting_dependency_sets_impl(limit).await
+    }
+
+    async fn awaiting_tasks(
+        &self,
+        dependencies: &[Dependency],
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<Vec<Task>> {
+        self.awaiting_tasks_impl(dependencies, limit, after).await
     }
 
     async fn transition_tasks(

@@ -234,7 +234,9 @@ impl MongoStore {
                     // An array's tasks in index order.
                     plain(doc! { "array_id": 1, "array_index": 1 }),
                     // The dependency pass: the tasks awaiting dependencies.
-                    plain(doc! { "awaiting_dependencies": 1, "status": 1, "task_id": 1 }),
+                    plain(
+                        doc! { "awaiting_dependencies": 1, "status": 1, "after": 1, "task_id": 1 },
+                    ),
                 ],
             ),
             (

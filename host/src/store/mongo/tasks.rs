@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
-use mongodb::bson::{Bson, Document, doc};
+use mongodb::bson::{self, Bson, Document, doc};
 use mongodb::options::ReturnDocument;
 
 use super::codec::{Reader, task_from_document, task_to_document, to_bson_date};
 use super::compat::lock_key;
 use super::{IDEMPOTENCY_KEYS, MongoStore, TASKS, insert_error, is_duplicate_key, not_found};
-use crate::model::{self, Resources, Task, TaskStatus};
+use crate::model::{self, Dependency, Resources, Task, TaskStatus};
 use crate::policy::snapshot::Usage;
 use crate::store::{
     ArraySummary, IdempotencyKey, Result, Store, StoreError, SubmitOutcome, TaskCounts, TaskPage,
@@ -382,17 +382,53 @@ impl MongoStore {
         Ok(moved)
     }
 
+    pub(super) async fn awaiting_dependency_sets_impl(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<Vec<Dependency>>> {
+        let what = "reading what waiting tasks await";
+        let pipeline = vec![
+            doc! { "$match": {
+                "status": TaskStatus::Pending.as_str(),
+                "awaiting_dependencies": true,
+            } },
+            doc! { "$group": { "_id": "$after" } },
+            doc! { "$limit": i64::from(limit) },
+        ];
+        let groups: Vec<Document> = self
+            .tasks
+            .aggregate(pipeline)
+            .await
+            .map_err(|e| StoreError::backend(what, e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend(what, e))?;
+        groups
+            .iter()
+            .filter_map(|group| group.get("_id").cloned())
+            .filter(|after| !matches!(after, Bson::Null))
+            .map(|after| {
+                bson::deserialize_from_bson(after)
+                    .map_err(|e| StoreError::backend("decoding a task's dependencies", e))
+            })
+            .collect()
+    }
+
     pub(super) async fn awaiting_tasks_impl(
         &self,
+        dependencies: &[Dependency],
         limit: u32,
         after: Option<&str>,
     ) -> Result<Vec<Task>> {
         let what = "reading the tasks awaiting dependencies";
+        let key = bson::serialize_to_bson(&dependencies)
+            .map_err(|e| StoreError::backend("encoding task dependencies", e))?;
         let documents: Vec<Document> = self
             .tasks
             .find(doc! {
                 "status": TaskStatus::Pending.as_str(),
                 "awaiting_dependencies": true,
+                "after": key,
                 "task_id": { "$gt": after.unwrap_or_default() },
             })
             .sort(doc! { "task_id": 1 })
