@@ -44,6 +44,8 @@ stage "cargo fmt --check"
 cargo fmt --all -- --check
 stage "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+stage "the product without test support (the conformance suite and the test image are test-only)"
+cargo clippy -p cloudai --bin cloudai --locked -- -D warnings
 stage "cargo test (MongoDB tests against $CLOUDAI_TEST_MONGODB_URI)"
 cargo test --workspace --locked
 stage "systemd units (deploy/): systemd-analyze verify, against the binary the e2e tests built"

@@ -38,6 +38,8 @@ use crate::model::Task;
 mod capture;
 #[cfg(test)]
 mod test_registry;
+/// The test image the tests build locally: test support (the `test-support` feature).
+#[cfg(any(test, feature = "test-support"))]
 pub mod testimage;
 #[cfg(test)]
 mod tests;

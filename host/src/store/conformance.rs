@@ -7,8 +7,9 @@
 //! not depend on any other test; ids are unique per test (and listings are filtered by a
 //! per-test user), so the tests also pass when several share one database.
 //!
-//! The suite is compiled in normal builds (not `cfg(test)`) so that the integration-test
-//! crate and the benches can use it and its sample builders.
+//! The suite is test support behind the `test-support` feature (not only `cfg(test)`), so
+//! that the integration-test crate and the benches can use it and its sample builders; the
+//! product is built without it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;

@@ -22,6 +22,9 @@ use crate::policy::snapshot::Usage;
 pub use events::{EventBounds, EventRead, NewEvent, StoredEvent};
 
 pub mod backup;
+/// The suite every backend passes: test support, not part of the product (the `test-support`
+/// feature, which this crate's tests and benches and the e2e tests turn on).
+#[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 pub mod events;
 pub mod mongo;
