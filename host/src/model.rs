@@ -327,6 +327,26 @@ pub fn array_task(template: &Task, array_id: &str, index: u32, count: u32) -> Ta
     task
 }
 
+/// A user's usage, as admission sees it (counted by the store, read by admission policies).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Usage {
+    pub running_tasks: u32,
+    pub queued_tasks: u32,
+    pub pending_tasks: u32,
+    /// Resources reserved by the user's running tasks.
+    pub reserved: Resources,
+}
+
+/// Queue order: higher priority first, then older, then by id (a total order, so that every
+/// replica sees the same queue).
+pub fn queue_order(a: &Task, b: &Task) -> std::cmp::Ordering {
+    b.priority
+        .cmp(&a.priority)
+        .then(a.created_at.cmp(&b.created_at))
+        .then(a.task_id.cmp(&b.task_id))
+}
+
 /// Usage a worker reports with its heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 pub struct WorkerUsage {

@@ -115,7 +115,7 @@ use super::{agent, arrays, events, health, overview, policies, task_io, tasks, w
         crate::model::PolicyVersion,
         crate::model::ActivePolicy,
         crate::policy::snapshot::ClusterSnapshot,
-        crate::policy::snapshot::Usage,
+        crate::model::Usage,
         policies::UploadedPolicy,
         policies::UploadStage,
         policies::UploadProgress,

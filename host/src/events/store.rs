@@ -9,11 +9,11 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 
 use super::{EventSink, event, repair};
+use crate::model::Usage;
 use crate::model::{
     ActivePolicy, Assignment, Dependency, PolicyKind, PolicyVersion, Resources, Task, TaskResult,
     TaskStatus, Worker, WorkerUsage,
 };
-use crate::policy::snapshot::Usage;
 use crate::store::{
     ArraySummary, AssignmentFilter, EndedAttempt, EventBounds, IdempotencyKey, NewEvent,
     OutputFileInfo, Result, RoundOutcome, RoundPlan, RoundReadPlan, RoundReads, RuntimeSample,

@@ -27,9 +27,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::model::{BYTES_PER_GB, TaskStatus};
-use crate::policy::{PolicyError, PolicyKind, PolicySource};
-use crate::reconciler::Repairs;
-use crate::scheduler::RoundStats;
 
 pub mod cluster;
 
@@ -283,56 +280,65 @@ pub fn api_request(method: &Method, route: Option<&str>, status: u16, elapsed: D
         .inc();
 }
 
-/// One placement round that had tasks to place.
-pub fn scheduling_round(stats: &RoundStats, elapsed: Duration) {
-    let i = &*INSTRUMENTS;
-    i.round_duration.observe(elapsed.as_secs_f64());
-    i.round_batch.observe(stats.batch as f64);
-    i.placements.inc_by(stats.placed as u64);
-    i.waits.inc_by(stats.waited as u64);
-    i.unschedulable.inc_by(stats.failed as u64);
-    i.lost_races.inc_by(stats.lost as u64);
+/// What one placement round did, in numbers (the metrics take plain values: they depend on
+/// no module whose work they count).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoundFigures {
+    /// Tasks in the batch.
+    pub batch: usize,
+    pub placed: usize,
+    pub waited: usize,
+    pub unschedulable: usize,
+    /// Lost races, re-planned next round.
+    pub lost: usize,
 }
 
-fn policy_labels(kind: PolicyKind, policy: &str, version: &str) -> PolicyLabels {
+/// One placement round that had tasks to place.
+pub fn scheduling_round(round: &RoundFigures, elapsed: Duration) {
+    let i = &*INSTRUMENTS;
+    i.round_duration.observe(elapsed.as_secs_f64());
+    i.round_batch.observe(round.batch as f64);
+    i.placements.inc_by(round.placed as u64);
+    i.waits.inc_by(round.waited as u64);
+    i.unschedulable.inc_by(round.unschedulable as u64);
+    i.lost_races.inc_by(round.lost as u64);
+}
+
+fn policy_labels(kind: &'static str, policy: &str, version: &str) -> PolicyLabels {
     PolicyLabels {
-        kind: kind.as_str(),
+        kind,
         policy: policy.to_string(),
         version: version.to_string(),
     }
 }
 
-/// One protected policy call (a placement round or an admission check) and who decided.
-pub fn policy_call(kind: PolicyKind, source: &PolicySource, elapsed: Duration) {
+/// One protected policy call of `kind` (`placement`, `admission`), decided by the policy
+/// `policy`/`version` (`native`/`builtin` for the built-in one); `fallback` when the active
+/// policy failed and the built-in one decided instead.
+pub fn policy_call(
+    kind: &'static str,
+    policy: &str,
+    version: &str,
+    fallback: bool,
+    elapsed: Duration,
+) {
     let i = &*INSTRUMENTS;
-    let labels = match source {
-        PolicySource::Native => policy_labels(kind, "native", "builtin"),
-        PolicySource::Wasm { name, version } => policy_labels(kind, name, version),
-        PolicySource::Fallback { name, version, .. } => {
-            let labels = policy_labels(kind, name, version);
-            i.policy_fallbacks.get_or_create(&labels).inc();
-            labels
-        }
-    };
+    let labels = policy_labels(kind, policy, version);
+    if fallback {
+        i.policy_fallbacks.get_or_create(&labels).inc();
+    }
     i.policy_duration
         .get_or_create(&labels)
         .observe(elapsed.as_secs_f64());
 }
 
-/// A failed evaluation of the active version `name`/`version`.
-pub fn policy_failure(kind: PolicyKind, name: &str, version: &str, error: &PolicyError) {
-    let error = match error {
-        PolicyError::Trap(_) => "trap",
-        PolicyError::Timeout(_) => "timeout",
-        PolicyError::MemoryLimit(_) => "memory_limit",
-        PolicyError::InvalidAnswer(_) => "invalid_answer",
-        PolicyError::ConfigRejected(_) => "config_rejected",
-        _ => "host",
-    };
+/// A failed evaluation of the active version `name`/`version`, by the kind of `error`
+/// (`trap`, `timeout`, `memory_limit`, `invalid_answer`, `config_rejected`, `host`).
+pub fn policy_failure(kind: &'static str, name: &str, version: &str, error: &'static str) {
     INSTRUMENTS
         .policy_failures
         .get_or_create(&PolicyErrorLabels {
-            kind: kind.as_str(),
+            kind,
             policy: name.to_string(),
             version: version.to_string(),
             error,
@@ -341,27 +347,18 @@ pub fn policy_failure(kind: PolicyKind, name: &str, version: &str, error: &Polic
 }
 
 /// A version deactivated after repeated failures.
-pub fn policy_deactivated(kind: PolicyKind, name: &str, version: &str) {
+pub fn policy_deactivated(kind: &'static str, name: &str, version: &str) {
     INSTRUMENTS
         .policy_deactivations
         .get_or_create(&policy_labels(kind, name, version))
         .inc();
 }
 
-/// What one reconciler pass (or a returning worker's heartbeat) repaired.
-pub fn reconciler_repairs(repairs: &Repairs) {
+/// What one reconciler pass (or a returning worker's heartbeat) repaired: a count per kind
+/// of repair, every kind named (at zero if need be).
+pub fn reconciler_repairs(repairs: &[(&'static str, u64)]) {
     let family = &INSTRUMENTS.repairs;
-    for (kind, n) in [
-        ("workers_lost", repairs.workers_lost),
-        ("workers_returned", repairs.workers_returned),
-        ("tasks_requeued", repairs.tasks_requeued),
-        ("tasks_failed_lost", repairs.tasks_failed_lost),
-        ("tasks_timed_out", repairs.tasks_timed_out),
-        ("orphans_released", repairs.orphans_released),
-        ("reservations_released", repairs.reservations_released),
-        ("claims_cleared", repairs.claims_cleared),
-        ("drift_repaired", repairs.drift_repaired),
-    ] {
+    for &(kind, n) in repairs {
         // Every kind is created, at zero if need be, so that `rate()` sees it from the start.
         family.get_or_create(&KindLabel { kind }).inc_by(n);
     }
@@ -545,21 +542,20 @@ mod tests {
     fn a_failing_policy_is_counted_by_name_version_and_error() {
         // A name of its own: the instruments are process-wide and tests run side by side.
         let (name, version) = ("metrics-unit-trap", "2");
-        let fallback = PolicySource::Fallback {
+        let error = crate::policy::PolicyError::Trap("unreachable".into()).metric_label();
+        let fallback = crate::policy::PolicySource::Fallback {
             name: name.into(),
             version: version.into(),
             reason: "trapped".into(),
         };
         for _ in 0..3 {
-            policy_failure(
-                PolicyKind::Placement,
-                name,
-                version,
-                &PolicyError::Trap("unreachable".into()),
+            policy_failure("placement", name, version, error);
+            fallback.record_call(
+                crate::policy::PolicyKind::Placement,
+                Duration::from_millis(2),
             );
-            policy_call(PolicyKind::Placement, &fallback, Duration::from_millis(2));
         }
-        policy_deactivated(PolicyKind::Placement, name, version);
+        policy_deactivated("placement", name, version);
         let text = encode(&sample()).unwrap();
         let labels = format!("{{kind=\"placement\",policy=\"{name}\",version=\"{version}\"}}");
         assert_eq!(
@@ -614,10 +610,11 @@ mod tests {
         let before = encode(&sample()).unwrap();
         let series = "cloudai_reconciler_repairs_total{kind=\"drift_repaired\"}";
         let count = "cloudai_container_start_duration_seconds_count";
-        reconciler_repairs(&Repairs {
+        let repairs = crate::reconciler::Repairs {
             drift_repaired: 2,
-            ..Repairs::default()
-        });
+            ..crate::reconciler::Repairs::default()
+        };
+        reconciler_repairs(&repairs.by_kind());
         container_started(Duration::from_millis(300));
         events_written(3, false);
         let after = encode(&sample()).unwrap();

@@ -53,6 +53,18 @@ pub enum PolicyError {
 }
 
 impl PolicyError {
+    /// The kind of failure, as the metrics name it.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            PolicyError::Trap(_) => "trap",
+            PolicyError::Timeout(_) => "timeout",
+            PolicyError::MemoryLimit(_) => "memory_limit",
+            PolicyError::InvalidAnswer(_) => "invalid_answer",
+            PolicyError::ConfigRejected(_) => "config_rejected",
+            _ => "host",
+        }
+    }
+
     /// True for the failures of one evaluation that count against the policy.
     pub fn is_evaluation_failure(&self) -> bool {
         matches!(

@@ -119,6 +119,18 @@ pub enum PolicySource {
     },
 }
 
+impl PolicySource {
+    /// Counts one call that this source decided, in `elapsed`, in the metrics.
+    pub fn record_call(&self, kind: PolicyKind, elapsed: std::time::Duration) {
+        let (name, version, fallback) = match self {
+            PolicySource::Native => ("native", "builtin", false),
+            PolicySource::Wasm { name, version } => (name.as_str(), version.as_str(), false),
+            PolicySource::Fallback { name, version, .. } => (name.as_str(), version.as_str(), true),
+        };
+        crate::metrics::policy_call(kind.as_str(), name, version, fallback, elapsed);
+    }
+}
+
 /// The decisions of one placement round.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlacementOutcome {
@@ -804,7 +816,7 @@ impl PolicyRuntime {
     /// `failure_threshold` times in a row.
     fn record_failure(&self, policy: &Arc<Loaded>, err: &PolicyError) {
         let (name, version) = (&*policy.label.name, &*policy.label.version);
-        crate::metrics::policy_failure(policy.kind, name, version, err);
+        crate::metrics::policy_failure(policy.kind.as_str(), name, version, err.metric_label());
         if !err.is_evaluation_failure() {
             tracing::error!(policy_name = name, policy_version = version, error = %err, "policy could not be evaluated; fallback used");
             return;
@@ -856,7 +868,11 @@ impl PolicyRuntime {
                 .map(|r| (r.label.name.to_string(), r.label.version.to_string())),
         });
         self.swap_active(kind, restored);
-        crate::metrics::policy_deactivated(kind, &policy.label.name, &policy.label.version);
+        crate::metrics::policy_deactivated(
+            kind.as_str(),
+            &policy.label.name,
+            &policy.label.version,
+        );
         self.deactivated.notify_one();
         tracing::error!(
             policy_name = &*policy.label.name,

@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 
 use super::bindings::types::{AdmissionTask, Resources as WitResources, UserUsage};
 use super::input::{PlacementInput, RUNTIME_HISTORY_WINDOW, RuntimeHistory, RuntimeStat};
-use crate::model::{Resources, Task, TaskStatus, Worker};
+use crate::model::{Task, TaskStatus, Usage, Worker, queue_order};
 use crate::store::{AssignmentFilter, Store, TaskQuery};
 
 /// The version of the snapshot document's shape.
@@ -43,17 +43,6 @@ pub struct ClusterSnapshot {
     /// from the newest successful runs in RESULTS).
     #[serde(default)]
     pub runtime_history: Vec<RuntimeStat>,
-}
-
-/// A user's usage, as admission sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Usage {
-    pub running_tasks: u32,
-    pub queued_tasks: u32,
-    pub pending_tasks: u32,
-    /// Resources reserved by the user's running tasks.
-    pub reserved: Resources,
 }
 
 impl ClusterSnapshot {
@@ -169,15 +158,6 @@ impl Usage {
             },
         }
     }
-}
-
-/// Queue order: higher priority first, then older, then by id (a total order, so that every
-/// replica sees the same queue).
-pub fn queue_order(a: &Task, b: &Task) -> std::cmp::Ordering {
-    b.priority
-        .cmp(&a.priority)
-        .then(a.created_at.cmp(&b.created_at))
-        .then(a.task_id.cmp(&b.task_id))
 }
 
 /// A task as the admission world sees it.

@@ -95,6 +95,21 @@ pub struct Repairs {
 }
 
 impl Repairs {
+    /// Each kind of repair with its count, as the metrics name them.
+    pub fn by_kind(&self) -> [(&'static str, u64); 9] {
+        [
+            ("workers_lost", self.workers_lost),
+            ("workers_returned", self.workers_returned),
+            ("tasks_requeued", self.tasks_requeued),
+            ("tasks_failed_lost", self.tasks_failed_lost),
+            ("tasks_timed_out", self.tasks_timed_out),
+            ("orphans_released", self.orphans_released),
+            ("reservations_released", self.reservations_released),
+            ("claims_cleared", self.claims_cleared),
+            ("drift_repaired", self.drift_repaired),
+        ]
+    }
+
     fn add(&mut self, other: &Repairs) {
         self.workers_lost += other.workers_lost;
         self.workers_returned += other.workers_returned;
@@ -264,7 +279,7 @@ impl Reconciler {
         // What the pass changes is published as `reconciler.repair` events too.
         let outcome = crate::events::reconciling(self.pass_into(&mut repairs)).await;
         self.counters.record(&repairs);
-        crate::metrics::reconciler_repairs(&repairs);
+        crate::metrics::reconciler_repairs(&repairs.by_kind());
         if repairs.frees_capacity() {
             self.wakeup.capacity_changed();
         }

@@ -61,7 +61,7 @@ pub async fn worker_returned(
 ) -> Result<Worker, StoreError> {
     let mut repairs = Repairs::default();
     let worker = return_worker(store, worker_id, model::now(), &mut repairs).await?;
-    crate::metrics::reconciler_repairs(&repairs);
+    crate::metrics::reconciler_repairs(&repairs.by_kind());
     wakeup.capacity_changed();
     Ok(worker)
 }

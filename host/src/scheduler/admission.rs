@@ -7,9 +7,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{Scheduler, chrono_duration, source_label};
+use crate::model::Usage;
 use crate::model::{self, Task, TaskStatus};
 use crate::policy::bindings::types::AdmissionDecision;
-use crate::policy::snapshot::{Usage, admission_task};
+use crate::policy::snapshot::admission_task;
 use crate::policy::{PolicyKind, PolicyRuntime};
 use crate::store::{Store, StoreError, TaskQuery, TaskUpdate};
 
@@ -150,11 +151,9 @@ async fn decide(
                     .map(|u| u.entry(task.user_id.clone()).or_default());
                 let seen = user.as_ref().map(|u| u.to_wit());
                 let outcome = policies.admit_lazily(&admission_task(task, now), seen.as_ref())?;
-                crate::metrics::policy_call(
-                    PolicyKind::Admission,
-                    &outcome.source,
-                    outcome.elapsed,
-                );
+                outcome
+                    .source
+                    .record_call(PolicyKind::Admission, outcome.elapsed);
                 if let Some(user) = user
                     && outcome.decision == AdmissionDecision::Accept
                 {

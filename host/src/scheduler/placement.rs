@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use super::{Scheduler, chrono_duration, source_label};
+use crate::model::queue_order;
 use crate::model::{self, Task, TaskStatus, Worker};
-use crate::policy::snapshot::queue_order;
 use crate::policy::{Decision, PlacementInput, PolicyKind};
 use crate::store::{
     PlannedPlacement, RoundPlan, RoundReadPlan, RoundReads, StoreError, TaskUpdate,
@@ -152,7 +152,9 @@ impl Scheduler {
         })
         .await
         .map_err(|e| StoreError::backend("running the placement policy", e.to_string()))?;
-        crate::metrics::policy_call(PolicyKind::Placement, &outcome.source, outcome.elapsed);
+        outcome
+            .source
+            .record_call(PolicyKind::Placement, outcome.elapsed);
 
         let mut assigned = Vec::new();
         for (task, decision) in tasks.iter().zip(outcome.decisions) {
@@ -265,7 +267,16 @@ impl Scheduler {
             latency_ms = started.elapsed().as_secs_f64() * 1000.0,
             "placement round"
         );
-        crate::metrics::scheduling_round(&stats, started.elapsed());
+        crate::metrics::scheduling_round(
+            &crate::metrics::RoundFigures {
+                batch: stats.batch,
+                placed: stats.placed,
+                waited: stats.waited,
+                unschedulable: stats.failed,
+                lost: stats.lost,
+            },
+            started.elapsed(),
+        );
         Ok(stats)
     }
 

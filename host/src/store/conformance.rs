@@ -2578,7 +2578,7 @@ pub async fn user_usage_counts_open_tasks_and_sums_running_requests(store: &dyn 
     let other = unique_id("user");
     assert_eq!(
         store.user_usage(&user).await.unwrap(),
-        crate::policy::snapshot::Usage::default()
+        crate::model::Usage::default()
     );
     for (status, request) in [
         (TaskStatus::Pending, Resources::new(1.0, 1.0, 0.0, 0.0)),

@@ -14,11 +14,11 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 pub use crate::model::RuntimeSample;
+use crate::model::Usage;
 use crate::model::{
     ActivePolicy, Assignment, Dependency, PolicyKind, PolicyVersion, Resources, Task, TaskResult,
     TaskStatus, Worker, WorkerUsage,
 };
-use crate::policy::snapshot::Usage;
 pub use events::{EventBounds, EventRead, NewEvent, StoredEvent};
 
 pub mod backup;
@@ -613,7 +613,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Up to `limit` `queued` tasks that can be claimed at `now` (unclaimed, or whose lease
     /// expired before `now`), in queue order (priority descending, then `created_at`, then
-    /// `task_id`: [`crate::policy::snapshot::queue_order`]), leaving out the tasks of
+    /// `task_id`: [`crate::model::queue_order`]), leaving out the tasks of
     /// `exclude_users`. Served by an index on (status, priority, created_at, task_id).
     async fn claimable_tasks(
         &self,

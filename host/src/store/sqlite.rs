@@ -34,11 +34,11 @@ use super::{
     TaskCounts, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate, active_label, policy_label,
     sha256_hex, verify_output_bytes, verify_policy_bytes,
 };
+use crate::model::Usage;
 use crate::model::{
     ActivePolicy, Assignment, Dependency, PolicyKind, PolicyVersion, Resources, Task, TaskResult,
     TaskStatus, Worker, WorkerUsage, now,
 };
-use crate::policy::snapshot::Usage;
 
 mod checkpoint;
 mod events;
@@ -1692,7 +1692,7 @@ fn claimable_tasks_sync(
     for user in others {
         tasks.extend(claimable_of_user(conn, &user, limit, at)?);
     }
-    tasks.sort_by(crate::policy::snapshot::queue_order);
+    tasks.sort_by(crate::model::queue_order);
     tasks.truncate(limit as usize);
     Ok(tasks)
 }

@@ -13,9 +13,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::synthetic_snapshot;
+use crate::model::Usage;
 use crate::model::{Resources, RuntimeSample};
 use crate::policy::bindings::types::AdmissionDecision;
-use crate::policy::snapshot::{ClusterSnapshot, Usage};
+use crate::policy::snapshot::ClusterSnapshot;
 use crate::policy::{Decision, PolicyKind, PolicyRuntime, RuntimeHistory};
 
 /// One case of the kit and how the policy did.

@@ -20,9 +20,10 @@ use serde_json::json;
 pub mod conformance;
 
 use crate::cli::{Output, new_table};
+use crate::model::Usage;
 use crate::model::{Resources, Task, TaskStatus, Worker};
 use crate::policy::bindings::types::{AdmissionDecision, AdmissionTask, UserUsage};
-use crate::policy::snapshot::{SNAPSHOT_FORMAT, Usage};
+use crate::policy::snapshot::SNAPSHOT_FORMAT;
 use crate::policy::{
     ClusterSnapshot, Decision, EngineSettings, LoadOptions, PlacementInput, PolicyEngine,
     PolicyKind, PolicyLimits, PolicyRuntime, PolicySource, RuntimeSettings, native,

@@ -47,7 +47,7 @@ use super::events::event_from_document;
 use super::tasks::add_open_count;
 use super::{MongoStore, ServerKind, TASKS, is_duplicate_key};
 use crate::model::TaskStatus;
-use crate::policy::snapshot::Usage;
+use crate::model::Usage;
 use crate::store::{EventRead, Result, StoreError, StoredEvent};
 
 /// Our addition, used only on FerretDB 1.x: one document per lock held.

@@ -32,11 +32,11 @@ use super::{
     RuntimeSample, Store, StoreError, StoredEvent, SubmitOutcome, TaskCounts, TaskLogChunk,
     TaskPage, TaskQuery, TaskUpdate,
 };
+use crate::model::Usage;
 use crate::model::{
     ActivePolicy, Assignment, Dependency, PolicyKind, PolicyVersion, Resources, Task, TaskResult,
     TaskStatus, Worker, WorkerUsage,
 };
-use crate::policy::snapshot::Usage;
 
 /// The seed's collection names (a contract: never renamed).
 pub const TASKS: &str = "TASKS";

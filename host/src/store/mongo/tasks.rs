@@ -11,8 +11,8 @@ use mongodb::options::ReturnDocument;
 use super::codec::{Reader, task_from_document, task_to_document, to_bson_date};
 use super::compat::lock_key;
 use super::{IDEMPOTENCY_KEYS, MongoStore, TASKS, insert_error, is_duplicate_key, not_found};
+use crate::model::Usage;
 use crate::model::{self, Dependency, Resources, Task, TaskStatus};
-use crate::policy::snapshot::Usage;
 use crate::store::{
     ArraySummary, IdempotencyKey, Result, Store, StoreError, SubmitOutcome, TaskCounts, TaskPage,
     TaskQuery, TaskUpdate,
