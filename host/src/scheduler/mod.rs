@@ -169,13 +169,16 @@ pub struct Scheduler {
     runtimes: Arc<runtimes::RuntimeHistoryCache>,
     /// The workers as the last round left them (see [`view`]).
     view: Arc<view::WorkerView>,
-    /// When the last dependency pass ran (see [`DEPENDENCY_PASS_EVERY`]).
-    dependencies_checked: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// When the next dependency pass is due (see [`DEPENDENCY_PASS_EVERY`]).
+    dependencies_due: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
-/// How often the dependency pass runs at most: it reads every task awaiting dependencies, so
-/// it does not run on every wake-up; a task whose dependencies are met waits this long at most.
+/// How often the dependency pass runs at most while tasks await dependencies: a task whose
+/// dependencies are met waits this long at most before it goes to admission. It is not run on
+/// every wake-up (it reads the store), and while no task awaits anything only every
+/// [`DEPENDENCY_PASS_IDLE`]: a store without pushed-down indexes (FerretDB 1.x) scans for it.
 const DEPENDENCY_PASS_EVERY: Duration = Duration::from_millis(250);
+const DEPENDENCY_PASS_IDLE: Duration = Duration::from_secs(2);
 
 impl Scheduler {
     pub fn new(
@@ -193,7 +196,7 @@ impl Scheduler {
             work: WorkSignal::new(),
             runtimes: Arc::default(),
             view: Arc::default(),
-            dependencies_checked: Arc::default(),
+            dependencies_due: Arc::default(),
         }
     }
 
@@ -232,19 +235,25 @@ impl Scheduler {
     /// One admission pass (after the dependency pass, when it is due), then placement rounds
     /// while they make progress.
     pub async fn cycle(&self) {
-        let due = {
-            let mut last = self
-                .dependencies_checked
+        let due = self
+            .dependencies_due
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_none_or(|at| std::time::Instant::now() >= at);
+        if due {
+            let next = match self.dependency_pass().await {
+                Ok(stats) if stats.checked == 0 => DEPENDENCY_PASS_IDLE,
+                Ok(_) => DEPENDENCY_PASS_EVERY,
+                Err(error) => {
+                    tracing::warn!(%error, "dependency pass failed; retrying at the next tick");
+                    DEPENDENCY_PASS_EVERY
+                }
+            };
+            *self
+                .dependencies_due
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let due = last.is_none_or(|at| at.elapsed() >= DEPENDENCY_PASS_EVERY);
-            if due {
-                *last = Some(std::time::Instant::now());
-            }
-            due
-        };
-        if due && let Err(error) = self.dependency_pass().await {
-            tracing::warn!(%error, "dependency pass failed; retrying at the next tick");
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(std::time::Instant::now() + next);
         }
         match self.admission_pass().await {
             // A full batch: more may be due; the next cycle follows at once.

@@ -18,9 +18,48 @@ use crate::store::{AssignmentFilter, Result, Store, StoreError};
 
 impl MongoStore {
     /// [`Store::release`]'s two steps: the once-only guard on the assignment, then the
-    /// amounts back to the worker.
+    /// amounts back to the worker, unless the reconciler repaired the worker's accounting
+    /// since this release began (see [`Self::release_epoch`]).
     async fn release_in_two_steps(&self, ass_id: &str) -> Result<bool> {
-        // Step 1, the once-only guard: exactly one caller flips `released`.
+        let current = self.get_assignment_impl(ass_id).await?;
+        if current.released {
+            return Ok(false);
+        }
+        let epoch = self.accounting_epoch(&current.worker_id).await?;
+        let Some(assignment) = self.release_guard(ass_id).await? else {
+            return Ok(false);
+        };
+        self.return_reservation(&assignment, epoch).await?;
+        Ok(true)
+    }
+
+    /// The worker's accounting epoch: how many times the reconciler has repaired its
+    /// `allocated_*` (0 before the first repair; `None` for no such worker). A release reads it
+    /// before its guard and returns the amounts only while it is unchanged: a repair that
+    /// lands between the guard and the return may already have counted this release (its
+    /// recount saw the assignment released), and returning the amounts again would take
+    /// `allocated_*` below what the active assignments hold. Skipping the return instead
+    /// errs on the safe side: at worst the capacity stays held (a drift the next repair
+    /// recounts), never handed out twice.
+    async fn accounting_epoch(&self, worker_id: &str) -> Result<Option<i64>> {
+        let document = self
+            .workers
+            .find_one(doc! { "worker_id": worker_id })
+            .projection(doc! { "accounting_epoch": 1 })
+            .await
+            .map_err(|e| {
+                StoreError::backend(format!("reading the accounting of worker '{worker_id}'"), e)
+            })?;
+        Ok(document.map(|d| match d.get("accounting_epoch") {
+            Some(mongodb::bson::Bson::Int64(n)) => *n,
+            Some(mongodb::bson::Bson::Int32(n)) => i64::from(*n),
+            _ => 0,
+        }))
+    }
+
+    /// Step 1, the once-only guard: exactly one caller flips `released`; the assignment as it
+    /// was, for that caller (`None` for the others).
+    async fn release_guard(&self, ass_id: &str) -> Result<Option<Assignment>> {
         let guard = self
             .assignments
             .find_one_and_update(
@@ -32,21 +71,39 @@ impl MongoStore {
             .atomic(lock_key(ASSIGNMENTS, ass_id), guard)
             .await
             .map_err(|e| StoreError::backend(format!("releasing assignment '{ass_id}'"), e))?;
-        let Some(before) = before else {
-            // Already released, or no such assignment.
-            self.get_assignment(ass_id).await?;
-            return Ok(false);
-        };
-        let assignment = assignment_from_document(&before)?;
+        match before {
+            Some(before) => Ok(Some(assignment_from_document(&before)?)),
+            None => {
+                // Already released, or no such assignment.
+                self.get_assignment(ass_id).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Step 2: the amounts back to the worker, while its accounting epoch is still `epoch`. A
+    /// crash between the two steps leaves the capacity held (under-used, never
+    /// overcommitted); the reconciler recomputes `allocated_*` from the active assignments and
+    /// repairs that drift.
+    async fn return_reservation(&self, assignment: &Assignment, epoch: Option<i64>) -> Result<()> {
+        let ass_id = assignment.ass_id.as_str();
         let amount = assignment.request();
-        // Step 2: give the amounts back. A crash between the two steps leaves the capacity
-        // held (under-used, never overcommitted); the reconciler recomputes `allocated_*` from
-        // the active assignments and repairs that drift.
+        let mut filter = doc! { "worker_id": &assignment.worker_id };
+        match epoch.unwrap_or(0) {
+            0 => filter.insert(
+                "$or",
+                vec![
+                    doc! { "accounting_epoch": 0_i64 },
+                    doc! { "accounting_epoch": { "$exists": false } },
+                ],
+            ),
+            n => filter.insert("accounting_epoch", n),
+        };
         let outcome = self
             .atomic(
                 lock_key(WORKER_REGISTRY, &assignment.worker_id),
                 self.workers.update_one(
-                    doc! { "worker_id": &assignment.worker_id },
+                    filter,
                     doc! {
                         "$inc": {
                             "allocated_cpu": -amount.cpu,
@@ -73,13 +130,21 @@ impl MongoStore {
                 )
             })?;
         if outcome.matched_count == 0 {
-            tracing::warn!(
-                ass_id,
-                worker_id = %assignment.worker_id,
-                "released an assignment whose worker no longer exists"
-            );
+            match self.find_worker(&assignment.worker_id).await? {
+                None => tracing::warn!(
+                    ass_id,
+                    worker_id = %assignment.worker_id,
+                    "released an assignment whose worker no longer exists"
+                ),
+                Some(_) => tracing::warn!(
+                    ass_id,
+                    worker_id = %assignment.worker_id,
+                    "the reconciler repaired this worker's accounting while the assignment was \
+                     being released: its amounts are left to that repair (or the next)"
+                ),
+            }
         }
-        Ok(true)
+        Ok(())
     }
 
     pub(super) async fn reserve_impl(&self, worker_id: &str, request: &Resources) -> Result<bool> {
@@ -312,6 +377,51 @@ mod tests {
     use super::super::testing::{assignment, connect_test_store, worker};
     use crate::model::Resources;
     use crate::store::{Store, StoreError};
+
+    /// The reconciler's recount landing between a release's guard and its return (the return
+    /// delayed, as a loaded FerretDB 1.x can delay it past the drift's settle time) must not
+    /// make the return count twice: allocated never goes below what the active assignments
+    /// hold. Without a recount in between, a release returns the amounts as ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_release_never_returns_what_a_recount_in_between_already_counted() {
+        let Some((store, _db)) = connect_test_store().await else {
+            return;
+        };
+        let one = Resources::new(1.0, 1.0, 0.0, 0.0);
+        store
+            .insert_worker(&worker("w-epoch", Resources::new(2.0, 2.0, 10.0, 0.0)))
+            .await
+            .unwrap();
+        for ass_id in ["a-epoch", "b-epoch"] {
+            assert!(store.reserve("w-epoch", &one).await.unwrap());
+            store
+                .insert_assignment(&assignment(ass_id, "w-epoch", one))
+                .await
+                .unwrap();
+        }
+        // The release of A begins: its epoch, then its guard.
+        let epoch = store.accounting_epoch("w-epoch").await.unwrap();
+        assert_eq!(epoch, Some(0));
+        let a = store.release_guard("a-epoch").await.unwrap().unwrap();
+        // The recount sees A released and B active: 1 cpu held.
+        let observed = store.get_worker("w-epoch").await.unwrap();
+        assert_eq!(observed.allocated_cpu, 2.0);
+        assert!(store.repair_allocation(&observed, &one).await.unwrap());
+        // A's return arrives late: it is left to the recount that already counted it.
+        store.return_reservation(&a, epoch).await.unwrap();
+        let after = store.get_worker("w-epoch").await.unwrap();
+        assert_eq!((after.allocated_cpu, after.available_cpu), (1.0, 1.0));
+        assert!(after.invariant_violations().is_empty(), "{after:?}");
+        // B's release, with no recount in between, returns its amounts.
+        assert!(store.release("b-epoch").await.unwrap());
+        let after = store.get_worker("w-epoch").await.unwrap();
+        assert_eq!((after.allocated_cpu, after.available_cpu), (0.0, 2.0));
+        assert!(!store.release("b-epoch").await.unwrap(), "once");
+        assert_eq!(
+            store.get_worker("w-epoch").await.unwrap().allocated_cpu,
+            0.0
+        );
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn reserve_race_50_for_room_for_7_has_exactly_7_winners() {

@@ -222,7 +222,7 @@ impl MongoStore {
             "available_storage": t.storage - allocated.storage,
             "available_gpu": t.gpu - allocated.gpu,
             "updated_at": to_bson_date(model::now()),
-        } };
+        }, "$inc": { "accounting_epoch": 1_i64 } };
         let outcome = self
             .atomic(
                 lock_key(WORKER_REGISTRY, worker_id),
