@@ -161,9 +161,9 @@ pub fn router() -> Router<AppState> {
     request_body = ArraySpec,
     responses(
         (status = 201, description = "Created, and every task admitted (queued, or already further along)", body = TaskArray,
-            headers(("Location" = String, description = "/v1/arrays/{array_id}"))),
+            headers(("Location" = String, description = "The new array's path, `/v1/arrays/<array_id>`"))),
         (status = 202, description = "Created; some tasks are not admitted yet (admission deferred them, or will check them shortly) or were rejected: `tasks_by_state` says how many of each", body = TaskArray,
-            headers(("Location" = String, description = "/v1/arrays/{array_id}"))),
+            headers(("Location" = String, description = "The new array's path, `/v1/arrays/<array_id>`"))),
         (status = 200, description = "Replay of an earlier submission with the same key", body = TaskArray,
             headers(("Idempotency-Replayed" = String, description = "true on a replay"))),
         (status = 400, description = "Malformed JSON or idempotency key", body = ErrorBody),

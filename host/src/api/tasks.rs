@@ -436,9 +436,9 @@ pub fn router() -> Router<AppState> {
     request_body = TaskSpec,
     responses(
         (status = 201, description = "Created and admitted: the task is queued (or already further along, when an admission pass admitted it first)", body = Task,
-            headers(("Location" = String, description = "/v1/tasks/{task_id}"))),
+            headers(("Location" = String, description = "The new task's path, `/v1/tasks/<task_id>`"))),
         (status = 202, description = "Created, not admitted yet: admission deferred it (the reason is in `status_reason`) or will check it shortly; or, rarely, it was decided elsewhere before this request's check applied (cancelled by its owner, or failed by an admission pass): the body is the task as it is", body = Task,
-            headers(("Location" = String, description = "/v1/tasks/{task_id}"))),
+            headers(("Location" = String, description = "The new task's path, `/v1/tasks/<task_id>`"))),
         (status = 200, description = "Replay of an earlier submission with the same key (a Task); with `wait`, the task finished in time (a TaskWithResult)", body = TaskWithResult,
             headers(("Idempotency-Replayed" = String, description = "true on a replay"))),
         (status = 400, description = "Malformed JSON or idempotency key", body = ErrorBody),
