@@ -102,6 +102,27 @@ impl EventedStore {
 
     /// A transition from `from` to `to` changes the status unless every `from` is `to` (a
     /// reason or claim update).
+    /// A task's `submitted` event (with its array and index, when it is part of one).
+    fn submitted(&self, t: &Task) {
+        let mut data = json!({
+            "status": t.status.as_str(),
+            "docker_image": t.docker_image,
+            "priority": t.priority,
+        });
+        if t.array_id.is_some() {
+            data["array_id"] = json!(t.array_id);
+            data["array_index"] = json!(t.array_index);
+        }
+        self.publish(event(
+            "task",
+            "submitted",
+            Some(&t.task_id),
+            None,
+            Some(&t.user_id),
+            data,
+        ));
+    }
+
     fn after_transition(&self, from: &[TaskStatus], to: TaskStatus, task: &Task) {
         if from.iter().all(|f| *f == to) {
             return;
@@ -148,19 +169,7 @@ impl Store for EventedStore {
     ) -> Result<SubmitOutcome> {
         let outcome = self.inner.insert_task(task, idempotency).await?;
         if outcome.created {
-            let t = &outcome.task;
-            self.publish(event(
-                "task",
-                "submitted",
-                Some(&t.task_id),
-                None,
-                Some(&t.user_id),
-                json!({
-                    "status": t.status.as_str(),
-                    "docker_image": t.docker_image,
-                    "priority": t.priority,
-                }),
-            ));
+            self.submitted(&outcome.task);
         }
         Ok(outcome)
     }
@@ -377,20 +386,7 @@ impl Store for EventedStore {
         if outcome.created {
             // One event per task, as for single submissions: a watcher of a task sees it.
             for t in tasks {
-                self.publish(event(
-                    "task",
-                    "submitted",
-                    Some(&t.task_id),
-                    None,
-                    Some(&t.user_id),
-                    json!({
-                        "status": t.status.as_str(),
-                        "docker_image": t.docker_image,
-                        "priority": t.priority,
-                        "array_id": t.array_id,
-                        "array_index": t.array_index,
-                    }),
-                ));
+                self.submitted(t);
             }
         }
         Ok(outcome)

@@ -1103,6 +1103,18 @@ fn insert_tasks_sync(
     Ok(outcome)
 }
 
+/// `(status, count)` rows of a `GROUP BY status` as counts.
+fn counts_from_rows(rows: Vec<(String, i64)>, what: &str) -> Result<TaskCounts> {
+    let mut counts = TaskCounts::default();
+    for (status, n) in rows {
+        let status = status
+            .parse::<TaskStatus>()
+            .map_err(|e| StoreError::backend(what.to_string(), e))?;
+        counts.add(status, u64::try_from(n).unwrap_or(0));
+    }
+    Ok(counts)
+}
+
 fn array_summary_sync(conn: &Connection, array_id: &str) -> Result<ArraySummary> {
     let first = conn
         .prepare_cached(&format!(
@@ -1125,13 +1137,7 @@ fn array_summary_sync(conn: &Connection, array_id: &str) -> Result<ArraySummary>
                 .collect()
         })
         .map_err(sql_err("counting an array's tasks by status"))?;
-    let mut counts = TaskCounts::default();
-    for (status, n) in rows {
-        let status = status
-            .parse::<TaskStatus>()
-            .map_err(|e| StoreError::backend("counting an array's tasks by status", e))?;
-        counts.add(status, u64::try_from(n).unwrap_or(0));
-    }
+    let counts = counts_from_rows(rows, "counting an array's tasks by status")?;
     Ok(ArraySummary {
         array_id: array_id.to_string(),
         user_id: first.user_id,
@@ -3135,14 +3141,7 @@ impl Store for SqliteStore {
                         .collect()
                 })
                 .map_err(sql_err("counting tasks by status"))?;
-            let mut counts = TaskCounts::default();
-            for (status, n) in rows {
-                let status = status
-                    .parse::<TaskStatus>()
-                    .map_err(|e| StoreError::backend("counting tasks by status", e))?;
-                counts.add(status, u64::try_from(n).unwrap_or(0));
-            }
-            Ok(counts)
+            counts_from_rows(rows, "counting tasks by status")
         })
         .await
     }

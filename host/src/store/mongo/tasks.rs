@@ -482,27 +482,9 @@ impl MongoStore {
             .map(|d| task_from_document(&d))
             .transpose()?
             .ok_or_else(|| not_found("array", array_id))?;
-        let pipeline = vec![
-            doc! { "$match": { "array_id": array_id } },
-            doc! { "$group": { "_id": "$status", "count": { "$sum": 1_i64 } } },
-        ];
-        let groups: Vec<Document> = self
-            .tasks
-            .aggregate(pipeline)
-            .await
-            .map_err(|e| StoreError::backend(what, e))?
-            .try_collect()
-            .await
-            .map_err(|e| StoreError::backend(what, e))?;
-        let mut counts = TaskCounts::default();
-        for group in &groups {
-            let r = Reader::new(group, TASKS);
-            let status = r
-                .string("_id")?
-                .parse::<TaskStatus>()
-                .map_err(|e| StoreError::backend(what, e))?;
-            counts.add(status, r.int("count")?);
-        }
+        let counts = self
+            .count_by_status(Some(doc! { "array_id": array_id }), what)
+            .await?;
         Ok(ArraySummary {
             array_id: array_id.to_string(),
             user_id: first.user_id,
@@ -919,8 +901,16 @@ impl MongoStore {
     }
 
     pub(super) async fn task_counts_impl(&self) -> Result<TaskCounts> {
-        let what = "counting tasks by status";
-        let pipeline = vec![doc! { "$group": { "_id": "$status", "count": { "$sum": 1_i64 } } }];
+        self.count_by_status(None, "counting tasks by status").await
+    }
+
+    /// The tasks matching `filter` (all without one) counted by status, in one aggregation.
+    async fn count_by_status(&self, filter: Option<Document>, what: &str) -> Result<TaskCounts> {
+        let mut pipeline = Vec::new();
+        if let Some(filter) = filter {
+            pipeline.push(doc! { "$match": filter });
+        }
+        pipeline.push(doc! { "$group": { "_id": "$status", "count": { "$sum": 1_i64 } } });
         let groups: Vec<Document> = self
             .tasks
             .aggregate(pipeline)
