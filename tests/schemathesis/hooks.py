@@ -18,14 +18,19 @@ def wasm(ctx, value):
 
 # A dependency (`after`) must name a task or array the caller submitted before: an id the
 # schema allows but nobody submitted is refused (422), which no schema can state. Generated
-# submissions go without dependencies; tests/e2e/dependencies.rs covers them.
+# positive submissions go without dependencies; tests/e2e/dependencies.rs covers them. A
+# negative case keeps its `after`: its violation may be there, and removing it would send a
+# valid request that the server rightly accepts (ST201).
 @schemathesis.hook
-def map_body(ctx, body):
-    operation = ctx.operation
-    if operation is None or operation.method.upper() != "POST" or not isinstance(body, dict):
-        return body
-    if operation.path == "/v1/tasks":
+def map_case(ctx, case):
+    meta = case.meta
+    if meta is not None and meta.generation.mode.is_negative:
+        return case
+    body = case.body
+    if case.method.upper() != "POST" or not isinstance(body, dict):
+        return case
+    if case.path == "/v1/tasks":
         body.pop("after", None)
-    elif operation.path == "/v1/arrays" and isinstance(body.get("task"), dict):
+    elif case.path == "/v1/arrays" and isinstance(body.get("task"), dict):
         body["task"].pop("after", None)
-    return body
+    return case
