@@ -424,6 +424,10 @@ pub struct SubmitArgs {
     /// Attempts in all when a worker is lost (1 = never re-run).
     #[arg(long)]
     pub max_attempts: Option<u32>,
+    /// Never stop this task to make room for a task of a higher priority (a preempting
+    /// placement policy leaves it running).
+    #[arg(long)]
+    pub not_preemptible: bool,
     /// Environment variable KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_key_value)]
     pub env: Vec<(String, String)>,
@@ -923,6 +927,9 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     }
     if let Some(max_attempts) = args.max_attempts {
         body.insert("max_attempts".into(), json!(max_attempts));
+    }
+    if args.not_preemptible {
+        body.insert("preemptible".into(), json!(false));
     }
     if !args.env.is_empty() {
         body.insert(

@@ -193,6 +193,18 @@ pub struct Task {
     /// see it. Cleared once every dependency is met; the task fails when one can no longer be.
     #[serde(default)]
     pub awaiting_dependencies: bool,
+    /// False when the task's owner opted out of preemption: no placement policy may stop it
+    /// to make room for another task.
+    #[serde(default = "preemptible_by_default")]
+    pub preemptible: bool,
+    /// The task a placement policy preempted this one for, while this attempt is being
+    /// stopped (with `cancel_requested`); cleared when it is queued again.
+    #[serde(default)]
+    pub preempted_by: Option<String>,
+}
+
+fn preemptible_by_default() -> bool {
+    true
 }
 
 /// The task label that names a task's type: tasks of one type are expected to run about
@@ -249,6 +261,8 @@ impl Task {
             array_index: None,
             after: Vec::new(),
             awaiting_dependencies: false,
+            preemptible: true,
+            preempted_by: None,
         }
     }
 

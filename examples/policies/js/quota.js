@@ -3,12 +3,15 @@
 //
 // Configuration (JSON, every key optional, `{}` caps nothing):
 //   {"default": {"max_running_tasks": 10, "max_queued_and_running_tasks": 50,
-//                "max_cpu": 32, "max_memory": 128, "max_storage": 1000, "max_gpu": 2},
+//                "max_cpu": 32, "max_memory": 128, "max_storage": 1000, "max_gpu": 2,
+//                "max_priority": 10},
 //    "users": {"alice": {"max_gpu": 4}, "ci-bot": {"max_cpu": null}}}
 // `default` applies to every user; an entry of `users` overrides it key by key (`null` lifts
-// that cap). Unknown keys, negative or non-numeric values and fractional counts are refused.
+// that cap). Unknown keys, negative or non-numeric values and fractional counts are refused;
+// `max_priority` (the highest task priority the user may submit) is any 32-bit whole number.
 //
-// A task is rejected when its request alone exceeds a resource cap or a task cap is 0;
+// A task is rejected when its request alone exceeds a resource cap, a task cap is 0 or its
+// priority exceeds `max_priority`;
 // deferred when it fits the caps but not on top of the user's current usage; accepted
 // otherwise.
 
@@ -16,7 +19,8 @@ import { RESOURCES, describeShort } from './common.js';
 
 const COUNT_KEYS = ['max_running_tasks', 'max_queued_and_running_tasks'];
 const AMOUNT_KEYS = RESOURCES.map((r) => `max_${r}`);
-const CAP_KEYS = [...COUNT_KEYS, ...AMOUNT_KEYS];
+const PRIORITY_KEY = 'max_priority';
+const CAP_KEYS = [...COUNT_KEYS, ...AMOUNT_KEYS, PRIORITY_KEY];
 
 // The parsed configuration, kept by `configure` for the calls on this instance.
 let quota = { default: {}, users: new Map() };
@@ -43,6 +47,11 @@ function capsOver(written, base, path) {
     } else if (COUNT_KEYS.includes(key)) {
       if (!Number.isInteger(v) || v < 0 || v > 1e9) {
         throw error(`${path}.${key} must be a whole number >= 0`);
+      }
+      caps[key] = v;
+    } else if (key === PRIORITY_KEY) {
+      if (!Number.isInteger(v) || v < -2147483648 || v > 2147483647) {
+        throw error(`${path}.${key} must be a whole number from -2147483648 to 2147483647`);
       }
       caps[key] = v;
     } else {
@@ -100,6 +109,10 @@ export function admit(task, usage) {
           `${AMOUNT_KEYS[r]} of ${describeShort(r, max)} for user ${user}`,
       );
     }
+  }
+  const maxPriority = caps[PRIORITY_KEY];
+  if (maxPriority !== undefined && task.priority > maxPriority) {
+    never.push(`priority ${task.priority} exceeds the quota max_priority of ${maxPriority} for user ${user}`);
   }
   if (never.length > 0) return { tag: 'reject', val: never.join('; ') };
 

@@ -85,7 +85,9 @@ const usage = (running, queued, reserved) => ({
   runningTasks: running, queuedTasks: queued, pendingTasks: 0,
   reserved: { cpu: reserved[0], memory: reserved[1], storage: reserved[2], gpu: reserved[3] },
 });
-const task = (user, req) => ({ user, request: { cpu: req[0], memory: req[1], storage: req[2], gpu: req[3] } });
+const task = (user, req, priority = 0) => ({
+  user, priority, request: { cpu: req[0], memory: req[1], storage: req[2], gpu: req[3] },
+});
 
 test('quota rejects, defers and accepts as the Rust quota does', () => {
   quotaConfig.configure(JSON.stringify({
@@ -100,6 +102,23 @@ test('quota rejects, defers and accepts as the Rust quota does', () => {
   });
   assert.deepEqual(admit(task('alice', [64, 1, 0, 2]), usage(0, 0, [0, 0, 0, 0])), { tag: 'accept' });
   assert.deepEqual(admit(task('dave', [2, 1, 0, 0]), usage(1, 0, [7.5, 1, 0, 0])).tag, 'defer');
+});
+
+test('quota rejects a priority above max_priority; a user entry overrides or lifts it', () => {
+  quotaConfig.configure(JSON.stringify({
+    default: { max_priority: 10 },
+    users: { bob: { max_priority: -5 }, 'ci-bot': { max_priority: null } },
+  }));
+  assert.deepEqual(admit(task('carol', [1, 1, 0, 0], 10), usage(0, 0, [0, 0, 0, 0])), { tag: 'accept' });
+  assert.deepEqual(admit(task('carol', [1, 1, 0, 0], 50), usage(0, 0, [0, 0, 0, 0])), {
+    tag: 'reject', val: 'priority 50 exceeds the quota max_priority of 10 for user carol',
+  });
+  assert.deepEqual(admit(task('bob', [1, 1, 0, 0], 0), usage(0, 0, [0, 0, 0, 0])), {
+    tag: 'reject', val: 'priority 0 exceeds the quota max_priority of -5 for user bob',
+  });
+  assert.deepEqual(admit(task('ci-bot', [1, 1, 0, 0], 2147483647), usage(0, 0, [0, 0, 0, 0])), { tag: 'accept' });
+  assert.throws(() => quotaConfig.configure('{"default": {"max_priority": 2.5}}'), /default.max_priority must be a whole number/);
+  assert.throws(() => quotaConfig.configure('{"default": {"max_priority": 3e9}}'), /whole number/);
 });
 
 test('quota refuses bad configuration with the key at fault', () => {

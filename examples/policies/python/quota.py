@@ -4,12 +4,15 @@ examples/policies/js/quota.js.
 
 Configuration (JSON, every key optional, `{}` caps nothing):
   {"default": {"max_running_tasks": 10, "max_queued_and_running_tasks": 50,
-               "max_cpu": 32, "max_memory": 128, "max_storage": 1000, "max_gpu": 2},
+               "max_cpu": 32, "max_memory": 128, "max_storage": 1000, "max_gpu": 2,
+               "max_priority": 10},
    "users": {"alice": {"max_gpu": 4}, "ci-bot": {"max_cpu": null}}}
 `default` applies to every user; an entry of `users` overrides it key by key (`null` lifts
-that cap). Unknown keys, negative or non-numeric values and fractional counts are refused.
+that cap). Unknown keys, negative or non-numeric values and fractional counts are refused;
+`max_priority` (the highest task priority the user may submit) is any 32-bit whole number.
 
-A task is rejected when its request alone exceeds a resource cap or a task cap is 0;
+A task is rejected when its request alone exceeds a resource cap, a task cap is 0 or its
+priority exceeds `max_priority`;
 deferred when it fits the caps but not on top of the user's current usage; accepted otherwise.
 """
 
@@ -29,7 +32,8 @@ from common import RESOURCES, describe_short
 
 COUNT_KEYS = ("max_running_tasks", "max_queued_and_running_tasks")
 AMOUNT_KEYS = tuple(f"max_{r}" for r in RESOURCES)
-CAP_KEYS = COUNT_KEYS + AMOUNT_KEYS
+PRIORITY_KEY = "max_priority"
+CAP_KEYS = COUNT_KEYS + AMOUNT_KEYS + (PRIORITY_KEY,)
 
 # The parsed configuration, kept by `configure` for the calls on this instance.
 _quota = ({}, {})
@@ -60,6 +64,17 @@ def _caps_over(written, base, path):
         elif key in COUNT_KEYS:
             if not _is_number(v) or not math.isfinite(v) or v < 0 or v != int(v) or v > 1e9:
                 raise _error(f"{path}.{key} must be a whole number >= 0")
+            caps[key] = int(v)
+        elif key == PRIORITY_KEY:
+            if (
+                not _is_number(v)
+                or not math.isfinite(v)
+                or v != int(v)
+                or not -(2**31) <= v <= 2**31 - 1
+            ):
+                raise _error(
+                    f"{path}.{key} must be a whole number from -2147483648 to 2147483647"
+                )
             caps[key] = int(v)
         else:
             if not _is_number(v) or not math.isfinite(v) or v < 0:
@@ -119,6 +134,11 @@ def admit(quota, task, usage):
                 f"{RESOURCES[r]} request of {describe_short(r, req[r])} exceeds the quota "
                 f"{key} of {describe_short(r, cap)} for user {user}"
             )
+    cap = caps.get(PRIORITY_KEY)
+    if cap is not None and task.priority > cap:
+        never.append(
+            f"priority {task.priority} exceeds the quota max_priority of {cap} for user {user}"
+        )
     if never:
         return AdmissionDecision_Reject("; ".join(never))
 

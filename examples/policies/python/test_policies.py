@@ -111,8 +111,8 @@ class SpreadTests(unittest.TestCase):
         self.assertIn("unknown key `x`", e.exception.value)
 
 
-def task(user, req):
-    return AdmissionTask("t", user, "busybox", Resources(*req), 0, [], 0, 0.0)
+def task(user, req, priority=0):
+    return AdmissionTask("t", user, "busybox", Resources(*req), priority, [], 0, 0.0)
 
 
 def usage(running, queued, reserved):
@@ -146,11 +146,38 @@ class QuotaTests(unittest.TestCase):
         d = quota.admit(q, task("dave", [2, 1, 0, 0]), usage(1, 0, [7.5, 1, 0, 0]))
         self.assertIsInstance(d, AdmissionDecision_Defer)
 
+    def test_rejects_a_priority_above_max_priority_overridden_or_lifted_per_user(self):
+        q = quota.parse(
+            '{"default": {"max_priority": 10},'
+            ' "users": {"bob": {"max_priority": -5}, "ci-bot": {"max_priority": null}}}'
+        )
+        idle = usage(0, 0, [0, 0, 0, 0])
+        self.assertEqual(
+            quota.admit(q, task("carol", [1, 1, 0, 0], 10), idle), AdmissionDecision_Accept()
+        )
+        self.assertEqual(
+            quota.admit(q, task("carol", [1, 1, 0, 0], 50), idle),
+            AdmissionDecision_Reject(
+                "priority 50 exceeds the quota max_priority of 10 for user carol"
+            ),
+        )
+        self.assertEqual(
+            quota.admit(q, task("bob", [1, 1, 0, 0], 0), idle),
+            AdmissionDecision_Reject("priority 0 exceeds the quota max_priority of -5 for user bob"),
+        )
+        self.assertEqual(
+            quota.admit(q, task("ci-bot", [1, 1, 0, 0], 2**31 - 1), idle),
+            AdmissionDecision_Accept(),
+        )
+
     def test_refuses_bad_configuration_with_the_key_at_fault(self):
         for text, message in [
             ('{"default": {"max_cpu": -1}}', "default.max_cpu must be a number >= 0"),
             ('{"default": {"max_running_tasks": 1.5}}', "whole number"),
             ('{"default": {"max_cpu": true}}', "default.max_cpu must be a number"),
+            ('{"default": {"max_priority": 2.5}}', "default.max_priority must be a whole number"),
+            ('{"default": {"max_priority": 3e9}}', "default.max_priority must be a whole number"),
+            ('{"default": {"max_priority": true}}', "default.max_priority must be a whole number"),
             ('{"users": {"bob": {"max_cpus": 1}}}', "unknown key `max_cpus` in users.bob"),
             ('{"defaults": {}}', "unknown key `defaults`"),
             ("[1]", "expected a JSON object"),

@@ -615,6 +615,14 @@ async fn record_result(
                 exit_code: report.exit_code.unwrap_or(0),
             },
         ),
+        // Stopped for a preemption: queued again (below, without a result: the task's
+        // result is that of the attempt that ends it).
+        Outcome::Cancelled if task.preempted_by.is_some() => (
+            ResultStatus::Cancelled,
+            Finish::Preempted {
+                by: task.preempted_by.clone().unwrap_or_default(),
+            },
+        ),
         Outcome::Cancelled => (
             ResultStatus::Cancelled,
             Finish::Cancelled {
@@ -684,14 +692,19 @@ async fn record_result(
         runtime_s,
         task_type: Some(task.task_type().to_string()),
     };
-    let stored_bytes = result.logs.len() + result.stderr.len();
+    let preempted = matches!(finish, Finish::Preempted { .. });
+    let stored_bytes = if preempted {
+        0
+    } else {
+        result.logs.len() + result.stderr.len()
+    };
     let task = finish_assignment(
         &*state.store,
         &state.wakeup,
         &assignment,
         finish,
         new_start,
-        Some(result),
+        (!preempted).then_some(result),
     )
     .await
     .map_err(|e| match e {

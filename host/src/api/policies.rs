@@ -705,6 +705,10 @@ pub struct PolicyStatus {
     pub evaluations: u64,
     /// Why it could not be loaded on this replica, if it could not.
     pub load_error: Option<String>,
+    /// The version of the `cloudai:policy` contract it was built against (`0.1.0`, or
+    /// `0.2.0`: a placement policy that may preempt), when loaded on this replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contract: Option<String>,
 }
 
 /// The store's active record of each kind (`None`: the native policy / accept all).
@@ -742,6 +746,7 @@ async fn policy_list(state: &AppState, name: Option<&str>) -> ApiResult<PolicyLi
                 total_failures: info.map_or(0, |i| i.total_failures),
                 evaluations: info.map_or(0, |i| i.evaluations),
                 load_error,
+                contract: info.map(|i| i.contract.to_string()),
                 policy,
             }
         })
@@ -1092,12 +1097,16 @@ impl Validate for DryRunRequest {
 /// One decision, as shown by a dry run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct DecisionView {
-    /// `assign`, `wait`, `unschedulable` (placement); `accept`, `reject`, `defer` (admission).
+    /// `assign`, `wait`, `unschedulable`, `preempt` (placement); `accept`, `reject`, `defer`
+    /// (admission).
     pub decision: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// `preempt`: the running tasks it would stop on `worker_id`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub victims: Vec<String>,
 }
 
 impl DecisionView {
@@ -1107,16 +1116,25 @@ impl DecisionView {
                 decision: "assign".into(),
                 worker_id: input.worker_id(*worker).map(str::to_string),
                 reason: None,
+                victims: Vec::new(),
             },
             Decision::Wait { reason } => DecisionView {
                 decision: "wait".into(),
                 worker_id: None,
                 reason: Some(reason.clone()),
+                victims: Vec::new(),
             },
             Decision::Unschedulable { reason } => DecisionView {
                 decision: "unschedulable".into(),
                 worker_id: None,
                 reason: Some(reason.clone()),
+                victims: Vec::new(),
+            },
+            Decision::Preempt { worker, victims } => DecisionView {
+                decision: "preempt".into(),
+                worker_id: input.worker_id(*worker).map(str::to_string),
+                reason: None,
+                victims: input.victim_ids(victims),
             },
         }
     }
@@ -1131,12 +1149,15 @@ impl DecisionView {
             decision: decision.into(),
             worker_id: None,
             reason,
+            victims: Vec::new(),
         }
     }
 
     /// Same decision (and worker); reasons are worded freely.
     fn same_as(&self, other: &DecisionView) -> bool {
-        self.decision == other.decision && self.worker_id == other.worker_id
+        self.decision == other.decision
+            && self.worker_id == other.worker_id
+            && self.victims == other.victims
     }
 }
 

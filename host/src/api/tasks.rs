@@ -104,10 +104,26 @@ pub struct TaskSpec {
     #[serde(default)]
     #[schema(max_items = 32)]
     pub after: Vec<Dependency>,
+    /// Whether a preempting placement policy may stop this task (it is then queued again,
+    /// the attempt counted) to make room for a task of a higher priority (default true).
+    /// `false` opts out.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    #[schema(default = true)]
+    pub preemptible: bool,
 }
 
 fn one() -> f64 {
     1.0
+}
+
+fn yes() -> bool {
+    true
+}
+
+// Left out of the serialized spec when true (the default): the idempotency digest of a spec
+// that does not opt out stays what it was before the field existed.
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 fn three() -> u32 {
@@ -571,6 +587,7 @@ pub(crate) fn task_from_spec(
         after: spec.after,
         awaiting_dependencies,
         status_reason,
+        preemptible: spec.preemptible,
         ..Task::new_pending(
             format!("task-{}", uuid::Uuid::now_v7().simple()),
             user_id.to_string(),

@@ -450,6 +450,27 @@ impl Store for EventedStore {
         self.inner.request_cancel(task_id).await
     }
 
+    async fn request_preemption(
+        &self,
+        victims: &[(String, u32)],
+        by: &str,
+        reason: &str,
+    ) -> Result<Vec<String>> {
+        self.inner.request_preemption(victims, by, reason).await
+    }
+
+    async fn preemptible_running(
+        &self,
+        below_priority: i32,
+        limit: u32,
+    ) -> Result<Vec<(Task, Assignment)>> {
+        self.inner.preemptible_running(below_priority, limit).await
+    }
+
+    async fn preemptions_in_progress(&self) -> Result<std::collections::BTreeMap<String, u32>> {
+        self.inner.preemptions_in_progress().await
+    }
+
     async fn get_worker(&self, worker_id: &str) -> Result<Worker> {
         self.inner.get_worker(worker_id).await
     }

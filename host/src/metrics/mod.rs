@@ -106,6 +106,7 @@ struct Instruments {
     waits: Counter,
     unschedulable: Counter,
     lost_races: Counter,
+    preemptions: Counter,
     policy_duration: HistogramFamily<PolicyLabels>,
     policy_fallbacks: Family<PolicyLabels, Counter>,
     policy_failures: Family<PolicyErrorLabels, Counter>,
@@ -132,6 +133,7 @@ impl Instruments {
             waits: Counter::default(),
             unschedulable: Counter::default(),
             lost_races: Counter::default(),
+            preemptions: Counter::default(),
             policy_duration: Family::new_with_constructor(policy_buckets),
             policy_fallbacks: Family::default(),
             policy_failures: Family::default(),
@@ -187,6 +189,11 @@ impl Instruments {
             "scheduler_lost_races",
             "Placements given up because another replica or a change got there first (re-planned)",
             i.lost_races.clone(),
+        );
+        r.register(
+            "scheduler_preemptions",
+            "Running tasks asked to stop by a preempting placement policy, to make room for a task of a higher priority",
+            i.preemptions.clone(),
         );
         r.register_with_unit(
             "policy_call_duration",
@@ -291,6 +298,8 @@ pub struct RoundFigures {
     pub unschedulable: usize,
     /// Lost races, re-planned next round.
     pub lost: usize,
+    /// Running tasks asked to stop to make room for a task of a higher priority.
+    pub preempted: usize,
 }
 
 /// One placement round that had tasks to place.
@@ -302,6 +311,7 @@ pub fn scheduling_round(round: &RoundFigures, elapsed: Duration) {
     i.waits.inc_by(round.waited as u64);
     i.unschedulable.inc_by(round.unschedulable as u64);
     i.lost_races.inc_by(round.lost as u64);
+    i.preemptions.inc_by(round.preempted as u64);
 }
 
 fn policy_labels(kind: &'static str, policy: &str, version: &str) -> PolicyLabels {

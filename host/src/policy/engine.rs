@@ -28,8 +28,10 @@ use wasmtime::{
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::admission::AdmissionPre;
+use super::bindings::admission_v2::AdmissionPre as AdmissionV2Pre;
 use super::bindings::placement::{Placement, PlacementPre};
-use super::bindings::{host, types};
+use super::bindings::placement_v2::{Placement as PlacementV2, PlacementPre as PlacementV2Pre};
+use super::bindings::{host, host_v2, types, types_v2};
 use super::error::{PolicyError, Result, describe};
 
 /// Settings of the engine, shared by every policy.
@@ -101,6 +103,19 @@ fn disk_cache(dir: &std::path::Path) -> Result<Cache> {
 pub(crate) enum Prepared {
     Placement(PlacementPre<GuestState>),
     Admission(AdmissionPre<GuestState>),
+    /// A `cloudai:policy@0.2.0` placement policy: it sees the running tasks and may preempt.
+    PlacementV2(PlacementV2Pre<GuestState>),
+    AdmissionV2(AdmissionV2Pre<GuestState>),
+}
+
+impl Prepared {
+    /// The contract version the component was built against.
+    pub(crate) fn contract(&self) -> &'static str {
+        match self {
+            Prepared::Placement(_) | Prepared::Admission(_) => "0.1.0",
+            Prepared::PlacementV2(_) | Prepared::AdmissionV2(_) => "0.2.0",
+        }
+    }
 }
 
 /// The wasmtime engine shared by every policy. Cheap to clone.
@@ -159,9 +174,17 @@ impl PolicyEngine {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| PolicyError::Host(format!("linking WASI: {}", describe(&e))))?;
         // The `admission` bindings share these interfaces (see bindings.rs), so one
-        // registration serves both worlds.
+        // registration per contract version serves both worlds.
         Placement::add_to_linker::<GuestState, HasSelf<GuestState>>(&mut linker, |s| s).map_err(
             |e| PolicyError::Host(format!("linking the host interface: {}", describe(&e))),
+        )?;
+        PlacementV2::add_to_linker::<GuestState, HasSelf<GuestState>>(&mut linker, |s| s).map_err(
+            |e| {
+                PolicyError::Host(format!(
+                    "linking the host interface 0.2.0: {}",
+                    describe(&e)
+                ))
+            },
         )?;
 
         let ticker = EpochTicker::start(engine.clone(), settings.epoch_tick)?;
@@ -221,20 +244,33 @@ impl PolicyEngine {
                 describe(&e)
             ))
         })?;
-        let placement_err = match PlacementPre::new(pre.clone()) {
-            Ok(p) => return Ok(Prepared::Placement(p)),
-            Err(e) => e,
-        };
-        let admission_err = match AdmissionPre::new(pre) {
-            Ok(a) => return Ok(Prepared::Admission(a)),
-            Err(e) => e,
-        };
         let exports: Vec<String> = component
             .component_type()
             .exports(&self.inner.engine)
             .map(|(name, _)| name.to_string())
             .collect();
         let has = |prefix: &str| exports.iter().any(|n| n.starts_with(prefix));
+        // The version of the exported `config` interface says which contract the component
+        // was built against; the errors below are those of that version's worlds.
+        let (placement_err, admission_err) = if has("cloudai:policy/config@0.2.") {
+            let placement_err = match PlacementV2Pre::new(pre.clone()) {
+                Ok(p) => return Ok(Prepared::PlacementV2(p)),
+                Err(e) => e,
+            };
+            match AdmissionV2Pre::new(pre) {
+                Ok(a) => return Ok(Prepared::AdmissionV2(a)),
+                Err(e) => (placement_err, e),
+            }
+        } else {
+            let placement_err = match PlacementPre::new(pre.clone()) {
+                Ok(p) => return Ok(Prepared::Placement(p)),
+                Err(e) => e,
+            };
+            match AdmissionPre::new(pre) {
+                Ok(a) => return Ok(Prepared::Admission(a)),
+                Err(e) => (placement_err, e),
+            }
+        };
         if has("place") {
             Err(PolicyError::MissingExport(format!(
                 "as a placement policy: {}",
@@ -251,7 +287,7 @@ impl PolicyEngine {
             ))
         } else {
             Err(PolicyError::WrongWorld(format!(
-                "it exports neither `place` nor `admit` of cloudai:policy@0.1.0 (its exports: [{}])",
+                "it exports neither `place` nor `admit` of cloudai:policy@0.1.0 or @0.2.0 (its exports: [{}])",
                 exports.join(", ")
             )))
         }
@@ -403,6 +439,19 @@ impl WasiView for GuestState {
 }
 
 impl types::Host for GuestState {}
+impl types_v2::Host for GuestState {}
+
+impl host_v2::Host for GuestState {
+    fn log(&mut self, level: types_v2::LogLevel, message: String) {
+        let level = match level {
+            types_v2::LogLevel::Debug => types::LogLevel::Debug,
+            types_v2::LogLevel::Info => types::LogLevel::Info,
+            types_v2::LogLevel::Warn => types::LogLevel::Warn,
+            types_v2::LogLevel::Error => types::LogLevel::Error,
+        };
+        host::Host::log(self, level, message);
+    }
+}
 
 impl host::Host for GuestState {
     fn log(&mut self, level: types::LogLevel, message: String) {

@@ -815,3 +815,61 @@ fn image_allowlist_guest_accepts_rejects_and_refuses_a_bad_config_at_load() {
         matches!(admit("ghcr.io/acme/experimental/x"), AdmissionDecision::Reject(r) if r.contains("denied by the rule ghcr.io/acme/experimental/**"))
     );
 }
+
+/// A 0.2.0 guest (the preempting best-fit) sees the running tasks and preempts the fewest,
+/// lowest-priority, youngest ones; the host checks and keeps the answer. The same round
+/// through a 0.1.0 guest (best-fit) waits: both versions load side by side, each speaking its
+/// own contract, and only the 0.2.0 one makes the scheduler offer running tasks.
+#[test]
+fn a_0_2_0_guest_preempts_and_a_0_1_0_guest_keeps_working_beside_it() {
+    let Some(dir) = wasm_dir() else { return };
+    let rt = runtime();
+    assert_eq!(
+        rt.load("bf-preempt", "1", &guest(&dir, "best-fit-preempt"), "{}")
+            .unwrap(),
+        PolicyKind::Placement
+    );
+    rt.load("bf", "1", &guest(&dir, "best-fit"), "{}").unwrap();
+    let contracts: std::collections::BTreeMap<String, &str> = rt
+        .versions()
+        .into_iter()
+        .map(|v| (v.name, v.contract))
+        .collect();
+    assert_eq!(contracts["bf-preempt"], "0.2.0");
+    assert_eq!(contracts["bf"], "0.1.0");
+
+    // Worker 0 full (0.5 cpu free) runs r0, r1 (priority 0) and r7; the batch: a 2-cpu task
+    // of priority 5, then a 0.5-cpu task of priority 0.
+    let input = super::validate::tests::full_worker();
+    rt.activate("bf-preempt", "1").unwrap();
+    assert!(rt.active_may_preempt());
+    let outcome = rt.place(&input);
+    assert!(
+        matches!(outcome.source, PolicySource::Wasm { .. }),
+        "{:?}",
+        outcome.source
+    );
+    let Decision::Preempt { worker, victims } = &outcome.decisions[0] else {
+        panic!("expected a preemption, got {:?}", outcome.decisions)
+    };
+    assert_eq!(*worker, 0);
+    assert_eq!(
+        input.victim_ids(victims).len(),
+        2,
+        "2 cpu short of 0.5 free: both 1-cpu tasks of priority 0, {:?}",
+        input.victim_ids(victims)
+    );
+    assert!(!input.victim_ids(victims).contains(&"r7".to_string()));
+    // The small task takes the 0.5 cpu still free: the victims' capacity is not free yet.
+    assert_eq!(outcome.decisions[1], Decision::Assign { worker: 0 });
+
+    rt.activate("bf", "1").unwrap();
+    assert!(!rt.active_may_preempt());
+    let outcome = rt.place(&input);
+    assert!(
+        matches!(outcome.decisions[0], Decision::Wait { .. }),
+        "{:?}",
+        outcome.decisions
+    );
+    assert_eq!(outcome.decisions[1], Decision::Assign { worker: 0 });
+}

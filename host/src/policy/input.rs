@@ -112,6 +112,25 @@ pub struct PlacementInput {
     /// Worker ids by index: kept on the host side, since a policy answers with indices and
     /// passing one string per worker would dominate the cost of a call.
     worker_ids: Vec<String>,
+    /// The running tasks a `cloudai:policy@0.2.0` policy may preempt (empty unless
+    /// [`Self::with_preemptible`] gave them), in the order of their columns.
+    pub(crate) running: Vec<RunningTask>,
+}
+
+/// A running task a preempting policy may stop: the host's side of one entry of the 0.2.0
+/// `running-columns`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningTask {
+    pub task_id: String,
+    pub user_id: String,
+    /// The attempt it runs at: a preemption applies to that attempt only.
+    pub attempt: u32,
+    /// Index into the round's workers.
+    pub worker: u32,
+    pub priority: i32,
+    pub request: crate::model::Resources,
+    /// Seconds since its placement.
+    pub age_s: f64,
 }
 
 /// The decision for one task, checked by the host.
@@ -123,6 +142,10 @@ pub enum Decision {
     Wait { reason: String },
     /// No worker could ever hold the task: it fails with this reason.
     Unschedulable { reason: String },
+    /// Stop the running tasks `victims` (indices into [`PlacementInput::running_task`]) on
+    /// `worker` to make room for the task, which stays queued until they have stopped
+    /// (`cloudai:policy@0.2.0` only).
+    Preempt { worker: u32, victims: Vec<u32> },
 }
 
 /// Interns strings: each distinct string gets one index into `strings`.
@@ -283,6 +306,7 @@ impl PlacementInput {
                 tasks: t,
             },
             worker_ids,
+            running: Vec::new(),
         }
     }
 
@@ -347,7 +371,11 @@ impl PlacementInput {
         let worker_ids = (0..wit.workers.total_cpu.len())
             .map(|i| format!("worker-{i}"))
             .collect();
-        PlacementInput { wit, worker_ids }
+        PlacementInput {
+            wit,
+            worker_ids,
+            running: Vec::new(),
+        }
     }
 
     /// The contract's columns.
@@ -366,6 +394,36 @@ impl PlacementInput {
     /// The id of the worker at `index`.
     pub fn worker_id(&self, index: u32) -> Option<&str> {
         self.worker_ids.get(index as usize).map(String::as_str)
+    }
+
+    /// The running task a preemption names by `index` (see [`Decision::Preempt`]).
+    pub fn running_task(&self, index: u32) -> Option<&RunningTask> {
+        self.running.get(index as usize)
+    }
+
+    /// The ids of the running tasks `victims` names (`?` for an index out of range).
+    pub fn victim_ids(&self, victims: &[u32]) -> Vec<String> {
+        victims
+            .iter()
+            .map(|&v| {
+                self.running_task(v)
+                    .map_or("?", |r| r.task_id.as_str())
+                    .to_string()
+            })
+            .collect()
+    }
+
+    /// The running tasks a preempting policy sees, in the order of its columns.
+    pub fn running_tasks(&self) -> &[RunningTask] {
+        &self.running
+    }
+
+    /// The index of the worker `worker_id` in this round, when it is a candidate.
+    pub fn worker_index(&self, worker_id: &str) -> Option<u32> {
+        self.worker_ids
+            .iter()
+            .position(|id| id == worker_id)
+            .and_then(|i| u32::try_from(i).ok())
     }
 
     /// The id of the task at `index`.

@@ -12,6 +12,7 @@
 //! shims block on the current Tokio handle).
 
 pub mod bindings;
+mod contract_v2;
 pub mod engine;
 mod error;
 mod input;
@@ -26,7 +27,9 @@ pub(crate) mod guest_tests;
 
 pub use engine::{EngineSettings, PolicyEngine, PolicyLimits};
 pub use error::{PolicyError, Result};
-pub use input::{Decision, PlacementInput, RUNTIME_HISTORY_WINDOW, RuntimeHistory, RuntimeStat};
+pub use input::{
+    Decision, PlacementInput, RUNTIME_HISTORY_WINDOW, RunningTask, RuntimeHistory, RuntimeStat,
+};
 pub use runtime::{
     AdmissionFallback, AdmissionOutcome, Deactivation, LoadOptions, PlacementOutcome, PolicyKind,
     PolicyRuntime, PolicySource, PolicyVersionInfo, RuntimeSettings,

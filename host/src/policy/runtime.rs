@@ -13,7 +13,7 @@ use super::engine::{PolicyEngine, PolicyLabel, PolicyLimits, Prepared};
 use super::error::{PolicyError, Result};
 use super::input::{Decision, PlacementInput};
 use super::native;
-use super::validate::validate_placement;
+use super::validate::{validate_placement, validate_placement_v2};
 
 /// The world a policy implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -166,6 +166,8 @@ pub struct PolicyVersionInfo {
     /// Rounds (placement) or checks (admission) this version decided on this replica, its
     /// failures not included.
     pub evaluations: u64,
+    /// The `cloudai:policy` contract version it was built against (`0.1.0` or `0.2.0`).
+    pub contract: &'static str,
 }
 
 /// A version this runtime deactivated after repeated failures, and what it restored: what
@@ -433,8 +435,8 @@ impl PolicyRuntime {
     ) -> Result<Arc<Loaded>> {
         let prepared = self.engine.prepare(component)?;
         let kind = match prepared {
-            Prepared::Placement(_) => PolicyKind::Placement,
-            Prepared::Admission(_) => PolicyKind::Admission,
+            Prepared::Placement(_) | Prepared::PlacementV2(_) => PolicyKind::Placement,
+            Prepared::Admission(_) | Prepared::AdmissionV2(_) => PolicyKind::Admission,
         };
         let loaded = Arc::new(Loaded {
             label: PolicyLabel {
@@ -588,6 +590,7 @@ impl PolicyRuntime {
                 consecutive_failures: p.consecutive_failures.load(Ordering::SeqCst),
                 total_failures: p.total_failures.load(Ordering::SeqCst),
                 evaluations: p.evaluations.load(Ordering::SeqCst),
+                contract: p.prepared.contract(),
             })
             .collect()
     }
@@ -612,6 +615,13 @@ impl PolicyRuntime {
     /// Whether a version of `kind` is active (else the built-in default decides).
     pub fn has_active(&self, kind: PolicyKind) -> bool {
         self.current(kind).is_some()
+    }
+
+    /// Whether the active placement policy speaks `cloudai:policy@0.2.0`: a round then offers
+    /// it the running tasks it may preempt ([`PlacementInput::with_preemptible`]).
+    pub fn active_may_preempt(&self) -> bool {
+        self.current(PolicyKind::Placement)
+            .is_some_and(|p| matches!(p.prepared, Prepared::PlacementV2(_)))
     }
 
     pub fn place(&self, input: &PlacementInput) -> PlacementOutcome {
@@ -741,6 +751,12 @@ impl PolicyRuntime {
                 Prepared::Admission(pre) => {
                     pre.instantiate(&mut *store)?;
                 }
+                Prepared::PlacementV2(pre) => {
+                    pre.instantiate(&mut *store)?;
+                }
+                Prepared::AdmissionV2(pre) => {
+                    pre.instantiate(&mut *store)?;
+                }
             }
             Ok(started.elapsed())
         })
@@ -758,26 +774,47 @@ impl PolicyRuntime {
     }
 
     fn run_place(&self, policy: &Loaded, input: &PlacementInput) -> Result<Vec<Decision>> {
-        let Prepared::Placement(pre) = &policy.prepared else {
-            return Err(PolicyError::WrongWorld(format!(
-                "{} {} is an admission policy",
-                policy.label.name, policy.label.version
-            )));
-        };
-        let answer = self
-            .engine
-            .evaluate(&policy.label, policy.limits, |store| {
-                let instance = pre.instantiate(&mut *store)?;
-                if let Err(reason) = instance
-                    .cloudai_policy_config()
-                    .call_configure(&mut *store, &policy.config)?
-                {
-                    return Ok(Err(reason));
-                }
-                Ok(Ok(instance.call_place(&mut *store, input.columns())?))
-            })?;
-        let answer = answer.map_err(PolicyError::ConfigRejected)?;
-        validate_placement(input, answer)
+        match &policy.prepared {
+            Prepared::Placement(pre) => {
+                let answer = self
+                    .engine
+                    .evaluate(&policy.label, policy.limits, |store| {
+                        let instance = pre.instantiate(&mut *store)?;
+                        if let Err(reason) = instance
+                            .cloudai_policy_config()
+                            .call_configure(&mut *store, &policy.config)?
+                        {
+                            return Ok(Err(reason));
+                        }
+                        Ok(Ok(instance.call_place(&mut *store, input.columns())?))
+                    })?;
+                let answer = answer.map_err(PolicyError::ConfigRejected)?;
+                validate_placement(input, answer)
+            }
+            Prepared::PlacementV2(pre) => {
+                let columns = input.columns_v2();
+                let answer = self
+                    .engine
+                    .evaluate(&policy.label, policy.limits, |store| {
+                        let instance = pre.instantiate(&mut *store)?;
+                        if let Err(reason) = instance
+                            .cloudai_policy_config()
+                            .call_configure(&mut *store, &policy.config)?
+                        {
+                            return Ok(Err(reason));
+                        }
+                        Ok(Ok(instance.call_place(&mut *store, &columns)?))
+                    })?;
+                let answer = answer.map_err(PolicyError::ConfigRejected)?;
+                validate_placement_v2(input, answer)
+            }
+            Prepared::Admission(_) | Prepared::AdmissionV2(_) => {
+                Err(PolicyError::WrongWorld(format!(
+                    "{} {} is an admission policy",
+                    policy.label.name, policy.label.version
+                )))
+            }
+        }
     }
 
     fn run_admit(
@@ -786,24 +823,42 @@ impl PolicyRuntime {
         task: &AdmissionTask,
         usage: &UserUsage,
     ) -> Result<AdmissionDecision> {
-        let Prepared::Admission(pre) = &policy.prepared else {
-            return Err(PolicyError::WrongWorld(format!(
-                "{} {} is a placement policy",
-                policy.label.name, policy.label.version
-            )));
+        let answer = match &policy.prepared {
+            Prepared::Admission(pre) => {
+                self.engine
+                    .evaluate(&policy.label, policy.limits, |store| {
+                        let instance = pre.instantiate(&mut *store)?;
+                        if let Err(reason) = instance
+                            .cloudai_policy_config()
+                            .call_configure(&mut *store, &policy.config)?
+                        {
+                            return Ok(Err(reason));
+                        }
+                        Ok(Ok(instance.call_admit(&mut *store, task, *usage)?))
+                    })?
+            }
+            Prepared::AdmissionV2(pre) => {
+                let (task, usage) = super::contract_v2::admission_v2(task, usage);
+                self.engine
+                    .evaluate(&policy.label, policy.limits, |store| {
+                        let instance = pre.instantiate(&mut *store)?;
+                        if let Err(reason) = instance
+                            .cloudai_policy_config()
+                            .call_configure(&mut *store, &policy.config)?
+                        {
+                            return Ok(Err(reason));
+                        }
+                        let decision = instance.call_admit(&mut *store, &task, usage)?;
+                        Ok(Ok(super::contract_v2::admission_decision_v1(decision)))
+                    })?
+            }
+            Prepared::Placement(_) | Prepared::PlacementV2(_) => {
+                return Err(PolicyError::WrongWorld(format!(
+                    "{} {} is a placement policy",
+                    policy.label.name, policy.label.version
+                )));
+            }
         };
-        let answer = self
-            .engine
-            .evaluate(&policy.label, policy.limits, |store| {
-                let instance = pre.instantiate(&mut *store)?;
-                if let Err(reason) = instance
-                    .cloudai_policy_config()
-                    .call_configure(&mut *store, &policy.config)?
-                {
-                    return Ok(Err(reason));
-                }
-                Ok(Ok(instance.call_admit(&mut *store, task, *usage)?))
-            })?;
         let decision = answer.map_err(PolicyError::ConfigRejected)?;
         Ok(match decision {
             AdmissionDecision::Reject(r) => AdmissionDecision::Reject(cut(r)),

@@ -159,6 +159,8 @@ pub(super) async fn requeue_or_fail(
                     task.max_attempts
                 ))),
                 clear_claim: true,
+                // A preemption of the lost attempt is moot: the task runs normally next time.
+                clear_preemption: task.preempted_by.is_some(),
                 ..TaskUpdate::default()
             },
         )

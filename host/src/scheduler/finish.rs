@@ -18,6 +18,11 @@ pub enum Finish {
     Cancelled {
         reason: String,
     },
+    /// Stopped for a preemption by the task `by`: queued again, the attempt counted, to run
+    /// once capacity allows.
+    Preempted {
+        by: String,
+    },
 }
 
 /// Moves a `running` task to its terminal state, releases every active assignment of the task
@@ -121,10 +126,25 @@ async fn finish_inner(
                 ..TaskUpdate::default()
             },
         ),
+        Finish::Preempted { by } => (
+            TaskStatus::Queued,
+            TaskUpdate {
+                status_reason: Some(Some(match attempt {
+                    Some(attempt) => {
+                        format!("preempted by {by} during attempt {attempt}; queued again")
+                    }
+                    None => format!("preempted by {by}; queued again"),
+                })),
+                clear_preemption: true,
+                ..TaskUpdate::default()
+            },
+        ),
     };
+    // A preempted task is not done: it has no completion time.
+    let completed_at = (to != TaskStatus::Queued).then(model::now);
     let update = TaskUpdate {
         started_at,
-        completed_at: Some(model::now()),
+        completed_at,
         clear_claim: true,
         ..update
     };

@@ -10,10 +10,13 @@ use std::time::Instant;
 use super::{Scheduler, chrono_duration, source_label};
 use crate::model::queue_order;
 use crate::model::{self, Task, TaskStatus, Worker};
-use crate::policy::{Decision, PlacementInput, PolicyKind};
+use crate::policy::{Decision, PlacementInput, PolicyKind, RunningTask};
 use crate::store::{
     PlannedPlacement, RoundPlan, RoundReadPlan, RoundReads, StoreError, TaskUpdate,
 };
+
+/// Most running tasks a round offers a preempting policy (the lowest priorities first).
+const PREEMPTIBLE_READ_LIMIT: u32 = 10_000;
 
 /// What one placement round did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -27,6 +30,8 @@ pub struct RoundStats {
     pub failed: usize,
     /// Lost a race (the capacity or the task was taken meanwhile): re-planned next round.
     pub lost: usize,
+    /// Running tasks asked to stop to make room for a task of the batch (a preempting policy).
+    pub preempted: usize,
 }
 
 impl RoundStats {
@@ -129,6 +134,17 @@ impl Scheduler {
             batch: tasks.len(),
             ..RoundStats::default()
         };
+        // A preempting policy (cloudai:policy@0.2.0) sees the running tasks it may stop; a
+        // task whose victims are still stopping waits for them instead of preempting more.
+        let may_preempt = self.policies.active_may_preempt();
+        let tasks = if may_preempt {
+            self.hold_preemptors(tasks, &mut stats).await
+        } else {
+            tasks
+        };
+        if tasks.is_empty() {
+            return Ok(stats);
+        }
         let workers = &view.workers;
         let fresh = |w: &Worker| w.last_heartbeat >= stale_before;
         let stale: Vec<Worker>;
@@ -144,6 +160,19 @@ impl Scheduler {
             let history = self.runtimes.get(&*self.store).await;
             input = input.with_runtime_history(tasks.iter().map(Task::task_type), &history);
         }
+        if may_preempt && let Some(highest) = tasks.iter().map(|t| t.priority).max() {
+            match self
+                .store
+                .preemptible_running(highest, PREEMPTIBLE_READ_LIMIT)
+                .await
+            {
+                Ok(running) => input = input.with_preemptible(&running, now),
+                // The round goes on without preemption.
+                Err(error) => {
+                    tracing::warn!(%error, "reading the tasks a preemption may stop")
+                }
+            }
+        }
         let policies = self.policies.clone();
         let read = started.elapsed();
         let (input, outcome) = tokio::task::spawn_blocking(move || {
@@ -157,8 +186,23 @@ impl Scheduler {
             .record_call(PolicyKind::Placement, outcome.elapsed);
 
         let mut assigned = Vec::new();
+        let mut preemptions = Vec::new();
         for (task, decision) in tasks.iter().zip(outcome.decisions) {
             match decision {
+                Decision::Preempt { worker, victims } => {
+                    let (Some(worker_id), Some(victims)) = (
+                        input.worker_id(worker),
+                        victims
+                            .iter()
+                            .map(|&v| input.running_task(v).cloned())
+                            .collect::<Option<Vec<_>>>(),
+                    ) else {
+                        // The runtime checks indices; this is only defence in depth.
+                        stats.lost += 1;
+                        continue;
+                    };
+                    preemptions.push((task, worker_id.to_string(), victims));
+                }
                 Decision::Assign { worker } => {
                     let Some(worker_id) = input.worker_id(worker) else {
                         // The runtime checks indices; this is only defence in depth.
@@ -250,7 +294,11 @@ impl Scheduler {
                 }
             }
         }
-        if stats.placed > 0 {
+        for (task, worker_id, victims) in preemptions {
+            stats.preempted += self.preempt(task, &worker_id, &victims).await;
+        }
+        if stats.placed > 0 || stats.preempted > 0 {
+            // Workers learn of their new work, and of what they must stop, from their poll.
             self.work.notify();
         }
         tracing::info!(
@@ -259,6 +307,7 @@ impl Scheduler {
             waited = stats.waited,
             failed = stats.failed,
             lost = stats.lost,
+            preempted = stats.preempted,
             workers = input.worker_count(),
             policy = %source_label(&outcome.source),
             policy_ms = outcome.elapsed.as_secs_f64() * 1000.0,
@@ -274,10 +323,89 @@ impl Scheduler {
                 waited: stats.waited,
                 unschedulable: stats.failed,
                 lost: stats.lost,
+                preempted: stats.preempted,
             },
             started.elapsed(),
         );
         Ok(stats)
+    }
+
+    /// Leaves out of the round the tasks whose victims are still stopping (a preemption
+    /// under way), each waiting with the reason; the rest of the batch in order.
+    async fn hold_preemptors(&self, tasks: Vec<Task>, stats: &mut RoundStats) -> Vec<Task> {
+        let in_progress = match self.store.preemptions_in_progress().await {
+            Ok(in_progress) if !in_progress.is_empty() => in_progress,
+            Ok(_) => return tasks,
+            Err(error) => {
+                // Without knowing, preempting again could stop more than needed: wait.
+                tracing::warn!(%error, "reading the preemptions in progress; no preemption this round");
+                return tasks;
+            }
+        };
+        let mut rest = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            match in_progress.get(&task.task_id) {
+                Some(&stopping) if stopping > 0 => {
+                    stats.waited += 1;
+                    let reason = format!(
+                        "waiting for {stopping} preempted task{} to stop",
+                        if stopping == 1 { "" } else { "s" }
+                    );
+                    self.wait(&task, reason).await;
+                }
+                _ => rest.push(task),
+            }
+        }
+        rest
+    }
+
+    /// Carries out a preemption decided for `task`: asks `victims` (running on `worker_id`)
+    /// to stop; their workers stop them (graceful stop, then kill) and each is queued again
+    /// with the attempt counted when its worker reports the stop (`finish`). The task waits
+    /// for them and is placed by a later round. Returns how many victims were asked to stop.
+    async fn preempt(&self, task: &Task, worker_id: &str, victims: &[RunningTask]) -> usize {
+        let targets: Vec<(String, u32)> = victims
+            .iter()
+            .map(|v| (v.task_id.clone(), v.attempt))
+            .collect();
+        let reason = format!(
+            "preempted by {} (priority {}) on {worker_id}",
+            task.task_id, task.priority
+        );
+        let marked = match self
+            .store
+            .request_preemption(&targets, &task.task_id, &reason)
+            .await
+        {
+            Ok(marked) => marked,
+            Err(error) => {
+                tracing::warn!(task_id = %task.task_id, worker_id, %error, "asking tasks to stop for a preemption; a later round decides again");
+                return 0;
+            }
+        };
+        for victim in &marked {
+            tracing::info!(
+                task_id = %victim,
+                worker_id,
+                preempted_by = %task.task_id,
+                priority = task.priority,
+                "task preempted: its worker stops it, then it is queued again"
+            );
+        }
+        if !marked.is_empty() {
+            let reason = format!(
+                "preempting {} lower-priority task{} on {worker_id}; placed once {} stopped",
+                marked.len(),
+                if marked.len() == 1 { "" } else { "s" },
+                if marked.len() == 1 {
+                    "it has"
+                } else {
+                    "they have"
+                },
+            );
+            self.wait(task, reason).await;
+        }
+        marked.len()
     }
 
     /// A claim token of its own for one round (or one unschedulable task): `<replica

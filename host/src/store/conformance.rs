@@ -29,8 +29,10 @@ use crate::model::{
 };
 
 mod placement;
+mod preemption;
 mod work;
 pub use placement::*;
+pub use preemption::*;
 pub use work::*;
 
 // ------------------------------------------------------------------------------------------
@@ -213,6 +215,8 @@ macro_rules! store_conformance_tests {
             round_reads_take_the_fair_batch_and_the_workers_only_when_there_is_work,
             worker_work_lists_the_assignments_that_hold_their_running_task,
             end_attempt_records_the_result_ends_the_task_and_releases_once,
+            preemption_asks_only_running_preemptible_tasks_to_stop_once,
+            a_preempted_task_ends_its_attempt_queued_again_and_released_once,
         );
         $crate::store_conformance_tests!(@shared $make;
             reserve_race_50_requests_for_room_for_7,
@@ -538,6 +542,8 @@ pub async fn insert_and_get_task_round_trips_every_field(store: &dyn Store) {
     task.lease_expires_at = Some(at_ms(60_000));
     task.idempotency_key = Some("key-1".to_string());
     task.updated_at = at_ms(10_001);
+    task.preemptible = false;
+    task.preempted_by = Some("task-preemptor".to_string());
 
     let outcome = store.insert_task(&task, None).await.unwrap();
     assert!(outcome.created);
@@ -1233,6 +1239,7 @@ pub async fn transition_from_wrong_state_is_conflict_and_not_applied(store: &dyn
         status_reason: Some(Some("must not be applied".to_string())),
         increment_attempts: true,
         clear_claim: true,
+        clear_preemption: true,
     };
 
     let task = sample_task(&unique_id("task"), &user);

@@ -211,6 +211,9 @@ pub struct TaskUpdate {
     pub increment_attempts: bool,
     /// Clears `owner` and `lease_expires_at`.
     pub clear_claim: bool,
+    /// Clears `cancel_requested` and `preempted_by`: a preempted task queued again runs
+    /// normally next time.
+    pub clear_preemption: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -421,6 +424,33 @@ pub trait Store: Send + Sync + 'static {
     /// Marks a `running` task as asked to stop (`cancel_requested`). `Conflict` when the task
     /// is not running.
     async fn request_cancel(&self, task_id: &str) -> Result<Task>;
+
+    // ----- preemption -----
+
+    /// Asks running tasks to stop for a preemption, each in one conditional update: each of
+    /// `victims` (`(task_id, attempt)`) still `running` at that attempt, preemptible and not
+    /// asked to stop already gets `cancel_requested`, `preempted_by` = `by` and
+    /// `status_reason` = `reason`. Returns the ids it marked (the others finished, moved on,
+    /// opted out or are being stopped already).
+    async fn request_preemption(
+        &self,
+        victims: &[(String, u32)],
+        by: &str,
+        reason: &str,
+    ) -> Result<Vec<String>>;
+
+    /// What a preempting placement policy may stop: the `running` tasks that are preemptible,
+    /// not asked to stop, and of a priority below `below_priority`, each with the unreleased
+    /// assignment it runs under; lowest priority first, at most `limit`.
+    async fn preemptible_running(
+        &self,
+        below_priority: i32,
+        limit: u32,
+    ) -> Result<Vec<(Task, Assignment)>>;
+
+    /// The preemptions under way: for each task some running tasks are being stopped for
+    /// (`preempted_by`), how many of them are still running.
+    async fn preemptions_in_progress(&self) -> Result<BTreeMap<String, u32>>;
 
     // ----- workers -----
 

@@ -306,7 +306,7 @@ const TASK_COLUMNS: &str = "task_id, user_id, docker_image, command, req_cpu, re
     req_storage, req_gpu, status, created_at, started_at, completed_at, priority, labels, env, \
     timeout_s, max_attempts, attempts, exit_code, error, status_reason, cancel_requested, owner, \
     lease_expires_at, idempotency_key, updated_at, placed_by, array_id, array_index, after, \
-    awaiting_dependencies";
+    awaiting_dependencies, preemptible, preempted_by";
 
 const WORKER_COLUMNS: &str = "worker_id, worker_ip, total_cpu, total_memory, total_storage, \
     total_gpu, allocated_cpu, allocated_memory, allocated_storage, allocated_gpu, available_cpu, \
@@ -340,6 +340,8 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
         "awaiting_dependencies",
         "INTEGER NOT NULL DEFAULT 0",
     ),
+    ("TASKS", "preemptible", "INTEGER NOT NULL DEFAULT 1"),
+    ("TASKS", "preempted_by", "TEXT"),
 ];
 
 /// Indexes on [`ADDED_COLUMNS`], created once the columns exist.
@@ -357,6 +359,9 @@ DROP INDEX IF EXISTS TASKS_awaiting;
 CREATE INDEX IF NOT EXISTS TASKS_awaiting_by_after ON TASKS (after, task_id)
     WHERE status = 'pending' AND awaiting_dependencies = 1;
 DROP INDEX IF EXISTS TASKS_pending;
+-- The preemptions under way (running tasks being stopped for another): a handful at most.
+CREATE INDEX IF NOT EXISTS TASKS_preempted ON TASKS (preempted_by)
+    WHERE preempted_by IS NOT NULL;
 ";
 
 /// Adds the [`ADDED_COLUMNS`] a database lacks.
@@ -829,6 +834,8 @@ fn task_at(row: &Row<'_>, at: usize) -> rusqlite::Result<Task> {
             .transpose()?
             .unwrap_or_default(),
         awaiting_dependencies: row.get(at + 30)?,
+        preemptible: row.get(at + 31)?,
+        preempted_by: row.get(at + 32)?,
     })
 }
 
@@ -977,7 +984,7 @@ fn insert_task_row(conn: &Connection, task: &Task) -> Result<()> {
     conn.prepare_cached(&format!(
         "INSERT INTO TASKS ({TASK_COLUMNS}) VALUES \
          (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
-          ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)"
+          ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33)"
     ))
     .and_then(|mut stmt| {
         stmt.execute(params![
@@ -1012,6 +1019,8 @@ fn insert_task_row(conn: &Connection, task: &Task) -> Result<()> {
             task.array_index,
             after,
             task.awaiting_dependencies,
+            task.preemptible,
+            task.preempted_by,
         ])
     })
     .map(drop)
@@ -1215,7 +1224,7 @@ fn transition_sync(
         return Err(task_not_applied(conn, task_id, "(no state)".to_string()));
     }
     let placeholders = (0..from.len())
-        .map(|i| format!("?{}", 11 + i))
+        .map(|i| format!("?{}", 12 + i))
         .collect::<Vec<_>>()
         .join(", ");
     // `None` leaves a column alone: COALESCE keeps the stored value.
@@ -1228,12 +1237,14 @@ fn transition_sync(
              status_reason = CASE WHEN ?7 THEN ?8 ELSE status_reason END, \
              attempts = attempts + ?9, \
              owner = CASE WHEN ?10 THEN NULL ELSE owner END, \
-             lease_expires_at = CASE WHEN ?10 THEN NULL ELSE lease_expires_at END \
+             lease_expires_at = CASE WHEN ?10 THEN NULL ELSE lease_expires_at END, \
+             cancel_requested = CASE WHEN ?11 THEN 0 ELSE cancel_requested END, \
+             preempted_by = CASE WHEN ?11 THEN NULL ELSE preempted_by END \
          WHERE task_id = ?{} AND status IN ({placeholders}) \
            AND (?{} IS NULL OR attempts = ?{})",
-        11 + from.len(),
         12 + from.len(),
-        12 + from.len()
+        13 + from.len(),
+        13 + from.len()
     );
     let mut args: Vec<Value> = vec![
         Value::Text(to.as_str().to_string()),
@@ -1250,6 +1261,7 @@ fn transition_sync(
             .map_or(Value::Null, Value::Text),
         Value::Integer(i64::from(update.increment_attempts)),
         Value::Integer(i64::from(update.clear_claim)),
+        Value::Integer(i64::from(update.clear_preemption)),
     ];
     args.extend(from.iter().map(|s| Value::Text(s.as_str().to_string())));
     args.push(Value::Text(task_id.to_string()));
@@ -1331,6 +1343,78 @@ fn request_cancel_sync(conn: &Connection, task_id: &str) -> Result<Task> {
         return Err(task_not_applied(conn, task_id, "running".to_string()));
     }
     require_task(conn, task_id)
+}
+
+fn request_preemption_sync(
+    conn: &Connection,
+    victims: &[(String, u32)],
+    by: &str,
+    reason: &str,
+) -> Result<Vec<String>> {
+    let at = date_text(&now());
+    let mut marked = Vec::with_capacity(victims.len());
+    for (task_id, attempt) in victims {
+        let changed = conn
+            .prepare_cached(
+                "UPDATE TASKS SET cancel_requested = 1, preempted_by = ?1, status_reason = ?2, \
+                     updated_at = ?3 \
+                 WHERE task_id = ?4 AND status = 'running' AND attempts = ?5 \
+                   AND preemptible = 1 AND cancel_requested = 0",
+            )
+            .and_then(|mut stmt| stmt.execute(params![by, reason, at, task_id, attempt]))
+            .map_err(sql_err("asking a task to stop for a preemption"))?;
+        if changed == 1 {
+            marked.push(task_id.clone());
+        }
+    }
+    Ok(marked)
+}
+
+/// The running tasks a preemption may name, each with the assignment it runs under, in ONE
+/// query (the running tasks are few next to the rest; the assignment by its task's index).
+fn preemptible_running_sync(
+    conn: &Connection,
+    below_priority: i32,
+    limit: u32,
+) -> Result<Vec<(Task, Assignment)>> {
+    let prefixed = |columns: &str, table: &str| {
+        columns
+            .split(',')
+            .map(|c| format!("{table}.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let sql = format!(
+        "SELECT {}, {} FROM TASKS t JOIN ASSIGNMENTS a ON a.task_id = t.task_id \
+         WHERE t.status = 'running' AND t.priority < ?1 AND t.preemptible = 1 \
+           AND t.cancel_requested = 0 AND a.released = 0 AND a.attempt = t.attempts \
+         ORDER BY t.priority, a.assigned_at DESC, t.task_id LIMIT ?2",
+        prefixed(TASK_COLUMNS, "t"),
+        prefixed(ASSIGNMENT_COLUMNS, "a"),
+    );
+    let task_columns = TASK_COLUMNS.split(',').count();
+    let rows: Vec<(Task, Assignment)> = conn
+        .prepare_cached(&sql)
+        .and_then(|mut stmt| {
+            stmt.query_map(params![below_priority, limit], |row| {
+                Ok((task_at(row, 0)?, assignment_at(row, task_columns)?))
+            })?
+            .collect()
+        })
+        .map_err(sql_err("reading the tasks a preemption may stop"))?;
+    Ok(rows.into_iter().filter(|(t, a)| a.holds(t)).collect())
+}
+
+fn preemptions_in_progress_sync(conn: &Connection) -> Result<BTreeMap<String, u32>> {
+    conn.prepare_cached(
+        "SELECT preempted_by, COUNT(*) FROM TASKS INDEXED BY TASKS_preempted \
+         WHERE preempted_by IS NOT NULL AND status = 'running' GROUP BY preempted_by",
+    )
+    .and_then(|mut stmt| {
+        stmt.query_map([], |row| Ok((row.get::<_, String>(0)?, get_u32(row, 1)?)))?
+            .collect()
+    })
+    .map_err(sql_err("reading the preemptions in progress"))
 }
 
 fn insert_worker_sync(conn: &Connection, w: &Worker) -> Result<()> {
@@ -2521,6 +2605,38 @@ impl Store for SqliteStore {
         self.call("requesting a task's cancellation", move |conn| {
             request_cancel_sync(conn, &task_id)
         })
+        .await
+    }
+
+    async fn request_preemption(
+        &self,
+        victims: &[(String, u32)],
+        by: &str,
+        reason: &str,
+    ) -> Result<Vec<String>> {
+        let (victims, by, reason) = (victims.to_vec(), by.to_string(), reason.to_string());
+        self.call("asking tasks to stop for a preemption", move |conn| {
+            request_preemption_sync(conn, &victims, &by, &reason)
+        })
+        .await
+    }
+
+    async fn preemptible_running(
+        &self,
+        below_priority: i32,
+        limit: u32,
+    ) -> Result<Vec<(Task, Assignment)>> {
+        self.call("reading the tasks a preemption may stop", move |conn| {
+            preemptible_running_sync(conn, below_priority, limit)
+        })
+        .await
+    }
+
+    async fn preemptions_in_progress(&self) -> Result<BTreeMap<String, u32>> {
+        self.call(
+            "reading the preemptions in progress",
+            preemptions_in_progress_sync,
+        )
         .await
     }
 

@@ -505,6 +505,12 @@ fn placement_rows(input: &PlacementInput, decisions: &[Decision]) -> Vec<TaskDec
                     worker_id: None,
                     reason: Some(reason.clone()),
                 },
+                Decision::Preempt { worker, victims } => TaskDecision {
+                    task_id,
+                    decision: "preempt",
+                    worker_id: Some(input.worker_id(*worker).unwrap_or("?").to_string()),
+                    reason: Some(format!("stops {}", input.victim_ids(victims).join(", "))),
+                },
             }
         })
         .collect()

@@ -6,10 +6,16 @@
 //! contract passes them), the output is one [`Decision`] per task, so every policy's logic is
 //! unit-tested natively. The `placement_component!` and `admission_component!` macros are the
 //! WebAssembly glue, written once for every policy crate.
+//!
+//! Contract 0.2.0 adds preemption: [`place_preempting`] (in `preempt`) may answer
+//! [`PreemptingDecision::Preempt`], and `preempting_placement_component!` is its glue against
+//! `wit/0.2.0`. The 0.1.0 API ([`Decision`], [`place`], `placement_component!`) is unchanged.
 
 mod admission;
+mod preempt;
 
 pub use admission::{Admission, AdmissionPolicy, Submission, Usage};
+pub use preempt::{PreemptingDecision, Running, place_preempting};
 
 /// The four resources, in the order used by every `[f64; 4]` in this crate.
 pub const RESOURCES: [Resource; 4] = [
@@ -371,7 +377,6 @@ pub fn describe_request(request: &[f64; 4]) -> String {
     }
 }
 
-/// Builds column slices from rows in tests, here and in the policy crates.
 /// The whole WebAssembly glue of a placement policy: the WIT bindings of the `placement` world
 /// (generated in the calling crate, from `../../wit`), the column views handed to `$place`
 /// (a `fn(&Workers, &Tasks) -> Vec<Decision>`), the exports (`configure` accepts no settings),
@@ -534,9 +539,10 @@ macro_rules! placement_component {
     };
 }
 
+/// Builds column slices from rows in tests, here and in the policy crates.
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing {
-    use super::{Decision, Ranking, Tasks, Workers};
+    use super::{Decision, PreemptingDecision, Ranking, Running, Tasks, Workers};
 
     /// A worker as a test writes it: totals and free capacity, `[cpu, memory, storage, gpu]`.
     pub struct W {
@@ -556,24 +562,80 @@ pub mod testing {
         W { total, free }
     }
 
+    /// A running task as a test writes it (one entry of [`Running`]).
+    pub struct RunningTask {
+        /// The worker's index.
+        pub worker: u32,
+        /// What it holds, `[cpu, memory, storage, gpu]`.
+        pub request: [f64; 4],
+        /// Its priority.
+        pub priority: i32,
+        /// Seconds since it was placed.
+        pub age_s: f64,
+    }
+
+    /// A task running on `worker`, holding `request`.
+    pub fn running(worker: u32, request: [f64; 4], priority: i32, age_s: f64) -> RunningTask {
+        RunningTask {
+            worker,
+            request,
+            priority,
+            age_s,
+        }
+    }
+
+    /// Four columns (one per resource) from rows.
+    fn columns<T>(rows: &[T], f: impl Fn(&T) -> [f64; 4]) -> [Vec<f64>; 4] {
+        [0, 1, 2, 3].map(|r| rows.iter().map(|x| f(x)[r]).collect())
+    }
+
+    fn views(c: &[Vec<f64>; 4]) -> [&[f64]; 4] {
+        [&c[0], &c[1], &c[2], &c[3]]
+    }
+
     /// Runs `ranking` through [`super::place`] on row-shaped workers and task requests.
     pub fn run(ranking: &impl Ranking, workers: &[W], tasks: &[[f64; 4]]) -> Vec<Decision> {
-        let col = |f: &dyn Fn(&W) -> [f64; 4], r: usize| -> Vec<f64> {
-            workers.iter().map(|w| f(w)[r]).collect()
-        };
-        let total: Vec<Vec<f64>> = (0..4).map(|r| col(&|w| w.total, r)).collect();
-        let free: Vec<Vec<f64>> = (0..4).map(|r| col(&|w| w.free, r)).collect();
-        let req: Vec<Vec<f64>> = (0..4)
-            .map(|r| tasks.iter().map(|t| t[r]).collect())
-            .collect();
+        let (total, free) = (columns(workers, |w| w.total), columns(workers, |w| w.free));
+        let req = columns(tasks, |t| *t);
         let workers = Workers {
-            total: [&total[0], &total[1], &total[2], &total[3]],
-            available: [&free[0], &free[1], &free[2], &free[3]],
+            total: views(&total),
+            available: views(&free),
         };
         let tasks = Tasks {
-            request: [&req[0], &req[1], &req[2], &req[3]],
+            request: views(&req),
         };
         super::place(&workers, &tasks, ranking)
+    }
+
+    /// Runs `ranking` through [`super::place_preempting`] on row-shaped workers, tasks
+    /// (request, priority) and running tasks.
+    pub fn run_preempting(
+        ranking: &impl Ranking,
+        workers: &[W],
+        tasks: &[([f64; 4], i32)],
+        running: &[RunningTask],
+    ) -> Vec<PreemptingDecision> {
+        let (total, free) = (columns(workers, |w| w.total), columns(workers, |w| w.free));
+        let req = columns(tasks, |t| t.0);
+        let priority: Vec<i32> = tasks.iter().map(|t| t.1).collect();
+        let holds = columns(running, |r| r.request);
+        let worker: Vec<u32> = running.iter().map(|r| r.worker).collect();
+        let running_priority: Vec<i32> = running.iter().map(|r| r.priority).collect();
+        let age: Vec<f64> = running.iter().map(|r| r.age_s).collect();
+        let workers = Workers {
+            total: views(&total),
+            available: views(&free),
+        };
+        let tasks = Tasks {
+            request: views(&req),
+        };
+        let running = Running {
+            worker: &worker,
+            request: views(&holds),
+            priority: &running_priority,
+            age_s: &age,
+        };
+        super::place_preempting(&workers, &tasks, &priority, &running, ranking)
     }
 }
 

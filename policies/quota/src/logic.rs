@@ -4,20 +4,23 @@
 //!
 //! ```json
 //! {"default": {"max_running_tasks": 10, "max_queued_and_running_tasks": 50,
-//!              "max_cpu": 32, "max_memory": 128, "max_storage": 1000, "max_gpu": 2},
-//!  "users": {"alice": {"max_gpu": 4}, "ci-bot": {"max_cpu": null}}}
+//!              "max_cpu": 32, "max_memory": 128, "max_storage": 1000, "max_gpu": 2,
+//!              "max_priority": 10},
+//!  "users": {"alice": {"max_gpu": 4}, "ci-bot": {"max_cpu": null, "max_priority": -5}}}
 //! ```
 //!
 //! `default` applies to every user; an entry of `users` overrides it key by key for one user
 //! (a key it leaves out keeps the default, `null` lifts that cap for the user). Resource caps
 //! are in CPU cores, GB of memory, GB of storage and GPU devices, and bound what the user's
-//! running tasks reserve together; task caps are counts. Unknown keys and negative,
-//! fractional (for counts) or non-numeric values are refused at `configure`, so that a typo
-//! cannot silently cap nothing.
+//! running tasks reserve together; task caps are counts; `max_priority` is the highest task
+//! priority the user may submit (any whole number, negative included). Unknown keys and
+//! negative (except `max_priority`), fractional (for counts and `max_priority`) or
+//! non-numeric values are refused at `configure`, so that a typo cannot silently cap nothing.
 //!
 //! Decision on a task of user U:
 //! - **reject** when it can never be admitted: its request alone exceeds one of U's resource
-//!   caps, or one of U's task caps is 0; the reason names each such cap;
+//!   caps, one of U's task caps is 0, or its priority exceeds U's `max_priority`; the reason
+//!   names each such cap;
 //! - **defer** when it fits the caps but not on top of U's current usage: U already runs
 //!   `max_running_tasks` tasks, or has `max_queued_and_running_tasks` tasks queued or running,
 //!   or what U's running tasks reserve plus this request exceeds a resource cap (checked for
@@ -45,6 +48,8 @@ pub struct Caps {
     pub max_queued_and_running_tasks: Option<u32>,
     /// Most resources reserved by running tasks together, per resource in [`RESOURCES`] order.
     pub max: [Option<f64>; 4],
+    /// Highest priority a task may have.
+    pub max_priority: Option<i32>,
 }
 
 /// The configured quota: the default caps and per-user overrides (already merged).
@@ -72,6 +77,8 @@ struct CapsConfig {
     max_storage: Option<Option<f64>>,
     #[serde(default, deserialize_with = "present")]
     max_gpu: Option<Option<f64>>,
+    #[serde(default, deserialize_with = "present")]
+    max_priority: Option<Option<f64>>,
 }
 
 /// Tells a key written as `null` (lift the cap) from a key left out (keep the default).
@@ -109,6 +116,23 @@ impl CapsConfig {
             Some(Some(n)) if n.is_finite() && n >= 0.0 => Ok(Some(n)),
             Some(Some(_)) => Err(error(format!("{path}.{key} must be a number >= 0"))),
         };
+        let priority = |key: &str, v: Option<Option<f64>>, base: Option<i32>| match v {
+            None => Ok(base),
+            Some(None) => Ok(None),
+            Some(Some(n))
+                if n.is_finite()
+                    && n.fract() == 0.0
+                    && n >= f64::from(i32::MIN)
+                    && n <= f64::from(i32::MAX) =>
+            {
+                Ok(Some(n as i32))
+            }
+            Some(Some(_)) => Err(error(format!(
+                "{path}.{key} must be a whole number from {} to {}",
+                i32::MIN,
+                i32::MAX
+            ))),
+        };
         Ok(Caps {
             max_running_tasks: count(
                 "max_running_tasks",
@@ -126,6 +150,7 @@ impl CapsConfig {
                 amount("max_storage", self.max_storage, base.max[2])?,
                 amount("max_gpu", self.max_gpu, base.max[3])?,
             ],
+            max_priority: priority("max_priority", self.max_priority, base.max_priority)?,
         })
     }
 }
@@ -157,13 +182,19 @@ impl AdmissionPolicy for Quota {
     }
 
     fn admit(&self, task: &Submission<'_>, usage: &Usage) -> Admission {
-        admit(self, task.user, &task.request, usage)
+        admit(self, task.user, task.priority, &task.request, usage)
     }
 }
 
-/// Decides on a task of `user` requesting `request` (`[cpu, memory, storage, gpu]`), given
-/// the user's current `usage`.
-pub fn admit(quota: &Quota, user: &str, request: &[f64; 4], usage: &Usage) -> Admission {
+/// Decides on a task of `user` with `priority` requesting `request` (`[cpu, memory, storage,
+/// gpu]`), given the user's current `usage`.
+pub fn admit(
+    quota: &Quota,
+    user: &str,
+    priority: i32,
+    request: &[f64; 4],
+    usage: &Usage,
+) -> Admission {
     let caps = quota.caps_for(user);
     let counts = [
         ("max_running_tasks", caps.max_running_tasks),
@@ -191,6 +222,13 @@ pub fn admit(quota: &Quota, user: &str, request: &[f64; 4], usage: &Usage) -> Ad
                 res.describe_short(max)
             ));
         }
+    }
+    if let Some(max) = caps.max_priority
+        && priority > max
+    {
+        never.push(format!(
+            "priority {priority} exceeds the quota max_priority of {max} for user {user}"
+        ));
     }
     if !never.is_empty() {
         return Admission::Reject(never.join("; "));
@@ -272,6 +310,7 @@ mod tests {
                 max_running_tasks: Some(3),
                 max_queued_and_running_tasks: Some(5),
                 max: [Some(8.0), Some(32.0), None, Some(0.0)],
+                max_priority: None,
             }
         );
         // alice: GPU raised, CPU lifted by null, the rest inherited.
@@ -281,6 +320,7 @@ mod tests {
                 max_running_tasks: Some(3),
                 max_queued_and_running_tasks: Some(5),
                 max: [None, Some(32.0), None, Some(2.0)],
+                max_priority: None,
             }
         );
         assert_eq!(q.caps_for("bob").max_running_tasks, Some(1));
@@ -292,7 +332,7 @@ mod tests {
     fn accepts_within_every_cap_up_to_the_limit() {
         let q = Quota::from_json(CONFIG).unwrap();
         assert_eq!(
-            admit(&q, "carol", &[2.0, 8.0, 100.0, 0.0], &idle()),
+            admit(&q, "carol", 0, &[2.0, 8.0, 100.0, 0.0], &idle()),
             Admission::Accept
         );
         // 6 + 2 = 8 CPU reserved: exactly the cap.
@@ -300,13 +340,14 @@ mod tests {
             admit(
                 &q,
                 "carol",
+                0,
                 &[2.0, 8.0, 0.0, 0.0],
                 &usage(2, 2, [6.0, 16.0, 0.0, 0.0])
             ),
             Admission::Accept
         );
         assert_eq!(
-            admit(&q, "alice", &[64.0, 1.0, 0.0, 2.0], &idle()),
+            admit(&q, "alice", 0, &[64.0, 1.0, 0.0, 2.0], &idle()),
             Admission::Accept
         );
     }
@@ -315,7 +356,7 @@ mod tests {
     fn rejects_a_request_that_alone_exceeds_a_cap_naming_it() {
         let q = Quota::from_json(CONFIG).unwrap();
         assert_eq!(
-            admit(&q, "carol", &[16.0, 64.0, 0.0, 0.0], &idle()),
+            admit(&q, "carol", 0, &[16.0, 64.0, 0.0, 0.0], &idle()),
             Admission::Reject(
                 "cpu request of 16 CPU exceeds the quota max_cpu of 8 CPU for user carol; \
                  memory request of 64 GB exceeds the quota max_memory of 32 GB for user carol"
@@ -323,7 +364,7 @@ mod tests {
             )
         );
         assert_eq!(
-            admit(&q, "carol", &[1.0, 1.0, 0.0, 1.0], &idle()),
+            admit(&q, "carol", 0, &[1.0, 1.0, 0.0, 1.0], &idle()),
             Admission::Reject(
                 "gpu request of 1 GPU exceeds the quota max_gpu of 0 GPU for user carol".into()
             )
@@ -331,12 +372,12 @@ mod tests {
         // Rejection wins over deferral: usage dropping would not help.
         let busy = usage(3, 2, [8.0, 32.0, 0.0, 0.0]);
         assert!(matches!(
-            admit(&q, "carol", &[9.0, 1.0, 0.0, 0.0], &busy),
+            admit(&q, "carol", 0, &[9.0, 1.0, 0.0, 0.0], &busy),
             Admission::Reject(_)
         ));
         let zero = Quota::from_json(r#"{"default": {"max_running_tasks": 0}}"#).unwrap();
         assert_eq!(
-            admit(&zero, "carol", &[1.0, 1.0, 0.0, 0.0], &idle()),
+            admit(&zero, "carol", 0, &[1.0, 1.0, 0.0, 0.0], &idle()),
             Admission::Reject("quota max_running_tasks for user carol is 0".into())
         );
     }
@@ -348,6 +389,7 @@ mod tests {
             admit(
                 &q,
                 "carol",
+                0,
                 &[4.0, 1.0, 0.0, 0.0],
                 &usage(2, 0, [6.0, 4.0, 0.0, 0.0])
             ),
@@ -358,14 +400,20 @@ mod tests {
             )
         );
         assert_eq!(
-            admit(&q, "bob", &[1.0, 1.0, 0.0, 0.0], &usage(1, 0, [1.0; 4])),
+            admit(&q, "bob", 0, &[1.0, 1.0, 0.0, 0.0], &usage(1, 0, [1.0; 4])),
             Admission::Defer(
                 "quota max_running_tasks = 1 for user bob: 1 running; admitted once usage drops"
                     .into()
             )
         );
         assert_eq!(
-            admit(&q, "carol", &[1.0, 1.0, 0.0, 0.0], &usage(1, 4, [1.0; 4])),
+            admit(
+                &q,
+                "carol",
+                0,
+                &[1.0, 1.0, 0.0, 0.0],
+                &usage(1, 4, [1.0; 4])
+            ),
             Admission::Defer(
                 "quota max_queued_and_running_tasks = 5 for user carol: 4 queued + 1 running; \
                  admitted once usage drops"
@@ -377,6 +425,7 @@ mod tests {
             admit(
                 &q,
                 "carol",
+                0,
                 &[1.0, 1.0, 0.0, 0.0],
                 &usage(1, 0, [1.0, 1.0, 0.0, 2.0])
             ),
@@ -386,6 +435,7 @@ mod tests {
         let Admission::Defer(reason) = admit(
             &q,
             "carol",
+            0,
             &[1.0, 1.0, 0.0, 0.0],
             &usage(3, 2, [8.0, 32.0, 0.0, 0.0]),
         ) else {
@@ -407,9 +457,120 @@ mod tests {
         assert_eq!(q, Quota::default());
         let huge = usage(u32::MAX, u32::MAX, [1e9; 4]);
         assert_eq!(
-            admit(&q, "anyone", &[1e6, 1e6, 1e6, 1e3], &huge),
+            admit(&q, "anyone", 0, &[1e6, 1e6, 1e6, 1e3], &huge),
             Admission::Accept
         );
+    }
+
+    const PRIORITY: &str = r#"{
+        "default": {"max_priority": 10, "max_cpu": 8},
+        "users": {"bob": {"max_priority": -5}, "ci-bot": {"max_priority": null},
+                  "alice": {"max_cpu": 16}}
+    }"#;
+
+    #[test]
+    fn rejects_a_priority_above_the_default_max_priority() {
+        let q = Quota::from_json(PRIORITY).unwrap();
+        assert_eq!(q.default.max_priority, Some(10));
+        // alice overrides another key only: she keeps the default max_priority.
+        assert_eq!(q.caps_for("alice").max_priority, Some(10));
+        for user in ["carol", "alice"] {
+            assert_eq!(
+                admit(&q, user, 10, &[1.0, 1.0, 0.0, 0.0], &idle()),
+                Admission::Accept
+            );
+            assert_eq!(
+                admit(&q, user, -100, &[1.0, 1.0, 0.0, 0.0], &idle()),
+                Admission::Accept
+            );
+            assert_eq!(
+                admit(&q, user, 50, &[1.0, 1.0, 0.0, 0.0], &idle()),
+                Admission::Reject(format!(
+                    "priority 50 exceeds the quota max_priority of 10 for user {user}"
+                ))
+            );
+        }
+        // Named with every other cap no drop in usage can cure.
+        assert_eq!(
+            admit(&q, "carol", 11, &[9.0, 1.0, 0.0, 0.0], &idle()),
+            Admission::Reject(
+                "cpu request of 9 CPU exceeds the quota max_cpu of 8 CPU for user carol; \
+                 priority 11 exceeds the quota max_priority of 10 for user carol"
+                    .into()
+            )
+        );
+    }
+
+    #[test]
+    fn a_user_entry_overrides_or_lifts_max_priority() {
+        let q = Quota::from_json(PRIORITY).unwrap();
+        assert_eq!(q.caps_for("bob").max_priority, Some(-5));
+        assert_eq!(
+            admit(&q, "bob", -5, &[1.0, 1.0, 0.0, 0.0], &idle()),
+            Admission::Accept
+        );
+        assert_eq!(
+            admit(&q, "bob", 0, &[1.0, 1.0, 0.0, 0.0], &idle()),
+            Admission::Reject(
+                "priority 0 exceeds the quota max_priority of -5 for user bob".into()
+            )
+        );
+        // null lifts it: any priority, the other default caps kept.
+        assert_eq!(q.caps_for("ci-bot").max_priority, None);
+        assert_eq!(q.caps_for("ci-bot").max[0], Some(8.0));
+        assert_eq!(
+            admit(&q, "ci-bot", i32::MAX, &[1.0, 1.0, 0.0, 0.0], &idle()),
+            Admission::Accept
+        );
+        // No max_priority configured: any priority.
+        let none = Quota::from_json(r#"{"default": {"max_cpu": 8}}"#).unwrap();
+        assert_eq!(
+            admit(&none, "carol", i32::MAX, &[1.0, 1.0, 0.0, 0.0], &idle()),
+            Admission::Accept
+        );
+    }
+
+    #[test]
+    fn the_component_policy_checks_the_task_priority() {
+        use cloudai_policy_kit::{AdmissionPolicy, Submission};
+        let q = <Quota as AdmissionPolicy>::configure(PRIORITY).unwrap();
+        let task = |priority| Submission {
+            id: "t",
+            user: "bob",
+            image: "busybox",
+            request: [1.0, 1.0, 0.0, 0.0],
+            priority,
+            labels: &[],
+            attempts: 0,
+            age_s: 0.0,
+        };
+        assert_eq!(q.admit(&task(-5), &idle()), Admission::Accept);
+        assert_eq!(
+            q.admit(&task(50), &idle()),
+            Admission::Reject(
+                "priority 50 exceeds the quota max_priority of -5 for user bob".into()
+            )
+        );
+    }
+
+    #[test]
+    fn refuses_a_max_priority_that_is_not_a_whole_number() {
+        let err = |config: &str| Quota::from_json(config).unwrap_err();
+        let bounds = "must be a whole number from -2147483648 to 2147483647";
+        assert_eq!(
+            err(r#"{"default": {"max_priority": 2.5}}"#),
+            format!("quota configuration: default.max_priority {bounds}")
+        );
+        assert_eq!(
+            err(r#"{"users": {"bob": {"max_priority": 3e9}}}"#),
+            format!("quota configuration: users.bob.max_priority {bounds}")
+        );
+        assert!(err(r#"{"default": {"max_priority": "10"}}"#).starts_with("quota configuration:"));
+        assert!(err(r#"{"default": {"max_priority": 1e400}}"#).starts_with("quota configuration:"));
+        assert!(err(r#"{"default": {"max_priorty": 1}}"#).contains("unknown field `max_priorty`"));
+        // Negative and extreme whole numbers are caps like any other.
+        let q = Quota::from_json(r#"{"default": {"max_priority": -2147483648}}"#).unwrap();
+        assert_eq!(q.default.max_priority, Some(i32::MIN));
     }
 
     #[test]

@@ -6,7 +6,11 @@ use super::{insert, sample_task, unique_id, worker_with};
 use crate::model::{Resources, Task, TaskStatus, now};
 use crate::store::{PlannedPlacement, RoundPlan, Store, TaskUpdate};
 
-async fn place(store: &dyn Store, worker_id: &str, user: &str) -> (Task, crate::model::Assignment) {
+pub(super) async fn place(
+    store: &dyn Store,
+    worker_id: &str,
+    user: &str,
+) -> (Task, crate::model::Assignment) {
     let mut task = sample_task(&unique_id("task"), user);
     task.status = TaskStatus::Queued;
     (

@@ -93,6 +93,8 @@ pub(super) fn task_to_document(t: &Task) -> Result<Document> {
         d.insert("after", after);
     }
     d.insert("awaiting_dependencies", t.awaiting_dependencies);
+    d.insert("preemptible", t.preemptible);
+    insert_opt(&mut d, "preempted_by", t.preempted_by.as_deref());
     Ok(d)
 }
 
@@ -134,6 +136,8 @@ pub(super) fn task_from_document(d: &Document) -> Result<Task> {
                 .map_err(|e| r.invalid("after", e.to_string()))?,
         },
         awaiting_dependencies: r.opt_bool("awaiting_dependencies")?.unwrap_or(false),
+        preemptible: r.opt_bool("preemptible")?.unwrap_or(true),
+        preempted_by: r.opt_string("preempted_by")?,
         // Documents written by other tools may lack our addition: fall back to creation.
         updated_at: match r.opt_date("updated_at")? {
             Some(at) => at,

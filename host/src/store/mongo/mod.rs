@@ -86,6 +86,7 @@ mod events;
 mod leases;
 mod logs;
 mod placement;
+mod preemption;
 mod results;
 mod schema;
 mod tasks;
@@ -407,6 +408,27 @@ impl Store for MongoStore {
 
     async fn request_cancel(&self, task_id: &str) -> Result<Task> {
         self.request_cancel_impl(task_id).await
+    }
+
+    async fn request_preemption(
+        &self,
+        victims: &[(String, u32)],
+        by: &str,
+        reason: &str,
+    ) -> Result<Vec<String>> {
+        self.request_preemption_impl(victims, by, reason).await
+    }
+
+    async fn preemptible_running(
+        &self,
+        below_priority: i32,
+        limit: u32,
+    ) -> Result<Vec<(Task, Assignment)>> {
+        self.preemptible_running_impl(below_priority, limit).await
+    }
+
+    async fn preemptions_in_progress(&self) -> Result<BTreeMap<String, u32>> {
+        self.preemptions_in_progress_impl().await
     }
 
     async fn insert_worker(&self, worker: &Worker) -> Result<()> {
@@ -819,6 +841,8 @@ native_conformance_cases!(
     place_round_of_nothing_does_nothing,
     round_reads_take_the_fair_batch_and_the_workers_only_when_there_is_work,
     end_attempt_records_the_result_ends_the_task_and_releases_once,
+    preemption_asks_only_running_preemptible_tasks_to_stop_once,
+    a_preempted_task_ends_its_attempt_queued_again_and_released_once,
 );
 
 /// The suite's serial cases that [`native_conformance_cases`] leaves out, and why.

@@ -997,6 +997,10 @@ fn transition_changes(to: TaskStatus, update: &TaskUpdate, at: DateTime<Utc>) ->
         unset.insert("owner", "");
         unset.insert("lease_expires_at", "");
     }
+    if update.clear_preemption {
+        set.insert("cancel_requested", false);
+        unset.insert("preempted_by", "");
+    }
     let mut changes = doc! { "$set": set };
     if !unset.is_empty() {
         changes.insert("$unset", unset);
