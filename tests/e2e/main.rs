@@ -16,6 +16,7 @@ mod labels;
 mod metrics;
 mod policies;
 mod policy_tools;
+mod preemption;
 mod replicas;
 mod scheduling;
 mod shutdown;
