@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 
 use super::bindings::types::{AdmissionTask, Resources as WitResources, UserUsage};
 use super::input::{PlacementInput, RUNTIME_HISTORY_WINDOW, RuntimeHistory, RuntimeStat};
-use crate::model::{Task, TaskStatus, Usage, Worker, queue_order};
+use crate::model::{Assignment, Task, TaskStatus, Usage, Worker, queue_order};
 use crate::store::{AssignmentFilter, Store, TaskQuery};
 
 /// The version of the snapshot document's shape.
@@ -43,6 +43,18 @@ pub struct ClusterSnapshot {
     /// from the newest successful runs in RESULTS).
     #[serde(default)]
     pub runtime_history: Vec<RuntimeStat>,
+    /// The running tasks a preempting policy (`cloudai:policy@0.2.0`) may stop, each with
+    /// the assignment it runs under: preemptible, not being stopped; lowest priority first.
+    #[serde(default)]
+    pub preemptible: Vec<RunningAssignment>,
+}
+
+/// A running task and the assignment it runs under.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunningAssignment {
+    pub task: Task,
+    pub assignment: Assignment,
 }
 
 impl ClusterSnapshot {
@@ -65,12 +77,18 @@ impl ClusterSnapshot {
 
     /// A placement round of `tasks` against this snapshot's candidate workers.
     pub fn placement_input_for(&self, tasks: &[Task]) -> PlacementInput {
+        let preemptible: Vec<(Task, Assignment)> = self
+            .preemptible
+            .iter()
+            .map(|r| (r.task.clone(), r.assignment.clone()))
+            .collect();
         PlacementInput::build(tasks, &self.workers, self.taken_at)
             .with_running_tasks(&self.running_tasks)
             .with_runtime_history(
                 tasks.iter().map(Task::task_type),
                 &RuntimeHistory::from_stats(&self.runtime_history),
             )
+            .with_preemptible(&preemptible, self.taken_at)
     }
 
     /// The admission check of each pending task, with its user's usage.
@@ -126,6 +144,29 @@ impl ClusterSnapshot {
                 .entry(assignment.worker_id.clone())
                 .or_default() += 1;
         }
+        let mut by_task: std::collections::HashMap<&str, Vec<&Assignment>> =
+            std::collections::HashMap::new();
+        for a in &assignments {
+            by_task.entry(a.task_id.as_str()).or_default().push(a);
+        }
+        let mut preemptible: Vec<RunningAssignment> = running
+            .iter()
+            .filter(|t| t.preemptible && !t.cancel_requested)
+            .filter_map(|task| {
+                let assignment = by_task
+                    .get(task.task_id.as_str())?
+                    .iter()
+                    .find(|a| a.holds(task))?;
+                Some(RunningAssignment {
+                    task: task.clone(),
+                    assignment: (*assignment).clone(),
+                })
+            })
+            .collect();
+        preemptible.sort_by(|a, b| {
+            (a.task.priority, &a.task.task_id).cmp(&(b.task.priority, &b.task.task_id))
+        });
+        preemptible.truncate(max_tasks);
         queued.truncate(max_tasks);
         pending.truncate(max_tasks);
         let runtime_history =
@@ -140,6 +181,7 @@ impl ClusterSnapshot {
             running_tasks,
             usage,
             runtime_history,
+            preemptible,
         })
     }
 }
@@ -245,7 +287,7 @@ mod tests {
                 BTreeMap::new(),
                 String::new(),
             )],
-            queued: vec![task("t1", 0, 5)],
+            queued: vec![task("t1", 5, 5)],
             pending: vec![],
             running_tasks: BTreeMap::new(),
             usage: BTreeMap::new(),
@@ -255,11 +297,34 @@ mod tests {
                 mean_runtime_s: 2.5,
                 runs: 4,
             }],
+            preemptible: vec![{
+                let mut running = task("r1", 0, 60);
+                let assignment = crate::store::placement::assignment_for(
+                    &running,
+                    "w1",
+                    "claim",
+                    crate::model::now(),
+                );
+                running.status = TaskStatus::Running;
+                running.attempts = assignment.attempt;
+                running.placed_by = assignment.placed_by.clone();
+                RunningAssignment {
+                    task: running,
+                    assignment,
+                }
+            }],
         };
         let text = serde_json::to_string(&snapshot).unwrap();
         assert_eq!(ClusterSnapshot::from_json(&text).unwrap(), snapshot);
         let input = snapshot.placement_input();
         assert_eq!((input.worker_count(), input.task_count()), (1, 1));
+        // A preempting policy replaying the snapshot sees what it may stop.
+        let offered: Vec<&str> = input
+            .running_tasks()
+            .iter()
+            .map(|r| r.task_id.as_str())
+            .collect();
+        assert_eq!(offered, ["r1"]);
         // The recorded history reaches the policy as the task type's attributes.
         let mean = input
             .columns()
@@ -272,6 +337,7 @@ mod tests {
         // A snapshot written before the history existed still reads.
         let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
         old.as_object_mut().unwrap().remove("runtime_history");
+        old.as_object_mut().unwrap().remove("preemptible");
         assert!(ClusterSnapshot::from_json(&old.to_string()).is_ok());
 
         let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();

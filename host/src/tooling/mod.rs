@@ -626,6 +626,7 @@ pub fn synthetic_snapshot(seed: u64, workers: usize, tasks: usize) -> ClusterSna
         running_tasks: BTreeMap::new(),
         usage,
         runtime_history: Vec::new(),
+        preemptible: Vec::new(),
     }
 }
 
