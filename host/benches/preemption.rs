@@ -4,8 +4,9 @@
 //!
 //! Each run builds a fresh store (the embedded SQLite store; also MongoDB when
 //! `CLOUDAI_BENCH_MONGODB_URI` is set) with BENCH_WORKERS (100) simulated workers, each running
-//! 8 one-core tasks of priority 0, then queues BENCH_URGENT (1,000) one-core tasks of priority
-//! 10 and runs the scheduler until every urgent task is running. Two ways, alternated run by
+//! 8 one-core tasks of priority 0, then queues BENCH_URGENT (800, at most 8 per worker: every
+//! running task may have to make way) one-core tasks of priority 10 and runs the scheduler
+//! until every urgent task is running. Two ways, alternated run by
 //! run:
 //! - **plain**: the workers have room for the urgent tasks besides what they run (8 + urgent /
 //!   workers cores each); the active policy is `best-fit` (contract 0.1.0);
@@ -18,7 +19,7 @@
 //! stopped per second, the mean scheduler cycle, and the ratio preempting / plain.
 //!
 //! Run with: `scripts/build-policies.sh && cargo bench -p cloudai --bench preemption`
-//! Options (env): BENCH_RUNS (3), BENCH_WORKERS (100), BENCH_URGENT (1000; on MongoDB
+//! Options (env): BENCH_RUNS (3), BENCH_WORKERS (100), BENCH_URGENT (800; on MongoDB
 //! BENCH_MONGO_URGENT, 200), CLOUDAI_POLICY_WASM_DIR (default `$CARGO_TARGET_DIR/policies`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -286,7 +287,8 @@ fn report(label: &str, way: Way, outcomes: &[Outcome]) -> f64 {
 async fn main() {
     let runs = env_usize("BENCH_RUNS", 3).max(1);
     let workers = env_usize("BENCH_WORKERS", 100).max(1);
-    let urgent = env_usize("BENCH_URGENT", 1000).max(1);
+    // A full cluster holds 8 tasks per worker: more urgent ones could never all run.
+    let urgent = env_usize("BENCH_URGENT", 800).clamp(1, workers * 8);
     println!(
         "Preemption on a full cluster: {workers} workers running 8 one-core tasks of priority 0 \
          each, {urgent} one-core tasks of priority 10 queued; median of {runs} runs, alternated"
@@ -297,7 +299,11 @@ async fn main() {
     );
     let mut stores: Vec<(&str, Option<String>, usize)> = vec![("sqlite", None, urgent)];
     if let Ok(uri) = std::env::var("CLOUDAI_BENCH_MONGODB_URI") {
-        stores.push(("mongodb", Some(uri), env_usize("BENCH_MONGO_URGENT", 200)));
+        stores.push((
+            "mongodb",
+            Some(uri),
+            env_usize("BENCH_MONGO_URGENT", 200).clamp(1, workers * 8),
+        ));
     }
     for (label, uri, urgent) in stores {
         let mut plain = Vec::new();

@@ -1316,10 +1316,18 @@ fn print_policies(answer: &Value) {
 fn print_dry_run(report: &Value) {
     let shown = |d: &Value| {
         let decision = str_field(d, "decision");
+        let victims: Vec<&str> = d
+            .get("victims")
+            .and_then(Value::as_array)
+            .map(|v| v.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
         match (
             d.get("worker_id").and_then(Value::as_str),
             d.get("reason").and_then(Value::as_str),
         ) {
+            (Some(worker), _) if !victims.is_empty() => {
+                format!("{decision} {worker}: stops {}", victims.join(", "))
+            }
             (Some(worker), _) => format!("{decision} {worker}"),
             (None, Some(reason)) => format!("{decision}: {reason}"),
             (None, None) => decision,

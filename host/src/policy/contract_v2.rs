@@ -30,6 +30,8 @@ impl PlacementInput {
                 task.status == TaskStatus::Running
                     && task.preemptible
                     && !task.cancel_requested
+                    // It can run again: a task on its last attempt is never preempted.
+                    && task.attempts < task.max_attempts
                     && task.priority < highest
                     && !assignment.released
                     && assignment.is_attempt_of(task)

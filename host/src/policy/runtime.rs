@@ -609,9 +609,6 @@ impl PolicyRuntime {
         std::mem::replace(&mut *slot, new)
     }
 
-    /// Decides a placement round: with the active placement policy, its answer checked; with
-    /// the native best-fit when none is active or when it fails (the failure counted and
-    /// logged). Never fails, never panics.
     /// Whether a version of `kind` is active (else the built-in default decides).
     pub fn has_active(&self, kind: PolicyKind) -> bool {
         self.current(kind).is_some()
@@ -624,6 +621,9 @@ impl PolicyRuntime {
             .is_some_and(|p| matches!(p.prepared, Prepared::PlacementV2(_)))
     }
 
+    /// Decides a placement round: with the active placement policy, its answer checked; with
+    /// the native best-fit when none is active or when it fails (the failure counted and
+    /// logged). Never fails, never panics.
     pub fn place(&self, input: &PlacementInput) -> PlacementOutcome {
         let started = Instant::now();
         let Some(policy) = self.current(PolicyKind::Placement) else {

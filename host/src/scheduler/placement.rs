@@ -136,11 +136,15 @@ impl Scheduler {
         };
         // A preempting policy (cloudai:policy@0.2.0) sees the running tasks it may stop; a
         // task whose victims are still stopping waits for them instead of preempting more.
-        let may_preempt = self.policies.active_may_preempt();
-        let tasks = if may_preempt {
-            self.hold_preemptors(tasks, &mut stats).await
+        let (tasks, may_preempt) = if self.policies.active_may_preempt() {
+            match self.hold_preemptors(tasks, &mut stats).await {
+                Ok(rest) => (rest, true),
+                // Without knowing which preemptions are under way, preempting again could
+                // stop more than needed: this round places without preemption.
+                Err(tasks) => (tasks, false),
+            }
         } else {
-            tasks
+            (tasks, false)
         };
         if tasks.is_empty() {
             return Ok(stats);
@@ -332,14 +336,18 @@ impl Scheduler {
 
     /// Leaves out of the round the tasks whose victims are still stopping (a preemption
     /// under way), each waiting with the reason; the rest of the batch in order.
-    async fn hold_preemptors(&self, tasks: Vec<Task>, stats: &mut RoundStats) -> Vec<Task> {
+    /// `Err` gives the batch back when the preemptions under way could not be read.
+    async fn hold_preemptors(
+        &self,
+        tasks: Vec<Task>,
+        stats: &mut RoundStats,
+    ) -> Result<Vec<Task>, Vec<Task>> {
         let in_progress = match self.store.preemptions_in_progress().await {
             Ok(in_progress) if !in_progress.is_empty() => in_progress,
-            Ok(_) => return tasks,
+            Ok(_) => return Ok(tasks),
             Err(error) => {
-                // Without knowing, preempting again could stop more than needed: wait.
                 tracing::warn!(%error, "reading the preemptions in progress; no preemption this round");
-                return tasks;
+                return Err(tasks);
             }
         };
         let mut rest = Vec::with_capacity(tasks.len());
@@ -356,7 +364,7 @@ impl Scheduler {
                 _ => rest.push(task),
             }
         }
-        rest
+        Ok(rest)
     }
 
     /// Carries out a preemption decided for `task`: asks `victims` (running on `worker_id`)

@@ -421,17 +421,19 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<Task>;
 
-    /// Marks a `running` task as asked to stop (`cancel_requested`). `Conflict` when the task
-    /// is not running.
+    /// Marks a `running` task as asked to stop (`cancel_requested`), clearing a preemption
+    /// under way (`preempted_by`): the owner's cancel wins, and the stop ends the task.
+    /// `Conflict` when the task is not running.
     async fn request_cancel(&self, task_id: &str) -> Result<Task>;
 
     // ----- preemption -----
 
     /// Asks running tasks to stop for a preemption, each in one conditional update: each of
-    /// `victims` (`(task_id, attempt)`) still `running` at that attempt, preemptible and not
-    /// asked to stop already gets `cancel_requested`, `preempted_by` = `by` and
-    /// `status_reason` = `reason`. Returns the ids it marked (the others finished, moved on,
-    /// opted out or are being stopped already).
+    /// `victims` (`(task_id, attempt)`) still `running` at that attempt, with an attempt left
+    /// (`attempt < max_attempts`: it can run again), preemptible and not asked to stop already
+    /// gets `cancel_requested`, `preempted_by` = `by` and `status_reason` = `reason`. Returns
+    /// the ids it marked (the others finished, moved on, are on their last attempt, opted out
+    /// or are being stopped already).
     async fn request_preemption(
         &self,
         victims: &[(String, u32)],
@@ -440,7 +442,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<String>>;
 
     /// What a preempting placement policy may stop: the `running` tasks that are preemptible,
-    /// not asked to stop, and of a priority below `below_priority`, each with the unreleased
+    /// not asked to stop, with an attempt left, and of a priority below `below_priority`, each with the unreleased
     /// assignment it runs under; lowest priority first, at most `limit`.
     async fn preemptible_running(
         &self,

@@ -1334,7 +1334,7 @@ fn claim_task_sync(
 fn request_cancel_sync(conn: &Connection, task_id: &str) -> Result<Task> {
     let changed = conn
         .prepare_cached(
-            "UPDATE TASKS SET cancel_requested = 1, updated_at = ?1 \
+            "UPDATE TASKS SET cancel_requested = 1, preempted_by = NULL, updated_at = ?1 \
              WHERE task_id = ?2 AND status = 'running'",
         )
         .and_then(|mut stmt| stmt.execute(params![date_text(&now()), task_id]))
@@ -1359,7 +1359,7 @@ fn request_preemption_sync(
                 "UPDATE TASKS SET cancel_requested = 1, preempted_by = ?1, status_reason = ?2, \
                      updated_at = ?3 \
                  WHERE task_id = ?4 AND status = 'running' AND attempts = ?5 \
-                   AND preemptible = 1 AND cancel_requested = 0",
+                   AND max_attempts > ?5 AND preemptible = 1 AND cancel_requested = 0",
             )
             .and_then(|mut stmt| stmt.execute(params![by, reason, at, task_id, attempt]))
             .map_err(sql_err("asking a task to stop for a preemption"))?;
@@ -1387,7 +1387,8 @@ fn preemptible_running_sync(
     let sql = format!(
         "SELECT {}, {} FROM TASKS t JOIN ASSIGNMENTS a ON a.task_id = t.task_id \
          WHERE t.status = 'running' AND t.priority < ?1 AND t.preemptible = 1 \
-           AND t.cancel_requested = 0 AND a.released = 0 AND a.attempt = t.attempts \
+           AND t.cancel_requested = 0 AND t.attempts < t.max_attempts \
+           AND a.released = 0 AND a.attempt = t.attempts \
          ORDER BY t.priority, a.assigned_at DESC, t.task_id LIMIT ?2",
         prefixed(TASK_COLUMNS, "t"),
         prefixed(ASSIGNMENT_COLUMNS, "a"),

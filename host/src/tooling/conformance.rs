@@ -5,19 +5,27 @@
 //! batch's own earlier assignments); indices in range; an empty cluster, a full cluster and an
 //! empty batch handled; a request no worker could ever hold answered `unschedulable`; unicode
 //! in labels, users and images; 10,000 workers within the policy's deadline; the same input
-//! decided the same way twice; runtime history among the worker attributes. Admission: an answer for every check within the deadline, a
-//! reason for every reject and defer, unicode and extreme usage handled, deterministic.
+//! decided the same way twice; runtime history among the worker attributes; rounds with
+//! running tasks a policy may preempt (contract 0.2.0): any answer the host's checks accept, a
+//! full cluster answered by preempting for the urgent task (a 0.2.0 policy), nothing preempted
+//! when the batch outranks no running task, nothing preempted when there is free room.
+//! Admission: an answer for every check within the deadline, a reason for every reject and
+//! defer, unicode and extreme usage handled, deterministic.
 //! (Inactive and draining workers never reach a policy: the host leaves them out of the round.)
+//!
+//! The preemption cases apply to every placement policy: a 0.1.0 policy never sees the running
+//! tasks and never preempts, and the host checks a 0.2.0 policy's preemptions as it does in a
+//! real round ([`crate::policy::validate`]).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::synthetic_snapshot;
 use crate::model::Usage;
-use crate::model::{Resources, RuntimeSample};
+use crate::model::{Assignment, Resources, RuntimeSample, Task, TaskStatus, Worker};
 use crate::policy::bindings::types::AdmissionDecision;
 use crate::policy::snapshot::ClusterSnapshot;
-use crate::policy::{Decision, PolicyKind, PolicyRuntime, RuntimeHistory};
+use crate::policy::{Decision, PlacementInput, PolicyKind, PolicyRuntime, RuntimeHistory};
 
 /// One case of the kit and how the policy did.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,6 +112,21 @@ const PLACEMENT_CASES: &[(&str, &str, CaseFn)] = &[
         "runtime-history",
         "runtime history attributes (mean-runtime-s:<type>, runs:<type>) for the batch's task types, unknown on some workers: valid decisions, most tasks placed",
         runtime_history_round,
+    ),
+    (
+        "preemption-valid",
+        "a full cluster running lower-priority tasks and an urgent task: an answer the host's checks accept; a 0.2.0 policy preempts for the urgent task",
+        preemption_valid,
+    ),
+    (
+        "no-equal-priority-preemption",
+        "a full cluster running only tasks of the batch's priority: nothing preempted, nothing assigned",
+        no_equal_priority_preemption,
+    ),
+    (
+        "preemption-not-needed",
+        "lower-priority tasks running and a worker with free room: every task assigned, nothing preempted",
+        preemption_not_needed,
     ),
 ];
 
@@ -291,6 +314,138 @@ fn deterministic_placement(rt: &PolicyRuntime, name: &str, version: &str) -> Res
     Ok(())
 }
 
+/// The contract `name`/`version` was built against (`0.1.0` or `0.2.0`).
+fn contract(rt: &PolicyRuntime, name: &str, version: &str) -> &'static str {
+    rt.versions()
+        .into_iter()
+        .find(|v| v.name == name && v.version == version)
+        .map_or("0.1.0", |v| v.contract)
+}
+
+fn preempted(decisions: &[Decision]) -> usize {
+    decisions
+        .iter()
+        .filter(|d| matches!(d, Decision::Preempt { .. }))
+        .count()
+}
+
+/// A round with running tasks: three busy workers (8 CPU, 16 GB, 100 GB storage, no GPU),
+/// each full with four running tasks of 2 CPU and 4 GB whose priorities are
+/// `running_priorities` in turn, then `idle_workers` idle workers of the same size; the batch
+/// `batch` of (priority, CPU, GB) in queue order. The running tasks are offered to a 0.2.0
+/// policy as the scheduler offers them ([`PlacementInput::with_preemptible`]).
+fn round_with_running(
+    running_priorities: &[i32],
+    idle_workers: usize,
+    batch: &[(i32, f64, f64)],
+) -> PlacementInput {
+    // One fixed instant, as in the synthetic snapshots: the same round every time.
+    let now = chrono::DateTime::from_timestamp(1_767_225_600, 0).unwrap_or_default();
+    let size = Resources::new(8.0, 16.0, 100.0, 0.0);
+    let new_worker = |id: String| {
+        let mut w = Worker::new(id, "127.0.0.1".into(), size, BTreeMap::new(), String::new());
+        w.last_heartbeat = now.timestamp();
+        w
+    };
+    let mut workers = Vec::new();
+    let mut running: Vec<(Task, Assignment)> = Vec::new();
+    let mut counts = BTreeMap::new();
+    for b in 0..3 {
+        let mut w = new_worker(format!("busy-{b}"));
+        (w.allocated_cpu, w.available_cpu) = (8.0, 0.0);
+        (w.allocated_memory, w.available_memory) = (16.0, 0.0);
+        for k in 0..4 {
+            let i = b * 4 + k;
+            let mut t = Task::new_pending(
+                format!("running-{i:02}"),
+                format!("user-{}", i % 3),
+                "busybox:1.36".into(),
+                Resources::new(2.0, 4.0, 0.0, 0.0),
+            );
+            t.priority = running_priorities[i % running_priorities.len()];
+            t.created_at = now - chrono::Duration::seconds(3600);
+            let mut a =
+                crate::store::placement::assignment_for(&t, &w.worker_id, "conformance", now);
+            a.assigned_at = now - chrono::Duration::seconds(60 + 37 * i as i64);
+            t.status = TaskStatus::Running;
+            t.attempts = a.attempt;
+            t.placed_by = a.placed_by.clone();
+            running.push((t, a));
+        }
+        counts.insert(w.worker_id.clone(), 4);
+        workers.push(w);
+    }
+    workers.extend((0..idle_workers).map(|i| new_worker(format!("idle-{i}"))));
+    let queued: Vec<Task> = batch
+        .iter()
+        .enumerate()
+        .map(|(j, &(priority, cpu, memory))| {
+            let mut t = Task::new_pending(
+                format!("queued-{j:02}"),
+                format!("user-{}", j % 3),
+                "busybox:1.36".into(),
+                Resources::new(cpu, memory, 0.0, 0.0),
+            );
+            t.status = TaskStatus::Queued;
+            t.priority = priority;
+            t.created_at = now - chrono::Duration::seconds(30);
+            t
+        })
+        .collect();
+    PlacementInput::build(&queued, &workers, now)
+        .with_running_tasks(&counts)
+        .with_preemptible(&running, now)
+}
+
+fn preemption_valid(rt: &PolicyRuntime, name: &str, version: &str) -> Result<(), String> {
+    // An urgent task (priority 10) needing two running tasks' room, then a task of priority 0,
+    // which outranks nothing that runs. The running tasks of priority 10 are not offered.
+    let input = round_with_running(&[0, 3, 0, 10], 0, &[(10, 4.0, 8.0), (0, 1.0, 1.0)]);
+    let decisions = rt
+        .place_with(name, version, &input)
+        .map_err(|e| e.to_string())?;
+    if contract(rt, name, version) == "0.2.0" && !matches!(decisions[0], Decision::Preempt { .. }) {
+        return Err(format!(
+            "an urgent task on a full cluster of lower-priority tasks got {:?}, not a preemption",
+            decisions[0]
+        ));
+    }
+    Ok(())
+}
+
+fn no_equal_priority_preemption(
+    rt: &PolicyRuntime,
+    name: &str,
+    version: &str,
+) -> Result<(), String> {
+    // Every running task is of the batch's priority: none is offered to the policy.
+    let input = round_with_running(&[5], 0, &[(5, 4.0, 8.0), (5, 1.0, 1.0)]);
+    let decisions = rt
+        .place_with(name, version, &input)
+        .map_err(|e| e.to_string())?;
+    match (preempted(&decisions), assigned(&decisions)) {
+        (0, 0) => Ok(()),
+        (p, a) => Err(format!(
+            "{p} preemptions and {a} assignments on a full cluster running tasks of the \
+             batch's priority: {decisions:?}"
+        )),
+    }
+}
+
+fn preemption_not_needed(rt: &PolicyRuntime, name: &str, version: &str) -> Result<(), String> {
+    // The busy workers run tasks of priority 0; an idle worker holds the whole batch.
+    let input = round_with_running(&[0], 1, &[(10, 4.0, 8.0), (10, 2.0, 4.0)]);
+    let decisions = rt
+        .place_with(name, version, &input)
+        .map_err(|e| e.to_string())?;
+    if preempted(&decisions) > 0 || assigned(&decisions) != decisions.len() {
+        return Err(format!(
+            "a batch that fits the free room of an idle worker got {decisions:?}"
+        ));
+    }
+    Ok(())
+}
+
 /// Every admission check of the snapshot, each with a reason where one is due.
 fn admit_all(
     rt: &PolicyRuntime,
@@ -379,6 +534,7 @@ mod tests {
     fn every_shipped_policy_passes_the_kit() {
         let Some(dir) = wasm_dir() else { return };
         let rt = runtime();
+        let mut contracts = BTreeMap::new();
         for name in [
             "first-fit",
             "best-fit",
@@ -388,6 +544,7 @@ mod tests {
             "quota",
             "image-allowlist",
             "rts",
+            "best-fit-preempt",
         ] {
             let config = match name {
                 "quota" => include_str!("../../../examples/policies/quota.json"),
@@ -410,7 +567,45 @@ mod tests {
             let outcomes = run(&rt, name, "1", kind);
             assert!(outcomes.len() >= 4, "{name}");
             assert_eq!(failures(&outcomes), Vec::<String>::new(), "{name}");
+            contracts.insert(name, contract(&rt, name, "1"));
         }
+        // The preemption cases ran against both contracts: 0.1.0 placement policies (which
+        // never preempt) and the preempting best-fit (0.2.0), which preempted for the urgent
+        // task.
+        assert_eq!(contracts["best-fit-preempt"], "0.2.0");
+        assert_eq!(contracts["best-fit"], "0.1.0");
+    }
+
+    /// The preemption cases' rounds are what they claim, whatever policy runs them: running
+    /// tasks offered only below the batch's highest priority, and the native best-fit (which
+    /// never preempts) leaving the urgent task waiting on a full cluster and placing the batch
+    /// on the idle worker.
+    #[test]
+    fn the_preemption_rounds_offer_what_they_claim() {
+        let full = round_with_running(&[0, 3, 0, 10], 0, &[(10, 4.0, 8.0), (0, 1.0, 1.0)]);
+        let offered: Vec<i32> = full.running_tasks().iter().map(|r| r.priority).collect();
+        assert_eq!(offered.len(), 9, "{offered:?}");
+        assert!(offered.iter().all(|&p| p < 10), "{offered:?}");
+        // Per worker: lowest priority first.
+        assert_eq!(&offered[..3], [0, 0, 3]);
+        let native = crate::policy::native::best_fit(&full);
+        assert!(
+            native.iter().all(|d| matches!(d, Decision::Wait { .. })),
+            "{native:?}"
+        );
+
+        let equal = round_with_running(&[5], 0, &[(5, 4.0, 8.0), (5, 1.0, 1.0)]);
+        assert!(equal.running_tasks().is_empty());
+
+        let room = round_with_running(&[0], 1, &[(10, 4.0, 8.0), (10, 2.0, 4.0)]);
+        assert_eq!(room.running_tasks().len(), 12);
+        assert_eq!(
+            crate::policy::native::best_fit(&room),
+            [
+                Decision::Assign { worker: 3 },
+                Decision::Assign { worker: 3 }
+            ]
+        );
     }
 
     /// The example policies in JavaScript and Python pass the kit too, under the limits

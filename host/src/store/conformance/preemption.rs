@@ -87,8 +87,21 @@ pub async fn preemption_asks_only_running_preemptible_tasks_to_stop_once(store: 
         Some(preemptor.as_str())
     );
     assert!(ours(store.preemptible_running(5, 10_000).await.unwrap()).is_empty());
+    // On its last attempt (it could not run again): neither offered nor marked.
+    let (last, a_last) = place(store, &w.worker_id, &user).await;
+    assert_eq!((last.max_attempts, a_last.attempt), (1, 1));
+    assert!(
+        !ours(store.preemptible_running(5, 10_000).await.unwrap())
+            .iter()
+            .any(|(id, _)| *id == last.task_id)
+    );
+    let none = store
+        .request_preemption(&[(last.task_id.clone(), a_last.attempt)], "x", "x")
+        .await
+        .unwrap();
+    assert!(none.is_empty());
     // At another attempt: nothing.
-    let (other, a_other) = place(store, &w.worker_id, &user).await;
+    let (other, a_other) = place_with(store, &w.worker_id, &user, 1, true).await;
     let stale = store
         .request_preemption(&[(other.task_id.clone(), a_other.attempt + 1)], "x", "x")
         .await
@@ -97,12 +110,23 @@ pub async fn preemption_asks_only_running_preemptible_tasks_to_stop_once(store: 
 
     let in_progress = store.preemptions_in_progress().await.unwrap();
     assert_eq!(in_progress.get(&preemptor), Some(&1));
+
+    // The owner's cancel wins over the preemption under way: the stop ends the task.
+    let cancelled = store.request_cancel(&low.task_id).await.unwrap();
+    assert!(cancelled.cancel_requested && cancelled.preempted_by.is_none());
+    assert!(
+        !store
+            .preemptions_in_progress()
+            .await
+            .unwrap()
+            .contains_key(&preemptor)
+    );
 }
 
 pub async fn a_preempted_task_ends_its_attempt_queued_again_and_released_once(store: &dyn Store) {
     let w = worker_with(store, "w", Resources::new(4.0, 8.0, 10.0, 0.0)).await;
     let user = unique_id("user");
-    let (victim, a_victim) = place(store, &w.worker_id, &user).await;
+    let (victim, a_victim) = place_with(store, &w.worker_id, &user, 0, true).await;
     let preemptor = unique_id("task-preemptor");
     let marked = store
         .request_preemption(
@@ -177,6 +201,7 @@ async fn place_with(
     task.status = TaskStatus::Queued;
     task.priority = priority;
     task.preemptible = preemptible;
+    task.max_attempts = 3;
     (task.req_cpu, task.req_memory, task.req_storage) = (1.0, 1.0, 0.0);
     let task = insert(store, &task).await;
     let at = now();

@@ -26,6 +26,8 @@ impl MongoStore {
                 "task_id": task_id.as_str(),
                 "status": TaskStatus::Running.as_str(),
                 "attempts": i64::from(*attempt),
+                // An attempt left to run it again (`attempts < max_attempts`).
+                "max_attempts": { "$gt": i64::from(*attempt) },
                 "preemptible": { "$ne": false },
                 "cancel_requested": { "$ne": true },
             };
@@ -75,10 +77,15 @@ impl MongoStore {
             .try_collect()
             .await
             .map_err(|e| StoreError::backend(what, e))?;
-        let tasks = documents
+        // Only those with an attempt left to run again (a comparison of two fields, which
+        // FerretDB 1.x cannot filter on: done here).
+        let tasks: Vec<Task> = documents
             .iter()
             .map(task_from_document)
-            .collect::<Result<Vec<Task>>>()?;
+            .collect::<Result<Vec<Task>>>()?
+            .into_iter()
+            .filter(|t| t.attempts < t.max_attempts)
+            .collect();
         if tasks.is_empty() {
             return Ok(Vec::new());
         }

@@ -614,10 +614,15 @@ impl MongoStore {
                 self.tasks
                     .find_one_and_update(
                         doc! { "task_id": task_id, "status": TaskStatus::Running.as_str() },
-                        doc! { "$set": {
-                            "cancel_requested": true,
-                            "updated_at": to_bson_date(model::now()),
-                        } },
+                        // The owner's cancel wins over a preemption under way: the stop
+                        // ends the task rather than queueing it again.
+                        doc! {
+                            "$set": {
+                                "cancel_requested": true,
+                                "updated_at": to_bson_date(model::now()),
+                            },
+                            "$unset": { "preempted_by": "" },
+                        },
                     )
                     .return_document(ReturnDocument::After),
             )
