@@ -54,6 +54,10 @@ export function taskPage(ctx, id) {
         kv('cpu', `${num(t.req_cpu)} cores`), kv('memory', `${num(t.req_memory)} GB`),
         kv('storage', `${num(t.req_storage)} GB`), kv('gpu', num(t.req_gpu, 0)),
         kv('priority', t.priority), kv('timeout', t.timeout_s ? `${t.timeout_s} s` : 'none'),
+        kv('preemption', t.preempted_by
+          ? h('span', { 'data-testid': 'task-preempted-by' }, 'being stopped for ',
+            h('a', { class: 'mono', href: `#/tasks/${encodeURIComponent(t.preempted_by)}` }, t.preempted_by))
+          : t.preemptible === false ? 'never (opted out)' : 'may be preempted by a higher priority'),
         kv('labels', Object.entries(t.labels ?? {}).map(([k, v]) => `${k}=${v}`).join(', ') || '–'),
         kv('env', Object.keys(t.env ?? {}).join(', ') || '–'),
         kv('array', t.array_id
