@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
-use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use comfy_table::Table;
 use serde_json::{Map, Value, json};
 
 use crate::api::Limits;
 use crate::api::auth;
 use crate::client::{Client, ClientTls};
 use crate::executor::ExecutorConfig;
+use crate::output::{Output, default_data_dir, human_bytes, new_table};
 use crate::reconciler::ReconcilerConfig;
 use crate::scheduler::SchedulerConfig;
 use crate::serve::{self, ServeConfig};
@@ -386,12 +387,6 @@ pub struct ClientArgs {
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
     pub output: Output,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    Table,
-    Json,
 }
 
 #[derive(Debug, Args)]
@@ -877,17 +872,6 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
     })
 }
 
-/// `$XDG_DATA_HOME/cloudai`, else `~/.local/share/cloudai`, else `./cloudai-data`.
-pub(crate) fn default_data_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir).join("cloudai");
-    }
-    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(home).join(".local/share/cloudai");
-    }
-    PathBuf::from("cloudai-data")
-}
-
 fn client(args: &ClientArgs) -> anyhow::Result<Client> {
     if args.token.is_none() {
         bail!(
@@ -1230,14 +1214,6 @@ async fn policy_upload(args: PolicyUploadArgs) -> anyhow::Result<()> {
     })
 }
 
-pub(crate) fn human_bytes(n: u64) -> String {
-    match n {
-        0..1_000 => format!("{n} B"),
-        1_000..1_000_000 => format!("{:.1} KB", n as f64 / 1e3),
-        _ => format!("{:.1} MB", n as f64 / 1e6),
-    }
-}
-
 fn print_activation(active: &Value) {
     let previous = match active.get("previous").and_then(Value::as_array) {
         Some(p) if p.len() == 2 => format!(
@@ -1457,14 +1433,6 @@ fn list_items<'a>(value: &'a Value, field: &str) -> impl Iterator<Item = &'a Val
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-}
-
-pub(crate) fn new_table(header: &[&str]) -> Table {
-    let mut table = Table::new();
-    table
-        .load_preset(UTF8_BORDERS_ONLY)
-        .set_header(header.to_vec());
-    table
 }
 
 fn str_field(value: &Value, name: &str) -> String {

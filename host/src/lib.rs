@@ -13,6 +13,7 @@ pub mod events;
 pub mod executor;
 pub mod metrics;
 pub mod model;
+pub mod output;
 pub mod policy;
 pub mod reconciler;
 pub mod scheduler;

@@ -16,19 +16,24 @@ use crate::harness::{
 
 /// One frame of the stream.
 #[derive(Debug, Clone)]
-struct Frame {
-    id: Option<u64>,
-    event: String,
-    data: Value,
+pub(crate) struct Frame {
+    pub(crate) id: Option<u64>,
+    pub(crate) event: String,
+    pub(crate) data: Value,
 }
 
 /// A streaming client that parses frames as they come.
-struct Stream {
+pub(crate) struct Stream {
     response: reqwest::Response,
     buffer: String,
 }
 
-async fn open(url: &str, token: &str, query: &str, last_event_id: Option<u64>) -> Stream {
+pub(crate) async fn open(
+    url: &str,
+    token: &str,
+    query: &str,
+    last_event_id: Option<u64>,
+) -> Stream {
     // The stream stays open: only its opening is bounded here, each read by `Stream::next`.
     let mut request = crate::harness::stream_client()
         .get(format!("{url}/v1/events?{query}"))
@@ -81,7 +86,11 @@ impl Stream {
     }
 
     /// Frames until one satisfies `done` (included); panics after `wait`.
-    async fn until(&mut self, wait: Duration, done: impl Fn(&Frame) -> bool) -> Vec<Frame> {
+    pub(crate) async fn until(
+        &mut self,
+        wait: Duration,
+        done: impl Fn(&Frame) -> bool,
+    ) -> Vec<Frame> {
         let deadline = Instant::now() + wait;
         let mut frames = Vec::new();
         loop {

@@ -271,12 +271,41 @@ async fn a_preemption_survives_its_host_being_sigkilled(
     .await;
 
     let again = requeued(&host, &low).await;
-    assert_eq!(again["attempts"], 1, "the attempt is counted: {again}");
+    // Its owner's event stream tells the story: preempted (by whom), then queued again (its
+    // reason then, which the next round may replace with why it waits).
+    let mut stream = crate::events::open(
+        &host.url,
+        ALICE_TOKEN,
+        &format!("topics=task&task_id={low}&after=0"),
+        None,
+    )
+    .await;
+    let frames = stream
+        .until(Duration::from_secs(30), |f| {
+            f.event == "task.state"
+                && f.data["data"]["status"] == "queued"
+                && f.data["data"]["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("preempted by"))
+        })
+        .await;
+    let preempted = frames
+        .iter()
+        .find(|f| f.event == "task.preempted")
+        .unwrap_or_else(|| panic!("no task.preempted event: {frames:#?}"));
     assert_eq!(
-        again["status_reason"],
-        format!("preempted by {urgent} during attempt 1; queued again"),
-        "{again}"
+        preempted.data["data"]["preempted_by"],
+        urgent.as_str(),
+        "{frames:#?}"
     );
+    let queued_again = frames.last().expect("the frame waited for");
+    assert_eq!(
+        queued_again.data["data"]["reason"],
+        format!("preempted by {urgent} during attempt 1; queued again"),
+        "{frames:#?}"
+    );
+    assert_eq!(queued_again.data["data"]["attempts"], 1, "{frames:#?}");
+    assert_eq!(again["attempts"], 1, "the attempt is counted: {again}");
     assert_eq!(again["cancel_requested"], false, "{again}");
     assert!(again["preempted_by"].is_null(), "{again}");
     assert!(again["completed_at"].is_null(), "{again}");

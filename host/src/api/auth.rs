@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, ApiResult};
 use super::extract::validate_id;
 use crate::store::StoreError;
 
@@ -345,6 +345,22 @@ pub fn load_tokens_file(path: &Path) -> Result<Vec<TokenEntry>, TokensFileError>
         });
     }
     Ok(out)
+}
+
+/// Reads a task the caller may see: 404 when absent, 403 when another user's.
+pub(crate) async fn visible_task(
+    state: &AppState,
+    principal: &Principal,
+    task_id: &str,
+) -> ApiResult<crate::model::Task> {
+    let (user_id, is_admin) = principal.require_user()?;
+    let task = state.store.get_task(task_id).await?;
+    if !is_admin && task.user_id != user_id {
+        return Err(ApiError::forbidden(format!(
+            "task {task_id} belongs to another user"
+        )));
+    }
+    Ok(task)
 }
 
 #[cfg(test)]

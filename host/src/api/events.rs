@@ -202,7 +202,7 @@ pub struct EventFrame {
     pub id: String,
     #[schema(pattern = "^(?:task|worker|policy|reconciler)$")]
     pub topic: String,
-    /// What happened: `submitted`, `state`, `registered`, `activated`, ... (the frame's `event`
+    /// What happened: `submitted`, `state`, `preempted`, `registered`, `activated`, ... (the frame's `event`
     /// is `<topic>.<kind>`).
     pub kind: String,
     pub at: DateTime<Utc>,

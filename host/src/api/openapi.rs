@@ -76,7 +76,7 @@ use super::{agent, arrays, events, health, overview, policies, task_io, tasks, w
         crate::model::WorkerUsage,
         tasks::TaskSpec,
         tasks::TaskList,
-        tasks::TaskLogs,
+        task_io::TaskLogs,
         tasks::AssignmentList,
         arrays::ArraySpec,
         arrays::TaskArray,

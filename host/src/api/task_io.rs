@@ -23,11 +23,26 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::agent::{OutputEntry, validate_output_path};
 use super::auth::Principal;
+use super::auth::visible_task;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{IdPath, truncate_for_message, validate_id};
-use super::tasks::{TaskLogs, visible_task};
 use crate::model::{Task, TaskResult};
 use crate::store::{StoreError, TaskLogChunk};
+
+/// A task's captured output.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TaskLogs {
+    pub task_id: String,
+    /// stdout and stderr, bounded by the worker.
+    pub logs: String,
+    /// True when the logs were cut to the bound.
+    pub truncated: bool,
+    /// Standard error (`logs` is standard output).
+    #[serde(default)]
+    pub stderr: String,
+    #[serde(default)]
+    pub stderr_truncated: bool,
+}
 
 /// How often a follower or a waiting submission re-reads the store.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);

@@ -18,7 +18,7 @@ use utoipa::openapi::schema::{Object, ObjectBuilder, Type};
 
 use super::AppState;
 use super::Limits;
-use super::auth::Principal;
+use super::auth::{Principal, visible_task};
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{IdPath, ValidJson, Validate, truncate_for_message, validate_id};
 use super::image_ref;
@@ -409,21 +409,6 @@ pub struct TaskList {
     pub next_cursor: Option<String>,
 }
 
-/// A task's captured output.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct TaskLogs {
-    pub task_id: String,
-    /// stdout and stderr, bounded by the worker.
-    pub logs: String,
-    /// True when the logs were cut to the bound.
-    pub truncated: bool,
-    /// Standard error (`logs` is standard output).
-    #[serde(default)]
-    pub stderr: String,
-    #[serde(default)]
-    pub stderr_truncated: bool,
-}
-
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/tasks", post(submit_task).get(list_tasks))
@@ -666,22 +651,6 @@ fn admission_rejected(task: &Task, reason: &str) -> ApiError {
             task.task_id
         ),
     )
-}
-
-/// Reads a task the caller may see: 404 when absent, 403 when another user's.
-pub(crate) async fn visible_task(
-    state: &AppState,
-    principal: &Principal,
-    task_id: &str,
-) -> ApiResult<Task> {
-    let (user_id, is_admin) = principal.require_user()?;
-    let task = state.store.get_task(task_id).await?;
-    if !is_admin && task.user_id != user_id {
-        return Err(ApiError::forbidden(format!(
-            "task {task_id} belongs to another user"
-        )));
-    }
-    Ok(task)
 }
 
 /// Reads one task.

@@ -456,7 +456,21 @@ impl Store for EventedStore {
         by: &str,
         reason: &str,
     ) -> Result<Vec<String>> {
-        self.inner.request_preemption(victims, by, reason).await
+        let marked = self.inner.request_preemption(victims, by, reason).await?;
+        // Not a status change (the victim runs until its worker stops it): an event of its
+        // own, with the victim's owner, who may see it.
+        for task_id in &marked {
+            let user_id = self.inner.get_task(task_id).await.ok().map(|t| t.user_id);
+            self.publish(event(
+                "task",
+                "preempted",
+                Some(task_id),
+                None,
+                user_id.as_deref(),
+                json!({ "preempted_by": by, "reason": reason }),
+            ));
+        }
+        Ok(marked)
     }
 
     async fn preemptible_running(

@@ -19,9 +19,9 @@ use serde_json::json;
 
 pub mod conformance;
 
-use crate::cli::{Output, new_table};
 use crate::model::Usage;
 use crate::model::{Resources, Task, TaskStatus, Worker};
+use crate::output::{Output, new_table};
 use crate::policy::bindings::types::{AdmissionDecision, AdmissionTask, UserUsage};
 use crate::policy::snapshot::SNAPSHOT_FORMAT;
 use crate::policy::{

@@ -64,7 +64,7 @@ impl StoreArgs {
     fn data_dir(&self) -> PathBuf {
         self.data_dir
             .clone()
-            .unwrap_or_else(crate::cli::default_data_dir)
+            .unwrap_or_else(crate::output::default_data_dir)
     }
 }
 
@@ -80,7 +80,7 @@ pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
                 args.out.display(),
                 summary.collections,
                 summary.documents,
-                crate::cli::human_bytes(summary.bytes)
+                crate::output::human_bytes(summary.bytes)
             );
             println!(
                 "collections were read one after another: not a point-in-time snapshot across \

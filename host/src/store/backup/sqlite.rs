@@ -45,7 +45,7 @@ impl Summary {
             |n: i64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
         format!(
             "{} (schema version {}): {}, {}, {} ({} active)",
-            crate::cli::human_bytes(self.bytes),
+            crate::output::human_bytes(self.bytes),
             self.schema_version,
             plural(self.tasks, "task", "tasks"),
             plural(self.workers, "worker", "workers"),

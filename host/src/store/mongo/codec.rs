@@ -11,12 +11,13 @@ use chrono::{DateTime, Utc};
 use mongodb::bson::{self, Bson, Document, doc};
 
 use super::{
-    ACTIVE_POLICIES, ASSIGNMENTS, POLICIES, RESULTS, TASK_OUTPUTS, TASKS, WORKER_REGISTRY,
+    ACTIVE_POLICIES, ASSIGNMENTS, EVENTS, POLICIES, RESULTS, TASK_OUTPUTS, TASKS, WORKER_REGISTRY,
 };
 use crate::model::{
-    ActivePolicy, Assignment, PolicyVersion, ResultStatus, Task, TaskResult, Worker, WorkerUsage,
+    ActivePolicy, Assignment, PolicyVersion, ResultStatus, Task, TaskResult, TaskStatus, Usage,
+    Worker, WorkerUsage,
 };
-use crate::store::{OutputFileInfo, Result, StoreError};
+use crate::store::{NewEvent, OutputFileInfo, Result, StoreError, StoredEvent};
 
 pub(super) fn to_bson_date(at: DateTime<Utc>) -> bson::DateTime {
     bson::DateTime::from_millis(at.timestamp_millis())
@@ -560,6 +561,58 @@ impl<'a> Reader<'a> {
             Some(other) => Err(self.wrong_type(key, "an array of {k, v}", other)),
         }
     }
+}
+
+// ----- events -----
+
+pub(super) fn event_to_document(id: u64, e: &NewEvent) -> Result<Document> {
+    let mut d = doc! {
+        "_id": u64_to_bson(id, "_id")?,
+        "topic": &e.topic,
+        "kind": &e.kind,
+        "at": to_bson_date(e.at),
+        "data": e.data.to_string(),
+    };
+    insert_opt(&mut d, "task_id", e.task_id.clone());
+    insert_opt(&mut d, "worker_id", e.worker_id.clone());
+    insert_opt(&mut d, "user_id", e.user_id.clone());
+    Ok(d)
+}
+
+pub(super) fn event_from_document(d: &Document) -> Result<StoredEvent> {
+    let r = Reader::new(d, EVENTS);
+    let data = r.string("data")?;
+    Ok(StoredEvent {
+        id: r.int("_id")?,
+        event: NewEvent {
+            topic: r.string("topic")?,
+            kind: r.string("kind")?,
+            at: r.date("at")?,
+            task_id: r.opt_string("task_id")?,
+            worker_id: r.opt_string("worker_id")?,
+            user_id: r.opt_string("user_id")?,
+            data: serde_json::from_str(&data)
+                .map_err(|e| r.invalid("data", format!("not JSON: {e}")))?,
+        },
+    })
+}
+
+/// Adds the `count` of one group of `MongoStore::open_task_groups` to `usage`; returns the
+/// group's status.
+pub(super) fn add_open_count(usage: &mut Usage, group: &Document) -> Result<TaskStatus> {
+    let r = Reader::new(group, TASKS);
+    let count: u32 = r.int("count")?;
+    let status: TaskStatus = r
+        .string("_id")?
+        .parse()
+        .map_err(|e: String| r.invalid("_id", e))?;
+    match status {
+        TaskStatus::Pending => usage.pending_tasks = count,
+        TaskStatus::Queued => usage.queued_tasks = count,
+        TaskStatus::Running => usage.running_tasks = count,
+        other => return Err(r.invalid("_id", format!("{other} is not an open status"))),
+    }
+    Ok(status)
 }
 
 #[cfg(test)]

@@ -42,9 +42,7 @@ use mongodb::bson::{self, Bson, Document, doc};
 use mongodb::{Collection, Database, IndexModel};
 use rand::Rng;
 
-use super::codec::{Reader, u64_to_bson};
-use super::events::event_from_document;
-use super::tasks::add_open_count;
+use super::codec::{Reader, add_open_count, event_from_document, u64_to_bson};
 use super::{MongoStore, ServerKind, TASKS, is_duplicate_key};
 use crate::model::TaskStatus;
 use crate::model::Usage;

@@ -18,7 +18,7 @@ use mongodb::bson::{Document, doc};
 use mongodb::options::ReturnDocument;
 
 use super::MongoStore;
-use super::codec::{Reader, insert_opt, to_bson_date, u64_to_bson};
+use super::codec::{Reader, event_from_document, event_to_document, to_bson_date, u64_to_bson};
 use super::compat::lock_key;
 use crate::store::{EventBounds, EventRead, NewEvent, Result, StoreError, StoredEvent};
 
@@ -194,38 +194,6 @@ impl MongoStore {
         .map_err(|e| StoreError::backend("recording the pruned event floor", e))?;
         Ok(())
     }
-}
-
-fn event_to_document(id: u64, e: &NewEvent) -> Result<Document> {
-    let mut d = doc! {
-        "_id": u64_to_bson(id, "_id")?,
-        "topic": &e.topic,
-        "kind": &e.kind,
-        "at": to_bson_date(e.at),
-        "data": e.data.to_string(),
-    };
-    insert_opt(&mut d, "task_id", e.task_id.clone());
-    insert_opt(&mut d, "worker_id", e.worker_id.clone());
-    insert_opt(&mut d, "user_id", e.user_id.clone());
-    Ok(d)
-}
-
-pub(super) fn event_from_document(d: &Document) -> Result<StoredEvent> {
-    let r = Reader::new(d, EVENTS);
-    let data = r.string("data")?;
-    Ok(StoredEvent {
-        id: r.int("_id")?,
-        event: NewEvent {
-            topic: r.string("topic")?,
-            kind: r.string("kind")?,
-            at: r.date("at")?,
-            task_id: r.opt_string("task_id")?,
-            worker_id: r.opt_string("worker_id")?,
-            user_id: r.opt_string("user_id")?,
-            data: serde_json::from_str(&data)
-                .map_err(|e| r.invalid("data", format!("not JSON: {e}")))?,
-        },
-    })
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use futures::TryStreamExt;
 use mongodb::bson::{self, Bson, Document, doc};
 use mongodb::options::ReturnDocument;
 
-use super::codec::{Reader, task_from_document, task_to_document, to_bson_date};
+use super::codec::{Reader, add_open_count, task_from_document, task_to_document, to_bson_date};
 use super::compat::lock_key;
 use super::{IDEMPOTENCY_KEYS, MongoStore, TASKS, insert_error, is_duplicate_key, not_found};
 use crate::model::Usage;
@@ -953,24 +953,6 @@ fn usage_from_groups(groups: &[Document]) -> Result<Usage> {
         }
     }
     Ok(usage)
-}
-
-/// Adds the `count` of one group of [`MongoStore::open_task_groups`] to `usage`; returns the
-/// group's status.
-pub(super) fn add_open_count(usage: &mut Usage, group: &Document) -> Result<TaskStatus> {
-    let r = Reader::new(group, TASKS);
-    let count: u32 = r.int("count")?;
-    let status: TaskStatus = r
-        .string("_id")?
-        .parse()
-        .map_err(|e: String| r.invalid("_id", e))?;
-    match status {
-        TaskStatus::Pending => usage.pending_tasks = count,
-        TaskStatus::Queued => usage.queued_tasks = count,
-        TaskStatus::Running => usage.running_tasks = count,
-        other => return Err(r.invalid("_id", format!("{other} is not an open status"))),
-    }
-    Ok(status)
 }
 
 /// The update of a transition to `to` with `update`'s fields, stamped `at`.
