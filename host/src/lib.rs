@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod output;
 pub mod policy;
+pub mod protocol;
 pub mod reconciler;
 pub mod scheduler;
 pub mod serve;

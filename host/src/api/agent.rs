@@ -3,7 +3,6 @@
 //! worker that lost a task (the reconciler re-queued it, maybe elsewhere) can never start or
 //! finish a later attempt.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -14,15 +13,19 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::IntoParams;
 
 use super::auth::Principal;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{IdPath, ValidJson, Validate, truncate_for_message, validate_id};
 use super::{AppState, Limits};
 use crate::model::{self, Assignment, ResultStatus, Task, TaskResult, TaskStatus};
+pub use crate::protocol::{
+    LiveChunk, LiveLogs, LiveLogsAck, Outcome, OutputEntry, ReportAck, ReportBatch, ReportBatchAck,
+    ReportError, ResultReport, StreamName, Work, WorkList, WorkReport, WorkReportAck,
+};
 use crate::scheduler::{Finish, finish_assignment};
 use crate::store::{OutputFileInfo, StoreError, TaskLogChunk, TaskUpdate};
 
@@ -75,40 +78,6 @@ const MAX_LOG_BATCH_CHUNKS: usize = 4096;
 /// Longest output file path, in bytes.
 pub(crate) const MAX_OUTPUT_PATH: usize = 1024;
 
-/// One task this worker should be running.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct Work {
-    pub ass_id: String,
-    pub task_id: String,
-    /// Which attempt of the task (1-based).
-    pub attempt: u32,
-    pub docker_image: String,
-    pub command: Option<String>,
-    pub env: BTreeMap<String, String>,
-    pub req_cpu: f64,
-    pub req_memory: f64,
-    pub req_storage: f64,
-    pub req_gpu: f64,
-    pub timeout_s: Option<u64>,
-    pub assigned_at: DateTime<Utc>,
-    /// Set once the agent reported the container started.
-    pub started_at: Option<DateTime<Utc>>,
-    /// The owner asked to stop it: stop the container and report `cancelled`.
-    pub cancel: bool,
-}
-
-/// Everything this worker should be running now. A container the agent runs for an
-/// assignment missing from the list must be stopped: the task was cancelled, timed out, or
-/// given to another worker.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct WorkList {
-    /// Changes whenever the host changes this worker's work (an assignment added or gone, a
-    /// cancellation asked), not on the worker's own start reports: pass it back as `known` to
-    /// wait for the next change.
-    pub version: String,
-    pub work: Vec<Work>,
-}
-
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
@@ -121,54 +90,8 @@ pub struct WorkQuery {
     pub wait_ms: Option<u64>,
 }
 
-/// How an attempt ended, as the worker saw it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// The container exited 0.
-    Completed,
-    /// It exited non-zero (`exit_code`).
-    Failed,
-    /// Killed for going over its memory limit.
-    OomKilled,
-    /// Stopped at its `timeout_s`.
-    TimedOut,
-    /// Stopped because its owner cancelled it.
-    Cancelled,
-    /// It could not run: the image could not be pulled, the container not created, ...
-    /// (`error` says why).
-    Error,
-}
-
 /// Longest `error` of a result report.
 const MAX_ERROR_CHARS: usize = 4096;
-
-/// The end of an attempt.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ResultReport {
-    pub outcome: Outcome,
-    pub exit_code: Option<i64>,
-    /// Standard output, as kept by the worker (the host cuts it to its own bound too).
-    #[serde(default)]
-    pub stdout: String,
-    #[serde(default)]
-    pub stderr: String,
-    #[serde(default)]
-    pub stdout_truncated: bool,
-    #[serde(default)]
-    pub stderr_truncated: bool,
-    /// A stable code and message for `error` outcomes, e.g. `image_pull_failed: ...`.
-    #[schema(max_length = 4096)]
-    pub error: Option<String>,
-    /// When the container stopped (default: when the report arrives).
-    pub finished_at: Option<DateTime<Utc>>,
-    /// When the container started, by the same (the worker's) clock as `finished_at`: with
-    /// both, the attempt's run time is measured on one clock (else from the host's record of
-    /// the start report, which a clock skew between host and worker would bend).
-    #[serde(default)]
-    pub started_at: Option<DateTime<Utc>>,
-}
 
 impl Validate for ResultReport {
     fn validate(&self, _limits: &Limits) -> Result<(), ApiError> {
@@ -185,14 +108,6 @@ impl Validate for ResultReport {
         }
         Ok(())
     }
-}
-
-/// What the host made of a report.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct ReportAck {
-    pub task_id: String,
-    /// The task's status after the report.
-    pub status: TaskStatus,
 }
 
 fn require_self(principal: &Principal, worker_id: &str) -> ApiResult<()> {
@@ -383,30 +298,6 @@ async fn record_started(state: &AppState, worker_id: &str, ass_id: &str) -> ApiR
     })
 }
 
-/// One report of a batch: an assignment's container started, its attempt ended, or both (a
-/// short task that started and ended before the worker sent anything).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct WorkReport {
-    #[schema(min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._-]{1,128}$")]
-    pub ass_id: String,
-    /// The container started, as `POST .../assignments/{ass_id}/started` records it.
-    #[serde(default)]
-    pub started: bool,
-    /// The attempt ended, as `POST .../assignments/{ass_id}/result` records it (after the
-    /// start when both are given).
-    pub result: Option<ResultReport>,
-}
-
-/// Several reports of one worker at once: one request for many tasks.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ReportBatch {
-    /// 1 to 1000 reports, each of another assignment.
-    #[schema(min_items = 1, max_items = 1000)]
-    pub reports: Vec<WorkReport>,
-}
-
 impl Validate for ReportBatch {
     fn validate(&self, limits: &Limits) -> Result<(), ApiError> {
         if self.reports.is_empty() || self.reports.len() > MAX_BATCH_REPORTS {
@@ -439,31 +330,6 @@ impl Validate for ReportBatch {
         }
         Ok(())
     }
-}
-
-/// What became of one report of a batch.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct WorkReportAck {
-    pub ass_id: String,
-    /// Applied: the task, and its status after the report.
-    pub task_id: Option<String>,
-    pub status: Option<TaskStatus>,
-    /// Refused, with the code the one-report endpoints answer: `assignment_superseded` (stop
-    /// the container, drop the report), `assignment_not_found`, or `internal` (send it again).
-    pub error: Option<ReportError>,
-}
-
-/// Why a report of a batch was refused.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct ReportError {
-    pub code: String,
-    pub message: String,
-}
-
-/// The answer to a batch: one acknowledgement per report, in the order of the request.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct ReportBatchAck {
-    pub acks: Vec<WorkReportAck>,
 }
 
 /// Several start and result reports of this worker at once (its own token), each applied as
@@ -722,44 +588,6 @@ async fn record_result(
     })
 }
 
-/// Which stream a piece of output came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum StreamName {
-    Stdout,
-    Stderr,
-}
-
-impl StreamName {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StreamName::Stdout => "stdout",
-            StreamName::Stderr => "stderr",
-        }
-    }
-}
-
-/// A piece of a running task's output.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LiveChunk {
-    /// Numbers the chunks of an attempt across both streams, from 0: a chunk sent again
-    /// with the same `seq` is stored once.
-    pub seq: u64,
-    pub stream: StreamName,
-    /// Where `text` starts in its stream, in bytes: what the host's bound applies to.
-    pub offset: u64,
-    /// UTF-8 (invalid bytes replaced).
-    pub text: String,
-}
-
-/// A batch of live output.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LiveLogs {
-    pub chunks: Vec<LiveChunk>,
-}
-
 impl Validate for LiveLogs {
     fn validate(&self, _limits: &Limits) -> Result<(), ApiError> {
         if self.chunks.len() > MAX_LOG_BATCH_CHUNKS {
@@ -773,16 +601,6 @@ impl Validate for LiveLogs {
         }
         Ok(())
     }
-}
-
-/// What the host kept of a batch.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct LiveLogsAck {
-    /// Chunks stored now (a chunk sent before is not counted again).
-    pub stored: u32,
-    /// The host keeps no more of standard output: stop sending it.
-    pub stdout_full: bool,
-    pub stderr_full: bool,
 }
 
 /// The assignment, checked to be this worker's and to still hold its running task.
@@ -898,16 +716,6 @@ pub fn validate_output_path(path: &str) -> Result<(), String> {
 pub struct OutputQuery {
     /// The file's path under `/output`, e.g. `d/f.txt`.
     pub path: String,
-}
-
-/// One stored output file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct OutputEntry {
-    pub path: String,
-    pub size_bytes: u64,
-    pub sha256: String,
-    /// The attempt that wrote it.
-    pub attempt: u32,
 }
 
 impl From<OutputFileInfo> for OutputEntry {

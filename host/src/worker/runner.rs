@@ -18,12 +18,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::gpus::GpuPool;
-use crate::api::agent::{LiveChunk, LiveLogs, Outcome, ResultReport, StreamName, Work, WorkList};
 use crate::client::{Client, ClientError, ClientTls};
 use crate::executor::{
     ExecError, Executor, LogChunk, LogStream, ManagedState, OutputFile, RunOutcome, RunSpec,
     RunStatus,
 };
+use crate::protocol::{LiveChunk, LiveLogs, Outcome, ResultReport, StreamName, Work, WorkList};
 
 /// How long one long poll waits for a change.
 const POLL_WAIT: Duration = Duration::from_secs(25);
