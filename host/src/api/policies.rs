@@ -480,7 +480,6 @@ async fn run_upload(
             return Err(invalid(e));
         }
     };
-    let loaded_kind = PolicyKind::from(loaded_kind);
     if let Some(wanted) = kind
         && wanted != loaded_kind
     {

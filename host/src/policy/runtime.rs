@@ -15,44 +15,14 @@ use super::input::{Decision, PlacementInput};
 use super::native;
 use super::validate::{validate_placement, validate_placement_v2};
 
-/// The world a policy implements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PolicyKind {
-    Placement,
-    Admission,
-}
+/// The world a policy implements: the model's kind (one name per concept).
+pub use crate::model::PolicyKind;
 
-impl From<crate::model::PolicyKind> for PolicyKind {
-    fn from(kind: crate::model::PolicyKind) -> Self {
-        match kind {
-            crate::model::PolicyKind::Placement => PolicyKind::Placement,
-            crate::model::PolicyKind::Admission => PolicyKind::Admission,
-        }
-    }
-}
-
-impl From<PolicyKind> for crate::model::PolicyKind {
-    fn from(kind: PolicyKind) -> Self {
-        match kind {
-            PolicyKind::Placement => crate::model::PolicyKind::Placement,
-            PolicyKind::Admission => crate::model::PolicyKind::Admission,
-        }
-    }
-}
-
-impl PolicyKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PolicyKind::Placement => "placement",
-            PolicyKind::Admission => "admission",
-        }
-    }
-
-    fn slot(self) -> usize {
-        match self {
-            PolicyKind::Placement => 0,
-            PolicyKind::Admission => 1,
-        }
+/// The index of `kind`'s active slot.
+fn slot(kind: PolicyKind) -> usize {
+    match kind {
+        PolicyKind::Placement => 0,
+        PolicyKind::Admission => 1,
     }
 }
 
@@ -518,7 +488,7 @@ impl PolicyRuntime {
             });
         }
         policy.consecutive_failures.store(0, Ordering::SeqCst);
-        let slot = policy.kind.slot();
+        let slot = slot(policy.kind);
         let previous = self.swap_active(policy.kind, Some(policy.clone()));
         if let Some(previous) = previous
             && !Arc::ptr_eq(&previous, &policy)
@@ -538,7 +508,7 @@ impl PolicyRuntime {
     pub fn deactivate(&self, kind: PolicyKind) {
         let mut registry = lock(&self.registry);
         if let Some(previous) = self.swap_active(kind, None) {
-            registry.history[kind.slot()].push(previous);
+            registry.history[slot(kind)].push(previous);
         }
     }
 
@@ -596,14 +566,14 @@ impl PolicyRuntime {
     }
 
     fn current(&self, kind: PolicyKind) -> Option<Arc<Loaded>> {
-        self.active[kind.slot()]
+        self.active[slot(kind)]
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
     fn swap_active(&self, kind: PolicyKind, new: Option<Arc<Loaded>>) -> Option<Arc<Loaded>> {
-        let mut slot = self.active[kind.slot()]
+        let mut slot = self.active[slot(kind)]
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         std::mem::replace(&mut *slot, new)
@@ -899,7 +869,7 @@ impl PolicyRuntime {
         if !self.current(kind).is_some_and(|a| Arc::ptr_eq(&a, policy)) {
             return;
         }
-        let history = &mut registry.history[kind.slot()];
+        let history = &mut registry.history[slot(kind)];
         let mut restored = None;
         while let Some(candidate) = history.pop() {
             if !candidate.deactivated.load(Ordering::SeqCst) {

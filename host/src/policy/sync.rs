@@ -83,7 +83,7 @@ pub async fn load_from_store(
             })?,
         Err(e) => return Err(e.into()),
     };
-    let stored = PolicyKind::from(version.kind);
+    let stored = version.kind;
     if kind != stored {
         // Never kept under a kind the store does not say: activation goes by the store's.
         let _ = runtime.unload(&version.name, &version.version);
@@ -214,7 +214,7 @@ impl PolicySync {
         let mut still = Vec::new();
         for d in std::mem::take(&mut self.pending) {
             let failed = (d.name.clone(), d.version.clone());
-            let kind = model::PolicyKind::from(d.kind);
+            let kind = d.kind;
             let written = match &d.restored {
                 Some((name, version)) => self
                     .store
@@ -301,7 +301,6 @@ impl PolicySync {
             .collect();
         let mut wanted = None;
         for kind in model::PolicyKind::ALL {
-            let local = PolicyKind::from(kind);
             let record = match self.store.get_active_policy(kind).await {
                 Ok(record) => record,
                 Err(error) => {
@@ -310,8 +309,8 @@ impl PolicySync {
                 }
             };
             let Some(record) = record else {
-                if runtime.active(local).is_some() {
-                    runtime.deactivate(local);
+                if runtime.active(kind).is_some() {
+                    runtime.deactivate(kind);
                     tracing::info!(
                         kind = kind.as_str(),
                         "policy sync: no version active in the store; the native policy decides"
@@ -320,7 +319,7 @@ impl PolicySync {
                 continue;
             };
             let key = (record.name.clone(), record.version.clone());
-            if runtime.active(local).as_ref() == Some(&key) {
+            if runtime.active(kind).as_ref() == Some(&key) {
                 continue;
             }
             if self
