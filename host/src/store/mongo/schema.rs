@@ -237,6 +237,9 @@ impl MongoStore {
                     plain(
                         doc! { "awaiting_dependencies": 1, "status": 1, "after": 1, "task_id": 1 },
                     ),
+                    // The preemptions under way, read every round while a preempting policy is
+                    // active: the few tasks being stopped, not every running task.
+                    plain(doc! { "preempted_by": 1, "status": 1 }),
                 ],
             ),
             (
@@ -505,9 +508,9 @@ mod tests {
             })
             .collect();
         assert_eq!(creates.len(), 9, "one command per collection: {creates:?}");
-        assert!(creates.contains(&format!("{TASKS}:11")), "{creates:?}");
+        assert!(creates.contains(&format!("{TASKS}:12")), "{creates:?}");
         let names = store.tasks.list_index_names().await.unwrap();
-        assert_eq!(names.len(), 12, "11 and _id: {names:?}");
+        assert_eq!(names.len(), 13, "12 and _id: {names:?}");
     }
 
     #[tokio::test]
