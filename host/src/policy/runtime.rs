@@ -15,6 +15,22 @@ use super::input::{Decision, PlacementInput};
 use super::native;
 use super::validate::{validate_placement, validate_placement_v2};
 
+/// Instantiates `$pre` into `$store`, configures it with `$config`, then evaluates `$call` with
+/// the instance bound to `$instance`: `Ok(Err(reason))` when the configuration is refused. The
+/// worlds of both contract versions are distinct generated types: one macro, not four copies.
+macro_rules! configured_call {
+    ($pre:expr, $store:ident, $config:expr, |$instance:ident| $call:expr) => {{
+        let $instance = $pre.instantiate(&mut *$store)?;
+        match $instance
+            .cloudai_policy_config()
+            .call_configure(&mut *$store, $config)?
+        {
+            Err(reason) => Ok(Err(reason)),
+            Ok(()) => Ok(Ok($call)),
+        }
+    }};
+}
+
 /// The world a policy implements: the model's kind (one name per concept).
 pub use crate::model::PolicyKind;
 
@@ -749,14 +765,8 @@ impl PolicyRuntime {
                 let answer = self
                     .engine
                     .evaluate(&policy.label, policy.limits, |store| {
-                        let instance = pre.instantiate(&mut *store)?;
-                        if let Err(reason) = instance
-                            .cloudai_policy_config()
-                            .call_configure(&mut *store, &policy.config)?
-                        {
-                            return Ok(Err(reason));
-                        }
-                        Ok(Ok(instance.call_place(&mut *store, input.columns())?))
+                        configured_call!(pre, store, &policy.config, |instance| instance
+                            .call_place(&mut *store, input.columns())?)
                     })?;
                 let answer = answer.map_err(PolicyError::ConfigRejected)?;
                 validate_placement(input, answer)
@@ -766,14 +776,8 @@ impl PolicyRuntime {
                 let answer = self
                     .engine
                     .evaluate(&policy.label, policy.limits, |store| {
-                        let instance = pre.instantiate(&mut *store)?;
-                        if let Err(reason) = instance
-                            .cloudai_policy_config()
-                            .call_configure(&mut *store, &policy.config)?
-                        {
-                            return Ok(Err(reason));
-                        }
-                        Ok(Ok(instance.call_place(&mut *store, &columns)?))
+                        configured_call!(pre, store, &policy.config, |instance| instance
+                            .call_place(&mut *store, &columns)?)
                     })?;
                 let answer = answer.map_err(PolicyError::ConfigRejected)?;
                 validate_placement_v2(input, answer)
@@ -797,29 +801,18 @@ impl PolicyRuntime {
             Prepared::Admission(pre) => {
                 self.engine
                     .evaluate(&policy.label, policy.limits, |store| {
-                        let instance = pre.instantiate(&mut *store)?;
-                        if let Err(reason) = instance
-                            .cloudai_policy_config()
-                            .call_configure(&mut *store, &policy.config)?
-                        {
-                            return Ok(Err(reason));
-                        }
-                        Ok(Ok(instance.call_admit(&mut *store, task, *usage)?))
+                        configured_call!(pre, store, &policy.config, |instance| instance
+                            .call_admit(&mut *store, task, *usage)?)
                     })?
             }
             Prepared::AdmissionV2(pre) => {
                 let (task, usage) = super::contract_v2::admission_v2(task, usage);
                 self.engine
                     .evaluate(&policy.label, policy.limits, |store| {
-                        let instance = pre.instantiate(&mut *store)?;
-                        if let Err(reason) = instance
-                            .cloudai_policy_config()
-                            .call_configure(&mut *store, &policy.config)?
-                        {
-                            return Ok(Err(reason));
-                        }
-                        let decision = instance.call_admit(&mut *store, &task, usage)?;
-                        Ok(Ok(super::contract_v2::admission_decision_v1(decision)))
+                        configured_call!(pre, store, &policy.config, |instance| {
+                            let decision = instance.call_admit(&mut *store, &task, usage)?;
+                            super::contract_v2::admission_decision_v1(decision)
+                        })
                     })?
             }
             Prepared::Placement(_) | Prepared::PlacementV2(_) => {

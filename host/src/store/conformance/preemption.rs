@@ -1,12 +1,10 @@
 //! Conformance of preemption: [`Store::request_preemption`], [`Store::preemptible_running`],
 //! [`Store::preemptions_in_progress`] and the end of a preempted attempt.
 
-use chrono::Duration;
-
-use super::work::place;
+use super::work::{place, place_task};
 use super::{insert, sample_task, unique_id, worker_with};
-use crate::model::{Assignment, Resources, Task, TaskStatus, now};
-use crate::store::{PlannedPlacement, RoundPlan, Store, TaskUpdate};
+use crate::model::{Assignment, Resources, Task, TaskStatus};
+use crate::store::{Store, TaskUpdate};
 
 pub async fn preemption_asks_only_running_preemptible_tasks_to_stop_once(store: &dyn Store) {
     let w = worker_with(store, "w", Resources::new(16.0, 64.0, 10.0, 0.0)).await;
@@ -203,18 +201,5 @@ async fn place_with(
     task.preemptible = preemptible;
     task.max_attempts = 3;
     (task.req_cpu, task.req_memory, task.req_storage) = (1.0, 1.0, 0.0);
-    let task = insert(store, &task).await;
-    let at = now();
-    let plan = RoundPlan {
-        claim: unique_id("host-test/round"),
-        lease_until: at + Duration::seconds(30),
-        now: at,
-        placements: vec![PlannedPlacement {
-            task,
-            worker_id: worker_id.to_string(),
-        }],
-    };
-    let mut outcome = store.place_round(&plan).await.unwrap();
-    assert_eq!(outcome.placed.len(), 1, "{outcome:?}");
-    outcome.placed.remove(0)
+    place_task(store, worker_id, &task).await
 }

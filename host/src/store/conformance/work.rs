@@ -19,7 +19,17 @@ pub(super) async fn place(
         task.req_storage,
         task.req_gpu,
     ) = (1.0, 1.0, 0.0, 0.0);
-    let task = insert(store, &task).await;
+    place_task(store, worker_id, &task).await
+}
+
+/// Inserts `task` (queued) and places it on `worker_id` with one round; returns it running,
+/// with its assignment.
+pub(super) async fn place_task(
+    store: &dyn Store,
+    worker_id: &str,
+    task: &Task,
+) -> (Task, crate::model::Assignment) {
+    let task = insert(store, task).await;
     let at = now();
     let plan = RoundPlan {
         claim: unique_id("host-test/round"),
