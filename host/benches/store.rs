@@ -50,6 +50,7 @@ fn assignment(ass_id: String, task_id: String, worker_id: &str, req: &Resources)
         released: false,
         released_at: None,
         placed_by: None,
+        reserved_epoch: None,
     }
 }
 

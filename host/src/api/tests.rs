@@ -951,6 +951,7 @@ async fn worker_lifecycle_with_its_own_token() {
             released: false,
             released_at: None,
             placed_by: None,
+            reserved_epoch: None,
         })
         .await
         .unwrap();
@@ -1288,6 +1289,7 @@ async fn a_tasks_assignments_are_listed_oldest_first_to_its_owner_and_admins_onl
                 released: attempt == 1,
                 released_at: None,
                 placed_by: None,
+                reserved_epoch: None,
             })
             .await
             .unwrap();

@@ -1,6 +1,6 @@
 //! [`EventedStore`]: the store that publishes an event after each successful state change.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 
@@ -258,6 +258,20 @@ impl Store for EventedStore {
             self.publish(event);
         }
         Ok(released)
+    }
+
+    async fn release_unstarted(&self, ass_id: &str) -> Result<bool> {
+        let released = self.inner.release_unstarted(ass_id).await?;
+        if released && in_reconciler() {
+            let mut event = repair("assignment_released", None, None);
+            event.data["ass_id"] = json!(ass_id);
+            self.publish(event);
+        }
+        Ok(released)
+    }
+
+    async fn accounting_epochs(&self, worker_ids: &[&str]) -> Result<HashMap<String, i64>> {
+        self.inner.accounting_epochs(worker_ids).await
     }
 
     async fn repair_allocation(&self, observed: &Worker, allocated: &Resources) -> Result<bool> {
@@ -595,8 +609,13 @@ impl Store for EventedStore {
         self.inner.unclaim_task(task_id, owner).await
     }
 
-    async fn unreserve(&self, worker_id: &str, request: &Resources) -> Result<bool> {
-        self.inner.unreserve(worker_id, request).await
+    async fn unreserve(
+        &self,
+        worker_id: &str,
+        request: &Resources,
+        epoch: Option<i64>,
+    ) -> Result<bool> {
+        self.inner.unreserve(worker_id, request, epoch).await
     }
 
     async fn acquire_lease(

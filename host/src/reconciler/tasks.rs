@@ -158,7 +158,9 @@ async fn release_orphan(
         Err(StoreError::NotFound { .. }) => "missing".to_string(),
         Err(error) => return Err(error),
     };
-    if store.release(&assignment.ass_id).await? {
+    // Its task never ran under it: a recount may have left its amounts out (a placement
+    // whose insert landed late), so they go back only where none happened since the reserve.
+    if store.release_unstarted(&assignment.ass_id).await? {
         repairs.orphans_released += 1;
         repairs.reservations_released += 1;
         tracing::warn!(

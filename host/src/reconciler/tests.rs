@@ -444,7 +444,12 @@ async fn drift_is_repaired_once_it_has_settled_and_counted(store: Arc<dyn Store>
         .await
         .unwrap()
         .allocated();
-    assert!(store.unreserve(&short.worker_id, &held).await.unwrap());
+    assert!(
+        store
+            .unreserve(&short.worker_id, &held, None)
+            .await
+            .unwrap()
+    );
 
     let mut r = reconciler(&store, &wakeup, settle);
     assert_eq!(held_tick(&mut r).await.drift_repaired, 0, "not settled yet");
@@ -1042,5 +1047,224 @@ async fn survivors_repair_a_round_that_crashed(
     }
     for flag in beating {
         flag.store(false, Ordering::Relaxed);
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// A round whose inserts land after its lease, past a recount of its worker (a store that
+// stalls the insert longer than the claim lease plus the settle time): the recount counted
+// the worker without the round's reservation. Only a store whose round is several writes can
+// be left this way (the MongoDB path, run here against the test server); the embedded store
+// writes a round in one transaction.
+
+mod a_round_recounted_before_its_late_insert {
+    use super::*;
+    use crate::store::placement::{PlacementSteps, PlannedPlacement, RoundPlan, place_in_steps};
+
+    /// The round's own steps, with the insert held until the lease has passed and the worker
+    /// recounted meanwhile, as the reconciler's drift repair does (the sum of its active
+    /// assignments, conditional on the worker as read).
+    struct LateInsert {
+        inner: Arc<dyn PlacementSteps>,
+        store: Arc<dyn Store>,
+        lease_until: chrono::DateTime<chrono::Utc>,
+        worker_id: String,
+        /// Stop here: the replica dies right after its late insert.
+        crash_after_insert: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl PlacementSteps for LateInsert {
+        async fn claim_tasks(
+            &self,
+            tasks: &[(String, u32)],
+            owner: &str,
+            lease_until: chrono::DateTime<chrono::Utc>,
+            now: chrono::DateTime<chrono::Utc>,
+        ) -> crate::store::Result<std::collections::BTreeSet<String>> {
+            self.inner.claim_tasks(tasks, owner, lease_until, now).await
+        }
+
+        async fn insert_assignments(&self, assignments: &[Assignment]) -> crate::store::Result<()> {
+            while model::now() < self.lease_until + chrono::Duration::milliseconds(100) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let observed = self.store.get_worker(&self.worker_id).await.unwrap();
+            let expected = active_assignments(
+                &*self.store,
+                AssignmentFilter {
+                    worker_id: Some(self.worker_id.clone()),
+                    ..AssignmentFilter::default()
+                },
+            )
+            .await
+            .iter()
+            .fold(Resources::default(), |sum, a| {
+                Resources::new(
+                    sum.cpu + a.req_cpu,
+                    sum.memory + a.req_memory,
+                    sum.storage + a.req_storage,
+                    sum.gpu + a.req_gpu,
+                )
+            });
+            assert_ne!(observed.allocated(), expected, "the reservation is in");
+            assert!(
+                self.store
+                    .repair_allocation(&observed, &expected)
+                    .await
+                    .unwrap(),
+                "the recount applies"
+            );
+            self.inner.insert_assignments(assignments).await?;
+            if self.crash_after_insert {
+                return Err(crate::store::StoreError::backend(
+                    "inserting",
+                    "the replica died here",
+                ));
+            }
+            Ok(())
+        }
+
+        async fn mark_claimed_running(
+            &self,
+            owner: &str,
+            assignments: &[Assignment],
+            at: chrono::DateTime<chrono::Utc>,
+        ) -> crate::store::Result<std::collections::BTreeSet<String>> {
+            assert!(
+                !self.crash_after_insert,
+                "a dead replica marks nothing running"
+            );
+            self.inner
+                .mark_claimed_running(owner, assignments, at)
+                .await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn starts_none_of_its_tasks_and_the_accounting_stays_exact() {
+        late_round(false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn that_dies_after_the_insert_leaves_orphans_released_without_returning_twice() {
+        late_round(true).await;
+    }
+
+    async fn late_round(crash_after_insert: bool) {
+        let Some((store, _guard)) = crate::store::mongo::testing::connect_test_store().await else {
+            return;
+        };
+        let inner: Arc<dyn PlacementSteps> = Arc::new(store.clone());
+        let store: Arc<dyn Store> = Arc::new(store);
+        let wakeup = Wakeup::new();
+        let w = add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
+        let beating = keep_beating(&store, &wakeup, &w.worker_id);
+        let mut tasks = Vec::new();
+        for _ in 0..3 {
+            tasks.push(queued(&*store, 1.0, 3, None).await);
+        }
+        let lease = Duration::from_millis(400);
+        let now = model::now();
+        let plan = RoundPlan {
+            claim: "host-slow/round-1".to_string(),
+            lease_until: now + chrono_duration(lease),
+            now,
+            placements: tasks
+                .iter()
+                .map(|t| PlannedPlacement {
+                    task: t.clone(),
+                    worker_id: w.worker_id.clone(),
+                })
+                .collect(),
+        };
+        let steps = LateInsert {
+            inner,
+            store: store.clone(),
+            lease_until: plan.lease_until,
+            worker_id: w.worker_id.clone(),
+            crash_after_insert,
+        };
+        let outcome = place_in_steps(&*store, &steps, &plan).await.unwrap();
+        assert!(outcome.placed.is_empty(), "{outcome:?}");
+        assert_eq!(outcome.failed.len(), 3, "{outcome:?}");
+
+        let worker = store.get_worker(&w.worker_id).await.unwrap();
+        assert!(worker.invariant_violations().is_empty(), "{worker:?}");
+        if !crash_after_insert {
+            // The round gave up at once: nothing runs, nothing is held, nothing is claimed.
+            assert_eq!(worker.allocated(), Resources::default(), "{worker:?}");
+            for task in &tasks {
+                let now = store.get_task(&task.task_id).await.unwrap();
+                assert_eq!(
+                    (now.status, now.owner.as_deref()),
+                    (TaskStatus::Queued, None)
+                );
+                for a in assignments_of(&*store, &task.task_id).await {
+                    assert!(a.released, "{a:?}");
+                }
+            }
+            assert_accounting(&*store).await;
+        }
+
+        // The survivors: the reconciler releases what the dead round left (its claims expire,
+        // its assignments are orphans), a scheduler places every task exactly once, and the
+        // worker never holds less than its active assignments.
+        let mut r = reconciler_with_claim_lease(&store, &wakeup, Duration::from_millis(300), lease);
+        let s = scheduler(&store, &wakeup);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            r.tick().await.unwrap();
+            let worker = store.get_worker(&w.worker_id).await.unwrap();
+            assert!(worker.invariant_violations().is_empty(), "{worker:?}");
+            // What runs is counted (the dead round's orphans may be, for a while, either way).
+            let mut running_cpu = 0.0;
+            for a in active_assignments(
+                &*store,
+                AssignmentFilter {
+                    worker_id: Some(w.worker_id.clone()),
+                    ..AssignmentFilter::default()
+                },
+            )
+            .await
+            {
+                if a.holds(&store.get_task(&a.task_id).await.unwrap()) {
+                    running_cpu += a.req_cpu;
+                }
+            }
+            let worker = store.get_worker(&w.worker_id).await.unwrap();
+            assert!(
+                worker.allocated_cpu >= running_cpu,
+                "running tasks counted out: {running_cpu} cores run, {worker:?}"
+            );
+            s.cycle().await;
+            let mut running = 0;
+            for task in &tasks {
+                let now = store.get_task(&task.task_id).await.unwrap();
+                let mine: Vec<Assignment> = active_assignments(
+                    &*store,
+                    AssignmentFilter {
+                        task_id: Some(task.task_id.clone()),
+                        ..AssignmentFilter::default()
+                    },
+                )
+                .await;
+                if now.status == TaskStatus::Running && mine.len() == 1 && mine[0].holds(&now) {
+                    assert_ne!(now.placed_by.as_deref(), Some(plan.claim.as_str()));
+                    running += 1;
+                }
+            }
+            let worker = store.get_worker(&w.worker_id).await.unwrap();
+            if running == 3 && worker.allocated_cpu == 3.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not placed exactly within 30 s: {running} running, {worker:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_accounting(&*store).await;
+        beating.store(false, Ordering::Relaxed);
     }
 }

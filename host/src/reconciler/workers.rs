@@ -112,11 +112,17 @@ pub(super) async fn lose_assignment(
         Err(StoreError::NotFound { .. }) => None,
         Err(error) => return Err(error),
     };
-    if let Some(task) = task.filter(|t| assignment.holds(t)) {
-        let why = format!("worker {worker_id} was lost");
-        requeue_or_fail(store, &task, &why, Some(assignment), repairs).await?;
-    }
-    if store.release(ass_id).await? {
+    let released = match task.filter(|t| assignment.holds(t)) {
+        Some(task) => {
+            let why = format!("worker {worker_id} was lost");
+            requeue_or_fail(store, &task, &why, Some(assignment), repairs).await?;
+            store.release(ass_id).await?
+        }
+        // Its task never ran under it (a placement that did not finish): see
+        // `Store::release_unstarted`.
+        None => store.release_unstarted(ass_id).await?,
+    };
+    if released {
         repairs.reservations_released += 1;
         tracing::info!(
             task_id,

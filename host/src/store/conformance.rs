@@ -334,6 +334,7 @@ pub fn sample_assignment(
         released: false,
         released_at: None,
         placed_by: None,
+        reserved_epoch: None,
     }
 }
 
@@ -2859,13 +2860,13 @@ pub async fn unreserve_returns_an_unassigned_reservation_and_never_goes_below_ze
     let w = worker_with(store, "w", Resources::new(4.0, 8.0, 10.0, 1.0)).await;
     let req = Resources::new(quantize(1.3), quantize(2.7), 1.0, 1.0);
     assert!(store.reserve(&w.worker_id, &req).await.unwrap());
-    assert!(store.unreserve(&w.worker_id, &req).await.unwrap());
+    assert!(store.unreserve(&w.worker_id, &req, None).await.unwrap());
     let after = store.get_worker(&w.worker_id).await.unwrap();
     assert_invariant(&after, "after unreserve");
     assert_eq!(after.allocated(), Resources::default());
     assert_eq!(after.available(), w.total());
     assert!(
-        !store.unreserve(&w.worker_id, &req).await.unwrap(),
+        !store.unreserve(&w.worker_id, &req, None).await.unwrap(),
         "nothing is allocated any more"
     );
     assert_eq!(
@@ -2873,7 +2874,7 @@ pub async fn unreserve_returns_an_unassigned_reservation_and_never_goes_below_ze
         Resources::default()
     );
     expect_not_found(
-        store.unreserve(&unique_id("nope"), &req).await,
+        store.unreserve(&unique_id("nope"), &req, None).await,
         "unknown worker",
     );
 }

@@ -8,7 +8,7 @@
 //! release happens once per assignment. Nothing relies on in-memory state, so several host
 //! replicas can share one store (optimistic concurrency).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -525,6 +525,26 @@ pub trait Store: Send + Sync + 'static {
     /// nothing (`Ok(false)`). `NotFound` when there is no such assignment.
     async fn release(&self, ass_id: &str) -> Result<bool>;
 
+    /// [`Self::release`] for an assignment whose task never ran under it (a placement round
+    /// that gave it up, an orphan the reconciler retires): the amounts go back only while the
+    /// worker's accounting epoch is still the assignment's `reserved_epoch`. On a store whose
+    /// placement is several writes, a recount between the round's reserve and its insert
+    /// counted the worker without this reservation; returning it then would count it out
+    /// twice, so it is left to the next recount instead (held, never overcommitted). The
+    /// default is [`Self::release`]: a store that places in one transaction has no such gap.
+    async fn release_unstarted(&self, ass_id: &str) -> Result<bool> {
+        self.release(ass_id).await
+    }
+
+    /// The `accounting_epoch` of each of `worker_ids` that exists (how many times the
+    /// reconciler has recounted its allocation), read in one query: what a placement round
+    /// records in its assignments as `reserved_epoch`. The default knows none (a store that
+    /// places in one transaction needs none).
+    async fn accounting_epochs(&self, worker_ids: &[&str]) -> Result<HashMap<String, i64>> {
+        let _ = worker_ids;
+        Ok(HashMap::new())
+    }
+
     /// Ends a running task's attempt: records `result` when given (a result the task has
     /// already, from an earlier try of the same report, is kept), moves the task from
     /// `running` at `attempt` to `to` with `update` ([`Self::transition_attempt`]), and
@@ -696,9 +716,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Returns a reservation that never got its assignment (a placement failed between the
     /// reserve and the insert): moves `request` from `allocated_*` back to `available_*`, in
-    /// one conditional update that applies only when `allocated_*` covers it. `Ok(false)` when
-    /// it did not apply; `NotFound` when the worker does not exist.
-    async fn unreserve(&self, worker_id: &str, request: &Resources) -> Result<bool>;
+    /// one conditional update that applies only when `allocated_*` covers it and, when
+    /// `epoch` is given, only while the worker's accounting epoch is still `epoch` (the one
+    /// [`Self::accounting_epochs`] gave before the reserve: a recount since may already have
+    /// left the reservation out). `Ok(false)` when it did not apply; `NotFound` when the
+    /// worker does not exist.
+    async fn unreserve(
+        &self,
+        worker_id: &str,
+        request: &Resources,
+        epoch: Option<i64>,
+    ) -> Result<bool>;
 
     // ----- reconciliation -----
 

@@ -25,6 +25,14 @@
 //! - **during 4** (some tasks running, some not): the running ones are placed; the others are
 //!   the previous case.
 //!
+//! A round that is slow rather than dead has one more hazard: the reconciler recounts a
+//! drifting worker from its active assignments once the drift has held for a claim lease plus
+//! its settle time, so a round whose inserts land after its lease may have been recounted
+//! without its reservation. Such a round starts none of its tasks, and every reservation given
+//! back without having run (here or by the reconciler) returns its amounts only while the
+//! worker's accounting epoch is the one read before the reserve ([`Store::release_unstarted`],
+//! docs/consistency.md).
+//!
 //! The embedded store writes a round in one transaction instead (no crash point at all); the
 //! FerretDB 1.x compatibility strategy writes each step task by task under its document locks.
 
@@ -149,6 +157,7 @@ pub fn assignment_for(task: &Task, worker_id: &str, claim: &str, at: DateTime<Ut
         released: false,
         released_at: None,
         placed_by: Some(claim.to_string()),
+        reserved_epoch: None,
     }
 }
 
@@ -251,6 +260,20 @@ where
         }
     }
 
+    // Each worker's accounting epoch before its reserve, recorded in its assignments: a
+    // reservation given back later returns its amounts only while no recount has happened
+    // since (a recount between this round's reserve and its insert left them out).
+    let worker_ids: Vec<&str> = by_worker.keys().copied().collect();
+    let epochs = match store.accounting_epochs(&worker_ids).await {
+        Ok(epochs) => epochs,
+        Err(error) => {
+            let all: Vec<usize> = by_worker.values().flatten().copied().collect();
+            unclaim_all(store, plan, &all).await;
+            return Err(error);
+        }
+    };
+    let epoch_of = |worker_id: &str| epochs.get(worker_id).copied();
+
     // Step 2: one reserve per worker (side by side).
     let mut pending = Vec::with_capacity(by_worker.len());
     for (worker_id, indices) in by_worker {
@@ -279,15 +302,24 @@ where
 
     if model::now() >= plan.lease_until {
         // The claims lapsed while the reserves were in flight (a very slow store): the
-        // reconciler may by now count these reservations as drift and return them, so they
-        // are returned here instead and the tasks left for a later round.
+        // reconciler may by now have recounted these workers without the reservations, so
+        // they are returned only where it has not (the epoch) and the tasks left for a later
+        // round.
         tracing::warn!(
             tasks = won.len(),
             "the round's claims expired before its reservations were recorded; reservations returned"
         );
         for &i in &won {
             let p = &plan.placements[i];
-            unreserve_or_log(store, &p.worker_id, &p.task.request(), &p.task.task_id).await;
+            let epoch = epoch_of(&p.worker_id);
+            unreserve_or_log(
+                store,
+                &p.worker_id,
+                &p.task.request(),
+                epoch,
+                &p.task.task_id,
+            )
+            .await;
             outcome.failed.push((
                 p.task.task_id.clone(),
                 StoreError::backend(
@@ -306,10 +338,9 @@ where
         .iter()
         .map(|&i| {
             let p = &plan.placements[i];
-            (
-                i,
-                assignment_for(&p.task, &p.worker_id, &plan.claim, plan.now),
-            )
+            let mut a = assignment_for(&p.task, &p.worker_id, &plan.claim, plan.now);
+            a.reserved_epoch = epoch_of(&p.worker_id);
+            (i, a)
         })
         .collect();
     let rows: Vec<Assignment> = assignments.iter().map(|(_, a)| a.clone()).collect();
@@ -321,7 +352,8 @@ where
             match store.get_assignment(&a.ass_id).await {
                 Ok(_) => kept.push((i, a)),
                 Err(StoreError::NotFound { .. }) => {
-                    unreserve_or_log(store, &a.worker_id, &a.request(), &a.task_id).await;
+                    let epoch = a.reserved_epoch;
+                    unreserve_or_log(store, &a.worker_id, &a.request(), epoch, &a.task_id).await;
                     outcome.failed.push((
                         a.task_id.clone(),
                         StoreError::backend("inserting an assignment", error.to_string()),
@@ -333,6 +365,32 @@ where
             }
         }
         assignments = kept;
+    }
+
+    if model::now() >= plan.lease_until {
+        // The inserts outlasted the claims' lease. The reconciler recounts a drifting worker
+        // once the drift has held unchanged for a lease and its settle time, so a recount may
+        // have counted these workers without this round's reservations (its assignments were
+        // not in yet): a task marked running now would run uncounted, and its release would
+        // return the amounts a second time. So none runs: each assignment is retired, its
+        // amounts returned only where no recount has happened since the reserve.
+        tracing::warn!(
+            assignments = assignments.len(),
+            "the round's claims expired before its assignments were recorded; none is started"
+        );
+        for (i, a) in assignments {
+            release_unstarted_or_log(store, &a).await;
+            outcome.failed.push((
+                a.task_id.clone(),
+                StoreError::backend(
+                    "placing a task",
+                    "the claim expired before the assignment was recorded",
+                ),
+            ));
+            unclaim.push(i);
+        }
+        unclaim_all(store, plan, &unclaim).await;
+        return Ok(outcome);
     }
 
     // Step 4: running, guarded by the claim.
@@ -349,9 +407,7 @@ where
                 } else {
                     // Cancelled meanwhile, or our claim was taken over: the capacity goes back
                     // through the assignment (released exactly once).
-                    if let Err(error) = store.release(&a.ass_id).await {
-                        tracing::error!(%error, ass_id = %a.ass_id, task_id = %a.task_id, "releasing an unused assignment failed; left for the reconciler");
-                    }
+                    release_unstarted_or_log(store, &a).await;
                     outcome.lost.push(a.task_id.clone());
                     unclaim.push(i);
                 }
@@ -378,10 +434,27 @@ async fn unreserve_or_log<S: Store + ?Sized>(
     store: &S,
     worker_id: &str,
     request: &Resources,
+    epoch: Option<i64>,
     task_id: &str,
 ) {
-    if let Err(error) = store.unreserve(worker_id, request).await {
-        tracing::error!(%error, worker_id, task_id, "returning a reservation failed; left for the reconciler");
+    match store.unreserve(worker_id, request, epoch).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(
+                worker_id,
+                task_id,
+                "a reservation not returned: the worker was recounted or released meanwhile; left to the reconciler"
+            );
+        }
+        Err(error) => {
+            tracing::error!(%error, worker_id, task_id, "returning a reservation failed; left for the reconciler");
+        }
+    }
+}
+
+async fn release_unstarted_or_log<S: Store + ?Sized>(store: &S, a: &Assignment) {
+    if let Err(error) = store.release_unstarted(&a.ass_id).await {
+        tracing::error!(%error, ass_id = %a.ass_id, task_id = %a.task_id, worker_id = %a.worker_id, "releasing an unused assignment failed; left for the reconciler");
     }
 }
 

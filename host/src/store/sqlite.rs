@@ -885,6 +885,8 @@ fn assignment_at(row: &Row<'_>, at: usize) -> rusqlite::Result<Assignment> {
         released: row.get(at + 9)?,
         released_at: get_opt_date(row, at + 10)?,
         placed_by: row.get(at + 11)?,
+        // Placement is one transaction here: no recount can fall inside one.
+        reserved_epoch: None,
     })
 }
 
@@ -3056,7 +3058,13 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn unreserve(&self, worker_id: &str, request: &Resources) -> Result<bool> {
+    async fn unreserve(
+        &self,
+        worker_id: &str,
+        request: &Resources,
+        // No epochs here: a round is one transaction, so no recount falls inside one.
+        _epoch: Option<i64>,
+    ) -> Result<bool> {
         let (worker_id, request) = (worker_id.to_string(), *request);
         self.call("returning an unassigned reservation", move |conn| {
             unreserve_sync(conn, &worker_id, &request)

@@ -1,7 +1,7 @@
 //! Reservations and assignments: the conditional `$inc` that reserves capacity on a worker
 //! (and its mirror), the ASSIGNMENTS collection, and the once-only release.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
@@ -31,6 +31,60 @@ impl MongoStore {
         };
         self.return_reservation(&assignment, epoch).await?;
         Ok(true)
+    }
+
+    /// [`Store::release_unstarted`]: the guard, then the amounts back only while the worker's
+    /// epoch is still the one read before the placement reserved them (an assignment without
+    /// one, written by an earlier version or by hand, is released as [`Store::release`] does).
+    async fn release_unstarted_in_two_steps(&self, ass_id: &str) -> Result<bool> {
+        let current = self.get_assignment_impl(ass_id).await?;
+        if current.released {
+            return Ok(false);
+        }
+        let Some(reserved_epoch) = current.reserved_epoch else {
+            return self.release_in_two_steps(ass_id).await;
+        };
+        let Some(assignment) = self.release_guard(ass_id).await? else {
+            return Ok(false);
+        };
+        self.return_reservation(&assignment, Some(reserved_epoch))
+            .await?;
+        Ok(true)
+    }
+
+    pub(super) async fn accounting_epochs_impl(
+        &self,
+        worker_ids: &[&str],
+    ) -> Result<HashMap<String, i64>> {
+        if worker_ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let what = || {
+            format!(
+                "reading the accounting epochs of {} workers",
+                worker_ids.len()
+            )
+        };
+        let documents: Vec<Document> = self
+            .workers
+            .find(doc! { "worker_id": { "$in": worker_ids.to_vec() } })
+            .projection(doc! { "worker_id": 1, "accounting_epoch": 1, "_id": 0 })
+            .batch_size(u32::try_from(worker_ids.len()).unwrap_or(u32::MAX))
+            .await
+            .map_err(|e| StoreError::backend(what(), e))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend(what(), e))?;
+        documents
+            .iter()
+            .map(|d| {
+                let r = Reader::new(d, WORKER_REGISTRY);
+                Ok((
+                    r.string("worker_id")?,
+                    r.opt_int("accounting_epoch")?.unwrap_or(0),
+                ))
+            })
+            .collect()
     }
 
     /// The worker's accounting epoch: how many times the reconciler has repaired its
@@ -89,16 +143,7 @@ impl MongoStore {
         let ass_id = assignment.ass_id.as_str();
         let amount = assignment.request();
         let mut filter = doc! { "worker_id": &assignment.worker_id };
-        match epoch.unwrap_or(0) {
-            0 => filter.insert(
-                "$or",
-                vec![
-                    doc! { "accounting_epoch": 0_i64 },
-                    doc! { "accounting_epoch": { "$exists": false } },
-                ],
-            ),
-            n => filter.insert("accounting_epoch", n),
-        };
+        at_epoch(&mut filter, epoch.unwrap_or(0));
         let outcome = self
             .atomic(
                 lock_key(WORKER_REGISTRY, &assignment.worker_id),
@@ -289,6 +334,15 @@ impl MongoStore {
             .map_err(|e| StoreError::backend("releasing an assignment", e.to_string()))?
     }
 
+    pub(super) async fn release_unstarted_impl(&self, ass_id: &str) -> Result<bool> {
+        // In a task of its own, as `release_impl`.
+        let store = self.clone();
+        let ass_id = ass_id.to_owned();
+        tokio::spawn(async move { store.release_unstarted_in_two_steps(&ass_id).await })
+            .await
+            .map_err(|e| StoreError::backend("releasing an unstarted assignment", e.to_string()))?
+    }
+
     pub(super) async fn active_assignment_counts_impl(&self) -> Result<BTreeMap<String, u32>> {
         let pipeline = vec![
             doc! { "$match": { "released": { "$ne": true } } },
@@ -316,16 +370,20 @@ impl MongoStore {
         &self,
         worker_id: &str,
         request: &Resources,
+        epoch: Option<i64>,
     ) -> Result<bool> {
         // The mirror of `reserve`: one conditional update, which never takes `allocated_*`
         // below zero.
-        let filter = doc! {
+        let mut filter = doc! {
             "worker_id": worker_id,
             "allocated_cpu": { "$gte": request.cpu },
             "allocated_memory": { "$gte": request.memory },
             "allocated_storage": { "$gte": request.storage },
             "allocated_gpu": { "$gte": request.gpu },
         };
+        if let Some(epoch) = epoch {
+            at_epoch(&mut filter, epoch);
+        }
         let update = doc! {
             "$inc": {
                 "allocated_cpu": -request.cpu,
@@ -533,4 +591,19 @@ mod work_tests {
             "a document without its task is refused"
         );
     }
+}
+
+/// Narrows a worker filter to the accounting epoch `epoch` (a worker never recounted has no
+/// `accounting_epoch` field: epoch 0).
+fn at_epoch(filter: &mut Document, epoch: i64) {
+    match epoch {
+        0 => filter.insert(
+            "$or",
+            vec![
+                doc! { "accounting_epoch": 0_i64 },
+                doc! { "accounting_epoch": { "$exists": false } },
+            ],
+        ),
+        n => filter.insert("accounting_epoch", n),
+    };
 }

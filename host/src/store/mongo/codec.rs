@@ -237,6 +237,7 @@ pub(super) fn assignment_to_document(a: &Assignment) -> Document {
     };
     insert_opt(&mut d, "released_at", a.released_at.map(to_bson_date));
     insert_opt(&mut d, "placed_by", a.placed_by.as_deref());
+    insert_opt(&mut d, "reserved_epoch", a.reserved_epoch);
     d
 }
 
@@ -255,6 +256,7 @@ pub(super) fn assignment_from_document(d: &Document) -> Result<Assignment> {
         released: r.opt_bool("released")?.unwrap_or(false),
         released_at: r.opt_date("released_at")?,
         placed_by: r.opt_string("placed_by")?,
+        reserved_epoch: r.opt_int("reserved_epoch")?,
     })
 }
 

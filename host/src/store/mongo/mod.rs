@@ -11,7 +11,7 @@
 //! - [`compat`]: what exists only for FerretDB 1.x, the test server, taken where
 //!   [`ServerKind`] says so.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -488,6 +488,14 @@ impl Store for MongoStore {
         self.release_impl(ass_id).await
     }
 
+    async fn release_unstarted(&self, ass_id: &str) -> Result<bool> {
+        self.release_unstarted_impl(ass_id).await
+    }
+
+    async fn accounting_epochs(&self, worker_ids: &[&str]) -> Result<HashMap<String, i64>> {
+        self.accounting_epochs_impl(worker_ids).await
+    }
+
     async fn insert_result(&self, result: &TaskResult) -> Result<()> {
         self.insert_result_impl(result).await
     }
@@ -587,8 +595,13 @@ impl Store for MongoStore {
         self.unclaim_task_impl(task_id, owner).await
     }
 
-    async fn unreserve(&self, worker_id: &str, request: &Resources) -> Result<bool> {
-        self.unreserve_impl(worker_id, request).await
+    async fn unreserve(
+        &self,
+        worker_id: &str,
+        request: &Resources,
+        epoch: Option<i64>,
+    ) -> Result<bool> {
+        self.unreserve_impl(worker_id, request, epoch).await
     }
 
     async fn acquire_lease(
