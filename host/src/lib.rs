@@ -8,14 +8,10 @@
 
 pub mod api;
 pub mod cli;
-pub mod client;
 pub mod events;
-pub mod executor;
 pub mod metrics;
-pub mod model;
 pub mod output;
 pub mod policy;
-pub mod protocol;
 pub mod reconciler;
 pub mod scheduler;
 pub mod serve;
@@ -23,4 +19,9 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod tooling;
-pub mod worker;
+
+// The crates below the host, under the module names the host has always used for them.
+pub use cloudai_model as model;
+pub use cloudai_model::protocol;
+pub use cloudai_worker as worker;
+pub use cloudai_worker::{client, executor};

@@ -451,6 +451,7 @@ fn spawn_local_worker(
         heartbeat_interval: crate::worker::DEFAULT_HEARTBEAT_INTERVAL,
     };
     let stop = CancellationToken::new();
+    crate::executor::observe_container_starts(crate::metrics::container_started);
     let executor = local_worker.executor.clone();
     let stopped = stop.clone().cancelled_owned();
     let task = tokio::spawn(async move {
@@ -471,34 +472,8 @@ fn spawn_local_worker(
     Ok((stop, task))
 }
 
-/// Resolves on Ctrl-C or SIGTERM: the one shutdown signal of the process.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
-    tracing::info!("shutdown signal received");
-}
+/// Resolves on Ctrl-C or SIGTERM: the worker's own, shared by the host.
+pub use crate::worker::cli::shutdown_signal;
 
 #[cfg(test)]
 mod tests {

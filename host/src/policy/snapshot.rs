@@ -97,7 +97,7 @@ impl ClusterSnapshot {
             .iter()
             .map(|task| {
                 let usage = self.usage.get(&task.user_id).copied().unwrap_or_default();
-                (admission_task(task, self.taken_at), usage.to_wit())
+                (admission_task(task, self.taken_at), UserUsage::from(usage))
             })
             .collect()
     }
@@ -186,17 +186,17 @@ impl ClusterSnapshot {
     }
 }
 
-impl Usage {
-    pub fn to_wit(self) -> UserUsage {
+impl From<Usage> for UserUsage {
+    fn from(usage: Usage) -> Self {
         UserUsage {
-            running_tasks: self.running_tasks,
-            queued_tasks: self.queued_tasks,
-            pending_tasks: self.pending_tasks,
+            running_tasks: usage.running_tasks,
+            queued_tasks: usage.queued_tasks,
+            pending_tasks: usage.pending_tasks,
             reserved: WitResources {
-                cpu: self.reserved.cpu,
-                memory: self.reserved.memory,
-                storage: self.reserved.storage,
-                gpu: self.reserved.gpu,
+                cpu: usage.reserved.cpu,
+                memory: usage.reserved.memory,
+                storage: usage.reserved.storage,
+                gpu: usage.reserved.gpu,
             },
         }
     }

@@ -149,7 +149,9 @@ async fn decide(
                 let user = usage
                     .as_mut()
                     .map(|u| u.entry(task.user_id.clone()).or_default());
-                let seen = user.as_ref().map(|u| u.to_wit());
+                let seen = user
+                    .as_ref()
+                    .map(|u| crate::policy::bindings::types::UserUsage::from(**u));
                 let outcome = policies.admit_lazily(&admission_task(task, now), seen.as_ref())?;
                 outcome
                     .source

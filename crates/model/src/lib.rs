@@ -6,6 +6,8 @@
 //! [`RESOURCE_QUANTUM`] so that a reserve followed by its release restores the exact value
 //! (sums of such values are exact in `f64`; sums of arbitrary decimals are not).
 
+pub mod protocol;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::model::TaskStatus;
+use crate::TaskStatus;
 
 /// One task this worker should be running.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

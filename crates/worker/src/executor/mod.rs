@@ -12,6 +12,7 @@
 //! GB is 2^30 bytes so that the quantized requests (multiples of 1/1024) are whole MiB.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,16 @@ const SIGKILL_EXIT: i64 = 137;
 /// loaded machine the engine recorded one later than 500 ms (a CI run reported such a kill as
 /// a plain exit 137); only a SIGKILL we did not send and the engine did not mark waits this.
 const OOM_RECHECKS: u32 = 20;
+
+/// Told each container's create-to-start time, when set (the host's metrics set it; the
+/// executor does not depend on them).
+static START_OBSERVER: OnceLock<fn(Duration)> = OnceLock::new();
+
+/// Has `observer` told each container's create-to-start time, process-wide (the first
+/// observer set stays).
+pub fn observe_container_starts(observer: fn(Duration)) {
+    let _ = START_OBSERVER.set(observer);
+}
 
 /// The operator's settings. A task can narrow nothing here and relax nothing.
 #[derive(Debug, Clone, PartialEq)]
@@ -464,7 +475,9 @@ impl Executor {
         if let Some(started) = started {
             let _ = started.send(Utc::now());
         }
-        crate::metrics::container_started(created.elapsed());
+        if let Some(observe) = START_OBSERVER.get() {
+            observe(created.elapsed());
+        }
         tracing::info!(
             task_id = %spec.task_id,
             worker_id = %spec.worker_id,

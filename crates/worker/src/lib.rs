@@ -3,6 +3,9 @@
 //! its assigned tasks as containers through the executor, reporting starts and results.
 
 mod agent;
+pub mod cli;
+pub mod client;
+pub mod executor;
 mod gpus;
 mod identity;
 pub mod resources;
@@ -18,6 +21,10 @@ pub use resources::Overrides;
 pub use runner::{Runner, RunnerConfig};
 
 use crate::executor::{Executor, ExecutorConfig};
+
+// The data model and the worker protocol, under the names the host uses for them.
+use cloudai_model as model;
+use cloudai_model::protocol;
 
 /// Default bound on containers run at once by one worker (the host's reservations bound it
 /// first; this only guards the machine against a host that overcommits it).
