@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use cloudai::model::TaskStatus;
 use cloudai::store::mongo::MongoStore;
-use cloudai::store::{AssignmentFilter, Store};
+use cloudai::store::{AssignmentFilter, AssignmentStore, TaskStore, WorkerStore};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;

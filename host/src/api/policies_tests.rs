@@ -21,7 +21,10 @@ use crate::model::{Resources, TaskStatus};
 use crate::policy::guest_tests::{guest, wasm_dir};
 use crate::policy::snapshot::ClusterSnapshot;
 use crate::policy::{EngineSettings, PolicyEngine, PolicyRuntime, RuntimeSettings};
+use crate::store::BlobStore;
 use crate::store::Store;
+use crate::store::TaskStore;
+use crate::store::WorkerStore;
 use crate::store::conformance::{sample_task_at, sample_worker, unique_id};
 use crate::store::sqlite::SqliteStore;
 

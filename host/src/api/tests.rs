@@ -15,8 +15,11 @@ use tower::ServiceExt;
 use super::auth::{Authenticator, Role, TokenEntry, token_sha256_hex};
 use super::{AppState, Limits, router};
 use crate::model::{self, Assignment, ResultStatus, TaskResult, TaskStatus};
+use crate::store::AssignmentStore;
+use crate::store::TaskStore;
+use crate::store::TaskUpdate;
+use crate::store::WorkerStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{Store, TaskUpdate};
 
 const ALICE: &str = "cai_u_alice_0123456789abcdef";
 const BOB: &str = "cai_u_bob_0123456789abcdef";

@@ -15,9 +15,10 @@ use crate::model::{
     TaskStatus, Worker, WorkerUsage,
 };
 use crate::store::{
-    ArraySummary, AssignmentFilter, EndedAttempt, EventBounds, IdempotencyKey, NewEvent,
-    OutputFileInfo, Result, RoundOutcome, RoundPlan, RoundReadPlan, RoundReads, RuntimeSample,
-    Store, StoredEvent, SubmitOutcome, TaskCounts, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate,
+    ArraySummary, AssignmentFilter, AssignmentStore, BlobStore, EndedAttempt, EventBounds,
+    EventStore, IdempotencyKey, LeaseStore, NewEvent, OutputFileInfo, Result, RoundOutcome,
+    RoundPlan, RoundReadPlan, RoundReads, RuntimeSample, Store, StoredEvent, SubmitOutcome,
+    TaskCounts, TaskLogChunk, TaskPage, TaskQuery, TaskStore, TaskUpdate, WorkerStore,
 };
 
 tokio::task_local! {
@@ -162,6 +163,52 @@ impl Store for EventedStore {
         self.inner.backend_name()
     }
 
+    async fn place_round(&self, plan: &RoundPlan) -> Result<RoundOutcome> {
+        let outcome = self.inner.place_round(plan).await?;
+        for (task, assignment) in &outcome.placed {
+            self.task_state(task, Some(&assignment.worker_id));
+        }
+        Ok(outcome)
+    }
+
+    async fn end_attempt(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        result: Option<&TaskResult>,
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<EndedAttempt> {
+        let ended = self
+            .inner
+            .end_attempt(task_id, attempt, result, to, update)
+            .await?;
+        self.after_transition(&[TaskStatus::Running], to, &ended.task);
+        if in_reconciler() {
+            for a in &ended.released {
+                let mut event = repair("assignment_released", None, None);
+                event.data["ass_id"] = json!(a.ass_id);
+                self.publish(event);
+            }
+        }
+        Ok(ended)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.inner.ping().await
+    }
+
+    async fn worker_work(&self, worker_id: &str) -> Result<Vec<(Assignment, Task)>> {
+        self.inner.worker_work(worker_id).await
+    }
+
+    async fn round_reads(&self, plan: &RoundReadPlan) -> Result<RoundReads> {
+        self.inner.round_reads(plan).await
+    }
+}
+
+#[async_trait]
+impl TaskStore for EventedStore {
     async fn insert_task(
         &self,
         task: &Task,
@@ -205,41 +252,10 @@ impl Store for EventedStore {
         Ok(task)
     }
 
-    async fn place_round(&self, plan: &RoundPlan) -> Result<RoundOutcome> {
-        let outcome = self.inner.place_round(plan).await?;
-        for (task, assignment) in &outcome.placed {
-            self.task_state(task, Some(&assignment.worker_id));
-        }
-        Ok(outcome)
-    }
-
     async fn mark_running(&self, task_id: &str, owner: &str, attempts: u32) -> Result<Task> {
         let task = self.inner.mark_running(task_id, owner, attempts).await?;
         self.task_state(&task, None);
         Ok(task)
-    }
-
-    async fn end_attempt(
-        &self,
-        task_id: &str,
-        attempt: u32,
-        result: Option<&TaskResult>,
-        to: TaskStatus,
-        update: &TaskUpdate,
-    ) -> Result<EndedAttempt> {
-        let ended = self
-            .inner
-            .end_attempt(task_id, attempt, result, to, update)
-            .await?;
-        self.after_transition(&[TaskStatus::Running], to, &ended.task);
-        if in_reconciler() {
-            for a in &ended.released {
-                let mut event = repair("assignment_released", None, None);
-                event.data["ass_id"] = json!(a.ass_id);
-                self.publish(event);
-            }
-        }
-        Ok(ended)
     }
 
     async fn clear_expired_claims(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Task>> {
@@ -248,143 +264,6 @@ impl Store for EventedStore {
             self.publish(repair("claim_cleared", Some(&task.task_id), None));
         }
         Ok(cleared)
-    }
-
-    async fn release(&self, ass_id: &str) -> Result<bool> {
-        let released = self.inner.release(ass_id).await?;
-        if released && in_reconciler() {
-            let mut event = repair("assignment_released", None, None);
-            event.data["ass_id"] = json!(ass_id);
-            self.publish(event);
-        }
-        Ok(released)
-    }
-
-    async fn release_unstarted(&self, ass_id: &str) -> Result<bool> {
-        let released = self.inner.release_unstarted(ass_id).await?;
-        if released && in_reconciler() {
-            let mut event = repair("assignment_released", None, None);
-            event.data["ass_id"] = json!(ass_id);
-            self.publish(event);
-        }
-        Ok(released)
-    }
-
-    async fn accounting_epochs(&self, worker_ids: &[&str]) -> Result<HashMap<String, i64>> {
-        self.inner.accounting_epochs(worker_ids).await
-    }
-
-    async fn repair_allocation(&self, observed: &Worker, allocated: &Resources) -> Result<bool> {
-        let repaired = self.inner.repair_allocation(observed, allocated).await?;
-        if repaired {
-            self.publish(repair("allocation_drift", None, Some(&observed.worker_id)));
-        }
-        Ok(repaired)
-    }
-
-    async fn insert_worker(&self, worker: &Worker) -> Result<()> {
-        self.inner.insert_worker(worker).await?;
-        self.worker("joined", &worker.worker_id);
-        Ok(())
-    }
-
-    async fn set_draining(&self, worker_id: &str, draining: bool) -> Result<Worker> {
-        let worker = self.inner.set_draining(worker_id, draining).await?;
-        self.worker(if draining { "drained" } else { "undrained" }, worker_id);
-        Ok(worker)
-    }
-
-    async fn set_worker_active(&self, worker_id: &str, active: bool) -> Result<Worker> {
-        let worker = self.inner.set_worker_active(worker_id, active).await?;
-        self.worker(if active { "reactivated" } else { "lost" }, worker_id);
-        Ok(worker)
-    }
-
-    async fn mark_worker_lost(&self, worker_id: &str, heartbeat_before: i64) -> Result<bool> {
-        let lost = self
-            .inner
-            .mark_worker_lost(worker_id, heartbeat_before)
-            .await?;
-        if lost {
-            self.worker("lost", worker_id);
-        }
-        Ok(lost)
-    }
-
-    async fn delete_worker(&self, worker_id: &str) -> Result<()> {
-        self.inner.delete_worker(worker_id).await?;
-        self.worker("removed", worker_id);
-        Ok(())
-    }
-
-    async fn insert_policy_version(&self, version: &PolicyVersion, bytes: &[u8]) -> Result<()> {
-        self.inner.insert_policy_version(version, bytes).await?;
-        self.policy("uploaded", &version.name, &version.version, version.kind);
-        Ok(())
-    }
-
-    async fn activate_policy(
-        &self,
-        kind: PolicyKind,
-        name: &str,
-        version: &str,
-        activated_by: &str,
-        expected_current: Option<(String, String)>,
-    ) -> Result<ActivePolicy> {
-        let active = self
-            .inner
-            .activate_policy(kind, name, version, activated_by, expected_current)
-            .await?;
-        let automatic = activated_by == crate::policy::sync::AUTO_ROLLBACK_BY;
-        if automatic && let Some((failed, failed_version)) = &active.previous {
-            self.publish(event(
-                "policy",
-                "deactivated",
-                None,
-                None,
-                None,
-                json!({
-                    "name": failed, "version": failed_version, "kind": kind.as_str(),
-                    "reason": format!("failed repeatedly: rolled back to {name}@{version}"),
-                }),
-            ));
-        }
-        let what = if automatic || in_rollback() {
-            "rolled_back"
-        } else {
-            "activated"
-        };
-        self.policy(what, name, version, kind);
-        Ok(active)
-    }
-
-    async fn clear_active_policy(
-        &self,
-        kind: PolicyKind,
-        expected_current: (String, String),
-    ) -> Result<()> {
-        self.inner
-            .clear_active_policy(kind, expected_current.clone())
-            .await?;
-        let (name, version) = expected_current;
-        self.publish(event(
-            "policy",
-            "deactivated",
-            None,
-            None,
-            None,
-            json!({
-                "name": name, "version": version, "kind": kind.as_str(),
-                "reason": "failed repeatedly with no earlier version to restore: the native policy runs",
-            }),
-        ));
-        Ok(())
-    }
-
-    // ----- plain delegation -----
-
-    async fn ping(&self) -> Result<()> {
-        self.inner.ping().await
     }
 
     async fn get_task(&self, task_id: &str) -> Result<Task> {
@@ -499,6 +378,85 @@ impl Store for EventedStore {
         self.inner.preemptions_in_progress().await
     }
 
+    async fn user_usage(&self, user_id: &str) -> Result<Usage> {
+        self.inner.user_usage(user_id).await
+    }
+
+    async fn task_counts(&self) -> Result<TaskCounts> {
+        self.inner.task_counts().await
+    }
+
+    async fn admission_batch(&self, limit: u32, due_before: DateTime<Utc>) -> Result<Vec<Task>> {
+        self.inner.admission_batch(limit, due_before).await
+    }
+
+    async fn claimable_tasks(
+        &self,
+        limit: u32,
+        now: DateTime<Utc>,
+        exclude_users: &[String],
+    ) -> Result<Vec<Task>> {
+        self.inner.claimable_tasks(limit, now, exclude_users).await
+    }
+
+    async fn running_counts(&self, users: &[String]) -> Result<BTreeMap<String, u32>> {
+        self.inner.running_counts(users).await
+    }
+
+    async fn unclaim_task(&self, task_id: &str, owner: &str) -> Result<bool> {
+        self.inner.unclaim_task(task_id, owner).await
+    }
+}
+
+#[async_trait]
+impl WorkerStore for EventedStore {
+    async fn accounting_epochs(&self, worker_ids: &[&str]) -> Result<HashMap<String, i64>> {
+        self.inner.accounting_epochs(worker_ids).await
+    }
+
+    async fn repair_allocation(&self, observed: &Worker, allocated: &Resources) -> Result<bool> {
+        let repaired = self.inner.repair_allocation(observed, allocated).await?;
+        if repaired {
+            self.publish(repair("allocation_drift", None, Some(&observed.worker_id)));
+        }
+        Ok(repaired)
+    }
+
+    async fn insert_worker(&self, worker: &Worker) -> Result<()> {
+        self.inner.insert_worker(worker).await?;
+        self.worker("joined", &worker.worker_id);
+        Ok(())
+    }
+
+    async fn set_draining(&self, worker_id: &str, draining: bool) -> Result<Worker> {
+        let worker = self.inner.set_draining(worker_id, draining).await?;
+        self.worker(if draining { "drained" } else { "undrained" }, worker_id);
+        Ok(worker)
+    }
+
+    async fn set_worker_active(&self, worker_id: &str, active: bool) -> Result<Worker> {
+        let worker = self.inner.set_worker_active(worker_id, active).await?;
+        self.worker(if active { "reactivated" } else { "lost" }, worker_id);
+        Ok(worker)
+    }
+
+    async fn mark_worker_lost(&self, worker_id: &str, heartbeat_before: i64) -> Result<bool> {
+        let lost = self
+            .inner
+            .mark_worker_lost(worker_id, heartbeat_before)
+            .await?;
+        if lost {
+            self.worker("lost", worker_id);
+        }
+        Ok(lost)
+    }
+
+    async fn delete_worker(&self, worker_id: &str) -> Result<()> {
+        self.inner.delete_worker(worker_id).await?;
+        self.worker("removed", worker_id);
+        Ok(())
+    }
+
     async fn get_worker(&self, worker_id: &str) -> Result<Worker> {
         self.inner.get_worker(worker_id).await
     }
@@ -520,16 +478,44 @@ impl Store for EventedStore {
         self.inner.reserve(worker_id, request).await
     }
 
+    async fn unreserve(
+        &self,
+        worker_id: &str,
+        request: &Resources,
+        epoch: Option<i64>,
+    ) -> Result<bool> {
+        self.inner.unreserve(worker_id, request, epoch).await
+    }
+}
+
+#[async_trait]
+impl AssignmentStore for EventedStore {
+    async fn release(&self, ass_id: &str) -> Result<bool> {
+        let released = self.inner.release(ass_id).await?;
+        if released && in_reconciler() {
+            let mut event = repair("assignment_released", None, None);
+            event.data["ass_id"] = json!(ass_id);
+            self.publish(event);
+        }
+        Ok(released)
+    }
+
+    async fn release_unstarted(&self, ass_id: &str) -> Result<bool> {
+        let released = self.inner.release_unstarted(ass_id).await?;
+        if released && in_reconciler() {
+            let mut event = repair("assignment_released", None, None);
+            event.data["ass_id"] = json!(ass_id);
+            self.publish(event);
+        }
+        Ok(released)
+    }
+
     async fn insert_assignment(&self, assignment: &Assignment) -> Result<()> {
         self.inner.insert_assignment(assignment).await
     }
 
     async fn get_assignment(&self, ass_id: &str) -> Result<Assignment> {
         self.inner.get_assignment(ass_id).await
-    }
-
-    async fn worker_work(&self, worker_id: &str) -> Result<Vec<(Assignment, Task)>> {
-        self.inner.worker_work(worker_id).await
     }
 
     async fn list_assignments(&self, filter: &AssignmentFilter) -> Result<Vec<Assignment>> {
@@ -546,6 +532,81 @@ impl Store for EventedStore {
 
     async fn recent_runtimes(&self, limit: u32) -> Result<Vec<RuntimeSample>> {
         self.inner.recent_runtimes(limit).await
+    }
+
+    async fn count_assignments_since(&self, since: DateTime<Utc>) -> Result<u64> {
+        self.inner.count_assignments_since(since).await
+    }
+
+    async fn active_assignment_counts(&self) -> Result<BTreeMap<String, u32>> {
+        self.inner.active_assignment_counts().await
+    }
+}
+
+#[async_trait]
+impl BlobStore for EventedStore {
+    async fn insert_policy_version(&self, version: &PolicyVersion, bytes: &[u8]) -> Result<()> {
+        self.inner.insert_policy_version(version, bytes).await?;
+        self.policy("uploaded", &version.name, &version.version, version.kind);
+        Ok(())
+    }
+
+    async fn activate_policy(
+        &self,
+        kind: PolicyKind,
+        name: &str,
+        version: &str,
+        activated_by: &str,
+        expected_current: Option<(String, String)>,
+    ) -> Result<ActivePolicy> {
+        let active = self
+            .inner
+            .activate_policy(kind, name, version, activated_by, expected_current)
+            .await?;
+        let automatic = activated_by == crate::policy::sync::AUTO_ROLLBACK_BY;
+        if automatic && let Some((failed, failed_version)) = &active.previous {
+            self.publish(event(
+                "policy",
+                "deactivated",
+                None,
+                None,
+                None,
+                json!({
+                    "name": failed, "version": failed_version, "kind": kind.as_str(),
+                    "reason": format!("failed repeatedly: rolled back to {name}@{version}"),
+                }),
+            ));
+        }
+        let what = if automatic || in_rollback() {
+            "rolled_back"
+        } else {
+            "activated"
+        };
+        self.policy(what, name, version, kind);
+        Ok(active)
+    }
+
+    async fn clear_active_policy(
+        &self,
+        kind: PolicyKind,
+        expected_current: (String, String),
+    ) -> Result<()> {
+        self.inner
+            .clear_active_policy(kind, expected_current.clone())
+            .await?;
+        let (name, version) = expected_current;
+        self.publish(event(
+            "policy",
+            "deactivated",
+            None,
+            None,
+            None,
+            json!({
+                "name": name, "version": version, "kind": kind.as_str(),
+                "reason": "failed repeatedly with no earlier version to restore: the native policy runs",
+            }),
+        ));
+        Ok(())
     }
 
     async fn get_policy_version(&self, name: &str, version: &str) -> Result<PolicyVersion> {
@@ -566,70 +627,6 @@ impl Store for EventedStore {
 
     async fn get_active_policy(&self, kind: PolicyKind) -> Result<Option<ActivePolicy>> {
         self.inner.get_active_policy(kind).await
-    }
-
-    async fn user_usage(&self, user_id: &str) -> Result<Usage> {
-        self.inner.user_usage(user_id).await
-    }
-
-    async fn task_counts(&self) -> Result<TaskCounts> {
-        self.inner.task_counts().await
-    }
-
-    async fn count_assignments_since(&self, since: DateTime<Utc>) -> Result<u64> {
-        self.inner.count_assignments_since(since).await
-    }
-
-    async fn admission_batch(&self, limit: u32, due_before: DateTime<Utc>) -> Result<Vec<Task>> {
-        self.inner.admission_batch(limit, due_before).await
-    }
-
-    async fn claimable_tasks(
-        &self,
-        limit: u32,
-        now: DateTime<Utc>,
-        exclude_users: &[String],
-    ) -> Result<Vec<Task>> {
-        self.inner.claimable_tasks(limit, now, exclude_users).await
-    }
-
-    async fn active_assignment_counts(&self) -> Result<BTreeMap<String, u32>> {
-        self.inner.active_assignment_counts().await
-    }
-
-    async fn running_counts(&self, users: &[String]) -> Result<BTreeMap<String, u32>> {
-        self.inner.running_counts(users).await
-    }
-
-    async fn round_reads(&self, plan: &RoundReadPlan) -> Result<RoundReads> {
-        self.inner.round_reads(plan).await
-    }
-
-    async fn unclaim_task(&self, task_id: &str, owner: &str) -> Result<bool> {
-        self.inner.unclaim_task(task_id, owner).await
-    }
-
-    async fn unreserve(
-        &self,
-        worker_id: &str,
-        request: &Resources,
-        epoch: Option<i64>,
-    ) -> Result<bool> {
-        self.inner.unreserve(worker_id, request, epoch).await
-    }
-
-    async fn acquire_lease(
-        &self,
-        name: &str,
-        holder: &str,
-        until: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> Result<bool> {
-        self.inner.acquire_lease(name, holder, until, now).await
-    }
-
-    async fn release_lease(&self, name: &str, holder: &str) -> Result<bool> {
-        self.inner.release_lease(name, holder).await
     }
 
     async fn insert_log_chunk(&self, chunk: &TaskLogChunk) -> Result<bool> {
@@ -668,7 +665,10 @@ impl Store for EventedStore {
     ) -> Result<(OutputFileInfo, Vec<u8>)> {
         self.inner.get_output_file(task_id, path).await
     }
+}
 
+#[async_trait]
+impl EventStore for EventedStore {
     async fn append_events(&self, events: &[NewEvent]) -> Result<Vec<u64>> {
         self.inner.append_events(events).await
     }
@@ -692,5 +692,22 @@ impl Store for EventedStore {
 
     async fn prune_events(&self, before: DateTime<Utc>) -> Result<u64> {
         self.inner.prune_events(before).await
+    }
+}
+
+#[async_trait]
+impl LeaseStore for EventedStore {
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        self.inner.acquire_lease(name, holder, until, now).await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<bool> {
+        self.inner.release_lease(name, holder).await
     }
 }

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{EventHub, EventedStore};
 use crate::model::TaskStatus;
+use crate::store::TaskStore;
 use crate::store::conformance::{sample_task, unique_id};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, TaskUpdate};

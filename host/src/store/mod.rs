@@ -325,16 +325,113 @@ pub(crate) fn verify_output_bytes(info: &OutputFileInfo, bytes: &[u8]) -> Result
     Ok(())
 }
 
+/// The whole store: the sum of the per-concern traits below, plus what spans several
+/// concerns (a worker's work, an attempt's end, a placement round's reads and write) and the
+/// backend itself. A user that needs one concern can take that trait alone.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store:
+    TaskStore + WorkerStore + AssignmentStore + BlobStore + EventStore + LeaseStore + 'static
+{
     /// Which backend this is, for logs and `/readyz`.
     fn backend_name(&self) -> &'static str;
 
     /// Cheap round trip to the backend.
     async fn ping(&self) -> Result<()>;
 
-    // ----- tasks -----
+    /// The work of one worker now: its unreleased assignments that hold their task
+    /// ([`Assignment::holds`]: running at that attempt, placed by that placement), each with
+    /// its task, by `ass_id`. What a worker's long poll answers, so a backend answers it with
+    /// one query. The default reads the assignments, then each task.
+    async fn worker_work(&self, worker_id: &str) -> Result<Vec<(Assignment, Task)>> {
+        let assignments = self
+            .list_assignments(&AssignmentFilter {
+                worker_id: Some(worker_id.to_string()),
+                active_only: true,
+                ..AssignmentFilter::default()
+            })
+            .await?;
+        let mut work = Vec::with_capacity(assignments.len());
+        for a in assignments {
+            match self.get_task(&a.task_id).await {
+                Ok(task) if a.holds(&task) => work.push((a, task)),
+                Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        work.sort_by(|(x, _), (y, _)| x.ass_id.cmp(&y.ass_id));
+        Ok(work)
+    }
 
+    /// Ends a running task's attempt: records `result` when given (a result the task has
+    /// already, from an earlier try of the same report, is kept), moves the task from
+    /// `running` at `attempt` to `to` with `update` ([`Self::transition_attempt`]), and
+    /// releases every active assignment of the task, each exactly once. `Conflict` when the
+    /// task is not running at `attempt`; `NotFound` when there is no such task.
+    ///
+    /// The default does these one after another: a crash between them leaves a running task
+    /// with its result (the report is sent again and finishes it), or a finished task whose
+    /// reservation is still held (the reconciler releases an assignment whose task is not
+    /// running). A backend with transactions does them at once.
+    async fn end_attempt(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        result: Option<&TaskResult>,
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<EndedAttempt> {
+        if let Some(result) = result {
+            match self.insert_result(result).await {
+                Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        let task = self
+            .transition_attempt(task_id, attempt, &[TaskStatus::Running], to, update)
+            .await?;
+        let active = self
+            .list_assignments(&AssignmentFilter {
+                task_id: Some(task_id.to_string()),
+                active_only: true,
+                ..AssignmentFilter::default()
+            })
+            .await?;
+        let mut released = Vec::with_capacity(active.len());
+        for assignment in active {
+            if self.release(&assignment.ass_id).await? {
+                released.push(assignment);
+            }
+        }
+        Ok(EndedAttempt { task, released })
+    }
+
+    /// A placement round's reads ([`round_reads`]): the fair batch of claimable tasks, the
+    /// running counts of its users and, with `plan.workers`, the workers with their active
+    /// assignment counts. The default takes them with the reads above (the queue and the
+    /// workers side by side); the embedded store takes them in one call on its one connection,
+    /// so that a round waits once behind the requests queued before it, not once per read.
+    async fn round_reads(&self, plan: &RoundReadPlan) -> Result<RoundReads> {
+        round_reads::round_reads_by_parts(self, plan).await
+    }
+
+    /// Writes a placement round's decisions: claims the tasks under `plan.claim`, reserves on
+    /// each worker, inserts the assignments and marks the tasks running, so that every task of
+    /// the plan ends placed (running, with its assignment and reservation), lost (another actor
+    /// got there first: unclaimed, nothing of it reserved) or failed (a write failed; what it
+    /// left behind is returned here or repaired by the reconciler). Never overcommits a worker.
+    /// `Err` only when the round could not start.
+    ///
+    /// The default writes task by task with the single-record methods above; a backend
+    /// overrides it to write a round in a few commands ([`placement::place_in_steps`]) or in
+    /// one transaction.
+    async fn place_round(&self, plan: &RoundPlan) -> Result<RoundOutcome> {
+        placement::place_in_steps(self, &placement::TaskByTask(self), plan).await
+    }
+}
+
+/// The TASKS collection: submitting, reading and moving tasks through their states, claims, cancellation and preemption marks, and the queue's reads.
+#[async_trait]
+pub trait TaskStore: Send + Sync {
     /// Inserts a new task. With an idempotency key already used by the same user: returns the
     /// first task (`created: false`) when the request digest matches, else
     /// [`StoreError::IdempotencyMismatch`]. `AlreadyExists` when `task_id` is taken.
@@ -426,8 +523,6 @@ pub trait Store: Send + Sync + 'static {
     /// `Conflict` when the task is not running.
     async fn request_cancel(&self, task_id: &str) -> Result<Task>;
 
-    // ----- preemption -----
-
     /// Asks running tasks to stop for a preemption, each in one conditional update: each of
     /// `victims` (`(task_id, attempt)`) still `running` at that attempt, with an attempt left
     /// (`attempt < max_attempts`: it can run again), preemptible and not asked to stop already
@@ -454,8 +549,66 @@ pub trait Store: Send + Sync + 'static {
     /// (`preempted_by`), how many of them are still running.
     async fn preemptions_in_progress(&self) -> Result<BTreeMap<String, u32>>;
 
-    // ----- workers -----
+    /// A user's usage as admission sees it: how many of their tasks are running, queued and
+    /// pending, and the resources their running tasks hold. One indexed query on
+    /// (user_id, status), not a scan of the user's history.
+    async fn user_usage(&self, user_id: &str) -> Result<Usage>;
 
+    /// Up to `limit` `pending` tasks last updated at or before `due_before`, least recently
+    /// updated first: what an admission pass checks (a deferral updates the task, which puts
+    /// it back by the back-off).
+    async fn admission_batch(&self, limit: u32, due_before: DateTime<Utc>) -> Result<Vec<Task>>;
+
+    /// Up to `limit` `queued` tasks that can be claimed at `now` (unclaimed, or whose lease
+    /// expired before `now`), in queue order (priority descending, then `created_at`, then
+    /// `task_id`: [`crate::model::queue_order`]), leaving out the tasks of
+    /// `exclude_users`. Served by an index on (status, priority, created_at, task_id).
+    async fn claimable_tasks(
+        &self,
+        limit: u32,
+        now: DateTime<Utc>,
+        exclude_users: &[String],
+    ) -> Result<Vec<Task>>;
+
+    /// How many `running` tasks each of `users` has (users with none are absent): the
+    /// placement round's fair share. One query for all of them.
+    async fn running_counts(&self, users: &[String]) -> Result<BTreeMap<String, u32>>;
+
+    /// Moves a `queued` task claimed by `owner` to `running` in one conditional update:
+    /// records `attempts`, clears the claim and the status reason (`started_at` stays unset:
+    /// the worker sets it when the container starts). `Conflict` when the task is not queued
+    /// or not claimed by `owner`; `NotFound` when there is no such task.
+    async fn mark_running(&self, task_id: &str, owner: &str, attempts: u32) -> Result<Task>;
+
+    /// Gives up `owner`'s claim on a queued task. `Ok(false)` when the task is not queued or
+    /// not claimed by `owner` (nothing to give up).
+    async fn unclaim_task(&self, task_id: &str, owner: &str) -> Result<bool>;
+
+    /// [`Store::transition_task`] that applies only while the task's `attempts` is `attempt`
+    /// as well: how an actor that speaks for one attempt (a worker's report, the reconciler
+    /// re-queuing a lost one) can never move a later attempt. `Conflict` otherwise.
+    async fn transition_attempt(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        from: &[TaskStatus],
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<Task>;
+
+    /// Clears the claim (owner and lease) of up to `limit` `queued` tasks whose lease expired
+    /// before `now`, each with one conditional update (a claim renewed meanwhile is kept).
+    /// Returns the tasks it cleared, as they were before.
+    async fn clear_expired_claims(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Task>>;
+
+    /// How many tasks are in each status: one grouped count (served by the status index),
+    /// never a listing; the store may hold 100,000 tasks.
+    async fn task_counts(&self) -> Result<TaskCounts>;
+}
+
+/// The WORKER_REGISTRY: registration, heartbeats, and each worker's resource accounting (the conditional reserve and its mirror, the reconciler's recount).
+#[async_trait]
+pub trait WorkerStore: Send + Sync {
     /// `AlreadyExists` when the worker id is taken.
     async fn insert_worker(&self, worker: &Worker) -> Result<()>;
 
@@ -486,8 +639,46 @@ pub trait Store: Send + Sync + 'static {
     /// (someone else took the capacity: re-plan), `NotFound` when the worker does not exist.
     async fn reserve(&self, worker_id: &str, request: &Resources) -> Result<bool>;
 
-    // ----- assignments -----
+    /// The `accounting_epoch` of each of `worker_ids` that exists (how many times the
+    /// reconciler has recounted its allocation), read in one query: what a placement round
+    /// records in its assignments as `reserved_epoch`. The default knows none (a store that
+    /// places in one transaction needs none).
+    async fn accounting_epochs(&self, worker_ids: &[&str]) -> Result<HashMap<String, i64>> {
+        let _ = worker_ids;
+        Ok(HashMap::new())
+    }
 
+    /// Returns a reservation that never got its assignment (a placement failed between the
+    /// reserve and the insert): moves `request` from `allocated_*` back to `available_*`, in
+    /// one conditional update that applies only when `allocated_*` covers it and, when
+    /// `epoch` is given, only while the worker's accounting epoch is still `epoch` (the one
+    /// [`Self::accounting_epochs`] gave before the reserve: a recount since may already have
+    /// left the reservation out). `Ok(false)` when it did not apply; `NotFound` when the
+    /// worker does not exist.
+    async fn unreserve(
+        &self,
+        worker_id: &str,
+        request: &Resources,
+        epoch: Option<i64>,
+    ) -> Result<bool>;
+
+    /// Marks a worker lost (`is_active: false`) in one conditional update that applies only
+    /// while it is active and its `last_heartbeat` is before `heartbeat_before` (Unix
+    /// seconds). `Ok(false)` when it did not apply (it heartbeated meanwhile, or is inactive
+    /// already); `NotFound` when there is no such worker.
+    async fn mark_worker_lost(&self, worker_id: &str, heartbeat_before: i64) -> Result<bool>;
+
+    /// Sets a worker's `allocated_*` to `allocated` and `available_*` to `total_* -
+    /// allocated`, in one conditional update that applies only while every total, allocated
+    /// and available amount still equals `observed`'s: a reserve or a release since
+    /// `observed` was read makes it not apply (`Ok(false)`). `NotFound` when there is no
+    /// such worker.
+    async fn repair_allocation(&self, observed: &Worker, allocated: &Resources) -> Result<bool>;
+}
+
+/// ASSIGNMENTS and RESULTS: placements holding their reservations, the once-only release, and the results of attempts.
+#[async_trait]
+pub trait AssignmentStore: Send + Sync {
     /// `AlreadyExists` when `ass_id` is taken.
     async fn insert_assignment(&self, assignment: &Assignment) -> Result<()>;
 
@@ -495,30 +686,6 @@ pub trait Store: Send + Sync + 'static {
 
     /// Oldest first.
     async fn list_assignments(&self, filter: &AssignmentFilter) -> Result<Vec<Assignment>>;
-
-    /// The work of one worker now: its unreleased assignments that hold their task
-    /// ([`Assignment::holds`]: running at that attempt, placed by that placement), each with
-    /// its task, by `ass_id`. What a worker's long poll answers, so a backend answers it with
-    /// one query. The default reads the assignments, then each task.
-    async fn worker_work(&self, worker_id: &str) -> Result<Vec<(Assignment, Task)>> {
-        let assignments = self
-            .list_assignments(&AssignmentFilter {
-                worker_id: Some(worker_id.to_string()),
-                active_only: true,
-                ..AssignmentFilter::default()
-            })
-            .await?;
-        let mut work = Vec::with_capacity(assignments.len());
-        for a in assignments {
-            match self.get_task(&a.task_id).await {
-                Ok(task) if a.holds(&task) => work.push((a, task)),
-                Ok(_) | Err(StoreError::NotFound { .. }) => {}
-                Err(error) => return Err(error),
-            }
-        }
-        work.sort_by(|(x, _), (y, _)| x.ass_id.cmp(&y.ass_id));
-        Ok(work)
-    }
 
     /// Returns an assignment's reservation to its worker, exactly once: the first call marks
     /// the assignment released and gives the amounts back (`Ok(true)`); every later call does
@@ -536,60 +703,6 @@ pub trait Store: Send + Sync + 'static {
         self.release(ass_id).await
     }
 
-    /// The `accounting_epoch` of each of `worker_ids` that exists (how many times the
-    /// reconciler has recounted its allocation), read in one query: what a placement round
-    /// records in its assignments as `reserved_epoch`. The default knows none (a store that
-    /// places in one transaction needs none).
-    async fn accounting_epochs(&self, worker_ids: &[&str]) -> Result<HashMap<String, i64>> {
-        let _ = worker_ids;
-        Ok(HashMap::new())
-    }
-
-    /// Ends a running task's attempt: records `result` when given (a result the task has
-    /// already, from an earlier try of the same report, is kept), moves the task from
-    /// `running` at `attempt` to `to` with `update` ([`Self::transition_attempt`]), and
-    /// releases every active assignment of the task, each exactly once. `Conflict` when the
-    /// task is not running at `attempt`; `NotFound` when there is no such task.
-    ///
-    /// The default does these one after another: a crash between them leaves a running task
-    /// with its result (the report is sent again and finishes it), or a finished task whose
-    /// reservation is still held (the reconciler releases an assignment whose task is not
-    /// running). A backend with transactions does them at once.
-    async fn end_attempt(
-        &self,
-        task_id: &str,
-        attempt: u32,
-        result: Option<&TaskResult>,
-        to: TaskStatus,
-        update: &TaskUpdate,
-    ) -> Result<EndedAttempt> {
-        if let Some(result) = result {
-            match self.insert_result(result).await {
-                Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
-                Err(error) => return Err(error),
-            }
-        }
-        let task = self
-            .transition_attempt(task_id, attempt, &[TaskStatus::Running], to, update)
-            .await?;
-        let active = self
-            .list_assignments(&AssignmentFilter {
-                task_id: Some(task_id.to_string()),
-                active_only: true,
-                ..AssignmentFilter::default()
-            })
-            .await?;
-        let mut released = Vec::with_capacity(active.len());
-        for assignment in active {
-            if self.release(&assignment.ass_id).await? {
-                released.push(assignment);
-            }
-        }
-        Ok(EndedAttempt { task, released })
-    }
-
-    // ----- results -----
-
     /// `AlreadyExists` when the task already has a result.
     async fn insert_result(&self, result: &TaskResult) -> Result<()>;
 
@@ -599,8 +712,17 @@ pub trait Store: Send + Sync + 'static {
     /// first): the history placement policies see as mean runtimes per task type.
     async fn recent_runtimes(&self, limit: u32) -> Result<Vec<RuntimeSample>>;
 
-    // ----- policies -----
+    /// The number of active (unreleased) assignments of each worker that has any.
+    async fn active_assignment_counts(&self) -> Result<BTreeMap<String, u32>>;
 
+    /// How many assignments were made at or after `since` (the placements of a recent
+    /// window), counted through an index on `assigned_at`.
+    async fn count_assignments_since(&self, since: DateTime<Utc>) -> Result<u64>;
+}
+
+/// Stored bytes: policy components and which one is active, tasks' live output, and the files they leave.
+#[async_trait]
+pub trait BlobStore: Send + Sync {
     /// Stores a new policy version and its component `bytes`, in chunks of
     /// [`POLICY_CHUNK_BYTES`] (a 20 MB component fits every backend). `AlreadyExists` when
     /// (name, version) is taken. The caller computes `version.sha256` (see [`sha256_hex`])
@@ -651,132 +773,6 @@ pub trait Store: Send + Sync + 'static {
         kind: PolicyKind,
         expected_current: (String, String),
     ) -> Result<()>;
-    // ----- scheduling -----
-
-    /// A user's usage as admission sees it: how many of their tasks are running, queued and
-    /// pending, and the resources their running tasks hold. One indexed query on
-    /// (user_id, status), not a scan of the user's history.
-    async fn user_usage(&self, user_id: &str) -> Result<Usage>;
-
-    /// Up to `limit` `pending` tasks last updated at or before `due_before`, least recently
-    /// updated first: what an admission pass checks (a deferral updates the task, which puts
-    /// it back by the back-off).
-    async fn admission_batch(&self, limit: u32, due_before: DateTime<Utc>) -> Result<Vec<Task>>;
-
-    /// Up to `limit` `queued` tasks that can be claimed at `now` (unclaimed, or whose lease
-    /// expired before `now`), in queue order (priority descending, then `created_at`, then
-    /// `task_id`: [`crate::model::queue_order`]), leaving out the tasks of
-    /// `exclude_users`. Served by an index on (status, priority, created_at, task_id).
-    async fn claimable_tasks(
-        &self,
-        limit: u32,
-        now: DateTime<Utc>,
-        exclude_users: &[String],
-    ) -> Result<Vec<Task>>;
-
-    /// The number of active (unreleased) assignments of each worker that has any.
-    async fn active_assignment_counts(&self) -> Result<BTreeMap<String, u32>>;
-
-    /// How many `running` tasks each of `users` has (users with none are absent): the
-    /// placement round's fair share. One query for all of them.
-    async fn running_counts(&self, users: &[String]) -> Result<BTreeMap<String, u32>>;
-
-    /// A placement round's reads ([`round_reads`]): the fair batch of claimable tasks, the
-    /// running counts of its users and, with `plan.workers`, the workers with their active
-    /// assignment counts. The default takes them with the reads above (the queue and the
-    /// workers side by side); the embedded store takes them in one call on its one connection,
-    /// so that a round waits once behind the requests queued before it, not once per read.
-    async fn round_reads(&self, plan: &RoundReadPlan) -> Result<RoundReads> {
-        round_reads::round_reads_by_parts(self, plan).await
-    }
-
-    /// Moves a `queued` task claimed by `owner` to `running` in one conditional update:
-    /// records `attempts`, clears the claim and the status reason (`started_at` stays unset:
-    /// the worker sets it when the container starts). `Conflict` when the task is not queued
-    /// or not claimed by `owner`; `NotFound` when there is no such task.
-    async fn mark_running(&self, task_id: &str, owner: &str, attempts: u32) -> Result<Task>;
-
-    /// Writes a placement round's decisions: claims the tasks under `plan.claim`, reserves on
-    /// each worker, inserts the assignments and marks the tasks running, so that every task of
-    /// the plan ends placed (running, with its assignment and reservation), lost (another actor
-    /// got there first: unclaimed, nothing of it reserved) or failed (a write failed; what it
-    /// left behind is returned here or repaired by the reconciler). Never overcommits a worker.
-    /// `Err` only when the round could not start.
-    ///
-    /// The default writes task by task with the single-record methods above; a backend
-    /// overrides it to write a round in a few commands ([`placement::place_in_steps`]) or in
-    /// one transaction.
-    async fn place_round(&self, plan: &RoundPlan) -> Result<RoundOutcome> {
-        placement::place_in_steps(self, &placement::TaskByTask(self), plan).await
-    }
-
-    /// Gives up `owner`'s claim on a queued task. `Ok(false)` when the task is not queued or
-    /// not claimed by `owner` (nothing to give up).
-    async fn unclaim_task(&self, task_id: &str, owner: &str) -> Result<bool>;
-
-    /// Returns a reservation that never got its assignment (a placement failed between the
-    /// reserve and the insert): moves `request` from `allocated_*` back to `available_*`, in
-    /// one conditional update that applies only when `allocated_*` covers it and, when
-    /// `epoch` is given, only while the worker's accounting epoch is still `epoch` (the one
-    /// [`Self::accounting_epochs`] gave before the reserve: a recount since may already have
-    /// left the reservation out). `Ok(false)` when it did not apply; `NotFound` when the
-    /// worker does not exist.
-    async fn unreserve(
-        &self,
-        worker_id: &str,
-        request: &Resources,
-        epoch: Option<i64>,
-    ) -> Result<bool>;
-
-    // ----- reconciliation -----
-
-    /// Takes or renews the lease `name` for `holder` until `until`, in ONE conditional write
-    /// (an upsert): applies when nobody holds it, when `holder` already does, or when the
-    /// current lease expired before `now`. `Ok(false)` while another holder's lease runs. Of
-    /// several concurrent takers of a free lease exactly one gets `Ok(true)`.
-    async fn acquire_lease(
-        &self,
-        name: &str,
-        holder: &str,
-        until: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> Result<bool>;
-
-    /// Gives up `holder`'s lease `name` (anyone may take it at once). `Ok(false)` when
-    /// `holder` does not hold it.
-    async fn release_lease(&self, name: &str, holder: &str) -> Result<bool>;
-
-    /// Marks a worker lost (`is_active: false`) in one conditional update that applies only
-    /// while it is active and its `last_heartbeat` is before `heartbeat_before` (Unix
-    /// seconds). `Ok(false)` when it did not apply (it heartbeated meanwhile, or is inactive
-    /// already); `NotFound` when there is no such worker.
-    async fn mark_worker_lost(&self, worker_id: &str, heartbeat_before: i64) -> Result<bool>;
-
-    /// [`Store::transition_task`] that applies only while the task's `attempts` is `attempt`
-    /// as well: how an actor that speaks for one attempt (a worker's report, the reconciler
-    /// re-queuing a lost one) can never move a later attempt. `Conflict` otherwise.
-    async fn transition_attempt(
-        &self,
-        task_id: &str,
-        attempt: u32,
-        from: &[TaskStatus],
-        to: TaskStatus,
-        update: &TaskUpdate,
-    ) -> Result<Task>;
-
-    /// Clears the claim (owner and lease) of up to `limit` `queued` tasks whose lease expired
-    /// before `now`, each with one conditional update (a claim renewed meanwhile is kept).
-    /// Returns the tasks it cleared, as they were before.
-    async fn clear_expired_claims(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Task>>;
-
-    /// Sets a worker's `allocated_*` to `allocated` and `available_*` to `total_* -
-    /// allocated`, in one conditional update that applies only while every total, allocated
-    /// and available amount still equals `observed`'s: a reserve or a release since
-    /// `observed` was read makes it not apply (`Ok(false)`). `NotFound` when there is no
-    /// such worker.
-    async fn repair_allocation(&self, observed: &Worker, allocated: &Resources) -> Result<bool>;
-
-    // ----- live logs and output files -----
 
     /// Stores a chunk of live output. `Ok(false)` when a chunk with the same (task_id,
     /// attempt, seq) is already stored (a retried send): the first one is kept.
@@ -808,9 +804,11 @@ pub trait Store: Send + Sync + 'static {
     /// One output file and its bytes. `NotFound` when the task has no such file.
     async fn get_output_file(&self, task_id: &str, path: &str)
     -> Result<(OutputFileInfo, Vec<u8>)>;
+}
 
-    // ----- events (see [`events`]) -----
-
+/// The event log: appended in order, read by position, pruned by age.
+#[async_trait]
+pub trait EventStore: Send + Sync {
     /// Records `events` in order, each under a new id larger than every id given before;
     /// returns their ids. Not transactional across the batch.
     async fn append_events(&self, events: &[NewEvent]) -> Result<Vec<u64>>;
@@ -845,13 +843,24 @@ pub trait Store: Send + Sync + 'static {
     /// Removes the events recorded before `before`, oldest first (a prefix by id); returns
     /// how many were removed.
     async fn prune_events(&self, before: DateTime<Utc>) -> Result<u64>;
-    // ----- overview -----
+}
 
-    /// How many tasks are in each status: one grouped count (served by the status index),
-    /// never a listing; the store may hold 100,000 tasks.
-    async fn task_counts(&self) -> Result<TaskCounts>;
+/// Named leases: one holder at a time (the reconciler's, across replicas).
+#[async_trait]
+pub trait LeaseStore: Send + Sync {
+    /// Takes or renews the lease `name` for `holder` until `until`, in ONE conditional write
+    /// (an upsert): applies when nobody holds it, when `holder` already does, or when the
+    /// current lease expired before `now`. `Ok(false)` while another holder's lease runs. Of
+    /// several concurrent takers of a free lease exactly one gets `Ok(true)`.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<bool>;
 
-    /// How many assignments were made at or after `since` (the placements of a recent
-    /// window), counted through an index on `assigned_at`.
-    async fn count_assignments_since(&self, since: DateTime<Utc>) -> Result<u64>;
+    /// Gives up `holder`'s lease `name` (anyone may take it at once). `Ok(false)` when
+    /// `holder` does not hold it.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<bool>;
 }

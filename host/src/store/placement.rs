@@ -43,6 +43,8 @@ use futures::StreamExt;
 
 use super::{Result, Store, StoreError};
 use crate::model::{self, Assignment, Resources, Task, TaskStatus};
+use crate::store::AssignmentStore;
+use crate::store::TaskStore;
 
 /// Reserves of one round in flight at once (one per worker).
 const RESERVES_IN_FLIGHT: usize = 16;

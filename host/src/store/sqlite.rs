@@ -29,9 +29,10 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, params, params_fro
 use tokio::sync::oneshot;
 
 use super::{
-    ArraySummary, AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo,
-    POLICY_CHUNK_BYTES, Result, RuntimeSample, Store, StoreError, StoredEvent, SubmitOutcome,
-    TaskCounts, TaskLogChunk, TaskPage, TaskQuery, TaskUpdate, active_label, policy_label,
+    ArraySummary, AssignmentFilter, AssignmentStore, BlobStore, EventBounds, EventStore,
+    IdempotencyKey, LeaseStore, NewEvent, OutputFileInfo, POLICY_CHUNK_BYTES, Result,
+    RuntimeSample, Store, StoreError, StoredEvent, SubmitOutcome, TaskCounts, TaskLogChunk,
+    TaskPage, TaskQuery, TaskStore, TaskUpdate, WorkerStore, active_label, policy_label,
     sha256_hex, verify_output_bytes, verify_policy_bytes,
 };
 use crate::model::Usage;
@@ -2441,6 +2442,94 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn round_reads(&self, plan: &super::RoundReadPlan) -> Result<super::RoundReads> {
+        let plan = *plan;
+        // One call on the one connection: a round waits once behind the requests queued
+        // before it, and reads one snapshot.
+        self.call("reading a placement round", move |conn| {
+            let mut reads = super::round_reads::QueueReads::new(plan.limit);
+            while let Some(exclude) = reads.next_query() {
+                let page = claimable_tasks_sync(conn, plan.limit, &plan.now, exclude)?;
+                reads.add(page);
+            }
+            let (tasks, users) = reads.finish();
+            let running = running_counts_sync(conn, &users)?;
+            let workers = if plan.workers && !tasks.is_empty() {
+                Some(super::WorkerReads {
+                    workers: list_workers_sync(conn)?,
+                    active_assignments: active_assignment_counts_sync(conn)?,
+                })
+            } else {
+                None
+            };
+            Ok(super::RoundReads {
+                tasks,
+                running,
+                workers,
+            })
+        })
+        .await
+    }
+
+    async fn place_round(&self, plan: &super::RoundPlan) -> Result<super::RoundOutcome> {
+        self.place_round_impl(plan).await
+    }
+
+    async fn end_attempt(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        result: Option<&TaskResult>,
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<super::EndedAttempt> {
+        let (task_id, result, update) = (task_id.to_string(), result.cloned(), update.clone());
+        // One transaction: a conflict leaves no result behind either.
+        self.call("ending an attempt", move |conn| {
+            if let Some(result) = &result {
+                match insert_result_sync(conn, result) {
+                    Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+            let task = transition_sync(
+                conn,
+                &task_id,
+                Some(attempt),
+                &[TaskStatus::Running],
+                to,
+                &update,
+            )?;
+            let active = list_assignments_sync(
+                conn,
+                &AssignmentFilter {
+                    task_id: Some(task_id.clone()),
+                    active_only: true,
+                    ..AssignmentFilter::default()
+                },
+            )?;
+            let mut released = Vec::with_capacity(active.len());
+            for assignment in active {
+                if release_sync(conn, &assignment.ass_id)? {
+                    released.push(assignment);
+                }
+            }
+            Ok(super::EndedAttempt { task, released })
+        })
+        .await
+    }
+
+    async fn worker_work(&self, worker_id: &str) -> Result<Vec<(Assignment, Task)>> {
+        let worker_id = worker_id.to_string();
+        self.call("reading a worker's work", move |conn| {
+            worker_work_sync(conn, &worker_id)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl TaskStore for SqliteStore {
     async fn insert_task(
         &self,
         task: &Task,
@@ -2643,6 +2732,115 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn user_usage(&self, user_id: &str) -> Result<Usage> {
+        let user_id = user_id.to_string();
+        self.call("reading a user's usage", move |conn| {
+            user_usage_sync(conn, &user_id)
+        })
+        .await
+    }
+
+    async fn running_counts(&self, users: &[String]) -> Result<BTreeMap<String, u32>> {
+        if users.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let users = users.to_vec();
+        self.call("counting users' running tasks", move |conn| {
+            running_counts_sync(conn, &users)
+        })
+        .await
+    }
+
+    async fn admission_batch(&self, limit: u32, due_before: DateTime<Utc>) -> Result<Vec<Task>> {
+        self.call("reading the admission batch", move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {TASK_COLUMNS} FROM TASKS INDEXED BY TASKS_admissible \
+                 WHERE status = 'pending' AND awaiting_dependencies = 0 AND updated_at <= ?1 \
+                 ORDER BY updated_at, task_id LIMIT ?2"
+            ))
+            .and_then(|mut stmt| {
+                stmt.query_map(params![date_text(&due_before), limit], task_from_row)?
+                    .collect()
+            })
+            .map_err(sql_err("reading the admission batch"))
+        })
+        .await
+    }
+
+    async fn claimable_tasks(
+        &self,
+        limit: u32,
+        now: DateTime<Utc>,
+        exclude_users: &[String],
+    ) -> Result<Vec<Task>> {
+        let exclude_users = exclude_users.to_vec();
+        self.call("reading the placement queue", move |conn| {
+            claimable_tasks_sync(conn, limit, &now, &exclude_users)
+        })
+        .await
+    }
+
+    async fn mark_running(&self, task_id: &str, owner: &str, attempts: u32) -> Result<Task> {
+        let (task_id, owner) = (task_id.to_string(), owner.to_string());
+        self.call("marking a task running", move |conn| {
+            mark_running_sync(conn, &task_id, &owner, attempts)
+        })
+        .await
+    }
+
+    async fn unclaim_task(&self, task_id: &str, owner: &str) -> Result<bool> {
+        let (task_id, owner) = (task_id.to_string(), owner.to_string());
+        self.call("giving up a claim", move |conn| {
+            conn.prepare_cached(
+                "UPDATE TASKS SET owner = NULL, lease_expires_at = NULL, updated_at = ?3 \
+                 WHERE task_id = ?1 AND status = 'queued' AND owner = ?2",
+            )
+            .and_then(|mut stmt| stmt.execute(params![task_id, owner, date_text(&now())]))
+            .map(|changed| changed == 1)
+            .map_err(sql_err("giving up a claim"))
+        })
+        .await
+    }
+
+    async fn transition_attempt(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        from: &[TaskStatus],
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<Task> {
+        let (task_id, from, update) = (task_id.to_string(), from.to_vec(), update.clone());
+        self.call("transitioning a task's attempt", move |conn| {
+            transition_sync(conn, &task_id, Some(attempt), &from, to, &update)
+        })
+        .await
+    }
+
+    async fn clear_expired_claims(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Task>> {
+        self.call("clearing expired claims", move |conn| {
+            clear_expired_claims_sync(conn, &now, limit)
+        })
+        .await
+    }
+
+    async fn task_counts(&self) -> Result<TaskCounts> {
+        self.call("counting tasks by status", |conn| {
+            let rows: Vec<(String, i64)> = conn
+                .prepare_cached("SELECT status, COUNT(*) FROM TASKS GROUP BY status")
+                .and_then(|mut stmt| {
+                    stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                        .collect()
+                })
+                .map_err(sql_err("counting tasks by status"))?;
+            counts_from_rows(rows, "counting tasks by status")
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl WorkerStore for SqliteStore {
     async fn insert_worker(&self, worker: &Worker) -> Result<()> {
         let worker = worker.clone();
         self.call("inserting a worker", move |conn| {
@@ -2730,6 +2928,57 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn unreserve(
+        &self,
+        worker_id: &str,
+        request: &Resources,
+        // No epochs here: a round is one transaction, so no recount falls inside one.
+        _epoch: Option<i64>,
+    ) -> Result<bool> {
+        let (worker_id, request) = (worker_id.to_string(), *request);
+        self.call("returning an unassigned reservation", move |conn| {
+            unreserve_sync(conn, &worker_id, &request)
+        })
+        .await
+    }
+
+    async fn mark_worker_lost(&self, worker_id: &str, heartbeat_before: i64) -> Result<bool> {
+        let worker_id = worker_id.to_string();
+        self.call("marking a worker lost", move |conn| {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE WORKER_REGISTRY SET is_active = 0, updated_at = ?3 \
+                     WHERE worker_id = ?1 AND is_active = 1 AND last_heartbeat < ?2",
+                )
+                .and_then(|mut stmt| {
+                    stmt.execute(params![worker_id, heartbeat_before, date_text(&now())])
+                })
+                .map_err(sql_err("marking a worker lost"))?;
+            if changed == 1 {
+                Ok(true)
+            } else if worker_exists(conn, &worker_id)? {
+                Ok(false)
+            } else {
+                Err(StoreError::NotFound {
+                    kind: "worker",
+                    id: worker_id.clone(),
+                })
+            }
+        })
+        .await
+    }
+
+    async fn repair_allocation(&self, observed: &Worker, allocated: &Resources) -> Result<bool> {
+        let (observed, allocated) = (observed.clone(), *allocated);
+        self.call("repairing a worker's allocation", move |conn| {
+            repair_allocation_sync(conn, &observed, &allocated)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl AssignmentStore for SqliteStore {
     async fn insert_assignment(&self, assignment: &Assignment) -> Result<()> {
         let assignment = assignment.clone();
         self.call("inserting an assignment", move |conn| {
@@ -2816,6 +3065,26 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn active_assignment_counts(&self) -> Result<BTreeMap<String, u32>> {
+        self.call("counting active assignments", active_assignment_counts_sync)
+            .await
+    }
+
+    async fn count_assignments_since(&self, since: DateTime<Utc>) -> Result<u64> {
+        self.call("counting recent assignments", move |conn| {
+            conn.prepare_cached("SELECT COUNT(*) FROM ASSIGNMENTS WHERE assigned_at >= ?1")
+                .and_then(|mut stmt| {
+                    stmt.query_row([date_text(&since)], |row| row.get::<_, i64>(0))
+                })
+                .map(|n| u64::try_from(n).unwrap_or(0))
+                .map_err(sql_err("counting recent assignments"))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl BlobStore for SqliteStore {
     async fn insert_policy_version(&self, version: &PolicyVersion, bytes: &[u8]) -> Result<()> {
         let (version, bytes) = (version.clone(), bytes.to_vec());
         self.call("inserting a policy version", move |conn| {
@@ -2894,261 +3163,6 @@ impl Store for SqliteStore {
     ) -> Result<()> {
         self.call("clearing the active policy", move |conn| {
             clear_active_policy_sync(conn, kind, &expected_current)
-        })
-        .await
-    }
-
-    async fn user_usage(&self, user_id: &str) -> Result<Usage> {
-        let user_id = user_id.to_string();
-        self.call("reading a user's usage", move |conn| {
-            user_usage_sync(conn, &user_id)
-        })
-        .await
-    }
-
-    async fn running_counts(&self, users: &[String]) -> Result<BTreeMap<String, u32>> {
-        if users.is_empty() {
-            return Ok(BTreeMap::new());
-        }
-        let users = users.to_vec();
-        self.call("counting users' running tasks", move |conn| {
-            running_counts_sync(conn, &users)
-        })
-        .await
-    }
-
-    async fn round_reads(&self, plan: &super::RoundReadPlan) -> Result<super::RoundReads> {
-        let plan = *plan;
-        // One call on the one connection: a round waits once behind the requests queued
-        // before it, and reads one snapshot.
-        self.call("reading a placement round", move |conn| {
-            let mut reads = super::round_reads::QueueReads::new(plan.limit);
-            while let Some(exclude) = reads.next_query() {
-                let page = claimable_tasks_sync(conn, plan.limit, &plan.now, exclude)?;
-                reads.add(page);
-            }
-            let (tasks, users) = reads.finish();
-            let running = running_counts_sync(conn, &users)?;
-            let workers = if plan.workers && !tasks.is_empty() {
-                Some(super::WorkerReads {
-                    workers: list_workers_sync(conn)?,
-                    active_assignments: active_assignment_counts_sync(conn)?,
-                })
-            } else {
-                None
-            };
-            Ok(super::RoundReads {
-                tasks,
-                running,
-                workers,
-            })
-        })
-        .await
-    }
-
-    async fn admission_batch(&self, limit: u32, due_before: DateTime<Utc>) -> Result<Vec<Task>> {
-        self.call("reading the admission batch", move |conn| {
-            conn.prepare_cached(&format!(
-                "SELECT {TASK_COLUMNS} FROM TASKS INDEXED BY TASKS_admissible \
-                 WHERE status = 'pending' AND awaiting_dependencies = 0 AND updated_at <= ?1 \
-                 ORDER BY updated_at, task_id LIMIT ?2"
-            ))
-            .and_then(|mut stmt| {
-                stmt.query_map(params![date_text(&due_before), limit], task_from_row)?
-                    .collect()
-            })
-            .map_err(sql_err("reading the admission batch"))
-        })
-        .await
-    }
-
-    async fn claimable_tasks(
-        &self,
-        limit: u32,
-        now: DateTime<Utc>,
-        exclude_users: &[String],
-    ) -> Result<Vec<Task>> {
-        let exclude_users = exclude_users.to_vec();
-        self.call("reading the placement queue", move |conn| {
-            claimable_tasks_sync(conn, limit, &now, &exclude_users)
-        })
-        .await
-    }
-
-    async fn active_assignment_counts(&self) -> Result<BTreeMap<String, u32>> {
-        self.call("counting active assignments", active_assignment_counts_sync)
-            .await
-    }
-
-    async fn mark_running(&self, task_id: &str, owner: &str, attempts: u32) -> Result<Task> {
-        let (task_id, owner) = (task_id.to_string(), owner.to_string());
-        self.call("marking a task running", move |conn| {
-            mark_running_sync(conn, &task_id, &owner, attempts)
-        })
-        .await
-    }
-
-    async fn place_round(&self, plan: &super::RoundPlan) -> Result<super::RoundOutcome> {
-        self.place_round_impl(plan).await
-    }
-
-    async fn end_attempt(
-        &self,
-        task_id: &str,
-        attempt: u32,
-        result: Option<&TaskResult>,
-        to: TaskStatus,
-        update: &TaskUpdate,
-    ) -> Result<super::EndedAttempt> {
-        let (task_id, result, update) = (task_id.to_string(), result.cloned(), update.clone());
-        // One transaction: a conflict leaves no result behind either.
-        self.call("ending an attempt", move |conn| {
-            if let Some(result) = &result {
-                match insert_result_sync(conn, result) {
-                    Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
-                    Err(error) => return Err(error),
-                }
-            }
-            let task = transition_sync(
-                conn,
-                &task_id,
-                Some(attempt),
-                &[TaskStatus::Running],
-                to,
-                &update,
-            )?;
-            let active = list_assignments_sync(
-                conn,
-                &AssignmentFilter {
-                    task_id: Some(task_id.clone()),
-                    active_only: true,
-                    ..AssignmentFilter::default()
-                },
-            )?;
-            let mut released = Vec::with_capacity(active.len());
-            for assignment in active {
-                if release_sync(conn, &assignment.ass_id)? {
-                    released.push(assignment);
-                }
-            }
-            Ok(super::EndedAttempt { task, released })
-        })
-        .await
-    }
-
-    async fn worker_work(&self, worker_id: &str) -> Result<Vec<(Assignment, Task)>> {
-        let worker_id = worker_id.to_string();
-        self.call("reading a worker's work", move |conn| {
-            worker_work_sync(conn, &worker_id)
-        })
-        .await
-    }
-
-    async fn unclaim_task(&self, task_id: &str, owner: &str) -> Result<bool> {
-        let (task_id, owner) = (task_id.to_string(), owner.to_string());
-        self.call("giving up a claim", move |conn| {
-            conn.prepare_cached(
-                "UPDATE TASKS SET owner = NULL, lease_expires_at = NULL, updated_at = ?3 \
-                 WHERE task_id = ?1 AND status = 'queued' AND owner = ?2",
-            )
-            .and_then(|mut stmt| stmt.execute(params![task_id, owner, date_text(&now())]))
-            .map(|changed| changed == 1)
-            .map_err(sql_err("giving up a claim"))
-        })
-        .await
-    }
-
-    async fn unreserve(
-        &self,
-        worker_id: &str,
-        request: &Resources,
-        // No epochs here: a round is one transaction, so no recount falls inside one.
-        _epoch: Option<i64>,
-    ) -> Result<bool> {
-        let (worker_id, request) = (worker_id.to_string(), *request);
-        self.call("returning an unassigned reservation", move |conn| {
-            unreserve_sync(conn, &worker_id, &request)
-        })
-        .await
-    }
-
-    async fn acquire_lease(
-        &self,
-        name: &str,
-        holder: &str,
-        until: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> Result<bool> {
-        let (name, holder) = (name.to_string(), holder.to_string());
-        self.call("taking a lease", move |conn| {
-            acquire_lease_sync(conn, &name, &holder, &until, &now)
-        })
-        .await
-    }
-
-    async fn release_lease(&self, name: &str, holder: &str) -> Result<bool> {
-        let (name, holder) = (name.to_string(), holder.to_string());
-        self.call("giving up a lease", move |conn| {
-            conn.prepare_cached("DELETE FROM LEASES WHERE name = ?1 AND holder = ?2")
-                .and_then(|mut stmt| stmt.execute(params![name, holder]))
-                .map(|changed| changed == 1)
-                .map_err(sql_err("giving up a lease"))
-        })
-        .await
-    }
-
-    async fn mark_worker_lost(&self, worker_id: &str, heartbeat_before: i64) -> Result<bool> {
-        let worker_id = worker_id.to_string();
-        self.call("marking a worker lost", move |conn| {
-            let changed = conn
-                .prepare_cached(
-                    "UPDATE WORKER_REGISTRY SET is_active = 0, updated_at = ?3 \
-                     WHERE worker_id = ?1 AND is_active = 1 AND last_heartbeat < ?2",
-                )
-                .and_then(|mut stmt| {
-                    stmt.execute(params![worker_id, heartbeat_before, date_text(&now())])
-                })
-                .map_err(sql_err("marking a worker lost"))?;
-            if changed == 1 {
-                Ok(true)
-            } else if worker_exists(conn, &worker_id)? {
-                Ok(false)
-            } else {
-                Err(StoreError::NotFound {
-                    kind: "worker",
-                    id: worker_id.clone(),
-                })
-            }
-        })
-        .await
-    }
-
-    async fn transition_attempt(
-        &self,
-        task_id: &str,
-        attempt: u32,
-        from: &[TaskStatus],
-        to: TaskStatus,
-        update: &TaskUpdate,
-    ) -> Result<Task> {
-        let (task_id, from, update) = (task_id.to_string(), from.to_vec(), update.clone());
-        self.call("transitioning a task's attempt", move |conn| {
-            transition_sync(conn, &task_id, Some(attempt), &from, to, &update)
-        })
-        .await
-    }
-
-    async fn clear_expired_claims(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Task>> {
-        self.call("clearing expired claims", move |conn| {
-            clear_expired_claims_sync(conn, &now, limit)
-        })
-        .await
-    }
-
-    async fn repair_allocation(&self, observed: &Worker, allocated: &Resources) -> Result<bool> {
-        let (observed, allocated) = (observed.clone(), *allocated);
-        self.call("repairing a worker's allocation", move |conn| {
-            repair_allocation_sync(conn, &observed, &allocated)
         })
         .await
     }
@@ -3248,25 +3262,14 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
 
+#[async_trait]
+impl EventStore for SqliteStore {
     async fn append_events(&self, events: &[NewEvent]) -> Result<Vec<u64>> {
         let events = events.to_vec();
         self.call("recording events", move |conn| {
             events::append(conn, &events)
-        })
-        .await
-    }
-
-    async fn task_counts(&self) -> Result<TaskCounts> {
-        self.call("counting tasks by status", |conn| {
-            let rows: Vec<(String, i64)> = conn
-                .prepare_cached("SELECT status, COUNT(*) FROM TASKS GROUP BY status")
-                .and_then(|mut stmt| {
-                    stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
-                        .collect()
-                })
-                .map_err(sql_err("counting tasks by status"))?;
-            counts_from_rows(rows, "counting tasks by status")
         })
         .await
     }
@@ -3286,15 +3289,31 @@ impl Store for SqliteStore {
         self.call("pruning events", move |conn| events::prune(conn, before))
             .await
     }
+}
 
-    async fn count_assignments_since(&self, since: DateTime<Utc>) -> Result<u64> {
-        self.call("counting recent assignments", move |conn| {
-            conn.prepare_cached("SELECT COUNT(*) FROM ASSIGNMENTS WHERE assigned_at >= ?1")
-                .and_then(|mut stmt| {
-                    stmt.query_row([date_text(&since)], |row| row.get::<_, i64>(0))
-                })
-                .map(|n| u64::try_from(n).unwrap_or(0))
-                .map_err(sql_err("counting recent assignments"))
+#[async_trait]
+impl LeaseStore for SqliteStore {
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        self.call("taking a lease", move |conn| {
+            acquire_lease_sync(conn, &name, &holder, &until, &now)
+        })
+        .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<bool> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        self.call("giving up a lease", move |conn| {
+            conn.prepare_cached("DELETE FROM LEASES WHERE name = ?1 AND holder = ?2")
+                .and_then(|mut stmt| stmt.execute(params![name, holder]))
+                .map(|changed| changed == 1)
+                .map_err(sql_err("giving up a lease"))
         })
         .await
     }

@@ -488,6 +488,8 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+    use crate::store::TaskStore;
+    use crate::store::WorkerStore;
 
     #[test]
     fn a_dump_file_reads_back_document_by_document_and_a_cut_one_is_named() {
@@ -545,7 +547,6 @@ mod tests {
     #[tokio::test]
     async fn a_backup_restores_into_an_empty_database_with_the_same_documents_and_indexes() {
         use crate::model::Resources;
-        use crate::store::Store;
         use crate::store::mongo::MongoStore;
         use crate::store::mongo::testing::{DropDatabase, connect_test_store};
 

@@ -345,7 +345,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::store::Store;
+    use crate::store::TaskStore;
     use crate::store::sqlite::SqliteStore;
 
     fn task(id: &str) -> crate::model::Task {

@@ -14,7 +14,8 @@ use super::codec::{
 use super::compat::lock_key;
 use super::{ASSIGNMENTS, MongoStore, ServerKind, TASKS, WORKER_REGISTRY, insert_error, not_found};
 use crate::model::{self, Assignment, Resources, Task, TaskStatus};
-use crate::store::{AssignmentFilter, Result, Store, StoreError};
+use crate::store::AssignmentStore;
+use crate::store::{AssignmentFilter, Result, StoreError};
 
 impl MongoStore {
     /// [`Store::release`]'s two steps: the once-only guard on the assignment, then the
@@ -432,9 +433,11 @@ mod tests {
 
     use std::sync::Arc;
 
+    use crate::store::{AssignmentStore, WorkerStore};
+
     use super::super::testing::{assignment, connect_test_store, worker};
     use crate::model::Resources;
-    use crate::store::{Store, StoreError};
+    use crate::store::StoreError;
 
     /// The reconciler's recount landing between a release's guard and its return (the return
     /// delayed, as a loaded FerretDB 1.x can delay it past the drift's settle time) must not

@@ -626,7 +626,10 @@ mod tests {
     use super::super::testing::{assignment, connect_test_store, task, worker};
     use super::*;
     use crate::model::Resources;
-    use crate::store::{Store, TaskQuery};
+    use crate::store::AssignmentStore;
+    use crate::store::TaskQuery;
+    use crate::store::TaskStore;
+    use crate::store::WorkerStore;
 
     fn map(entries: &[(&str, &str)]) -> BTreeMap<String, String> {
         entries

@@ -445,7 +445,7 @@ mod tests {
     use super::super::testing::{connect_test_store, worker};
     use super::*;
     use crate::model::{self, Resources};
-    use crate::store::Store;
+    use crate::store::WorkerStore;
 
     #[tokio::test]
     async fn ferretdb_1_is_detected_and_its_writes_serialized() {
@@ -544,7 +544,7 @@ mod timing {
     use futures::TryStreamExt;
     use mongodb::bson::{Document, doc};
 
-    use crate::store::Store;
+    use crate::store::EventStore;
     use crate::store::conformance::unique_id;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -202,8 +202,9 @@ mod tests {
 
     use mongodb::bson::Bson;
 
+    use crate::store::EventStore;
+
     use super::super::testing::connect_native_logged_test_store;
-    use crate::store::Store;
     use crate::store::conformance::unique_id;
 
     /// On MongoDB a read is one `find` that asks for every event in its first batch (no

@@ -28,9 +28,10 @@ use mongodb::options::{
 use mongodb::{Client, Collection, Database};
 
 use super::{
-    ArraySummary, AssignmentFilter, EventBounds, IdempotencyKey, NewEvent, OutputFileInfo, Result,
-    RuntimeSample, Store, StoreError, StoredEvent, SubmitOutcome, TaskCounts, TaskLogChunk,
-    TaskPage, TaskQuery, TaskUpdate,
+    ArraySummary, AssignmentFilter, AssignmentStore, BlobStore, EventBounds, EventStore,
+    IdempotencyKey, LeaseStore, NewEvent, OutputFileInfo, Result, RuntimeSample, Store, StoreError,
+    StoredEvent, SubmitOutcome, TaskCounts, TaskLogChunk, TaskPage, TaskQuery, TaskStore,
+    TaskUpdate, WorkerStore,
 };
 use crate::model::Usage;
 use crate::model::{
@@ -331,6 +332,20 @@ impl Store for MongoStore {
         Ok(())
     }
 
+    async fn worker_work(&self, worker_id: &str) -> Result<Vec<(Assignment, Task)>> {
+        self.worker_work_impl(worker_id).await
+    }
+
+    async fn place_round(
+        &self,
+        plan: &crate::store::RoundPlan,
+    ) -> Result<crate::store::RoundOutcome> {
+        self.place_round_impl(plan).await
+    }
+}
+
+#[async_trait]
+impl TaskStore for MongoStore {
     async fn insert_task(
         &self,
         task: &Task,
@@ -431,6 +446,61 @@ impl Store for MongoStore {
         self.preemptions_in_progress_impl().await
     }
 
+    async fn user_usage(&self, user_id: &str) -> Result<Usage> {
+        match self.server {
+            ServerKind::MongoDb => self.user_usage_impl(user_id).await,
+            ServerKind::FerretDb1 { .. } => self.user_usage_ferretdb1(user_id).await,
+        }
+    }
+
+    async fn admission_batch(&self, limit: u32, due_before: DateTime<Utc>) -> Result<Vec<Task>> {
+        self.admission_batch_impl(limit, due_before).await
+    }
+
+    async fn claimable_tasks(
+        &self,
+        limit: u32,
+        now: DateTime<Utc>,
+        exclude_users: &[String],
+    ) -> Result<Vec<Task>> {
+        self.claimable_tasks_impl(limit, now, exclude_users).await
+    }
+
+    async fn running_counts(&self, users: &[String]) -> Result<BTreeMap<String, u32>> {
+        self.running_counts_impl(users).await
+    }
+
+    async fn mark_running(&self, task_id: &str, owner: &str, attempts: u32) -> Result<Task> {
+        self.mark_running_impl(task_id, owner, attempts).await
+    }
+
+    async fn unclaim_task(&self, task_id: &str, owner: &str) -> Result<bool> {
+        self.unclaim_task_impl(task_id, owner).await
+    }
+
+    async fn transition_attempt(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        from: &[TaskStatus],
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<Task> {
+        self.transition(task_id, Some(attempt), from, to, update)
+            .await
+    }
+
+    async fn clear_expired_claims(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Task>> {
+        self.clear_expired_claims_impl(now, limit).await
+    }
+
+    async fn task_counts(&self) -> Result<TaskCounts> {
+        self.task_counts_impl().await
+    }
+}
+
+#[async_trait]
+impl WorkerStore for MongoStore {
     async fn insert_worker(&self, worker: &Worker) -> Result<()> {
         self.insert_worker_impl(worker).await
     }
@@ -468,6 +538,31 @@ impl Store for MongoStore {
         self.reserve_impl(worker_id, request).await
     }
 
+    async fn accounting_epochs(&self, worker_ids: &[&str]) -> Result<HashMap<String, i64>> {
+        self.accounting_epochs_impl(worker_ids).await
+    }
+
+    async fn unreserve(
+        &self,
+        worker_id: &str,
+        request: &Resources,
+        epoch: Option<i64>,
+    ) -> Result<bool> {
+        self.unreserve_impl(worker_id, request, epoch).await
+    }
+
+    async fn mark_worker_lost(&self, worker_id: &str, heartbeat_before: i64) -> Result<bool> {
+        self.mark_worker_lost_impl(worker_id, heartbeat_before)
+            .await
+    }
+
+    async fn repair_allocation(&self, observed: &Worker, allocated: &Resources) -> Result<bool> {
+        self.repair_allocation_impl(observed, allocated).await
+    }
+}
+
+#[async_trait]
+impl AssignmentStore for MongoStore {
     async fn insert_assignment(&self, assignment: &Assignment) -> Result<()> {
         self.insert_assignment_impl(assignment).await
     }
@@ -480,20 +575,12 @@ impl Store for MongoStore {
         self.list_assignments_impl(filter).await
     }
 
-    async fn worker_work(&self, worker_id: &str) -> Result<Vec<(Assignment, Task)>> {
-        self.worker_work_impl(worker_id).await
-    }
-
     async fn release(&self, ass_id: &str) -> Result<bool> {
         self.release_impl(ass_id).await
     }
 
     async fn release_unstarted(&self, ass_id: &str) -> Result<bool> {
         self.release_unstarted_impl(ass_id).await
-    }
-
-    async fn accounting_epochs(&self, worker_ids: &[&str]) -> Result<HashMap<String, i64>> {
-        self.accounting_epochs_impl(worker_ids).await
     }
 
     async fn insert_result(&self, result: &TaskResult) -> Result<()> {
@@ -508,6 +595,17 @@ impl Store for MongoStore {
         self.recent_runtimes_impl(limit).await
     }
 
+    async fn active_assignment_counts(&self) -> Result<BTreeMap<String, u32>> {
+        self.active_assignment_counts_impl().await
+    }
+
+    async fn count_assignments_since(&self, since: DateTime<Utc>) -> Result<u64> {
+        self.count_assignments_since_impl(since).await
+    }
+}
+
+#[async_trait]
+impl BlobStore for MongoStore {
     async fn insert_policy_version(&self, version: &PolicyVersion, bytes: &[u8]) -> Result<()> {
         self.insert_policy_version_impl(version, bytes).await
     }
@@ -552,97 +650,6 @@ impl Store for MongoStore {
         self.clear_active_policy_impl(kind, expected_current).await
     }
 
-    async fn user_usage(&self, user_id: &str) -> Result<Usage> {
-        match self.server {
-            ServerKind::MongoDb => self.user_usage_impl(user_id).await,
-            ServerKind::FerretDb1 { .. } => self.user_usage_ferretdb1(user_id).await,
-        }
-    }
-
-    async fn admission_batch(&self, limit: u32, due_before: DateTime<Utc>) -> Result<Vec<Task>> {
-        self.admission_batch_impl(limit, due_before).await
-    }
-
-    async fn claimable_tasks(
-        &self,
-        limit: u32,
-        now: DateTime<Utc>,
-        exclude_users: &[String],
-    ) -> Result<Vec<Task>> {
-        self.claimable_tasks_impl(limit, now, exclude_users).await
-    }
-
-    async fn active_assignment_counts(&self) -> Result<BTreeMap<String, u32>> {
-        self.active_assignment_counts_impl().await
-    }
-
-    async fn running_counts(&self, users: &[String]) -> Result<BTreeMap<String, u32>> {
-        self.running_counts_impl(users).await
-    }
-
-    async fn mark_running(&self, task_id: &str, owner: &str, attempts: u32) -> Result<Task> {
-        self.mark_running_impl(task_id, owner, attempts).await
-    }
-
-    async fn place_round(
-        &self,
-        plan: &crate::store::RoundPlan,
-    ) -> Result<crate::store::RoundOutcome> {
-        self.place_round_impl(plan).await
-    }
-
-    async fn unclaim_task(&self, task_id: &str, owner: &str) -> Result<bool> {
-        self.unclaim_task_impl(task_id, owner).await
-    }
-
-    async fn unreserve(
-        &self,
-        worker_id: &str,
-        request: &Resources,
-        epoch: Option<i64>,
-    ) -> Result<bool> {
-        self.unreserve_impl(worker_id, request, epoch).await
-    }
-
-    async fn acquire_lease(
-        &self,
-        name: &str,
-        holder: &str,
-        until: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> Result<bool> {
-        self.acquire_lease_impl(name, holder, until, now).await
-    }
-
-    async fn release_lease(&self, name: &str, holder: &str) -> Result<bool> {
-        self.release_lease_impl(name, holder).await
-    }
-
-    async fn mark_worker_lost(&self, worker_id: &str, heartbeat_before: i64) -> Result<bool> {
-        self.mark_worker_lost_impl(worker_id, heartbeat_before)
-            .await
-    }
-
-    async fn transition_attempt(
-        &self,
-        task_id: &str,
-        attempt: u32,
-        from: &[TaskStatus],
-        to: TaskStatus,
-        update: &TaskUpdate,
-    ) -> Result<Task> {
-        self.transition(task_id, Some(attempt), from, to, update)
-            .await
-    }
-
-    async fn clear_expired_claims(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Task>> {
-        self.clear_expired_claims_impl(now, limit).await
-    }
-
-    async fn repair_allocation(&self, observed: &Worker, allocated: &Resources) -> Result<bool> {
-        self.repair_allocation_impl(observed, allocated).await
-    }
-
     async fn insert_log_chunk(&self, chunk: &TaskLogChunk) -> Result<bool> {
         self.insert_log_chunk_impl(chunk).await
     }
@@ -678,7 +685,10 @@ impl Store for MongoStore {
     ) -> Result<(OutputFileInfo, Vec<u8>)> {
         self.get_output_file_impl(task_id, path).await
     }
+}
 
+#[async_trait]
+impl EventStore for MongoStore {
     async fn append_events(&self, events: &[NewEvent]) -> Result<Vec<u64>> {
         self.append_events_impl(events).await
     }
@@ -715,13 +725,22 @@ impl Store for MongoStore {
             ServerKind::FerretDb1 { .. } => self.prune_events_ferretdb1(before).await,
         }
     }
+}
 
-    async fn task_counts(&self) -> Result<TaskCounts> {
-        self.task_counts_impl().await
+#[async_trait]
+impl LeaseStore for MongoStore {
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        self.acquire_lease_impl(name, holder, until, now).await
     }
 
-    async fn count_assignments_since(&self, since: DateTime<Utc>) -> Result<u64> {
-        self.count_assignments_since_impl(since).await
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<bool> {
+        self.release_lease_impl(name, holder).await
     }
 }
 

@@ -334,6 +334,8 @@ mod tests {
     use super::super::{MongoStore, TASKS, is_duplicate_key};
     use super::*;
     use crate::model::Resources;
+    use crate::store::TaskStore;
+    use crate::store::WorkerStore;
     use crate::store::{Store, StoreError};
 
     fn map(entries: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -13,8 +13,9 @@ use super::compat::lock_key;
 use super::{IDEMPOTENCY_KEYS, MongoStore, TASKS, insert_error, is_duplicate_key, not_found};
 use crate::model::Usage;
 use crate::model::{self, Dependency, Resources, Task, TaskStatus};
+use crate::store::TaskStore;
 use crate::store::{
-    ArraySummary, IdempotencyKey, Result, Store, StoreError, SubmitOutcome, TaskCounts, TaskPage,
+    ArraySummary, IdempotencyKey, Result, StoreError, SubmitOutcome, TaskCounts, TaskPage,
     TaskQuery, TaskUpdate,
 };
 

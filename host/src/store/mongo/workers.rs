@@ -9,7 +9,8 @@ use super::codec::{to_bson_date, usage_to_document, worker_from_document, worker
 use super::compat::lock_key;
 use super::{LISTING_BATCH, MongoStore, WORKER_REGISTRY, insert_error, not_found};
 use crate::model::{self, Resources, Worker, WorkerUsage};
-use crate::store::{Result, Store, StoreError};
+use crate::store::WorkerStore;
+use crate::store::{Result, StoreError};
 
 impl MongoStore {
     pub(super) async fn find_worker(&self, worker_id: &str) -> Result<Option<Worker>> {
