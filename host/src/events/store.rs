@@ -66,6 +66,15 @@ pub struct EventedStore {
 }
 
 impl EventedStore {
+    /// A release the reconciler made, as a repair event.
+    fn publish_release(&self, ass_id: &str, released: bool) {
+        if released && in_reconciler() {
+            let mut event = repair("assignment_released", None, None);
+            event.data["ass_id"] = json!(ass_id);
+            self.publish(event);
+        }
+    }
+
     pub fn new(inner: Arc<dyn Store>, sink: EventSink) -> Self {
         EventedStore { inner, sink }
     }
@@ -492,21 +501,13 @@ impl WorkerStore for EventedStore {
 impl AssignmentStore for EventedStore {
     async fn release(&self, ass_id: &str) -> Result<bool> {
         let released = self.inner.release(ass_id).await?;
-        if released && in_reconciler() {
-            let mut event = repair("assignment_released", None, None);
-            event.data["ass_id"] = json!(ass_id);
-            self.publish(event);
-        }
+        self.publish_release(ass_id, released);
         Ok(released)
     }
 
     async fn release_unstarted(&self, ass_id: &str) -> Result<bool> {
         let released = self.inner.release_unstarted(ass_id).await?;
-        if released && in_reconciler() {
-            let mut event = repair("assignment_released", None, None);
-            event.data["ass_id"] = json!(ass_id);
-            self.publish(event);
-        }
+        self.publish_release(ass_id, released);
         Ok(released)
     }
 

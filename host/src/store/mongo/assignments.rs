@@ -19,37 +19,24 @@ use crate::store::{AssignmentFilter, Result, StoreError};
 
 impl MongoStore {
     /// [`Store::release`]'s two steps: the once-only guard on the assignment, then the
-    /// amounts back to the worker, unless the reconciler repaired the worker's accounting
-    /// since this release began (see [`Self::release_epoch`]).
-    async fn release_in_two_steps(&self, ass_id: &str) -> Result<bool> {
+    /// amounts back to the worker while its accounting epoch is the one the release counts
+    /// on. For a release, the epoch read before the guard: a repair since then may already
+    /// have counted this release (see [`Self::accounting_epoch`]). For an `unstarted` one
+    /// ([`Store::release_unstarted`]), the epoch the placement read before its reserve, when
+    /// the assignment has one: a recount since may have left the amounts out.
+    async fn release_in_two_steps(&self, ass_id: &str, unstarted: bool) -> Result<bool> {
         let current = self.get_assignment_impl(ass_id).await?;
         if current.released {
             return Ok(false);
         }
-        let epoch = self.accounting_epoch(&current.worker_id).await?;
+        let epoch = match current.reserved_epoch.filter(|_| unstarted) {
+            Some(reserved) => Some(reserved),
+            None => self.accounting_epoch(&current.worker_id).await?,
+        };
         let Some(assignment) = self.release_guard(ass_id).await? else {
             return Ok(false);
         };
         self.return_reservation(&assignment, epoch).await?;
-        Ok(true)
-    }
-
-    /// [`Store::release_unstarted`]: the guard, then the amounts back only while the worker's
-    /// epoch is still the one read before the placement reserved them (an assignment without
-    /// one, written by an earlier version or by hand, is released as [`Store::release`] does).
-    async fn release_unstarted_in_two_steps(&self, ass_id: &str) -> Result<bool> {
-        let current = self.get_assignment_impl(ass_id).await?;
-        if current.released {
-            return Ok(false);
-        }
-        let Some(reserved_epoch) = current.reserved_epoch else {
-            return self.release_in_two_steps(ass_id).await;
-        };
-        let Some(assignment) = self.release_guard(ass_id).await? else {
-            return Ok(false);
-        };
-        self.return_reservation(&assignment, Some(reserved_epoch))
-            .await?;
         Ok(true)
     }
 
@@ -324,24 +311,15 @@ impl MongoStore {
             .map(|work| work.into_iter().filter(|(a, t)| a.holds(t)).collect())
     }
 
-    pub(super) async fn release_impl(&self, ass_id: &str) -> Result<bool> {
+    pub(super) async fn release_impl(&self, ass_id: &str, unstarted: bool) -> Result<bool> {
         // The two steps run in a task of their own: a caller dropped between them (an HTTP
         // handler whose client gave up) must not leave the reservation held with the
         // assignment already released, which no retry would then return.
         let store = self.clone();
         let ass_id = ass_id.to_owned();
-        tokio::spawn(async move { store.release_in_two_steps(&ass_id).await })
+        tokio::spawn(async move { store.release_in_two_steps(&ass_id, unstarted).await })
             .await
             .map_err(|e| StoreError::backend("releasing an assignment", e.to_string()))?
-    }
-
-    pub(super) async fn release_unstarted_impl(&self, ass_id: &str) -> Result<bool> {
-        // In a task of its own, as `release_impl`.
-        let store = self.clone();
-        let ass_id = ass_id.to_owned();
-        tokio::spawn(async move { store.release_unstarted_in_two_steps(&ass_id).await })
-            .await
-            .map_err(|e| StoreError::backend("releasing an unstarted assignment", e.to_string()))?
     }
 
     pub(super) async fn active_assignment_counts_impl(&self) -> Result<BTreeMap<String, u32>> {

@@ -576,11 +576,11 @@ impl AssignmentStore for MongoStore {
     }
 
     async fn release(&self, ass_id: &str) -> Result<bool> {
-        self.release_impl(ass_id).await
+        self.release_impl(ass_id, false).await
     }
 
     async fn release_unstarted(&self, ass_id: &str) -> Result<bool> {
-        self.release_unstarted_impl(ass_id).await
+        self.release_impl(ass_id, true).await
     }
 
     async fn insert_result(&self, result: &TaskResult) -> Result<()> {
