@@ -13,7 +13,7 @@
 //! - **preempting**: the workers are full (8 cores); the active policy is `best-fit-preempt`
 //!   (contract 0.2.0): every urgent task preempts a running one. The bench plays the workers'
 //!   part: after each scheduler cycle, every task asked to stop is reported stopped
-//!   (`finish_attempt` with `Finish::Preempted`, what a worker's `cancelled` report does).
+//!   (`Lifecycle::finish_attempt` with `Finish::Preempted`, what a worker's `cancelled` report does).
 //!
 //! Figures: urgent tasks placed per second (end to end, the simulated stops included), victims
 //! stopped per second, the mean scheduler cycle, and the ratio preempting / plain.
@@ -34,9 +34,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cloudai::lifecycle::{Cause, Finish, Lifecycle};
 use cloudai::model::{Resources, Task, TaskStatus, Worker};
 use cloudai::policy::{EngineSettings, PolicyEngine, PolicyRuntime, RuntimeSettings};
-use cloudai::scheduler::{Finish, Scheduler, SchedulerConfig, Wakeup, finish_attempt};
+use cloudai::scheduler::{Scheduler, SchedulerConfig, Wakeup};
 use cloudai::store::mongo::MongoStore;
 use cloudai::store::sqlite::SqliteStore;
 use cloudai::store::{AssignmentFilter, Store, TaskQuery};
@@ -146,7 +147,8 @@ async fn fill(store: &Arc<dyn Store>, workers: usize, cores: f64) {
 }
 
 /// Every running task asked to stop, reported stopped as its worker would; returns how many.
-async fn stop_victims(store: &dyn Store, wakeup: &Wakeup) -> usize {
+async fn stop_victims(lifecycle: &Lifecycle) -> usize {
+    let store = lifecycle.store();
     let mut stopped = 0;
     let mut after = None;
     loop {
@@ -172,14 +174,14 @@ async fn stop_victims(store: &dyn Store, wakeup: &Wakeup) -> usize {
                 .await
                 .unwrap();
             for a in assignments {
-                if finish_attempt(
-                    store,
-                    wakeup,
-                    &a.ass_id,
-                    Finish::Preempted { by: by.clone() },
-                )
-                .await
-                .is_ok()
+                if lifecycle
+                    .finish_attempt(
+                        &a.ass_id,
+                        Finish::Preempted { by: by.clone() },
+                        Cause::Worker,
+                    )
+                    .await
+                    .is_ok()
                 {
                     stopped += 1;
                 }
@@ -218,6 +220,7 @@ async fn run(store: Arc<dyn Store>, way: Way, workers: usize, urgent: usize) -> 
     }
     let wakeup = Wakeup::new();
     let scheduler = Scheduler::new(store.clone(), policies, wakeup.clone(), config());
+    let lifecycle = Lifecycle::new(store.clone(), wakeup);
     let started = Instant::now();
     let (mut cycles, mut cycle_time, mut victims) = (0, Duration::ZERO, 0);
     let (mut last, mut last_change, mut stalled) = (0, Instant::now(), None);
@@ -226,7 +229,7 @@ async fn run(store: Arc<dyn Store>, way: Way, workers: usize, urgent: usize) -> 
         scheduler.cycle().await;
         cycle_time += cycle.elapsed();
         cycles += 1;
-        victims += stop_victims(&*store, &wakeup).await;
+        victims += stop_victims(&lifecycle).await;
         let running = urgent_running(&*store).await;
         if running >= urgent {
             break;

@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 #[allow(dead_code)] // shared with the HTTP bench, which uses all of it
 mod serve;
 
-use cloudai::events::{EventHub, EventedStore};
+use cloudai::events::{EventHub, EventSink};
+use cloudai::lifecycle::Lifecycle;
 use cloudai::model::{Resources, Task, TaskStatus, Worker};
 use cloudai::policy::{EngineSettings, PolicyEngine, PolicyRuntime, RuntimeSettings};
 use cloudai::scheduler::{Scheduler, SchedulerConfig, Wakeup};
@@ -146,6 +147,7 @@ const STALL: Duration = Duration::from_secs(60);
 /// heartbeats, so that neither is counted.
 async fn place_all(
     store: Arc<dyn Store>,
+    events: EventSink,
     count: &(dyn Fn() -> Option<u64> + Sync),
     watch: Arc<dyn Store>,
     policies: Arc<PolicyRuntime>,
@@ -157,7 +159,8 @@ async fn place_all(
     } else {
         config_without_heartbeats()
     };
-    let scheduler = Scheduler::new(store.clone(), policies, Wakeup::new(), config);
+    let scheduler =
+        Scheduler::new(store.clone(), policies, Wakeup::new(), config).with_events(events);
     let beating = beat.then(|| heartbeats(watch.clone()));
     let started = Instant::now();
     let before = count();
@@ -291,16 +294,17 @@ async fn forced_on_ferretdb(store: &MongoStore) -> bool {
         .unwrap_or(false)
 }
 
-/// The store as `cloudai serve` runs it: every state change also records an event (written
-/// in batches by the hub's writer, tailed back by its tailer). Keep the hub alive.
-async fn with_events(plain: Arc<dyn Store>) -> (Arc<dyn Store>, Arc<EventHub>) {
+/// Events as `cloudai serve` records them: every state change the scheduler (and a
+/// submission) makes also records an event (written in batches by the hub's writer, tailed
+/// back by its tailer). Keep the hub alive.
+async fn with_events(store: Arc<dyn Store>) -> (EventSink, Arc<EventHub>) {
     let (hub, sink) = EventHub::start(
-        plain.clone(),
+        store,
         Duration::from_secs(3600),
         tokio_util::sync::CancellationToken::new(),
     )
     .await;
-    (Arc::new(EventedStore::new(plain, sink)), hub)
+    (sink, hub)
 }
 
 fn peak_rss_mb() -> f64 {
@@ -314,9 +318,11 @@ fn peak_rss_mb() -> f64 {
 
 /// Milliseconds from each insert to its task running, one task at a time, with a running
 /// scheduler woken as the API wakes it.
-async fn idle_latencies(store: Arc<dyn Store>, samples: usize) -> Vec<f64> {
+async fn idle_latencies(store: Arc<dyn Store>, events: EventSink, samples: usize) -> Vec<f64> {
     let wakeup = Wakeup::new();
-    let scheduler = Scheduler::new(store.clone(), runtime(None), wakeup.clone(), config());
+    let scheduler = Scheduler::new(store.clone(), runtime(None), wakeup.clone(), config())
+        .with_events(events.clone());
+    let lifecycle = Lifecycle::new(store.clone(), wakeup.clone()).with_events(events);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(scheduler.run(async {
         let _ = stopped.await;
@@ -328,7 +334,7 @@ async fn idle_latencies(store: Arc<dyn Store>, samples: usize) -> Vec<f64> {
         // Tiny, so that the 10 workers hold every sample (none is ever released).
         (task.req_cpu, task.req_memory) = (0.001, 0.001);
         let submitted = Instant::now();
-        let id = store.insert_task(&task, None).await.unwrap().task.task_id;
+        let id = lifecycle.submit(&task, None).await.unwrap().task.task_id;
         wakeup.wake();
         while store.get_task(&id).await.unwrap().status != TaskStatus::Running {
             assert!(
@@ -491,14 +497,15 @@ async fn main() {
                     // whatever the queue's length: a MongoDB row places fewer tasks on the
                     // same cluster.
                     fill_sized(&*measured.watch, workers, count, tasks.max(count)).await;
-                    let (store, _hub) = if store_name.ends_with("events") {
-                        let (store, hub) = with_events(measured.store.clone()).await;
-                        (store, Some(hub))
+                    let (events, _hub) = if store_name.ends_with("events") {
+                        let (events, hub) = with_events(measured.store.clone()).await;
+                        (events, Some(hub))
                     } else {
-                        (measured.store.clone(), None)
+                        (EventSink::off(), None)
                     };
                     let placed = place_all(
-                        store,
+                        measured.store.clone(),
+                        events,
                         &*measured.count,
                         measured.watch.clone(),
                         runtime(bytes),
@@ -532,13 +539,13 @@ async fn main() {
     for events in [false, true] {
         let (plain, _dir) = sqlite_store().await;
         fill(&*plain, 10, 0).await;
-        let (store, _hub) = if events {
-            let (store, hub) = with_events(plain).await;
-            (store, Some(hub))
+        let (sink, _hub) = if events {
+            let (sink, hub) = with_events(plain.clone()).await;
+            (sink, Some(hub))
         } else {
-            (plain, None)
+            (EventSink::off(), None)
         };
-        let latencies = idle_latencies(store, samples).await;
+        let latencies = idle_latencies(plain, sink, samples).await;
         println!(
             "submit -> assigned, idle cluster (sqlite{}, 10 workers, {samples} tasks one at a time): p50 {:.2} ms, p99 {:.2} ms",
             if events { "+events" } else { "" },

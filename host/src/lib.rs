@@ -9,6 +9,7 @@
 pub mod api;
 pub mod cli;
 pub mod events;
+pub mod lifecycle;
 pub mod metrics;
 pub mod output;
 pub mod policy;

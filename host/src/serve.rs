@@ -11,8 +11,9 @@ use tokio::net::TcpListener;
 
 use crate::api::auth::{self, Authenticator, Role, TokenEntry};
 use crate::api::{AppState, Limits};
-use crate::events::{EventHub, EventedStore};
+use crate::events::EventHub;
 use crate::executor::ExecutorConfig;
+use crate::lifecycle::Lifecycle;
 use crate::policy::{EngineSettings, PolicyEngine, PolicyRuntime, RuntimeSettings};
 use crate::reconciler::{Reconciler, ReconcilerConfig};
 use crate::scheduler::{Scheduler, SchedulerConfig, Wakeup, WorkSignal};
@@ -198,16 +199,12 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    let plain_store = open_store(&config).await?;
-    // Every state change through `store` is published on the event stream.
+    let store = open_store(&config).await?;
+    // Every change through the lifecycle (and the policy changes) is published on the event
+    // stream.
     let stop_events = CancellationToken::new();
-    let (events, sink) = EventHub::start(
-        plain_store.clone(),
-        config.event_retention,
-        stop_events.clone(),
-    )
-    .await;
-    let store: Arc<dyn Store> = Arc::new(EventedStore::new(plain_store, sink));
+    let (events, sink) =
+        EventHub::start(store.clone(), config.event_retention, stop_events.clone()).await;
     let auth = build_authenticator(&config)?;
     let policies = Arc::new(policy_runtime(&config)?);
     // Dropped (stopped) when `run` returns.
@@ -216,11 +213,13 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         policies.clone(),
         config.policy_sync_interval,
     )
+    .with_events(sink.clone())
     .spawn();
     let wakeup = Wakeup::new();
     let work = WorkSignal::new();
     let state = AppState {
         store: store.clone(),
+        lifecycle: Lifecycle::new(store.clone(), wakeup.clone()).with_events(sink.clone()),
         auth: Arc::new(auth),
         limits: Arc::new(config.limits.clone()),
         policies: policies.clone(),
@@ -233,13 +232,15 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         wakeup.clone(),
         &config.scheduler,
         config.reconciler.clone(),
-    );
+    )
+    .with_events(sink.clone());
     let (stop_reconciler, reconciler_stopped) = tokio::sync::oneshot::channel::<()>();
     let reconciler = tokio::spawn(reconciler.run(async {
         let _ = reconciler_stopped.await;
     }));
     let scheduler = Scheduler::new(store.clone(), policies, wakeup, config.scheduler.clone())
-        .with_work_signal(work);
+        .with_work_signal(work)
+        .with_events(sink);
     let (stop_scheduler, scheduler_stopped) = tokio::sync::oneshot::channel::<()>();
     let scheduler = tokio::spawn(scheduler.run(async {
         // A dropped sender stops it as well.

@@ -27,7 +27,12 @@ fn dependency_tree(package: &str) -> Vec<String> {
             "--locked",
             "--offline",
         ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        // Where cargo runs the test from, not where it was compiled (a build shared between
+        // checkouts).
+        .current_dir(
+            std::env::var("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string()),
+        )
         .output()
         .expect("running cargo tree");
     assert!(

@@ -21,13 +21,13 @@ use super::auth::Principal;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{IdPath, ValidJson, Validate, truncate_for_message, validate_id};
 use super::{AppState, Limits};
+use crate::lifecycle::{Cause, Finish};
 use crate::model::{self, Assignment, ResultStatus, Task, TaskResult, TaskStatus};
 pub use crate::protocol::{
     LiveChunk, LiveLogs, LiveLogsAck, Outcome, OutputEntry, ReportAck, ReportBatch, ReportBatchAck,
     ReportError, ResultReport, StreamName, Work, WorkList, WorkReport, WorkReportAck,
 };
-use crate::scheduler::{Finish, finish_assignment};
-use crate::store::{OutputFileInfo, StoreError, TaskLogChunk, TaskUpdate};
+use crate::store::{OutputFileInfo, StoreError, TaskLogChunk};
 
 /// Longest long poll an agent may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -273,17 +273,8 @@ async fn record_started(state: &AppState, worker_id: &str, ass_id: &str) -> ApiR
         });
     }
     let task = state
-        .store
-        .transition_attempt(
-            &assignment.task_id,
-            assignment.attempt,
-            &[TaskStatus::Running],
-            TaskStatus::Running,
-            &TaskUpdate {
-                started_at: Some(model::now()),
-                ..TaskUpdate::default()
-            },
-        )
+        .lifecycle
+        .started(&assignment, model::now())
         .await
         .map_err(|e| match e {
             StoreError::Conflict { .. } => {
@@ -564,19 +555,20 @@ async fn record_result(
     } else {
         result.logs.len() + result.stderr.len()
     };
-    let task = finish_assignment(
-        &*state.store,
-        &state.wakeup,
-        &assignment,
-        finish,
-        new_start,
-        (!preempted).then_some(result),
-    )
-    .await
-    .map_err(|e| match e {
-        StoreError::Conflict { .. } => superseded(ass_id, "it was finished meanwhile"),
-        other => other.into(),
-    })?;
+    let task = state
+        .lifecycle
+        .finish_assignment(
+            &assignment,
+            finish,
+            new_start,
+            (!preempted).then_some(result),
+            Cause::Worker,
+        )
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict { .. } => superseded(ass_id, "it was finished meanwhile"),
+            other => other.into(),
+        })?;
     crate::metrics::result_log_stored(stored_bytes);
     tracing::info!(
         task_id = %task.task_id, worker_id, ass_id, status = %task.status,

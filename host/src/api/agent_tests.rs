@@ -56,6 +56,7 @@ impl Api {
         let (wakeup, work) = (Wakeup::new(), WorkSignal::new());
         let state = AppState {
             store: store.clone(),
+            lifecycle: crate::lifecycle::Lifecycle::new(store.clone(), wakeup.clone()),
             auth: Arc::new(Authenticator::new(
                 vec![
                     TokenEntry {

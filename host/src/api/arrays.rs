@@ -33,7 +33,7 @@ use super::tasks::{
 };
 use crate::model::{self, ARRAY_COUNT_ENV, ARRAY_ID_ENV, ARRAY_INDEX_ENV, TaskStatus};
 use crate::scheduler;
-use crate::store::{ArraySummary, StoreError, TaskQuery, TaskUpdate};
+use crate::store::{ArraySummary, StoreError, TaskQuery};
 
 /// How often `GET /v1/arrays/{array_id}?wait=...` counts the array again.
 const WAIT_POLL: Duration = Duration::from_millis(250);
@@ -194,8 +194,8 @@ pub async fn submit_array(
         .map(|index| model::array_task(&template, &array_id, index, count))
         .collect();
     let outcome = state
-        .store
-        .insert_tasks(&tasks, idempotency.as_ref())
+        .lifecycle
+        .submit_array(&tasks, idempotency.as_ref())
         .await?;
     // On a replay, the first submission's array.
     let array_id = outcome.task.array_id.clone().ok_or_else(|| {
@@ -229,7 +229,7 @@ pub async fn submit_array(
     }
     // Admitted here, as one submission's tasks are, so that the answer says what became of
     // them; what this cannot finish (store trouble) the scheduler's admission pass picks up.
-    match scheduler::admit_tasks(&*state.store, &state.policies, &tasks).await {
+    match scheduler::admit_tasks(&state.lifecycle, &state.policies, &tasks).await {
         Ok(stats) => {
             tracing::info!(
                 %array_id,
@@ -372,12 +372,7 @@ pub async fn cancel_array(
             ),
         ));
     }
-    let update = TaskUpdate {
-        completed_at: Some(model::now()),
-        status_reason: Some(Some(format!("cancelled by {caller} (array {array_id})"))),
-        clear_claim: true,
-        ..TaskUpdate::default()
-    };
+    let by = format!("{caller} (array {array_id})");
     let waiting = [TaskStatus::Pending, TaskStatus::Queued];
     let mut cancelled = 0u64;
     for status in waiting {
@@ -397,10 +392,7 @@ pub async fn cancel_array(
                 break;
             }
             let ids: Vec<String> = page.tasks.into_iter().map(|t| t.task_id).collect();
-            let moved = state
-                .store
-                .transition_tasks(&ids, &waiting, TaskStatus::Cancelled, &update)
-                .await?;
+            let moved = state.lifecycle.cancel_many(&ids, &by).await?;
             cancelled += moved.len() as u64;
         }
     }
@@ -419,7 +411,7 @@ pub async fn cancel_array(
             })
             .await?;
         for task in &page.tasks {
-            match state.store.request_cancel(&task.task_id).await {
+            match state.lifecycle.request_cancel(&task.task_id).await {
                 Ok(_) => stopping += 1,
                 // It ended meanwhile.
                 Err(StoreError::Conflict { .. }) => {}

@@ -51,7 +51,10 @@ use error::ApiError;
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
+    /// For reads; every task and worker change goes through `lifecycle`.
     pub store: Arc<dyn Store>,
+    /// The writer of task and worker changes, which publishes their events.
+    pub lifecycle: crate::lifecycle::Lifecycle,
     pub auth: Arc<auth::Authenticator>,
     pub limits: Arc<Limits>,
     /// This replica's loaded policies (dry runs, uploads, activations).

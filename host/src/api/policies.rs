@@ -28,6 +28,7 @@ use super::auth::Principal;
 use super::error::{ApiError, ApiResult, ErrorBody, ErrorDetail};
 use super::extract::{ValidJson, Validate, truncate_for_message};
 use super::task_io::event as sse_event;
+use crate::events::{self, PolicyChange};
 use crate::model::{self, ActivePolicy, PolicyKind, PolicyVersion};
 use crate::policy::bindings::types::AdmissionDecision;
 use crate::policy::snapshot::ClusterSnapshot;
@@ -510,6 +511,12 @@ async fn run_upload(
             other => other.into(),
         });
     }
+    state.lifecycle.events().publish(events::policy(
+        PolicyChange::Uploaded,
+        &name,
+        &version,
+        loaded_kind,
+    ));
     tracing::info!(
         policy_name = %name, policy_version = %version, kind = loaded_kind.as_str(),
         size_bytes = stored.size_bytes, by = %admin, "policy uploaded"
@@ -869,12 +876,14 @@ impl Validate for RollbackRequest {
 
 /// Activates `target` of its kind: loads it here first (so that a version this host cannot
 /// run is refused before the store changes), swaps the store's record (compare-and-swap
-/// from `expected`, or from what is active now), then swaps locally.
+/// from `expected`, or from what is active now), then swaps locally. A swap in the store is
+/// published as `change` (an activation or an operator's rollback).
 async fn activate_version(
     state: &AppState,
     admin: &str,
     target: &PolicyVersion,
     expected: Option<Option<(String, String)>>,
+    change: PolicyChange,
 ) -> ApiResult<ActivePolicy> {
     let (name, version) = (&target.name, &target.version);
     if let Err(e) = load_from_store(state.store.as_ref(), &state.policies, target).await {
@@ -901,6 +910,10 @@ async fn activate_version(
             .store
             .activate_policy(target.kind, name, version, admin, expected.clone())
             .await
+            .inspect(|_| {
+                let event = events::policy(change, name, version, target.kind);
+                state.lifecycle.events().publish(event);
+            })
             .map_err(|e| match e {
                 StoreError::Conflict {
                     kind: "active policy",
@@ -967,7 +980,7 @@ pub async fn activate_policy(
         .expected_current
         .map(|e| e.map(|p| (p.name, p.version)));
     Ok(Json(
-        activate_version(&state, &admin, &target, expected).await?,
+        activate_version(&state, &admin, &target, expected, PolicyChange::Activated).await?,
     ))
 }
 
@@ -1008,10 +1021,8 @@ pub async fn rollback_policy(
         Err(e) => return Err(e.into()),
     };
     let expected = Some((current.name, current.version));
-    // Published as `policy.rolled_back`, not `policy.activated`.
-    let activated =
-        crate::events::as_rollback(activate_version(&state, &admin, &target, Some(expected)))
-            .await?;
+    let change = PolicyChange::RolledBack;
+    let activated = activate_version(&state, &admin, &target, Some(expected), change).await?;
     Ok(Json(activated))
 }
 

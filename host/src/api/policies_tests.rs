@@ -71,8 +71,10 @@ impl Api {
             role,
             token_sha256: token_sha256_hex(token),
         };
+        let wakeup = crate::scheduler::Wakeup::new();
         let state = AppState {
             store: store.clone(),
+            lifecycle: crate::lifecycle::Lifecycle::new(store.clone(), wakeup.clone()),
             auth: Arc::new(Authenticator::new(
                 vec![
                     entry("ops", Role::Admin, ADMIN),
@@ -82,7 +84,7 @@ impl Api {
             )),
             limits: Arc::new(limits),
             policies: runtime.clone(),
-            wakeup: crate::scheduler::Wakeup::new(),
+            wakeup,
             work: crate::scheduler::WorkSignal::new(),
         };
         Some(Api {

@@ -23,12 +23,11 @@ use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{IdPath, ValidJson, Validate, truncate_for_message, validate_id};
 use super::image_ref;
 use super::task_io::{self, TaskWithResult};
+use crate::lifecycle::Admitted;
 use crate::model::{self, Dependency, RESOURCE_QUANTUM, Resources, Task, TaskResult, TaskStatus};
+use crate::scheduler;
 use crate::scheduler::dependencies::{self, Gate};
-use crate::scheduler::{self, Admitted};
-use crate::store::{
-    AssignmentFilter, IdempotencyKey, StoreError, TaskCursor, TaskQuery, TaskUpdate,
-};
+use crate::store::{AssignmentFilter, IdempotencyKey, StoreError, TaskCursor, TaskQuery};
 
 /// Header naming a submission's idempotency key.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -472,7 +471,7 @@ pub async fn submit_task(
     let idempotency = idempotency_of(key.as_deref(), &spec)?;
     let gate = resolve_after(&state, &principal, &spec.after).await?;
     let task = task_from_spec(spec, user_id, key, &gate);
-    let outcome = state.store.insert_task(&task, idempotency.as_ref()).await?;
+    let outcome = state.lifecycle.submit(&task, idempotency.as_ref()).await?;
     span.record("task_id", outcome.task.task_id.as_str());
     let location = HeaderValue::from_str(&format!("/v1/tasks/{}", outcome.task.task_id))
         .map_err(|_| ApiError::internal())?;
@@ -485,7 +484,7 @@ pub async fn submit_task(
         // Admission inline, so that the answer tells what became of the task. When it cannot
         // finish (store trouble) the task stays pending and the scheduler's admission pass
         // checks it later: a submitted task is never lost.
-        match scheduler::admit_task(&*state.store, &state.policies, &outcome.task).await {
+        match scheduler::admit_task(&state.lifecycle, &state.policies, &outcome.task).await {
             Ok(Admitted::Queued(task)) => {
                 state.wakeup.wake();
                 (StatusCode::CREATED, task)
@@ -827,22 +826,7 @@ pub async fn cancel_task(
     for _ in 0..2 {
         match status {
             TaskStatus::Pending | TaskStatus::Queued => {
-                let update = TaskUpdate {
-                    completed_at: Some(model::now()),
-                    status_reason: Some(Some(format!("cancelled by {caller}"))),
-                    clear_claim: true,
-                    ..TaskUpdate::default()
-                };
-                match state
-                    .store
-                    .transition_task(
-                        &task_id,
-                        &[TaskStatus::Pending, TaskStatus::Queued],
-                        TaskStatus::Cancelled,
-                        &update,
-                    )
-                    .await
-                {
+                match state.lifecycle.cancel(&task_id, caller).await {
                     Ok(task) => {
                         tracing::info!(task_id, by = caller, "task cancelled");
                         return Ok((StatusCode::OK, Json(task)).into_response());
@@ -853,7 +837,7 @@ pub async fn cancel_task(
                     Err(other) => return Err(other.into()),
                 }
             }
-            TaskStatus::Running => match state.store.request_cancel(&task_id).await {
+            TaskStatus::Running => match state.lifecycle.request_cancel(&task_id).await {
                 Ok(task) => {
                     // Its worker's long poll answers now, and the worker stops it.
                     state.work.notify();

@@ -59,15 +59,17 @@ impl TestApi {
             entry("bob", Role::User, BOB),
             entry("ops", Role::Admin, ADMIN),
         ];
+        let wakeup = crate::scheduler::Wakeup::new();
         let state = AppState {
             store: store.clone(),
+            lifecycle: crate::lifecycle::Lifecycle::new(store.clone(), wakeup.clone()),
             auth: Arc::new(Authenticator::new(tokens, Some(token_sha256_hex(JOIN)))),
             limits: Arc::new(Limits::default()),
             policies: Arc::new(crate::policy::PolicyRuntime::new(
                 crate::policy::PolicyEngine::new(crate::policy::EngineSettings::default()).unwrap(),
                 crate::policy::RuntimeSettings::default(),
             )),
-            wakeup: crate::scheduler::Wakeup::new(),
+            wakeup,
             work: crate::scheduler::WorkSignal::new(),
         };
         TestApi {

@@ -209,7 +209,7 @@ pub async fn register_worker(
         body.labels,
         auth::token_sha256_hex(&token),
     );
-    state.store.insert_worker(&worker).await?;
+    state.lifecycle.worker_joined(&worker).await?;
     state.wakeup.capacity_changed();
     tracing::info!(worker_id = %worker.worker_id, worker_ip = %worker.worker_ip, "worker registered");
     Ok((StatusCode::CREATED, Json(Registered { worker, token })).into_response())
@@ -260,7 +260,7 @@ pub async fn heartbeat(
     // Declared lost by the reconciler and back now: active again (its old assignments were
     // or are now handled as lost), and the scheduler woken to place on it.
     if !worker.is_active {
-        worker = reconciler::worker_returned(&*state.store, &state.wakeup, &worker_id).await?;
+        worker = reconciler::worker_returned(&state.lifecycle, &worker_id).await?;
     }
     Ok(Json(HeartbeatAck {
         worker,
@@ -321,7 +321,7 @@ pub async fn drain_worker(
     IdPath(worker_id): IdPath,
 ) -> ApiResult<Json<Worker>> {
     let admin = principal.require_admin()?;
-    let worker = state.store.set_draining(&worker_id, true).await?;
+    let worker = state.lifecycle.set_draining(&worker_id, true).await?;
     tracing::info!(worker_id, by = admin, "worker draining");
     Ok(Json(worker))
 }
@@ -342,7 +342,7 @@ pub async fn undrain_worker(
     IdPath(worker_id): IdPath,
 ) -> ApiResult<Json<Worker>> {
     let admin = principal.require_admin()?;
-    let worker = state.store.set_draining(&worker_id, false).await?;
+    let worker = state.lifecycle.set_draining(&worker_id, false).await?;
     state.wakeup.capacity_changed();
     tracing::info!(worker_id, by = admin, "worker undrained");
     Ok(Json(worker))
@@ -368,7 +368,7 @@ pub async fn delete_worker(
     if !principal.is_admin() {
         require_self(&principal, &worker_id)?;
     }
-    match state.store.delete_worker(&worker_id).await {
+    match state.lifecycle.remove_worker(&worker_id).await {
         Ok(()) => {
             tracing::info!(worker_id, "worker deregistered");
             Ok(StatusCode::NO_CONTENT)

@@ -2,9 +2,10 @@
 //!
 //! Events are written to the store, never kept only in memory, so that every replica serves
 //! every event of the cluster:
-//! - [`EventedStore`] wraps the store once (in `serve`) and publishes an event after each
-//!   successful state change (task, worker and policy changes, reconciler repairs), so that
-//!   no caller path is missed;
+//! - the code that makes a change publishes its event explicitly, after the change succeeded:
+//!   every task and worker change through [`crate::lifecycle`] (with its cause), policy changes
+//!   where they are made (the policy API, the policy sync's automatic rollback). This module
+//!   holds what an event says ([`task_state`], [`worker`], [`policy`], [`repair`], ...);
 //! - [`EventSink`] hands them to one writer task per replica, which records whatever has
 //!   queued up meanwhile with one [`Store::append_events`]: the operation that caused an
 //!   event never waits for it, and a failed write is logged and counted
@@ -29,13 +30,11 @@ use chrono::Utc;
 use serde_json::json;
 use tokio::sync::{Notify, broadcast, mpsc};
 
+use crate::model::{PolicyKind, Task};
 use crate::store::{NewEvent, Store, StoredEvent};
 
-mod store;
 #[cfg(test)]
 mod tests;
-
-pub use store::{EventedStore, as_rollback, reconciling, repairing_worker};
 
 /// The topics a client may ask for.
 pub const TOPICS: [&str; 4] = ["task", "worker", "policy", "reconciler"];
@@ -107,16 +106,164 @@ pub fn repair(repair: &str, task_id: Option<&str>, worker_id: Option<&str>) -> N
     event("reconciler", "repair", task_id, worker_id, None, data)
 }
 
-/// Where events are published: queued for this replica's writer task.
-#[derive(Clone)]
+/// A task's `task.submitted` event (with its array and index, when it is part of one).
+pub fn task_submitted(task: &Task) -> NewEvent {
+    let mut data = json!({
+        "status": task.status.as_str(),
+        "docker_image": task.docker_image,
+        "priority": task.priority,
+    });
+    if task.array_id.is_some() {
+        data["array_id"] = json!(task.array_id);
+        data["array_index"] = json!(task.array_index);
+    }
+    event(
+        "task",
+        "submitted",
+        Some(&task.task_id),
+        None,
+        Some(&task.user_id),
+        data,
+    )
+}
+
+/// A task's `task.state` event: its new status, `worker_id` where it now runs (placed), and
+/// `cause`, what moved it (a [`crate::lifecycle::Cause`]'s name).
+pub fn task_state(task: &Task, worker_id: Option<&str>, cause: &str) -> NewEvent {
+    event(
+        "task",
+        "state",
+        Some(&task.task_id),
+        worker_id,
+        Some(&task.user_id),
+        json!({
+            "status": task.status.as_str(),
+            "reason": task.status_reason,
+            "attempts": task.attempts,
+            "worker_id": worker_id,
+            "cause": cause,
+        }),
+    )
+}
+
+/// A running task asked to stop for a preemption (not a status change: it runs until its
+/// worker stops it); `user_id` is its owner, who may see it.
+pub fn task_preempted(task_id: &str, user_id: Option<&str>, by: &str, reason: &str) -> NewEvent {
+    event(
+        "task",
+        "preempted",
+        Some(task_id),
+        None,
+        user_id,
+        json!({ "preempted_by": by, "reason": reason }),
+    )
+}
+
+/// What happened to a worker (`worker.<kind>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerChange {
+    Joined,
+    Drained,
+    Undrained,
+    Lost,
+    Reactivated,
+    Removed,
+}
+
+impl WorkerChange {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerChange::Joined => "joined",
+            WorkerChange::Drained => "drained",
+            WorkerChange::Undrained => "undrained",
+            WorkerChange::Lost => "lost",
+            WorkerChange::Reactivated => "reactivated",
+            WorkerChange::Removed => "removed",
+        }
+    }
+}
+
+/// A worker's event.
+pub fn worker(change: WorkerChange, worker_id: &str) -> NewEvent {
+    event(
+        "worker",
+        change.as_str(),
+        None,
+        Some(worker_id),
+        None,
+        json!({}),
+    )
+}
+
+/// What happened to a policy version (`policy.<kind>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyChange {
+    Uploaded,
+    /// Made active by an operator.
+    Activated,
+    /// Made active again in place of a newer one, by an operator's rollback or automatically
+    /// after the newer one failed repeatedly.
+    RolledBack,
+}
+
+impl PolicyChange {
+    fn as_str(self) -> &'static str {
+        match self {
+            PolicyChange::Uploaded => "uploaded",
+            PolicyChange::Activated => "activated",
+            PolicyChange::RolledBack => "rolled_back",
+        }
+    }
+}
+
+/// A policy version's event.
+pub fn policy(change: PolicyChange, name: &str, version: &str, kind: PolicyKind) -> NewEvent {
+    event(
+        "policy",
+        change.as_str(),
+        None,
+        None,
+        None,
+        json!({"name": name, "version": version, "kind": kind.as_str()}),
+    )
+}
+
+/// A policy version taken out of service automatically, with the reason.
+pub fn policy_deactivated(name: &str, version: &str, kind: PolicyKind, reason: &str) -> NewEvent {
+    event(
+        "policy",
+        "deactivated",
+        None,
+        None,
+        None,
+        json!({"name": name, "version": version, "kind": kind.as_str(), "reason": reason}),
+    )
+}
+
+/// Where events are published: queued for this replica's writer task, or nowhere (a process
+/// or test that streams no events).
+#[derive(Clone, Default)]
 pub struct EventSink {
-    queue: mpsc::UnboundedSender<NewEvent>,
+    queue: Option<mpsc::UnboundedSender<NewEvent>>,
 }
 
 impl EventSink {
+    /// A sink that drops every event (nothing streams them).
+    pub fn off() -> Self {
+        EventSink { queue: None }
+    }
+
+    /// A sink whose events the caller receives (tests of what a change publishes).
+    #[cfg(test)]
+    pub(crate) fn capture() -> (Self, mpsc::UnboundedReceiver<NewEvent>) {
+        let (queue, events) = mpsc::unbounded_channel();
+        (EventSink { queue: Some(queue) }, events)
+    }
+
     /// Queues `event`; never blocks and never fails the caller.
     pub fn publish(&self, event: NewEvent) {
-        if self.queue.send(event).is_err() {
+        let Some(queue) = &self.queue else { return };
+        if queue.send(event).is_err() {
             crate::metrics::events_written(1, false);
             tracing::warn!("event dropped: the event writer has stopped");
         }
@@ -137,7 +284,7 @@ pub struct EventHub {
 }
 
 impl EventHub {
-    /// Starts the writer and the tailer on `store` (the plain store, not an [`EventedStore`]).
+    /// Starts the writer and the tailer on `store`.
     /// The writer stops once every [`EventSink`] is dropped, the tailer when `stop` fires or
     /// the hub is dropped.
     pub async fn start(
@@ -163,7 +310,7 @@ impl EventHub {
         let (queue, pending) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(store, pending, Arc::downgrade(&hub)));
         tokio::spawn(tail_loop(Arc::downgrade(&hub), retention, stop));
-        (hub, EventSink { queue })
+        (hub, EventSink { queue: Some(queue) })
     }
 
     /// Every event up to this id is recorded and has been fanned out.

@@ -1,5 +1,5 @@
-//! The decorator and the hub on a real store: what is published, in which order, and what it
-//! costs the operations that cause events.
+//! The hub on a real store, fed by the lifecycle: what is published, in which order, and what
+//! it costs the operations that cause events.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -7,12 +7,14 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{EventHub, EventedStore};
+use super::EventHub;
+use crate::lifecycle::Lifecycle;
 use crate::model::TaskStatus;
-use crate::store::TaskStore;
+use crate::policy::bindings::types::AdmissionDecision;
+use crate::scheduler::Wakeup;
+use crate::store::Store;
 use crate::store::conformance::{sample_task, unique_id};
 use crate::store::sqlite::SqliteStore;
-use crate::store::{Store, TaskUpdate};
 
 async fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -22,45 +24,39 @@ async fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
 /// One task submitted, queued, failed: what a live subscriber of the hub receives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_changes_are_published_once_each_and_reason_updates_not_at_all() {
-    let (plain, _dir) = sqlite().await;
+    let (store, _dir) = sqlite().await;
     let (hub, sink) = EventHub::start(
-        plain.clone(),
+        store.clone(),
         super::DEFAULT_RETENTION,
         CancellationToken::new(),
     )
     .await;
-    let store = EventedStore::new(plain, sink);
+    let lifecycle = Lifecycle::new(store, Wakeup::new()).with_events(sink);
     let mut live = hub.subscribe();
     let task = sample_task(&unique_id("t"), "alice");
-    store.insert_task(&task, None).await.unwrap();
+    lifecycle.submit(&task, None).await.unwrap();
     let id = &task.task_id;
-    let queue = |reason: &str| TaskUpdate {
-        status_reason: Some(Some(reason.to_string())),
-        ..TaskUpdate::default()
-    };
-    store
-        .transition_task(
-            id,
-            &[TaskStatus::Pending],
-            TaskStatus::Queued,
-            &queue("admitted"),
-        )
+    lifecycle
+        .admit(&task, AdmissionDecision::Accept)
         .await
         .unwrap();
     // A reason update (queued -> queued) is not a status change.
-    store
-        .transition_task(
-            id,
-            &[TaskStatus::Queued],
+    let ids = [id.clone()];
+    let waiting = lifecycle
+        .explain(&ids, TaskStatus::Queued, "waiting")
+        .await
+        .unwrap();
+    assert_eq!(waiting.len(), 1);
+    let failed = lifecycle
+        .fail_unrun(
+            &ids,
             TaskStatus::Queued,
-            &queue("waiting"),
+            "no",
+            crate::lifecycle::Cause::Placement,
         )
         .await
         .unwrap();
-    store
-        .transition_task(id, &[TaskStatus::Queued], TaskStatus::Failed, &queue("no"))
-        .await
-        .unwrap();
+    assert_eq!(failed.len(), 1);
     let mut got = Vec::new();
     while got.len() < 3 {
         let e = tokio::time::timeout(Duration::from_secs(5), live.recv())
@@ -81,7 +77,10 @@ async fn status_changes_are_published_once_each_and_reason_updates_not_at_all() 
             "state:\"failed\""
         ]
     );
-    assert_eq!(got[1].event.data["reason"], "admitted");
+    assert_eq!(got[1].event.data["reason"], serde_json::Value::Null);
+    assert_eq!(got[1].event.data["cause"], "admission");
+    assert_eq!(got[2].event.data["reason"], "no");
+    assert_eq!(got[2].event.data["cause"], "placement");
     assert!(got.windows(2).all(|w| w[0].id < w[1].id));
     assert_eq!(hub.watermark(), got[2].id);
     // Nothing else came (the reason update published nothing).
@@ -99,39 +98,38 @@ async fn events_cost_of_task_transitions() {
     if let Some((store, _)) = &mongo {
         stores.push(("ferretdb", Arc::new(store.clone())));
     }
-    for (name, plain) in stores {
+    for (name, store) in stores {
         for evented in [false, true] {
             // The hub lives through the run: its tailing is part of the cost.
             let mut hub: Option<Arc<EventHub>> = None;
-            let store: Arc<dyn Store> = if evented {
+            let mut lifecycle = Lifecycle::new(store.clone(), Wakeup::new());
+            if evented {
                 let (started_hub, sink) = EventHub::start(
-                    plain.clone(),
+                    store.clone(),
                     super::DEFAULT_RETENTION,
                     CancellationToken::new(),
                 )
                 .await;
                 hub = Some(started_hub);
-                Arc::new(EventedStore::new(plain.clone(), sink))
-            } else {
-                plain.clone()
-            };
+                lifecycle = lifecycle.with_events(sink);
+            }
             let started = Instant::now();
             let clients = (0..8).map(|_| {
-                let store = store.clone();
+                let lifecycle = lifecycle.clone();
                 tokio::spawn(async move {
                     for _ in 0..25 {
                         let task = sample_task(&unique_id("t"), "alice");
-                        store.insert_task(&task, None).await.unwrap();
-                        for (from, to) in [
-                            (TaskStatus::Pending, TaskStatus::Queued),
-                            (TaskStatus::Queued, TaskStatus::Running),
-                            (TaskStatus::Running, TaskStatus::Completed),
-                        ] {
-                            store
-                                .transition_task(&task.task_id, &[from], to, &TaskUpdate::default())
-                                .await
-                                .unwrap();
-                        }
+                        lifecycle.submit(&task, None).await.unwrap();
+                        lifecycle
+                            .admit(&task, AdmissionDecision::Accept)
+                            .await
+                            .unwrap();
+                        let ids = [task.task_id.clone()];
+                        lifecycle
+                            .explain(&ids, TaskStatus::Queued, "waiting")
+                            .await
+                            .unwrap();
+                        lifecycle.cancel(&task.task_id, "alice").await.unwrap();
                     }
                 })
             });

@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 
 use super::error::PolicyError;
 use super::runtime::{Deactivation, LoadOptions, PolicyKind, PolicyRuntime};
+use crate::events::{self, EventSink, PolicyChange};
 use crate::model::{self, PolicyVersion};
 use crate::store::{Store, StoreError};
 
@@ -117,6 +118,8 @@ impl Drop for PolicySyncHandle {
 /// The sync loop of one replica; see the module documentation.
 pub struct PolicySync {
     store: Arc<dyn Store>,
+    /// Where the automatic rollbacks it writes are published.
+    events: EventSink,
     runtime: Arc<PolicyRuntime>,
     interval: Duration,
     /// The versions listed by the store at the last tick (only these are unloaded when they
@@ -135,6 +138,7 @@ impl PolicySync {
     pub fn new(store: Arc<dyn Store>, runtime: Arc<PolicyRuntime>, interval: Duration) -> Self {
         PolicySync {
             store,
+            events: EventSink::off(),
             runtime,
             interval: interval.max(Duration::from_millis(10)),
             seen: BTreeSet::new(),
@@ -143,6 +147,12 @@ impl PolicySync {
             pending: Vec::new(),
             loading: None,
         }
+    }
+
+    /// Publishes the automatic rollbacks it writes on `events`.
+    pub fn with_events(mut self, events: EventSink) -> Self {
+        self.events = events;
+        self
     }
 
     /// Runs the loop on the current Tokio runtime until the handle is dropped.
@@ -220,8 +230,20 @@ impl PolicySync {
                     .store
                     .activate_policy(kind, name, version, AUTO_ROLLBACK_BY, Some(failed))
                     .await
-                    .map(drop),
-                None => self.store.clear_active_policy(kind, failed).await,
+                    .map(|_| {
+                        let why = format!("failed repeatedly: rolled back to {name}@{version}");
+                        self.events.publish(events::policy_deactivated(
+                            &d.name, &d.version, kind, &why,
+                        ));
+                        let restored = events::policy(PolicyChange::RolledBack, name, version, kind);
+                        self.events.publish(restored);
+                    }),
+                None => self.store.clear_active_policy(kind, failed).await.map(|()| {
+                    let why = "failed repeatedly with no earlier version to restore: the native policy runs";
+                    self.events.publish(events::policy_deactivated(
+                        &d.name, &d.version, kind, why,
+                    ));
+                }),
             };
             let restored = d.restored.as_ref().map_or_else(
                 || "the native policy".to_string(),

@@ -15,8 +15,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::Repairs;
+use crate::lifecycle::Lifecycle;
 use crate::model::{Resources, Worker};
-use crate::store::{AssignmentFilter, Store, StoreError};
+use crate::store::{AssignmentFilter, StoreError};
 
 /// One worker's drift as first observed, and when.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,9 +47,10 @@ impl DriftTracker {
 
     pub(super) async fn repair(
         &mut self,
-        store: &dyn Store,
+        lifecycle: &Lifecycle,
         repairs: &mut Repairs,
     ) -> Result<(), StoreError> {
+        let store = lifecycle.store();
         let workers = store.list_workers().await?;
         let active = store
             .list_assignments(&AssignmentFilter {
@@ -97,7 +99,7 @@ impl DriftTracker {
                 still_drifting.insert(worker.worker_id.clone(), (observed, first_seen));
                 continue;
             }
-            if store.repair_allocation(worker, &expected).await? {
+            if lifecycle.repair_allocation(worker, &expected).await? {
                 repairs.drift_repaired += 1;
                 tracing::warn!(
                     worker_id = %worker.worker_id,

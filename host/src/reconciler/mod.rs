@@ -21,13 +21,16 @@
 //! - `allocated_*` / `available_*` are recomputed from the active assignments when they
 //!   drift ([`drift`]).
 //!
-//! Every repair is logged with the ids involved and counted in [`ReconcilerCounters`].
+//! Every repair is made through [`Lifecycle`] as a [`crate::lifecycle::Cause::Repair`] (its
+//! events add a `reconciler.repair`), logged with the ids involved and counted in
+//! [`ReconcilerCounters`].
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::lifecycle::Lifecycle;
 use crate::model;
 use crate::scheduler::{SchedulerConfig, Wakeup};
 use crate::store::{Store, StoreError};
@@ -39,9 +42,10 @@ mod tasks;
 mod tests;
 mod workers;
 
+pub use crate::lifecycle::WORKER_LOST;
 pub use lease::LEASE_NAME;
 pub use tasks::TIMEOUT;
-pub use workers::{WORKER_LOST, worker_returned};
+pub use workers::worker_returned;
 
 /// The reconciler's settings. The heartbeat grace period is the scheduler's
 /// [`SchedulerConfig::heartbeat_staleness`]: one setting for "this worker is gone".
@@ -181,6 +185,8 @@ impl ReconcilerCounters {
 /// One host replica's reconciler.
 pub struct Reconciler {
     store: Arc<dyn Store>,
+    /// Every change a pass makes, as [`crate::lifecycle::Cause::Repair`].
+    lifecycle: Lifecycle,
     wakeup: Wakeup,
     config: ReconcilerConfig,
     /// The heartbeat grace period (the scheduler's staleness).
@@ -199,6 +205,7 @@ impl Reconciler {
         config: ReconcilerConfig,
     ) -> Self {
         Reconciler {
+            lifecycle: Lifecycle::new(store.clone(), wakeup.clone()),
             store,
             wakeup,
             grace: scheduler.heartbeat_staleness,
@@ -210,6 +217,12 @@ impl Reconciler {
             drift: drift::DriftTracker::new(scheduler.claim_lease + config.settle),
             config,
         }
+    }
+
+    /// Publishes the events of its repairs on `events`.
+    pub fn with_events(mut self, events: crate::events::EventSink) -> Self {
+        self.lifecycle = self.lifecycle.with_events(events);
+        self
     }
 
     /// The id this replica's lease carries.
@@ -276,8 +289,7 @@ impl Reconciler {
     pub async fn pass(&mut self) -> Result<Repairs, StoreError> {
         let started = Instant::now();
         let mut repairs = Repairs::default();
-        // What the pass changes is published as `reconciler.repair` events too.
-        let outcome = crate::events::reconciling(self.pass_into(&mut repairs)).await;
+        let outcome = self.pass_into(&mut repairs).await;
         self.counters.record(&repairs);
         crate::metrics::reconciler_repairs(&repairs.by_kind());
         if repairs.frees_capacity() {
@@ -294,13 +306,12 @@ impl Reconciler {
     }
 
     async fn pass_into(&mut self, repairs: &mut Repairs) -> Result<(), StoreError> {
-        let store = &*self.store;
+        let lifecycle = &self.lifecycle;
         let now = model::now();
-        let lost = workers::lose_stale_workers(store, self.grace, now, repairs).await?;
-        tasks::repair_assignments(store, &self.wakeup, &lost, now, self.config.settle, repairs)
-            .await?;
-        tasks::clear_expired_claims(store, now, repairs).await?;
-        self.drift.repair(store, repairs).await
+        let lost = workers::lose_stale_workers(lifecycle, self.grace, now, repairs).await?;
+        tasks::repair_assignments(lifecycle, &lost, now, self.config.settle, repairs).await?;
+        tasks::clear_expired_claims(lifecycle, now, repairs).await?;
+        self.drift.repair(lifecycle, repairs).await
     }
 }
 

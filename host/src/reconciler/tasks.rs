@@ -7,8 +7,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::{Repairs, chrono_duration, workers};
+use crate::lifecycle::{Cause, Finish, Lifecycle};
 use crate::model::{Task, TaskStatus, Worker};
-use crate::scheduler::{Finish, Wakeup, finish_attempt};
 use crate::store::{AssignmentFilter, Store, StoreError, TaskQuery};
 
 /// The `error` of a task failed for running past its `timeout_s`.
@@ -25,13 +25,13 @@ const CLAIMS_PER_PASS: u32 = 1000;
 /// its attempt (a placement that crashed after inserting it, a release that crashed half
 /// way) is released.
 pub(super) async fn repair_assignments(
-    store: &dyn Store,
-    wakeup: &Wakeup,
+    lifecycle: &Lifecycle,
     lost: &HashMap<String, Worker>,
     now: DateTime<Utc>,
     settle: Duration,
     repairs: &mut Repairs,
 ) -> Result<(), StoreError> {
+    let store = &**lifecycle.store();
     let active = store
         .list_assignments(&AssignmentFilter {
             active_only: true,
@@ -42,8 +42,11 @@ pub(super) async fn repair_assignments(
     let running = running_tasks(store).await?;
     let settled_before = now - chrono_duration(settle);
     for assignment in &active {
+        let cause = Cause::Repair {
+            worker_id: Some(&assignment.worker_id),
+        };
         if lost.contains_key(&assignment.worker_id) && assignment.assigned_at < now {
-            workers::lose_assignment(store, assignment, repairs).await?;
+            workers::lose_assignment(lifecycle, assignment, cause, repairs).await?;
             continue;
         }
         match running.get(&assignment.task_id) {
@@ -67,7 +70,10 @@ pub(super) async fn repair_assignments(
                     error: TIMEOUT.to_string(),
                     exit_code: None,
                 };
-                match finish_attempt(store, wakeup, &assignment.ass_id, finish).await {
+                match lifecycle
+                    .finish_attempt(&assignment.ass_id, finish, cause)
+                    .await
+                {
                     Ok(_) => {
                         repairs.tasks_timed_out += 1;
                         tracing::warn!(
@@ -84,7 +90,7 @@ pub(super) async fn repair_assignments(
                 }
             }
             _ if assignment.assigned_at < settled_before => {
-                release_orphan(store, assignment, repairs).await?;
+                release_orphan(lifecycle, assignment, repairs).await?;
             }
             _ => {} // young: a placement may be between its insert and `mark_running`
         }
@@ -108,7 +114,8 @@ pub(super) async fn repair_assignments(
             continue; // placed again since the listing
         }
         let why = "its assignment was released while it ran";
-        workers::requeue_or_fail(store, task, why, None, repairs).await?;
+        let cause = Cause::Repair { worker_id: None };
+        workers::requeue_or_fail(lifecycle, task, why, None, cause, repairs).await?;
     }
     Ok(())
 }
@@ -134,11 +141,11 @@ async fn running_tasks(store: &dyn Store) -> Result<HashMap<String, Task>, Store
 /// Releases an assignment whose task is not running at its attempt, after checking the task
 /// again (the listing is a little older than the assignment read).
 async fn release_orphan(
-    store: &dyn Store,
+    lifecycle: &Lifecycle,
     assignment: &crate::model::Assignment,
     repairs: &mut Repairs,
 ) -> Result<(), StoreError> {
-    let status = match store.get_task(&assignment.task_id).await {
+    let status = match lifecycle.store().get_task(&assignment.task_id).await {
         Ok(task) if assignment.holds(&task) => {
             return Ok(());
         }
@@ -160,7 +167,13 @@ async fn release_orphan(
     };
     // Its task never ran under it: a recount may have left its amounts out (a placement
     // whose insert landed late), so they go back only where none happened since the reserve.
-    if store.release_unstarted(&assignment.ass_id).await? {
+    let cause = Cause::Repair {
+        worker_id: Some(&assignment.worker_id),
+    };
+    if lifecycle
+        .release_unstarted(&assignment.ass_id, cause)
+        .await?
+    {
         repairs.orphans_released += 1;
         repairs.reservations_released += 1;
         tracing::warn!(
@@ -178,11 +191,11 @@ async fn release_orphan(
 /// Clears expired placement claims, so that the tasks show as plainly queued (the scheduler
 /// already treats an expired claim as claimable).
 pub(super) async fn clear_expired_claims(
-    store: &dyn Store,
+    lifecycle: &Lifecycle,
     now: DateTime<Utc>,
     repairs: &mut Repairs,
 ) -> Result<(), StoreError> {
-    for task in store.clear_expired_claims(now, CLAIMS_PER_PASS).await? {
+    for task in lifecycle.clear_expired_claims(now, CLAIMS_PER_PASS).await? {
         repairs.claims_cleared += 1;
         tracing::info!(
             task_id = %task.task_id,

@@ -9,11 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::lifecycle::{Cause, Finish};
 use crate::model::{Assignment, Resources, Task, TaskStatus};
+use crate::scheduler::tests::lifecycle;
 use crate::scheduler::tests::{
     active_assignments, add_worker, assert_accounting, config, policies,
 };
-use crate::scheduler::{Finish, Scheduler, SchedulerConfig, Wakeup, finish_attempt};
+use crate::scheduler::{Scheduler, SchedulerConfig, Wakeup};
 use crate::store::conformance::{sample_assignment, sample_task, unique_id};
 use crate::store::{AssignmentFilter, Store, StoreError};
 
@@ -142,7 +144,7 @@ async fn go_silent(store: &dyn Store, worker_id: &str) {
 }
 
 /// A simulated worker agent's heartbeat, as the API records it.
-async fn beat(store: &dyn Store, wakeup: &Wakeup, worker_id: &str) -> crate::model::Worker {
+async fn beat(store: &Arc<dyn Store>, wakeup: &Wakeup, worker_id: &str) -> crate::model::Worker {
     let worker = store
         .heartbeat(worker_id, model::now().timestamp(), None)
         .await
@@ -150,7 +152,9 @@ async fn beat(store: &dyn Store, wakeup: &Wakeup, worker_id: &str) -> crate::mod
     if worker.is_active {
         worker
     } else {
-        worker_returned(store, wakeup, worker_id).await.unwrap()
+        worker_returned(&lifecycle(store, wakeup), worker_id)
+            .await
+            .unwrap()
     }
 }
 
@@ -165,7 +169,7 @@ fn keep_beating(store: &Arc<dyn Store>, wakeup: &Wakeup, worker_id: &str) -> Arc
     );
     tokio::spawn(async move {
         while flag.load(Ordering::Relaxed) {
-            beat(&*store, &wakeup, &worker_id).await;
+            beat(&store, &wakeup, &worker_id).await;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
@@ -335,7 +339,7 @@ async fn a_returning_worker_is_reactivated_and_its_late_finish_is_rejected(store
 
     // w1 comes back: active again, nothing assigned, the scheduler woken.
     let _ = tokio::time::timeout(Duration::from_millis(10), wakeup.woken()).await;
-    let back = beat(&*store, &wakeup, &w1.worker_id).await;
+    let back = beat(&store, &wakeup, &w1.worker_id).await;
     assert!(back.is_active);
     assert_eq!(back.allocated(), Resources::default());
     tokio::time::timeout(Duration::from_secs(1), wakeup.woken())
@@ -344,13 +348,13 @@ async fn a_returning_worker_is_reactivated_and_its_late_finish_is_rejected(store
 
     // Its late report for the lost attempt is refused and changes nothing.
     let before = store.get_task(&task.task_id).await.unwrap();
-    let late = finish_attempt(
-        &*store,
-        &wakeup,
-        &lost.ass_id,
-        Finish::Completed { exit_code: 0 },
-    )
-    .await;
+    let late = lifecycle(&store, &wakeup)
+        .finish_attempt(
+            &lost.ass_id,
+            Finish::Completed { exit_code: 0 },
+            Cause::Worker,
+        )
+        .await;
     assert!(matches!(late, Err(StoreError::Conflict { .. })), "{late:?}");
     assert_eq!(store.get_task(&task.task_id).await.unwrap(), before);
     assert!(
@@ -363,22 +367,22 @@ async fn a_returning_worker_is_reactivated_and_its_late_finish_is_rejected(store
     assert_accounting(&*store).await;
 
     // The current attempt's report applies, once.
-    let done = finish_attempt(
-        &*store,
-        &wakeup,
-        &current.ass_id,
-        Finish::Completed { exit_code: 0 },
-    )
-    .await
-    .unwrap();
+    let done = lifecycle(&store, &wakeup)
+        .finish_attempt(
+            &current.ass_id,
+            Finish::Completed { exit_code: 0 },
+            Cause::Worker,
+        )
+        .await
+        .unwrap();
     assert_eq!((done.status, done.attempts), (TaskStatus::Completed, 2));
-    let again = finish_attempt(
-        &*store,
-        &wakeup,
-        &current.ass_id,
-        Finish::Completed { exit_code: 0 },
-    )
-    .await;
+    let again = lifecycle(&store, &wakeup)
+        .finish_attempt(
+            &current.ass_id,
+            Finish::Completed { exit_code: 0 },
+            Cause::Worker,
+        )
+        .await;
     assert!(
         matches!(again, Err(StoreError::Conflict { .. })),
         "{again:?}"
@@ -539,7 +543,7 @@ async fn an_in_flight_reservation_is_not_repaired_away(store: Arc<dyn Store>) {
         .await
         .unwrap();
     tokio::time::sleep(settle + Duration::from_millis(100)).await;
-    beat(&*store, &wakeup, &w.worker_id).await;
+    beat(&store, &wakeup, &w.worker_id).await;
     assert_eq!(held_tick(&mut r).await, Repairs::default());
     assert_eq!(
         store.get_worker(&w.worker_id).await.unwrap().allocated(),
@@ -582,7 +586,7 @@ async fn a_stalled_placement_keeps_its_assignment_while_claimed_and_loses_it_wit
     );
     store.insert_assignment(&assignment).await.unwrap();
     tokio::time::sleep(settle + Duration::from_millis(200)).await;
-    beat(&*store, &wakeup, &w.worker_id).await;
+    beat(&store, &wakeup, &w.worker_id).await;
     assert_eq!(
         held_tick(&mut r).await,
         Repairs::default(),
@@ -597,11 +601,11 @@ async fn a_stalled_placement_keeps_its_assignment_while_claimed_and_loses_it_wit
     );
 
     tokio::time::sleep(Duration::from_millis(500)).await;
-    beat(&*store, &wakeup, &w.worker_id).await;
+    beat(&store, &wakeup, &w.worker_id).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
-    beat(&*store, &wakeup, &w.worker_id).await;
+    beat(&store, &wakeup, &w.worker_id).await;
     let mut repairs = held_tick(&mut r).await;
-    beat(&*store, &wakeup, &w.worker_id).await;
+    beat(&store, &wakeup, &w.worker_id).await;
     repairs.add(&held_tick(&mut r).await);
     assert_eq!(
         (repairs.claims_cleared, repairs.orphans_released),
@@ -643,7 +647,7 @@ async fn a_running_task_past_its_timeout_fails_and_is_released_once(store: Arc<d
         "within its timeout"
     );
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    beat(&*store, &wakeup, &w.worker_id).await;
+    beat(&store, &wakeup, &w.worker_id).await;
     assert_eq!(
         held_tick(&mut r).await,
         Repairs::default(),
@@ -651,7 +655,7 @@ async fn a_running_task_past_its_timeout_fails_and_is_released_once(store: Arc<d
     );
     tokio::time::sleep(Duration::from_millis(600)).await;
     // Keep the worker fresh: only the timeout applies.
-    beat(&*store, &wakeup, &w.worker_id).await;
+    beat(&store, &wakeup, &w.worker_id).await;
     let repairs = held_tick(&mut r).await;
     assert_eq!(repairs.tasks_timed_out, 1, "{repairs:?}");
     let failed = store.get_task(&slow.task_id).await.unwrap();
@@ -804,6 +808,7 @@ async fn a_lost_worker_heartbeating_through_the_api_is_active_again() {
     let wakeup = Wakeup::new();
     let app = crate::api::router(AppState {
         store: store.clone(),
+        lifecycle: crate::lifecycle::Lifecycle::new(store.clone(), wakeup.clone()),
         auth: Arc::new(Authenticator::new(Vec::new(), Some(token_sha256_hex(JOIN)))),
         limits: Arc::new(Limits::default()),
         policies: policies(),

@@ -6,35 +6,38 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::Repairs;
-use crate::model::{self, Assignment, Task, TaskStatus, Worker};
-use crate::scheduler::Wakeup;
-use crate::store::{AssignmentFilter, Store, StoreError, TaskUpdate};
-
-/// The `error` of a task failed because its worker was lost with no attempt left.
-pub const WORKER_LOST: &str = "worker_lost";
+use crate::lifecycle::{Cause, Lifecycle};
+use crate::model::{self, Assignment, Task, Worker};
+use crate::store::{AssignmentFilter, StoreError};
 
 /// Marks the workers whose last heartbeat is older than `grace` inactive (each with one
 /// conditional update, so a heartbeat that lands first wins) and returns every inactive,
 /// stale worker: those whose assignments are lost. An inactive worker with a fresh heartbeat
 /// is re-activated here too (the heartbeat API normally does it at once).
 pub(super) async fn lose_stale_workers(
-    store: &dyn Store,
+    lifecycle: &Lifecycle,
     grace: Duration,
     now: DateTime<Utc>,
     repairs: &mut Repairs,
 ) -> Result<HashMap<String, Worker>, StoreError> {
     let stale_before = now.timestamp() - grace.as_secs() as i64;
     let mut lost = HashMap::new();
-    for worker in store.list_workers().await? {
+    for worker in lifecycle.store().list_workers().await? {
         let worker_id = worker.worker_id.as_str();
+        let cause = Cause::Repair {
+            worker_id: Some(worker_id),
+        };
         if worker.last_heartbeat >= stale_before {
             if !worker.is_active {
-                return_worker(store, worker_id, now, repairs).await?;
+                return_worker(lifecycle, worker_id, now, cause, repairs).await?;
             }
             continue;
         }
         if worker.is_active {
-            if !store.mark_worker_lost(worker_id, stale_before).await? {
+            if !lifecycle
+                .lose_worker(worker_id, stale_before, cause)
+                .await?
+            {
                 continue; // it heartbeated meanwhile
             }
             repairs.workers_lost += 1;
@@ -54,25 +57,25 @@ pub(super) async fn lose_stale_workers(
 /// handled as lost, then it is active again with nothing assigned, and the scheduler is
 /// woken. What the heartbeat API calls when the worker it recorded is inactive. Returns the
 /// worker as it is now.
-pub async fn worker_returned(
-    store: &dyn Store,
-    wakeup: &Wakeup,
-    worker_id: &str,
-) -> Result<Worker, StoreError> {
+pub async fn worker_returned(lifecycle: &Lifecycle, worker_id: &str) -> Result<Worker, StoreError> {
     let mut repairs = Repairs::default();
-    let worker = return_worker(store, worker_id, model::now(), &mut repairs).await?;
+    let cause = Cause::WorkerReturned;
+    let worker = return_worker(lifecycle, worker_id, model::now(), cause, &mut repairs).await?;
     crate::metrics::reconciler_repairs(&repairs.by_kind());
-    wakeup.capacity_changed();
+    lifecycle.wakeup().capacity_changed();
     Ok(worker)
 }
 
+/// `cause`: a reconciler pass's repair, or the worker's own heartbeat.
 async fn return_worker(
-    store: &dyn Store,
+    lifecycle: &Lifecycle,
     worker_id: &str,
     now: DateTime<Utc>,
+    cause: Cause<'_>,
     repairs: &mut Repairs,
 ) -> Result<Worker, StoreError> {
-    let left = store
+    let left = lifecycle
+        .store()
         .list_assignments(&AssignmentFilter {
             worker_id: Some(worker_id.to_string()),
             active_only: true,
@@ -80,9 +83,9 @@ async fn return_worker(
         })
         .await?;
     for assignment in left.iter().filter(|a| a.assigned_at < now) {
-        lose_assignment(store, assignment, repairs).await?;
+        lose_assignment(lifecycle, assignment, cause, repairs).await?;
     }
-    let worker = store.set_worker_active(worker_id, true).await?;
+    let worker = lifecycle.reactivate_worker(worker_id, cause).await?;
     repairs.workers_returned += 1;
     tracing::info!(
         worker_id,
@@ -98,8 +101,9 @@ async fn return_worker(
 /// moves first, so that a crash in between leaves an active assignment on a lost worker,
 /// which the next pass finds again.
 pub(super) async fn lose_assignment(
-    store: &dyn Store,
+    lifecycle: &Lifecycle,
     assignment: &Assignment,
+    cause: Cause<'_>,
     repairs: &mut Repairs,
 ) -> Result<(), StoreError> {
     let (task_id, worker_id, ass_id) = (
@@ -107,7 +111,7 @@ pub(super) async fn lose_assignment(
         assignment.worker_id.as_str(),
         assignment.ass_id.as_str(),
     );
-    let task = match store.get_task(task_id).await {
+    let task = match lifecycle.store().get_task(task_id).await {
         Ok(task) => Some(task),
         Err(StoreError::NotFound { .. }) => None,
         Err(error) => return Err(error),
@@ -115,12 +119,12 @@ pub(super) async fn lose_assignment(
     let released = match task.filter(|t| assignment.holds(t)) {
         Some(task) => {
             let why = format!("worker {worker_id} was lost");
-            requeue_or_fail(store, &task, &why, Some(assignment), repairs).await?;
-            store.release(ass_id).await?
+            requeue_or_fail(lifecycle, &task, &why, Some(assignment), cause, repairs).await?;
+            lifecycle.release(ass_id, cause).await?
         }
         // Its task never ran under it (a placement that did not finish): see
         // `Store::release_unstarted`.
-        None => store.release_unstarted(ass_id).await?,
+        None => lifecycle.release_unstarted(ass_id, cause).await?,
     };
     if released {
         repairs.reservations_released += 1;
@@ -134,11 +138,11 @@ pub(super) async fn lose_assignment(
     Ok(())
 }
 
-/// Takes a task that is running at its current attempt off its (lost) execution: back to the
-/// queue with `attempts` kept, or failed with [`WORKER_LOST`] when no attempt is left. One
-/// conditional update on that attempt: a task that finished or moved meanwhile is left alone.
-/// `lost` is the assignment it ran under, when known: its worker is named in the logs and the
-/// repair events.
+/// Takes a task that is running at its current attempt off its (lost) execution
+/// ([`Lifecycle::requeue_or_fail`]): back to the queue with `attempts` kept, or failed with
+/// [`super::WORKER_LOST`] when no attempt is left; a task that finished or moved meanwhile is
+/// left alone. `lost` is the assignment it ran under, when known: its worker is named in the
+/// logs.
 #[tracing::instrument(name = "requeue", skip_all, fields(
     task_id = %task.task_id,
     ass_id = lost.map(|a| a.ass_id.as_str()).unwrap_or_default(),
@@ -146,52 +150,19 @@ pub(super) async fn lose_assignment(
     why = why,
 ))]
 pub(super) async fn requeue_or_fail(
-    store: &dyn Store,
+    lifecycle: &Lifecycle,
     task: &Task,
     why: &str,
     lost: Option<&Assignment>,
+    cause: Cause<'_>,
     repairs: &mut Repairs,
 ) -> Result<(), StoreError> {
     let (task_id, attempt) = (task.task_id.as_str(), task.attempts);
     let ass_id = lost.map_or("", |a| a.ass_id.as_str());
     let worker_id = lost.map_or("", |a| a.worker_id.as_str());
-    let requeue = attempt < task.max_attempts;
-    let (to, update) = if requeue {
-        (
-            TaskStatus::Queued,
-            TaskUpdate {
-                status_reason: Some(Some(format!(
-                    "{why} during attempt {attempt} of {}; queued again",
-                    task.max_attempts
-                ))),
-                clear_claim: true,
-                // A preemption of the lost attempt is moot: the task runs normally next time.
-                clear_preemption: task.preempted_by.is_some(),
-                ..TaskUpdate::default()
-            },
-        )
-    } else {
-        (
-            TaskStatus::Failed,
-            TaskUpdate {
-                completed_at: Some(model::now()),
-                error: Some(WORKER_LOST.to_string()),
-                status_reason: Some(Some(format!(
-                    "{WORKER_LOST}: {why} during attempt {attempt} of {}",
-                    task.max_attempts
-                ))),
-                clear_claim: true,
-                ..TaskUpdate::default()
-            },
-        )
-    };
-    let moved = crate::events::repairing_worker(
-        worker_id,
-        store.transition_attempt(task_id, attempt, &[TaskStatus::Running], to, &update),
-    );
-    match moved.await {
-        Ok(_) => {
-            let outcome = if requeue {
+    match lifecycle.requeue_or_fail(task, why, cause).await {
+        Ok(moved) => {
+            let outcome = if moved.status == model::TaskStatus::Queued {
                 repairs.tasks_requeued += 1;
                 "lost task queued again"
             } else {

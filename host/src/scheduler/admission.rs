@@ -1,41 +1,32 @@
-//! Admission: a `pending` task is accepted (-> `queued`), rejected (-> `failed` with the
-//! policy's reason) or deferred (stays `pending` with the reason, checked again after the
-//! back-off) by the active admission policy. Runs inline on submit and in the scheduler's
-//! admission pass, which also picks up any task the inline check could not finish.
+//! Admission: the active admission policy decides whether a `pending` task is accepted,
+//! rejected or deferred (checked again after the back-off); [`Lifecycle::admit`] writes the
+//! decision. Runs inline on submit and in the scheduler's admission pass, which also picks up
+//! any task the inline check could not finish.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{Scheduler, chrono_duration, source_label};
+use crate::lifecycle::{Admitted, Lifecycle};
 use crate::model::Usage;
 use crate::model::{self, Task, TaskStatus};
 use crate::policy::bindings::types::AdmissionDecision;
 use crate::policy::snapshot::admission_task;
 use crate::policy::{PolicyKind, PolicyRuntime};
-use crate::store::{Store, StoreError, TaskQuery, TaskUpdate};
-
-/// What admission did with a task.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Admitted {
-    /// Now `queued`.
-    Queued(Task),
-    /// Now `failed`, with the policy's reason in `error` and `status_reason`.
-    Rejected { task: Task, reason: String },
-    /// Still `pending`, with the reason in `status_reason`.
-    Deferred { task: Task, reason: String },
-}
+use crate::store::{Store, StoreError, TaskQuery};
 
 /// Checks one pending task with the active admission policy (with its user's usage from the
 /// store) and applies the decision. `Conflict` when the task left `pending` meanwhile (it was
 /// cancelled, or another replica admitted it).
 pub async fn admit_task(
-    store: &dyn Store,
+    lifecycle: &Lifecycle,
     policies: &Arc<PolicyRuntime>,
     task: &Task,
 ) -> Result<Admitted, StoreError> {
-    let decisions = decide_reading_usage(store, policies, vec![task.clone()]).await?;
+    let decisions =
+        decide_reading_usage(&**lifecycle.store(), policies, vec![task.clone()]).await?;
     match decisions.into_iter().next() {
-        Some(decision) => apply(store, task, decision).await,
+        Some(decision) => lifecycle.admit(task, decision).await,
         None => Err(StoreError::backend(
             format!("admitting task {}", task.task_id),
             "the admission check returned no decision",
@@ -52,7 +43,7 @@ const ADMISSION_CHUNK: usize = 1_000;
 /// the others are written one by one as [`admit_task`] writes them. A task that left
 /// `pending` meanwhile (cancelled, admitted elsewhere) is left alone and not counted.
 pub async fn admit_tasks(
-    store: &dyn Store,
+    lifecycle: &Lifecycle,
     policies: &Arc<PolicyRuntime>,
     tasks: &[Task],
 ) -> Result<AdmissionStats, StoreError> {
@@ -67,14 +58,15 @@ pub async fn admit_tasks(
         ..AdmissionStats::default()
     };
     for chunk in tasks.chunks(ADMISSION_CHUNK) {
-        let decisions = decide_reading_usage(store, policies, chunk.to_vec()).await?;
+        let decisions =
+            decide_reading_usage(&**lifecycle.store(), policies, chunk.to_vec()).await?;
         let mut accepted = Vec::new();
         for (task, decision) in chunk.iter().zip(decisions) {
             if decision == AdmissionDecision::Accept {
                 accepted.push(task.task_id.clone());
                 continue;
             }
-            match apply(store, task, decision).await {
+            match lifecycle.admit(task, decision).await {
                 Ok(Admitted::Queued(_)) => stats.queued += 1,
                 Ok(Admitted::Rejected { .. }) => stats.rejected += 1,
                 Ok(Admitted::Deferred { .. }) => stats.deferred += 1,
@@ -85,22 +77,7 @@ pub async fn admit_tasks(
             }
         }
         if !accepted.is_empty() {
-            let update = TaskUpdate {
-                status_reason: Some(None),
-                ..TaskUpdate::default()
-            };
-            let moved = store
-                .transition_tasks(
-                    &accepted,
-                    &[TaskStatus::Pending],
-                    TaskStatus::Queued,
-                    &update,
-                )
-                .await?;
-            for task in &moved {
-                tracing::debug!(task_id = %task.task_id, user_id = %task.user_id, "task admitted");
-            }
-            stats.queued += moved.len();
+            stats.queued += lifecycle.accept_many(&accepted).await?.len();
         }
     }
     Ok(stats)
@@ -177,57 +154,6 @@ async fn decide(
     .map_err(|e| StoreError::backend("running the admission policy", e.to_string()))
 }
 
-/// Writes an admission decision as a conditional transition from `pending`.
-#[tracing::instrument(name = "admit", skip_all, fields(task_id = %task.task_id, user_id = %task.user_id))]
-pub(super) async fn apply(
-    store: &dyn Store,
-    task: &Task,
-    decision: AdmissionDecision,
-) -> Result<Admitted, StoreError> {
-    let id = task.task_id.as_str();
-    let pending = [TaskStatus::Pending];
-    match decision {
-        AdmissionDecision::Accept => {
-            let update = TaskUpdate {
-                status_reason: Some(None),
-                ..TaskUpdate::default()
-            };
-            let task = store
-                .transition_task(id, &pending, TaskStatus::Queued, &update)
-                .await?;
-            tracing::info!(task_id = id, user_id = %task.user_id, "task admitted");
-            Ok(Admitted::Queued(task))
-        }
-        AdmissionDecision::Reject(reason) => {
-            let update = TaskUpdate {
-                completed_at: Some(model::now()),
-                error: Some(reason.clone()),
-                status_reason: Some(Some(reason.clone())),
-                clear_claim: true,
-                ..TaskUpdate::default()
-            };
-            let task = store
-                .transition_task(id, &pending, TaskStatus::Failed, &update)
-                .await?;
-            tracing::info!(task_id = id, user_id = %task.user_id, %reason, "task rejected by admission");
-            Ok(Admitted::Rejected { task, reason })
-        }
-        AdmissionDecision::Defer(reason) => {
-            // Written even when the reason is unchanged: the update time is what puts the task
-            // back by the back-off in the admission batch.
-            let update = TaskUpdate {
-                status_reason: Some(Some(reason.clone())),
-                ..TaskUpdate::default()
-            };
-            let task = store
-                .transition_task(id, &pending, TaskStatus::Pending, &update)
-                .await?;
-            tracing::debug!(task_id = id, user_id = %task.user_id, %reason, "task deferred");
-            Ok(Admitted::Deferred { task, reason })
-        }
-    }
-}
-
 /// What one admission pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AdmissionStats {
@@ -279,7 +205,7 @@ impl Scheduler {
         if tasks.is_empty() {
             return Ok(AdmissionStats::default());
         }
-        let stats = admit_tasks(&*self.store, &self.policies, &tasks).await?;
+        let stats = admit_tasks(&self.lifecycle, &self.policies, &tasks).await?;
         tracing::debug!(
             checked = stats.checked,
             queued = stats.queued,

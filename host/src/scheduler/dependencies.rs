@@ -11,8 +11,9 @@ use std::collections::HashMap;
 
 use super::Scheduler;
 use super::admission::admit_tasks;
-use crate::model::{self, Dependency, DependencyCondition, TaskStatus};
-use crate::store::{Store, StoreError, TaskCounts, TaskUpdate};
+use crate::lifecycle::{Cause, Lifecycle};
+use crate::model::{Dependency, DependencyCondition, TaskStatus};
+use crate::store::{Store, StoreError, TaskCounts};
 
 /// Most distinct dependency lists one pass looks at; tasks moved per page, and most pages one
 /// list's tasks take in one pass (the rest move in the next).
@@ -154,35 +155,24 @@ impl Scheduler {
                             break;
                         }
                         let ids: Vec<String> = page.into_iter().map(|t| t.task_id).collect();
-                        let released = store.release_tasks(&ids).await?;
+                        let released = self.lifecycle.dependencies_met(&ids).await?;
                         for task in &released {
                             tracing::info!(task_id = %task.task_id, user_id = %task.user_id, "dependencies met: the task goes to admission");
                         }
                         stats.released += released.len();
-                        admit_tasks(store, &self.policies, &released).await?;
+                        admit_tasks(&self.lifecycle, &self.policies, &released).await?;
                     }
                 }
                 Gate::Broken(why) => {
-                    let update = TaskUpdate {
-                        completed_at: Some(model::now()),
-                        error: Some(why.clone()),
-                        status_reason: Some(Some(why.clone())),
-                        clear_claim: true,
-                        ..TaskUpdate::default()
-                    };
                     for _ in 0..MAX_PAGES {
                         let page = store.awaiting_tasks(&set, PAGE, None).await?;
                         if page.is_empty() {
                             break;
                         }
                         let ids: Vec<String> = page.into_iter().map(|t| t.task_id).collect();
-                        let failed = store
-                            .transition_tasks(
-                                &ids,
-                                &[TaskStatus::Pending],
-                                TaskStatus::Failed,
-                                &update,
-                            )
+                        let failed = self
+                            .lifecycle
+                            .fail_unrun(&ids, TaskStatus::Pending, &why, Cause::Dependencies)
                             .await?;
                         for task in &failed {
                             tracing::info!(task_id = %task.task_id, user_id = %task.user_id, reason = %why, "a dependency can no longer be met: task failed");
@@ -190,7 +180,7 @@ impl Scheduler {
                         stats.failed += failed.len();
                     }
                 }
-                Gate::Waiting(why) => update_reasons(store, &set, &why).await?,
+                Gate::Waiting(why) => update_reasons(&self.lifecycle, &set, &why).await?,
             }
         }
         if stats.released > 0 {
@@ -203,10 +193,11 @@ impl Scheduler {
 /// Sets `why` as the reason of the tasks waiting for `set`, when it changed (the tasks of one
 /// list are written together, so the first one tells).
 async fn update_reasons(
-    store: &dyn Store,
+    lifecycle: &Lifecycle,
     set: &[Dependency],
     why: &str,
 ) -> Result<(), StoreError> {
+    let store = lifecycle.store();
     let first = store.awaiting_tasks(set, 1, None).await?;
     if first
         .first()
@@ -214,19 +205,13 @@ async fn update_reasons(
     {
         return Ok(());
     }
-    let update = TaskUpdate {
-        status_reason: Some(Some(why.to_string())),
-        ..TaskUpdate::default()
-    };
     let mut after: Option<String> = None;
     for _ in 0..MAX_PAGES {
         let page = store.awaiting_tasks(set, PAGE, after.as_deref()).await?;
         let Some(last) = page.last() else { break };
         after = Some(last.task_id.clone());
         let ids: Vec<String> = page.iter().map(|t| t.task_id.clone()).collect();
-        store
-            .transition_tasks(&ids, &[TaskStatus::Pending], TaskStatus::Pending, &update)
-            .await?;
+        lifecycle.explain(&ids, TaskStatus::Pending, why).await?;
     }
     Ok(())
 }

@@ -7,87 +7,25 @@
 //! Several replicas can therefore run [`Scheduler`] against one store; a lost race is re-planned
 //! with fresh data, never applied twice.
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
-
+use crate::lifecycle::Lifecycle;
 use crate::policy::{PolicyRuntime, PolicySource};
 use crate::store::Store;
 
 mod admission;
 pub mod dependencies;
-mod finish;
 mod placement;
 mod runtimes;
 #[cfg(test)]
 pub(crate) mod tests;
 mod view;
 
-pub use admission::{AdmissionStats, Admitted, admit_task, admit_tasks};
-pub use finish::{Finish, finish_assignment, finish_attempt, finish_task};
+pub use crate::lifecycle::Wakeup;
+pub use admission::{AdmissionStats, admit_task, admit_tasks};
 pub use placement::RoundStats;
-
-/// Wakes the scheduler when something it waits for happened (a task submitted, capacity
-/// freed, a worker joined), so that an idle cluster places a new task in milliseconds rather
-/// than at the next timer tick. Cheap to clone; waking with nobody waiting is remembered once.
-#[derive(Clone, Default)]
-pub struct Wakeup {
-    notify: Arc<Notify>,
-    /// Users whose usage went down since the last admission pass: their deferred tasks are
-    /// checked again at once rather than after the back-off.
-    usage_changed: Arc<std::sync::Mutex<HashSet<String>>>,
-    /// Capacity was freed or added since the last round: its view of the workers is stale.
-    capacity_changed: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Wakeup {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Asks for a round soon.
-    pub fn wake(&self) {
-        self.notify.notify_one();
-    }
-
-    /// A task of `user_id` ended: wakes the scheduler, whose next admission pass checks that
-    /// user's deferred tasks again whatever their back-off. (Usage changed through another
-    /// replica is noticed at the back-off.)
-    pub fn usage_changed(&self, user_id: &str) {
-        self.usage_changed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(user_id.to_string());
-        self.wake();
-    }
-
-    /// Capacity was freed (a reservation returned) or added (a worker joined, returned or was
-    /// undrained): wakes the scheduler, whose next round reads the workers afresh.
-    pub fn capacity_changed(&self) {
-        self.capacity_changed
-            .store(true, std::sync::atomic::Ordering::Release);
-        self.wake();
-    }
-
-    /// Whether capacity changed since the last call.
-    pub(crate) fn take_capacity_changed(&self) -> bool {
-        self.capacity_changed
-            .swap(false, std::sync::atomic::Ordering::AcqRel)
-    }
-
-    /// The users whose usage changed since the last call.
-    pub(crate) fn take_usage_changed(&self) -> HashSet<String> {
-        std::mem::take(&mut *self.usage_changed.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// Resolves at the next [`Self::wake`] (or at once if one came since the last wait).
-    pub async fn woken(&self) {
-        self.notify.notified().await;
-    }
-}
 
 /// Tells the worker agents long-polling this replica for work that theirs may have changed (a
 /// task placed, a cancellation asked). Every waiter sees every change; agents polling another
@@ -158,6 +96,8 @@ const MAX_ROUNDS_PER_CYCLE: usize = 64;
 #[derive(Clone)]
 pub struct Scheduler {
     store: Arc<dyn Store>,
+    /// Every task change this scheduler makes (admission, dependencies, placement).
+    lifecycle: Lifecycle,
     policies: Arc<PolicyRuntime>,
     wakeup: Wakeup,
     config: SchedulerConfig,
@@ -188,6 +128,7 @@ impl Scheduler {
         config: SchedulerConfig,
     ) -> Self {
         Scheduler {
+            lifecycle: Lifecycle::new(store.clone(), wakeup.clone()),
             store,
             policies,
             wakeup,
@@ -203,6 +144,12 @@ impl Scheduler {
     /// Notifies `work` whenever a round placed tasks (the agents' long polls wait on it).
     pub fn with_work_signal(mut self, work: WorkSignal) -> Self {
         self.work = work;
+        self
+    }
+
+    /// Publishes the events of the changes this scheduler makes on `events`.
+    pub fn with_events(mut self, events: crate::events::EventSink) -> Self {
+        self.lifecycle = self.lifecycle.with_events(events);
         self
     }
 

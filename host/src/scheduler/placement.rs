@@ -8,12 +8,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use super::{Scheduler, chrono_duration, source_label};
+use crate::lifecycle::Cause;
 use crate::model::queue_order;
 use crate::model::{self, Task, TaskStatus, Worker};
 use crate::policy::{Decision, PlacementInput, PolicyKind, RunningTask};
-use crate::store::{
-    PlannedPlacement, RoundPlan, RoundReadPlan, RoundReads, StoreError, TaskUpdate,
-};
+use crate::store::{PlannedPlacement, RoundPlan, RoundReadPlan, RoundReads, StoreError};
 
 /// Most running tasks a round offers a preempting policy (the lowest priorities first).
 const PREEMPTIBLE_READ_LIMIT: u32 = 10_000;
@@ -256,7 +255,7 @@ impl Scheduler {
                     .collect(),
             };
             let writing = Instant::now();
-            let written = self.store.place_round(&plan).await;
+            let written = self.lifecycle.place(&plan).await;
             write_ms = writing.elapsed().as_secs_f64() * 1000.0;
             match written {
                 Ok(written) => {
@@ -381,8 +380,8 @@ impl Scheduler {
             task.task_id, task.priority
         );
         let marked = match self
-            .store
-            .request_preemption(&targets, &task.task_id, &reason)
+            .lifecycle
+            .preempt(&targets, &task.task_id, &reason)
             .await
         {
             Ok(marked) => marked,
@@ -434,21 +433,13 @@ impl Scheduler {
         if task.status_reason.as_deref() == Some(reason.as_str()) {
             return;
         }
-        let update = TaskUpdate {
-            status_reason: Some(Some(reason)),
-            ..TaskUpdate::default()
-        };
+        let ids = [task.task_id.clone()];
         match self
-            .store
-            .transition_task(
-                &task.task_id,
-                &[TaskStatus::Queued],
-                TaskStatus::Queued,
-                &update,
-            )
+            .lifecycle
+            .explain(&ids, TaskStatus::Queued, &reason)
             .await
         {
-            Ok(_) | Err(StoreError::Conflict { .. }) => {}
+            Ok(_) => {}
             Err(error) => {
                 tracing::warn!(task_id = %task.task_id, %error, "recording a wait reason")
             }
@@ -470,24 +461,20 @@ impl Scheduler {
         {
             return false;
         }
-        let update = TaskUpdate {
-            completed_at: Some(model::now()),
-            error: Some(reason.to_string()),
-            status_reason: Some(Some(reason.to_string())),
-            clear_claim: true,
-            ..TaskUpdate::default()
-        };
+        let ids = [task_id.to_string()];
         match self
-            .store
-            .transition_task(task_id, &[TaskStatus::Queued], TaskStatus::Failed, &update)
+            .lifecycle
+            .fail_unrun(&ids, TaskStatus::Queued, reason, Cause::Placement)
             .await
         {
-            Ok(_) => {
+            Ok(failed) if !failed.is_empty() => {
                 tracing::info!(task_id, reason, "task unschedulable");
                 true
             }
-            Err(error) => {
-                tracing::warn!(task_id, %error, "failing an unschedulable task");
+            outcome => {
+                if let Err(error) = outcome {
+                    tracing::warn!(task_id, %error, "failing an unschedulable task");
+                }
                 self.unclaim(task_id, &claim).await;
                 false
             }

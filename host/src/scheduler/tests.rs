@@ -16,6 +16,7 @@ use tower::ServiceExt;
 use super::*;
 use crate::api::auth::{Authenticator, Role, TokenEntry, token_sha256_hex};
 use crate::api::{AppState, Limits};
+use crate::lifecycle::{Admitted, Cause, Finish, Lifecycle};
 use crate::model::{Resources, Task, TaskStatus, Worker};
 use crate::policy::bindings::types::AdmissionDecision;
 use crate::policy::{EngineSettings, PolicyEngine, RuntimeSettings};
@@ -28,6 +29,11 @@ mod policies;
 const ALICE: &str = "cai_u_alice_0123456789abcdef";
 
 pub(crate) type Guard = Box<dyn std::any::Any + Send + Sync>;
+
+/// The lifecycle over `store` that wakes `wakeup`, publishing nothing.
+pub(crate) fn lifecycle(store: &Arc<dyn Store>, wakeup: &Wakeup) -> Lifecycle {
+    Lifecycle::new(store.clone(), wakeup.clone())
+}
 
 pub(crate) fn sqlite() -> (Arc<dyn Store>, Guard) {
     let dir = tempfile::tempdir().unwrap();
@@ -409,6 +415,7 @@ fn api() -> Api {
     let wakeup = Wakeup::new();
     let state = AppState {
         store: store.clone(),
+        lifecycle: lifecycle(&store, &wakeup),
         auth: Arc::new(Authenticator::new(
             vec![TokenEntry {
                 user_id: "alice".into(),
@@ -454,6 +461,72 @@ impl Api {
             config(100),
         )
     }
+}
+
+/// Submissions while admission passes run back to back (no back-off: every fresh task is
+/// due to the pass at once): whichever admits a task first, each answer is a documented one,
+/// 201 with the task queued or further along (the inline check that lost the race answers
+/// with the task as the pass left it), never a 202 with an admitted task or a warning's
+/// fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn submissions_racing_the_admission_pass_get_the_documented_answers() {
+    const CLIENTS: usize = 8;
+    const EACH: usize = 40;
+    let api = Arc::new(api());
+    let scheduler = api.scheduler();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let passes = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut admitted_by_pass = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                admitted_by_pass += scheduler.admission_pass().await.unwrap().queued;
+                tokio::task::yield_now().await;
+            }
+            admitted_by_pass
+        }
+    });
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let api = api.clone();
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                for _ in 0..EACH {
+                    let (status, body) = api.submit(json!({"docker_image": "busybox"})).await;
+                    answers.push((status, body["status"].as_str().unwrap_or("").to_string()));
+                }
+                answers
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for client in clients {
+        answers.extend(client.await.unwrap());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let admitted_by_pass = passes.await.unwrap();
+    assert_eq!(answers.len(), CLIENTS * EACH);
+    for (status, task_status) in &answers {
+        assert_eq!(
+            (*status, task_status.as_str()),
+            (StatusCode::CREATED, "queued"),
+            "no admission policy is active: every task is admitted, by its submission or a pass"
+        );
+    }
+    // Each task admitted once: every one is queued, none counted twice by the passes.
+    let counts = api.store.task_counts().await.unwrap();
+    assert_eq!(
+        (counts.pending, counts.queued),
+        (0, (CLIENTS * EACH) as u64)
+    );
+    assert!(
+        admitted_by_pass > 0,
+        "the passes never admitted a task first: the race was not exercised"
+    );
+    println!(
+        "the admission passes admitted {admitted_by_pass} of {} tasks first",
+        CLIENTS * EACH
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -551,13 +624,10 @@ async fn a_deferred_task_stays_pending_with_its_reason_until_the_backoff_then_is
     let mut task = sample_task(&unique_id("task"), "alice");
     task.updated_at -= chrono::Duration::seconds(10);
     let task = store.insert_task(&task, None).await.unwrap().task;
-    let deferred = admission::apply(
-        &*store,
-        &task,
-        AdmissionDecision::Defer("quota full".into()),
-    )
-    .await
-    .unwrap();
+    let deferred = lifecycle(&store, &Wakeup::new())
+        .admit(&task, AdmissionDecision::Defer("quota full".into()))
+        .await
+        .unwrap();
     let Admitted::Deferred { task: after, .. } = deferred else {
         panic!("expected a deferral: {deferred:?}")
     };
@@ -599,13 +669,10 @@ async fn a_usage_change_brings_deferred_tasks_forward_not_the_ones_being_submitt
         .await
         .unwrap()
         .task;
-    admission::apply(
-        &*store,
-        &deferred,
-        AdmissionDecision::Defer("quota full".into()),
-    )
-    .await
-    .unwrap();
+    lifecycle(&store, &Wakeup::new())
+        .admit(&deferred, AdmissionDecision::Defer("quota full".into()))
+        .await
+        .unwrap();
     let wakeup = Wakeup::new();
     let patient = Scheduler::new(
         store.clone(),
@@ -683,14 +750,14 @@ async fn a_deferred_task_is_checked_again_as_soon_as_its_users_usage_goes_down()
         "within its back-off, nothing changed: not checked again"
     );
 
-    finish_task(
-        &*store,
-        &wakeup,
-        &first.task_id,
-        Finish::Completed { exit_code: 0 },
-    )
-    .await
-    .unwrap();
+    lifecycle(&store, &wakeup)
+        .finish_task(
+            &first.task_id,
+            Finish::Completed { exit_code: 0 },
+            Cause::Worker,
+        )
+        .await
+        .unwrap();
     s.cycle().await;
     assert_eq!(
         store.get_task(&second.task_id).await.unwrap().status,
@@ -718,14 +785,14 @@ async fn finishing_returns_the_reservation_once_and_places_a_waiting_task(store:
         TaskStatus::Queued
     );
 
-    let done = finish_task(
-        &*store,
-        &wakeup,
-        &first.task_id,
-        Finish::Completed { exit_code: 0 },
-    )
-    .await
-    .unwrap();
+    let done = lifecycle(&store, &wakeup)
+        .finish_task(
+            &first.task_id,
+            Finish::Completed { exit_code: 0 },
+            Cause::Worker,
+        )
+        .await
+        .unwrap();
     assert_eq!(done.status, TaskStatus::Completed);
     assert_eq!(done.exit_code, Some(0));
     assert!(done.completed_at.is_some());
@@ -741,16 +808,16 @@ async fn finishing_returns_the_reservation_once_and_places_a_waiting_task(store:
         Resources::default()
     );
     // A duplicate report releases nothing more.
-    let again = finish_task(
-        &*store,
-        &wakeup,
-        &first.task_id,
-        Finish::Failed {
-            error: "late".into(),
-            exit_code: Some(1),
-        },
-    )
-    .await;
+    let again = lifecycle(&store, &wakeup)
+        .finish_task(
+            &first.task_id,
+            Finish::Failed {
+                error: "late".into(),
+                exit_code: Some(1),
+            },
+            Cause::Worker,
+        )
+        .await;
     assert!(
         matches!(again, Err(StoreError::Conflict { .. })),
         "{again:?}"
@@ -770,16 +837,16 @@ async fn finishing_returns_the_reservation_once_and_places_a_waiting_task(store:
     assert_accounting(&*store).await;
 
     // Cancelling a running task returns its reservation too.
-    let cancelled = finish_task(
-        &*store,
-        &wakeup,
-        &second.task_id,
-        Finish::Cancelled {
-            reason: "cancelled by alice".into(),
-        },
-    )
-    .await
-    .unwrap();
+    let cancelled = lifecycle(&store, &wakeup)
+        .finish_task(
+            &second.task_id,
+            Finish::Cancelled {
+                reason: "cancelled by alice".into(),
+            },
+            Cause::Worker,
+        )
+        .await
+        .unwrap();
     assert_eq!(cancelled.status, TaskStatus::Cancelled);
     assert_eq!(
         store
@@ -792,13 +859,13 @@ async fn finishing_returns_the_reservation_once_and_places_a_waiting_task(store:
     assert_accounting(&*store).await;
     // Not running: refused, nothing released.
     let pending = queued(&*store, "carol", 1.0, 0, 0).await;
-    let refused = finish_task(
-        &*store,
-        &wakeup,
-        &pending.task_id,
-        Finish::Completed { exit_code: 0 },
-    )
-    .await;
+    let refused = lifecycle(&store, &wakeup)
+        .finish_task(
+            &pending.task_id,
+            Finish::Completed { exit_code: 0 },
+            Cause::Worker,
+        )
+        .await;
     assert!(
         matches!(refused, Err(StoreError::Conflict { .. })),
         "{refused:?}"
