@@ -7,7 +7,7 @@
 //!   where they are made (the policy API, the policy sync's automatic rollback). This module
 //!   holds what an event says ([`task_state`], [`worker`], [`policy`], [`repair`], ...);
 //! - [`EventSink`] hands them to one writer task per replica, which records whatever has
-//!   queued up meanwhile with one [`Store::append_events`]: the operation that caused an
+//!   queued up meanwhile with one [`EventStore::append_events`]: the operation that caused an
 //!   event never waits for it, and a failed write is logged and counted
 //!   (`cloudai_events_recorded_total{outcome="lost"}`), never returned;
 //! - [`EventHub`] tails the store (every [`POLL`], at once after a local write) and fans the
@@ -31,7 +31,7 @@ use serde_json::json;
 use tokio::sync::{Notify, broadcast, mpsc};
 
 use crate::model::{PolicyKind, Task};
-use crate::store::{NewEvent, Store, StoredEvent};
+use crate::store::{EventStore, NewEvent, StoredEvent};
 
 #[cfg(test)]
 mod tests;
@@ -272,7 +272,7 @@ impl EventSink {
 
 /// This replica's view of the stream: the tailer's position and the fan-out to subscribers.
 pub struct EventHub {
-    store: Arc<dyn Store>,
+    store: Arc<dyn EventStore>,
     fanout: broadcast::Sender<Arc<StoredEvent>>,
     /// The last id the tailer delivered: every event up to it is in the store.
     watermark: AtomicU64,
@@ -288,7 +288,7 @@ impl EventHub {
     /// The writer stops once every [`EventSink`] is dropped, the tailer when `stop` fires or
     /// the hub is dropped.
     pub async fn start(
-        store: Arc<dyn Store>,
+        store: Arc<dyn EventStore>,
         retention: Duration,
         stop: tokio_util::sync::CancellationToken,
     ) -> (Arc<EventHub>, EventSink) {
@@ -323,7 +323,7 @@ impl EventHub {
         self.fanout.subscribe()
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
+    pub fn store(&self) -> &Arc<dyn EventStore> {
         &self.store
     }
 
@@ -436,7 +436,7 @@ async fn tail_loop(
 }
 
 async fn write_loop(
-    store: Arc<dyn Store>,
+    store: Arc<dyn EventStore>,
     mut pending: mpsc::UnboundedReceiver<NewEvent>,
     hub: std::sync::Weak<EventHub>,
 ) {

@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use super::bindings::types::{AdmissionTask, Resources as WitResources, UserUsage};
 use super::input::{PlacementInput, RUNTIME_HISTORY_WINDOW, RuntimeHistory, RuntimeStat};
 use crate::model::{Assignment, Task, TaskStatus, Usage, Worker, queue_order};
-use crate::store::{AssignmentFilter, Store, TaskQuery};
+use crate::store::{AssignmentFilter, Store, TaskQuery, TaskStore};
 
 /// The version of the snapshot document's shape.
 pub const SNAPSHOT_FORMAT: u32 = 1;
@@ -226,7 +226,10 @@ pub fn admission_task(task: &Task, now: DateTime<Utc>) -> AdmissionTask {
 }
 
 /// Every task in `status`, following the listing's pages.
-async fn all_with_status(store: &dyn Store, status: TaskStatus) -> crate::store::Result<Vec<Task>> {
+async fn all_with_status(
+    store: &dyn TaskStore,
+    status: TaskStatus,
+) -> crate::store::Result<Vec<Task>> {
     let mut tasks = Vec::new();
     let mut query = TaskQuery {
         status: Some(status),

@@ -26,7 +26,7 @@ use super::error::PolicyError;
 use super::runtime::{Deactivation, LoadOptions, PolicyKind, PolicyRuntime};
 use crate::events::{self, EventSink, PolicyChange};
 use crate::model::{self, PolicyVersion};
-use crate::store::{Store, StoreError};
+use crate::store::{BlobStore, StoreError};
 
 /// Who the store records as the author of an automatic rollback.
 pub const AUTO_ROLLBACK_BY: &str = "cloudai:auto-rollback";
@@ -47,7 +47,7 @@ pub enum LoadFromStoreError {
 /// smoke decision) on a blocking thread, with the version's own limits. Loaded already: `Ok`.
 /// A component whose world is not the stored kind is refused (and not kept).
 pub async fn load_from_store(
-    store: &dyn Store,
+    store: &dyn BlobStore,
     runtime: &Arc<PolicyRuntime>,
     version: &PolicyVersion,
 ) -> Result<PolicyKind, LoadFromStoreError> {
@@ -117,7 +117,7 @@ impl Drop for PolicySyncHandle {
 
 /// The sync loop of one replica; see the module documentation.
 pub struct PolicySync {
-    store: Arc<dyn Store>,
+    store: Arc<dyn BlobStore>,
     /// Where the automatic rollbacks it writes are published.
     events: EventSink,
     runtime: Arc<PolicyRuntime>,
@@ -135,7 +135,7 @@ pub struct PolicySync {
 }
 
 impl PolicySync {
-    pub fn new(store: Arc<dyn Store>, runtime: Arc<PolicyRuntime>, interval: Duration) -> Self {
+    pub fn new(store: Arc<dyn BlobStore>, runtime: Arc<PolicyRuntime>, interval: Duration) -> Self {
         PolicySync {
             store,
             events: EventSink::off(),
@@ -458,6 +458,7 @@ mod tests {
     use super::*;
     use crate::policy::guest_tests::{guest, wasm_dir};
     use crate::policy::{EngineSettings, PlacementInput, PolicyEngine, RuntimeSettings};
+    use crate::store::Store;
     use crate::store::conformance::sample_policy;
     use crate::store::mongo::testing::connect_test_store;
     use crate::store::sqlite::SqliteStore;

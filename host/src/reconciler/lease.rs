@@ -20,7 +20,7 @@ impl Reconciler {
         let now = model::now();
         let until = now + chrono_duration(self.config.lease_ttl);
         let held = self
-            .store
+            .leases
             .acquire_lease(LEASE_NAME, &self.holder, until, now)
             .await?;
         let was = self.counters.holding.swap(held, Ordering::Relaxed);
@@ -42,7 +42,7 @@ impl Reconciler {
         if !self.counters.holding.swap(false, Ordering::Relaxed) {
             return;
         }
-        match self.store.release_lease(LEASE_NAME, &self.holder).await {
+        match self.leases.release_lease(LEASE_NAME, &self.holder).await {
             Ok(_) => tracing::info!(holder = %self.holder, "reconciler lease given up"),
             Err(error) => {
                 tracing::warn!(holder = %self.holder, %error, "giving up the reconciler lease failed; it expires with its TTL")

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use crate::lifecycle::Lifecycle;
 use crate::model;
 use crate::scheduler::{SchedulerConfig, Wakeup};
-use crate::store::{Store, StoreError};
+use crate::store::{LeaseStore, Store, StoreError};
 
 mod drift;
 mod lease;
@@ -184,7 +184,8 @@ impl ReconcilerCounters {
 
 /// One host replica's reconciler.
 pub struct Reconciler {
-    store: Arc<dyn Store>,
+    /// Where its lease is kept; everything else goes through `lifecycle`.
+    leases: Arc<dyn LeaseStore>,
     /// Every change a pass makes, as [`crate::lifecycle::Cause::Repair`].
     lifecycle: Lifecycle,
     wakeup: Wakeup,
@@ -206,7 +207,7 @@ impl Reconciler {
     ) -> Self {
         Reconciler {
             lifecycle: Lifecycle::new(store.clone(), wakeup.clone()),
-            store,
+            leases: store,
             wakeup,
             grace: scheduler.heartbeat_staleness,
             holder: format!("reconciler-{}", uuid::Uuid::new_v4().simple()),

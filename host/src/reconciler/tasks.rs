@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use super::{Repairs, chrono_duration, workers};
 use crate::lifecycle::{Cause, Finish, Lifecycle};
 use crate::model::{Task, TaskStatus, Worker};
-use crate::store::{AssignmentFilter, Store, StoreError, TaskQuery};
+use crate::store::{AssignmentFilter, StoreError, TaskQuery, TaskStore};
 
 /// The `error` of a task failed for running past its `timeout_s`.
 pub const TIMEOUT: &str = "timeout";
@@ -121,7 +121,7 @@ pub(super) async fn repair_assignments(
 }
 
 /// Every running task, by id.
-async fn running_tasks(store: &dyn Store) -> Result<HashMap<String, Task>, StoreError> {
+async fn running_tasks(store: &dyn TaskStore) -> Result<HashMap<String, Task>, StoreError> {
     let mut running = HashMap::new();
     let mut query = TaskQuery {
         status: Some(TaskStatus::Running),

@@ -13,7 +13,7 @@ use crate::model::{self, Task, TaskStatus};
 use crate::policy::bindings::types::AdmissionDecision;
 use crate::policy::snapshot::admission_task;
 use crate::policy::{PolicyKind, PolicyRuntime};
-use crate::store::{Store, StoreError, TaskQuery};
+use crate::store::{StoreError, TaskQuery, TaskStore};
 
 /// Checks one pending task with the active admission policy (with its user's usage from the
 /// store) and applies the decision. `Conflict` when the task left `pending` meanwhile (it was
@@ -87,7 +87,7 @@ pub async fn admit_tasks(
 /// admission policy is active: the built-in default accepts without it, and on a store
 /// without pushed-down aggregates (FerretDB) the read costs a scan of the user's tasks.
 async fn decide_reading_usage(
-    store: &dyn Store,
+    store: &dyn TaskStore,
     policies: &Arc<PolicyRuntime>,
     tasks: Vec<Task>,
 ) -> Result<Vec<AdmissionDecision>, StoreError> {

@@ -13,7 +13,7 @@ use super::Scheduler;
 use super::admission::admit_tasks;
 use crate::lifecycle::{Cause, Lifecycle};
 use crate::model::{Dependency, DependencyCondition, TaskStatus};
-use crate::store::{Store, StoreError, TaskCounts};
+use crate::store::{StoreError, TaskCounts, TaskStore};
 
 /// Most distinct dependency lists one pass looks at; tasks moved per page, and most pages one
 /// list's tasks take in one pass (the rest move in the next).
@@ -95,7 +95,7 @@ pub fn gate_all(deps: &[Dependency], state: impl Fn(&Dependency) -> TargetState)
 
 /// The state of what `dep` points at, with the user it belongs to (`None` when missing).
 pub async fn target_state(
-    store: &dyn Store,
+    store: &dyn TaskStore,
     dep: &Dependency,
 ) -> Result<(TargetState, Option<String>), StoreError> {
     let read = match (&dep.task_id, &dep.array_id) {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
 use crate::policy::{RUNTIME_HISTORY_WINDOW, RuntimeHistory};
-use crate::store::Store;
+use crate::store::AssignmentStore;
 
 /// How stale the statistics may get: a run ends in seconds at the earliest.
 pub const REFRESH: Duration = Duration::from_secs(5);
@@ -24,7 +24,7 @@ impl RuntimeHistoryCache {
     /// The history, read again when older than [`REFRESH`]. A failed read keeps the last one
     /// (or none) until the next refresh: the statistics are advice, and placement goes on
     /// without them.
-    pub(super) async fn get(&self, store: &dyn Store) -> Arc<RuntimeHistory> {
+    pub(super) async fn get(&self, store: &dyn AssignmentStore) -> Arc<RuntimeHistory> {
         let mut current = self.current.lock().await;
         if let Some((at, history)) = current.as_ref()
             && at.elapsed() < REFRESH
