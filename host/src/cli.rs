@@ -78,9 +78,9 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Back up the store while the host runs: the embedded store to one file, a MongoDB
     /// database to a directory (mongodump's layout).
-    Backup(crate::store::backup::BackupArgs),
+    Backup(crate::backup::BackupArgs),
     /// Restore a backup into a stopped host's data directory, or into an empty MongoDB database.
-    Restore(crate::store::backup::RestoreArgs),
+    Restore(crate::backup::RestoreArgs),
     /// Print a completion script for SHELL: `cloudai completions bash >
     /// /etc/bash_completion.d/cloudai` (zsh, fish, elvish, powershell too).
     Completions(CompletionsArgs),
@@ -622,8 +622,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Policy(command) => policy(command).await,
         Command::Worker(args) => worker(args).await,
-        Command::Backup(args) => crate::store::backup::backup(args).await,
-        Command::Restore(args) => crate::store::backup::restore(args).await,
+        Command::Backup(args) => crate::backup::backup(args).await,
+        Command::Restore(args) => crate::backup::restore(args).await,
         Command::Completions(args) => {
             print!("{}", completions(args.shell));
             Ok(())

@@ -7,6 +7,7 @@
 //! placement and admission policies).
 
 pub mod api;
+pub mod backup;
 pub mod cli;
 pub mod events;
 pub mod lifecycle;
@@ -16,7 +17,6 @@ pub mod policy;
 pub mod reconciler;
 pub mod scheduler;
 pub mod serve;
-pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod tooling;
@@ -24,5 +24,6 @@ pub mod tooling;
 // The crates below the host, under the module names the host has always used for them.
 pub use cloudai_model as model;
 pub use cloudai_model::protocol;
+pub use cloudai_store as store;
 pub use cloudai_worker as worker;
 pub use cloudai_worker::{client, executor};

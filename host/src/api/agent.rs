@@ -27,7 +27,7 @@ pub use crate::protocol::{
     LiveChunk, LiveLogs, LiveLogsAck, Outcome, OutputEntry, ReportAck, ReportBatch, ReportBatchAck,
     ReportError, ResultReport, StreamName, Work, WorkList, WorkReport, WorkReportAck,
 };
-use crate::store::{OutputFileInfo, StoreError, TaskLogChunk};
+use crate::store::{StoreError, TaskLogChunk};
 
 /// Longest long poll an agent may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -708,17 +708,6 @@ pub fn validate_output_path(path: &str) -> Result<(), String> {
 pub struct OutputQuery {
     /// The file's path under `/output`, e.g. `d/f.txt`.
     pub path: String,
-}
-
-impl From<OutputFileInfo> for OutputEntry {
-    fn from(info: OutputFileInfo) -> Self {
-        OutputEntry {
-            path: info.path,
-            size_bytes: info.size_bytes,
-            sha256: info.sha256,
-            attempt: info.attempt,
-        }
-    }
 }
 
 /// Uploads one file the task left under `/output` (the body is its bytes), before the

@@ -236,9 +236,30 @@ impl Lifecycle {
             status_reason: Some(Some(reason.to_string())),
             ..TaskUpdate::default()
         };
-        self.store
-            .transition_tasks(task_ids, &[status], status, &update)
+        self.transition_many(task_ids, &[status], status, &update)
             .await
+    }
+
+    /// `transition_tasks`, as one conditional write where there is one task (the batched
+    /// form reads its tasks back: one command more on MongoDB).
+    async fn transition_many(
+        &self,
+        task_ids: &[String],
+        from: &[TaskStatus],
+        to: TaskStatus,
+        update: &TaskUpdate,
+    ) -> Result<Vec<Task>, StoreError> {
+        let [task_id] = task_ids else {
+            return self
+                .store
+                .transition_tasks(task_ids, from, to, update)
+                .await;
+        };
+        match self.store.transition_task(task_id, from, to, update).await {
+            Ok(task) => Ok(vec![task]),
+            Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => Ok(Vec::new()),
+            Err(error) => Err(error),
+        }
     }
 
     /// Fails tasks that never ran (still in `from`: `pending` or `queued`) with `reason` as
@@ -259,8 +280,7 @@ impl Lifecycle {
             ..TaskUpdate::default()
         };
         let failed = self
-            .store
-            .transition_tasks(task_ids, &[from], TaskStatus::Failed, &update)
+            .transition_many(task_ids, &[from], TaskStatus::Failed, &update)
             .await?;
         for task in &failed {
             self.state_changed(task, None, cause);
