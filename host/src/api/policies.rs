@@ -30,7 +30,7 @@ use super::extract::{ValidJson, Validate, truncate_for_message};
 use super::task_io::event as sse_event;
 use crate::events::{self, PolicyChange};
 use crate::model::{self, ActivePolicy, PolicyKind, PolicyVersion};
-use crate::policy::bindings::types::AdmissionDecision;
+use crate::policy::AdmissionDecision;
 use crate::policy::snapshot::ClusterSnapshot;
 use crate::policy::sync::{LoadFromStoreError, load_from_store};
 use crate::policy::{Decision, LoadOptions, PolicyError, PolicyRuntime, native};

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::EventHub;
 use crate::lifecycle::Lifecycle;
 use crate::model::TaskStatus;
-use crate::policy::bindings::types::AdmissionDecision;
+use crate::policy::AdmissionDecision;
 use crate::scheduler::Wakeup;
 use crate::store::Store;
 use crate::store::conformance::{sample_task, unique_id};

@@ -4,7 +4,7 @@
 
 use super::{Cause, Lifecycle};
 use crate::model::{self, Task, TaskStatus};
-use crate::policy::bindings::types::AdmissionDecision;
+use crate::policy::AdmissionDecision;
 use crate::store::{StoreError, TaskUpdate};
 
 /// What admission did with a task.

@@ -10,7 +10,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::{Cause, Finish, Lifecycle};
 use crate::events::EventSink;
 use crate::model::{Resources, TaskStatus};
-use crate::policy::bindings::types::AdmissionDecision;
+use crate::policy::AdmissionDecision;
 use crate::reconciler::{Reconciler, ReconcilerConfig};
 use crate::scheduler::tests::{add_worker, config, policies, sqlite};
 use crate::scheduler::{Scheduler, SchedulerConfig, Wakeup};

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use super::native::tests::{random_round, round};
 use super::*;
-use crate::policy::bindings::types::{AdmissionDecision, AdmissionTask, Resources, UserUsage};
+use crate::policy::AdmissionDecision;
+use crate::policy::bindings::types::{AdmissionTask, Resources, UserUsage};
 
 pub(crate) fn wasm_dir() -> Option<PathBuf> {
     match std::env::var_os("CLOUDAI_POLICY_WASM_DIR") {

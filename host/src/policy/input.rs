@@ -133,7 +133,20 @@ pub struct RunningTask {
     pub age_s: f64,
 }
 
-/// The decision for one task, checked by the host.
+/// The admission decision for one task, as the host acts on it: the guest's
+/// `admission-decision` (of either contract) converted where the runtime calls the guest, the
+/// built-in default's and the failure fallback's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdmissionDecision {
+    /// Queue the task.
+    Accept,
+    /// Fail the task with this reason.
+    Reject(String),
+    /// Keep the task pending with this reason; it is checked again after the back-off.
+    Defer(String),
+}
+
+/// The placement decision for one task, checked by the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Run the task on the worker with this index ([`PlacementInput::worker_id`]).

@@ -28,7 +28,8 @@ pub(crate) mod guest_tests;
 pub use engine::{EngineSettings, PolicyEngine, PolicyLimits};
 pub use error::{PolicyError, Result};
 pub use input::{
-    Decision, PlacementInput, RUNTIME_HISTORY_WINDOW, RunningTask, RuntimeHistory, RuntimeStat,
+    AdmissionDecision, Decision, PlacementInput, RUNTIME_HISTORY_WINDOW, RunningTask,
+    RuntimeHistory, RuntimeStat,
 };
 pub use runtime::{
     AdmissionFallback, AdmissionOutcome, Deactivation, LoadOptions, PlacementOutcome, PolicyKind,

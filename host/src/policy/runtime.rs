@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use super::bindings::types::{AdmissionDecision, AdmissionTask, Resources, UserUsage};
+use super::bindings::types::{self as guest, AdmissionTask, Resources, UserUsage};
 use super::engine::{PolicyEngine, PolicyLabel, PolicyLimits, Prepared};
 use super::error::{PolicyError, Result};
+use super::input::AdmissionDecision;
 use super::input::{Decision, PlacementInput};
 use super::native;
 use super::validate::{validate_placement, validate_placement_v2};
@@ -824,9 +825,9 @@ impl PolicyRuntime {
         };
         let decision = answer.map_err(PolicyError::ConfigRejected)?;
         Ok(match decision {
-            AdmissionDecision::Reject(r) => AdmissionDecision::Reject(cut(r)),
-            AdmissionDecision::Defer(r) => AdmissionDecision::Defer(cut(r)),
-            AdmissionDecision::Accept => AdmissionDecision::Accept,
+            guest::AdmissionDecision::Reject(r) => AdmissionDecision::Reject(cut(r)),
+            guest::AdmissionDecision::Defer(r) => AdmissionDecision::Defer(cut(r)),
+            guest::AdmissionDecision::Accept => AdmissionDecision::Accept,
         })
     }
 

@@ -10,7 +10,7 @@ use super::{Scheduler, chrono_duration, source_label};
 use crate::lifecycle::{Admitted, Lifecycle};
 use crate::model::Usage;
 use crate::model::{self, Task, TaskStatus};
-use crate::policy::bindings::types::AdmissionDecision;
+use crate::policy::AdmissionDecision;
 use crate::policy::snapshot::admission_task;
 use crate::policy::{PolicyKind, PolicyRuntime};
 use crate::store::{StoreError, TaskQuery, TaskStore};

@@ -18,7 +18,7 @@ use crate::api::auth::{Authenticator, Role, TokenEntry, token_sha256_hex};
 use crate::api::{AppState, Limits};
 use crate::lifecycle::{Admitted, Cause, Finish, Lifecycle};
 use crate::model::{Resources, Task, TaskStatus, Worker};
-use crate::policy::bindings::types::AdmissionDecision;
+use crate::policy::AdmissionDecision;
 use crate::policy::{EngineSettings, PolicyEngine, RuntimeSettings};
 use crate::store::conformance::{sample_task, sample_worker, unique_id};
 use crate::store::sqlite::SqliteStore;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use super::synthetic_snapshot;
 use crate::model::Usage;
 use crate::model::{Assignment, Resources, RuntimeSample, Task, TaskStatus, Worker};
-use crate::policy::bindings::types::AdmissionDecision;
+use crate::policy::AdmissionDecision;
 use crate::policy::snapshot::ClusterSnapshot;
 use crate::policy::{Decision, PlacementInput, PolicyKind, PolicyRuntime, RuntimeHistory};
 

@@ -22,7 +22,8 @@ pub mod conformance;
 use crate::model::Usage;
 use crate::model::{Resources, Task, TaskStatus, Worker};
 use crate::output::{Output, new_table};
-use crate::policy::bindings::types::{AdmissionDecision, AdmissionTask, UserUsage};
+use crate::policy::AdmissionDecision;
+use crate::policy::bindings::types::{AdmissionTask, UserUsage};
 use crate::policy::snapshot::SNAPSHOT_FORMAT;
 use crate::policy::{
     ClusterSnapshot, Decision, EngineSettings, LoadOptions, PlacementInput, PolicyEngine,
