@@ -14,7 +14,11 @@ use serde_json::{Map, Value, json};
 
 use crate::api::Limits;
 use crate::api::auth;
+use crate::api::policies::{DecisionView, DryRunReport, PolicyList, UploadedPolicy};
+use crate::api::tasks::TaskList;
+use crate::api::workers::WorkerList;
 use crate::client::Client;
+use crate::model::{ActivePolicy, PolicyKind};
 use crate::output::{Output, default_data_dir, human_bytes, new_table};
 use crate::reconciler::ReconcilerConfig;
 use crate::scheduler::SchedulerConfig;
@@ -618,7 +622,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Workers(args) => {
             let client = client(&args)?;
             let answer = client.get("/v1/workers").await?;
-            print_one(args.output, &answer, print_workers)
+            print_typed(args.output, &answer, "worker list", print_workers)
         }
         Command::Policy(command) => policy(command).await,
         Command::Worker(args) => worker(args).await,
@@ -835,13 +839,13 @@ async fn tasks(args: TasksArgs) -> anyhow::Result<()> {
         query.push(("array_id", array_id));
     }
     let page = client.get_query("/v1/tasks", &query).await?;
-    print_one(args.client.output, &page, |page| {
-        if is_empty_list(page, "tasks") {
+    print_typed(args.client.output, &page, "task list", |page: &TaskList| {
+        if page.tasks.is_empty() {
             println!("no tasks");
             return;
         }
         println!("{}", tasks_table(page));
-        if let Some(next) = page.get("next_cursor").and_then(Value::as_str) {
+        if let Some(next) = &page.next_cursor {
             println!("more: cloudai tasks --cursor {next}");
         }
     })
@@ -849,20 +853,20 @@ async fn tasks(args: TasksArgs) -> anyhow::Result<()> {
 
 /// A page of `GET /v1/tasks` as people read it: amounts rounded (the JSON output keeps them
 /// exact).
-fn tasks_table(page: &Value) -> Table {
+fn tasks_table(page: &TaskList) -> Table {
     let mut table = new_table(&[
         "TASK", "USER", "STATUS", "IMAGE", "CPU", "MEM GB", "GPU", "CREATED",
     ]);
-    for task in list_items(page, "tasks") {
+    for task in &page.tasks {
         table.add_row(vec![
-            str_field(task, "task_id"),
-            str_field(task, "user_id"),
-            str_field(task, "status"),
-            str_field(task, "docker_image"),
-            amount_field(task, "req_cpu"),
-            amount_field(task, "req_memory"),
-            amount_field(task, "req_gpu"),
-            str_field(task, "created_at"),
+            task.task_id.clone(),
+            task.user_id.clone(),
+            task.status.to_string(),
+            task.docker_image.clone(),
+            amount(task.req_cpu),
+            amount(task.req_memory),
+            amount(task.req_gpu),
+            as_json_text(&task.created_at),
         ]);
     }
     table
@@ -875,7 +879,7 @@ async fn policy(command: PolicyCommand) -> anyhow::Result<()> {
         PolicyCommand::Upload(args) => policy_upload(args).await,
         PolicyCommand::List(args) => {
             let answer = client(&args)?.get("/v1/policies").await?;
-            print_one(args.output, &answer, print_policies)
+            print_typed(args.output, &answer, "policy list", print_policies)
         }
         PolicyCommand::Activate(args) => {
             let answer = client(&args.client)?
@@ -885,14 +889,24 @@ async fn policy(command: PolicyCommand) -> anyhow::Result<()> {
                 )
                 .await
                 .with_context(|| format!("activating {} {}", args.name, args.version))?;
-            print_one(args.client.output, &answer, print_activation)
+            print_typed(
+                args.client.output,
+                &answer,
+                "policy activation",
+                print_activation,
+            )
         }
         PolicyCommand::Rollback(args) => {
             let answer = client(&args.client)?
                 .post("/v1/policies/rollback", &json!({ "kind": args.kind }))
                 .await
                 .with_context(|| format!("rolling back the {} policy", args.kind))?;
-            print_one(args.client.output, &answer, print_activation)
+            print_typed(
+                args.client.output,
+                &answer,
+                "policy activation",
+                print_activation,
+            )
         }
         PolicyCommand::Delete(args) => {
             client(&args.client)?
@@ -922,7 +936,7 @@ async fn policy(command: PolicyCommand) -> anyhow::Result<()> {
                 )
                 .await
                 .with_context(|| format!("dry-running {}", args.name))?;
-            print_one(args.client.output, &answer, print_dry_run)
+            print_typed(args.client.output, &answer, "dry run report", print_dry_run)
         }
         PolicyCommand::Snapshot(args) => {
             let query: Vec<(&str, String)> = args
@@ -1022,177 +1036,170 @@ async fn policy_upload(args: PolicyUploadArgs) -> anyhow::Result<()> {
         None
     };
     let answer = json!({ "upload": uploaded, "activation": activated });
-    print_one(args.client.output, &answer, |a| {
-        let up = &a["upload"];
-        let policy = &up["policy"];
-        let mut table = new_table(&["FIELD", "VALUE"]);
-        table.add_row(vec![
-            "policy".to_string(),
-            format!(
-                "{} {}",
-                str_field(policy, "name"),
-                str_field(policy, "version")
-            ),
-        ]);
-        table.add_row(vec!["kind".to_string(), str_field(up, "kind")]);
-        table.add_row(vec![
-            "size".to_string(),
-            policy
-                .get("size_bytes")
-                .and_then(Value::as_u64)
-                .map(human_bytes)
-                .unwrap_or_default(),
-        ]);
-        table.add_row(vec!["sha256".to_string(), str_field(policy, "sha256")]);
-        let millis = |f: &str| {
-            up.get(f)
-                .and_then(Value::as_f64)
-                .map(|m| format!("{m:.1} ms"))
-                .unwrap_or_default()
-        };
-        table.add_row(vec!["compile".to_string(), millis("compile_ms")]);
-        table.add_row(vec!["validate".to_string(), millis("validate_ms")]);
-        println!("{table}");
-        if !a["activation"].is_null() {
-            print_activation(&a["activation"]);
-        }
-    })
+    print_typed(
+        args.client.output,
+        &answer,
+        "policy upload",
+        |a: &UploadAnswer| {
+            let (up, policy) = (&a.upload, &a.upload.policy);
+            let mut table = new_table(&["FIELD", "VALUE"]);
+            table.add_row(vec![
+                "policy".to_string(),
+                format!("{} {}", policy.name, policy.version),
+            ]);
+            table.add_row(vec!["kind".to_string(), up.kind.to_string()]);
+            table.add_row(vec!["size".to_string(), human_bytes(policy.size_bytes)]);
+            table.add_row(vec!["sha256".to_string(), policy.sha256.clone()]);
+            table.add_row(vec![
+                "compile".to_string(),
+                format!("{:.1} ms", up.compile_ms),
+            ]);
+            table.add_row(vec![
+                "validate".to_string(),
+                format!("{:.1} ms", up.validate_ms),
+            ]);
+            println!("{table}");
+            if let Some(active) = &a.activation {
+                print_activation(active);
+            }
+        },
+    )
 }
 
-fn print_activation(active: &Value) {
-    let previous = match active.get("previous").and_then(Value::as_array) {
-        Some(p) if p.len() == 2 => format!(
-            " (was {} {})",
-            p[0].as_str().unwrap_or_default(),
-            p[1].as_str().unwrap_or_default()
-        ),
-        _ => String::new(),
+/// What `cloudai policy upload` prints: the stored version and, with `--activate`, the
+/// activation.
+#[derive(serde::Deserialize)]
+struct UploadAnswer {
+    upload: UploadedPolicy,
+    activation: Option<ActivePolicy>,
+}
+
+fn print_activation(active: &ActivePolicy) {
+    let previous = match &active.previous {
+        Some((name, version)) => format!(" (was {name} {version})"),
+        None => String::new(),
     };
     println!(
         "active {} policy: {} {}{previous}",
-        str_field(active, "kind"),
-        str_field(active, "name"),
-        str_field(active, "version")
+        active.kind, active.name, active.version
     );
 }
 
-fn print_policies(answer: &Value) {
-    if is_empty_list(answer, "versions") {
+fn print_policies(answer: &PolicyList) {
+    let active_of = |kind: PolicyKind| match kind {
+        PolicyKind::Placement => answer.active.placement.as_ref(),
+        PolicyKind::Admission => answer.active.admission.as_ref(),
+    };
+    if answer.versions.is_empty() {
         println!("no policies uploaded (cloudai policy upload FILE --name N --version V)");
     } else {
-        let active_of = |kind: &str| {
-            let record = &answer["active"][kind];
-            (str_field(record, "name"), str_field(record, "version"))
-        };
         let mut table = new_table(&[
             "NAME", "VERSION", "KIND", "SIZE", "ACTIVE", "HERE", "FAILURES", "UPLOADED",
         ]);
-        for v in list_items(answer, "versions") {
-            let kind = str_field(v, "kind");
-            let active = active_of(&kind) == (str_field(v, "name"), str_field(v, "version"));
-            let here = if v["deactivated"] == true {
+        for v in &answer.versions {
+            let p = &v.policy;
+            let active =
+                active_of(p.kind).is_some_and(|a| a.name == p.name && a.version == p.version);
+            let here = if v.deactivated {
                 "deactivated".to_string()
-            } else if v["active"] == true {
+            } else if v.active {
                 "running".to_string()
-            } else if v["loaded"] == true {
+            } else if v.loaded {
                 "loaded".to_string()
-            } else if let Some(error) = v.get("load_error").and_then(Value::as_str) {
+            } else if let Some(error) = &v.load_error {
                 format!("load failed: {error}")
             } else {
                 "not loaded".to_string()
             };
             table.add_row(vec![
-                str_field(v, "name"),
-                str_field(v, "version"),
-                kind,
-                v.get("size_bytes")
-                    .and_then(Value::as_u64)
-                    .map(human_bytes)
-                    .unwrap_or_default(),
+                p.name.clone(),
+                p.version.clone(),
+                p.kind.to_string(),
+                human_bytes(p.size_bytes),
                 if active { "yes" } else { "" }.to_string(),
                 here,
                 format!(
                     "{} in a row, {} in all",
-                    num_field(v, "consecutive_failures"),
-                    num_field(v, "total_failures")
+                    v.consecutive_failures, v.total_failures
                 ),
-                str_field(v, "uploaded_at"),
+                as_json_text(&p.uploaded_at),
             ]);
         }
         println!("{table}");
     }
-    for kind in ["placement", "admission"] {
-        let record = &answer["active"][kind];
-        if record.is_null() {
-            let fallback = if kind == "placement" {
-                "native best-fit"
-            } else {
-                "accept all"
+    for kind in [PolicyKind::Placement, PolicyKind::Admission] {
+        if active_of(kind).is_none() {
+            let fallback = match kind {
+                PolicyKind::Placement => "native best-fit",
+                PolicyKind::Admission => "accept all",
             };
             println!("{kind}: none active ({fallback})");
         }
     }
 }
 
-fn print_dry_run(report: &Value) {
-    let shown = |d: &Value| {
-        let decision = str_field(d, "decision");
-        let victims: Vec<&str> = d
-            .get("victims")
-            .and_then(Value::as_array)
-            .map(|v| v.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        match (
-            d.get("worker_id").and_then(Value::as_str),
-            d.get("reason").and_then(Value::as_str),
-        ) {
-            (Some(worker), _) if !victims.is_empty() => {
-                format!("{decision} {worker}: stops {}", victims.join(", "))
-            }
-            (Some(worker), _) => format!("{decision} {worker}"),
-            (None, Some(reason)) => format!("{decision}: {reason}"),
-            (None, None) => decision,
+fn print_dry_run(report: &DryRunReport) {
+    let shown = |d: &DecisionView| match (&d.worker_id, &d.reason) {
+        (Some(worker), _) if !d.victims.is_empty() => {
+            format!("{} {worker}: stops {}", d.decision, d.victims.join(", "))
         }
+        (Some(worker), _) => format!("{} {worker}", d.decision),
+        (None, Some(reason)) => format!("{}: {reason}", d.decision),
+        (None, None) => d.decision.clone(),
     };
-    let candidate = format!(
-        "{} {}",
-        str_field(report, "name"),
-        str_field(report, "version")
-    );
-    let active = str_field(report, "compared_with");
-    let tasks = report.get("tasks").and_then(Value::as_array);
-    if tasks.is_none_or(Vec::is_empty) {
-        println!(
-            "no tasks to decide (the {} queue is empty)",
-            str_field(report, "kind")
-        );
+    let candidate = format!("{} {}", report.name, report.version);
+    let active = &report.compared_with;
+    if report.tasks.is_empty() {
+        println!("no tasks to decide (the {} queue is empty)", report.kind);
     } else {
-        let mut table = new_table(&["TASK", &candidate, &active, "DIFFERS"]);
-        for t in tasks.into_iter().flatten() {
+        let mut table = new_table(&["TASK", &candidate, active, "DIFFERS"]);
+        for t in &report.tasks {
             table.add_row(vec![
-                str_field(t, "task_id"),
-                shown(&t["candidate"]),
-                shown(&t["active"]),
-                if t["differs"] == true { "yes" } else { "" }.to_string(),
+                t.task_id.clone(),
+                shown(&t.candidate),
+                shown(&t.active),
+                if t.differs { "yes" } else { "" }.to_string(),
             ]);
         }
         println!("{table}");
     }
     println!(
         "{} of {} decisions differ; {candidate} took {:.2} ms, {active} {:.2} ms",
-        num_field(report, "differing"),
-        tasks.map_or(0, Vec::len),
-        report
-            .get("candidate_ms")
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0),
-        report
-            .get("active_ms")
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0),
+        report.differing,
+        report.tasks.len(),
+        report.candidate_ms,
+        report.active_ms,
     );
-    if let Some(why) = report.get("active_failed").and_then(Value::as_str) {
+    if let Some(why) = &report.active_failed {
         println!("note: the active policy failed ({why}); its column shows the native fallback");
+    }
+}
+
+/// Prints the host's answer: as received with `-o json` (every field, exact), else as a table
+/// from its typed form (`what` names it in the error when the answer is not one).
+fn print_typed<T: serde::de::DeserializeOwned>(
+    output: Output,
+    value: &Value,
+    what: &str,
+    table: impl FnOnce(&T),
+) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Table => {
+            let typed = T::deserialize(value)
+                .with_context(|| format!("the host's answer is not a {what}"))?;
+            table(&typed);
+        }
+    }
+    Ok(())
+}
+
+/// A value as its JSON text shows it (a time as the API writes it).
+fn as_json_text<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => String::new(),
     }
 }
 
@@ -1220,8 +1227,8 @@ fn print_task_detail(task: &Value) {
     println!("{table}");
 }
 
-fn print_workers(answer: &Value) {
-    if is_empty_list(answer, "workers") {
+fn print_workers(answer: &WorkerList) {
+    if answer.workers.is_empty() {
         println!("no workers registered (a worker joins with the host's join token)");
         return;
     }
@@ -1229,7 +1236,7 @@ fn print_workers(answer: &Value) {
 }
 
 /// `GET /v1/workers` as people read it at `now` (Unix seconds): amounts rounded.
-fn workers_table(answer: &Value, now: i64) -> Table {
+fn workers_table(answer: &WorkerList, now: i64) -> Table {
     let mut table = new_table(&[
         "WORKER",
         "ADDRESS",
@@ -1239,45 +1246,24 @@ fn workers_table(answer: &Value, now: i64) -> Table {
         "GPU alloc/total",
         "HEARTBEAT",
     ]);
-    for worker in list_items(answer, "workers") {
-        let state = match (
-            worker.get("is_active").and_then(Value::as_bool),
-            worker.get("draining").and_then(Value::as_bool),
-        ) {
-            (Some(true), Some(true)) => "draining",
-            (Some(true), _) => "active",
-            _ => "inactive",
+    for worker in &answer.workers {
+        let state = match (worker.is_active, worker.draining) {
+            (true, true) => "draining",
+            (true, false) => "active",
+            (false, _) => "inactive",
         };
-        let pair =
-            |a: &str, t: &str| format!("{}/{}", amount_field(worker, a), amount_field(worker, t));
+        let pair = |allocated: f64, total: f64| format!("{}/{}", amount(allocated), amount(total));
         table.add_row(vec![
-            str_field(worker, "worker_id"),
-            str_field(worker, "worker_ip"),
+            worker.worker_id.clone(),
+            worker.worker_ip.clone(),
             state.to_string(),
-            pair("allocated_cpu", "total_cpu"),
-            pair("allocated_memory", "total_memory"),
-            pair("allocated_gpu", "total_gpu"),
-            worker
-                .get("last_heartbeat")
-                .and_then(Value::as_i64)
-                .map(|t| format!("{}s ago", now - t))
-                .unwrap_or_default(),
+            pair(worker.allocated_cpu, worker.total_cpu),
+            pair(worker.allocated_memory, worker.total_memory),
+            pair(worker.allocated_gpu, worker.total_gpu),
+            format!("{}s ago", now - worker.last_heartbeat),
         ]);
     }
     table
-}
-
-fn is_empty_list(value: &Value, field: &str) -> bool {
-    list_items(value, field).next().is_none()
-}
-
-/// The items of the array `value[field]` (none when it is absent or not an array).
-fn list_items<'a>(value: &'a Value, field: &str) -> impl Iterator<Item = &'a Value> {
-    value
-        .get(field)
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
 }
 
 fn str_field(value: &Value, name: &str) -> String {
@@ -1301,22 +1287,6 @@ fn amount(n: f64) -> String {
     let text = format!("{:.2}", (n * 100.0).round() / 100.0);
     let text = text.trim_end_matches('0').trim_end_matches('.');
     if text == "-0" { "0" } else { text }.to_string()
-}
-
-fn amount_field(value: &Value, name: &str) -> String {
-    value
-        .get(name)
-        .and_then(Value::as_f64)
-        .map(amount)
-        .unwrap_or_default()
-}
-
-fn num_field(value: &Value, name: &str) -> String {
-    value
-        .get(name)
-        .and_then(Value::as_f64)
-        .map(|n| format!("{n}"))
-        .unwrap_or_default()
 }
 
 /// How a command that speaks for a task ends: the process exits with this code (nothing
@@ -1768,20 +1738,26 @@ mod tests {
 
     #[test]
     fn the_tables_show_amounts_rounded_and_the_json_keeps_them_exact() {
-        let page = serde_json::json!({"tasks": [{
-            "task_id": "t1", "user_id": "u", "status": "queued", "docker_image": "busybox:1.36",
-            "req_cpu": 0.5, "req_memory": 0.099609375, "req_gpu": 0.0,
-            "created_at": "2026-12-06T10:00:00.000Z"
-        }]});
+        let mut task = crate::store::conformance::sample_task("t1", "u");
+        task.status = crate::model::TaskStatus::Queued;
+        (task.req_cpu, task.req_memory, task.req_gpu) = (0.5, 0.099609375, 0.0);
+        let page = TaskList {
+            tasks: vec![task],
+            next_cursor: None,
+        };
         let table = tasks_table(&page).to_string();
         assert!(table.contains(" 0.1 "), "{table}");
         assert!(!table.contains("0.0996"), "{table}");
-        let workers = serde_json::json!({"workers": [{
-            "worker_id": "w1", "worker_ip": "10.0.0.1", "is_active": true, "draining": false,
-            "allocated_cpu": 1.0, "total_cpu": 8.0,
-            "allocated_memory": 0.099609375, "total_memory": 23.5400390625,
-            "allocated_gpu": 0.0, "total_gpu": 1.0, "last_heartbeat": 100
-        }]});
+        assert!(table.contains("queued"), "{table}");
+        let mut worker = crate::store::conformance::sample_worker(
+            "w1",
+            crate::model::Resources::new(8.0, 23.5400390625, 10.0, 1.0),
+        );
+        (worker.allocated_cpu, worker.allocated_memory) = (1.0, 0.099609375);
+        (worker.is_active, worker.draining, worker.last_heartbeat) = (true, false, 100);
+        let workers = WorkerList {
+            workers: vec![worker],
+        };
         let table = workers_table(&workers, 103).to_string();
         for shown in ["1/8", "0.1/23.54", "0/1", "3s ago", "active"] {
             assert!(table.contains(shown), "{shown} in {table}");
