@@ -10,15 +10,18 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use comfy_table::Table;
+use serde::Deserialize as _;
 use serde_json::{Map, Value, json};
 
 use crate::api::Limits;
+use crate::api::arrays::{ArrayCancelled, TaskArray};
 use crate::api::auth;
 use crate::api::policies::{DecisionView, DryRunReport, PolicyList, UploadedPolicy};
+use crate::api::task_io::TaskLogs;
 use crate::api::tasks::TaskList;
 use crate::api::workers::WorkerList;
 use crate::client::Client;
-use crate::model::{ActivePolicy, PolicyKind};
+use crate::model::{ActivePolicy, PolicyKind, Task, TaskStatus};
 use crate::output::{Output, default_data_dir, human_bytes, new_table};
 use crate::reconciler::ReconcilerConfig;
 use crate::scheduler::SchedulerConfig;
@@ -577,30 +580,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let answer = client
                 .post(&format!("/v1/arrays/{}/cancel", args.array_id), &json!({}))
                 .await?;
-            print_one(args.client.output, &answer, |a| {
-                println!(
-                    "{}: {} cancelled, {} running asked to stop; now {}",
-                    args.array_id,
-                    a["cancelled"].as_u64().unwrap_or(0),
-                    a["stopping"].as_u64().unwrap_or(0),
-                    array_states(&a["array"])
-                );
-            })
+            print_typed(
+                args.client.output,
+                &answer,
+                "array cancellation",
+                |a: &ArrayCancelled| {
+                    println!(
+                        "{}: {} cancelled, {} running asked to stop; now {}",
+                        args.array_id,
+                        a.cancelled,
+                        a.stopping,
+                        array_states(&a.array)
+                    );
+                },
+            )
         }
         Command::Cancel(args) => {
             let client = client(&args.client)?;
             let task = client
                 .post(&format!("/v1/tasks/{}/cancel", args.task_id), &json!({}))
                 .await?;
-            print_one(args.client.output, &task, |t| {
-                let status = str_field(t, "status");
-                if status == "running" {
-                    println!(
-                        "{}: cancellation requested; its worker stops it",
-                        str_field(t, "task_id")
-                    );
+            print_typed(args.client.output, &task, "task", |t: &Task| {
+                if t.status == TaskStatus::Running {
+                    println!("{}: cancellation requested; its worker stops it", t.task_id);
                 } else {
-                    println!("{}: {status}", str_field(t, "task_id"));
+                    println!("{}: {}", t.task_id, t.status);
                 }
             })
         }
@@ -611,10 +615,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let logs = client
                 .get(&format!("/v1/tasks/{}/logs", args.task_id))
                 .await?;
-            print_one(args.client.output, &logs, |l| {
-                print!("{}", str_field(l, "logs"));
-                eprint!("{}", str_field(l, "stderr"));
-                if l.get("truncated").and_then(Value::as_bool) == Some(true) {
+            print_typed(args.client.output, &logs, "task's logs", |l: &TaskLogs| {
+                print!("{}", l.logs);
+                eprint!("{}", l.stderr);
+                if l.truncated {
                     eprintln!("(logs were truncated to the host's limit)");
                 }
             })
@@ -793,7 +797,7 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         if let Some(wait) = args.wait {
             return show_array(&client, args.client.output, &array_id, Some(wait)).await;
         }
-        return print_one(args.client.output, &array, |a| {
+        return print_typed(args.client.output, &array, "task array", |a: &TaskArray| {
             println!("{array_id}");
             eprintln!(
                 "{}; list them with `cloudai tasks --array {array_id}`",
@@ -815,8 +819,8 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         .post_with_headers("/v1/tasks", &Value::Object(body), &headers)
         .await
         .context("submitting the task")?;
-    print_one(args.client.output, &task, |t| {
-        println!("{}", str_field(t, "task_id"))
+    print_typed(args.client.output, &task, "task", |t: &Task| {
+        println!("{}", t.task_id)
     })
 }
 
@@ -1360,59 +1364,51 @@ async fn show_array(
         }
         None => client.get(&path).await?,
     };
-    print_one(output, &array, |a| {
+    print_typed(output, &array, "task array", |a: &TaskArray| {
         let mut table = new_table(&["ARRAY", "USER", "IMAGE", "TASKS", "STATES", "CREATED"]);
         table.add_row(vec![
-            str_field(a, "array_id"),
-            str_field(a, "user_id"),
-            str_field(a, "docker_image"),
-            a["count"].as_u64().unwrap_or(0).to_string(),
+            a.array_id.clone(),
+            a.user_id.clone(),
+            a.docker_image.clone(),
+            a.count.to_string(),
             array_states(a),
-            str_field(a, "created_at"),
+            as_json_text(&a.created_at),
         ]);
         println!("{table}");
     })?;
     if wait.is_none() {
         return Ok(());
     }
-    let by_state = &array["tasks_by_state"];
-    if !array["finished"].as_bool().unwrap_or(false) {
+    let array = TaskArray::deserialize(&array).context("the host's answer is not a task array")?;
+    if !array.finished {
         eprintln!(
             "array {array_id} has not finished: {}",
             array_states(&array)
         );
         return Err(ExitWith(STILL_RUNNING).into());
     }
-    let unsuccessful =
-        by_state["failed"].as_u64().unwrap_or(0) + by_state["cancelled"].as_u64().unwrap_or(0);
-    if unsuccessful > 0 {
+    if array.tasks_by_state.failed + array.tasks_by_state.cancelled > 0 {
         return Err(ExitWith(1).into());
     }
     Ok(())
 }
 
 /// An array's tasks by state, as people read it: "10 tasks: 7 completed, 3 running".
-fn array_states(array: &Value) -> String {
-    let by_state = &array["tasks_by_state"];
+fn array_states(array: &TaskArray) -> String {
+    let by = &array.tasks_by_state;
     let parts: Vec<String> = [
-        "pending",
-        "queued",
-        "running",
-        "completed",
-        "failed",
-        "cancelled",
+        (by.pending, "pending"),
+        (by.queued, "queued"),
+        (by.running, "running"),
+        (by.completed, "completed"),
+        (by.failed, "failed"),
+        (by.cancelled, "cancelled"),
     ]
     .iter()
-    .filter_map(|state| {
-        let n = by_state[*state].as_u64().unwrap_or(0);
-        (n > 0).then(|| format!("{n} {state}"))
-    })
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, state)| format!("{n} {state}"))
     .collect();
-    format!(
-        "{} tasks: {}",
-        array["count"].as_u64().unwrap_or(0),
-        parts.join(", ")
-    )
+    format!("{} tasks: {}", array.count, parts.join(", "))
 }
 
 async fn submit_and_wait(
