@@ -26,7 +26,7 @@ pub struct StoredEvent {
     pub event: NewEvent,
 }
 
-/// What [`super::Store::events_after_except`] read.
+/// What [`super::EventStore::events_after_except`] read.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct EventRead {
     /// The events found, by id.
@@ -36,7 +36,7 @@ pub struct EventRead {
     pub covered_to: Option<u64>,
 }
 
-/// What [`super::Store::event_bounds`] answers.
+/// What [`super::EventStore::event_bounds`] answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventBounds {
     /// Every event with a smaller id was pruned (`head + 1` when none is stored).

@@ -1,12 +1,12 @@
 //! Task arrays: one request creates `count` tasks of one spec (Slurm's `sbatch --array`,
-//! Kubernetes' indexed Jobs). The tasks are stored together ([`Store::insert_tasks`]: one
+//! Kubernetes' indexed Jobs). The tasks are stored together ([`Lifecycle::submit_array`]: one
 //! transaction on SQLite, one `insertMany` on MongoDB), admitted together
 //! ([`scheduler::admit_tasks`]), and then live as ordinary tasks: each is listed, read,
 //! cancelled and run like any other, and knows its place from `CLOUDAI_ARRAY_INDEX`. The
 //! array itself is not a stored record: its summary is counted from its tasks, so it can never
 //! disagree with them.
 //!
-//! [`Store::insert_tasks`]: crate::store::Store::insert_tasks
+//! [`Lifecycle::submit_array`]: crate::lifecycle::Lifecycle::submit_array
 
 use std::time::Duration;
 

@@ -42,7 +42,7 @@ impl Lifecycle {
             .await
     }
 
-    /// [`finish_task`] on behalf of one assignment (a worker's report, or the reconciler's
+    /// [`Self::finish_task`] on behalf of one assignment (a worker's report, or the reconciler's
     /// timeout): applies only while that assignment is unreleased and the task is running at its
     /// attempt, so a worker that lost its assignment (the task was re-queued, maybe placed
     /// again) can never finish a later attempt. `Conflict` otherwise, changing nothing;
@@ -58,7 +58,7 @@ impl Lifecycle {
             .await
     }
 
-    /// [`finish_attempt`] with the assignment the caller has read, recording with the end the
+    /// [`Self::finish_attempt`] with the assignment the caller has read, recording with the end the
     /// attempt's `result` (a worker's report; a result the task has already is kept) and its
     /// `started_at` (a worker that reports a task's start and end together), when given.
     pub async fn finish_assignment(

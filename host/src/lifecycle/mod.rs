@@ -1,16 +1,21 @@
 //! The task lifecycle: every change of a task's state (and of a worker's), each with its
 //! [`Cause`], and the event that tells it.
 //!
-//! ```text
-//!            submit                admit               place                start
-//!  (client) ───────► pending ───────────────► queued ──────────► running ─ ─ ─ ─ ─ ─► running
-//!                     │  ▲ defer / wait         │  ▲ wait          │ (started_at set)
-//!                     │  └──────┘               │  └───┘           │
-//!     reject, broken  │            cancel,      │                  │ finish: completed | failed
-//!     dependency      ▼            unschedulable▼                  │ | cancelled (worker report,
-//!                   failed ◄──────────────── cancelled | failed    │ timeout); preempted or lost:
-//!                                                                  │ queued again (requeue)
-//! ```
+//! | from | change ([`Lifecycle`] method, cause) | to |
+//! |---|---|---|
+//! | — | `submit`, `submit_array` (request) | pending |
+//! | pending | `admit` accept, `accept_many` (admission) | queued |
+//! | pending | `admit` defer, `explain` (admission, dependencies): the reason only | pending |
+//! | pending | `admit` reject (admission); `fail_unrun`: a broken dependency | failed |
+//! | pending, queued | `cancel`, `cancel_many` (request) | cancelled |
+//! | queued | `explain` (placement): why it waits | queued |
+//! | queued | `fail_unrun` (placement): no worker could ever hold it | failed |
+//! | queued | `place` (placement): claimed, reserved, assigned | running |
+//! | running | `started` (worker): the container's start time only | running |
+//! | running | `request_cancel` (request), `preempt` (placement): asks its worker to stop it | running |
+//! | running | `finish_*` (worker's report; repair: a timeout) | completed, failed, cancelled |
+//! | running | `finish_*` with `Finish::Preempted` (worker) | queued |
+//! | running | `requeue_or_fail` (repair, worker returned): its worker was lost | queued, or failed |
 //!
 //! [`Lifecycle`] is the only writer of these changes: the API's handlers (submit, cancel, the
 //! worker's reports), the scheduler (admission, dependencies, placement, preemption) and the
