@@ -223,7 +223,6 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         auth: Arc::new(auth),
         limits: Arc::new(config.limits.clone()),
         policies: policies.clone(),
-        wakeup: wakeup.clone(),
         work: work.clone(),
     };
     // Every replica runs one; only the holder of the store's lease acts.

@@ -74,7 +74,6 @@ impl Api {
             )),
             limits: Arc::new(limits),
             policies: policies.clone(),
-            wakeup: wakeup.clone(),
             work: work.clone(),
         };
         let scheduler = Scheduler::new(

@@ -260,7 +260,7 @@ pub async fn submit_array(
             tracing::warn!(%array_id, %error, "admitting an array did not finish; the scheduler will check its tasks");
         }
     }
-    state.wakeup.wake();
+    state.lifecycle.wakeup().wake();
     let array = TaskArray::from(state.store.array_summary(&array_id).await?);
     let waiting = array.tasks_by_state.pending > 0 || array.tasks_by_state.failed > 0;
     let status = if waiting {

@@ -22,7 +22,7 @@ use tower_http::request_id::{
 use tower_http::trace::TraceLayer;
 
 use crate::policy::PolicyRuntime;
-use crate::scheduler::{Wakeup, WorkSignal};
+use crate::scheduler::WorkSignal;
 use crate::store::Store;
 
 pub mod agent;
@@ -59,8 +59,6 @@ pub struct AppState {
     pub limits: Arc<Limits>,
     /// This replica's loaded policies (dry runs, uploads, activations).
     pub policies: Arc<PolicyRuntime>,
-    /// Wakes this replica's scheduler after a change it acts on.
-    pub wakeup: Wakeup,
     /// Answers the worker agents' long polls after a change to their work.
     pub work: WorkSignal,
 }

@@ -84,7 +84,6 @@ impl Api {
             )),
             limits: Arc::new(limits),
             policies: runtime.clone(),
-            wakeup,
             work: crate::scheduler::WorkSignal::new(),
         };
         Some(Api {

@@ -486,7 +486,7 @@ pub async fn submit_task(
         // checks it later: a submitted task is never lost.
         match scheduler::admit_task(&state.lifecycle, &state.policies, &outcome.task).await {
             Ok(Admitted::Queued(task)) => {
-                state.wakeup.wake();
+                state.lifecycle.wakeup().wake();
                 (StatusCode::CREATED, task)
             }
             Ok(Admitted::Rejected { task, reason }) => {
@@ -503,7 +503,7 @@ pub async fn submit_task(
             }
             Err(error) => {
                 tracing::warn!(task_id = %outcome.task.task_id, %error, "inline admission did not finish; the scheduler will check the task");
-                state.wakeup.wake();
+                state.lifecycle.wakeup().wake();
                 let task = state
                     .store
                     .get_task(&outcome.task.task_id)

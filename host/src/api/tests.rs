@@ -69,7 +69,6 @@ impl TestApi {
                 crate::policy::PolicyEngine::new(crate::policy::EngineSettings::default()).unwrap(),
                 crate::policy::RuntimeSettings::default(),
             )),
-            wakeup,
             work: crate::scheduler::WorkSignal::new(),
         };
         TestApi {

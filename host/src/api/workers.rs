@@ -210,7 +210,7 @@ pub async fn register_worker(
         auth::token_sha256_hex(&token),
     );
     state.lifecycle.worker_joined(&worker).await?;
-    state.wakeup.capacity_changed();
+    state.lifecycle.wakeup().capacity_changed();
     tracing::info!(worker_id = %worker.worker_id, worker_ip = %worker.worker_ip, "worker registered");
     Ok((StatusCode::CREATED, Json(Registered { worker, token })).into_response())
 }
@@ -343,7 +343,7 @@ pub async fn undrain_worker(
 ) -> ApiResult<Json<Worker>> {
     let admin = principal.require_admin()?;
     let worker = state.lifecycle.set_draining(&worker_id, false).await?;
-    state.wakeup.capacity_changed();
+    state.lifecycle.wakeup().capacity_changed();
     tracing::info!(worker_id, by = admin, "worker undrained");
     Ok(Json(worker))
 }

@@ -186,9 +186,9 @@ impl ReconcilerCounters {
 pub struct Reconciler {
     /// Where its lease is kept; everything else goes through `lifecycle`.
     leases: Arc<dyn LeaseStore>,
-    /// Every change a pass makes, as [`crate::lifecycle::Cause::Repair`].
+    /// Every change a pass makes, as [`crate::lifecycle::Cause::Repair`]; the wake-up of the
+    /// scheduler it tells about freed capacity.
     lifecycle: Lifecycle,
-    wakeup: Wakeup,
     config: ReconcilerConfig,
     /// The heartbeat grace period (the scheduler's staleness).
     grace: Duration,
@@ -206,9 +206,8 @@ impl Reconciler {
         config: ReconcilerConfig,
     ) -> Self {
         Reconciler {
-            lifecycle: Lifecycle::new(store.clone(), wakeup.clone()),
+            lifecycle: Lifecycle::new(store.clone(), wakeup),
             leases: store,
-            wakeup,
             grace: scheduler.heartbeat_staleness,
             holder: format!("reconciler-{}", uuid::Uuid::new_v4().simple()),
             counters: Arc::default(),
@@ -294,7 +293,7 @@ impl Reconciler {
         self.counters.record(&repairs);
         crate::metrics::reconciler_repairs(&repairs.by_kind());
         if repairs.frees_capacity() {
-            self.wakeup.capacity_changed();
+            self.lifecycle.wakeup().capacity_changed();
         }
         if repairs != Repairs::default() {
             tracing::info!(

@@ -812,7 +812,6 @@ async fn a_lost_worker_heartbeating_through_the_api_is_active_again() {
         auth: Arc::new(Authenticator::new(Vec::new(), Some(token_sha256_hex(JOIN)))),
         limits: Arc::new(Limits::default()),
         policies: policies(),
-        wakeup: wakeup.clone(),
         work: crate::scheduler::WorkSignal::new(),
     });
     let call = |uri: String, token: String, body: serde_json::Value| {

@@ -170,17 +170,19 @@ impl Scheduler {
     pub async fn admission_pass(&self) -> Result<AdmissionStats, StoreError> {
         let due_before = model::now() - chrono_duration(self.config.admission_backoff);
         let mut tasks = self
-            .store
+            .lifecycle
+            .store()
             .admission_batch(self.config.batch_size, due_before)
             .await?;
         // Deferred tasks of users whose usage just went down, whatever their back-off.
-        for user_id in self.wakeup.take_usage_changed() {
+        for user_id in self.lifecycle.wakeup().take_usage_changed() {
             let room = (self.config.batch_size as usize).saturating_sub(tasks.len());
             if room == 0 {
                 break;
             }
             let page = self
-                .store
+                .lifecycle
+                .store()
                 .list_tasks(&TaskQuery {
                     status: Some(TaskStatus::Pending),
                     user_id: Some(user_id),

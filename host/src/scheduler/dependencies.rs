@@ -128,7 +128,7 @@ impl Scheduler {
     /// admission (and admits them at once) when every dependency is met, fails them when one
     /// can no longer be, and otherwise brings their reason up to date.
     pub async fn dependency_pass(&self) -> Result<DependencyStats, StoreError> {
-        let store = &*self.store;
+        let store = &**self.lifecycle.store();
         let mut stats = DependencyStats::default();
         let mut states: HashMap<String, TargetState> = HashMap::new();
         for set in store.awaiting_dependency_sets(MAX_SETS).await? {
@@ -184,7 +184,7 @@ impl Scheduler {
             }
         }
         if stats.released > 0 {
-            self.wakeup.wake();
+            self.lifecycle.wakeup().wake();
         }
         Ok(stats)
     }

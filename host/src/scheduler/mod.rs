@@ -95,11 +95,10 @@ const MAX_ROUNDS_PER_CYCLE: usize = 64;
 /// every [`SchedulerConfig::round_interval`].
 #[derive(Clone)]
 pub struct Scheduler {
-    store: Arc<dyn Store>,
-    /// Every task change this scheduler makes (admission, dependencies, placement).
+    /// Every task change this scheduler makes (admission, dependencies, placement), and the
+    /// store and wake-up it reads.
     lifecycle: Lifecycle,
     policies: Arc<PolicyRuntime>,
-    wakeup: Wakeup,
     config: SchedulerConfig,
     /// This replica's id, random per process: the prefix of every claim it makes (each
     /// placement claims with a token of its own, `<owner>/<uuid>`).
@@ -128,10 +127,8 @@ impl Scheduler {
         config: SchedulerConfig,
     ) -> Self {
         Scheduler {
-            lifecycle: Lifecycle::new(store.clone(), wakeup.clone()),
-            store,
+            lifecycle: Lifecycle::new(store, wakeup),
             policies,
-            wakeup,
             config,
             owner: format!("host-{}", uuid::Uuid::new_v4().simple()),
             work: WorkSignal::new(),
@@ -172,7 +169,7 @@ impl Scheduler {
             self.cycle().await;
             tokio::select! {
                 () = &mut shutdown => break,
-                () = self.wakeup.woken() => {}
+                () = self.lifecycle.wakeup().woken() => {}
                 () = tokio::time::sleep(self.config.round_interval) => {}
             }
         }
@@ -204,7 +201,9 @@ impl Scheduler {
         }
         match self.admission_pass().await {
             // A full batch: more may be due; the next cycle follows at once.
-            Ok(stats) if stats.checked >= self.config.batch_size as usize => self.wakeup.wake(),
+            Ok(stats) if stats.checked >= self.config.batch_size as usize => {
+                self.lifecycle.wakeup().wake()
+            }
             Ok(_) => {}
             Err(error) => {
                 tracing::warn!(%error, "admission pass failed; retrying at the next tick");

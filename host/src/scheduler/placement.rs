@@ -101,7 +101,7 @@ impl Scheduler {
             now,
             workers,
         };
-        self.store.round_reads(&plan).await
+        self.lifecycle.store().round_reads(&plan).await
     }
 
     /// One placement round. `Err` only when the round could not start (reading the queue or
@@ -110,7 +110,7 @@ impl Scheduler {
         let started = Instant::now();
         let now = model::now();
         let stale_before = now.timestamp() - self.config.heartbeat_staleness.as_secs() as i64;
-        let changed = self.wakeup.take_capacity_changed();
+        let changed = self.lifecycle.wakeup().take_capacity_changed();
         // The workers are read with the batch only when the view of them is stale.
         let cached = self.view.current(changed, stale_before);
         let reads = self.read_round(now, cached.is_none()).await?;
@@ -160,12 +160,13 @@ impl Scheduler {
         let mut input =
             PlacementInput::build(&tasks, candidates, now).with_running_tasks(&view.counts);
         if self.policies.has_active(PolicyKind::Placement) {
-            let history = self.runtimes.get(&*self.store).await;
+            let history = self.runtimes.get(&**self.lifecycle.store()).await;
             input = input.with_runtime_history(tasks.iter().map(Task::task_type), &history);
         }
         if may_preempt && let Some(highest) = tasks.iter().map(|t| t.priority).max() {
             match self
-                .store
+                .lifecycle
+                .store()
                 .preemptible_running(highest, PREEMPTIBLE_READ_LIMIT)
                 .await
             {
@@ -341,7 +342,7 @@ impl Scheduler {
         tasks: Vec<Task>,
         stats: &mut RoundStats,
     ) -> Result<Vec<Task>, Vec<Task>> {
-        let in_progress = match self.store.preemptions_in_progress().await {
+        let in_progress = match self.lifecycle.store().preemptions_in_progress().await {
             Ok(in_progress) if !in_progress.is_empty() => in_progress,
             Ok(_) => return Ok(tasks),
             Err(error) => {
@@ -422,7 +423,7 @@ impl Scheduler {
     }
 
     async fn unclaim(&self, task_id: &str, claim: &str) {
-        if let Err(error) = self.store.unclaim_task(task_id, claim).await {
+        if let Err(error) = self.lifecycle.store().unclaim_task(task_id, claim).await {
             // The claim expires with its lease.
             tracing::warn!(task_id, %error, "giving up a claim");
         }
@@ -454,7 +455,8 @@ impl Scheduler {
         let lease_until = now + chrono_duration(self.config.claim_lease);
         let claim = self.new_claim();
         if self
-            .store
+            .lifecycle
+            .store()
             .claim_task(task_id, &claim, lease_until, now)
             .await
             .is_err()

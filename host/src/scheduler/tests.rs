@@ -426,7 +426,6 @@ fn api() -> Api {
         )),
         limits: Arc::new(Limits::default()),
         policies: policies.clone(),
-        wakeup: wakeup.clone(),
         work: WorkSignal::new(),
     };
     Api {
@@ -985,7 +984,7 @@ async fn the_dependency_pass_releases_fails_and_keeps_waiting(store: Arc<dyn Sto
 
     // Nothing met yet: everything waits, with a reason, whatever else the scheduler does
     // (a user whose usage changed has their deferred tasks checked again: not these).
-    sched.wakeup.usage_changed(&user);
+    sched.lifecycle.wakeup().usage_changed(&user);
     sched.cycle().await;
     sched.dependency_pass().await.unwrap();
     for t in [&b, &f, &g, &h] {
