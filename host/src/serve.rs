@@ -93,7 +93,8 @@ pub fn policy_runtime(config: &ServeConfig) -> anyhow::Result<PolicyRuntime> {
         ..EngineSettings::default()
     })
     .context("starting the policy engine")?;
-    Ok(PolicyRuntime::new(engine, RuntimeSettings::default()))
+    Ok(PolicyRuntime::new(engine, RuntimeSettings::default())
+        .with_observer(Arc::new(crate::metrics::PolicyMetrics)))
 }
 
 /// Builds the authenticator from the tokens file and environment. When no admin token is

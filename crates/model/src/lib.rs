@@ -530,6 +530,31 @@ pub struct Assignment {
 }
 
 impl Assignment {
+    /// A new assignment id.
+    pub fn new_id() -> String {
+        format!("ass-{}", uuid::Uuid::now_v7().simple())
+    }
+
+    /// The assignment of `task` on `worker_id` for its next attempt, by the placement `claim`.
+    pub fn for_next_attempt(task: &Task, worker_id: &str, claim: &str, at: DateTime<Utc>) -> Self {
+        let request = task.request();
+        Assignment {
+            ass_id: Self::new_id(),
+            task_id: task.task_id.clone(),
+            worker_id: worker_id.to_string(),
+            assigned_at: at,
+            req_cpu: request.cpu,
+            req_memory: request.memory,
+            req_storage: request.storage,
+            req_gpu: request.gpu,
+            attempt: task.attempts.saturating_add(1),
+            released: false,
+            released_at: None,
+            placed_by: Some(claim.to_string()),
+            reserved_epoch: None,
+        }
+    }
+
     /// True when this assignment is the one `task`'s current attempt was placed with: same
     /// attempt number, made by the placement that started it. A placement that died after
     /// inserting its assignment leaves one with the same attempt number behind, which a later

@@ -138,31 +138,6 @@ fn sum_requests<'a>(tasks: impl IntoIterator<Item = &'a Task>) -> Resources {
     })
 }
 
-/// A new assignment id.
-pub fn new_assignment_id() -> String {
-    format!("ass-{}", uuid::Uuid::now_v7().simple())
-}
-
-/// The assignment of `task` on `worker_id` for its next attempt, by the placement `claim`.
-pub fn assignment_for(task: &Task, worker_id: &str, claim: &str, at: DateTime<Utc>) -> Assignment {
-    let request = task.request();
-    Assignment {
-        ass_id: new_assignment_id(),
-        task_id: task.task_id.clone(),
-        worker_id: worker_id.to_string(),
-        assigned_at: at,
-        req_cpu: request.cpu,
-        req_memory: request.memory,
-        req_storage: request.storage,
-        req_gpu: request.gpu,
-        attempt: task.attempts.saturating_add(1),
-        released: false,
-        released_at: None,
-        placed_by: Some(claim.to_string()),
-        reserved_epoch: None,
-    }
-}
-
 /// `task` as [`PlacementSteps::mark_claimed_running`] leaves it.
 pub fn running_copy(task: &Task, attempt: u32, claim: &str, at: DateTime<Utc>) -> Task {
     let mut task = task.clone();
@@ -340,7 +315,7 @@ where
         .iter()
         .map(|&i| {
             let p = &plan.placements[i];
-            let mut a = assignment_for(&p.task, &p.worker_id, &plan.claim, plan.now);
+            let mut a = Assignment::for_next_attempt(&p.task, &p.worker_id, &plan.claim, plan.now);
             a.reserved_epoch = epoch_of(&p.worker_id);
             (i, a)
         })

@@ -26,7 +26,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::model::{BYTES_PER_GB, TaskStatus};
+use crate::model::{BYTES_PER_GB, PolicyKind, TaskStatus};
 
 pub mod cluster;
 
@@ -364,6 +364,21 @@ pub fn policy_deactivated(kind: &'static str, name: &str, version: &str) {
         .inc();
 }
 
+/// The policy runtime's failures and deactivations, counted here
+/// ([`PolicyRuntime::with_observer`](cloudai_policy::PolicyRuntime::with_observer): the runtime's
+/// crate, not the host's `policy` module, which publishes events).
+pub struct PolicyMetrics;
+
+impl cloudai_policy::RuntimeObserver for PolicyMetrics {
+    fn failed(&self, kind: PolicyKind, name: &str, version: &str, error: &'static str) {
+        policy_failure(kind.as_str(), name, version, error);
+    }
+
+    fn deactivated(&self, kind: PolicyKind, name: &str, version: &str) {
+        policy_deactivated(kind.as_str(), name, version);
+    }
+}
+
 /// What one reconciler pass (or a returning worker's heartbeat) repaired: a count per kind
 /// of repair, every kind named (at zero if need be).
 pub fn reconciler_repairs(repairs: &[(&'static str, u64)]) {
@@ -553,19 +568,25 @@ mod tests {
         // A name of its own: the instruments are process-wide and tests run side by side.
         let (name, version) = ("metrics-unit-trap", "2");
         let error = crate::policy::PolicyError::Trap("unreachable".into()).metric_label();
-        let fallback = crate::policy::PolicySource::Fallback {
+        let source = crate::policy::PolicySource::Fallback {
             name: name.into(),
             version: version.into(),
             reason: "trapped".into(),
         };
+        // As the runtime tells its observer, and the scheduler counts a call.
+        let observer: &dyn crate::policy::RuntimeObserver = &PolicyMetrics;
         for _ in 0..3 {
-            policy_failure("placement", name, version, error);
-            fallback.record_call(
-                crate::policy::PolicyKind::Placement,
+            observer.failed(PolicyKind::Placement, name, version, error);
+            let (policy, policy_version, fallback) = source.metric_labels();
+            policy_call(
+                "placement",
+                policy,
+                policy_version,
+                fallback,
                 Duration::from_millis(2),
             );
         }
-        policy_deactivated("placement", name, version);
+        observer.deactivated(PolicyKind::Placement, name, version);
         let text = encode(&sample()).unwrap();
         let labels = format!("{{kind=\"placement\",policy=\"{name}\",version=\"{version}\"}}");
         assert_eq!(

@@ -1,39 +1,9 @@
-//! The policy engine: placement and admission decisions made by WebAssembly components
-//! (the `cloudai:policy` WIT contract in `wit/`), sandboxed and bounded by wasmtime, with the
-//! built-in native best-fit as the fallback.
-//!
-//! Where to start: [`PolicyRuntime`] (load, activate, `place`, `admit`, automatic
-//! deactivation), [`PlacementInput`] (one scheduling round, columnar, built from
-//! [`crate::model`] documents), [`native`] (the native best-fit) and [`engine`] (the wasmtime
-//! engine: compilation cache, pooling allocator, epoch deadline, memory limit).
-//!
-//! Every call into a guest is blocking CPU work bounded by its deadline (tens of ms): async
-//! callers run it on `tokio::task::spawn_blocking`, never on a runtime worker thread (the WASI
-//! shims block on the current Tokio handle).
+//! The host's side of the policy runtime ([`cloudai_policy`], re-exported here): the cluster's
+//! snapshot a placement round or an admission check reads from the store ([`snapshot`]), and
+//! the sync that makes this replica follow the store's active versions ([`sync`]).
 
-pub mod bindings;
-mod contract_v2;
-pub mod engine;
-mod error;
-mod input;
-pub mod native;
-mod runtime;
 pub mod snapshot;
 pub mod sync;
-mod validate;
 
-#[cfg(test)]
-pub(crate) mod guest_tests;
-
-pub use engine::{EngineSettings, PolicyEngine, PolicyLimits};
-pub use error::{PolicyError, Result};
-pub use input::{
-    AdmissionDecision, Decision, PlacementInput, RUNTIME_HISTORY_WINDOW, RunningTask,
-    RuntimeHistory, RuntimeStat,
-};
-pub use runtime::{
-    AdmissionFallback, AdmissionOutcome, Deactivation, LoadOptions, PlacementOutcome, PolicyKind,
-    PolicyRuntime, PolicySource, PolicyVersionInfo, RuntimeSettings,
-};
+pub use cloudai_policy::*;
 pub use snapshot::ClusterSnapshot;
-pub use validate::validate_placement;

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::bindings::types::{AdmissionTask, Resources as WitResources, UserUsage};
-use super::input::{PlacementInput, RUNTIME_HISTORY_WINDOW, RuntimeHistory, RuntimeStat};
+use super::{PlacementInput, RUNTIME_HISTORY_WINDOW, RuntimeHistory, RuntimeStat};
 use crate::model::{Assignment, Task, TaskStatus, Usage, Worker, queue_order};
 use crate::store::{AssignmentFilter, Store, TaskQuery, TaskStore};
 
@@ -186,22 +186,6 @@ impl ClusterSnapshot {
     }
 }
 
-impl From<Usage> for UserUsage {
-    fn from(usage: Usage) -> Self {
-        UserUsage {
-            running_tasks: usage.running_tasks,
-            queued_tasks: usage.queued_tasks,
-            pending_tasks: usage.pending_tasks,
-            reserved: WitResources {
-                cpu: usage.reserved.cpu,
-                memory: usage.reserved.memory,
-                storage: usage.reserved.storage,
-                gpu: usage.reserved.gpu,
-            },
-        }
-    }
-}
-
 /// A task as the admission world sees it.
 pub fn admission_task(task: &Task, now: DateTime<Utc>) -> AdmissionTask {
     AdmissionTask {
@@ -302,7 +286,7 @@ mod tests {
             }],
             preemptible: vec![{
                 let mut running = task("r1", 0, 60);
-                let assignment = crate::store::placement::assignment_for(
+                let assignment = crate::model::Assignment::for_next_attempt(
                     &running,
                     "w1",
                     "claim",

@@ -22,8 +22,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::task::JoinHandle;
 
-use super::error::PolicyError;
-use super::runtime::{Deactivation, LoadOptions, PolicyKind, PolicyRuntime};
+use super::PolicyError;
+use super::{Deactivation, LoadOptions, PolicyKind, PolicyRuntime};
 use crate::events::{self, EventSink, PolicyChange};
 use crate::model::{self, PolicyVersion};
 use crate::store::{BlobStore, StoreError};
@@ -456,7 +456,7 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::policy::guest_tests::{guest, wasm_dir};
+    use crate::policy::testing::{guest, wasm_dir};
     use crate::policy::{EngineSettings, PlacementInput, PolicyEngine, RuntimeSettings};
     use crate::store::Store;
     use crate::store::conformance::sample_policy;

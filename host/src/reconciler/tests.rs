@@ -936,7 +936,7 @@ async fn survivors_repair_a_round_that_crashed(
     steps: Arc<dyn crate::store::placement::PlacementSteps>,
     crash: Crash,
 ) {
-    use crate::store::placement::assignment_for;
+    use crate::model::Assignment;
 
     let wakeup = Wakeup::new();
     let w1 = add_worker(&*store, Resources::new(4.0, 8.0, 10.0, 0.0)).await;
@@ -964,7 +964,7 @@ async fn survivors_repair_a_round_that_crashed(
     let assignments: Vec<Assignment> = tasks
         .iter()
         .enumerate()
-        .map(|(i, t)| assignment_for(t, worker_of(i), claim, now))
+        .map(|(i, t)| Assignment::for_next_attempt(t, worker_of(i), claim, now))
         .collect();
     if crash != Crash::AfterClaims {
         let three = Resources::new(3.0, 3.0, 0.0, 0.0);

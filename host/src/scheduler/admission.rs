@@ -130,9 +130,14 @@ async fn decide(
                     .as_ref()
                     .map(|u| crate::policy::bindings::types::UserUsage::from(**u));
                 let outcome = policies.admit_lazily(&admission_task(task, now), seen.as_ref())?;
-                outcome
-                    .source
-                    .record_call(PolicyKind::Admission, outcome.elapsed);
+                let (name, version, fallback) = outcome.source.metric_labels();
+                crate::metrics::policy_call(
+                    PolicyKind::Admission.as_str(),
+                    name,
+                    version,
+                    fallback,
+                    outcome.elapsed,
+                );
                 if let Some(user) = user
                     && outcome.decision == AdmissionDecision::Accept
                 {

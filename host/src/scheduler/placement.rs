@@ -185,9 +185,14 @@ impl Scheduler {
         })
         .await
         .map_err(|e| StoreError::backend("running the placement policy", e.to_string()))?;
-        outcome
-            .source
-            .record_call(PolicyKind::Placement, outcome.elapsed);
+        let (name, version, fallback) = outcome.source.metric_labels();
+        crate::metrics::policy_call(
+            PolicyKind::Placement.as_str(),
+            name,
+            version,
+            fallback,
+            outcome.elapsed,
+        );
 
         let mut assigned = Vec::new();
         let mut preemptions = Vec::new();

@@ -706,7 +706,7 @@ async fn a_deferred_task_is_checked_again_as_soon_as_its_users_usage_goes_down()
         .load(
             "quota",
             "1",
-            &crate::policy::guest_tests::guest(&dir, "quota"),
+            &crate::policy::testing::guest(&dir, "quota"),
             quota,
         )
         .unwrap();

@@ -365,7 +365,7 @@ fn round_with_running(
             t.priority = running_priorities[i % running_priorities.len()];
             t.created_at = now - chrono::Duration::seconds(3600);
             let mut a =
-                crate::store::placement::assignment_for(&t, &w.worker_id, "conformance", now);
+                crate::model::Assignment::for_next_attempt(&t, &w.worker_id, "conformance", now);
             a.assigned_at = now - chrono::Duration::seconds(60 + 37 * i as i64);
             t.status = TaskStatus::Running;
             t.attempts = a.attempt;
@@ -513,7 +513,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::policy::guest_tests::{guest, wasm_dir};
+    use crate::policy::testing::{guest, wasm_dir};
     use crate::policy::{EngineSettings, LoadOptions, PolicyEngine, PolicyLimits, RuntimeSettings};
 
     fn runtime() -> PolicyRuntime {

@@ -13,7 +13,7 @@ use rusqlite::{Connection, params};
 
 use super::{SqliteStore, date_text, insert_assignment_sync, reserve_sync, sql_err};
 use crate::model::{Assignment, Resources};
-use crate::placement::{PlacementSteps, RoundOutcome, RoundPlan, assignment_for, running_copy};
+use crate::placement::{PlacementSteps, RoundOutcome, RoundPlan, running_copy};
 use crate::{Result, StoreError};
 
 /// Claims one task for `owner` when it is queued at `attempts` and claimable at `now`.
@@ -166,7 +166,7 @@ fn place_round_sync(conn: &Connection, plan: &RoundPlan) -> Result<RoundOutcome>
     won.sort_unstable();
     for i in won {
         let p = &plan.placements[i];
-        let assignment = assignment_for(&p.task, &p.worker_id, &plan.claim, plan.now);
+        let assignment = Assignment::for_next_attempt(&p.task, &p.worker_id, &plan.claim, plan.now);
         insert_assignment_sync(conn, &assignment)?;
         outcome.placed.push((
             running_copy(&p.task, assignment.attempt, &plan.claim, plan.now),

@@ -5,8 +5,8 @@
 
 use super::*;
 use crate::model::PolicyKind;
-use crate::policy::guest_tests::{guest, wasm_dir};
 use crate::policy::sync::PolicySync;
+use crate::policy::testing::{guest, wasm_dir};
 use crate::policy::{LoadOptions, PolicyLimits};
 use crate::store::conformance::sample_policy;
 

@@ -176,7 +176,7 @@ pub(crate) fn check_decisions(input: &PlacementInput, decisions: &[Decision]) ->
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub(crate) mod tests {
     use super::*;
-    use crate::policy::native::tests::round;
+    use crate::native::tests::round;
 
     fn two_workers() -> PlacementInput {
         round(
@@ -293,7 +293,7 @@ pub(crate) mod tests {
             .into_iter()
             .map(|(id, priority)| {
                 let mut t = task(id, priority, 1.0);
-                let a = crate::store::placement::assignment_for(&t, "w0", "c", now);
+                let a = crate::model::Assignment::for_next_attempt(&t, "w0", "c", now);
                 t.status = TaskStatus::Running;
                 t.attempts = a.attempt;
                 t.placed_by = a.placed_by.clone();
@@ -309,7 +309,7 @@ pub(crate) mod tests {
     }
 
     fn preempt(worker: u32, victims: &[u32]) -> PlacementDecisionV2 {
-        PlacementDecisionV2::Preempt(crate::policy::bindings::types_v2::Preemption {
+        PlacementDecisionV2::Preempt(crate::bindings::types_v2::Preemption {
             worker,
             victims: victims.to_vec(),
         })

@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::bindings::types::{
-    AttributeColumn, LabelIndex, PlacementInput as WitInput, TaskColumns, WorkerColumns,
+    AttributeColumn, LabelIndex, PlacementInput as WitInput, Resources as WitResources,
+    TaskColumns, UserUsage, WorkerColumns,
 };
-use crate::model::{RuntimeSample, Task, Worker};
+use crate::model::{RuntimeSample, Task, Usage, Worker};
 
 /// Attribute names of the runtime history, followed by the task type.
 pub const MEAN_RUNTIME_ATTRIBUTE: &str = "mean-runtime-s:";
@@ -447,7 +448,7 @@ impl PlacementInput {
 
     /// A small cluster for the smoke check at upload: four workers of different shapes (one
     /// with a GPU, one busy) and three tasks, one of which fits nowhere.
-    pub(crate) fn synthetic() -> Self {
+    pub fn synthetic() -> Self {
         use crate::model::Resources;
         let now = crate::model::now();
         let mut workers: Vec<Worker> = [
@@ -489,6 +490,23 @@ impl PlacementInput {
         })
         .collect();
         PlacementInput::build(&tasks, &workers, now)
+    }
+}
+
+/// A user's usage as the admission world sees it.
+impl From<Usage> for UserUsage {
+    fn from(usage: Usage) -> Self {
+        UserUsage {
+            running_tasks: usage.running_tasks,
+            queued_tasks: usage.queued_tasks,
+            pending_tasks: usage.pending_tasks,
+            reserved: WitResources {
+                cpu: usage.reserved.cpu,
+                memory: usage.reserved.memory,
+                storage: usage.reserved.storage,
+                gpu: usage.reserved.gpu,
+            },
+        }
     }
 }
 

@@ -11,7 +11,7 @@
 pub mod placement {
     wasmtime::component::bindgen!({
         world: "placement",
-        path: "../wit",
+        path: "../../wit",
         additional_derives: [PartialEq],
     });
 }
@@ -20,7 +20,7 @@ pub mod placement {
 pub mod admission {
     wasmtime::component::bindgen!({
         world: "admission",
-        path: "../wit",
+        path: "../../wit",
         with: {
             "cloudai:policy/types": super::placement::cloudai::policy::types,
             "cloudai:policy/host": super::placement::cloudai::policy::host,
@@ -32,7 +32,7 @@ pub mod admission {
 pub mod placement_v2 {
     wasmtime::component::bindgen!({
         world: "placement",
-        path: "../wit/0.2.0",
+        path: "../../wit/0.2.0",
         additional_derives: [PartialEq],
     });
 }
@@ -41,7 +41,7 @@ pub mod placement_v2 {
 pub mod admission_v2 {
     wasmtime::component::bindgen!({
         world: "admission",
-        path: "../wit/0.2.0",
+        path: "../../wit/0.2.0",
         with: {
             "cloudai:policy/types": super::placement_v2::cloudai::policy::types,
             "cloudai:policy/host": super::placement_v2::cloudai::policy::host,

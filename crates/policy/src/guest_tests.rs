@@ -4,37 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::native::tests::{random_round, round};
 use super::*;
-use crate::policy::AdmissionDecision;
-use crate::policy::bindings::types::{AdmissionTask, Resources, UserUsage};
-
-pub(crate) fn wasm_dir() -> Option<PathBuf> {
-    match std::env::var_os("CLOUDAI_POLICY_WASM_DIR") {
-        Some(dir) => Some(PathBuf::from(dir)),
-        None if std::env::var_os("CI").is_some() => {
-            panic!(
-                "CI must set CLOUDAI_POLICY_WASM_DIR (build it with scripts/build-policies.sh DIR)"
-            )
-        }
-        None => {
-            eprintln!(
-                "skipping: CLOUDAI_POLICY_WASM_DIR is not set (build the guests with \
-                 scripts/build-policies.sh DIR and point it there)"
-            );
-            None
-        }
-    }
-}
-
-pub(crate) fn guest(dir: &std::path::Path, name: &str) -> Vec<u8> {
-    let path = dir.join(format!("{name}.wasm"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-}
+use crate::AdmissionDecision;
+use crate::bindings::types::{AdmissionTask, Resources, UserUsage};
+use crate::testing::{guest, wasm_dir};
 
 fn runtime() -> PolicyRuntime {
     PolicyRuntime::new(

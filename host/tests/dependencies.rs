@@ -1,6 +1,7 @@
-//! The worker builds without the control plane: none of the host's heavy dependencies (the
-//! policy runtime, the stores' drivers, the HTTP server) is in its dependency tree or in the
-//! data model's, which it shares with the host.
+//! The crates below the host build without what they do not use: the worker (and the data
+//! model it shares with the host) without any of the host's heavy dependencies (the policy
+//! runtime, the stores' drivers, the HTTP server); the policy runtime without the stores, the
+//! HTTP server or the Docker client.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -48,9 +49,11 @@ fn dependency_tree(package: &str) -> Vec<String> {
         .collect()
 }
 
-fn host_only_in(tree: &[String]) -> Vec<&'static str> {
-    HOST_ONLY
-        .into_iter()
+/// Which of `names` are in `tree`.
+fn found_in(tree: &[String], names: &[&'static str]) -> Vec<&'static str> {
+    names
+        .iter()
+        .copied()
         .filter(|name| tree.iter().any(|p| p == name))
         .collect()
 }
@@ -59,16 +62,32 @@ fn host_only_in(tree: &[String]) -> Vec<&'static str> {
 fn the_worker_and_the_model_build_without_the_policy_runtime_the_stores_or_the_http_server() {
     // The check sees them where they are: the host links all four.
     assert_eq!(
-        host_only_in(&dependency_tree("cloudai")),
+        found_in(&dependency_tree("cloudai"), &HOST_ONLY),
         HOST_ONLY.to_vec()
     );
     for package in ["cloudai-worker", "cloudai-model"] {
         let tree = dependency_tree(package);
         assert!(tree.iter().any(|p| p == package), "{package}: {tree:?}");
         assert_eq!(
-            host_only_in(&tree),
+            found_in(&tree, &HOST_ONLY),
             Vec::<&str>::new(),
             "{package} depends on host-only crates"
         );
     }
+}
+
+#[test]
+fn the_policy_runtime_builds_without_the_stores_the_http_server_or_the_docker_client() {
+    const NOT_POLICY: [&str; 4] = ["mongodb", "rusqlite", "axum", "bollard"];
+    assert_eq!(
+        found_in(&dependency_tree("cloudai"), &NOT_POLICY),
+        NOT_POLICY.to_vec()
+    );
+    let tree = dependency_tree("cloudai-policy");
+    assert!(tree.iter().any(|p| p == "wasmtime"), "{tree:?}");
+    assert_eq!(
+        found_in(&tree, &NOT_POLICY),
+        Vec::<&str>::new(),
+        "cloudai-policy depends on crates it does not use"
+    );
 }

@@ -55,7 +55,7 @@ pub fn best_fit_columns(input: &WitInput) -> Vec<Decision> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub(crate) mod tests {
     use super::*;
-    use crate::policy::bindings::types::{
+    use crate::bindings::types::{
         LabelIndex, PlacementInput as WitInput, TaskColumns, WorkerColumns,
     };
     use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -215,8 +215,7 @@ pub(crate) mod tests {
         for seed in 0..50 {
             let r = random_round(seed, 20, 30);
             let d = best_fit(&r);
-            crate::policy::validate::check_decisions(&r, &d)
-                .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            crate::validate::check_decisions(&r, &d).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         }
     }
 }

@@ -35,6 +35,25 @@ macro_rules! configured_call {
 /// The world a policy implements: the model's kind (one name per concept).
 pub use crate::model::PolicyKind;
 
+/// Told of a runtime's failures, for whoever counts them (the host's metrics, which the
+/// runtime does not depend on). Set with [`PolicyRuntime::with_observer`]; by default no one
+/// is told.
+pub trait RuntimeObserver: Send + Sync {
+    /// A failed evaluation of the active version `name`/`version`, by the kind of error
+    /// ([`PolicyError::metric_label`]).
+    fn failed(&self, kind: PolicyKind, name: &str, version: &str, error: &'static str);
+    /// The version `name`/`version` deactivated after repeated failures.
+    fn deactivated(&self, kind: PolicyKind, name: &str, version: &str);
+}
+
+/// The observer of a runtime nobody watches.
+struct Unobserved;
+
+impl RuntimeObserver for Unobserved {
+    fn failed(&self, _: PolicyKind, _: &str, _: &str, _: &'static str) {}
+    fn deactivated(&self, _: PolicyKind, _: &str, _: &str) {}
+}
+
 /// The index of `kind`'s active slot.
 fn slot(kind: PolicyKind) -> usize {
     match kind {
@@ -107,14 +126,14 @@ pub enum PolicySource {
 }
 
 impl PolicySource {
-    /// Counts one call that this source decided, in `elapsed`, in the metrics.
-    pub fn record_call(&self, kind: PolicyKind, elapsed: std::time::Duration) {
-        let (name, version, fallback) = match self {
+    /// The policy name and version that decided, as the metrics label a call (`native` and
+    /// `builtin` for the built-in policy), and whether it decided as a fallback.
+    pub fn metric_labels(&self) -> (&str, &str, bool) {
+        match self {
             PolicySource::Native => ("native", "builtin", false),
             PolicySource::Wasm { name, version } => (name.as_str(), version.as_str(), false),
             PolicySource::Fallback { name, version, .. } => (name.as_str(), version.as_str(), true),
-        };
-        crate::metrics::policy_call(kind.as_str(), name, version, fallback, elapsed);
+        }
     }
 }
 
@@ -217,6 +236,7 @@ pub struct PolicyRuntime {
     /// Held by whoever makes this replica follow (or change) the store's active versions, so
     /// that an API activation and the policy sync never undo each other's local swap.
     activation: tokio::sync::Mutex<()>,
+    observer: Arc<dyn RuntimeObserver>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -232,7 +252,14 @@ impl PolicyRuntime {
             active: [RwLock::new(None), RwLock::new(None)],
             deactivated: tokio::sync::Notify::new(),
             activation: tokio::sync::Mutex::new(()),
+            observer: Arc::new(Unobserved),
         }
+    }
+
+    /// This runtime, telling `observer` of its failures and deactivations.
+    pub fn with_observer(mut self, observer: Arc<dyn RuntimeObserver>) -> Self {
+        self.observer = observer;
+        self
     }
 
     pub fn engine(&self) -> &PolicyEngine {
@@ -835,7 +862,8 @@ impl PolicyRuntime {
     /// `failure_threshold` times in a row.
     fn record_failure(&self, policy: &Arc<Loaded>, err: &PolicyError) {
         let (name, version) = (&*policy.label.name, &*policy.label.version);
-        crate::metrics::policy_failure(policy.kind.as_str(), name, version, err.metric_label());
+        self.observer
+            .failed(policy.kind, name, version, err.metric_label());
         if !err.is_evaluation_failure() {
             tracing::error!(policy_name = name, policy_version = version, error = %err, "policy could not be evaluated; fallback used");
             return;
@@ -887,11 +915,8 @@ impl PolicyRuntime {
                 .map(|r| (r.label.name.to_string(), r.label.version.to_string())),
         });
         self.swap_active(kind, restored);
-        crate::metrics::policy_deactivated(
-            kind.as_str(),
-            &policy.label.name,
-            &policy.label.version,
-        );
+        self.observer
+            .deactivated(kind, &policy.label.name, &policy.label.version);
         self.deactivated.notify_one();
         tracing::error!(
             policy_name = &*policy.label.name,

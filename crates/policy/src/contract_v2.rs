@@ -235,7 +235,7 @@ mod tests {
     ) -> (Task, Assignment) {
         let mut t = task(id, "bob", priority);
         t.status = TaskStatus::Running;
-        let mut a = crate::store::placement::assignment_for(&t, worker_id, "claim", now);
+        let mut a = crate::model::Assignment::for_next_attempt(&t, worker_id, "claim", now);
         a.assigned_at = now - chrono::Duration::seconds(age_s);
         t.attempts = a.attempt;
         t.placed_by = a.placed_by.clone();
