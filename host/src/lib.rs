@@ -9,19 +9,14 @@
 pub mod api;
 pub mod backup;
 pub mod cli;
-pub mod events;
-pub mod lifecycle;
-pub mod metrics;
 pub mod output;
-pub mod policy;
-pub mod reconciler;
-pub mod scheduler;
 pub mod serve;
 pub mod telemetry;
 pub mod tls;
 pub mod tooling;
 
 // The crates below the host, under the module names the host has always used for them.
+pub use cloudai_control::{events, lifecycle, metrics, policy, reconciler, scheduler};
 pub use cloudai_model as model;
 pub use cloudai_model::protocol;
 pub use cloudai_store as store;

@@ -1,7 +1,8 @@
 //! The crates below the host build without what they do not use: the worker (and the data
 //! model it shares with the host) without any of the host's heavy dependencies (the policy
 //! runtime, the stores' drivers, the HTTP server); the policy runtime without the stores, the
-//! HTTP server or the Docker client.
+//! HTTP server or the Docker client; the control plane without the HTTP server or the Docker
+//! client.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -89,5 +90,26 @@ fn the_policy_runtime_builds_without_the_stores_the_http_server_or_the_docker_cl
         found_in(&tree, &NOT_POLICY),
         Vec::<&str>::new(),
         "cloudai-policy depends on crates it does not use"
+    );
+}
+
+#[test]
+fn the_control_plane_builds_without_the_http_server_or_the_docker_client() {
+    const NOT_CONTROL: [&str; 2] = ["axum", "bollard"];
+    assert_eq!(
+        found_in(&dependency_tree("cloudai"), &NOT_CONTROL),
+        NOT_CONTROL.to_vec()
+    );
+    let tree = dependency_tree("cloudai-control");
+    assert!(
+        ["cloudai-store", "cloudai-policy"]
+            .iter()
+            .all(|c| tree.iter().any(|p| p == c)),
+        "{tree:?}"
+    );
+    assert_eq!(
+        found_in(&tree, &NOT_CONTROL),
+        Vec::<&str>::new(),
+        "cloudai-control depends on crates it does not use"
     );
 }

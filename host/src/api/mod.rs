@@ -30,6 +30,8 @@ pub mod agent;
 mod agent_tests;
 pub mod arrays;
 pub mod auth;
+#[cfg(test)]
+mod control_tests;
 pub mod error;
 pub mod events;
 pub mod extract;
@@ -193,7 +195,7 @@ async fn count_request(request: axum::extract::Request, next: axum::middleware::
     let route = request.extensions().get::<MatchedPath>().cloned();
     let response = next.run(request).await;
     crate::metrics::api_request(
-        &method,
+        method.as_str(),
         route.as_ref().map(MatchedPath::as_str),
         response.status().as_u16(),
         started.elapsed(),

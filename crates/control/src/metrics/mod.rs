@@ -18,7 +18,6 @@ use std::sync::LazyLock;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use axum::http::Method;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -253,22 +252,17 @@ impl Instruments {
     }
 }
 
-fn method_label(method: &Method) -> &'static str {
+fn method_label(method: &str) -> &'static str {
     // A fixed set: a client inventing methods cannot grow the label space.
-    match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::PATCH => "PATCH",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
-    }
+    const KNOWN: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
+    KNOWN
+        .into_iter()
+        .find(|known| *known == method)
+        .unwrap_or("other")
 }
 
-/// One API request: `route` is the matched route template (`None`: no route matched).
-pub fn api_request(method: &Method, route: Option<&str>, status: u16, elapsed: Duration) {
+/// One API request (`method` as sent: `GET`, `POST`, ...): `route` is the matched route template (`None`: no route matched).
+pub fn api_request(method: &str, route: Option<&str>, status: u16, elapsed: Duration) {
     let i = &*INSTRUMENTS;
     let method = method_label(method);
     let route = route.unwrap_or("unmatched").to_string();
@@ -435,9 +429,9 @@ pub fn event_client_lagged() {
     INSTRUMENTS.event_client_lags.inc();
 }
 
-/// Lags counted so far in this process (tests).
-#[cfg(test)]
-pub(crate) fn event_client_lags() -> u64 {
+/// Lags counted so far in this process (test support: the host's tests of the event stream).
+#[cfg(feature = "test-support")]
+pub fn event_client_lags() -> u64 {
     INSTRUMENTS.event_client_lags.get()
 }
 

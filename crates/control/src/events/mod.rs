@@ -1,4 +1,4 @@
-//! The cluster's event stream (`GET /v1/events`, see [`crate::api::events`]).
+//! The cluster's event stream (`GET /v1/events`, served by the host's `api::events`).
 //!
 //! Events are written to the store, never kept only in memory, so that every replica serves
 //! every event of the cluster:

@@ -1,0 +1,23 @@
+//! The control plane: everything that decides and records what happens to tasks and workers,
+//! over a store, without serving HTTP.
+//!
+//! Where to start: [`lifecycle`] (every change of a task's or a worker's state, with its cause
+//! and its event), [`scheduler`] (admission, dependencies, placement rounds), [`reconciler`]
+//! (repairs after crashes and lost workers, under a lease), [`events`] (the event log and its
+//! hub), [`metrics`] (the Prometheus instruments) and [`policy`] (the policy runtime of
+//! `cloudai-policy`, with the cluster's snapshot a round reads and the sync of the store's
+//! active versions). The host's API and the `cloudai` binary sit on top (docs/architecture.md).
+
+// The crates below, under the module names the control plane's modules use for them.
+use cloudai_model as model;
+use cloudai_store as store;
+
+pub mod events;
+pub mod lifecycle;
+pub mod metrics;
+pub mod policy;
+pub mod reconciler;
+pub mod scheduler;
+
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
