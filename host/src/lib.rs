@@ -6,7 +6,6 @@
 //! [`serve`] (the host process), [`cli`] (the command line) and [`policy`] (WebAssembly
 //! placement and admission policies).
 
-pub mod api;
 pub mod backup;
 pub mod cli;
 pub mod output;
@@ -16,6 +15,7 @@ pub mod tls;
 pub mod tooling;
 
 // The crates below the host, under the module names the host has always used for them.
+pub use cloudai_api as api;
 pub use cloudai_control::{events, lifecycle, metrics, policy, reconciler, scheduler};
 pub use cloudai_model as model;
 pub use cloudai_model::protocol;

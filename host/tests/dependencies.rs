@@ -2,7 +2,7 @@
 //! model it shares with the host) without any of the host's heavy dependencies (the policy
 //! runtime, the stores' drivers, the HTTP server); the policy runtime without the stores, the
 //! HTTP server or the Docker client; the control plane without the HTTP server or the Docker
-//! client.
+//! client; the API without the Docker client.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -91,6 +91,18 @@ fn the_policy_runtime_builds_without_the_stores_the_http_server_or_the_docker_cl
         Vec::<&str>::new(),
         "cloudai-policy depends on crates it does not use"
     );
+}
+
+#[test]
+fn the_api_builds_without_the_docker_client() {
+    let tree = dependency_tree("cloudai-api");
+    assert!(
+        ["axum", "cloudai-control"]
+            .iter()
+            .all(|c| tree.iter().any(|p| p == c)),
+        "{tree:?}"
+    );
+    assert_eq!(found_in(&tree, &["bollard"]), Vec::<&str>::new());
 }
 
 #[test]

@@ -1,11 +1,11 @@
-// The dashboard's Server-Sent Events parser (host/ui/js/sse.js), fed the way a network feeds
+// The dashboard's Server-Sent Events parser (crates/api/ui/js/sse.js), fed the way a network feeds
 // it: in pieces cut anywhere, with every kind of line end.
 
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
 
-const source = readFileSync(new URL('../../host/ui/js/sse.js', import.meta.url), 'utf8');
+const source = readFileSync(new URL('../../crates/api/ui/js/sse.js', import.meta.url), 'utf8');
 const { SseParser } = await import(`data:text/javascript,${encodeURIComponent(source)}`);
 
 function parse(pieces) {

@@ -28,7 +28,7 @@ use super::auth::Principal;
 use super::error::{ApiError, ApiResult, ErrorBody, ErrorDetail};
 use super::extract::{ValidJson, Validate, truncate_for_message};
 use super::task_io::event as sse_event;
-use crate::events::{self, PolicyChange};
+use crate::event_log::{self as events, PolicyChange};
 use crate::model::{self, ActivePolicy, PolicyKind, PolicyVersion};
 use crate::policy::AdmissionDecision;
 use crate::policy::snapshot::ClusterSnapshot;

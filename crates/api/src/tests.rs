@@ -1384,7 +1384,7 @@ async fn the_dashboard_is_served_with_its_types_an_etag_and_a_strict_csp() {
 /// store), and the lag is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_stream_client_that_falls_behind_loses_no_event() {
-    use crate::events::{EventHub, event};
+    use crate::event_log::{EventHub, event};
     const EVENTS: u64 = 6_000; // > the fan-out's 4,096 + the client's 256 frames
 
     let api = TestApi::new();

@@ -701,7 +701,7 @@ mod tests {
     /// The constants the attributes repeat (a `#[utoipa::path]` takes literals only).
     #[test]
     fn the_documented_literals_are_the_code_constants() {
-        let document = document(&crate::api::Limits::default(), (64, 1000));
+        let document = document(&crate::Limits::default(), (64, 1000));
         let text = document.to_string();
         for (what, pattern) in [
             ("the id pattern", ID_PATTERN),
@@ -734,7 +734,7 @@ mod tests {
     /// and no query or header parameter is nullable.
     #[test]
     fn every_operation_states_its_shared_errors() {
-        let document = document(&crate::api::Limits::default(), (64, 1000));
+        let document = document(&crate::Limits::default(), (64, 1000));
         let paths = document["paths"].as_object().unwrap();
         assert!(paths.len() > 20);
         for (path, item) in paths {

@@ -15,8 +15,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use crate::api::auth::{Authenticator, Role, TokenEntry, token_sha256_hex};
-use crate::api::{AppState, Limits, router};
+use crate::auth::{Authenticator, Role, TokenEntry, token_sha256_hex};
 use crate::model::{Resources, TaskStatus};
 use crate::policy::snapshot::ClusterSnapshot;
 use crate::policy::testing::{guest, wasm_dir};
@@ -27,6 +26,7 @@ use crate::store::TaskStore;
 use crate::store::WorkerStore;
 use crate::store::conformance::{sample_task_at, sample_worker, unique_id};
 use crate::store::sqlite::SqliteStore;
+use crate::{AppState, Limits, router};
 
 const ADMIN: &str = "cai_u_ops_policies_0123456789";
 const ALICE: &str = "cai_u_alice_policies_0123456789";

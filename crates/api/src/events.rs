@@ -1,4 +1,4 @@
-//! `GET /v1/events`: the cluster's event stream as Server-Sent Events (see [`crate::events`]).
+//! `GET /v1/events`: the cluster's event stream as Server-Sent Events (see [`cloudai_control::events`]).
 //!
 //! A client gets the retained events after `Last-Event-ID` (or `after`) from the store, then
 //! the live ones from this replica's [`EventHub`]; ids only grow along one stream. A client
@@ -27,7 +27,7 @@ use super::AppState;
 use super::auth::Principal;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{truncate_for_message, validate_id};
-use crate::events::{EventHub, TOPICS};
+use crate::event_log::{EventHub, TOPICS};
 use crate::store::StoredEvent;
 
 /// Comment frames this often keep idle connections (and proxies) open.

@@ -8,6 +8,9 @@
 //!
 //! Execution is at-least-once: a task whose worker is lost is run again elsewhere, up to its
 //! `max_attempts`, and the lost worker's copy may have run too. `max_attempts: 1` never re-runs.
+//!
+//! It serves the control plane (`cloudai-control`) and holds no state of its own: the host
+//! process (`cloudai serve`) builds the [`AppState`] and serves the [`router`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +23,12 @@ use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
 use tower_http::trace::TraceLayer;
+
+// The crates below, under the module names the API's modules use for them.
+use cloudai_control::{events as event_log, lifecycle, metrics, policy, reconciler, scheduler};
+use cloudai_model as model;
+use cloudai_model::protocol;
+use cloudai_store as store;
 
 use crate::policy::PolicyRuntime;
 use crate::scheduler::WorkSignal;

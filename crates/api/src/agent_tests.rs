@@ -15,13 +15,13 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use crate::api::auth::{Authenticator, Role, TokenEntry, token_sha256_hex};
-use crate::api::{AppState, Limits, router};
+use crate::auth::{Authenticator, Role, TokenEntry, token_sha256_hex};
 use crate::model::TaskStatus;
 use crate::policy::{EngineSettings, PolicyEngine, PolicyRuntime, RuntimeSettings};
 use crate::scheduler::{Scheduler, SchedulerConfig, Wakeup, WorkSignal};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, TaskUpdate};
+use crate::{AppState, Limits, router};
 
 const ALICE: &str = "cai_u_alice_agent_0123456789";
 const JOIN: &str = "cai_j_agent_tests_join_token";

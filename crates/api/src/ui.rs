@@ -1,5 +1,5 @@
 //! The web dashboard at `/ui`: static HTML, CSS and JavaScript modules compiled into the
-//! binary from `host/ui/` (no front-end build step, no Node toolchain for `cargo build`).
+//! binary from `crates/api/ui/` (no front-end build step, no Node toolchain for `cargo build`).
 //!
 //! The assets are public; everything they show comes from the `/v1` API with the bearer
 //! token the user types in. Each answer carries a strict Content-Security-Policy (scripts
@@ -35,7 +35,7 @@ struct Asset {
 
 macro_rules! assets {
     ($(($path:literal, $type:expr)),* $(,)?) => {
-        [$(($path, $type, include_bytes!(concat!("../../ui/", $path)) as &'static [u8])),*]
+        [$(($path, $type, include_bytes!(concat!("../ui/", $path)) as &'static [u8])),*]
     };
 }
 
