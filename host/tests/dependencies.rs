@@ -1,5 +1,5 @@
-//! The crates below the host build without what they do not use: the worker (and the data
-//! model it shares with the host) without any of the host's heavy dependencies (the policy
+//! The crates below the host build without what they do not use: the worker (its executor, and
+//! the data model it shares with the host) without any of the host's heavy dependencies (the policy
 //! runtime, the stores' drivers, the HTTP server); the policy runtime without the stores, the
 //! HTTP server or the Docker client; the control plane without the HTTP server or the Docker
 //! client; the API without the Docker client.
@@ -66,7 +66,7 @@ fn the_worker_and_the_model_build_without_the_policy_runtime_the_stores_or_the_h
         found_in(&dependency_tree("cloudai"), &HOST_ONLY),
         HOST_ONLY.to_vec()
     );
-    for package in ["cloudai-worker", "cloudai-model"] {
+    for package in ["cloudai-worker", "cloudai-executor", "cloudai-model"] {
         let tree = dependency_tree(package);
         assert!(tree.iter().any(|p| p == package), "{package}: {tree:?}");
         assert_eq!(

@@ -5,7 +5,8 @@
 mod agent;
 pub mod cli;
 pub mod client;
-pub mod executor;
+// The executor's crate, under the module name the worker's modules (and the host) use.
+pub use cloudai_executor as executor;
 mod gpus;
 mod identity;
 pub mod resources;

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::model::Task;
+use cloudai_model as model;
 
 mod capture;
 #[cfg(test)]
