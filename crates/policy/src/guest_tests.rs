@@ -20,6 +20,22 @@ fn runtime() -> PolicyRuntime {
     )
 }
 
+/// What a runtime told its observer, one line per call.
+#[derive(Default)]
+struct Told(std::sync::Mutex<Vec<String>>);
+
+impl RuntimeObserver for Told {
+    fn failed(&self, kind: PolicyKind, name: &str, version: &str, error: &'static str) {
+        let line = format!("failed {} {name} {version} {error}", kind.as_str());
+        self.0.lock().unwrap().push(line);
+    }
+
+    fn deactivated(&self, kind: PolicyKind, name: &str, version: &str) {
+        let line = format!("deactivated {} {name} {version}", kind.as_str());
+        self.0.lock().unwrap().push(line);
+    }
+}
+
 /// Loads a hostile fixture: it fails the smoke check by design.
 fn load_fixture(rt: &PolicyRuntime, dir: &std::path::Path, fixture: &str, limits: PolicyLimits) {
     rt.load_with(
@@ -363,7 +379,8 @@ fn a_trapping_policy_is_contained_and_the_native_best_fit_decides() {
 #[test]
 fn three_consecutive_failures_deactivate_the_version_and_restore_the_previous_good_one() {
     let Some(dir) = wasm_dir() else { return };
-    let rt = runtime();
+    let told = Arc::new(Told::default());
+    let rt = runtime().with_observer(told.clone());
     rt.load("packer", "1", &guest(&dir, "best-fit"), "{}")
         .unwrap();
     rt.activate("packer", "1").unwrap();
@@ -413,6 +430,16 @@ fn three_consecutive_failures_deactivate_the_version_and_restore_the_previous_go
         .unwrap();
     assert!(v2.deactivated && !v2.active);
     assert_eq!(v2.total_failures, 3);
+    // Its observer (the host's metrics) was told of each failure and of the deactivation.
+    assert_eq!(
+        *told.0.lock().unwrap(),
+        [
+            "failed placement packer 2 trap",
+            "failed placement packer 2 trap",
+            "failed placement packer 2 trap",
+            "deactivated placement packer 2",
+        ]
+    );
     assert!(matches!(
         rt.activate("packer", "2"),
         Err(PolicyError::Deactivated { .. })
