@@ -16,13 +16,17 @@ use serde_json::{Map, Value, json};
 use crate::api::Limits;
 use crate::api::arrays::{ArrayCancelled, TaskArray};
 use crate::api::auth;
-use crate::api::policies::{DecisionView, DryRunReport, PolicyList, UploadedPolicy};
-use crate::api::task_io::TaskLogs;
+use crate::api::error::ErrorBody;
+use crate::api::policies::{
+    DecisionView, DryRunReport, PolicyList, UploadProgress, UploadedPolicy,
+};
+use crate::api::task_io::{EndEvent, LogEvent, OutputList, TaskLogs, TaskWithResult};
 use crate::api::tasks::TaskList;
 use crate::api::workers::WorkerList;
 use crate::client::Client;
 use crate::model::{ActivePolicy, PolicyKind, Task, TaskStatus};
 use crate::output::{Output, default_data_dir, human_bytes, new_table};
+use crate::policy::ClusterSnapshot;
 use crate::reconciler::ReconcilerConfig;
 use crate::scheduler::SchedulerConfig;
 use crate::serve::{self, ServeConfig};
@@ -793,15 +797,18 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
             .post_with_headers("/v1/arrays", &body, &headers)
             .await
             .context("submitting the array")?;
-        let array_id = str_field(&array, "array_id");
         if let Some(wait) = args.wait {
+            let submitted =
+                TaskArray::deserialize(&array).context("the host's answer is not a task array")?;
+            let array_id = submitted.array_id;
             return show_array(&client, args.client.output, &array_id, Some(wait)).await;
         }
         return print_typed(args.client.output, &array, "task array", |a: &TaskArray| {
-            println!("{array_id}");
+            println!("{}", a.array_id);
             eprintln!(
-                "{}; list them with `cloudai tasks --array {array_id}`",
-                array_states(a)
+                "{}; list them with `cloudai tasks --array {}`",
+                array_states(a),
+                a.array_id
             );
         });
     }
@@ -955,18 +962,14 @@ async fn policy(command: PolicyCommand) -> anyhow::Result<()> {
                 Some(path) => {
                     std::fs::write(path, format!("{text}\n"))
                         .with_context(|| format!("writing {}", path.display()))?;
-                    let count = |f: &str| {
-                        snapshot
-                            .get(f)
-                            .and_then(Value::as_array)
-                            .map_or(0, Vec::len)
-                    };
+                    let cluster = ClusterSnapshot::deserialize(&snapshot)
+                        .context("the host's answer is not a cluster snapshot")?;
                     eprintln!(
                         "wrote {}: {} workers, {} queued and {} pending tasks",
                         path.display(),
-                        count("workers"),
-                        count("queued"),
-                        count("pending")
+                        cluster.workers.len(),
+                        cluster.queued.len(),
+                        cluster.pending.len()
                     );
                 }
                 None => println!("{text}"),
@@ -1270,14 +1273,6 @@ fn workers_table(answer: &WorkerList, now: i64) -> Table {
     table
 }
 
-fn str_field(value: &Value, name: &str) -> String {
-    match value.get(name) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => String::new(),
-        Some(other) => other.to_string(),
-    }
-}
-
 /// An amount (cores, GB, devices) as people read it: at most two decimals, no trailing zeros
 /// (a request of 0.1 GB is stored as 0.099609375: 102 MiB), and "<0.01" for a positive amount
 /// that would read as 0.
@@ -1445,34 +1440,38 @@ async fn submit_and_wait(
     if output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
     }
-    let task_id = str_field(&answer, "task_id");
-    let status = str_field(&answer, "status");
+    // Not finished in time, or the replay of an earlier submission: the task as it is, with
+    // no `result` field.
     if !finished || answer.get("result").is_none() {
+        let task = Task::deserialize(&answer).context("the host's answer is not a task")?;
         eprintln!(
-            "task {task_id} is still {status} after {}: follow it with `cloudai logs -f {task_id}`",
-            humanize(limit)
+            "task {id} is still {} after {}: follow it with `cloudai logs -f {id}`",
+            task.status,
+            humanize(limit),
+            id = task.task_id
         );
         return Err(ExitWith(STILL_RUNNING).into());
     }
+    let done = TaskWithResult::deserialize(&answer)
+        .context("the host's answer is not a finished task with its result")?;
+    let (task, status) = (&done.task, done.task.status.to_string());
     if output == Output::Table {
-        let result = &answer["result"];
         use std::io::Write as _;
-        print!("{}", str_field(result, "logs"));
-        eprint!("{}", str_field(result, "stderr"));
-        let _ = std::io::stdout().flush();
-        if status != "completed" {
-            let why = str_field(&answer, "error");
-            eprintln!(
-                "task {task_id} {status}{}",
-                if why.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {why}")
-                }
-            );
+        // No result: the task ended without running (cancelled while queued).
+        if let Some(result) = &done.result {
+            print!("{}", result.logs);
+            eprint!("{}", result.stderr);
+            let _ = std::io::stdout().flush();
+        }
+        if task.status != TaskStatus::Completed {
+            let why = match task.error.as_deref() {
+                Some(why) if !why.is_empty() => format!(": {why}"),
+                _ => String::new(),
+            };
+            eprintln!("task {} {status}{why}", task.task_id);
         }
     }
-    task_exit(&status, answer["exit_code"].as_i64())
+    task_exit(&status, task.exit_code)
 }
 
 fn humanize(d: Duration) -> String {
@@ -1534,11 +1533,13 @@ async fn upload_progress(
                  (`cloudai policy list` tells whether it was stored)"
             );
         };
-        let value: Value = serde_json::from_str(&data).unwrap_or(Value::String(data));
         match name.as_str() {
             "progress" => {
-                let stage = str_field(&value, "stage");
-                let elapsed = value["elapsed_ms"].as_u64().unwrap_or_default() as f64 / 1000.0;
+                let progress: UploadProgress = serde_json::from_str(&data).with_context(|| {
+                    format!("the host sent a progress event that is not one: {data}")
+                })?;
+                let stage = as_json_text(&progress.stage);
+                let elapsed = progress.elapsed_ms as f64 / 1000.0;
                 let line = format!("{stage} {label}\u{2026} {elapsed:.1} s");
                 if terminal {
                     eprint!("\r\x1b[2K{line}");
@@ -1552,16 +1553,15 @@ async fn upload_progress(
                 clear();
                 let elapsed = started.elapsed().as_secs_f64();
                 eprintln!("stored {label} in {elapsed:.1} s");
-                return Ok(value);
+                return serde_json::from_str(&data)
+                    .with_context(|| format!("the host's stored version is not JSON: {data}"));
             }
             "failed" => {
                 clear();
-                let error = &value["error"];
-                bail!(
-                    "{} (code {})",
-                    str_field(error, "message"),
-                    str_field(error, "code")
-                );
+                let refusal: ErrorBody = serde_json::from_str(&data).with_context(|| {
+                    format!("the host sent a refusal that is not an error: {data}")
+                })?;
+                bail!("{} (code {})", refusal.error.message, refusal.error.code);
             }
             _ => {} // a newer host's event
         }
@@ -1618,31 +1618,41 @@ async fn follow_logs(args: LogsArgs) -> anyhow::Result<()> {
         else {
             bail!("the host ended the log stream before the task ended");
         };
-        let value: Value = serde_json::from_str(&data).unwrap_or(Value::String(data));
         match name.as_str() {
-            "log" if args.client.output == Output::Json => println!("{value}"),
+            "log" if args.client.output == Output::Json => println!("{}", compact(&data)),
             "log" => {
-                let text = str_field(&value, "text");
-                if str_field(&value, "stream") == "stderr" {
-                    eprint!("{text}");
+                let event: LogEvent = serde_json::from_str(&data).with_context(|| {
+                    format!("the host sent a log event that is not one: {data}")
+                })?;
+                if event.stream == "stderr" {
+                    eprint!("{}", event.text);
                 } else {
-                    print!("{text}");
+                    print!("{}", event.text);
                     let _ = std::io::stdout().flush();
                 }
             }
             "end" => {
                 if args.client.output == Output::Json {
-                    println!("{value}");
+                    println!("{}", compact(&data));
                 }
-                let status = str_field(&value, "status");
+                let end: EndEvent = serde_json::from_str(&data).with_context(|| {
+                    format!("the host sent an end event that is not one: {data}")
+                })?;
+                let status = end.status.to_string();
                 if status != "completed" {
                     eprintln!("task {} {status}", args.task_id);
                 }
-                return task_exit(&status, value["exit_code"].as_i64());
+                return task_exit(&status, end.exit_code);
             }
-            _ => bail!("following the logs failed: {value}"),
+            _ => bail!("following the logs failed: {}", compact(&data)),
         }
     }
+}
+
+/// An event's data as one line of JSON (keys sorted, as `-o json` prints every answer), or as
+/// sent when it is not JSON.
+fn compact(data: &str) -> String {
+    serde_json::from_str::<Value>(data).map_or_else(|_| data.to_string(), |v| v.to_string())
 }
 
 async fn outputs(args: OutputsArgs) -> anyhow::Result<()> {
@@ -1656,9 +1666,11 @@ async fn outputs(args: OutputsArgs) -> anyhow::Result<()> {
         let list = client
             .get(&format!("/v1/tasks/{}/outputs", args.task_id))
             .await?;
+        let list =
+            OutputList::deserialize(&list).context("the host's answer is not an output list")?;
         let mut table = new_table(&["PATH", "SIZE (BYTES)"]);
-        for file in list["files"].as_array().into_iter().flatten() {
-            table.add_row(vec![str_field(file, "path"), str_field(file, "size_bytes")]);
+        for file in &list.files {
+            table.add_row(vec![file.path.clone(), file.size_bytes.to_string()]);
         }
         println!("{table}");
         return Ok(());
