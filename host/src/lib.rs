@@ -1,10 +1,12 @@
-//! CloudAI host library: the data model, the stores, the HTTP API and the CLI behind the
-//! `cloudai` binary.
+//! CloudAI host: the `cloudai` binary's library, the host process ([`serve`]), the command
+//! line ([`cli`]) and the policy author's tools ([`tooling`]), over the crates below it, which
+//! it re-exports under the module names it has always used.
 //!
 //! Where to start: [`model`] (what is stored, in the seed schema's names), [`store`] (the
-//! `Store` trait and its SQLite and MongoDB backends), [`api`] (the `/v1` HTTP API),
-//! [`serve`] (the host process), [`cli`] (the command line) and [`policy`] (WebAssembly
-//! placement and admission policies).
+//! `Store` contract and its SQLite and MongoDB backends), [`api`] (the `/v1` HTTP API),
+//! [`lifecycle`], [`scheduler`] and [`reconciler`] (the control plane), [`policy`]
+//! (WebAssembly placement and admission policies) and [`worker`] (the worker agent).
+//! docs/architecture.md draws the crates and the life of a task across them.
 
 pub mod backup;
 pub mod cli;

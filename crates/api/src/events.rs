@@ -194,7 +194,7 @@ pub async fn stream_events(
         .into_response())
 }
 
-/// The data of an event of `GET /v1/events` (documentation of [`frame`]'s JSON).
+/// The data of an event of `GET /v1/events` (documentation of `frame`'s JSON).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EventFrame {
     /// The event's id, as in the frame's `id` (a decimal number).

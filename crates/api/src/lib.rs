@@ -12,6 +12,10 @@
 //! It serves the control plane (`cloudai-control`) and holds no state of its own: the host
 //! process (`cloudai serve`) builds the [`AppState`] and serves the [`router`].
 
+// The module docs link the private modules they describe: valid for readers of the code
+// (`cargo doc --document-private-items`), which is whom they are written for.
+#![allow(rustdoc::private_intra_doc_links)]
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -8,6 +8,10 @@
 //! `cloudai-policy`, with the cluster's snapshot a round reads and the sync of the store's
 //! active versions). The host's API and the `cloudai` binary sit on top (docs/architecture.md).
 
+// The module docs link the private modules they describe: valid for readers of the code
+// (`cargo doc --document-private-items`), which is whom they are written for.
+#![allow(rustdoc::private_intra_doc_links)]
+
 // The crates below, under the module names the control plane's modules use for them.
 use cloudai_model as model;
 use cloudai_store as store;

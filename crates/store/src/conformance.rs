@@ -73,7 +73,7 @@ impl TestStore {
     }
 }
 
-/// What the `$make` future of [`store_conformance_tests!`] may yield. `None` skips the test
+/// What the `$make` future of [`store_conformance_tests!`](crate::store_conformance_tests) may yield. `None` skips the test
 /// (e.g. no MongoDB address configured).
 pub trait IntoTestStore {
     fn into_test_store(self) -> Option<TestStore>;

@@ -1,12 +1,16 @@
 //! Persistence: the [`Store`] trait every backend implements, and its errors.
 //!
 //! Two backends: [`sqlite::SqliteStore`] (embedded, the default) and [`mongo::MongoStore`]
-//! (MongoDB, for clusters). Both pass the same [`conformance`] suite.
+//! (MongoDB, for clusters). Both pass the same `conformance` suite (behind `test-support`).
 //!
 //! Every state change is a *conditional* single-record update: a task moves only from the
 //! state the caller expected, a reservation succeeds only if the worker still has room, a
 //! release happens once per assignment. Nothing relies on in-memory state, so several host
 //! replicas can share one store (optimistic concurrency).
+
+// The module docs link the private modules they describe: valid for readers of the code
+// (`cargo doc --document-private-items`), which is whom they are written for.
+#![allow(rustdoc::private_intra_doc_links)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -137,7 +141,7 @@ pub struct IdempotencyKey {
     pub request_sha256: String,
 }
 
-/// What [`Store::insert_task`] did.
+/// What [`TaskStore::insert_task`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SubmitOutcome {
     /// The stored task: the new one, or the one first submitted with the same key.
@@ -226,7 +230,7 @@ pub struct AssignmentFilter {
     pub active_only: bool,
 }
 
-/// A task array as its tasks stand (see [`Store::array_summary`]).
+/// A task array as its tasks stand (see [`TaskStore::array_summary`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ArraySummary {
     pub array_id: String,
@@ -378,7 +382,7 @@ pub trait Store:
 
     /// Ends a running task's attempt: records `result` when given (a result the task has
     /// already, from an earlier try of the same report, is kept), moves the task from
-    /// `running` at `attempt` to `to` with `update` ([`Self::transition_attempt`]), and
+    /// `running` at `attempt` to `to` with `update` ([`TaskStore::transition_attempt`]), and
     /// releases every active assignment of the task, each exactly once. `Conflict` when the
     /// task is not running at `attempt`; `NotFound` when there is no such task.
     ///
@@ -469,7 +473,7 @@ pub trait TaskStore: Send + Sync {
     /// The tasks of the array `array_id` counted by status; `NotFound` when it has none.
     async fn array_summary(&self, array_id: &str) -> Result<ArraySummary>;
 
-    /// [`Store::transition_task`] for each of `task_ids`, as one batch where the backend can:
+    /// [`TaskStore::transition_task`] for each of `task_ids`, as one batch where the backend can:
     /// returns the tasks it moved; a task not in `from` (or absent) is left alone and not
     /// returned. The default makes one transition per task.
     async fn transition_tasks(
@@ -598,7 +602,7 @@ pub trait TaskStore: Send + Sync {
     /// not claimed by `owner` (nothing to give up).
     async fn unclaim_task(&self, task_id: &str, owner: &str) -> Result<bool>;
 
-    /// [`Store::transition_task`] that applies only while the task's `attempts` is `attempt`
+    /// [`TaskStore::transition_task`] that applies only while the task's `attempts` is `attempt`
     /// as well: how an actor that speaks for one attempt (a worker's report, the reconciler
     /// re-queuing a lost one) can never move a later attempt. `Conflict` otherwise.
     async fn transition_attempt(

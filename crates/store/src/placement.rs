@@ -5,7 +5,7 @@
 //!
 //! 1. **claim** the round's tasks under one fresh claim token ([`PlacementSteps::claim_tasks`]);
 //! 2. **reserve** once per worker for the sum of the requests of its claimed tasks
-//!    ([`Store::reserve`], the one conditional update); when a worker refuses the sum, its
+//!    ([`WorkerStore::reserve`](crate::WorkerStore::reserve), the one conditional update); when a worker refuses the sum, its
 //!    tasks are reserved one by one and those that do not fit are lost (re-planned next round);
 //! 3. **insert** the round's assignments together ([`PlacementSteps::insert_assignments`]);
 //! 4. **mark running** the claimed tasks whose assignment is in ([`PlacementSteps::mark_claimed_running`]),
@@ -30,7 +30,7 @@
 //! its settle time, so a round whose inserts land after its lease may have been recounted
 //! without its reservation. Such a round starts none of its tasks, and every reservation given
 //! back without having run (here or by the reconciler) returns its amounts only while the
-//! worker's accounting epoch is the one read before the reserve ([`Store::release_unstarted`],
+//! worker's accounting epoch is the one read before the reserve ([`AssignmentStore::release_unstarted`],
 //! docs/consistency.md).
 //!
 //! The embedded store writes a round in one transaction instead (no crash point at all); the

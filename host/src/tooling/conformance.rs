@@ -15,7 +15,7 @@
 //!
 //! The preemption cases apply to every placement policy: a 0.1.0 policy never sees the running
 //! tasks and never preempts, and the host checks a 0.2.0 policy's preemptions as it does in a
-//! real round ([`crate::policy::validate`]).
+//! real round ([`crate::policy::validate_placement`]).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! (docs/consistency.md), on one host replica at a time.
 //!
 //! Every replica runs a [`Reconciler`]; only the one holding the store's `reconciler` lease
-//! acts ([`lease`]). The lease saves work, it does not make the repairs safe: every repair is
+//! acts (`lease`). The lease saves work, it does not make the repairs safe: every repair is
 //! a conditional update on the state the pass read (a task moves only at the attempt it was
 //! read at, a release happens once per assignment, a drift repair applies only to the worker
 //! values it observed), so two replicas acting at once (a holder that outlived its lease
@@ -11,15 +11,15 @@
 //! Each pass ([`Reconciler::pass`]):
 //! - workers whose heartbeat is older than the grace period become inactive; their running
 //!   tasks are re-queued (attempts kept) or failed with `worker_lost` once `max_attempts` is
-//!   used, and their reservations released ([`workers`]);
+//!   used, and their reservations released (`workers`);
 //! - a lost worker that heartbeats again is re-activated ([`worker_returned`], also called by
 //!   the heartbeat API);
-//! - running tasks past their `timeout_s` are failed with `timeout` ([`tasks`]);
+//! - running tasks past their `timeout_s` are failed with `timeout` (`tasks`);
 //! - active assignments whose task is no longer running at their attempt are released, and
 //!   running tasks whose attempt holds no active assignment are re-queued (or failed);
 //! - expired placement claims are cleared;
 //! - `allocated_*` / `available_*` are recomputed from the active assignments when they
-//!   drift ([`drift`]).
+//!   drift (`drift`).
 //!
 //! Every repair is made through [`Lifecycle`] as a [`crate::lifecycle::Cause::Repair`] (its
 //! events add a `reconciler.repair`), logged with the ids involved and counted in
