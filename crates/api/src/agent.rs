@@ -23,6 +23,7 @@ use super::extract::{IdPath, ValidJson, Validate, truncate_for_message, validate
 use super::{AppState, Limits};
 use crate::lifecycle::{Cause, Finish};
 use crate::model::{self, Assignment, ResultStatus, Task, TaskResult, TaskStatus};
+use crate::protocol::route;
 pub use crate::protocol::{
     LiveChunk, LiveLogs, LiveLogsAck, Outcome, OutputEntry, ReportAck, ReportBatch, ReportBatchAck,
     ReportError, ResultReport, StreamName, Work, WorkList, WorkReport, WorkReportAck,
@@ -37,29 +38,26 @@ const STORE_RECHECK: Duration = Duration::from_millis(500);
 
 pub fn router(limits: &Limits) -> Router<AppState> {
     Router::new()
-        .route("/v1/workers/{worker_id}/work", get(get_work))
+        .route(route::WORK, get(get_work))
+        .route(route::STARTED, post(report_started))
         .route(
-            "/v1/workers/{worker_id}/assignments/{ass_id}/started",
-            post(report_started),
-        )
-        .route(
-            "/v1/workers/{worker_id}/assignments/{ass_id}/result",
+            route::RESULT,
             // Both streams at their bound, and room for the rest of the report.
             post(report_result).layer(DefaultBodyLimit::max(
                 limits.max_log_bytes.saturating_mul(4) + 64 * 1024,
             )),
         )
         .route(
-            "/v1/workers/{worker_id}/reports",
+            route::REPORTS,
             post(report_batch).layer(DefaultBodyLimit::max(MAX_REPORT_BATCH_BODY)),
         )
         .route(
-            "/v1/workers/{worker_id}/assignments/{ass_id}/logs",
+            route::LOGS,
             // A worker's batch holds at most 128 KiB of text, JSON-escaped.
             post(report_logs).layer(DefaultBodyLimit::max(MAX_LOG_BATCH_BODY)),
         )
         .route(
-            "/v1/workers/{worker_id}/assignments/{ass_id}/outputs",
+            route::OUTPUTS,
             post(upload_output).layer(DefaultBodyLimit::max(limits.max_output_bytes)),
         )
 }

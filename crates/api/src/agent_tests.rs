@@ -1120,3 +1120,17 @@ async fn an_ending_reported_without_its_details_still_ends_the_attempt() {
         assert_eq!(task.body["status_reason"], error, "{report}: {}", task.body);
     }
 }
+
+/// The worker protocol's routes, which the router serves and the worker calls from one place
+/// (`protocol::route`), are the ones the OpenAPI document names.
+#[test]
+fn every_worker_protocol_route_is_in_the_openapi_document() {
+    use utoipa::OpenApi as _;
+    let doc = crate::openapi::ApiDoc::openapi();
+    for template in crate::protocol::route::ALL {
+        assert!(
+            doc.paths.paths.contains_key(template),
+            "{template} is not in the OpenAPI document"
+        );
+    }
+}

@@ -20,6 +20,7 @@ use super::extract::{
 use super::tasks::{check_amount, check_labels, labels_schema};
 use super::{AppState, Limits};
 use crate::model::{self, Resources, Worker, WorkerUsage};
+use crate::protocol::route;
 use crate::reconciler;
 use crate::store::StoreError;
 
@@ -162,12 +163,12 @@ pub struct WorkerList {
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/v1/workers", post(register_worker).get(list_workers))
+        .route(route::REGISTER, post(register_worker).get(list_workers))
         .route(
             "/v1/workers/{worker_id}",
             get(get_worker).delete(delete_worker),
         )
-        .route("/v1/workers/{worker_id}/heartbeat", post(heartbeat))
+        .route(route::HEARTBEAT, post(heartbeat))
         .route("/v1/workers/{worker_id}/drain", post(drain_worker))
         .route("/v1/workers/{worker_id}/undrain", post(undrain_worker))
 }

@@ -11,6 +11,93 @@ use utoipa::ToSchema;
 
 use crate::TaskStatus;
 
+/// The worker protocol's routes, from one place: each template is what the host's router
+/// serves and its OpenAPI document names (axum's `{param}` syntax); each function is the path
+/// the worker calls.
+pub mod route {
+    /// `POST`: a worker joins (with the join token) or registers again.
+    pub const REGISTER: &str = "/v1/workers";
+    /// `POST`: a worker's heartbeat.
+    pub const HEARTBEAT: &str = "/v1/workers/{worker_id}/heartbeat";
+    /// `GET`: the long poll for a worker's work list.
+    pub const WORK: &str = "/v1/workers/{worker_id}/work";
+    /// `POST`: an assignment's container started.
+    pub const STARTED: &str = "/v1/workers/{worker_id}/assignments/{ass_id}/started";
+    /// `POST`: an assignment's result.
+    pub const RESULT: &str = "/v1/workers/{worker_id}/assignments/{ass_id}/result";
+    /// `POST`: a batch of start and result reports.
+    pub const REPORTS: &str = "/v1/workers/{worker_id}/reports";
+    /// `POST`: a batch of an assignment's live output.
+    pub const LOGS: &str = "/v1/workers/{worker_id}/assignments/{ass_id}/logs";
+    /// `POST`: one of an assignment's output files.
+    pub const OUTPUTS: &str = "/v1/workers/{worker_id}/assignments/{ass_id}/outputs";
+    /// Every route of the protocol.
+    pub const ALL: [&str; 8] = [
+        REGISTER, HEARTBEAT, WORK, STARTED, RESULT, REPORTS, LOGS, OUTPUTS,
+    ];
+
+    /// `template` with its parameters filled in.
+    fn fill(template: &str, worker_id: &str, ass_id: &str) -> String {
+        template
+            .replace("{worker_id}", worker_id)
+            .replace("{ass_id}", ass_id)
+    }
+
+    pub fn heartbeat(worker_id: &str) -> String {
+        fill(HEARTBEAT, worker_id, "")
+    }
+
+    pub fn work(worker_id: &str) -> String {
+        fill(WORK, worker_id, "")
+    }
+
+    pub fn started(worker_id: &str, ass_id: &str) -> String {
+        fill(STARTED, worker_id, ass_id)
+    }
+
+    pub fn result(worker_id: &str, ass_id: &str) -> String {
+        fill(RESULT, worker_id, ass_id)
+    }
+
+    pub fn reports(worker_id: &str) -> String {
+        fill(REPORTS, worker_id, "")
+    }
+
+    pub fn logs(worker_id: &str, ass_id: &str) -> String {
+        fill(LOGS, worker_id, ass_id)
+    }
+
+    pub fn outputs(worker_id: &str, ass_id: &str) -> String {
+        fill(OUTPUTS, worker_id, ass_id)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn the_paths_fill_every_parameter_of_their_template() {
+            let paths = [
+                super::heartbeat("w1"),
+                super::work("w1"),
+                super::started("w1", "a1"),
+                super::result("w1", "a1"),
+                super::reports("w1"),
+                super::logs("w1", "a1"),
+                super::outputs("w1", "a1"),
+            ];
+            for path in &paths {
+                assert!(
+                    !path.contains('{') && path.starts_with("/v1/workers/w1/"),
+                    "{path}"
+                );
+            }
+            assert_eq!(
+                super::result("w1", "a1"),
+                "/v1/workers/w1/assignments/a1/result"
+            );
+        }
+    }
+}
+
 /// One task this worker should be running.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Work {

@@ -17,6 +17,7 @@ use super::identity::{self, Identity};
 use super::resources::{Detected, Overrides, UsageSampler};
 use crate::client::{Client, ClientError, ClientTls};
 use crate::model::Resources;
+use crate::protocol::route;
 
 /// How the agent joins its host.
 #[derive(Debug, Clone)]
@@ -194,7 +195,7 @@ impl Agent {
             &self.config.tls,
             Some(self.config.join_token.clone()),
         )?;
-        let answer: Value = (|| client.post("/v1/workers", &body))
+        let answer: Value = (|| client.post(route::REGISTER, &body))
             .retry(backoff())
             .when(transient)
             .notify(|error, wait| {
@@ -244,7 +245,7 @@ impl Agent {
         )?;
         client
             .post(
-                &format!("/v1/workers/{}/heartbeat", self.identity.worker_id),
+                &route::heartbeat(&self.identity.worker_id),
                 &json!({"usage": usage}),
             )
             .await

@@ -23,6 +23,7 @@ use crate::executor::{
     ExecError, Executor, LogChunk, LogStream, ManagedState, OutputFile, RunOutcome, RunSpec,
     RunStatus,
 };
+use crate::protocol::route;
 use crate::protocol::{LiveChunk, LiveLogs, Outcome, ResultReport, StreamName, Work, WorkList};
 
 /// How long one long poll waits for a change.
@@ -157,10 +158,7 @@ impl Runner {
         }
         let value = self
             .client
-            .get_query(
-                &format!("/v1/workers/{}/work", self.config.worker_id),
-                &query,
-            )
+            .get_query(&route::work(&self.config.worker_id), &query)
             .await?;
         serde_json::from_value(value)
             .map_err(|e| ClientError::Protocol(format!("decoding the work list: {e}")))
@@ -352,7 +350,7 @@ impl RunOne {
                 (self.client.clone(), self.worker_id.clone(), ass_id.clone());
             async move {
                 if started_rx.await.is_ok() {
-                    let path = format!("/v1/workers/{worker_id}/assignments/{ass_id}/started");
+                    let path = route::started(&worker_id, &ass_id);
                     if let Err(error) = client.post(&path, &json!({})).await {
                         tracing::warn!(%worker_id, %ass_id, %error, "reporting the start failed");
                     }
@@ -557,7 +555,7 @@ async fn forward_logs(
     ass_id: String,
     mut events: tokio::sync::mpsc::UnboundedReceiver<LogChunk>,
 ) {
-    let path = format!("/v1/workers/{worker_id}/assignments/{ass_id}/logs");
+    let path = route::logs(&worker_id, &ass_id);
     let mut batcher = LiveBatcher::new();
     let mut tick = tokio::time::interval(LOG_FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -705,7 +703,7 @@ async fn upload_spooled_outputs(
     if !dir.exists() {
         return true;
     }
-    let path = format!("/v1/workers/{worker_id}/assignments/{ass_id}/outputs");
+    let path = route::outputs(worker_id, ass_id);
     for (relative, file) in spooled_outputs(&dir) {
         let bytes = match std::fs::read(&file) {
             Ok(bytes) => bytes,
@@ -788,10 +786,7 @@ fn report_of(outcome: Result<RunOutcome, ExecError>) -> ResultReport {
 /// True when the host answered for good: accepted, or refused (the assignment is gone or
 /// superseded, the report malformed). False when it should be tried again.
 async fn send_result(client: &Client, worker_id: &str, spooled: &Spooled) -> bool {
-    let path = format!(
-        "/v1/workers/{worker_id}/assignments/{}/result",
-        spooled.ass_id
-    );
+    let path = route::result(worker_id, &spooled.ass_id);
     let body = match serde_json::to_value(&spooled.report) {
         Ok(body) => body,
         Err(error) => {
