@@ -9,7 +9,8 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
 use cloudai_control::testing::{
-    Guard, add_worker, assert_accounting, config, lifecycle, policies, sqlite,
+    Guard, active_of, add_worker, assert_accounting, config, go_silent, held_tick, lifecycle,
+    policies, reconciler, scheduler_config, sqlite,
 };
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
@@ -21,10 +22,9 @@ use crate::lifecycle::{Admitted, Cause, Finish};
 use crate::model::{Resources, TaskStatus};
 use crate::policy::testing::{guest, wasm_dir};
 use crate::policy::{AdmissionDecision, PolicyRuntime};
-use crate::reconciler::{Reconciler, ReconcilerConfig};
 use crate::scheduler::{Scheduler, SchedulerConfig, Wakeup, WorkSignal};
+use crate::store::Store;
 use crate::store::conformance::{sample_task, unique_id};
-use crate::store::{AssignmentFilter, Store};
 
 const ALICE: &str = "cai_u_alice_0123456789abcdef";
 
@@ -382,62 +382,6 @@ async fn a_deferred_task_is_checked_again_as_soon_as_its_users_usage_goes_down()
 // ------------------------------------------------------------------------------------------
 // The reconciler beside the API.
 
-/// The grace period (the scheduler's heartbeat staleness) of the reconciler's test.
-const GRACE: Duration = Duration::from_secs(1);
-
-fn scheduler_with_grace(store: &Arc<dyn Store>, wakeup: &Wakeup) -> Scheduler {
-    let config = SchedulerConfig {
-        heartbeat_staleness: GRACE,
-        ..config(100)
-    };
-    Scheduler::new(store.clone(), policies(), wakeup.clone(), config)
-}
-
-/// A reconciler whose drift repairs wait `settle`.
-fn reconciler(store: &Arc<dyn Store>, wakeup: &Wakeup, settle: Duration) -> Reconciler {
-    let config = SchedulerConfig {
-        heartbeat_staleness: GRACE,
-        ..config(100)
-    };
-    Reconciler::new(
-        store.clone(),
-        wakeup.clone(),
-        &config,
-        ReconcilerConfig {
-            interval: Duration::from_millis(100),
-            lease_ttl: Duration::from_secs(1),
-            settle,
-        },
-    )
-}
-
-/// Makes a worker's last heartbeat a minute old.
-async fn go_silent(store: &dyn Store, worker_id: &str) {
-    let old = crate::model::now().timestamp() - 60;
-    store.heartbeat(worker_id, old, None).await.unwrap();
-}
-
-async fn held_tick(r: &mut Reconciler) -> crate::reconciler::Repairs {
-    r.tick()
-        .await
-        .unwrap()
-        .expect("the only reconciler holds the lease")
-}
-
-/// The one active assignment of a task.
-async fn active_of(store: &dyn Store, task_id: &str) -> crate::model::Assignment {
-    let active = store
-        .list_assignments(&AssignmentFilter {
-            task_id: Some(task_id.to_string()),
-            active_only: true,
-            ..AssignmentFilter::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(active.len(), 1, "{task_id}: {active:?}");
-    active.into_iter().next().unwrap()
-}
-
 /// Through the HTTP API: a worker declared lost heartbeats again and its heartbeat answer
 /// already shows it active (one store write on the usual path, no read before it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -488,7 +432,14 @@ async fn a_lost_worker_heartbeating_through_the_api_is_active_again() {
         task.max_attempts = 3;
         store.insert_task(&task, None).await.unwrap().task
     };
-    scheduler_with_grace(&store, &wakeup).cycle().await;
+    Scheduler::new(
+        store.clone(),
+        policies(),
+        wakeup.clone(),
+        scheduler_config(),
+    )
+    .cycle()
+    .await;
 
     go_silent(&*store, "w1").await;
     let mut r = reconciler(&store, &wakeup, Duration::from_secs(5));
@@ -509,7 +460,14 @@ async fn a_lost_worker_heartbeating_through_the_api_is_active_again() {
         .await
         .expect("a returning worker wakes the scheduler");
     // And it gets the re-queued task again, as a second attempt.
-    scheduler_with_grace(&store, &wakeup).cycle().await;
+    Scheduler::new(
+        store.clone(),
+        policies(),
+        wakeup.clone(),
+        scheduler_config(),
+    )
+    .cycle()
+    .await;
     let again = active_of(&*store, &task.task_id).await;
     assert_eq!((again.worker_id.as_str(), again.attempt), ("w1", 2));
     assert_accounting(&*store).await;

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::lifecycle::Lifecycle;
-use crate::model::{Resources, Worker};
+use crate::model::{Assignment, Resources, Worker};
 use crate::policy::{EngineSettings, PolicyEngine, PolicyRuntime, RuntimeSettings};
+use crate::reconciler::{Reconciler, ReconcilerConfig, Repairs};
 use crate::scheduler::{SchedulerConfig, Wakeup};
 use crate::store::conformance::{sample_worker, unique_id};
 use crate::store::sqlite::SqliteStore;
@@ -95,4 +96,69 @@ pub async fn assert_accounting(store: &dyn Store) {
         }
         assert_eq!(worker.allocated(), sum, "worker {}", worker.worker_id);
     }
+}
+
+/// The grace period (the scheduler's heartbeat staleness) of the reconciler's tests.
+pub const GRACE: Duration = Duration::from_secs(1);
+
+/// [`config`] with workers lost after [`GRACE`].
+pub fn scheduler_config() -> SchedulerConfig {
+    SchedulerConfig {
+        heartbeat_staleness: GRACE,
+        ..config(100)
+    }
+}
+
+/// A reconciler whose drift repairs wait `settle` alone (no claim lease on top).
+pub fn reconciler(store: &Arc<dyn Store>, wakeup: &Wakeup, settle: Duration) -> Reconciler {
+    reconciler_with_claim_lease(store, wakeup, settle, Duration::ZERO)
+}
+
+pub fn reconciler_with_claim_lease(
+    store: &Arc<dyn Store>,
+    wakeup: &Wakeup,
+    settle: Duration,
+    claim_lease: Duration,
+) -> Reconciler {
+    Reconciler::new(
+        store.clone(),
+        wakeup.clone(),
+        &SchedulerConfig {
+            claim_lease,
+            ..scheduler_config()
+        },
+        ReconcilerConfig {
+            interval: Duration::from_millis(100),
+            lease_ttl: Duration::from_secs(1),
+            settle,
+        },
+    )
+}
+
+/// One pass of the only reconciler, which holds the lease.
+pub async fn held_tick(r: &mut Reconciler) -> Repairs {
+    r.tick()
+        .await
+        .unwrap()
+        .expect("the only reconciler holds the lease")
+}
+
+/// Makes a worker's last heartbeat a minute old.
+pub async fn go_silent(store: &dyn Store, worker_id: &str) {
+    let old = crate::model::now().timestamp() - 60;
+    store.heartbeat(worker_id, old, None).await.unwrap();
+}
+
+/// The one active assignment of a task.
+pub async fn active_of(store: &dyn Store, task_id: &str) -> Assignment {
+    let active = active_assignments(
+        store,
+        AssignmentFilter {
+            task_id: Some(task_id.to_string()),
+            ..AssignmentFilter::default()
+        },
+    )
+    .await;
+    assert_eq!(active.len(), 1, "{task_id}: {active:?}");
+    active.into_iter().next().unwrap()
 }

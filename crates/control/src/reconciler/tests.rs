@@ -12,12 +12,14 @@ use super::*;
 use crate::lifecycle::{Cause, Finish};
 use crate::model::{Assignment, Resources, Task, TaskStatus};
 use crate::scheduler::tests::lifecycle;
-use crate::scheduler::tests::{
-    active_assignments, add_worker, assert_accounting, config, policies,
-};
-use crate::scheduler::{Scheduler, SchedulerConfig, Wakeup};
+use crate::scheduler::tests::{active_assignments, add_worker, assert_accounting, policies};
+use crate::scheduler::{Scheduler, Wakeup};
 use crate::store::conformance::{sample_assignment, sample_task, unique_id};
 use crate::store::{AssignmentFilter, Store, StoreError};
+use crate::testing::{
+    GRACE, active_of, go_silent, held_tick, reconciler, reconciler_with_claim_lease,
+    scheduler_config,
+};
 
 /// Generates `NAME::sqlite` and `NAME::mongo` (skipped without a MongoDB server) from the
 /// async function `NAME(store)`.
@@ -58,42 +60,6 @@ on_both_stores!(
     the_lease_moves_to_another_replica_when_its_holder_stops_or_dies,
 );
 
-/// The grace period (the scheduler's heartbeat staleness) used by these tests.
-const GRACE: Duration = Duration::from_secs(1);
-
-fn scheduler_config() -> SchedulerConfig {
-    SchedulerConfig {
-        heartbeat_staleness: GRACE,
-        ..config(100)
-    }
-}
-
-/// A reconciler whose drift repairs wait `settle` alone (no claim lease on top).
-fn reconciler(store: &Arc<dyn Store>, wakeup: &Wakeup, settle: Duration) -> Reconciler {
-    reconciler_with_claim_lease(store, wakeup, settle, Duration::ZERO)
-}
-
-fn reconciler_with_claim_lease(
-    store: &Arc<dyn Store>,
-    wakeup: &Wakeup,
-    settle: Duration,
-    claim_lease: Duration,
-) -> Reconciler {
-    Reconciler::new(
-        store.clone(),
-        wakeup.clone(),
-        &SchedulerConfig {
-            claim_lease,
-            ..scheduler_config()
-        },
-        ReconcilerConfig {
-            interval: Duration::from_millis(100),
-            lease_ttl: Duration::from_secs(1),
-            settle,
-        },
-    )
-}
-
 fn scheduler(store: &Arc<dyn Store>, wakeup: &Wakeup) -> Scheduler {
     Scheduler::new(
         store.clone(),
@@ -121,26 +87,6 @@ async fn assignments_of(store: &dyn Store, task_id: &str) -> Vec<Assignment> {
         })
         .await
         .unwrap()
-}
-
-/// The one active assignment of a task.
-async fn active_of(store: &dyn Store, task_id: &str) -> Assignment {
-    let active = active_assignments(
-        store,
-        AssignmentFilter {
-            task_id: Some(task_id.to_string()),
-            ..AssignmentFilter::default()
-        },
-    )
-    .await;
-    assert_eq!(active.len(), 1, "{task_id}: {active:?}");
-    active.into_iter().next().unwrap()
-}
-
-/// Makes a worker's last heartbeat a minute old.
-async fn go_silent(store: &dyn Store, worker_id: &str) {
-    let old = model::now().timestamp() - 60;
-    store.heartbeat(worker_id, old, None).await.unwrap();
 }
 
 /// A simulated worker agent's heartbeat, as the API records it.
@@ -174,13 +120,6 @@ fn keep_beating(store: &Arc<dyn Store>, wakeup: &Wakeup, worker_id: &str) -> Arc
         }
     });
     alive
-}
-
-async fn held_tick(r: &mut Reconciler) -> Repairs {
-    r.tick()
-        .await
-        .unwrap()
-        .expect("the only reconciler holds the lease")
 }
 
 // ------------------------------------------------------------------------------------------
