@@ -12,7 +12,9 @@
 //! MongoDB), BENCH_RSS_TASKS (default 100000), BENCH_LATENCY_SAMPLES (default 200),
 //! BENCH_STORES (the throughput rows to run, comma-separated among `sqlite`, `sqlite+events`,
 //! `mongodb`, `mongodb+events`, `mongodb-path`; default all; empty: none, e.g. to measure the
-//! peak RSS in a process that ran nothing else), BENCH_WORKERS (default `100,1000`).
+//! peak RSS in a process that ran nothing else), BENCH_WORKERS (default `100,1000`), BENCH_LOG
+//! (a tracing filter: `cloudai_control::scheduler::placement=info` prints every round's read,
+//! policy and write times).
 //!
 //! `mongodb` is the store as it connects (on FerretDB 1.x: its compatibility path, task by
 //! task under document locks); `mongodb-path` takes the MongoDB path whatever the server is,
@@ -418,6 +420,14 @@ async fn api_latency(samples: usize) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // The scheduler's own log, to see where a round's time goes (the figures above stay
+    // the bench's own).
+    if let Ok(filter) = std::env::var("BENCH_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let runs = env_usize("BENCH_RUNS", 3).max(1);
     let tasks = env_usize("BENCH_TASKS", 10_000).max(1);
     let mongo_tasks = env_usize("BENCH_MONGO_TASKS", 2_000).max(1);
