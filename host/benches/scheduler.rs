@@ -137,6 +137,10 @@ struct Placed {
     /// Store commands (MongoDB) or transactions (SQLite) of the scheduler's own handle per
     /// placement; `None` when the store does not count them.
     cost: Option<f64>,
+    /// CPU milliseconds of this whole process (the scheduler, the policy and, on SQLite, the
+    /// store's threads; the heartbeats and the progress reads too) per 1,000 placements:
+    /// less sensitive than the rate to other tenants taking the machine's cores.
+    cpu_ms_per_1000: Option<f64>,
     /// Set when nothing moved for [`STALL`]: what the bench saw then.
     stalled: Option<String>,
 }
@@ -165,6 +169,7 @@ async fn place_all(
         Scheduler::new(store.clone(), policies, Wakeup::new(), config).with_events(events);
     let beating = beat.then(|| heartbeats(watch.clone()));
     let started = Instant::now();
+    let cpu_before = serve::cpu_seconds("/proc/self/stat");
     let before = count();
     let (mut last_queued, mut last_change, mut last_report) =
         (tasks, Instant::now(), Instant::now());
@@ -214,6 +219,7 @@ async fn place_all(
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = serve::cpu_seconds("/proc/self/stat") - cpu_before;
     if let Some(beating) = beating {
         beating.abort();
     }
@@ -225,6 +231,7 @@ async fn place_all(
     Placed {
         per_second: placed as f64 / elapsed,
         cost,
+        cpu_ms_per_1000: (placed > 0).then(|| cpu * 1_000_000.0 / placed as f64),
         stalled,
     }
 }
@@ -462,9 +469,10 @@ async fn main() {
         "scheduler bench: placements per second, median of {runs} runs ({mongo_runs} on MongoDB)"
     );
     println!(
-        "  store            workers   tasks  policy          placements/s  cost/placement   (runs)"
+        "  store            workers   tasks  policy          placements/s  cost/placement  CPU ms/1k   (runs of placements/s)"
     );
-    println!("  (cost: the scheduler's MongoDB commands, or SQLite transactions, per placement)");
+    println!("  (cost: the scheduler's MongoDB commands, or SQLite transactions, per placement;");
+    println!("   CPU: this process's CPU per 1,000 placements, the MongoDB server's not included)");
     // `+events`: with the event stream on, as `cloudai serve` runs.
     for (store_name, count) in [
         ("sqlite", tasks),
@@ -494,7 +502,7 @@ async fn main() {
                 if policy_name.starts_with("wasm") && bytes.is_none() {
                     continue;
                 }
-                let (mut rates, mut costs) = (Vec::new(), Vec::new());
+                let (mut rates, mut costs, mut cpus) = (Vec::new(), Vec::new(), Vec::new());
                 let runs = if on_mongo { mongo_runs } else { runs };
                 for _ in 0..runs {
                     let measured = if on_mongo {
@@ -528,6 +536,7 @@ async fn main() {
                     }
                     rates.push(placed.per_second);
                     costs.extend(placed.cost);
+                    cpus.extend(placed.cpu_ms_per_1000);
                 }
                 let shown: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
                 let cost = if costs.is_empty() {
@@ -535,8 +544,13 @@ async fn main() {
                 } else {
                     format!("{:.3}", median(costs.clone()))
                 };
+                let cpu = if cpus.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{:.0}", median(cpus.clone()))
+                };
                 println!(
-                    "  {store_name:<15} {workers:>8} {count:>7}  {policy_name:<15} {:>12.0}  {cost:>13}   ({})",
+                    "  {store_name:<15} {workers:>8} {count:>7}  {policy_name:<15} {:>12.0}  {cost:>13}  {cpu:>10}   ({})",
                     median(rates.clone()),
                     shown.join(", ")
                 );
