@@ -427,8 +427,8 @@ async fn api_latency(samples: usize) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    // The scheduler's own log, to see where a round's time goes (the figures above stay
-    // the bench's own).
+    // The scheduler's own log, to see where a round's time goes (it costs the rates a little:
+    // leave it off for the figures).
     if let Ok(filter) = std::env::var("BENCH_LOG") {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
